@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# CPU build of torch (a GPU machine keeps the torch it has if it is new enough)
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
+	# Triton runs its kernels in the interpreter on CPU for the tests (TRITON_INTERPRET=1)
+	$(VPY) -c "import triton" 2>/dev/null || $(VPY) -m pip install -q "triton==3.6.0" || echo "triton not installed: kernel tests will be skipped"
+	$(VPY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -x tests
+
+demo: $(STAMP)
+	$(VPY) -m gca.cli demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

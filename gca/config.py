@@ -1,0 +1,179 @@
+"""`DRTConfig`: the typed configuration of a DRT model (and of its two baselines), with presets.
+
+    cfg = DRTConfig.from_preset("tiny", vocab_size=512)   # any field can be overridden
+    cfg = DRTConfig.from_dict(json.load(open("config.json")))
+
+Presets: ``tiny`` (CPU tests and the demo, < 5M parameters), ``small`` (~40M, GPU experiments),
+``paper`` (the published defaults, ~130M with the GPT-2 vocabulary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+ARCHS = ("drt", "swa", "full")
+RESIDUALS = ("plain", "published")
+ATTN_IMPLS = ("auto", "flex", "blocked")
+GCA_IMPLS = ("auto", "torch", "triton")
+
+
+@dataclass
+class DRTConfig:
+    """Configuration of a DRT model. Every field is validated by :meth:`validate`."""
+
+    vocab_size: int = 50257  # text vocabulary; the landmark gets one extra id (= vocab_size) internally
+    hidden_size: int = 768  # model width
+    num_heads: int = 12  # attention heads (self-attention and GCA); head size = hidden_size / num_heads
+    num_kv_heads: int | None = None  # memory heads Hk for GCA (must divide num_heads); None = num_heads
+    intermediate_size: int = 2048  # SwiGLU hidden size
+    num_lower_layers: int = 6  # sliding-window layers below the chunk encoder
+    encoder_layers: int = 2  # bidirectional chunk-encoder layers
+    upper_groups: list[int] = field(default_factory=lambda: [6])  # layers per retrieval group
+    chunk_size: int = 64  # positions per chunk, the landmark included (chunk_size - 1 text tokens)
+    window: int = 512  # sliding-window size in positions (landmarks included)
+    top_k: int = 8  # chunks retrieved per chunk
+    arch: str = "drt"  # "drt"; or a baseline of the same width and depth: "swa" (sliding window only), "full"
+    residual: str = "plain"  # "plain": h += gca(norm(h)); "published": GCA output reaches h only via the MLP
+    gca_softmax_one: bool = False  # add 1 to every GCA softmax denominator
+    gumbel: bool = True  # Gumbel noise on retrieval scores in training (exploration)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    attn_impl: str = "auto"  # sliding-window backend: "auto" (flex on CUDA, blocked elsewhere), "flex", "blocked"
+    gca_impl: str = "auto"  # GCA backend, see gca.ops.grouped_cross_attention
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def text_per_chunk(self) -> int:
+        """User tokens per chunk (the chunk's last position is its landmark)."""
+        return self.chunk_size - 1
+
+    @property
+    def landmark_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_lower_layers + sum(self.upper_groups)
+
+    def validate(self) -> "DRTConfig":
+        def bad(name: str, why: str):
+            raise ValueError(f"DRTConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        for name in ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "chunk_size", "window", "top_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be a positive integer")
+        for name in ("num_lower_layers", "encoder_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                bad(name, "must be a non-negative integer")
+        if self.hidden_size % self.num_heads:
+            bad("hidden_size", f"must be divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            bad("hidden_size", "hidden_size / num_heads must be even (rotary embeddings)")
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
+        if not isinstance(self.upper_groups, (list, tuple)) or any(
+            not isinstance(g, int) or g < 1 for g in self.upper_groups
+        ):
+            bad("upper_groups", "must be a list of positive layer counts, e.g. [6] or [4, 4]")
+        if self.arch not in ARCHS:
+            bad("arch", f"must be one of {ARCHS}")
+        if self.arch == "drt" and len(self.upper_groups) == 0:
+            bad("upper_groups", "a DRT needs at least one retrieval group")
+        if self.chunk_size < 2:
+            bad("chunk_size", "must be >= 2 (text tokens plus the landmark)")
+        if self.residual not in RESIDUALS:
+            bad("residual", f"must be one of {RESIDUALS}")
+        if self.attn_impl not in ATTN_IMPLS:
+            bad("attn_impl", f"must be one of {ATTN_IMPLS}")
+        if self.gca_impl not in GCA_IMPLS:
+            bad("gca_impl", f"must be one of {GCA_IMPLS}")
+        if not self.rope_theta > 0:
+            bad("rope_theta", "must be positive")
+        if not self.norm_eps > 0:
+            bad("norm_eps", "must be positive")
+        return self
+
+    def __post_init__(self):
+        self.upper_groups = list(self.upper_groups) if isinstance(self.upper_groups, (list, tuple)) else self.upper_groups
+        self.validate()
+
+    # ---- presets and (de)serialisation ----
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "DRTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DRTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DRTConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "DRTConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests and the demo: about 1M parameters with a 2K vocabulary, < 5M with 8K.
+    "tiny": dict(
+        vocab_size=2048,
+        hidden_size=128,
+        num_heads=4,
+        intermediate_size=384,
+        num_lower_layers=2,
+        encoder_layers=1,
+        upper_groups=[2],
+        chunk_size=64,
+        window=128,
+        top_k=3,
+    ),
+    # GPU experiments: ~40M parameters with the GPT-2 vocabulary.
+    "small": dict(
+        vocab_size=50257,
+        hidden_size=384,
+        num_heads=6,
+        intermediate_size=1024,
+        num_lower_layers=4,
+        encoder_layers=1,
+        upper_groups=[4],
+        chunk_size=64,
+        window=512,
+        top_k=8,
+    ),
+    # The published configuration (layers [6, 6], 2 encoder layers, top-8, window 512).
+    "paper": dict(
+        vocab_size=50257,
+        hidden_size=768,
+        num_heads=12,
+        intermediate_size=2048,
+        num_lower_layers=6,
+        encoder_layers=2,
+        upper_groups=[6],
+        chunk_size=64,
+        window=512,
+        top_k=8,
+    ),
+}

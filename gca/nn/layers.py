@@ -1,0 +1,173 @@
+"""Building blocks of the DRT: rotary embeddings, sliding-window self-attention, the SwiGLU MLP,
+the GCA layer and the bidirectional chunk encoder.
+
+Shape letters: B batch, T positions (text and landmarks), C chunks, S positions per chunk,
+H heads, Hk memory heads, D head size, d model width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gca.config import DRTConfig
+from gca.ops import grouped_cross_attention, sliding_window_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``(T, D/2)`` float32 for integer ``positions`` ``(T,)``.
+
+    Angles are formed in float64: at 16M positions a float32 product ``pos * freq`` would be off
+    by up to a radian, which would scramble the relative rotations inside the window.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    ang = torch.remainder(ang, 2 * math.pi)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``(..., T, D)`` rotated pairwise (first half, second half); cos/sin ``(T, D/2)``."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(g) * u)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions.
+
+    ``window=None`` attends over all earlier positions (full baseline); ``causal=False`` attends
+    both ways (chunk encoder, which runs on one chunk at a time).
+    """
+
+    def __init__(self, cfg: DRTConfig, window: int | None, causal: bool = True):
+        super().__init__()
+        self.h, self.d = cfg.num_heads, cfg.head_dim
+        self.window, self.causal, self.impl = window, causal, cfg.attn_impl
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.o = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not self.causal:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = sliding_window_attention(q, k, v, self.window, impl=self.impl)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: sliding-window (or full) attention, then the MLP."""
+
+    def __init__(self, cfg: DRTConfig, window: int | None):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = SelfAttention(cfg, window)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.attn(self.norm1(h), cos, sin)
+        return h + self.mlp(self.norm2(h))
+
+
+class GCA(nn.Module):
+    """Queries from the residual stream, keys and values from the shared chunk memory."""
+
+    def __init__(self, cfg: DRTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.o = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, h, mem_k, mem_v, indices, weights):
+        # h (B, C*S, d); mem_k/v (B, Cm, S, Hk, D); indices/weights (B, C, K) per *query* chunk
+        B, T, d = h.shape
+        C = indices.shape[1]
+        q = self.q(self.norm(h)).view(B, C, T // C, self.cfg.num_heads, self.cfg.head_dim)
+        o = grouped_cross_attention(
+            q, mem_k, mem_v, indices, weights.to(q.dtype),
+            softmax_one=self.cfg.gca_softmax_one, impl=self.cfg.gca_impl,
+        )  # (B, C, S, H, D)
+        return self.o(o.reshape(B, T, d))
+
+
+class UpperLayer(nn.Module):
+    """Sliding-window attention, GCA, MLP. ``residual="plain"`` adds GCA to the stream;
+    ``"published"`` lets it reach the stream only through the MLP's input."""
+
+    def __init__(self, cfg: DRTConfig):
+        super().__init__()
+        self.residual = cfg.residual
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = SelfAttention(cfg, cfg.window)
+        self.gca = GCA(cfg)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, cos, sin, mem_k, mem_v, indices, weights):
+        h = h + self.attn(self.norm1(h), cos, sin)
+        if self.residual == "plain":
+            h = h + self.gca(h, mem_k, mem_v, indices, weights)
+            return h + self.mlp(self.norm2(h))
+        x = h + self.gca(h, mem_k, mem_v, indices, weights)
+        return h + self.mlp(self.norm2(x))
+
+
+class ChunkEncoder(nn.Module):
+    """Bidirectional transformer over each chunk alone. Returns the landmark keys used by
+    retrieval and the memory keys/values shared by every upper layer."""
+
+    def __init__(self, cfg: DRTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm_in = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.layers = nn.ModuleList()
+        for _ in range(cfg.encoder_layers):
+            layer = DecoderLayer(cfg, None)
+            layer.attn.causal = False
+            self.layers.append(layer)
+        self.norm_out = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        kv_dim = cfg.kv_heads * cfg.head_dim
+        self.k = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
+        self.v = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
+
+    def forward(self, h: torch.Tensor):
+        # h (B, C, S, d): the lower layers' output at every position of every chunk
+        B, C, S, d = h.shape
+        x = self.norm_in(h).reshape(B * C, S, d)
+        cos, sin = rope_cos_sin(torch.arange(S, device=h.device), self.cfg.head_dim, self.cfg.rope_theta)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.norm_out(x).view(B, C, S, d)
+        lmk = x[:, :, -1]  # (B, C, d) retrieval key of each chunk
+        mem_k = self.k(x).view(B, C, S, self.cfg.kv_heads, self.cfg.head_dim)
+        mem_v = self.v(x).view(B, C, S, self.cfg.kv_heads, self.cfg.head_dim)
+        return lmk, mem_k, mem_v

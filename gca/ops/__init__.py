@@ -1,0 +1,127 @@
+"""Public ops of the package: grouped cross attention and sliding-window attention.
+
+`grouped_cross_attention` checks its arguments and dispatches: the fused Triton kernel on CUDA
+when it is available (``impl="auto"`` or ``"triton"``), the readable PyTorch reference
+(``impl="torch"``) everywhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gca.ops.gca_ref import gca_reference
+from gca.ops.sliding_window import sliding_window_attention
+
+__all__ = ["grouped_cross_attention", "gca_reference", "sliding_window_attention", "triton_available"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def triton_available(device: torch.device | None = None) -> bool:
+    """True when the fused Triton GCA kernel can run on ``device`` (a CUDA device with Triton)."""
+    if device is not None and torch.device(device).type != "cuda":
+        return False
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from gca.ops import gca_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check(q, mem_k, mem_v, indices, weights, check_indices: bool) -> None:
+    if q.dim() != 5:
+        raise ValueError(f"q must be (B, Cq, S, H, D), got {q.dim()} dims with shape {tuple(q.shape)}")
+    if mem_k.dim() != 5 or mem_v.dim() != 5:
+        raise ValueError(
+            f"mem_k and mem_v must be (B, Cm, Sm, Hk, D), got shapes {tuple(mem_k.shape)} and {tuple(mem_v.shape)}"
+        )
+    if mem_k.shape != mem_v.shape:
+        raise ValueError(f"mem_k {tuple(mem_k.shape)} and mem_v {tuple(mem_v.shape)} must have the same shape")
+    if indices.dim() != 3 or weights.dim() != 3:
+        raise ValueError(
+            f"indices and weights must be (B, Cq, K), got shapes {tuple(indices.shape)} and {tuple(weights.shape)}"
+        )
+    B, Cq, S, H, D = q.shape
+    Bm, Cm, Sm, Hk, Dm = mem_k.shape
+    if Bm != B:
+        raise ValueError(f"batch mismatch: q has B={B}, mem_k has B={Bm}")
+    if Dm != D:
+        raise ValueError(f"head size mismatch: q has D={D}, mem_k has D={Dm}")
+    if Hk == 0 or H % Hk != 0:
+        raise ValueError(f"memory heads Hk={Hk} must divide query heads H={H}")
+    if tuple(indices.shape[:2]) != (B, Cq):
+        raise ValueError(f"indices must be (B, Cq, K) = ({B}, {Cq}, K), got {tuple(indices.shape)}")
+    if weights.shape != indices.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must have the shape of indices {tuple(indices.shape)}")
+    for name, t in (("q", q), ("mem_k", mem_k), ("mem_v", mem_v), ("weights", weights)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == mem_k.dtype == mem_v.dtype):
+        raise ValueError(f"q, mem_k and mem_v must share a dtype, got {q.dtype}, {mem_k.dtype}, {mem_v.dtype}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"indices must be int64 (or int32), got {indices.dtype}")
+    devs = {t.device for t in (q, mem_k, mem_v, indices, weights)}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    if check_indices and indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < -1 or hi >= Cm:
+            raise ValueError(
+                f"indices must lie in [-1, Cm) = [-1, {Cm}) (-1 = empty slot), got values in [{lo}, {hi}]"
+            )
+
+
+def grouped_cross_attention(
+    q: torch.Tensor,
+    mem_k: torch.Tensor,
+    mem_v: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    softmax_one: bool = False,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Grouped cross attention: each query chunk attends to each of its retrieved chunks
+    separately, and the K results are mixed by the retrieval weights.
+
+    ``out[b,c,s,h] = sum_i weights[b,c,i] * softmax_j(scale * q[b,c,s,h] . mem_k[b,idx,j,h']) @ mem_v[b,idx,:,h']``
+    with ``idx = indices[b,c,i]`` and ``h' = h // (H // Hk)``. Empty slots (index -1) contribute
+    nothing. With ``softmax_one`` every softmax denominator gets an extra ``+1`` (a zero logit),
+    so a head may attend to nothing in a chunk.
+
+    Args:
+        q: queries ``(B, Cq, S, H, D)``.
+        mem_k: memory keys ``(B, Cm, Sm, Hk, D)``; Hk must divide H.
+        mem_v: memory values, same shape as ``mem_k``.
+        indices: ``(B, Cq, K)`` int64 chunk indices into ``mem_k``'s Cm axis; -1 marks an empty slot.
+        weights: ``(B, Cq, K)`` mixing weights, shared by all heads (usually a softmax of retrieval scores).
+        softmax_one: add 1 to each softmax denominator. Default False.
+        scale: logit scale, default ``1 / sqrt(D)``.
+        impl: ``"auto"`` (Triton kernel on CUDA when available, else the reference), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``(B, Cq, S, H, D)`` in q's dtype. Differentiable in q, mem_k, mem_v and weights.
+
+    Example:
+        >>> q = torch.randn(2, 5, 64, 4, 32)
+        >>> mem = torch.randn(2, 5, 64, 4, 32)
+        >>> idx = torch.tensor([[[-1, -1]] + [[0, -1]] * 4] * 2)  # (2, 5, 2)
+        >>> out = grouped_cross_attention(q, mem, mem, idx, torch.ones(2, 5, 2))
+        >>> out.shape
+        torch.Size([2, 5, 64, 4, 32])
+    """
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    compiling = torch.compiler.is_compiling()
+    _check(q, mem_k, mem_v, indices, weights, check_indices=not compiling)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    use_triton = impl == "triton" or (impl == "auto" and triton_available(q.device))
+    if use_triton:
+        from gca.ops.gca_triton import gca_triton
+
+        return gca_triton(q, mem_k, mem_v, indices.long(), weights, softmax_one=softmax_one, scale=scale)
+    return gca_reference(q, mem_k, mem_v, indices, weights, softmax_one=softmax_one, scale=scale)

@@ -1,0 +1,83 @@
+"""Readable PyTorch reference for grouped cross attention (GCA).
+
+Dimension letters used in shape comments:
+    B batch, Cq query chunks, Cm memory chunks, S query positions per chunk,
+    Sm positions per memory chunk, H query heads, Hk memory heads (Hk divides H),
+    G = H // Hk query heads per memory head, D head size, K retrieved slots.
+
+The reference loops over the K retrieval slots and gathers one slot's chunks at a time,
+so it never holds all K retrieved chunks at once (the published code copies all of them
+before its kernel runs). Every step is a plain autograd op: gradients reach q, mem_k,
+mem_v and weights, and a memory chunk retrieved several times accumulates its gradient
+through the gather's backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gca_reference(
+    q: torch.Tensor,  # (B, Cq, S, H, D)
+    mem_k: torch.Tensor,  # (B, Cm, Sm, Hk, D)
+    mem_v: torch.Tensor,  # (B, Cm, Sm, Hk, D)
+    indices: torch.Tensor,  # (B, Cq, K) integer, -1 = empty slot
+    weights: torch.Tensor,  # (B, Cq, K)
+    softmax_one: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:  # (B, Cq, S, H, D)
+    """Plain PyTorch GCA; arguments as in :func:`gca.ops.grouped_cross_attention` (unchecked)."""
+    B, Cq, S, H, D = q.shape
+    Hk = mem_k.shape[3]
+    G = H // Hk
+    K = indices.shape[-1]
+    if scale is None:
+        scale = D**-0.5
+    out_dtype = q.dtype
+    # Half-precision inputs are computed in float32, like the fused kernels accumulate.
+    cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qg = q.to(cdt).reshape(B, Cq, S, Hk, G, D)
+    valid = indices >= 0
+    safe = indices.clamp(min=0).long()
+    w = weights.to(cdt) * valid.to(cdt)  # empty slots contribute nothing, not even gradient
+    b_idx = torch.arange(B, device=q.device)[:, None]  # (B, 1) broadcast against (B, Cq)
+    out = q.new_zeros((B, Cq, S, Hk, G, D), dtype=cdt)
+    for i in range(K):
+        k_i = mem_k[b_idx, safe[:, :, i]].to(cdt)  # (B, Cq, Sm, Hk, D)
+        v_i = mem_v[b_idx, safe[:, :, i]].to(cdt)
+        s = torch.einsum("bcshgd,bcthd->bchgst", qg, k_i) * scale  # (B, Cq, Hk, G, S, Sm)
+        if softmax_one:
+            # softmax with an extra logit fixed at 0: exp(s) / (1 + sum exp(s)), computed stably
+            m = s.amax(dim=-1, keepdim=True).clamp(min=0.0)
+            p = torch.exp(s - m)
+            p = p / (p.sum(dim=-1, keepdim=True) + torch.exp(-m))
+        else:
+            p = torch.softmax(s, dim=-1)
+        o_i = torch.einsum("bchgst,bcthd->bcshgd", p, v_i)  # (B, Cq, S, Hk, G, D)
+        out = out + w[:, :, i, None, None, None, None] * o_i
+    return out.reshape(B, Cq, S, H, D).to(out_dtype)
+
+
+def gca_bruteforce(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None):
+    """Element-by-element loop of the definition, for tests on tiny shapes only."""
+    B, Cq, S, H, D = q.shape
+    Hk = mem_k.shape[3]
+    G = H // Hk
+    if scale is None:
+        scale = D**-0.5
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for c in range(Cq):
+            for i in range(indices.shape[-1]):
+                idx = int(indices[b, c, i])
+                if idx < 0:
+                    continue
+                for h in range(H):
+                    kh = mem_k[b, idx, :, h // G]  # (Sm, D)
+                    vh = mem_v[b, idx, :, h // G]
+                    for s in range(S):
+                        logits = (kh @ q[b, c, s, h]) * scale  # (Sm,)
+                        e = torch.exp(logits - logits.max())
+                        denom = e.sum() + (torch.exp(-logits.max()) if softmax_one else 0.0)
+                        out[b, c, s, h] = out[b, c, s, h] + weights[b, c, i] * (e / denom) @ vh
+    return out

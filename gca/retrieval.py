@@ -1,0 +1,85 @@
+"""Causal chunk retrieval: landmark scores, the strictly-causal mask, (Gumbel) top-k and the
+softmax weights that GCA mixes its per-chunk results with.
+
+Row c of the result is the retrieval made at chunk c's landmark; it may pick only chunks
+j < c (chunk c itself and the next one are inside the sliding window), and it serves the
+tokens of chunk c + 1. Rows with fewer than k earlier chunks are padded with index -1 and
+weight 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_NEG = torch.finfo(torch.float32).min / 2  # finite "minus infinity": keeps softmax gradients NaN-free
+
+
+@dataclass
+class Retrieval:
+    """One group's retrieval. ``indices`` ``(B, C, K)`` (-1 = empty), ``weights`` ``(B, C, K)``,
+    ``scores`` ``(B, C, K)`` noise-free scores of the picked chunks."""
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    scores: torch.Tensor
+
+
+def retrieval_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """query ``(B, C, d)``, keys ``(B, Cm, d)`` -> scores ``(B, C, Cm)`` in float32, scaled by 1/sqrt(d)."""
+    d = query.shape[-1]
+    return torch.einsum("bcd,bmd->bcm", query.float(), keys.float()) * d**-0.5
+
+
+def gumbel_noise(shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    u = torch.rand(shape, device=device, generator=generator).clamp_(1e-10, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def causal_topk(
+    scores: torch.Tensor,
+    k: int,
+    *,
+    row_offset: int = 0,
+    valid_rows: torch.Tensor | None = None,
+    gumbel: bool = False,
+    generator: torch.Generator | None = None,
+) -> Retrieval:
+    """Pick up to ``k`` strictly earlier chunks per row.
+
+    Args:
+        scores: ``(B, C, Cm)`` noise-free scores; row c is chunk ``row_offset + c``, column j is chunk j.
+        k: chunks to pick; the result has ``min(k, Cm)`` slots (at least 1).
+        row_offset: absolute chunk index of row 0 (streaming uses it; 0 for a whole sequence).
+        valid_rows: optional ``(C,)`` bool; rows marked False (no landmark yet) get only empty slots.
+        gumbel: add Gumbel(0, 1) noise before the top-k (training-time exploration).
+    Returns:
+        :class:`Retrieval` whose weights are the softmax of the picked chunks' noise-free scores.
+    """
+    B, C, Cm = scores.shape
+    rows = torch.arange(C, device=scores.device)[:, None] + row_offset
+    cols = torch.arange(Cm, device=scores.device)[None, :]
+    allowed = cols < rows  # (C, Cm) strictly causal
+    if valid_rows is not None:
+        allowed = allowed & valid_rows[:, None]
+    allowed = allowed.expand(B, C, Cm)
+    masked = scores.masked_fill(~allowed, _NEG)
+    select = masked
+    if gumbel:
+        noise = gumbel_noise(masked.shape, masked.device, generator)
+        select = torch.where(allowed, masked.detach() + noise, masked.detach())
+    kk = max(1, min(k, Cm))
+    top = select.topk(kk, dim=-1).indices  # (B, C, kk)
+    valid = allowed.gather(-1, top)
+    picked = masked.gather(-1, top)  # noise-free, differentiable
+    w = torch.softmax(picked.masked_fill(~valid, _NEG), dim=-1) * valid
+    idx = torch.where(valid, top, torch.full_like(top, -1))
+    return Retrieval(indices=idx, weights=w, scores=picked.masked_fill(~valid, 0.0))
+
+
+def shift_to_queries(r: Retrieval) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn per-landmark rows into per-query-chunk rows: query chunk c uses row c - 1, chunk 0 nothing."""
+    idx = torch.cat([torch.full_like(r.indices[:, :1], -1), r.indices[:, :-1]], dim=1)
+    w = torch.cat([torch.zeros_like(r.weights[:, :1]), r.weights[:, :-1]], dim=1)
+    return idx, w
