@@ -1,0 +1,158 @@
+"""Properties of the DRT model that users rely on: shapes for awkward lengths, causality, retrieval
+that only looks back, gradients that reach the retriever and every parameter, Gumbel noise only in
+training, the loss definition, clear input errors, and that a tiny model can fit a batch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gca import DRT, DRTConfig
+
+
+def tiny(**kw):
+    base = dict(vocab_size=97, hidden_size=32, num_heads=4, intermediate_size=64, window=80, top_k=3)
+    return DRTConfig.from_preset("tiny", **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DRT(tiny(upper_groups=[1, 1])).double().eval()
+
+
+@pytest.mark.parametrize("L", [1, 62, 63, 64, 65, 700])
+@pytest.mark.parametrize("arch", ["drt", "swa", "full"])
+def test_shapes(L, arch):
+    m = DRT(tiny(arch=arch)).eval()
+    x = torch.randint(0, 97, (2, L))
+    out = m(x, output_retrieval=True)
+    assert out.logits.shape == (2, L, 97)
+    assert torch.isfinite(out.logits).all()
+    if arch == "drt":
+        C = -(-L // 63)
+        assert out.retrieval[0].indices.shape[:2] == (2, C)
+    else:
+        assert out.retrieval is None
+
+
+@pytest.mark.parametrize("t", [0, 62, 63, 130, 199])
+def test_causal(model, t):
+    x = torch.randint(0, 97, (1, 200))
+    y = x.clone()
+    y[0, t] = (x[0, t] + 1) % 97
+    a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-10)
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-6  # the change is seen from t on
+
+
+def test_retrieval_only_looks_back(model):
+    x = torch.randint(0, 97, (3, 63 * 9 + 5))
+    out = model(x, output_retrieval=True)
+    assert len(out.retrieval) == 2
+    for r in out.retrieval:
+        C = r.indices.shape[1]
+        c = torch.arange(C)[None, :, None]
+        assert ((r.indices < c) | (r.indices == -1)).all()
+        assert (r.indices[:, :, 0] >= 0)[:, 1:-1].all()  # every full chunk past the first retrieves
+        assert (r.indices[:, -1] == -1).all()  # the partial last chunk has no landmark yet
+        torch.testing.assert_close(r.weights[:, 1:-1].sum(-1), torch.ones(3, C - 2, dtype=r.weights.dtype))
+
+
+def test_gradients_reach_retriever_and_every_parameter():
+    torch.manual_seed(1)
+    m = DRT(tiny(upper_groups=[1, 1])).train()
+    x = torch.randint(0, 97, (2, 63 * 5 + 7))
+    out = m(x, labels=x, output_retrieval=True)
+    w = [r.weights for r in out.retrieval]
+    gw = torch.autograd.grad(out.loss, w, retain_graph=True)
+    for g in gw:
+        assert g[:, 1:-2].abs().sum() > 0  # rows that serve a later chunk get weight gradient
+    out.loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_gumbel_noise_only_in_training():
+    torch.manual_seed(2)
+    m = DRT(tiny(top_k=2))
+    x = torch.randint(0, 97, (2, 63 * 12))
+    m.eval()
+    a = m(x, output_retrieval=True)
+    b = m(x, output_retrieval=True)
+    assert torch.equal(a.retrieval[0].indices, b.retrieval[0].indices)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    m.train()
+    picks = {tuple(m(x, output_retrieval=True).retrieval[0].indices.flatten().tolist()) for _ in range(4)}
+    assert len(picks) > 1
+    m2 = DRT(tiny(top_k=2, gumbel=False))
+    m2.load_state_dict(m.state_dict())
+    m2.train()
+    assert torch.equal(m2(x, output_retrieval=True).retrieval[0].indices, a.retrieval[0].indices)
+
+
+@pytest.mark.parametrize("arch", ["drt", "swa", "full"])
+def test_loss_is_shifted_cross_entropy(arch):
+    m = DRT(tiny(arch=arch)).eval()
+    x = torch.randint(0, 97, (2, 150))
+    labels = x.clone()
+    labels[0, 40:60] = -100
+    out = m(x, labels=labels)
+    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref)
+
+
+def test_bad_inputs():
+    m = DRT(tiny())
+    with pytest.raises(ValueError, match=r"\[0, 97\)"):
+        m(torch.tensor([[1, 2, 97]]))
+    with pytest.raises(ValueError, match=r"\[0, 97\)"):
+        m(torch.tensor([[1, -1, 3]]))
+    with pytest.raises(ValueError, match="empty"):
+        m(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        m(torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="batch, length"):
+        m(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        m(torch.zeros(1, 5, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        m(torch.zeros(1, 1, dtype=torch.long), labels=torch.zeros(1, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("hidden_size", 30), ("num_kv_heads", 3), ("arch", "rnn"), ("upper_groups", [0]), ("window", 0), ("chunk_size", 1)],
+)
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"DRTConfig.{field}"):
+        tiny(**{field: value})
+
+
+def test_config_roundtrip_and_unknown_field():
+    cfg = tiny(upper_groups=[2, 1])
+    assert DRTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown DRTConfig fields"):
+        DRTConfig.from_dict({**cfg.to_dict(), "hiden_size": 3})
+    with pytest.raises(ValueError, match="unknown preset"):
+        DRTConfig.from_preset("huge")
+
+
+def test_presets_sizes():
+    n = {p: DRT(DRTConfig.from_preset(p)).num_parameters() for p in ("tiny", "small")}
+    assert n["tiny"] <= 5e6
+    assert 30e6 <= n["small"] <= 60e6
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(3)
+    m = DRT(tiny(vocab_size=64)).train()
+    x = torch.randint(0, 64, (2, 200))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = m(x, labels=x).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.5 and loss.item() < 0.3, (first, loss.item())

@@ -1,0 +1,130 @@
+"""The GCA reference op against the definition, in float64: values, all four gradients,
+awkward shapes, repeated and empty slots, softmax_one, grouped heads, and argument errors."""
+
+import pytest
+import torch
+
+from gca.ops import grouped_cross_attention
+from gca.ops.gca_ref import gca_bruteforce, gca_reference
+
+
+def make_inputs(B=2, Cq=3, S=5, H=4, Hk=2, D=8, Cm=4, Sm=6, K=3, dtype=torch.float64, empty=0.25, requires_grad=True):
+    q = torch.randn(B, Cq, S, H, D, dtype=dtype)
+    mem_k = torch.randn(B, Cm, Sm, Hk, D, dtype=dtype)
+    mem_v = torch.randn(B, Cm, Sm, Hk, D, dtype=dtype)
+    idx = torch.randint(0, Cm, (B, Cq, K))
+    idx[torch.rand(B, Cq, K) < empty] = -1
+    w = torch.rand(B, Cq, K, dtype=dtype)
+    if requires_grad:
+        for t in (q, mem_k, mem_v, w):
+            t.requires_grad_(True)
+    return q, mem_k, mem_v, idx, w
+
+
+SHAPES = {
+    "basic": dict(),
+    "one-token": dict(S=1, Sm=1, D=4),
+    "grouped-H4-Hk1": dict(H=4, Hk=1),
+    "no-grouping": dict(H=3, Hk=3),
+    "K-larger-than-memory": dict(Cm=2, K=5),
+    "single-slot": dict(K=1),
+    "chunk63-like": dict(S=7, Sm=9, D=6, Cq=2),
+}
+
+
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_reference_matches_definition(shape, softmax_one):
+    q, k, v, idx, w = make_inputs(**SHAPES[shape], requires_grad=False)
+    out = gca_reference(q, k, v, idx, w, softmax_one=softmax_one)
+    ref = gca_bruteforce(q, k, v, idx, w, softmax_one=softmax_one)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("shape", ["basic", "grouped-H4-Hk1", "K-larger-than-memory"])
+def test_reference_gradcheck(shape, softmax_one):
+    q, k, v, idx, w = make_inputs(**{**SHAPES[shape], "B": 1, "Cq": 2, "S": 3, "Sm": 4, "D": 4})
+    fn = lambda q, k, v, w: gca_reference(q, k, v, idx, w, softmax_one=softmax_one)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v, w), eps=1e-6, atol=1e-7)
+
+
+def test_repeated_chunk_accumulates_gradient():
+    # the same memory chunk retrieved twice by one query chunk and once by another
+    q, k, v, _, w = make_inputs(B=1, Cq=2, Cm=3, K=2, empty=0.0)
+    idx = torch.tensor([[[1, 1], [1, -1]]])
+    out = gca_reference(q, k, v, idx, w)
+    ref = gca_bruteforce(q, k, v, idx, w)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, w), g)
+    grads_ref = torch.autograd.grad(ref, (q, k, v, w), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    # only chunk 1 was read: the others get exactly zero gradient
+    assert grads[1][:, [0, 2]].abs().max() == 0 and grads[1][:, 1].abs().max() > 0
+    # the empty slot gets no weight gradient
+    assert grads[3][0, 1, 1] == 0
+
+
+def test_empty_slots_and_rows():
+    q, k, v, idx, w = make_inputs(empty=0.0)
+    idx[0, 0] = -1  # a whole row empty
+    idx[1, 1, 0] = -1
+    out = grouped_cross_attention(q, k, v, idx, w)
+    assert out[0, 0].abs().max() == 0
+    # an empty slot is the same as a zero weight on any chunk
+    w2 = w.detach().clone()
+    w2[1, 1, 0] = 0.0
+    idx2 = idx.clone()
+    idx2[1, 1, 0] = 0
+    out2 = grouped_cross_attention(q, k, v, idx2, w2)
+    torch.testing.assert_close(out[1, 1], out2[1, 1])
+
+
+def test_grouped_heads_equal_repeated_memory_heads():
+    q, k, v, idx, w = make_inputs(H=6, Hk=2, requires_grad=False)
+    out = gca_reference(q, k, v, idx, w)
+    rep = lambda t: t.repeat_interleave(3, dim=3)  # noqa: E731  head h reads memory head h // 3
+    torch.testing.assert_close(out, gca_reference(q, rep(k), rep(v), idx, w))
+
+
+def test_scale_and_half_precision():
+    q, k, v, idx, w = make_inputs(requires_grad=False)
+    torch.testing.assert_close(
+        gca_reference(q, k, v, idx, w, scale=0.3), gca_bruteforce(q, k, v, idx, w, scale=0.3)
+    )
+    out16 = grouped_cross_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), idx, w.float(), impl="torch")
+    assert out16.dtype == torch.bfloat16
+    ref = gca_reference(q, k, v, idx, w)
+    err = (out16.double() - ref).norm() / ref.norm()
+    assert err < 2e-2
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: a.update(q=a["q"][0]), "q must be"),
+        (lambda a: a.update(mem_v=a["mem_v"][:, :, :-1]), "same shape"),
+        (lambda a: a.update(indices=a["indices"] + 10), r"\[-1, Cm\)"),
+        (lambda a: a.update(indices=a["indices"] - 5), r"\[-1, Cm\)"),
+        (lambda a: a.update(indices=a["indices"].float()), "int64"),
+        (lambda a: a.update(weights=a["weights"][..., :-1]), "weights"),
+        (lambda a: a.update(mem_k=a["mem_k"].float()), "share a dtype"),
+        (lambda a: a.update(q=torch.randn(2, 3, 5, 3, 8, dtype=torch.float64)), "must divide"),
+        (lambda a: a.update(q=a["q"][..., :4]), "head size"),
+    ],
+    ids=["rank", "kv-mismatch", "idx-high", "idx-low", "idx-dtype", "weights-shape", "dtype", "hk-divides", "head-size"],
+)
+def test_argument_errors(change, match):
+    q, k, v, idx, w = make_inputs(requires_grad=False, empty=0.0)
+    args = dict(q=q, mem_k=k, mem_v=v, indices=idx, weights=w)
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        grouped_cross_attention(**args)
+
+
+def test_bad_impl():
+    q, k, v, idx, w = make_inputs(requires_grad=False)
+    with pytest.raises(ValueError, match="impl"):
+        grouped_cross_attention(q, k, v, idx, w, impl="cuda")

@@ -1,0 +1,55 @@
+"""Causal top-k retrieval: only strictly earlier chunks, padding when the past is short,
+weights = softmax of noise-free scores, Gumbel noise changes the pick but not the weights' form."""
+
+import torch
+
+from gca.retrieval import causal_topk, shift_to_queries
+
+
+def test_strictly_causal_and_padded():
+    B, C, k = 2, 6, 3
+    scores = torch.randn(B, C, C)
+    r = causal_topk(scores, k)
+    assert r.indices.shape == (B, C, 3)
+    for c in range(C):
+        row = r.indices[:, c]
+        assert ((row < c) | (row == -1)).all()
+        assert ((row >= 0).sum(-1) == min(c, k)).all()  # row c has c earlier chunks
+    # the picks are the top-k allowed scores, weights their softmax
+    c = 5
+    allowed = scores[:, c, :c]
+    top = allowed.topk(k).indices.sort(-1).values
+    assert torch.equal(r.indices[:, c].sort(-1).values, top)
+    w_ref = torch.softmax(allowed.gather(-1, r.indices[:, c]), -1)
+    torch.testing.assert_close(r.weights[:, c], w_ref)
+    assert (r.weights[:, 0] == 0).all() and (r.weights[:, 1, 1:] == 0).all()
+
+
+def test_gumbel_explores_and_weights_use_clean_scores():
+    C = 40
+    scores = torch.zeros(1, C, C)  # all ties: noise decides
+    picks = {tuple(causal_topk(scores, 2, gumbel=True).indices[0, -1].tolist()) for _ in range(20)}
+    assert len(picks) > 1
+    r = causal_topk(scores, 2, gumbel=True)
+    torch.testing.assert_close(r.weights[0, -1], torch.full((2,), 0.5))
+    # without noise the same input always gives the same pick
+    assert len({tuple(causal_topk(scores, 2).indices[0, -1].tolist()) for _ in range(5)}) == 1
+
+
+def test_weights_carry_gradient():
+    scores = torch.randn(1, 5, 5, requires_grad=True)
+    r = causal_topk(scores, 2)
+    (r.weights * torch.randn_like(r.weights)).sum().backward()
+    assert scores.grad.abs().sum() > 0
+    assert torch.isfinite(scores.grad).all()
+    # no gradient to disallowed (non-causal) entries
+    assert (scores.grad[0].triu() == 0).all()
+
+
+def test_valid_rows_and_shift():
+    scores = torch.randn(1, 4, 4)
+    r = causal_topk(scores, 2, valid_rows=torch.tensor([True, True, True, False]))
+    assert (r.indices[0, 3] == -1).all()
+    idx, w = shift_to_queries(r)
+    assert (idx[0, 0] == -1).all() and torch.equal(idx[0, 1:], r.indices[0, :-1])
+    assert torch.equal(w[0, 1:], r.weights[0, :-1])
