@@ -1,0 +1,593 @@
+"""Fused Triton kernels for grouped cross attention (GCA), forward, backward and decode.
+
+Dimension letters (as in :mod:`gca.ops.gca_ref`):
+    B   batch                          Cq  query chunks       Cm  memory chunks
+    S   query positions per chunk      Sm  positions per memory chunk
+    H   query heads                    Hk  memory heads (Hk divides H)
+    G   = H // Hk, query heads sharing one memory head
+    D   head size                      K   retrieval slots per query chunk
+    R   = G * S, the rows of one head group: the G query heads of a memory head stacked, row
+        r = g * S + s is position s of query head hk * G + g
+    T   query tokens of the decode path (1..S)
+    BLOCK_M rows of R per tile, BLOCK_N >= Sm memory positions per tile (one tile holds a whole
+    memory chunk, Sm <= 128), BLOCK_D = D.
+
+What the kernels compute (see :func:`gca.ops.grouped_cross_attention` for the contract):
+    O_i = softmax(scale * Q K_i^T) V_i for each slot i (K_i, V_i = memory chunk indices[b, c, i]),
+    out = sum_i w_i O_i. With ``softmax_one`` each denominator gets +1 (a zero logit).
+
+The memory is read *through the indices inside the kernels*: nothing is gathered or copied.
+
+Kernels
+    ``_gca_fwd_kernel``   one program per (row block of R, query chunk (b, c), memory head hk[, slot]):
+                          loads its Q rows once, loops over the K slots, loads that slot's K/V tile
+                          (Sm x D) through the index, softmax(QK^T)V in fp32 and accumulates w_i O_i.
+                          Saves the per-slot logsumexp, LSE (B, Cq, H, K, S) fp32, for the backward.
+                          With NSPLIT = K (decode) each program does one slot and writes w_i O_i to
+                          a (K, ...) fp32 buffer that is summed afterwards.
+    ``_gca_bwd_dq_kernel``  same grid as the forward: recomputes P_i and O_i per slot and gives
+                          dQ, DELTA_i = rowsum(dO * O_i) (B, Cq, H, K, S) and per-program partial
+                          sums of dw_i = sum_{s,h} <dO, O_i>.
+    ``_gca_bwd_dkdv_kernel``  one program per (memory chunk (b, m), memory head hk): loops over the
+                          (query chunk, slot) pairs that retrieved chunk m, found through an inverted
+                          index (stable sort of the flattened indices + CSR offsets, built with torch
+                          ops on the device, no host sync), and accumulates dK, dV in registers.
+Gradient formulas, per slot i (P_i includes the +1 denominator when softmax_one):
+    dV_i = w_i P_i^T dO,  dS_i = w_i P_i * (dO V_i^T - DELTA_i),  dQ = scale sum_i dS_i K_i,
+    dK_i = scale dS_i^T Q,  dw_i = sum DELTA_i  (zero for empty slots).
+The backward is deterministic: no atomics; every sum has a fixed order.
+
+Empty slots (index -1) read chunk 0 with weight 0 (no branch, so the slot loop stays pipelined);
+they add nothing to the output, take no dK/dV and get dw = 0.
+
+Supported: q, mem_k, mem_v in fp16 / bf16 / fp32 (fp32 accumulation; fp32 dots in IEEE precision,
+not TF32); weights of any float dtype; D a power of two in [16, 128]; Sm in [1, 128]; any S; K >= 0.
+Other inputs fall back to :func:`gca.ops.gca_ref.gca_reference` with a warning.
+
+Layers: kernels -> launchers (``gca_fwd`` / ``gca_bwd``: allocation, grid, configs) -> ``torch.library``
+custom ops ``gca::fwd`` / ``gca::bwd`` with fake (meta) kernels and ``register_autograd`` (the
+autograd glue, so ``torch.compile`` sees opaque ops) -> public ``gca_triton`` and ``gca_decode``.
+On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module
+is imported), which is how CI tests them.
+"""
+
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from gca.ops.gca_ref import gca_reference
+
+__all__ = ["gca_triton", "gca_decode", "gca_fwd", "gca_bwd", "supports", "flops", "bytes_moved"]
+
+# Tests set this to fill every buffer the launchers allocate with NaN, so an element a kernel
+# forgets to write shows up as NaN instead of a plausible stale value.
+POISON_OUTPUTS = False
+
+# Benchmarks may override launch configs here, e.g. {"fwd": dict(BLOCK_M=64, num_warps=4, num_stages=3)}.
+CONFIG_OVERRIDES: dict = {}
+
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gca_fwd_kernel(
+    Q, MK, MV, IDX, W, O, LSE,
+    sq_b, sq_c, sq_s, sq_h, sq_d,
+    sk_b, sk_c, sk_s, sk_h, sk_d,
+    sv_b, sv_c, sv_s, sv_h, sv_d,
+    si_b, si_c, si_k,
+    sw_b, sw_c, sw_k,
+    so_p, so_b, so_c, so_s, so_h, so_d,
+    Cq, qk_scale,
+    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    NSPLIT: tl.constexpr, N_LOOP: tl.constexpr, SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_bc = tl.program_id(1).to(tl.int64)
+    pid_hs = tl.program_id(2)
+    hk = pid_hs // NSPLIT
+    b = pid_bc // Cq
+    c = pid_bc % Cq
+    split = pid_hs % NSPLIT  # decode (NSPLIT = K, N_LOOP = 1): this program does slot `split` only
+
+    r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the head group
+    row_ok = r < G * S
+    s = r % S
+    h = hk * G + r // S
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    col_ok = n < Sm
+
+    q = tl.load(
+        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
+        mask=row_ok[:, None], other=0.0,
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for ii in range(N_LOOP):
+        i = split + ii
+        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+        w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+        w = tl.where(idx >= 0, w, 0.0)
+        idx = tl.maximum(idx, 0)
+        k = tl.load(
+            MK + b * sk_b + idx * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+            mask=col_ok[:, None], other=0.0,
+        )
+        v = tl.load(
+            MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+            mask=col_ok[:, None], other=0.0,
+        )
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (M, N), log2 units
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        m = tl.max(qk, 1)
+        if SOFTMAX_ONE:
+            m = tl.maximum(m, 0.0)
+        p = tl.exp2(qk - m[:, None])
+        l = tl.sum(p, 1)
+        if SOFTMAX_ONE:
+            l += tl.exp2(-m)
+        o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc += o * (w / l)[:, None]
+        if STORE_LSE:
+            lse = (m + tl.log2(l)) * 0.6931471805599453  # natural-log logsumexp
+            tl.store(LSE + (((b * Cq + c) * H + h) * K + i) * S + s, lse, mask=row_ok)
+    tl.store(
+        O + split * so_p + b * so_b + c * so_c + s[:, None] * so_s + h[:, None] * so_h + d[None, :] * so_d,
+        acc.to(O.dtype.element_ty), mask=row_ok[:, None],
+    )
+
+
+@triton.jit
+def _gca_bwd_dq_kernel(
+    Q, MK, MV, IDX, W, DO, LSE, DQ, DELTA, DWP,
+    sq_b, sq_c, sq_s, sq_h, sq_d,
+    sk_b, sk_c, sk_s, sk_h, sk_d,
+    sv_b, sv_c, sv_s, sv_h, sv_d,
+    si_b, si_c, si_k,
+    sw_b, sw_c, sw_k,
+    sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+    Cq, qk_scale, scale,
+    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_bc = tl.program_id(1).to(tl.int64)
+    hk = tl.program_id(2)
+    n_rb = tl.num_programs(0)
+    b = pid_bc // Cq
+    c = pid_bc % Cq
+
+    r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < G * S
+    s = r % S
+    h = hk * G + r // S
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    col_ok = n < Sm
+
+    q = tl.load(
+        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
+        mask=row_ok[:, None], other=0.0,
+    )
+    do = tl.load(
+        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
+        mask=row_ok[:, None], other=0.0,
+    )
+    do = do.to(q.dtype)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    part = hk * n_rb + pid_r  # this program's column of the dw partial sums
+    n_part = n_rb * tl.num_programs(2)
+    for i in range(K):
+        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+        w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+        valid = idx >= 0
+        w = tl.where(valid, w, 0.0)
+        idx = tl.maximum(idx, 0)
+        k = tl.load(
+            MK + b * sk_b + idx * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+            mask=col_ok[:, None], other=0.0,
+        )
+        v = tl.load(
+            MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+            mask=col_ok[:, None], other=0.0,
+        )
+        stat = (((b * Cq + c) * H + h) * K + i) * S + s
+        lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        p = tl.exp2(qk - lse[:, None])  # normalised P_i, (M, N)
+        o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)  # O_i rows
+        delta = tl.sum(do.to(tl.float32) * o, 1)  # <dO, O_i> per row; 0 on masked rows (dO = 0)
+        tl.store(DELTA + stat, delta, mask=row_ok)
+        tl.store(DWP + (pid_bc * K + i) * n_part + part, tl.where(valid, tl.sum(delta, 0), 0.0))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None]) * w
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    dq = dq * scale
+    tl.store(
+        DQ + (((b * Cq + c) * S + s[:, None]) * H + h[:, None]) * BLOCK_D + d[None, :],  # contiguous
+        dq.to(DQ.dtype.element_ty), mask=row_ok[:, None],
+    )
+
+
+@triton.jit
+def _dkdv_pair(
+    j, dk, dv, k, v, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+    sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+    Cq, qk_scale,
+    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV contributions of the j-th (query chunk, slot) pair that retrieved this memory chunk."""
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    col_ok = n < Sm
+    pair = tl.load(ORDER + j)  # flattened (b * Cq + c) * K + i
+    bc = pair // K
+    i = pair % K
+    c = bc % Cq
+    w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+    for r0 in range(0, G * S, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        row_ok = r < G * S
+        s = r % S
+        h = hk * G + r // S
+        q = tl.load(
+            Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
+            mask=row_ok[:, None], other=0.0,
+        )
+        do = tl.load(
+            DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
+            mask=row_ok[:, None], other=0.0,
+        ).to(q.dtype)
+        stat = ((bc * H + h) * K + i) * S + s
+        lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        p = tl.exp2(qk - lse[:, None])  # (M, N); masked rows give p = 1 but dO = delta = 0 there
+        dv = tl.dot(tl.trans((p * w).to(do.dtype)), do, dv, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None]) * w
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _gca_bwd_dkdv_kernel(
+    Q, MK, MV, W, DO, LSE, DELTA, ORDER, OFFS, DK, DV,
+    sq_b, sq_c, sq_s, sq_h, sq_d,
+    sk_b, sk_c, sk_s, sk_h, sk_d,
+    sv_b, sv_c, sv_s, sv_h, sv_d,
+    sw_b, sw_c, sw_k,
+    sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+    Cq, Cm, qk_scale, scale,
+    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
+    hk = tl.program_id(1)
+    b = pid_bm // Cm
+    mc = pid_bm % Cm
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    col_ok = n < Sm
+
+    k = tl.load(
+        MK + b * sk_b + mc * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+        mask=col_ok[:, None], other=0.0,
+    )
+    v = tl.load(
+        MV + b * sv_b + mc * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+        mask=col_ok[:, None], other=0.0,
+    )
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    start = tl.load(OFFS + pid_bm)
+    end = tl.load(OFFS + pid_bm + 1)
+    if USE_WHILE:
+        # the Triton interpreter (numpy >= 2.3) cannot run `range` over loaded scalars
+        j = start
+        while j < end:
+            dk, dv = _dkdv_pair(
+                j, dk, dv, k, v, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+                sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+            j += 1
+    else:
+        for j in range(start, end):
+            dk, dv = _dkdv_pair(
+                j, dk, dv, k, v, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+                sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    dk = dk * scale
+    out = (((b * Cm + mc) * Sm + n[:, None]) * Hk + hk) * BLOCK_D + d[None, :]  # contiguous (B, Cm, Sm, Hk, D)
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+# @triton.jit picks the interpreter when TRITON_INTERPRET=1 at decoration time, i.e. when this
+# module is imported (setting it later has no effect on these kernels).
+INTERPRET = type(_gca_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _alloc(shape, dtype, device, zero=False):
+    if zero:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+def _dot_prec(dtype):
+    # fp32 inputs: exact fp32 products (Hopper would otherwise use TF32, ~1e-3 relative error)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_n(Sm):
+    return max(16, triton.next_power_of_2(Sm))
+
+
+def _config(kind, R, Sm, D, on_cuda):
+    """Tile and launch config by shape. R = G * S rows per head group."""
+    bn = _block_n(Sm)
+    big = D * bn >= 128 * 128
+    if kind == "fwd":
+        bm = min(max(16, triton.next_power_of_2(R)), 64 if big else 128)
+        cfg = dict(BLOCK_M=bm, num_warps=8 if bm * D >= 128 * 64 else 4, num_stages=2 if big else 3)
+    elif kind == "dq":
+        bm = min(max(16, triton.next_power_of_2(R)), 64)
+        cfg = dict(BLOCK_M=bm, num_warps=8 if big else 4, num_stages=2)
+    else:  # dkdv
+        bm = min(max(16, triton.next_power_of_2(R)), 64)
+        cfg = dict(BLOCK_M=bm, num_warps=8 if big else 4, num_stages=2)
+    cfg.update(CONFIG_OVERRIDES.get(kind, {}))
+    if not on_cuda:  # the interpreter ignores warps/stages
+        cfg.update(num_warps=1, num_stages=1)
+    return cfg
+
+
+def supports(q, mem_k, mem_v=None, weights=None):
+    """None if the Triton kernels handle these inputs, else the reason they do not."""
+    D = q.shape[-1]
+    Sm = mem_k.shape[2]
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (needs float16, bfloat16 or float32)"
+    if D < 16 or D > 128 or D & (D - 1):
+        return f"head size D={D} (needs a power of two in [16, 128])"
+    if Sm > 128:
+        return f"memory chunk length Sm={Sm} (needs Sm <= 128)"
+    return None
+
+
+def gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nsplit=1, store_lse=True):
+    """Launch the forward. Returns ``(out (B, Cq, S, H, D) in q's dtype, lse (B, Cq, H, K, S) fp32)``.
+
+    With ``nsplit = K`` each program does one slot (decode): the slots' ``w_i O_i`` land in an fp32
+    buffer (K, B, Cq, S, H, D) that is summed here; ``lse`` is then not stored (empty tensor)."""
+    B, Cq, S, H, D = q.shape
+    _, Cm, Sm, Hk, _ = mem_k.shape
+    K = indices.shape[-1]
+    G = H // Hk
+    scale = D**-0.5 if scale is None else float(scale)
+    dev = q.device
+    lse = _alloc((B, Cq, H, K, S) if store_lse else (0,), torch.float32, dev)
+    if nsplit > 1:
+        assert nsplit == K and not store_lse
+        o = _alloc((K, B, Cq, S, H, D), torch.float32, dev)
+    else:
+        o = _alloc((B, Cq, S, H, D), q.dtype, dev)
+    if q.numel() == 0 or K == 0 or Cm == 0:
+        # nothing to attend to (with Cm == 0 every index must be -1)
+        out = torch.zeros((B, Cq, S, H, D), dtype=q.dtype, device=dev)
+        if store_lse:
+            lse.zero_()
+        return out, lse
+    cfg = _config("fwd", G * S, Sm, D, q.is_cuda)
+    bm = cfg.pop("BLOCK_M")
+    grid = (triton.cdiv(G * S, bm), B * Cq, Hk * nsplit)
+    so = o.stride()
+    so = so if nsplit > 1 else (0,) + so
+    _gca_fwd_kernel[grid](
+        q, mem_k, mem_v, indices, weights, o, lse,
+        *q.stride(), *mem_k.stride(), *mem_v.stride(), *indices.stride(), *weights.stride(), *so,
+        Cq, scale * _LOG2E,
+        S=S, Sm=Sm, H=H, G=G, K=K, NSPLIT=nsplit, N_LOOP=K if nsplit == 1 else 1, SOFTMAX_ONE=bool(softmax_one), STORE_LSE=store_lse,
+        DOT_PREC=_dot_prec(q.dtype), BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, **cfg,
+    )
+    if nsplit > 1:
+        o = o.sum(0).to(q.dtype)
+    return o, lse
+
+
+def _inverted_index(indices, Cm):
+    """For each memory chunk (b, m), the flattened slots (b * Cq + c) * K + i that retrieved it.
+
+    Returns ``order`` (B * Cq * K,) int64, slots sorted by (b, m) with empty slots last, and CSR
+    ``offsets`` (B * Cm + 1,): chunk (b, m) owns ``order[offsets[b*Cm+m] : offsets[b*Cm+m+1]]``.
+    A stable sort keeps the (c, i) order within a chunk, so the backward sums in a fixed order."""
+    B, Cq, K = indices.shape
+    flat = indices.reshape(-1)
+    batch = torch.arange(flat.numel(), device=flat.device) // (Cq * K)
+    key = torch.where(flat >= 0, batch * Cm + flat, B * Cm)
+    sorted_key, order = torch.sort(key, stable=True)
+    offsets = torch.searchsorted(sorted_key, torch.arange(B * Cm + 1, device=flat.device))
+    return order, offsets
+
+
+def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale=None):
+    """Launch the backward. Returns ``(dq, dmem_k, dmem_v, dweights)`` in the inputs' dtypes."""
+    B, Cq, S, H, D = q.shape
+    _, Cm, Sm, Hk, _ = mem_k.shape
+    K = indices.shape[-1]
+    G = H // Hk
+    scale = D**-0.5 if scale is None else float(scale)
+    dev = q.device
+    dq = _alloc((B, Cq, S, H, D), q.dtype, dev)
+    dk = _alloc((B, Cm, Sm, Hk, D), mem_k.dtype, dev)
+    dv = _alloc((B, Cm, Sm, Hk, D), mem_v.dtype, dev)
+    if q.numel() == 0 or K == 0 or Cm == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv, torch.zeros_like(weights)
+    prec = _dot_prec(q.dtype)
+    bn = _block_n(Sm)
+
+    cfg = _config("dq", G * S, Sm, D, q.is_cuda)
+    bm = cfg.pop("BLOCK_M")
+    n_rb = triton.cdiv(G * S, bm)
+    delta = _alloc((B, Cq, H, K, S), torch.float32, dev)
+    dw_part = _alloc((B, Cq, K, Hk * n_rb), torch.float32, dev)
+    _gca_bwd_dq_kernel[(n_rb, B * Cq, Hk)](
+        q, mem_k, mem_v, indices, weights, do, lse, dq, delta, dw_part,
+        *q.stride(), *mem_k.stride(), *mem_v.stride(), *indices.stride(), *weights.stride(), *do.stride(),
+        Cq, scale * _LOG2E, scale,
+        S=S, Sm=Sm, H=H, G=G, K=K, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, **cfg,
+    )
+    dw = dw_part.sum(-1).to(weights.dtype)
+
+    order, offsets = _inverted_index(indices, Cm)
+    cfg = _config("dkdv", G * S, Sm, D, q.is_cuda)
+    bm = cfg.pop("BLOCK_M")
+    _gca_bwd_dkdv_kernel[(B * Cm, Hk)](
+        q, mem_k, mem_v, weights, do, lse, delta, order, offsets, dk, dv,
+        *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
+        Cq, Cm, scale * _LOG2E, scale,
+        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, **cfg,
+    )
+    return dq, dk, dv, dw
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile) and autograd
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("gca::fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+    softmax_one: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one, scale)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, mem_k, mem_v, indices, weights, softmax_one, scale):
+    B, Cq, S, H, D = q.shape
+    K = indices.shape[-1]
+    return q.new_empty((B, Cq, S, H, D)), q.new_empty((B, Cq, H, K, S), dtype=torch.float32)
+
+
+@torch.library.custom_op("gca::bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor, q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, indices: torch.Tensor,
+    weights: torch.Tensor, lse: torch.Tensor, softmax_one: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, mem_k, mem_v, indices, weights, lse, softmax_one, scale):
+    return q.new_empty(q.shape), mem_k.new_empty(mem_k.shape), mem_v.new_empty(mem_v.shape), weights.new_empty(weights.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, mem_k, mem_v, indices, weights, softmax_one, scale = inputs
+    _, lse = output
+    ctx.save_for_backward(q, mem_k, mem_v, indices, weights, lse)
+    ctx.softmax_one = softmax_one
+    ctx.scale = scale
+
+
+def _backward(ctx, do, _dlse):
+    q, mem_k, mem_v, indices, weights, lse = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(q)
+    dq, dk, dv, dw = torch.ops.gca.bwd(do, q, mem_k, mem_v, indices, weights, lse, ctx.softmax_one, ctx.scale)
+    return dq, dk, dv, None, dw, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
+def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=None):
+    """Fused GCA; arguments, shapes and result as in :func:`gca.ops.grouped_cross_attention`
+    (q ``(B, Cq, S, H, D)``, mem_k/mem_v ``(B, Cm, Sm, Hk, D)``, indices/weights ``(B, Cq, K)``).
+
+    Differentiable in q, mem_k, mem_v and weights; works under ``torch.compile``. Inputs the kernels
+    do not support (see :func:`supports`) are computed by the reference, with a warning."""
+    reason = supports(q, mem_k)
+    if reason is not None:
+        warnings.warn(f"gca_triton: unsupported {reason}; using the PyTorch reference", stacklevel=2)
+        return gca_reference(q, mem_k, mem_v, indices, weights, softmax_one=softmax_one, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = torch.ops.gca.fwd(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
+    return out
+
+
+def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=None):
+    """GCA for the tokens of ONE current chunk during generation; forward only.
+
+    Args:
+        q: ``(B, T, H, D)``, 1 <= T, the query tokens of the current chunk.
+        mem_k, mem_v: ``(B, Cm, Sm, Hk, D)``.
+        indices: ``(B, K)`` retrieved chunks of the current chunk, -1 = empty slot.
+        weights: ``(B, K)``.
+    Returns ``(B, T, H, D)`` in q's dtype, equal to the main op with Cq = 1. The grid is split over
+    slots x memory heads (x batch), so batch 1 still fills the GPU; slot results are summed in fp32.
+    """
+    B, T, H, D = q.shape
+    q5, idx5, w5 = q.unsqueeze(1), indices.long().unsqueeze(1), weights.unsqueeze(1)
+    scale = D**-0.5 if scale is None else float(scale)
+    reason = supports(q5, mem_k)
+    if reason is not None:
+        warnings.warn(f"gca_decode: unsupported {reason}; using the PyTorch reference", stacklevel=2)
+        return gca_reference(q5, mem_k, mem_v, idx5, w5, softmax_one=softmax_one, scale=scale)[:, 0]
+    K = indices.shape[-1]
+    out, _ = gca_fwd(q5, mem_k, mem_v, idx5, w5, softmax_one, scale, nsplit=max(K, 1), store_lse=False)
+    return out[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Cost model for benchmarks
+# --------------------------------------------------------------------------------------------
+
+
+def flops(B, Cq, S, Sm, H, D, K, backward=False):
+    """Matmul FLOPs: per (query chunk, slot, head) two S x Sm x D products (QK^T and PV), 2 FLOPs
+    per multiply-add. The backward as implemented does 8 products (it recomputes QK^T in both
+    kernels and PV once); counted here as the algorithmic 5 (QK^T recompute, dV, dP, dQ, dK)."""
+    f = 4 * B * Cq * K * S * Sm * H * D
+    return f * 5 / 2 if backward else f
+
+
+def bytes_moved(B, Cq, Cm_read, S, Sm, H, Hk, D, K, itemsize=2, backward=False):
+    """Minimum bytes of the forward: q and out once, each *distinct* retrieved memory chunk's K and V
+    once (Cm_read = number of distinct (b, chunk) pairs), indices (int64) and weights (fp32).
+    The backward floor reads q, out-grad, the chunks and lse, writes dq, dk, dv."""
+    qo = 2 * B * Cq * S * H * D * itemsize
+    mem = 2 * Cm_read * Sm * Hk * D * itemsize
+    meta = B * Cq * K * (8 + 4)
+    if not backward:
+        return qo + mem + meta
+    lse = B * Cq * H * K * S * 4
+    return 2 * qo + 2 * mem + meta + 2 * lse

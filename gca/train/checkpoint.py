@@ -1,0 +1,254 @@
+"""Checkpoints: written atomically, verified on load, and :func:`load_model` for eval and demo code.
+
+Layout of a run directory ``DIR`` (``gca train --out DIR``)::
+
+    DIR/ckpt/model.safetensors   weights (tied embeddings stored once)
+    DIR/ckpt/config.json         the resolved DRTConfig: DRT(DRTConfig.from_dict(...)) rebuilds the model
+    DIR/ckpt/train_config.json   the TrainConfig of the run
+    DIR/ckpt/trainer.pt          optimizer state, step, tokens, elapsed time, every rank's RNG states
+    DIR/ckpt/tokenizer*          a copy of the data source's tokenizer, when it has one
+    DIR/ckpt/checkpoint.json     manifest (step, each file's size), written last
+
+Atomicity: a checkpoint is written into ``DIR/ckpt.tmp``, every file is fsync'ed, then
+``DIR/ckpt -> DIR/ckpt.old``, ``DIR/ckpt.tmp -> DIR/ckpt`` and ``DIR/ckpt.old`` is removed. A crash at
+any point leaves either the previous or the new checkpoint complete: an unfinished ``ckpt.tmp`` is
+ignored, and a crash between the two renames is repaired on the next load by moving ``ckpt.old``
+back. The manifest's file sizes catch files truncated by other means (a full disk, a copy cut short).
+
+    model = load_model("runs/tiny")              # a run directory or its ckpt/ folder
+    model = load_model("runs/tiny", device="cuda")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as _st_load_model
+from safetensors.torch import save_model as _st_save_model
+
+from gca.config import DRTConfig
+from gca.model import DRT
+
+CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
+MANIFEST = "checkpoint.json"
+WEIGHTS, CONFIG, TRAIN_CONFIG, TRAINER = "model.safetensors", "config.json", "train_config.json", "trainer.pt"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message names the file and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`read_checkpoint` found: ``config`` (DRTConfig), ``train_config`` (dict),
+    ``trainer`` (the ``trainer.pt`` dict, or None when not asked for) and ``step``."""
+
+    path: Path
+    step: int
+    config: DRTConfig
+    train_config: dict[str, Any]
+    trainer: dict[str, Any] | None
+
+
+# ---- writing ----
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(
+    out: str | os.PathLike,
+    *,
+    model: DRT,
+    train_config: dict[str, Any],
+    trainer: dict[str, Any],
+    tokenizer: Any = None,
+) -> Path:
+    """Atomically replace ``out/ckpt`` with a checkpoint of ``model`` (unwrapped: not DDP or compiled)
+    and the trainer state ``trainer`` (must hold ``step``). Returns the checkpoint directory."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp, final, old = out / TMP, out / CKPT, out / OLD
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left over from a crash: never complete, or already superseded
+    tmp.mkdir()
+    _st_save_model(model, str(tmp / WEIGHTS))  # drops duplicate names of shared (tied) tensors
+    _write_json(tmp / CONFIG, model.config.to_dict())
+    _write_json(tmp / TRAIN_CONFIG, train_config)
+    torch.save(trainer, tmp / TRAINER)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, tmp)
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            _fsync_file(p)
+            files[p.relative_to(tmp).as_posix()] = p.stat().st_size
+    manifest = {"format": FORMAT, "step": int(trainer["step"]), "files": files}
+    _write_json(tmp / MANIFEST, manifest)
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(tmp)
+    # the rename dance: at every instant either ckpt/ or ckpt.old/ is a complete checkpoint
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        _fsync_dir(out)
+    os.replace(tmp, final)
+    _fsync_dir(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """Save a data source's tokenizer into a checkpoint directory (as ``tokenizer.json``)."""
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+
+# ---- finding and reading ----
+def find_checkpoint(out: str | os.PathLike, repair: bool = True) -> Path | None:
+    """The checkpoint directory of run ``out`` (or ``out`` itself if it is one), or None if the run has none.
+
+    With ``repair``, a crash between the two renames of a save (``ckpt/`` gone, ``ckpt.old/`` complete)
+    is undone by moving ``ckpt.old`` back.
+    """
+    out = Path(out)
+    if (out / MANIFEST).exists() or (out / WEIGHTS).exists():
+        return out
+    final, old = out / CKPT, out / OLD
+    if final.exists():
+        return final
+    if old.exists() and (old / MANIFEST).exists():
+        if not repair:
+            return old
+        os.replace(old, final)
+        _fsync_dir(out)
+        return final
+    return None
+
+
+def _corrupt(path: Path, what: str, ckpt: Path) -> CheckpointError:
+    return CheckpointError(
+        f"corrupt checkpoint: {path} {what}. The checkpoint in {ckpt} cannot be used; restore it from a "
+        f"backup, or delete {ckpt} to start this run from scratch (rows of log.jsonl past the new run's "
+        f"steps are rewritten)."
+    )
+
+
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Check the manifest and that every file it lists exists with its recorded size; return the manifest."""
+    mpath = ckpt / MANIFEST
+    if not mpath.exists():
+        raise _corrupt(mpath, "is missing (the checkpoint was not written by `gca train`, or was cut short)", ckpt)
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        step = int(manifest["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise _corrupt(mpath, f"is not a valid manifest ({e})", ckpt) from None
+    for name in (WEIGHTS, CONFIG, TRAIN_CONFIG, TRAINER):
+        if name not in files:
+            raise _corrupt(ckpt / name, "is not listed in the manifest", ckpt)
+    for name, size in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            raise _corrupt(p, "is missing", ckpt)
+        actual = p.stat().st_size
+        if actual != size:
+            raise _corrupt(p, f"is truncated or altered ({actual} bytes, the manifest says {size})", ckpt)
+    manifest["step"] = step
+    return manifest
+
+
+def _read_json(path: Path, ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _corrupt(path, "is missing", ckpt) from None
+    except ValueError as e:
+        raise _corrupt(path, f"is not valid JSON ({e})", ckpt) from None
+
+
+def read_config(ckpt: Path) -> DRTConfig:
+    d = _read_json(ckpt / CONFIG, ckpt)
+    try:
+        return DRTConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise _corrupt(ckpt / CONFIG, f"does not hold a valid DRTConfig ({e})", ckpt) from None
+
+
+def read_checkpoint(ckpt: str | os.PathLike, with_trainer: bool = True) -> Checkpoint:
+    """Verify and read a checkpoint directory (everything but the weights)."""
+    ckpt = Path(ckpt)
+    manifest = verify_checkpoint(ckpt)
+    config = read_config(ckpt)
+    train_config = _read_json(ckpt / TRAIN_CONFIG, ckpt)
+    trainer = None
+    if with_trainer:
+        try:
+            trainer = torch.load(ckpt / TRAINER, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, unpickling error, ...
+            raise _corrupt(ckpt / TRAINER, f"cannot be read ({type(e).__name__}: {e})", ckpt) from None
+        if not isinstance(trainer, dict) or trainer.get("step") != manifest["step"]:
+            raise _corrupt(ckpt / TRAINER, "does not match the manifest's step", ckpt)
+    return Checkpoint(path=ckpt, step=manifest["step"], config=config, train_config=train_config, trainer=trainer)
+
+
+def load_weights(model: DRT, ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    """Load ``ckpt/model.safetensors`` into ``model`` (strict: every parameter must be there)."""
+    ckpt = Path(ckpt)
+    path = ckpt / WEIGHTS
+    if not path.is_file():
+        raise _corrupt(path, "is missing", ckpt)
+    try:
+        missing, unexpected = _st_load_model(model, str(path), strict=False, device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _corrupt(path, f"cannot be read ({type(e).__name__}: {e})", ckpt) from None
+    # (safetensors already leaves out the duplicate names of tied tensors from ``missing``)
+    if missing or unexpected:
+        raise _corrupt(path, f"does not fit the model of config.json (missing {missing}, unexpected {unexpected})", ckpt)
+
+
+def load_model(dir_or_ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> DRT:
+    """Rebuild the model of a run directory (or checkpoint directory) with its trained weights, in eval mode.
+
+    Args:
+        dir_or_ckpt: ``DIR`` of ``gca train --out DIR``, or ``DIR/ckpt`` (any folder holding
+            ``config.json`` and ``model.safetensors``).
+        device: where to put the model.
+    Raises:
+        CheckpointError: no checkpoint there, or it is incomplete or corrupt (the message says which file).
+    """
+    path = Path(dir_or_ckpt)
+    ckpt = find_checkpoint(path, repair=False)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint in {path}: expected {path / CKPT}/ or {path}/{WEIGHTS} with {CONFIG}")
+    if (ckpt / MANIFEST).exists():
+        verify_checkpoint(ckpt)
+    model = DRT(read_config(ckpt))
+    load_weights(model, ckpt, device)
+    return model.to(device).eval()

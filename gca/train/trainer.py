@@ -1,0 +1,514 @@
+"""Training loop for DRT and its baselines: AdamW, warm-up + cosine, accumulation, clipping, validation,
+atomic checkpoints with exact resume, and DDP.
+
+On CPU (a tiny model, a few minutes)::
+
+    gca train --preset tiny --data synthetic:passkey --seq-len 504 --batch-size 8 --max-steps 300 --out runs/tiny
+
+On one GPU (bf16 autocast is on by default on CUDA)::
+
+    gca train --preset small --data synthetic:mix --seq-len 4032 --batch-size 8 --max-steps 20000 --out runs/small
+
+On 8 GPUs of one host (``--batch-size`` is per process; each rank reads its own shard)::
+
+    torchrun --standalone --nproc-per-node 8 -m gca.cli train --preset paper --data data/pg19 \\
+        --seq-len 16380 --batch-size 4 --max-steps 100000 --out runs/paper
+
+Rerunning the same command on the same ``--out`` resumes from the last checkpoint; on CPU the resumed run
+reproduces the uninterrupted run's losses bit for bit, also after a ``kill -9``. From Python::
+
+    from gca.train import TrainConfig, train
+    result = train(TrainConfig(preset="tiny", data="synthetic:passkey", seq_len=504, max_steps=100, out="runs/t"))
+
+What the loop does, per optimizer step ``s`` (0-based; logs and checkpoints count completed steps, s + 1):
+the learning rate is :func:`gca.train.schedule.lr_at` of ``s``; micro-batch ``m`` is
+``source.get_batch(s * grad_accum + m, batch_size, rank, world_size)``, so the data position is a function
+of the step alone; the loss of each micro-batch is divided by ``grad_accum``; DDP averages gradients across
+ranks (synchronising only on the last micro-batch); gradients are clipped to ``grad_clip`` in global norm.
+Weight decay applies to the weight matrices of linear layers only, not to norms or the (tied) embedding:
+decaying the embedding would also shrink the LM head and the landmark embedding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gca.config import ARCHS, DRTConfig
+from gca.model import DRT
+from gca.train import distributed as D
+from gca.train.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
+from gca.train.schedule import lr_at, warmup_steps
+
+# TrainConfig fields that may change when a run is resumed: how the run is executed and observed,
+# not what it computes (max_steps stretches the cosine from the checkpoint on).
+RESUMABLE_FIELDS = (
+    "max_steps",
+    "save_every",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "out",
+    "device",
+    "compile",
+    "grad_checkpointing",
+    "tensorboard",
+    "progress",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``train_config.json`` in every checkpoint."""
+
+    # model
+    preset: str = "tiny"  # DRTConfig preset: tiny | small | paper
+    model: dict[str, Any] = field(default_factory=dict)  # DRTConfig overrides, e.g. {"hidden_size": 128}
+    arch: str | None = None  # "drt" | "swa" | "full" (baselines of the same width and depth); None = preset's
+    # data
+    data: str = "synthetic:passkey"  # gca.data.build_source spec: synthetic:passkey, synthetic:mix, a dir, mixtures
+    seq_len: int = 1008  # tokens per training sequence (16 chunks of 63 text tokens)
+    batch_size: int = 8  # sequences per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    # optimisation (the paper: AdamW, lr 2e-3 decaying to 4e-4, 2% warm-up)
+    lr: float = 2e-3  # peak learning rate
+    min_lr: float = 4e-4  # final learning rate of the cosine (0.2 * lr)
+    warmup: float = 0.02  # warm-up length as a fraction of max_steps
+    weight_decay: float = 0.1  # on linear weight matrices only
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    max_steps: int = 1000  # optimizer steps
+    # bookkeeping
+    save_every: int = 500  # checkpoint every N steps (and at the end)
+    log_every: int = 10  # a log.jsonl row every N steps (and at the first and last step)
+    eval_every: int = 250  # validation every N steps (and at the end); 0 disables
+    eval_batches: int = 8  # validation micro-batches per rank
+    seed: int = 0  # model init (same on all ranks); rank r's Gumbel noise uses seed + r
+    out: str = "runs/default"  # run directory: log.jsonl, tb/, ckpt/
+    # execution
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU, which always trains in fp32)
+    grad_checkpointing: bool = False  # recompute layer activations in backward (less memory)
+    compile: bool = False  # torch.compile the model
+    tensorboard: bool = True  # write DIR/tb when tensorboard is installed
+    progress: bool = True  # tqdm progress bar on rank 0
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.model = dict(self.model)
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        def bad(name: str, why: str):
+            raise ValueError(f"TrainConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be a positive integer")
+        for name in ("eval_every", "eval_batches", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(name, "must be a non-negative integer")
+        if self.seq_len < 2:
+            bad("seq_len", "must be >= 2 (the loss predicts token t + 1 from token t)")
+        if not self.lr > 0:
+            bad("lr", "must be positive")
+        if not 0 <= self.min_lr <= self.lr:
+            bad("min_lr", f"must lie in [0, lr={self.lr}]")
+        if not 0 <= self.warmup < 1:
+            bad("warmup", "is a fraction of max_steps in [0, 1)")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            bad("betas", "must be two numbers in [0, 1)")
+        if self.grad_clip < 0:
+            bad("grad_clip", "must be >= 0 (0 disables clipping)")
+        if self.arch is not None and self.arch not in ARCHS:
+            bad("arch", f"must be one of {ARCHS} or None")
+        if "arch" in self.model and self.arch is not None and self.model["arch"] != self.arch:
+            bad("arch", f"conflicts with model override arch={self.model['arch']!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # JSON-normalised (tuples -> lists)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def model_config(self, vocab_size: int | None = None) -> DRTConfig:
+        """The resolved DRTConfig: preset, then ``model`` overrides, then ``arch``; the vocabulary comes
+        from the data source unless overridden (an override may be larger, never smaller)."""
+        overrides = dict(self.model)
+        if self.arch is not None:
+            overrides["arch"] = self.arch
+        if vocab_size is not None:
+            v = overrides.setdefault("vocab_size", vocab_size)
+            if v < vocab_size:
+                raise ValueError(f"model vocab_size={v} is smaller than the data's vocabulary ({vocab_size})")
+        return DRTConfig.from_preset(self.preset, **overrides)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns. ``model`` is the unwrapped model (its ``.grad`` fields hold the last
+    step's gradients); ``losses`` and ``val_losses`` are ``(step, loss)`` pairs of this process's run."""
+
+    model: DRT
+    step: int
+    out: Path
+    losses: list[tuple[int, float]]
+    val_losses: list[tuple[int, float]]
+    resumed_from: int
+
+
+def train(cfg: TrainConfig, *, source=None, val_source=None) -> TrainResult:
+    """Train (or resume) the run ``cfg.out``. ``source``/``val_source`` replace the data sources built from
+    ``cfg.data`` (tests pass small in-memory sources). Joins a process group when launched by torchrun."""
+    cfg.validate()
+    was_initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    info = D.setup(cfg.device)
+    try:
+        return _Run(cfg, info, source, val_source).run()
+    finally:
+        if not was_initialized:
+            D.teardown()
+
+
+def _diff(saved: dict[str, Any], now: dict[str, Any], ignore=()) -> list[str]:
+    keys = sorted((set(saved) | set(now)) - set(ignore))
+    return [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay the weight matrices of linear layers; not norms, biases or embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU and CUDA), in a form torch.load(weights_only) reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only the rows of ``log.jsonl`` up to ``step`` (a resumed run rewrites the rest); a row cut short
+    by a crash is dropped."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _to_float(x: torch.Tensor) -> float:
+    return float(x.detach().float().cpu())
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, info: D.DistInfo, source, val_source):
+        self.cfg, self.info = cfg, info
+        self.out = Path(cfg.out)
+        self.source, self.val_source = source, val_source
+        self.say = (lambda *a: print(*a, flush=True)) if info.is_main else (lambda *a: None)
+
+    # ---- set-up ----
+    def _build_sources(self):
+        cfg = self.cfg
+        if self.source is None or (cfg.eval_every and self.val_source is None):
+            try:
+                from gca.data import build_source
+            except ImportError as e:
+                raise RuntimeError(f"cannot build the data source {cfg.data!r}: gca.data is not available ({e})") from e
+            if self.source is None:
+                self.source = build_source(cfg.data, seq_len=cfg.seq_len, seed=cfg.seed, split="train")
+            if cfg.eval_every and self.val_source is None:
+                self.val_source = build_source(
+                    cfg.data, seq_len=cfg.seq_len, seed=cfg.seed, split="val", tokenizer=getattr(self.source, "tokenizer", None)
+                )
+
+    def _find_resume(self):
+        """Rank 0 repairs an interrupted save, then every rank reads the checkpoint (a shared filesystem)."""
+        if self.info.is_main:
+            find_checkpoint(self.out, repair=True) if self.out.exists() else None
+        D.barrier(self.info)
+        path = find_checkpoint(self.out, repair=False) if self.out.exists() else None
+        if path is None:
+            return None
+        return read_checkpoint(path)
+
+    def _check_resume(self, ck, mcfg: DRTConfig):
+        cfg = self.cfg
+        where = f"cannot resume the run in {self.out} from its checkpoint at step {ck.step}"
+        fix = f"Rerun with the original values, or pass a new --out to start a fresh run."
+        diffs = _diff(ck.train_config, cfg.to_dict(), ignore=RESUMABLE_FIELDS)
+        if diffs:
+            raise ValueError(
+                f"{where}: these settings differ from the checkpoint's train_config.json:\n  "
+                + "\n  ".join(diffs)
+                + f"\n{fix} (Settings that may change on resume: {', '.join(RESUMABLE_FIELDS)}.)"
+            )
+        diffs = _diff(ck.config.to_dict(), mcfg.to_dict())
+        if diffs:
+            raise ValueError(f"{where}: the model config differs from the checkpoint's config.json:\n  " + "\n  ".join(diffs) + f"\n{fix}")
+        ws = ck.trainer.get("world_size", 1)
+        if ws != self.info.world_size:
+            raise ValueError(
+                f"{where}: it was trained with {ws} process(es), this run has {self.info.world_size}; the data shards "
+                f"and per-rank random streams depend on it. Launch with --nproc-per-node {ws}, or use a new --out."
+            )
+        if ck.step > cfg.max_steps:
+            raise ValueError(f"{where}: the checkpoint is already past --max-steps {cfg.max_steps}; raise --max-steps to continue.")
+
+    def _optimizer(self, model: DRT) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        if self.info.device.type == "cuda":
+            kwargs["fused"] = True
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+
+    def _tensorboard(self, start: int):
+        if not (self.info.is_main and self.cfg.tensorboard):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.say("tensorboard is not installed: no TensorBoard events (pip install tensorboard); log.jsonl has every row")
+            return None
+        # purge_step drops events a killed run wrote past the checkpoint
+        return SummaryWriter(str(self.out / "tb"), purge_step=start + 1 if start else None)
+
+    # ---- the loop ----
+    def run(self) -> TrainResult:
+        cfg, info = self.cfg, self.info
+        dev = info.device
+        self._build_sources()
+        mcfg = cfg.model_config(self.source.vocab_size)
+        ck = self._find_resume()
+        start = 0
+        if ck is not None:
+            self._check_resume(ck, mcfg)
+            start = ck.step
+
+        torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+        model = DRT(mcfg)
+        if ck is not None:
+            load_weights(model, ck.path)
+        model.to(dev)
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        model.train()
+        opt = self._optimizer(model)
+        if ck is not None:
+            opt.load_state_dict(ck.trainer["optimizer"])
+            set_rng_state(ck.trainer["rng"][info.rank])
+        else:
+            seed_everything(cfg.seed + info.rank)  # per-rank Gumbel noise
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        fwd = torch.compile(model) if cfg.compile else model
+        if info.enabled:
+            fwd = DDP(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
+        eval_model = torch.compile(model) if cfg.compile else model
+
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size
+        elapsed0 = float(ck.trainer.get("elapsed_s", 0.0)) if ck is not None else 0.0
+        result = TrainResult(model=model, step=start, out=self.out, losses=[], val_losses=[], resumed_from=start)
+        log_path = self.out / "log.jsonl"
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            truncate_log(log_path, start)
+        if start >= cfg.max_steps:
+            self.say(f"{self.out}: the checkpoint is at step {start} = --max-steps; nothing to do")
+            return result
+
+        self.say(
+            f"model {mcfg.arch} ({cfg.preset}): {model.num_parameters() / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}; "
+            f"{info.world_size} process(es) on {dev.type}; {tokens_per_step} tokens/step; "
+            + (f"resuming from step {start}" if start else f"warm-up {warmup_steps(cfg.max_steps, cfg.warmup)} steps")
+        )
+        tb = self._tensorboard(start)
+        logf = open(log_path, "a") if info.is_main else None
+        autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if dev.type == "cuda" and cfg.bf16
+            else contextlib.nullcontext
+        )
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True, disable=not (info.is_main and cfg.progress))
+
+        def write(row: dict[str, Any]):
+            if logf is not None:
+                logf.write(json.dumps(row) + "\n")
+                logf.flush()
+            if tb is not None:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        tb.add_scalar(f"train/{k}" if not k.startswith("val") else k.replace("_", "/", 1), v, row["step"])
+
+        t0 = time.perf_counter()
+        last_t, last_tokens = t0, start * tokens_per_step
+        try:
+            for s in range(start, cfg.max_steps):
+                n = s + 1
+                lr = lr_at(s, lr=cfg.lr, min_lr=cfg.min_lr, max_steps=cfg.max_steps, warmup=cfg.warmup)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), device=dev)
+                for m in range(cfg.grad_accum):
+                    batch = self.source.get_batch(s * cfg.grad_accum + m, cfg.batch_size, info.rank, info.world_size)
+                    ids = batch["input_ids"].to(dev, non_blocking=True)
+                    labels = batch["labels"].to(dev, non_blocking=True)
+                    last_micro = m == cfg.grad_accum - 1
+                    sync = fwd.no_sync() if info.enabled and not last_micro else contextlib.nullcontext()
+                    with sync:
+                        with autocast():
+                            loss = fwd(ids, labels).loss / cfg.grad_accum
+                        loss.backward()
+                    loss_sum += loss.detach()
+                grad_norm = None
+                if cfg.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                bar.update(1)
+                result.step = n
+
+                if n % cfg.log_every == 0 or n == cfg.max_steps or n == start + 1:
+                    loss_val = _to_float(D.mean_across_ranks(loss_sum, info))
+                    if not math.isfinite(loss_val):
+                        raise FloatingPointError(
+                            f"the training loss is {loss_val} at step {n}; lower --lr or check the data. "
+                            f"The last good checkpoint is in {self.out}/ckpt."
+                        )
+                    now = time.perf_counter()
+                    tokens = n * tokens_per_step
+                    row = {
+                        "step": n,
+                        "loss": loss_val,
+                        "lr": lr,
+                        "tokens": tokens,
+                        "elapsed_s": round(elapsed0 + now - t0, 3),
+                        "tok_per_s": round((tokens - last_tokens) / max(now - last_t, 1e-9), 1),
+                    }
+                    if grad_norm is not None:
+                        row["grad_norm"] = _to_float(grad_norm)
+                    last_t, last_tokens = now, tokens
+                    result.losses.append((n, loss_val))
+                    write(row)
+                    bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
+
+                if cfg.eval_every and (n % cfg.eval_every == 0 or n == cfg.max_steps):
+                    val = self._evaluate(eval_model, autocast)
+                    result.val_losses.append((n, val))
+                    write({"step": n, "val_loss": val, "tokens": n * tokens_per_step, "elapsed_s": round(elapsed0 + time.perf_counter() - t0, 3)})
+                    bar.write(f"step {n}: val_loss {val:.4f}") if info.is_main and cfg.progress else None
+
+                if n % cfg.save_every == 0 or n == cfg.max_steps:
+                    self._save(model, opt, n, n * tokens_per_step, elapsed0 + time.perf_counter() - t0)
+        finally:
+            bar.close()
+            if logf is not None:
+                logf.close()
+            if tb is not None:
+                tb.close()
+        D.barrier(info)
+        self.say(f"done: step {result.step}, checkpoint in {self.out / 'ckpt'}")
+        return result
+
+    @torch.no_grad()
+    def _evaluate(self, model: torch.nn.Module, autocast) -> float:
+        cfg, info = self.cfg, self.info
+        devices = [info.device.index] if info.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # validation must not shift the training's random streams
+            model.eval()
+            total = torch.zeros((), device=info.device)
+            for i in range(cfg.eval_batches):
+                batch = self.val_source.get_batch(i, cfg.batch_size, info.rank, info.world_size)
+                with autocast():
+                    out = model(batch["input_ids"].to(info.device), batch["labels"].to(info.device))
+                total += out.loss.float()
+            model.train()
+        return _to_float(D.mean_across_ranks(total / max(cfg.eval_batches, 1), info))
+
+    def _save(self, model: DRT, opt, step: int, tokens: int, elapsed: float) -> None:
+        rngs = D.gather_objects(rng_state(), self.info)  # a collective: every rank takes part
+        if self.info.is_main:
+            trainer = {
+                "step": step,
+                "tokens": tokens,
+                "elapsed_s": elapsed,
+                "world_size": self.info.world_size,
+                "optimizer": opt.state_dict(),
+                "rng": rngs,
+                "torch_version": torch.__version__,
+            }
+            tok = getattr(self.source, "tokenizer", None)
+            save_checkpoint(self.out, model=model, train_config=self.cfg.to_dict(), trainer=trainer, tokenizer=tok)
+
+
+__all__ = ["TrainConfig", "TrainResult", "train", "param_groups", "CheckpointError", "RESUMABLE_FIELDS"]

@@ -1,0 +1,283 @@
+"""The fused Triton GCA kernels against the PyTorch reference in float64: the output and all four
+gradients (q, mem_k, mem_v, weights), awkward shapes, repeated and empty slots, whole rows empty,
+softmax_one, grouped heads, strided (non-contiguous) inputs, NaN-poisoned buffers, the decode path
+and torch.compile.
+
+Without CUDA the kernels run in the Triton interpreter on CPU tensors. ``@triton.jit`` decides
+whether a kernel is interpreted when it is *decorated*, i.e. when ``gca.ops.gca_triton`` is first
+imported (setting the variable after ``import triton`` but before that import is enough; setting it
+after is not). So this file sets ``TRITON_INTERPRET=1`` (only when there is no CUDA) before it
+imports the kernels, and ``test_interpreter_is_active`` checks that it took effect. Run alone
+(``python -m pytest -q tests/test_gca_triton.py``) or with the whole suite: no other module
+imports the kernels first on a CPU machine.
+
+Tolerances follow flash-attention practice: with ``ref64`` the reference in float64,
+``err(kernel) <= 2 * err(torch in the same dtype) + floor`` for the output and ``3 *`` for
+gradients, where the same-dtype torch computation does every matmul and softmax in that dtype
+(``_reference_lowp``; for float32 it is the reference itself). Errors are max-abs, relative to the
+largest entry of the float64 result. Floors: 1e-5 for float32, 2e-3 for bfloat16.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import triton  # noqa: E402,F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+if not HAS_TRITON or not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
+    pytest.skip("needs Triton and CUDA, or TRITON_INTERPRET=1", allow_module_level=True)
+
+from gca.ops import grouped_cross_attention  # noqa: E402
+from gca.ops import gca_triton as gt  # noqa: E402
+from gca.ops.gca_ref import gca_reference  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="CUDA only (too slow for the interpreter)")
+
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    # every buffer the launchers allocate starts as NaN: an element a kernel forgets shows up
+    monkeypatch.setattr(gt, "POISON_OUTPUTS", True)
+
+
+def _reference_lowp(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None):
+    """The reference's math with every op in the inputs' dtype (no float32 upcast)."""
+    B, Cq, S, H, D = q.shape
+    Hk = mem_k.shape[3]
+    G = H // Hk
+    scale = D**-0.5 if scale is None else scale
+    qg = q.reshape(B, Cq, S, Hk, G, D)
+    valid = indices >= 0
+    safe = indices.clamp(min=0).long()
+    w = weights.to(q.dtype) * valid.to(q.dtype)
+    b_idx = torch.arange(B, device=q.device)[:, None]
+    out = torch.zeros_like(qg)
+    for i in range(indices.shape[-1]):
+        k_i, v_i = mem_k[b_idx, safe[:, :, i]], mem_v[b_idx, safe[:, :, i]]
+        s = torch.einsum("bcshgd,bcthd->bchgst", qg, k_i) * scale
+        if softmax_one:
+            m = s.amax(dim=-1, keepdim=True).clamp(min=0.0)
+            p = torch.exp(s - m)
+            p = p / (p.sum(dim=-1, keepdim=True) + torch.exp(-m))
+        else:
+            p = torch.softmax(s, dim=-1)
+        out = out + w[:, :, i, None, None, None, None] * torch.einsum("bchgst,bcthd->bcshgd", p, v_i)
+    return out.reshape(B, Cq, S, H, D)
+
+
+def _indices(B, Cq, Cm, K, pattern):
+    """(B, Cq, K) int64. patterns: "random" (with ~25% empty slots), "repeated" (one chunk twice in
+    a row and shared by several query chunks, one query chunk with all slots empty), "causal"
+    (j < c, first chunks empty, as the model produces)."""
+    idx = torch.randint(0, Cm, (B, Cq, K))
+    if pattern == "random":
+        idx[torch.rand(B, Cq, K) < 0.25] = -1
+    elif pattern == "repeated":
+        idx[:, :, 0] = Cm - 1  # every query chunk retrieves chunk Cm-1 ...
+        if K > 1:
+            idx[:, 0, 1] = Cm - 1  # ... and query chunk 0 retrieves it twice
+        idx[:, -1, :] = -1  # a whole row empty
+    elif pattern == "causal":
+        for c in range(Cq):
+            n = min(c, K)
+            idx[:, c] = -1
+            if n:
+                idx[:, c, :n] = torch.stack([torch.randperm(c)[:n] for _ in range(B)])
+    return idx
+
+
+def _inputs(B, Cq, Cm, S, Sm, H, Hk, D, K, dtype, pattern="random", device=DEVICE):
+    # q and the memory are strided views, like q = linear(x).view(...) and a packed k/v projection
+    q = torch.randn(B, Cq, S, H, D + 8, dtype=dtype, device=device)[..., :D]
+    kv = torch.randn(B, Cm, Sm, 2, Hk, D, dtype=dtype, device=device)
+    mem_k, mem_v = kv[:, :, :, 0], kv[:, :, :, 1]
+    idx = _indices(B, Cq, Cm, K, pattern).to(device)
+    w = torch.softmax(torch.randn(B, Cq, K, device=device), -1)  # weights stay fp32 for bf16 q
+    if dtype == torch.float32:
+        w = w.to(dtype)
+    return q, mem_k, mem_v, idx, w
+
+
+def _run(fn, q, k, v, idx, w, g, softmax_one):
+    q, k, v, w = (t.detach().requires_grad_(True) for t in (q, k, v, w))
+    out = fn(q, k, v, idx, w, softmax_one=softmax_one)
+    grads = torch.autograd.grad(out, (q, k, v, w), g)
+    return (out,) + grads
+
+
+def _check_against_reference(shape, dtype, softmax_one, pattern):
+    q, k, v, idx, w = _inputs(**shape, dtype=dtype, pattern=pattern)
+    g = torch.randn(q.shape, dtype=dtype, device=q.device)
+    ours = _run(lambda *a, **kw: grouped_cross_attention(*a, **kw, impl="triton"), q, k, v, idx, w, g, softmax_one)
+    ref = _run(gca_reference, *(t.double().cpu() for t in (q, k, v)), idx.cpu(), w.double().cpu(), g.double().cpu(), softmax_one)
+    low_fn = gca_reference if dtype == torch.float32 else _reference_lowp
+    low = _run(low_fn, q, k, v, idx, w, g, softmax_one)
+    names = ("out", "dq", "dmem_k", "dmem_v", "dweights")
+    for name, a, r, lo, t in zip(names, ours, ref, low, (q, k, v, q, w)):
+        assert a.dtype == t.dtype, f"{name}: dtype {a.dtype}, expected {t.dtype}"
+        assert not a.isnan().any(), f"{name}: NaN (an element was never written)"
+        mag = r.abs().max().item() + 1e-12
+        err = (a.double().cpu() - r).abs().max().item() / mag
+        err_low = (lo.double().cpu() - r).abs().max().item() / mag
+        factor = 2 if name == "out" else 3
+        assert err <= factor * err_low + FLOOR[dtype], f"{name}: rel err {err:.2e} > {factor} x {err_low:.2e} + {FLOOR[dtype]}"
+    # empty slots get exactly zero weight gradient
+    assert (ours[4][idx < 0] == 0).all()
+
+
+# small shapes: the interpreter runs these on two slow CPU cores
+SMALL = {
+    "S16-D32-H4-Hk2-K3": dict(B=1, Cq=3, Cm=4, S=16, Sm=16, H=4, Hk=2, D=32, K=3),
+    "S48-Sm24-D64-H4-Hk1-K3": dict(B=1, Cq=2, Cm=3, S=48, Sm=24, H=4, Hk=1, D=64, K=3),
+    "S64-Sm40-D32-H2-Hk2-K1": dict(B=2, Cq=2, Cm=3, S=64, Sm=40, H=2, Hk=2, D=32, K=1),
+}
+# larger shapes, CUDA only
+LARGE = {
+    "spec-like-S64-H12-D64-K8": dict(B=2, Cq=32, Cm=32, S=64, Sm=64, H=12, Hk=12, D=64, K=8),
+    "S128-D128-H6-Hk2-K16": dict(B=1, Cq=24, Cm=24, S=128, Sm=128, H=6, Hk=2, D=128, K=16),
+    "S63-Sm65-D64-H8-Hk1-K32": dict(B=2, Cq=40, Cm=40, S=63, Sm=65, H=8, Hk=1, D=64, K=32),
+    "S48-D32-H4-Hk4-K5": dict(B=3, Cq=17, Cm=20, S=48, Sm=48, H=4, Hk=4, D=32, K=5),
+}
+
+
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("pattern", ["random", "repeated"])
+@pytest.mark.parametrize("shape", list(SMALL))
+def test_fp32(shape, pattern, softmax_one):
+    _check_against_reference(SMALL[shape], torch.float32, softmax_one, pattern)
+
+
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("shape", list(SMALL)[:2])
+def test_bf16(shape, softmax_one):
+    _check_against_reference(SMALL[shape], torch.bfloat16, softmax_one, "repeated")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("shape", list(LARGE))
+def test_large_cuda(shape, softmax_one, dtype):
+    _check_against_reference(LARGE[shape], dtype, softmax_one, "causal")
+
+
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_decode(T, softmax_one):
+    B, Cm, Sm, H, Hk, D, K = 2, 5, 16, 4, 2, 32, 3
+    q = torch.randn(B, T, H, D, device=DEVICE)
+    mem_k, mem_v = torch.randn(2, B, Cm, Sm, Hk, D, device=DEVICE)
+    idx = torch.tensor([[4, -1, 4], [0, 2, 3]], device=DEVICE)  # repeated and empty slots
+    w = torch.rand(B, K, device=DEVICE)
+    out = gt.gca_decode(q, mem_k, mem_v, idx, w, softmax_one=softmax_one)
+    ref = gca_reference(q[:, None].double(), mem_k.double(), mem_v.double(), idx[:, None], w[:, None].double(), softmax_one=softmax_one)[:, 0]
+    assert out.shape == (B, T, H, D) and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@cuda_only
+def test_decode_bf16_batch1_cuda():
+    B, T, Cm, Sm, H, Hk, D, K = 1, 1, 300, 64, 12, 12, 64, 8
+    q = torch.randn(B, T, H, D, device=DEVICE, dtype=torch.bfloat16)
+    mem_k, mem_v = torch.randn(2, B, Cm, Sm, Hk, D, device=DEVICE, dtype=torch.bfloat16)
+    idx = torch.randperm(Cm, device=DEVICE)[:K][None]
+    w = torch.softmax(torch.randn(B, K, device=DEVICE), -1)
+    out = gt.gca_decode(q, mem_k, mem_v, idx, w)
+    ref = gca_reference(q[:, None].double(), mem_k.double(), mem_v.double(), idx[:, None], w[:, None].double())[:, 0]
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_interpreter_is_active():
+    kind = type(gt._gca_fwd_kernel).__name__
+    if HAS_CUDA:
+        assert kind == "JITFunction" and not gt.INTERPRET
+    else:
+        assert kind == "InterpretedFunction" and gt.INTERPRET, "TRITON_INTERPRET was set too late"
+
+
+def test_empty_and_edge_cases():
+    # K = 0, and every slot empty: zero output and zero gradients, nothing NaN
+    for K, fill in ((0, None), (2, -1)):
+        q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=2, S=16, Sm=16, H=2, Hk=1, D=16, K=K, dtype=torch.float32)
+        if fill is not None:
+            idx.fill_(fill)
+        out, dq, dk, dv, dw = _run(lambda *a, **kw: gt.gca_triton(*a, **kw), q, k, v, idx, w, torch.randn(q.shape), False)
+        for t in (out, dq, dk, dv, dw):
+            assert not t.isnan().any() and (t == 0).all()
+
+
+def test_unsupported_falls_back_with_warning():
+    q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=2, S=4, Sm=4, H=2, Hk=1, D=12, K=2, dtype=torch.float32)
+    with pytest.warns(UserWarning, match="head size D=12"):
+        out = gt.gca_triton(q, k, v, idx, w)
+    torch.testing.assert_close(out, gca_reference(q, k, v, idx, w))
+
+
+def test_opcheck():
+    # schema, fake (meta) kernel and autograd registration of the custom ops
+    q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=2, S=16, Sm=16, H=2, Hk=1, D=16, K=2, dtype=torch.float32)
+    q, k, v, w = (t.requires_grad_(True) for t in (q, k, v, w))
+    torch.library.opcheck(
+        torch.ops.gca.fwd.default, (q, k, v, idx, w, True, 0.25),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_torch_compile_aot_eager():
+    # traces through the custom ops' fake kernels and autograd; runs on CPU under the interpreter
+    q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=3, S=16, Sm=16, H=2, Hk=1, D=16, K=2, dtype=torch.float32)
+    q, k, v, w = (t.contiguous().requires_grad_(True) for t in (q, k, v, w))
+
+    def f(q, k, v, w):
+        return (grouped_cross_attention(q * 2, k, v, idx, w, impl="triton", softmax_one=True) ** 2).sum()
+
+    loss = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, w)
+    grads = torch.autograd.grad(loss, (q, k, v, w))
+    ref_loss = f(q, k, v, w)
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v, w))
+    torch.testing.assert_close(loss, ref_loss)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+@cuda_only
+def test_torch_compile_inductor_cuda():
+    q, k, v, idx, w = _inputs(B=2, Cq=8, Cm=8, S=64, Sm=64, H=4, Hk=2, D=64, K=4, dtype=torch.bfloat16, pattern="causal")
+    q, k, v, w = (t.contiguous().requires_grad_(True) for t in (q, k, v, w))
+    proj = torch.nn.Linear(64, 64, device=DEVICE, dtype=torch.bfloat16)
+
+    def f(q, k, v, w):
+        out = grouped_cross_attention(q, k, v, idx, w, impl="triton")
+        return proj(out).float().square().mean()
+
+    loss = torch.compile(f)(q, k, v, w)
+    grads = torch.autograd.grad(loss, (q, k, v, w))
+    ref_loss = f(q, k, v, w)
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v, w))
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-3)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-3)
+
+
+@cuda_only
+def test_backward_is_deterministic_cuda():
+    q, k, v, idx, w = _inputs(B=2, Cq=32, Cm=32, S=64, Sm=64, H=4, Hk=2, D=64, K=8, dtype=torch.bfloat16, pattern="causal")
+    g = torch.randn(q.shape, dtype=q.dtype, device=q.device)
+    first = _run(gt.gca_triton, q, k, v, idx, w, g, False)
+    second = _run(gt.gca_triton, q, k, v, idx, w, g, False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
