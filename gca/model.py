@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gca.config import DRTConfig
+from gca.inference.cache import ChunkMemory, DRTCache, RingKV
 from gca.nn.layers import ChunkEncoder, DecoderLayer, RMSNorm, UpperLayer, rope_cos_sin
 from gca.retrieval import Retrieval, causal_topk, retrieval_scores, shift_to_queries
 
@@ -103,14 +104,22 @@ class DRT(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_retrieval: bool = False,
+        cache: DRTCache | None = None,
     ) -> DRTOutput:
         """Args:
             input_ids: ``(B, L)`` token ids in ``[0, vocab_size)``, any L >= 1.
             labels: optional ``(B, L)`` ids (usually ``input_ids``); -100 is ignored. The loss is the
                 mean cross-entropy of ``logits[:, :-1]`` against ``labels[:, 1:]``.
-            output_retrieval: also return each group's retrieval (DRT only).
+            output_retrieval: also return each group's retrieval (DRT only; not with a cache).
+            cache: a :class:`DRTCache` from :meth:`new_cache`; the tokens continue the cached
+                sequence and only their logits are returned (no loss). Concatenated over any
+                split of a sequence, they equal one full forward pass.
         """
         self._check_ids(input_ids)
+        if cache is not None:
+            if labels is not None or output_retrieval:
+                raise ValueError("labels and output_retrieval are not supported with a cache")
+            return DRTOutput(logits=self._forward_cached(input_ids, cache))
         if labels is not None:
             self._check_ids(labels, "labels", allow_ignore=True)
             if labels.shape != input_ids.shape:
@@ -134,8 +143,11 @@ class DRT(nn.Module):
             return self.lm_head(h)
         return F.linear(h, self.embed.weight[: self.config.vocab_size])
 
-    def _rope(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(torch.arange(T, device=device), self.config.head_dim, self.config.rope_theta)
+    def _rope(self, T: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + T, device=device)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        dt = torch.promote_types(self.embed.weight.dtype, torch.float32)
+        return cos.to(dt), sin.to(dt)
 
     def _forward_baseline(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(input_ids)
@@ -184,3 +196,190 @@ class DRT(nn.Module):
             for layer in group:
                 h = self._layer(layer, h, cos, sin, mem_k, mem_v, idx, w)
         return h[:, out_pos], retrieval
+
+    # ---- streaming ----
+    def new_cache(
+        self, batch_size: int = 1, offload: bool = False, device=None, dtype=None, prefill_chunk: int = 4096
+    ) -> DRTCache:
+        """A cache to stream ``batch_size`` sequences through the model.
+
+        Args:
+            offload: keep the chunk memory's keys/values in (pinned) CPU memory and fetch the
+                retrieved chunks per step; GPU memory then stays bounded however long the context.
+            device, dtype: of the cache (default: the model's).
+            prefill_chunk: the most positions processed at once when many tokens arrive together.
+        """
+        cfg = self.config
+        p = self.embed.weight
+        device = device or p.device
+        dtype = dtype or p.dtype
+        H, D = cfg.num_heads, cfg.head_dim
+        if cfg.arch == "drt":
+            W = cfg.window
+            lower = [RingKV(batch_size, H, W, D, device, dtype) for _ in self.lower]
+            upper = [RingKV(batch_size, H, W, D, device, dtype) for g in self.groups for _ in g]
+            mem = ChunkMemory(batch_size, cfg.hidden_size, cfg.chunk_size, cfg.kv_heads, D, device, offload)
+        else:
+            W = cfg.window if cfg.arch == "swa" else None
+            lower = [RingKV(batch_size, H, W, D, device, dtype) for _ in self.lower]
+            upper, mem = [], None
+        cache = DRTCache(batch_size=batch_size, lower=lower, upper=upper, memory=mem)
+        cache.prefill_chunk = max(cfg.chunk_size, prefill_chunk)
+        return cache
+
+    @torch.no_grad()  # streaming is for inference: nothing is kept for a backward pass
+    def _forward_cached(self, input_ids: torch.Tensor, cache: DRTCache) -> torch.Tensor:
+        if input_ids.shape[0] != cache.batch_size:
+            raise ValueError(f"input_ids has batch {input_ids.shape[0]}, the cache was made for {cache.batch_size}")
+        P, S = self.config.text_per_chunk, self.config.chunk_size
+        step = max(P, cache.prefill_chunk * P // S)  # user tokens per piece
+        outs = [self._step(input_ids[:, i : i + step], cache) for i in range(0, input_ids.shape[1], step)]
+        return torch.cat(outs, dim=1)
+
+    def _step(self, ids: torch.Tensor, cache: DRTCache) -> torch.Tensor:
+        cfg = self.config
+        B, n = ids.shape
+        dev = self.embed.weight.device
+        ids = ids.to(dev)
+        if cfg.arch != "drt":
+            pos = torch.arange(cache.positions, cache.positions + n, device=dev)
+            h = self.embed(ids)
+            cos, sin = self._rope(n, dev, cache.positions)
+            for layer, ring in zip(self.lower, cache.lower):
+                h = layer.step(h, cos, sin, ring, pos)
+            cache.positions += n
+            cache.tokens += n
+            return self._logits(self.norm(h))
+
+        P, S = cfg.text_per_chunk, cfg.chunk_size
+        t = torch.arange(cache.tokens, cache.tokens + n, device=dev)
+        tpos = (t // P) * S + t % P  # internal position of each user token
+        completes = t % P == P - 1  # the token closes its chunk: its landmark follows at once
+        p0 = cache.positions
+        p1 = int(tpos[-1]) + 1 + int(completes[-1])
+        T = p1 - p0
+        x = torch.full((B, T), cfg.landmark_id, dtype=torch.long, device=dev)
+        x[:, tpos - p0] = ids
+        out_rel = tpos - p0 + completes.long()
+        pos = torch.arange(p0, p1, device=dev)
+        h = self.embed(x)
+        cos, sin = self._rope(T, dev, p0)
+        for layer, ring in zip(self.lower, cache.lower):
+            h = layer.step(h, cos, sin, ring, pos)
+
+        # encode the chunks this piece completed
+        mem = cache.memory
+        low = h if cache.pending_lower is None else torch.cat([cache.pending_lower, h], dim=1)
+        c_a = p0 // S  # first chunk the piece touches
+        n_done = p1 // S - c_a  # chunks completed by this piece
+        if n_done:
+            lmk, mk, mv = self.encoder(low[:, : n_done * S].reshape(B, n_done, S, -1))
+            mem.append(lmk, mk, mv)
+        cache.pending_lower = low[:, n_done * S :]
+
+        # retrieval and upper layers
+        c_b = (p1 - 1) // S  # last chunk the piece touches
+        offset = p0 - c_a * S
+        lmk_rel = torch.arange(n_done, device=dev) * S + (c_a * S + S - 1 - p0)  # landmark positions in h
+        rings = iter(cache.upper)
+        if not cache.last_rows:
+            empty = (torch.full((B, cfg.top_k), -1, dtype=torch.long, device=dev), torch.zeros(B, cfg.top_k, device=dev))
+            cache.last_rows = [empty] * len(self.groups)
+        for g, (norm, group) in enumerate(zip(self.retr_norms, self.groups)):
+            prev_idx, prev_w = cache.last_rows[g]
+            if n_done:
+                query = norm(h[:, lmk_rel])  # (B, n_done, d)
+                r = causal_topk(retrieval_scores(query, mem.landmarks()), cfg.top_k, row_offset=c_a)
+                ridx, rw = _pad_slots(r.indices, r.weights, cfg.top_k)
+                idx = torch.cat([prev_idx[:, None], ridx], 1)[:, : c_b - c_a + 1]
+                w = torch.cat([prev_w[:, None].to(rw.dtype), rw], 1)[:, : c_b - c_a + 1]
+                cache.last_rows[g] = (ridx[:, -1], rw[:, -1])
+            else:
+                idx, w = prev_idx[:, None], prev_w[:, None]
+            fetched = mem.fetch(idx)
+            gca_args = None if fetched is None else (fetched[0], fetched[1], fetched[2], w, offset)
+            waited = [False]
+
+            def wait():
+                if not waited[0]:
+                    mem.wait()
+                    waited[0] = True
+
+            for layer in group:
+                h = layer.step(h, cos, sin, next(rings), pos, gca_args, wait=wait)
+        cache.positions = p1
+        cache.tokens += n
+        return self._logits(self.norm(h[:, out_rel]))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        cache: DRTCache | None = None,
+        offload: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue ``input_ids`` ``(B, L)`` by up to ``max_new_tokens`` tokens; returns ``(B, L + new)``.
+
+        The prompt is prefilled through a streaming cache (pass ``cache`` to continue an existing
+        one, ``offload=True`` to keep the chunk memory in CPU memory), then one token per step.
+        Greedy by default; ``do_sample`` with ``temperature``, ``top_k`` and ``top_p`` samples.
+        A retrieval is made only when a chunk closes (every 63 tokens); see the README on where a
+        question should end.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self._check_ids(input_ids)
+        was_training = self.training
+        self.eval()
+        cache = cache or self.new_cache(input_ids.shape[0], offload=offload)
+        logits = self(input_ids, cache=cache).logits[:, -1]
+        out = [input_ids.to(logits.device)]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
+        for i in range(max_new_tokens):
+            nxt = _pick(logits.float(), do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if (eos_token_id is not None and done.all()) or i == max_new_tokens - 1:
+                break
+            logits = self(nxt[:, None], cache=cache).logits[:, -1]
+        self.train(was_training)
+        return torch.cat(out, dim=1)
+
+
+def _pad_slots(idx: torch.Tensor, w: torch.Tensor, k: int):
+    """Pad retrieval rows to k slots with empty entries (-1, weight 0)."""
+    missing = k - idx.shape[-1]
+    if missing <= 0:
+        return idx, w
+    return F.pad(idx, (0, missing), value=-1), F.pad(w, (0, missing), value=0.0)
+
+
+def _pick(logits, do_sample, temperature, top_k, top_p, generator):
+    """Next token from logits ``(B, V)``: argmax, or a sample after temperature / top-k / top-p."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-_NEG = torch.finfo(torch.float32).min / 2  # finite "minus infinity": keeps softmax gradients NaN-free
+_NEG = -1e30  # finite "minus infinity": keeps softmax gradients NaN-free
 
 
 @dataclass
@@ -27,9 +27,10 @@ class Retrieval:
 
 
 def retrieval_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """query ``(B, C, d)``, keys ``(B, Cm, d)`` -> scores ``(B, C, Cm)`` in float32, scaled by 1/sqrt(d)."""
+    """query ``(B, C, d)``, keys ``(B, Cm, d)`` -> scores ``(B, C, Cm)`` (at least float32), scaled by 1/sqrt(d)."""
     d = query.shape[-1]
-    return torch.einsum("bcd,bmd->bcm", query.float(), keys.float()) * d**-0.5
+    dt = torch.promote_types(query.dtype, torch.float32)
+    return torch.einsum("bcd,bmd->bcm", query.to(dt), keys.to(dt)) * d**-0.5
 
 
 def gumbel_noise(shape, device, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``(T, D/2)`` float32 for integer ``positions`` ``(T,)``.
+    """cos, sin ``(T, D/2)`` (float64; cast where used) for integer ``positions`` ``(T,)``.
 
     Angles are formed in float64: at 16M positions a float32 product ``pos * freq`` would be off
     by up to a radian, which would scramble the relative rotations inside the window.
@@ -36,12 +36,14 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
     ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     ang = torch.remainder(ang, 2 * math.pi)
-    return ang.cos().float(), ang.sin().float()
+    return ang.cos(), ang.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x ``(..., T, D)`` rotated pairwise (first half, second half); cos/sin ``(T, D/2)``."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    dt = torch.promote_types(x.dtype, torch.float32)  # half precision is rotated in float32
+    x1, x2 = x.to(dt).chunk(2, dim=-1)
+    cos, sin = cos.to(dt), sin.to(dt)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
 
@@ -81,6 +83,21 @@ class SelfAttention(nn.Module):
             y = sliding_window_attention(q, k, v, self.window, impl=self.impl)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ring, pos: torch.Tensor):
+        """Streaming: x ``(B, n, d)`` at absolute positions ``pos`` ``(n,)`` attends to itself and to
+        the ring buffer ``ring`` (the previous positions of the window), then is written into it."""
+        B, n, _ = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, vals, kpos = ring.keys_with(k, v, pos)
+        qp, kp = pos[:, None], kpos[None, :]
+        mask = (kp >= 0) & (kp <= qp)
+        if self.window is not None:
+            mask = mask & (qp - kp < self.window)
+        y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
+        ring.write(k, v, pos)
+        return self.o(y.transpose(1, 2).reshape(B, n, -1))
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm decoder layer: sliding-window (or full) attention, then the MLP."""
@@ -96,6 +113,10 @@ class DecoderLayer(nn.Module):
         h = h + self.attn(self.norm1(h), cos, sin)
         return h + self.mlp(self.norm2(h))
 
+    def step(self, h, cos, sin, ring, pos):
+        h = h + self.attn.forward_cached(self.norm1(h), cos, sin, ring, pos)
+        return h + self.mlp(self.norm2(h))
+
 
 class GCA(nn.Module):
     """Queries from the residual stream, keys and values from the shared chunk memory."""
@@ -107,16 +128,28 @@ class GCA(nn.Module):
         self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.o = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, h, mem_k, mem_v, indices, weights):
-        # h (B, C*S, d); mem_k/v (B, Cm, S, Hk, D); indices/weights (B, C, K) per *query* chunk
+    def forward(self, h, mem_k, mem_v, indices, weights, offset: int = 0):
+        """h ``(B, T, d)``; mem_k/v ``(B, Cm, Sm, Hk, D)``; indices/weights ``(B, C, K)``, one row per
+        *query* chunk touched by h. ``offset``: position of h[:, 0] inside its chunk (streaming);
+        with ``offset=0`` and ``T = C * S`` this is the whole-sequence case."""
         B, T, d = h.shape
         C = indices.shape[1]
-        q = self.q(self.norm(h)).view(B, C, T // C, self.cfg.num_heads, self.cfg.head_dim)
+        H, D, S = self.cfg.num_heads, self.cfg.head_dim, self.cfg.chunk_size
+        q = self.q(self.norm(h))
+        if C == 1:
+            q = q.view(B, 1, T, H, D)  # all of h in one chunk: no padding (decoding)
+            back = 0
+        else:
+            back = C * S - offset - T
+            q = F.pad(q, (0, 0, offset, back)).view(B, C, S, H, D)
         o = grouped_cross_attention(
             q, mem_k, mem_v, indices, weights.to(q.dtype),
             softmax_one=self.cfg.gca_softmax_one, impl=self.cfg.gca_impl,
         )  # (B, C, S, H, D)
-        return self.o(o.reshape(B, T, d))
+        o = o.reshape(B, -1, d)
+        if C > 1:
+            o = o[:, offset : offset + T]
+        return self.o(o)
 
 
 class UpperLayer(nn.Module):
@@ -138,6 +171,20 @@ class UpperLayer(nn.Module):
             h = h + self.gca(h, mem_k, mem_v, indices, weights)
             return h + self.mlp(self.norm2(h))
         x = h + self.gca(h, mem_k, mem_v, indices, weights)
+        return h + self.mlp(self.norm2(x))
+
+    def step(self, h, cos, sin, ring, pos, gca_args, wait=None):
+        """Streaming: ``gca_args`` = (mem_k, mem_v, indices, weights, offset), or None when the memory
+        is still empty; ``wait`` is called between self-attention and GCA (joins an offloaded fetch)."""
+        h = h + self.attn.forward_cached(self.norm1(h), cos, sin, ring, pos)
+        if gca_args is None:  # empty memory: GCA adds nothing
+            return h + self.mlp(self.norm2(h))
+        if wait is not None:
+            wait()
+        if self.residual == "plain":
+            h = h + self.gca(h, *gca_args)
+            return h + self.mlp(self.norm2(h))
+        x = h + self.gca(h, *gca_args)
         return h + self.mlp(self.norm2(x))
 
 

@@ -1,0 +1,182 @@
+"""State for streaming a DRT over any number of tokens: sliding-window ring buffers, the chunk
+memory (optionally offloaded to pinned CPU memory) and the per-group retrieval of the last
+landmark.
+
+    cache = model.new_cache(batch_size=1, offload=True)
+    for piece in pieces:                      # any split of the input, 1 token to millions
+        logits = model(piece, cache=cache).logits   # logits of the new tokens only
+
+Shape letters: B batch, W window, H heads, D head size, S chunk positions, Hk memory heads,
+d model width, N chunks in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class RingKV:
+    """The last W keys/values of one attention layer, written at slot ``position % W``.
+
+    Keys are stored after the rotary rotation, so the slots' order does not matter: attention
+    masks them by their absolute positions (``pos``, -1 = never written). ``W=None`` (the
+    full-attention baseline) keeps every position instead.
+    """
+
+    def __init__(self, B: int, H: int, W: int | None, D: int, device, dtype):
+        self.W = W
+        n = W or 0
+        self.k = torch.zeros(B, H, n, D, device=device, dtype=dtype)
+        self.v = torch.zeros(B, H, n, D, device=device, dtype=dtype)
+        self.pos = torch.full((n,), -1, dtype=torch.long, device=device)
+
+    def keys_with(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """The stored keys/values/positions followed by new ones (not yet written)."""
+        return (
+            torch.cat([self.k.to(k.dtype), k], 2),
+            torch.cat([self.v.to(v.dtype), v], 2),
+            torch.cat([self.pos, pos]),
+        )
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """k, v ``(B, H, n, D)`` at absolute positions ``pos`` ``(n,)``; only the last W are kept."""
+        if self.W is None:
+            self.k, self.v, self.pos = torch.cat([self.k.to(k.dtype), k], 2), torch.cat([self.v.to(v.dtype), v], 2), torch.cat([self.pos, pos])
+            return
+        if k.shape[2] > self.W:
+            k, v, pos = k[:, :, -self.W :], v[:, :, -self.W :], pos[-self.W :]
+        if k.dtype != self.k.dtype:
+            self.k, self.v = self.k.to(k.dtype), self.v.to(k.dtype)
+        slot = pos % self.W
+        self.k[:, :, slot] = k
+        self.v[:, :, slot] = v
+        self.pos[slot] = pos
+
+
+class ChunkMemory:
+    """Landmark keys ``(B, N, d)`` on the compute device; memory keys/values ``(B, N, S, Hk, D)`` on
+    the device or, with ``offload=True``, in pinned CPU memory, fetched per retrieval.
+
+    Storage grows by doubling. With offload, :meth:`fetch` copies only the chunks a retrieval
+    picked (each distinct chunk once) into a pinned staging buffer and on to the device with a
+    non-blocking copy on a side stream, so the transfer overlaps with the self-attention that
+    runs before GCA; :meth:`wait` joins it.
+    """
+
+    def __init__(self, B: int, d: int, S: int, Hk: int, D: int, device, offload: bool, capacity: int = 64):
+        self.B, self.d, self.S, self.Hk, self.D = B, d, S, Hk, D
+        self.device = torch.device(device)
+        self.offload = offload
+        self.store_device = torch.device("cpu") if offload else self.device
+        self.pin = offload and self.device.type == "cuda"
+        self.n = 0
+        self.lmk = None
+        self.k = self.v = None
+        self._cap = capacity
+        self._stream = torch.cuda.Stream(self.device) if self.pin else None
+        self._event = None
+        self.bytes_fetched = 0
+
+    def _alloc(self, cap: int, like: torch.Tensor, lmk: torch.Tensor):
+        def grow(old, shape, dev, dtype, pin):
+            new = torch.empty(shape, device=dev, dtype=dtype, pin_memory=pin)
+            if old is not None and self.n:
+                new[:, : self.n].copy_(old[:, : self.n])
+            return new
+
+        self.lmk = grow(self.lmk, (self.B, cap, self.d), self.device, lmk.dtype, False)
+        shape = (self.B, cap, self.S, self.Hk, self.D)
+        self.k = grow(self.k, shape, self.store_device, like.dtype, self.pin)
+        self.v = grow(self.v, shape, self.store_device, like.dtype, self.pin)
+        self._cap = cap
+
+    def append(self, lmk: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """lmk ``(B, c, d)``, k/v ``(B, c, S, Hk, D)`` for c newly finished chunks."""
+        c = lmk.shape[1]
+        if c == 0:
+            return
+        if self.k is None or self.n + c > self._cap:
+            cap = max(self._cap, 64)
+            while cap < self.n + c:
+                cap *= 2
+            self._alloc(cap, k, lmk)
+        self.lmk[:, self.n : self.n + c] = lmk
+        self.k[:, self.n : self.n + c].copy_(k, non_blocking=self.pin)
+        self.v[:, self.n : self.n + c].copy_(v, non_blocking=self.pin)
+        self.n += c
+
+    def landmarks(self) -> torch.Tensor:
+        return self.lmk[:, : self.n]
+
+    def fetch(self, indices: torch.Tensor):
+        """Memory for a retrieval with indices ``(B, Cq, K)``.
+
+        Returns ``(mem_k, mem_v, indices)`` to pass to GCA: the device-resident memory as it is,
+        or, when offloaded, a compact ``(B, U, S, Hk, D)`` copy holding only the picked chunks,
+        with indices remapped into it.
+        """
+        if self.n == 0:
+            return None  # nothing to retrieve yet: GCA contributes nothing
+        if not self.offload:
+            return self.k[:, : self.n], self.v[:, : self.n], indices
+        B = indices.shape[0]
+        flat = torch.where(indices >= 0, indices + torch.arange(B, device=indices.device)[:, None, None] * self._cap, -1)
+        uniq, inv = torch.unique(flat.cpu(), return_inverse=True)  # the one host sync: what to fetch
+        has_empty = bool(uniq.numel()) and int(uniq[0]) < 0
+        src = uniq[1:] if has_empty else uniq
+        U = max(1, src.numel())
+        # per batch row, the same compact list (rows of other batches are simply not indexed)
+        shape = (U, self.S, self.Hk, self.D)
+        kf = self.k.view(self.B * self._cap, self.S, self.Hk, self.D)
+        vf = self.v.view(self.B * self._cap, self.S, self.Hk, self.D)
+        stage_k = torch.empty(shape, dtype=self.k.dtype, pin_memory=self.pin)
+        stage_v = torch.empty(shape, dtype=self.v.dtype, pin_memory=self.pin)
+        if src.numel():
+            torch.index_select(kf, 0, src, out=stage_k[: src.numel()])
+            torch.index_select(vf, 0, src, out=stage_v[: src.numel()])
+        new_idx = inv.view(indices.shape) - (1 if has_empty else 0)
+        new_idx = torch.where(flat.cpu() >= 0, new_idx, torch.full_like(new_idx, -1))
+        self.bytes_fetched += 2 * stage_k.numel() * stage_k.element_size()
+        if self.pin:
+            with torch.cuda.stream(self._stream):
+                mk = stage_k.to(self.device, non_blocking=True)
+                mv = stage_v.to(self.device, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record(self._stream)
+            # tensors used on the main stream must not be freed early by the side stream's allocator
+            mk.record_stream(torch.cuda.current_stream(self.device))
+            mv.record_stream(torch.cuda.current_stream(self.device))
+        else:
+            mk, mv = stage_k.to(self.device), stage_v.to(self.device)
+        # the op wants one memory per batch row: share the compact list across rows
+        mk = mk.unsqueeze(0).expand(B, *shape)
+        mv = mv.unsqueeze(0).expand(B, *shape)
+        return mk, mv, new_idx.to(indices.device)
+
+    def wait(self) -> None:
+        """Make the current stream wait for the last offloaded fetch."""
+        if self._event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._event)
+            self._event = None
+
+    def nbytes_device(self) -> int:
+        total = self.lmk.numel() * self.lmk.element_size() if self.lmk is not None else 0
+        if not self.offload and self.k is not None:
+            total += 2 * self.k.numel() * self.k.element_size()
+        return total
+
+
+@dataclass
+class DRTCache:
+    """Everything a DRT needs to continue a sequence. Make one with ``model.new_cache(B)``."""
+
+    batch_size: int
+    lower: list[RingKV]
+    upper: list[RingKV]
+    memory: ChunkMemory | None
+    positions: int = 0  # internal positions consumed (text and landmarks)
+    tokens: int = 0  # user tokens consumed
+    pending_lower: torch.Tensor | None = None  # (B, <S, d) lower-layer output of the open chunk
+    last_rows: list = field(default_factory=list)  # per group: (indices (B, K), weights (B, K)) of the last landmark

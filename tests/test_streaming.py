@@ -1,0 +1,96 @@
+"""Streaming inference: any split of a sequence through a cache gives the logits of one full
+forward pass (offload on and off, batch > 1, every architecture), and greedy ``generate`` equals
+the greedy chain of full forward passes."""
+
+import random
+
+import pytest
+import torch
+
+from gca import DRT, DRTConfig
+
+
+def tiny(**kw):
+    base = dict(vocab_size=97, hidden_size=32, num_heads=4, intermediate_size=64, window=80, top_k=3, upper_groups=[1, 1])
+    return DRTConfig.from_preset("tiny", **{**base, **kw})
+
+
+def random_splits(L, rng):
+    out, i = [], 0
+    while i < L:
+        n = rng.choice([1, 1, 2, 5, 62, 63, 64, 65, 130, 300])
+        out.append(min(n, L - i))
+        i += out[-1]
+    return out
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["gpu-mem", "offload"])
+@pytest.mark.parametrize("arch", ["drt", "swa", "full"])
+def test_streaming_equals_one_shot(arch, offload):
+    torch.manual_seed(0)
+    m = DRT(tiny(arch=arch, num_kv_heads=2)).double().eval()
+    x = torch.randint(0, 97, (2, 63 * 9 + 17))
+    ref = m(x).logits
+    rng = random.Random(torch.initial_seed())
+    for splits in ([x.shape[1]], [1] * 70 + [x.shape[1] - 70], random_splits(x.shape[1], rng)):
+        cache = m.new_cache(2, offload=offload, prefill_chunk=128)
+        outs, i = [], 0
+        for n in splits:
+            outs.append(m(x[:, i : i + n], cache=cache).logits)
+            i += n
+        got = torch.cat(outs, 1)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9, msg=f"splits {splits}")
+
+
+def test_streaming_published_residual_and_softmax_one():
+    m = DRT(tiny(residual="published", gca_softmax_one=True)).double().eval()
+    x = torch.randint(0, 97, (1, 63 * 6 + 3))
+    cache = m.new_cache(1)
+    got = torch.cat([m(x[:, :100], cache=cache).logits, m(x[:, 100:], cache=cache).logits], 1)
+    torch.testing.assert_close(got, m(x).logits, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["drt", "full"])
+def test_greedy_generate_equals_forward_chain(arch):
+    torch.manual_seed(1)
+    m = DRT(tiny(arch=arch)).double().eval()
+    prompt = torch.randint(0, 97, (2, 63 * 3 - 5))
+    out = m.generate(prompt, max_new_tokens=12)
+    assert out.shape == (2, prompt.shape[1] + 12)
+    seq = prompt
+    for _ in range(12):
+        nxt = m(seq).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_sampling_and_errors():
+    m = DRT(tiny()).eval()
+    prompt = torch.randint(0, 97, (1, 10))
+    g = torch.Generator().manual_seed(0)
+    a = m.generate(prompt, 8, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, generator=g)
+    g = torch.Generator().manual_seed(0)
+    b = m.generate(prompt, 8, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, generator=g)
+    assert torch.equal(a, b) and a.shape == (1, 18)
+    stop = m.generate(prompt, 8, eos_token_id=int(a[0, 10]), do_sample=True, top_k=5, top_p=0.9,
+                      temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert stop.shape[1] == 11
+    with pytest.raises(ValueError, match="temperature"):
+        m.generate(prompt, 2, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        m.generate(prompt, 2, top_p=1.5)
+    with pytest.raises(ValueError, match="batch"):
+        m(prompt, cache=m.new_cache(2))
+
+
+def test_offload_keeps_memory_off_device_and_fetches_only_picked_chunks():
+    m = DRT(tiny()).eval()
+    x = torch.randint(0, 97, (1, 63 * 12))
+    cache = m.new_cache(1, offload=True)
+    m(x, cache=cache)
+    mem = cache.memory
+    assert mem.n == 12 and mem.k.device.type == "cpu"
+    assert mem.nbytes_device() == mem.lmk.numel() * mem.lmk.element_size()
+    # each fetch copies at most top_k distinct chunks per query chunk
+    assert 0 < mem.bytes_fetched <= 12 * 3 * 2 * mem.k[0, 0].numel() * mem.k.element_size() * len(m.groups)
