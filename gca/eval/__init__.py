@@ -1,0 +1,1 @@
+"""eval of DRT models."""

@@ -1,0 +1,1 @@
+"""inference of DRT models."""
