@@ -24,16 +24,18 @@ def random_splits(L, rng):
     return out
 
 
+@pytest.mark.parametrize("prefill_chunk", [128, 4096], ids=["short-pieces", "long-pieces"])
 @pytest.mark.parametrize("offload", [False, True], ids=["gpu-mem", "offload"])
 @pytest.mark.parametrize("arch", ["drt", "swa", "full"])
-def test_streaming_equals_one_shot(arch, offload):
+def test_streaming_equals_one_shot(arch, offload, prefill_chunk):
+    # long pieces (> 2 x window) take the blocked ring-buffer attention path
     torch.manual_seed(0)
     m = DRT(tiny(arch=arch, num_kv_heads=2)).double().eval()
     x = torch.randint(0, 97, (2, 63 * 9 + 17))
     ref = m(x).logits
     rng = random.Random(torch.initial_seed())
     for splits in ([x.shape[1]], [1] * 70 + [x.shape[1] - 70], random_splits(x.shape[1], rng)):
-        cache = m.new_cache(2, offload=offload, prefill_chunk=128)
+        cache = m.new_cache(2, offload=offload, prefill_chunk=prefill_chunk)
         outs, i = [], 0
         for n in splits:
             outs.append(m(x[:, i : i + n], cache=cache).logits)

@@ -89,14 +89,40 @@ class SelfAttention(nn.Module):
         B, n, _ = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, vals, kpos = ring.keys_with(k, v, pos)
-        qp, kp = pos[:, None], kpos[None, :]
-        mask = (kp >= 0) & (kp <= qp)
-        if self.window is not None:
-            mask = mask & (qp - kp < self.window)
-        y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
+        if self.window is not None and n > 2 * self.window:
+            y = _ring_blocked_attention(q, k, v, ring, self.window)  # long pieces: O(n * W)
+        else:
+            keys, vals, kpos = ring.keys_with(k, v, pos)
+            qp, kp = pos[:, None], kpos[None, :]
+            mask = (kp >= 0) & (kp <= qp)
+            if self.window is not None:
+                mask = mask & (qp - kp < self.window)
+            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
         ring.write(k, v, pos)
         return self.o(y.transpose(1, 2).reshape(B, n, -1))
+
+
+def _ring_blocked_attention(q, k, v, ring, W: int) -> torch.Tensor:
+    """Sliding-window attention of n new positions (q, k, v ``(B, H, n, D)``) that directly follow
+    the W positions held in ``ring``: blocks of W queries each see a span of 2W keys."""
+    B, H, n, D = q.shape
+    order = ring.pos.argsort()  # unwritten slots (-1) first, then the last W positions in order
+    k_all = torch.cat([ring.k[:, :, order].to(k.dtype), k], 2)  # (B, H, W + n, D)
+    v_all = torch.cat([ring.v[:, :, order].to(v.dtype), v], 2)
+    valid = torch.cat([ring.pos[order] >= 0, torch.ones(n, dtype=torch.bool, device=q.device)])
+    nb = -(-n // W)
+    pad = nb * W - n
+    if pad:
+        q = F.pad(q, (0, 0, 0, pad))
+        k_all, v_all = F.pad(k_all, (0, 0, 0, pad)), F.pad(v_all, (0, 0, 0, pad))
+        valid = F.pad(valid, (0, pad))
+    kb = k_all.unfold(2, 2 * W, W).transpose(-1, -2)  # (B, H, nb, 2W, D); block b spans [bW, bW + 2W)
+    vb = v_all.unfold(2, 2 * W, W).transpose(-1, -2)
+    r = torch.arange(W, device=q.device)[:, None]  # query r of block b sits at index W + bW + r
+    a = torch.arange(2 * W, device=q.device)[None, :]
+    mask = ((a > r) & (a <= r + W))[None] & valid.unfold(0, 2 * W, W)[:, None, :]  # (nb, W, 2W)
+    y = F.scaled_dot_product_attention(q.view(B, H, nb, W, D), kb, vb, attn_mask=mask)
+    return y.reshape(B, H, nb * W, D)[:, :, :n]
 
 
 class DecoderLayer(nn.Module):

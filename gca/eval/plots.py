@@ -1,0 +1,88 @@
+"""Plots users would rather look at than read: accuracy against context length, the familiar
+needle-in-a-haystack heatmap (depth x length), and perplexity against context length."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _fmt_len(n: int) -> str:
+    for unit, div in (("M", 2**20), ("K", 2**10)):
+        if n >= div:
+            v = n / div
+            return f"{v:.0f}{unit}" if v >= 10 or v == int(v) else f"{v:.1f}{unit}"
+    return str(n)
+
+
+def plot_accuracy_vs_length(rows: list[dict], path: str, key: str = "accuracy", train_length: int | None = None,
+                            title: str | None = None) -> str:
+    """One line per task: ``key`` (mean over depths) against context length (log scale)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in sorted({r["task"] for r in rows}):
+        lens = sorted({r["context_length"] for r in rows if r["task"] == task})
+        vals = [100 * np.mean([r[key] for r in rows if r["task"] == task and r["context_length"] == n]) for n in lens]
+        ax.plot(lens, vals, marker="o", label=task)
+    if train_length:
+        ax.axvline(train_length, color="gray", ls="--", lw=1, label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
+    ax.set_title(title or f"{key.replace('_', ' ')} against context length")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(rows: list[dict], path: str, task: str | None = None, key: str = "accuracy",
+                 title: str | None = None) -> str:
+    """Depth (rows) x context length (columns) heatmap of ``key`` for one task."""
+    task = task or rows[0]["task"]
+    rs = [r for r in rows if r["task"] == task]
+    lens = sorted({r["context_length"] for r in rs})
+    depths = sorted({r["depth"] for r in rs})
+    grid = np.full((len(depths), len(lens)), np.nan)
+    for r in rs:
+        grid[depths.index(r["depth"]), lens.index(r["context_length"])] = 100 * r[key]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lens), 1.0 + 0.45 * len(depths)))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(lens)), [_fmt_len(n) for n in lens])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+    for i in range(len(depths)):
+        for j in range(len(lens)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title or f"{task}: {key.replace('_', ' ')} (%)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ppl_vs_length(rows: list[dict], path: str, train_length: int | None = None) -> str:
+    """One line per model: perplexity against context length."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in sorted({r["model"] for r in rows}):
+        rs = sorted((r for r in rows if r["model"] == model), key=lambda r: r["context_length"])
+        ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o", label=model)
+    if train_length:
+        ax.axvline(train_length, color="gray", ls="--", lw=1, label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

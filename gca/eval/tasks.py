@@ -1,0 +1,125 @@
+"""Needle evaluation (passkey, multi-key, 2-hop) over a grid of context lengths x needle depths.
+
+    rows = evaluate_tasks(model, tasks=["passkey"], lengths=[504, 2016, 8064], depths=5, trials=20)
+    rows[0]  # {"task", "context_length", "depth", "trials", "accuracy", "retrieval_hit", ...}
+
+Each trial streams the prompt through a :class:`~gca.inference.cache.DRTCache` (so only memory
+limits the length), then scores the answer. A trial is correct when the model's greedy
+continuation is exactly the answer: the argmax after the prompt and after each correct answer
+prefix must equal the next answer token, which is what greedy generation checks, computed in one
+teacher-forced pass. ``retrieval_hit`` is whether the target needle's chunk is among the chunks
+retrieved (by any group) at the landmark that serves the answer (``TaskSample.query_chunk``).
+
+Prompts are aligned so that the question ends where a chunk ends and the answer starts one token
+into the next chunk (see :mod:`gca.data.tasks`); ``context_length`` is the requested prompt
+length, the prompt has the largest length <= it that satisfies the alignment.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from gca.model import DRT
+
+
+def _depth_list(depths) -> list[float]:
+    if isinstance(depths, int):
+        return [0.5] if depths == 1 else [i / (depths - 1) for i in range(depths)]
+    return [float(d) for d in depths]
+
+
+@torch.no_grad()
+def score_samples(model: DRT, samples: list, *, offload: bool = False, device=None) -> tuple[list[bool], list[bool]]:
+    """Exact-match and retrieval hit of task samples that share prompt and answer lengths (one batch)."""
+    device = device or model.embed.weight.device
+    P = model.config.text_per_chunk
+    assert all(s.text_per_chunk == P for s in samples), "samples were built for another chunk size"
+    prompts = torch.tensor([s.prompt for s in samples], dtype=torch.long, device=device)
+    answers = torch.tensor([s.answer for s in samples], dtype=torch.long, device=device)
+    cache = model.new_cache(len(samples), offload=offload)
+    first = model(prompts, cache=cache).logits[:, -1:]  # predicts answer[0]
+    hits = [False] * len(samples)
+    if model.config.arch == "drt":
+        q = samples[0].query_chunk
+        if cache.last_rows and q >= 0:
+            for idx, _ in cache.last_rows:
+                for b, s in enumerate(samples):
+                    hits[b] = hits[b] or bool((idx[b] == s.target_chunk).any())
+    rest = model(answers[:, :-1], cache=cache).logits if answers.shape[1] > 1 else first[:, :0]
+    pred = torch.cat([first, rest], dim=1).argmax(-1)
+    correct = (pred == answers).all(-1).tolist()
+    return correct, hits
+
+
+def evaluate_tasks(
+    model: DRT,
+    tasks: Iterable[str] = ("passkey",),
+    lengths: Iterable[int] = (504,),
+    depths=5,
+    trials: int = 20,
+    *,
+    seed: int = 1234,
+    tokenizer=None,
+    filler=None,
+    batch_size: int = 8,
+    offload: bool = False,
+    progress: bool = True,
+    **task_kwargs,
+) -> list[dict]:
+    """Accuracy and retrieval hit rate for every (task, length, depth).
+
+    Args:
+        tasks: any of ``"passkey"``, ``"multikey"``, ``"2hop"``.
+        lengths: prompt lengths in tokens.
+        depths: a count (evenly spaced in [0, 1]) or a list of relative needle depths.
+        trials: trials per (task, length, depth); seeds differ from every training stream.
+        tokenizer, filler: as in :func:`gca.data.tasks.make_task_sample` (default: embedded).
+        batch_size: trials scored together (one streaming batch).
+    Returns:
+        a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
+        retrieval_hit, seconds}``.
+    """
+    from gca.data.tasks import make_task_sample
+
+    from tqdm.auto import tqdm
+
+    tasks, lengths, dl = list(tasks), [int(n) for n in lengths], _depth_list(depths)
+    model.eval()
+    rows = []
+    total = len(tasks) * len(lengths) * len(dl)
+    bar = tqdm(total=total * trials, desc="eval", unit="trial", disable=not progress)
+    for ti, task in enumerate(tasks):
+        for li, L in enumerate(lengths):
+            for di, d in enumerate(dl):
+                t0 = time.time()
+                rng = np.random.default_rng([seed, ti, li, di])
+                samples = [
+                    make_task_sample(task, context_len=L, seed=rng, tokenizer=tokenizer, filler=filler, depth=d,
+                                     text_per_chunk=model.config.text_per_chunk, **task_kwargs)
+                    for _ in range(trials)
+                ]
+                correct, hits = [], []
+                for i in range(0, trials, batch_size):
+                    c, h = score_samples(model, samples[i : i + batch_size], offload=offload)
+                    correct += c
+                    hits += h
+                    bar.update(len(c))
+                rows.append(dict(
+                    task=task, context_length=L, prompt_length=samples[0].prompt_len, depth=round(d, 4),
+                    trials=trials, accuracy=float(np.mean(correct)), retrieval_hit=float(np.mean(hits)),
+                    seconds=round(time.time() - t0, 2),
+                ))
+    bar.close()
+    return rows
+
+
+def summarize(rows: list[dict], key: str = "accuracy") -> dict[tuple[str, int], float]:
+    """Mean of ``key`` over depths for each (task, context_length)."""
+    out: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        out.setdefault((r["task"], r["context_length"]), []).append(r[key])
+    return {k: float(np.mean(v)) for k, v in out.items()}
