@@ -87,7 +87,9 @@ class DRT(nn.Module):
             raise ValueError(f"{name} must have shape (batch, length), got {tuple(input_ids.shape)}")
         if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
             raise ValueError(f"{name} is empty (shape {tuple(input_ids.shape)}); pass at least one token")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if torch.compiler.is_compiling():
+            return  # value checks would break the graph; shapes were checked above
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one device sync for both
         V = self.config.vocab_size
         if hi >= V or (lo < 0 and not (allow_ignore and lo == -100 and (input_ids[input_ids < 0] == -100).all())):
             allowed = f"[0, {V})" + (" or -100 (ignored)" if allow_ignore else "")

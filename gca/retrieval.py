@@ -34,7 +34,9 @@ def retrieval_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_noise(shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    u = torch.rand(shape, device=device, generator=generator).clamp_(1e-10, 1.0 - 1e-7)
+    # no generator argument unless one is given: torch.compile with dynamic shapes rejects it
+    u = torch.rand(shape, device=device, generator=generator) if generator is not None else torch.rand(shape, device=device)
+    u = u.clamp_(1e-10, 1.0 - 1e-7)
     return -torch.log(-torch.log(u))
 
 

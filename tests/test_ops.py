@@ -82,6 +82,22 @@ def test_empty_slots_and_rows():
     torch.testing.assert_close(out[1, 1], out2[1, 1])
 
 
+def test_garbage_in_unread_chunks_does_not_leak():
+    q, k, v, idx, w = make_inputs(empty=0.5)
+    idx[0, 0] = -1
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    unread = torch.ones(k.shape[1], dtype=torch.bool)
+    unread[idx[idx >= 0].unique()] = False
+    k2[:, unread] = float("nan")
+    v2[:, unread] = float("inf")
+    k2.requires_grad_(True)
+    out = grouped_cross_attention(q, k2, v2, idx, w)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, gca_reference(q, k, v, idx, w))
+    (gq,) = torch.autograd.grad(out.sum(), (q,))
+    assert torch.isfinite(gq).all()
+
+
 def test_grouped_heads_equal_repeated_memory_heads():
     q, k, v, idx, w = make_inputs(H=6, Hk=2, requires_grad=False)
     out = gca_reference(q, k, v, idx, w)

@@ -131,8 +131,9 @@ class ChunkMemory:
         shape = (U, self.S, self.Hk, self.D)
         kf = self.k.view(self.B * self._cap, self.S, self.Hk, self.D)
         vf = self.v.view(self.B * self._cap, self.S, self.Hk, self.D)
-        stage_k = torch.empty(shape, dtype=self.k.dtype, pin_memory=self.pin)
-        stage_v = torch.empty(shape, dtype=self.v.dtype, pin_memory=self.pin)
+        alloc = torch.empty if src.numel() else torch.zeros  # never hand out unwritten memory
+        stage_k = alloc(shape, dtype=self.k.dtype, pin_memory=self.pin)
+        stage_v = alloc(shape, dtype=self.v.dtype, pin_memory=self.pin)
         if src.numel():
             torch.index_select(kf, 0, src, out=stage_k[: src.numel()])
             torch.index_select(vf, 0, src, out=stage_v[: src.numel()])

@@ -43,8 +43,10 @@ def gca_reference(
     b_idx = torch.arange(B, device=q.device)[:, None]  # (B, 1) broadcast against (B, Cq)
     out = q.new_zeros((B, Cq, S, Hk, G, D), dtype=cdt)
     for i in range(K):
-        k_i = mem_k[b_idx, safe[:, :, i]].to(cdt)  # (B, Cq, Sm, Hk, D)
-        v_i = mem_v[b_idx, safe[:, :, i]].to(cdt)
+        ok = valid[:, :, i, None, None, None]
+        # empty slots read chunk 0 and are zeroed, so even NaN or garbage there contributes nothing
+        k_i = torch.where(ok, mem_k[b_idx, safe[:, :, i]].to(cdt), 0.0)  # (B, Cq, Sm, Hk, D)
+        v_i = torch.where(ok, mem_v[b_idx, safe[:, :, i]].to(cdt), 0.0)
         s = torch.einsum("bcshgd,bcthd->bchgst", qg, k_i) * scale  # (B, Cq, Hk, G, S, Sm)
         if softmax_one:
             # softmax with an extra logit fixed at 0: exp(s) / (1 + sum exp(s)), computed stably
