@@ -1,0 +1,563 @@
+"""Synthetic long-context retrieval tasks (passkey, multi-key, 2-hop), deterministic by seed.
+
+    s = make_task_sample("passkey", context_len=4096, seed=3)          # embedded tokenizer + filler
+    s.input_ids[:s.prompt_len]   # the prompt; s.answer follows it in s.input_ids
+    s.target_chunks, s.query_chunk, s.needle_spans
+
+    src = TaskSource("passkey", seq_len=504, min_len=189, repeat_prob=0.5, loss_on="answer_repeats")
+    batch = src.get_batch(index=0, batch_size=8)   # {"input_ids": (8, 504), "labels": (8, 504)} long
+
+Tasks (the paper's forms; token-level, so any tokenizer works):
+
+    passkey   filler ... |The passkey is: 7 3 9 1 2| ... filler |What is the passkey? The passkey is
+              -> 7 3 9 1 2
+    multikey  several |One of the special magic numbers for <key> is <value>| needles (distinct
+              keys and values), then |What is the special magic number for <key>? The special
+              magic number for <key> is -> <value of that key>
+    2hop      chains |The path from <X> leads to <Y>| and |The path from <Y> leads to <Z>|
+              (plus distractor chains), then |Where does the path from <X> lead after two
+              steps? It leads to -> <Z>
+
+Keys are ``key_len`` word tokens; values are ``value_len`` digit tokens (``" 0"``..``" 9"`` when
+the tokenizer has them as single tokens, else ``"0"``..``"9"``), each its own token. The answer
+sequence occurs exactly once in the prompt, inside the target needle.
+
+Alignment (``align_question=True``, the default). With P = ``text_per_chunk`` (63) user tokens per
+chunk, chunk c holds tokens ``[c*P, (c+1)*P)``; the retrieval made at landmark c serves the
+predictions made from chunk c + 1's positions, and the prediction of chunk c + 1's *first* token is
+read at landmark c itself, which still uses the retrieval of landmark c - 1 (one token of lag).
+So the prompt length is made ``prompt_len % P == 1``::
+
+    chunk q = prompt_len // P - 1       chunk q + 1
+    [ ... filler  |What is the passkey? The passkey][ is | 7  3  9  1  2  (trailing filler / pad) ]
+                                          landmark q ^   ^ a0 is predicted here, at " is"
+
+The question, all but its last token, closes chunk q; the question's last token (" is") opens chunk
+q + 1 and every answer token is predicted from a position of chunk q + 1, so all of them use the
+retrieval made at landmark q with the whole question in view. ``TaskSample.query_chunk`` is q: the
+target needle's chunk should be in ``retrieval.indices[b, q]``. Needles never straddle a chunk
+boundary (they are placed inside one chunk), and they sit in chunks strictly before the first chunk
+holding a question token (retrieval at landmark q may only pick chunks j < q). With
+``align_question=False`` the prompt has exactly ``context_len`` tokens and the question ends
+wherever that falls.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Mapping
+
+import numpy as np
+
+from gca.data.batches import BatchSource, rng_for
+from gca.data.tokenizer import Tokenizer, load_tokenizer
+
+KINDS = ("passkey", "multikey", "2hop")
+KIND_ALIASES = {"multi-key": "multikey", "multi_key": "multikey", "multihop": "2hop", "multi-hop": "2hop",
+                "hop2": "2hop", "two-hop": "2hop"}
+DEFAULT_MIX = {"passkey": 0.5, "multikey": 0.3, "2hop": 0.2}
+LOSS_MODES = ("answer", "all", "answer_repeats")
+P_DEFAULT = 63
+
+
+def canonical_kind(kind: str) -> str:
+    k = KIND_ALIASES.get(kind, kind)
+    if k not in KINDS:
+        raise ValueError(f"unknown task {kind!r}; choose one of {KINDS}")
+    return k
+
+
+# ---------------------------------------------------------------- the sample
+@dataclass
+class TaskSample:
+    """One task instance.
+
+    Attributes:
+        input_ids: prompt + answer (+ nothing else), ``prompt_len + len(answer)`` ids.
+        prompt_len: number of prompt tokens; the answer starts at ``input_ids[prompt_len]``.
+        answer: the answer ids.
+        needle_spans: ``[(start, end), ...]`` token positions of each needle, end exclusive; the
+            target needle(s) first (2hop: the X->Y needle, then Y->Z), then distractors.
+        target_chunks: chunk index (of ``text_per_chunk`` user tokens) of each target needle.
+        kind: ``"passkey"``, ``"multikey"`` or ``"2hop"``.
+        text_per_chunk: P used for alignment and chunk indices (63 by default).
+        aligned: whether ``prompt_len % P == 1`` was enforced.
+        depth: requested relative depth of the (first) target needle in [0, 1].
+        repeat_mask: per-token bool list, True on filler tokens that repeat an earlier piece of the
+            filler (from the second token of each piece on; all False without repeats).
+    """
+
+    input_ids: list[int]
+    prompt_len: int
+    answer: list[int]
+    needle_spans: list[tuple[int, int]]
+    target_chunks: list[int]
+    kind: str
+    text_per_chunk: int = P_DEFAULT
+    aligned: bool = True
+    depth: float = 0.0
+    repeat_mask: list[bool] = field(default_factory=list)
+
+    @property
+    def target_chunk(self) -> int:
+        """Chunk of the (first) target needle."""
+        return self.target_chunks[0]
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.input_ids[: self.prompt_len]
+
+    @property
+    def query_chunk(self) -> int:
+        """The chunk whose landmark's retrieval serves the first answer prediction (made at the
+        prompt's last token): ``(prompt_len - 1) // P - 1``; -1 if none."""
+        return (self.prompt_len - 1) // self.text_per_chunk - 1
+
+    @property
+    def answer_chunk(self) -> int:
+        """Chunk holding the first answer token."""
+        return self.prompt_len // self.text_per_chunk
+
+
+# ---------------------------------------------------------------- vocab helpers
+@lru_cache(maxsize=16)
+def _vocab_info(tok: Tokenizer) -> tuple[np.ndarray, np.ndarray, int]:
+    """(word ids, digit ids, period id) of a tokenizer, cached per tokenizer object."""
+    words = []
+    for i in range(tok.vocab_size):
+        s = tok.id_to_str(i)
+        if re.fullmatch(r" [a-z]{3,12}", s):
+            words.append(i)
+    if len(words) < 8:
+        raise ValueError(f"tokenizer {tok.name!r} has only {len(words)} whole-word tokens (' [a-z]{{3,12}}'); "
+                         f"the synthetic tasks need >= 8 for keys and filler")
+    digits = []
+    for fmt in (" {}", "{}"):
+        ids = [tok.encode(fmt.format(d)) for d in range(10)]
+        if all(len(x) == 1 for x in ids):
+            digits = [x[0] for x in ids]
+            break
+    if len(set(digits)) != 10:
+        raise ValueError(f"tokenizer {tok.name!r} does not encode the digits as single tokens")
+    period = tok.encode(".")
+    words = np.asarray([w for w in words if w not in digits], dtype=np.int64)
+    return words, np.asarray(digits, dtype=np.int64), period[0] if len(period) == 1 else int(words[0])
+
+
+def digit_ids(tokenizer) -> list[int]:
+    """The 10 single-token digits (``" 0"``..``" 9"`` if available, else ``"0"``..``"9"``)."""
+    return _vocab_info(load_tokenizer(tokenizer))[1].tolist()
+
+
+@lru_cache(maxsize=64)
+def _enc(tok: Tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tok.encode(text))
+
+
+# ---------------------------------------------------------------- fillers
+class WordFiller:
+    """Embedded filler, no download: sentences of 6-16 random word tokens ending with ".".
+
+    Words are the tokenizer's own whole-word tokens (``" [a-z]{3,12}"``), so each word is one token
+    and the filler never contains a digit.
+    """
+
+    def __init__(self, tokenizer="embedded"):
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.words, _, self.period = _vocab_info(self.tokenizer)
+
+    def tokens(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``(n,)`` int64 filler tokens."""
+        out = self.words[rng.integers(0, len(self.words), size=n)]
+        ends = np.cumsum(rng.integers(7, 18, size=n // 7 + 1)) - 1
+        out[ends[ends < n]] = self.period
+        return out
+
+    def describe(self) -> str:
+        return f"words({self.tokenizer.name})"
+
+
+class StreamFiller:
+    """Filler cut from a token stream: a random window of a :class:`PackedDataset` split."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.tokenizer = dataset.tokenizer
+
+    def tokens(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return self.dataset.window(int(rng.integers(0, len(self.dataset))), n)
+
+    def describe(self) -> str:
+        return f"stream({self.dataset.path}:{self.dataset.split})"
+
+
+def make_filler(filler=None, tokenizer=None, split: str = "train"):
+    """``None``/``"words"`` -> :class:`WordFiller`; a prepared folder path -> :class:`StreamFiller`
+    of its ``split``; a PackedDataset -> StreamFiller; anything with ``.tokens(n, rng)`` as is."""
+    if filler is None or filler in ("words", "embedded"):
+        return WordFiller(tokenizer if tokenizer is not None else "embedded")
+    if hasattr(filler, "tokens"):
+        return filler
+    from gca.data.prepare import PackedDataset
+
+    if isinstance(filler, PackedDataset):
+        return StreamFiller(filler)
+    return StreamFiller(PackedDataset(filler, split))
+
+
+def _check_same_vocab(tok: Tokenizer, fill) -> None:
+    ft = getattr(fill, "tokenizer", None)
+    if ft is not None and ft is not tok and ft.vocab_size != tok.vocab_size:
+        raise ValueError(f"the filler's tokenizer ({ft.name}, {ft.vocab_size} ids) differs from the task "
+                         f"tokenizer ({tok.name}, {tok.vocab_size} ids); pass the dataset's tokenizer")
+
+
+def _with_repeats(base: np.ndarray, rng: np.random.Generator, frac: float = 0.3,
+                  min_len: int = 8, max_len: int = 24, min_dist: int = P_DEFAULT) -> tuple[np.ndarray, np.ndarray]:
+    """Overwrite pieces of ``base`` with copies of earlier pieces (about ``frac`` of the tokens).
+
+    Each copy comes from at least ``min_dist`` tokens earlier (default one chunk, so that the
+    source is usually in another chunk). Returns (tokens, mask) where mask is True from the second
+    token of each copied piece on (its first token is not predictable).
+    """
+    x = base.copy()
+    mask = np.zeros(len(x), dtype=bool)
+    n = len(x)
+    budget = int(frac * n)
+    pos = 0
+    while budget > 0:
+        ln = int(rng.integers(min_len, max_len + 1))
+        lo, hi = max(pos, ln + min_dist), n - ln
+        if lo > hi:
+            break
+        # spread the pieces: the next one starts within ~ (n - pos) / pieces left
+        span = max(1, (hi - lo) * ln // max(budget, ln))
+        d = lo + int(rng.integers(0, min(span, hi - lo) + 1))
+        s = int(rng.integers(0, d - ln - min_dist + 1))
+        x[d:d + ln] = x[s:s + ln]
+        mask[d + 1:d + ln] = True
+        pos = d + ln
+        budget -= ln
+    return x, mask
+
+
+# ---------------------------------------------------------------- templates
+def _templates(tok: Tokenizer, kind: str, keys: list[tuple[int, ...]], values: list[tuple[int, ...]]):
+    """Needles (target first) and question ids for one instance."""
+    E = lambda s: list(_enc(tok, s))  # noqa: E731
+    bar = E("|")
+    if kind == "passkey":
+        needles = [E(" |The passkey is:") + list(values[0]) + bar]
+        question = E(" |What is the passkey? The passkey is")
+    elif kind == "multikey":
+        needles = [E(" |One of the special magic numbers for") + list(k) + E(" is") + list(v) + bar
+                   for k, v in zip(keys, values)]
+        k0 = list(keys[0])
+        question = (E(" |What is the special magic number for") + k0 + E("? The special magic number for")
+                    + k0 + E(" is"))
+    elif kind == "2hop":
+        # keys = [X0, Y0, X1, Y1, ...], values = [Z0, Z1, ...]: chain i is Xi -> Yi -> Zi
+        needles = []
+        for i, z in enumerate(values):
+            x, y = keys[2 * i], keys[2 * i + 1]
+            needles.append(E(" |The path from") + list(x) + E(" leads to") + list(y) + bar)
+            needles.append(E(" |The path from") + list(y) + E(" leads to") + list(z) + bar)
+        question = E(" |Where does the path from") + list(keys[0]) + E(" lead after two steps? It leads to")
+    else:
+        raise ValueError(kind)
+    return needles, question
+
+
+def _count(seq: np.ndarray, pat: list[int]) -> int:
+    m = len(pat)
+    if m == 0 or len(seq) < m:
+        return 0
+    w = np.lib.stride_tricks.sliding_window_view(seq, m)
+    return int((w == np.asarray(pat)).all(axis=1).sum())
+
+
+def aligned_prompt_len(context_len: int, P: int = P_DEFAULT) -> int:
+    """Largest n <= context_len with n % P == 1 (the question's last token opens a chunk)."""
+    if context_len < 1:
+        raise ValueError("context_len must be >= 1")
+    return ((context_len - 1) // P) * P + 1
+
+
+class _NoRoom(ValueError):
+    pass
+
+
+def _place(lengths: list[int], n_chunks: int, P: int, rng: np.random.Generator,
+           depths: list[float | None]) -> list[int]:
+    """Start positions for needles of the given lengths, each inside one of chunks [0, n_chunks),
+    non-overlapping. ``depths[i]`` (relative position in [0, 1]) fixes needle i's place, else random."""
+    occupied: list[list[tuple[int, int]]] = [[] for _ in range(n_chunks)]
+    A = n_chunks * P
+    starts = []
+
+    def free(c, o, n):
+        return all(o + n <= a or b <= o for a, b in occupied[c])
+
+    for n, d in zip(lengths, depths):
+        if n > P:
+            raise ValueError(f"a needle of {n} tokens cannot fit in one chunk of {P} tokens")
+        placed = None
+        if d is not None:
+            s = int(round(float(d) * max(0, A - n)))
+            c, o = min(s // P, n_chunks - 1), s % P
+            o = min(o, P - n)  # shift back so the needle stays inside its chunk
+            if free(c, o, n):
+                placed = (c, o)
+        if placed is None:
+            for c in rng.permutation(n_chunks):
+                opts = [o for o in range(P - n + 1) if free(c, o, n)]
+                if opts:
+                    placed = (int(c), int(opts[rng.integers(len(opts))]))
+                    break
+        if placed is None:
+            raise _NoRoom("needles do not fit in the chunks before the question")
+        c, o = placed
+        occupied[c].append((o, o + n))
+        starts.append(c * P + o)
+    return starts
+
+
+# ---------------------------------------------------------------- one sample
+def make_task_sample(
+    kind: str = "passkey",
+    *,
+    context_len: int,
+    seed: int | np.random.Generator = 0,
+    tokenizer=None,
+    filler=None,
+    depth: float | None = None,
+    align_question: bool = True,
+    text_per_chunk: int = P_DEFAULT,
+    n_keys: int = 4,
+    n_chains: int = 2,
+    key_len: int = 2,
+    value_len: int = 5,
+    repeat_prob: float = 0.0,
+    repeat_frac: float = 0.3,
+    max_tries: int = 100,
+) -> TaskSample:
+    """Build one task instance.
+
+    Args:
+        kind: ``"passkey"``, ``"multikey"`` or ``"2hop"``.
+        context_len: prompt length in tokens; with ``align_question`` the prompt gets
+            ``aligned_prompt_len(context_len)`` tokens (<= context_len, ``% P == 1``).
+        seed: int seed or a numpy Generator.
+        tokenizer: default the filler's tokenizer, else ``"embedded"``.
+        filler: None (embedded random words), a prepared folder, a PackedDataset, or an object
+            with ``tokens(n, rng)``.
+        depth: relative position of the (first) target needle in [0, 1] over the chunks before
+            the question; None = uniform random.
+        align_question: see the module docstring.
+        text_per_chunk: P, user tokens per chunk (``cfg.text_per_chunk``).
+        n_keys: multikey needles (1 target + n_keys - 1 distractors).
+        n_chains: 2hop chains (1 target + n_chains - 1 distractor chains), 2 needles each.
+        key_len / value_len: tokens per key (words) / per value (digits).
+        repeat_prob: probability that the filler repeats pieces of itself (see ``repeat_mask``).
+        repeat_frac: fraction of the filler overwritten by repeats when it does.
+    Raises:
+        ValueError if the needles and question cannot fit in ``context_len``.
+    """
+    kind = canonical_kind(kind)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if isinstance(filler, (str, os.PathLike)) and filler not in ("words", "embedded"):
+        filler = make_filler(filler)
+    if tokenizer is None:
+        tokenizer = getattr(filler, "tokenizer", None) or "embedded"
+    tok = load_tokenizer(tokenizer)
+    fill = make_filler(filler, tok)
+    _check_same_vocab(tok, fill)
+    words, digits, _ = _vocab_info(tok)
+    P = int(text_per_chunk)
+    L = aligned_prompt_len(context_len, P) if align_question else int(context_len)
+    n_needle_sets = {"passkey": 1, "multikey": max(1, n_keys), "2hop": max(1, n_chains)}[kind]
+
+    for _ in range(max_tries):
+        n_vals = n_needle_sets
+        n_keys_needed = {"passkey": 0, "multikey": n_vals, "2hop": 2 * n_vals}[kind]
+        keys = _distinct(rng, words, key_len, n_keys_needed)
+        values = _distinct(rng, digits, value_len, n_vals)
+        needles, question = _templates(tok, kind, keys, values)
+        q = len(question)
+        if q > L:
+            raise ValueError(f"context_len {context_len} is too short for a {q}-token question")
+        n_chunks = (L - q) // P  # chunks strictly before the first question token
+        n_targets = 2 if kind == "2hop" else 1
+        if n_chunks < 1:
+            raise ValueError(f"context_len {context_len} leaves no whole chunk before the question "
+                             f"({q} tokens); use at least {2 * P + 1}")
+        depths = [float(depth) if depth is not None else float(rng.random())] + [None] * (len(needles) - 1)
+        if kind == "2hop":  # the Y->Z needle at a random place of its own
+            depths[1] = float(rng.random())
+        try:
+            starts = _place([len(n) for n in needles], n_chunks, P, rng, depths)
+        except _NoRoom:
+            if n_needle_sets > 1:  # drop a distractor and retry
+                n_needle_sets -= 1
+                continue
+            raise ValueError(f"the {kind} needles do not fit in {n_chunks} chunk(s) before the question; "
+                             f"use a longer context_len") from None
+        n_fill = L - q - sum(len(n) for n in needles)
+        base = fill.tokens(n_fill, rng)
+        rep = np.zeros(n_fill, dtype=bool)
+        if repeat_prob > 0 and rng.random() < repeat_prob:
+            base, rep = _with_repeats(base, rng, frac=repeat_frac)
+        ids = np.empty(L, dtype=np.int64)
+        rmask = np.zeros(L, dtype=bool)
+        order = np.argsort(starts, kind="stable")
+        pos = fpos = 0
+        spans = [None] * len(needles)
+        for i in order:
+            s, nd = starts[i], needles[i]
+            gap = s - pos
+            ids[pos:s] = base[fpos:fpos + gap]
+            rmask[pos:s] = rep[fpos:fpos + gap]
+            fpos += gap
+            ids[s:s + len(nd)] = nd
+            spans[i] = (s, s + len(nd))
+            pos = s + len(nd)
+        rest = L - q - pos
+        ids[pos:pos + rest] = base[fpos:fpos + rest]
+        rmask[pos:pos + rest] = rep[fpos:fpos + rest]
+        ids[L - q:] = question
+        answer = list(values[0])
+        # the answer must occur once in the prompt (inside its needle), each needle exactly once
+        if _count(ids, answer) != 1 or any(_count(ids, nd) != 1 for nd in needles):
+            continue
+        full = ids.tolist() + answer
+        return TaskSample(
+            input_ids=full,
+            prompt_len=L,
+            answer=answer,
+            needle_spans=[tuple(map(int, sp)) for sp in spans],
+            target_chunks=[spans[i][0] // P for i in range(n_targets)],
+            kind=kind,
+            text_per_chunk=P,
+            aligned=bool(align_question),
+            depth=float(depths[0]),
+            repeat_mask=rmask.tolist() + [False] * len(answer),
+        )
+    raise RuntimeError(f"could not build a {kind} sample without accidental repeats in {max_tries} tries")
+
+
+def _distinct(rng: np.random.Generator, alphabet: np.ndarray, length: int, count: int) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = []
+    seen = set()
+    while len(out) < count:
+        t = tuple(int(x) for x in alphabet[rng.integers(0, len(alphabet), size=length)])
+        if t not in seen:
+            seen.add(t)
+            out.append(t)
+    return out
+
+
+# ---------------------------------------------------------------- training / eval batches
+class TaskSource(BatchSource):
+    """Batches of task samples for training or evaluation.
+
+    Args:
+        kind: a task name, ``"mix"`` (passkey 0.5, multikey 0.3, 2hop 0.2), or a dict of weights.
+        seq_len: L, the row length of every batch.
+        min_len: None = every sample fills L (prompt aligned so that the answer fits, then
+            trailing filler). Else each sample's length T is ``min(L, n*P)`` with n uniform in
+            ``[ceil(min_len/P), ceil(L/P)]`` (e.g. 3 to 8 chunks); positions past T are padding
+            (the EOS id, label -100).
+        filler: None (embedded words) or a prepared folder / PackedDataset (its ``split`` is used).
+        seed: base seed; ``split="val"`` draws from a different stream.
+        loss_on: ``"answer"`` (labels only on the answer tokens), ``"all"`` (every real token),
+            ``"answer_repeats"`` (the answer and the repeated filler pieces).
+        repeat_prob / repeat_frac: filler that repeats pieces of itself, see :func:`make_task_sample`.
+        tokenizer: default the filler's tokenizer, else ``"embedded"``.
+        **task_kwargs: passed to :func:`make_task_sample` (n_keys, n_chains, key_len, value_len,
+            align_question, text_per_chunk, depth).
+    ``get_batch`` returns ``input_ids`` and ``labels`` ``(B, L)`` long; labels equal input_ids where
+    a loss is wanted and -100 elsewhere (the model shifts them).
+    """
+
+    def __init__(self, kind="passkey", seq_len: int = 504, *, min_len: int | None = None, filler=None,
+                 seed: int = 0, split: str = "train", loss_on: str = "answer", repeat_prob: float = 0.0,
+                 repeat_frac: float = 0.3, tokenizer=None, **task_kwargs):
+        if isinstance(kind, str):
+            weights = dict(DEFAULT_MIX) if kind == "mix" else {canonical_kind(kind): 1.0}
+        elif isinstance(kind, Mapping):
+            weights = {canonical_kind(k): float(v) for k, v in kind.items()}
+        else:
+            raise TypeError("kind must be a task name, 'mix' or a dict of weights")
+        if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"task weights must be non-negative with a positive sum, got {weights}")
+        if loss_on not in LOSS_MODES:
+            raise ValueError(f"loss_on must be one of {LOSS_MODES}, got {loss_on!r}")
+        self.filler = make_filler(filler, tokenizer, split)
+        tok = load_tokenizer(tokenizer if tokenizer is not None else getattr(self.filler, "tokenizer", "embedded"))
+        _check_same_vocab(tok, self.filler)
+        super().__init__(seq_len=seq_len, seed=seed, split=split, tokenizer=tok)
+        self.weights = weights
+        self._kinds = list(weights)
+        w = np.asarray([weights[k] for k in self._kinds], dtype=np.float64)
+        self._p = w / w.sum()
+        self.P = int(task_kwargs.get("text_per_chunk", P_DEFAULT))
+        self.min_len = None if min_len is None else int(min_len)
+        if self.min_len is not None and not 0 < self.min_len <= seq_len:
+            raise ValueError(f"min_len must be in [1, seq_len={seq_len}], got {min_len}")
+        self.loss_on = loss_on
+        self.repeat_prob, self.repeat_frac = float(repeat_prob), float(repeat_frac)
+        self.task_kwargs = task_kwargs
+        self.pad_id = tok.eos_id if tok.eos_id is not None else 0
+        shortest = self.min_len or seq_len
+        if shortest < 2 * self.P + 1 + task_kwargs.get("value_len", 5):
+            raise ValueError(f"samples of {shortest} tokens are too short: a task needs a needle chunk, a "
+                             f"question chunk and the answer, >= {2 * self.P + 1 + task_kwargs.get('value_len', 5)} "
+                             f"tokens with P={self.P}")
+
+    def sample_task(self, gid: int) -> tuple[TaskSample, int]:
+        """The task sample of global sample id ``gid`` and its real length T (<= seq_len)."""
+        rng = rng_for(self.seed, self.split, "task", gid)
+        kind = self._kinds[int(rng.choice(len(self._kinds), p=self._p))] if len(self._kinds) > 1 else self._kinds[0]
+        L, P = self.seq_len, self.P
+        if self.min_len is None:
+            T = L
+        else:
+            lo, hi = -(-self.min_len // P), -(-L // P)
+            T = min(L, int(rng.integers(lo, hi + 1)) * P)
+        a = self.task_kwargs.get("value_len", 5)
+        align = self.task_kwargs.get("align_question", True)
+        ctx = T - a
+        s = make_task_sample(kind, context_len=ctx, seed=rng, tokenizer=self.tokenizer, filler=self.filler,
+                             repeat_prob=self.repeat_prob, repeat_frac=self.repeat_frac,
+                             **{k: v for k, v in self.task_kwargs.items()})
+        if not align:
+            assert s.prompt_len == ctx
+        return s, T
+
+    def sample(self, gid: int) -> tuple[np.ndarray, np.ndarray]:
+        s, T = self.sample_task(gid)
+        L = self.seq_len
+        n = len(s.input_ids)
+        ids = np.full(L, self.pad_id, dtype=np.int64)
+        labels = np.full(L, -100, dtype=np.int64)
+        ids[:n] = s.input_ids
+        rep = np.zeros(L, dtype=bool)
+        rep[:n] = s.repeat_mask
+        if T > n:  # trailing filler after the answer, up to the sample's length
+            rng = rng_for(self.seed, self.split, "tail", gid)
+            ids[n:T] = self.filler.tokens(T - n, rng)
+        a0, a1 = s.prompt_len, s.prompt_len + len(s.answer)
+        if self.loss_on == "all":
+            labels[:T] = ids[:T]
+        else:
+            labels[a0:a1] = ids[a0:a1]
+            if self.loss_on == "answer_repeats":
+                labels[rep] = ids[rep]
+        return ids, labels
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kind": self.weights, "min_len": self.min_len, "loss_on": self.loss_on,
+                "repeat_prob": self.repeat_prob, "filler": self.filler.describe(), **self.task_kwargs}

@@ -1,0 +1,235 @@
+"""Data layer: tokenizer train/load, sources, prepare round trip, PackedDataset, build_source."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gca.data import (
+    PackedDataset,
+    Tokenizer,
+    build_source,
+    content_hash,
+    iter_documents,
+    load_tokenizer,
+    offline_corpus_files,
+    prepare,
+    train_bpe,
+)
+from gca.data.sources import OFFLINE_CORPUS_INSTALL
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 20,
+    "A second document, about chunks and landmarks and retrieval. " * 15,
+    "Third one: numbers 12345 and 67890 appear here. " * 10,
+    "Fourth document with some more words in it to make it longer. " * 12,
+    "Fifth and last document. It is short.",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "a.txt").write_text(TEXTS[0])
+    (d / "sub").mkdir()
+    (d / "sub" / "b.txt").write_text(TEXTS[1])
+    with gzip.open(d / "sub" / "c.txt.gz", "wt") as f:
+        f.write(TEXTS[2])
+    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(TEXTS[3:])) + "\n")
+    (d / "empty.txt").write_text("")
+    (d / ".hidden.txt").write_text("never read")
+    (d / "ignored.bin").write_bytes(b"\x00\x01")
+    return d
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "ds"
+    meta = prepare([str(corpus)], out, tokenizer="embedded", val_fraction=0.3, seed=0, progress=False)
+    return out, meta
+
+
+# ---------------------------------------------------------------- tokenizer
+def test_embedded_tokenizer():
+    tok = load_tokenizer("embedded")
+    assert tok.vocab_size <= 2048 and tok.eos_id == 0
+    text = "The passkey is: 7 3 9 1 2. What is it?"
+    assert tok.decode(tok.encode(text)) == text
+    digits = [tok.encode(f" {d}") for d in range(10)]
+    assert all(len(x) == 1 for x in digits)
+
+
+def test_train_bpe_round_trip(tmp_path, corpus):
+    tok = train_bpe([str(corpus)], vocab_size=300, out_path=tmp_path / "tok", show_progress=False)
+    assert isinstance(tok, Tokenizer) and tok.vocab_size <= 300 and tok.eos_id == 0
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
+    for loaded in (load_tokenizer(tmp_path / "tok"), load_tokenizer(tmp_path / "tok" / "tokenizer.json")):
+        assert loaded.vocab_size == tok.vocab_size
+        s = "Numbers 12345, unicode é ü and the lazy dog."
+        assert loaded.encode(s) == tok.encode(s)
+        assert loaded.decode(loaded.encode(s)) == s
+    tok2 = train_bpe(["some text here " * 50, "and more text"], vocab_size=270, show_progress=False)
+    assert tok2.vocab_size <= 270
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(ValueError, match="no text"):
+        train_bpe(["", ""], vocab_size=300, show_progress=False)
+    with pytest.raises(FileNotFoundError):
+        train_bpe([str(tmp_path / "typo")], vocab_size=300, show_progress=False)
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(str(tmp_path / "missing.json"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        load_tokenizer(tmp_path / "empty_dir")
+
+
+def test_hf_name_offline_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="cannot load tokenizer"):
+        load_tokenizer("surely-not-a-real-model-name-xyz")
+
+
+# ---------------------------------------------------------------- sources
+def test_iter_documents(corpus):
+    docs = list(iter_documents(str(corpus)))
+    assert sorted(docs) == sorted(TEXTS)  # empty file skipped, hidden/unsupported ignored
+    assert list(iter_documents(str(corpus))) == docs  # fixed order
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        list(iter_documents(str(tmp_path / "nope")))
+    (tmp_path / "x.bin").write_bytes(b"1")
+    with pytest.raises(ValueError, match="no supported files"):
+        list(iter_documents(str(tmp_path)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        list(iter_documents(str(bad)))
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"body": "other field"}\n')
+    assert list(iter_documents(f"{good}?field=body")) == ["other field"]
+
+
+def test_html_and_offline_corpus(tmp_path):
+    root = tmp_path / "root"
+    src = root / "usr/share/doc/python3.11/html/_sources/library"
+    src.mkdir(parents=True)
+    (src / "os.rst.txt").write_text("The os module.")
+    pg = root / "usr/share/doc/postgresql-doc-15/html"
+    pg.mkdir(parents=True)
+    (pg / "intro.html").write_text("<html><head><title>t</title><script>x=1</script></head>"
+                                   "<body><p>Hello &amp; welcome.</p><nav>menu</nav></body></html>")
+    files = offline_corpus_files(root)
+    assert len(files) == 2
+    docs = [d for f in files for d in iter_documents(str(f))]
+    assert "Hello & welcome." in docs and "The os module." in docs
+    with pytest.raises(FileNotFoundError, match="apt-get install"):
+        offline_corpus_files(tmp_path / "empty_root")
+    assert "linux-doc" in OFFLINE_CORPUS_INSTALL
+
+
+def test_hf_source_clear_error():
+    try:
+        import datasets  # noqa: F401
+    except ImportError:  # the message must say what to install
+        with pytest.raises(ImportError, match="datasets"):
+            list(iter_documents("hf:pg19"))
+
+
+# ---------------------------------------------------------------- prepare / PackedDataset
+def test_prepare_round_trip(prepared):
+    out, meta = prepared
+    tok = load_tokenizer(out)
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == tok.vocab_size
+    assert meta["documents"]["train"] + meta["documents"]["val"] == len(TEXTS)
+    assert meta["documents"]["val"] >= 1 and meta["documents"]["train"] >= 1
+    assert (out / "tokenizer.json").exists() and meta["tokenizer"]["name"] == "embedded"
+    assert meta["content_hash"] == content_hash(out)
+    decoded = []
+    for split in ("train", "val"):
+        ds = PackedDataset(out, split)
+        assert len(ds) == meta["tokens"][split] and ds.vocab_size == tok.vocab_size
+        assert ds.num_documents == meta["documents"][split]
+        assert int(ds.tokens[-1]) == ds.separator_id == tok.eos_id
+        assert (np.asarray(ds.tokens) == ds.separator_id).sum() == ds.num_documents
+        decoded += [ds.tokenizer.decode(ds.document(i)) for i in range(ds.num_documents)]
+    assert sorted(decoded) == sorted(TEXTS)
+
+
+def test_prepare_deterministic(corpus, prepared, tmp_path):
+    _, meta = prepared
+    meta2 = prepare([str(corpus)], tmp_path / "again", tokenizer="embedded", val_fraction=0.3, seed=0, progress=False)
+    assert meta2["content_hash"] == meta["content_hash"]
+    meta3 = prepare([str(corpus)], tmp_path / "other", tokenizer="embedded", val_fraction=0.6, seed=5, progress=False)
+    assert meta3["splits"]["val"]["sha256"] != meta["splits"]["val"]["sha256"]
+    with pytest.raises(FileExistsError):
+        prepare([str(corpus)], tmp_path / "again", tokenizer="embedded", progress=False)
+
+
+def test_prepare_errors(tmp_path):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "empty.txt").write_text("   \n")
+    with pytest.raises(ValueError, match="no text"):
+        prepare([str(tmp_path / "e")], tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError):
+        prepare([str(tmp_path / "missing")], tmp_path / "out2", progress=False)
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        PackedDataset(tmp_path / "e")
+
+
+def test_packed_source(prepared):
+    out, meta = prepared
+    L = 16
+    src = build_source(str(out), seq_len=L, seed=1)
+    b = src.get_batch(0, 4)
+    assert b["input_ids"].shape == (4, L) and b["input_ids"].dtype == torch.long
+    assert torch.equal(b["input_ids"], b["labels"])
+    assert torch.equal(b["input_ids"], build_source(str(out), seq_len=L, seed=1).get_batch(0, 4)["input_ids"])
+    # world_size x batch_size constant -> same global batch; ranks disjoint within an epoch
+    full = src.get_batch(3, 4)["input_ids"]
+    halves = torch.cat([src.get_batch(3, 2, rank=r, world_size=2)["input_ids"] for r in range(2)])
+    assert torch.equal(full, halves)
+    W = src.num_windows
+    rows = [tuple(src.sample(g)[0].tolist()) for g in range(W)]
+    assert len(set(rows)) == W  # an epoch visits every window once
+    val = build_source(str(out), seq_len=L, split="val")
+    ds_val = PackedDataset(out, "val")
+    v = val.get_batch(0, 2)["input_ids"][0].numpy()
+    hay = np.asarray(ds_val.tokens, dtype=np.int64)
+    assert any((hay[i:i + L] == v).all() for i in range(len(hay) - L + 1))
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        build_source(str(out), seq_len=10**7)
+
+
+def test_build_source_specs(prepared):
+    out, _ = prepared
+    for spec in ("synthetic:passkey", "synthetic:multikey", "synthetic:2hop", "synthetic:mix",
+                 "synthetic:passkey=0.5,multikey=0.3,2hop=0.2", "synthetic:passkey;min_len=189;loss=all;repeat=0.5"):
+        src = build_source(spec, seq_len=252, seed=0)
+        b = src.get_batch(0, 2)
+        assert b["input_ids"].shape == (2, 252) and b["labels"].shape == (2, 252)
+        assert src.vocab_size == 2048 and int(b["input_ids"].max()) < src.vocab_size
+    mix = build_source(f"{out}@0.5+synthetic:passkey@0.5", seq_len=189, seed=0)
+    b = mix.get_batch(0, 16)
+    masked = (b["labels"] == -100).any(1)
+    assert 0 < int(masked.sum()) < 16  # both components used
+    with pytest.raises(ValueError, match="unknown option"):
+        build_source("synthetic:passkey;bogus=1", seq_len=252)
+    with pytest.raises(ValueError, match="not a prepared dataset|does not exist"):
+        build_source("/no/such/dir", seq_len=252)
+    with pytest.raises(ValueError, match="unknown task"):
+        build_source("synthetic:nope", seq_len=252)
+
+
+def test_parquet_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one doc", "", "two doc"], "n": [1, 2, 3]}), tmp_path / "x.parquet")
+    assert list(iter_documents(str(tmp_path / "x.parquet"))) == ["one doc", "two doc"]
+    with pytest.raises(ValueError, match="no column"):
+        list(iter_documents(f"{tmp_path / 'x.parquet'}?field=body"))

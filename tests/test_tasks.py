@@ -1,0 +1,192 @@
+"""Synthetic tasks: needles, answers, chunk alignment, determinism, rank disjointness, label masks."""
+
+import numpy as np
+import pytest
+import torch
+
+from gca.data import TaskSource, aligned_prompt_len, build_source, load_tokenizer, make_task_sample
+from gca.data.tasks import KINDS
+
+P = 63
+
+
+def count(seq, pat):
+    seq, pat = list(seq), list(pat)
+    return sum(seq[i:i + len(pat)] == pat for i in range(len(seq) - len(pat) + 1))
+
+
+def check_sample(s, P=P, aligned=True):
+    ids = s.input_ids
+    assert len(ids) == s.prompt_len + len(s.answer) and ids[s.prompt_len:] == s.answer
+    prompt = ids[:s.prompt_len]
+    # the answer is in the prompt exactly once, inside the target needle (the last needle for 2hop)
+    tgt = s.needle_spans[1] if s.kind == "2hop" else s.needle_spans[0]
+    assert count(prompt, s.answer) == 1 and count(ids[tgt[0]:tgt[1]], s.answer) == 1
+    for (a, b) in s.needle_spans:
+        assert count(prompt, ids[a:b]) == 1  # each needle appears exactly once
+        assert a // P == (b - 1) // P  # never split across a chunk boundary
+    spans = sorted(s.needle_spans)
+    assert all(e <= s2 for (_, e), (s2, _) in zip(spans, spans[1:]))  # no overlaps
+    n_t = 2 if s.kind == "2hop" else 1
+    assert s.target_chunks == [s.needle_spans[i][0] // P for i in range(n_t)]
+    if aligned:
+        assert s.prompt_len % P == 1
+        assert s.query_chunk == s.prompt_len // P - 1
+        assert s.answer_chunk == s.query_chunk + 1
+        # every answer token is predicted from a position of the chunk after the query chunk
+        for t in range(s.prompt_len - 1, s.prompt_len + len(s.answer) - 1):
+            assert t // P == s.query_chunk + 1
+        # the needles sit in chunks that the query chunk's landmark may retrieve (j < query_chunk)
+        assert all(c < s.query_chunk for c in s.target_chunks)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ctx", [189, 500, 2048])
+def test_task_structure(kind, ctx):
+    for seed in range(5):
+        s = make_task_sample(kind, context_len=ctx, seed=seed)
+        assert s.kind == kind
+        assert s.prompt_len == aligned_prompt_len(ctx) <= ctx
+        check_sample(s)
+
+
+def test_passkey_text():
+    tok = load_tokenizer("embedded")
+    s = make_task_sample("passkey", context_len=1000, seed=0, depth=0.5)
+    a, b = s.needle_spans[0]
+    assert tok.decode(s.input_ids[a:b]) == " |The passkey is:" + tok.decode(s.answer) + "|"
+    assert tok.decode(s.prompt).endswith("|What is the passkey? The passkey is")
+    assert len(s.answer) == 5 and all(len(tok.decode([t]).strip()) == 1 for t in s.answer)
+    # the question's last token opens the answer chunk
+    assert tok.decode(s.input_ids[s.prompt_len - 1:s.prompt_len]) == " is"
+
+
+def test_depth_sweep():
+    ctx = 63 * 20 + 1
+    chunks = [make_task_sample("passkey", context_len=ctx, seed=0, depth=d).target_chunk for d in np.linspace(0, 1, 11)]
+    assert chunks[0] == 0 and chunks == sorted(chunks) and chunks[-1] == make_task_sample(
+        "passkey", context_len=ctx, seed=0).query_chunk - 1
+
+
+def test_unaligned_and_other_chunk_size():
+    s = make_task_sample("passkey", context_len=1000, seed=3, align_question=False)
+    assert s.prompt_len == 1000 and not s.aligned
+    check_sample(s, aligned=False)
+    s = make_task_sample("multikey", context_len=600, seed=1, text_per_chunk=31, n_keys=3)
+    assert s.prompt_len % 31 == 1
+    check_sample(s, P=31)
+
+
+def test_determinism():
+    for kind in KINDS:
+        a = make_task_sample(kind, context_len=700, seed=11)
+        b = make_task_sample(kind, context_len=700, seed=11)
+        c = make_task_sample(kind, context_len=700, seed=12)
+        assert a == b and a.input_ids != c.input_ids
+
+
+def test_too_short():
+    with pytest.raises(ValueError):
+        make_task_sample("passkey", context_len=60)
+    with pytest.raises(ValueError, match="too short"):
+        TaskSource("passkey", seq_len=100)
+
+
+def test_stream_filler(tmp_path):
+    from gca.data import prepare
+
+    text = "Some ordinary English text about chunks, numbers 3 and 7, and retrieval. " * 200
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt").write_text(text.upper())
+    prepare([str(tmp_path)], tmp_path / "ds", tokenizer="embedded", val_fraction=0.5, progress=False)
+    s = make_task_sample("passkey", context_len=800, seed=0, filler=str(tmp_path / "ds"))
+    check_sample(s)
+    src = build_source(f"synthetic:multikey;filler={tmp_path / 'ds'}", seq_len=400, split="val")
+    assert src.get_batch(0, 2)["input_ids"].shape == (2, 400)
+
+
+# ---------------------------------------------------------------- TaskSource batches
+def test_batches_deterministic_and_rank_disjoint():
+    src = TaskSource("mix", seq_len=504, min_len=189, seed=3)
+    b1, b2 = src.get_batch(5, 4), TaskSource("mix", seq_len=504, min_len=189, seed=3).get_batch(5, 4)
+    assert torch.equal(b1["input_ids"], b2["input_ids"]) and torch.equal(b1["labels"], b2["labels"])
+    r0, r1 = (src.get_batch(5, 2, rank=r, world_size=2) for r in range(2))
+    assert torch.equal(torch.cat([r0["input_ids"], r1["input_ids"]]), b1["input_ids"])
+    rows = {tuple(x.tolist()) for r in (r0, r1) for x in r["input_ids"]}
+    assert len(rows) == 4
+    other = TaskSource("mix", seq_len=504, min_len=189, seed=4).get_batch(5, 4)
+    assert not torch.equal(other["input_ids"], b1["input_ids"])
+    val = TaskSource("mix", seq_len=504, min_len=189, seed=3, split="val").get_batch(5, 4)
+    assert not torch.equal(val["input_ids"], b1["input_ids"])
+
+
+def test_labels_answer_only():
+    src = TaskSource("passkey", seq_len=504, seed=0)
+    for gid in range(6):
+        s, T = src.sample_task(gid)
+        ids, labels = src.sample(gid)
+        assert T == 504 and (ids[:len(s.input_ids)] == s.input_ids).all()
+        keep = labels != -100
+        assert keep.sum() == 5 and (labels[keep] == s.answer).all()
+        assert np.flatnonzero(keep).tolist() == list(range(s.prompt_len, s.prompt_len + 5))
+        check_sample(s)
+
+
+def test_variable_length_padding():
+    src = TaskSource("passkey", seq_len=504, min_len=189, seed=0, loss_on="all")
+    lengths = set()
+    for gid in range(40):
+        s, T = src.sample_task(gid)
+        ids, labels = src.sample(gid)
+        lengths.add(T)
+        assert T % P == 0 and 189 <= T <= 504
+        assert (labels[T:] == -100).all() and (ids[T:] == src.pad_id).all()
+        assert (labels[:T] == ids[:T]).all()
+        assert s.prompt_len + 5 <= T and s.prompt_len % P == 1
+    assert lengths == {189, 252, 315, 378, 441, 504}
+
+
+def test_repeats_labels():
+    src = TaskSource("passkey", seq_len=504, seed=0, repeat_prob=1.0, loss_on="answer_repeats")
+    s, _ = src.sample_task(0)
+    ids, labels = src.sample(0)
+    rep = np.asarray(s.repeat_mask)
+    assert rep.sum() > 20
+    n = len(s.input_ids)
+    assert ((labels[:n] != -100) == (rep | (np.arange(n) >= s.prompt_len))).all()
+    # every masked token continues a copy of an earlier piece: its predecessor context appears earlier
+    for t in np.flatnonzero(rep)[:10]:
+        assert count(ids[:t - 1].tolist(), ids[t - 1:t + 1].tolist()) >= 1
+    check_sample(s)
+
+
+def test_tokenizer_override_gpt2_like(tmp_path):
+    from gca.data import train_bpe
+
+    vocab = [a + b + c for a in ("ka", "lo", "mi", "nu", "pe", "ro", "su", "ti") for b in "aeiou" for c in "lmnrst"]
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(vocab, 200)) + " " + " ".join(str(d) for d in rng.integers(0, 10, 50)) + "."
+            for _ in range(100)]
+    tok = train_bpe(docs, vocab_size=800, show_progress=False)
+    src = build_source("synthetic:2hop", seq_len=400, tokenizer=tok)
+    assert src.vocab_size == tok.vocab_size
+    s, _ = src.sample_task(0)
+    check_sample(s)
+
+
+def test_batch_feeds_tiny_model():
+    from gca import DRT, DRTConfig
+
+    cfg = DRTConfig.from_preset("tiny")
+    src = build_source("synthetic:mix;min_len=189", seq_len=252, seed=0)
+    assert src.vocab_size <= cfg.vocab_size
+    torch.manual_seed(0)
+    model = DRT(cfg).eval()
+    b = src.get_batch(0, 2)
+    with torch.no_grad():
+        out = model(b["input_ids"], labels=b["labels"], output_retrieval=True)
+    assert torch.isfinite(out.loss)
+    s, _ = src.sample_task(0)
+    idx = out.retrieval[0].indices  # (B, C, K): row q = retrieval made at landmark q
+    assert idx.shape[1] > s.query_chunk >= 1
+    assert (idx[0, s.query_chunk] < s.query_chunk).all()  # the target chunk is a legal pick
