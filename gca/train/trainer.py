@@ -37,7 +37,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +143,8 @@ class TrainConfig:
             bad("betas", "must be two numbers in [0, 1)")
         if self.grad_clip < 0:
             bad("grad_clip", "must be >= 0 (0 disables clipping)")
+        if self.eval_every and self.eval_batches < 1:
+            bad("eval_batches", "must be >= 1 when eval_every > 0")
         if self.arch is not None and self.arch not in ARCHS:
             bad("arch", f"must be one of {ARCHS} or None")
         if "arch" in self.model and self.arch is not None and self.model["arch"] != self.arch:
@@ -292,8 +293,8 @@ class _Run:
 
     def _find_resume(self):
         """Rank 0 repairs an interrupted save, then every rank reads the checkpoint (a shared filesystem)."""
-        if self.info.is_main:
-            find_checkpoint(self.out, repair=True) if self.out.exists() else None
+        if self.info.is_main and self.out.exists():
+            find_checkpoint(self.out, repair=True)
         D.barrier(self.info)
         path = find_checkpoint(self.out, repair=False) if self.out.exists() else None
         if path is None:
@@ -303,7 +304,7 @@ class _Run:
     def _check_resume(self, ck, mcfg: DRTConfig):
         cfg = self.cfg
         where = f"cannot resume the run in {self.out} from its checkpoint at step {ck.step}"
-        fix = f"Rerun with the original values, or pass a new --out to start a fresh run."
+        fix = "Rerun with the original values, or pass a new --out to start a fresh run."
         diffs = _diff(ck.train_config, cfg.to_dict(), ignore=RESUMABLE_FIELDS)
         if diffs:
             raise ValueError(
@@ -369,10 +370,9 @@ class _Run:
         if dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        fwd = torch.compile(model) if cfg.compile else model
-        if info.enabled:
-            fwd = DDP(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
-        eval_model = torch.compile(model) if cfg.compile else model
+        # static shapes: training shapes never change, and symbolic sizes break torch.rand in the Gumbel noise
+        eval_model = torch.compile(model, dynamic=False) if cfg.compile else model
+        fwd = DDP(eval_model, device_ids=[dev.index] if dev.type == "cuda" else None) if info.enabled else eval_model
 
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size
         elapsed0 = float(ck.trainer.get("elapsed_s", 0.0)) if ck is not None else 0.0
@@ -438,7 +438,7 @@ class _Run:
                 bar.update(1)
                 result.step = n
 
-                if n % cfg.log_every == 0 or n == cfg.max_steps or n == start + 1:
+                if n % cfg.log_every == 0 or n == cfg.max_steps or n == 1:
                     loss_val = _to_float(D.mean_across_ranks(loss_sum, info))
                     if not math.isfinite(loss_val):
                         raise FloatingPointError(
@@ -466,7 +466,8 @@ class _Run:
                     val = self._evaluate(eval_model, autocast)
                     result.val_losses.append((n, val))
                     write({"step": n, "val_loss": val, "tokens": n * tokens_per_step, "elapsed_s": round(elapsed0 + time.perf_counter() - t0, 3)})
-                    bar.write(f"step {n}: val_loss {val:.4f}") if info.is_main and cfg.progress else None
+                    if info.is_main and cfg.progress:
+                        bar.write(f"step {n}: val_loss {val:.4f}")
 
                 if n % cfg.save_every == 0 or n == cfg.max_steps:
                     self._save(model, opt, n, n * tokens_per_step, elapsed0 + time.perf_counter() - t0)
@@ -505,7 +506,7 @@ class _Run:
                 "world_size": self.info.world_size,
                 "optimizer": opt.state_dict(),
                 "rng": rngs,
-                "torch_version": torch.__version__,
+                "torch_version": str(torch.__version__),
             }
             tok = getattr(self.source, "tokenizer", None)
             save_checkpoint(self.out, model=model, train_config=self.cfg.to_dict(), trainer=trainer, tokenizer=tok)

@@ -1,0 +1,320 @@
+"""The ``gca`` command: ``prepare``, ``train``, ``eval``, ``generate``, ``bench``, ``demo``.
+
+    gca prepare debian-docs --out data/docs --train-tokenizer --vocab-size 8192
+    gca train --preset tiny --data synthetic:passkey --max-steps 300 --out runs/tiny
+    torchrun --standalone --nproc-per-node 8 -m gca.cli train --preset paper --data data/pg19 --out runs/paper
+    python -m gca.cli --help
+
+Each subcommand imports the heavy parts it needs (data, trainer) only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import textwrap
+from typing import Any
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
+def _doc(s: str) -> str:
+    return textwrap.dedent(s).strip("\n")
+
+
+# ---- train ----
+TRAIN_EXAMPLES = _doc(
+    """
+    examples:
+      # CPU, a tiny model on the synthetic passkey task (minutes)
+      gca train --preset tiny --data synthetic:passkey --seq-len 504 --batch-size 8 --max-steps 300 --out runs/tiny
+
+      # one GPU (bf16 autocast is on by default on CUDA), a prepared dataset
+      gca train --preset small --data data/pg19 --seq-len 4032 --batch-size 8 --max-steps 20000 --out runs/small
+
+      # 8 GPUs of one host; --batch-size is per process
+      torchrun --standalone --nproc-per-node 8 -m gca.cli train --preset paper --data data/pg19 \\
+          --seq-len 16380 --batch-size 4 --max-steps 100000 --out runs/paper
+
+      # a narrower model with two retrieval groups; the sliding-window baseline of the same size
+      gca train --preset tiny --set hidden_size=64 --set upper_groups=[2,2] --data synthetic:mix --out runs/g2
+      gca train --preset tiny --arch swa --data synthetic:mix --out runs/swa
+
+    Rerunning the same command with the same --out resumes from DIR/ckpt (exactly: the losses match an
+    uninterrupted run on CPU). Only --max-steps, --save-every, --log-every, --eval-every,
+    --eval-batches, --device, --compile and --grad-checkpointing may change on resume.
+    Writes DIR/log.jsonl (one JSON row per logged step), DIR/tb (TensorBoard, if installed) and DIR/ckpt.
+    """
+)
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["hidden_size=128", "upper_groups=[2,2]", "arch=swa"]`` -> ``{"hidden_size": 128, ...}``.
+    Values are read as JSON (or Python literals: True, None), else kept as strings."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set hidden_size=128")
+        raw = raw.strip()
+        try:
+            val = json.loads(raw)
+        except ValueError:
+            try:
+                val = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                val = raw
+        out[key] = val
+    return out
+
+
+def _add_train(sub) -> None:
+    from gca.train.trainer import TrainConfig  # light: no torch work at import
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train a DRT (or a baseline); resumes when DIR already has a checkpoint",
+        description="Train a DRT model or a baseline with AdamW, warm-up + cosine decay, checkpoints and DDP.",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=_FMT,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=d.preset, help=f"DRTConfig preset: tiny, small, paper (default {d.preset})")
+    g.add_argument("--arch", choices=["drt", "swa", "full"], default=None, help="drt, or a baseline of the same size: swa (sliding window only), full (full attention); default: the preset's (drt)")
+    g.add_argument("--set", dest="set", action="append", metavar="KEY=VALUE", default=[], help="override a DRTConfig field, repeatable: --set hidden_size=128 --set upper_groups=[2,2] --set residual=published")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, metavar="SPEC", help="data source: synthetic:passkey, synthetic:mix, a directory made by `gca prepare`, or a mixture")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per training sequence (default {d.seq_len} = 16 chunks of 63)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per micro-batch per process (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help=f"micro-batches per optimizer step (default {d.grad_accum})")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"optimizer steps (default {d.max_steps})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr}, the paper's)")
+    g.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine (default 0.2 * lr, the paper's 4e-4 for 2e-3)")
+    g.add_argument("--warmup", type=float, default=d.warmup, help=f"warm-up as a fraction of --max-steps (default {d.warmup})")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay on linear weights (default {d.weight_decay})")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"global gradient-norm clip, 0 = off (default {d.grad_clip})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initialisation and the data (default {d.seed})")
+    g = p.add_argument_group("run directory and logging")
+    g.add_argument("--out", required=True, metavar="DIR", help="run directory: log.jsonl, tb/, ckpt/ (resumed if it has a checkpoint)")
+    g.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps and at the end (default {d.save_every})")
+    g.add_argument("--log-every", type=int, default=d.log_every, help=f"log.jsonl row every N steps (default {d.log_every})")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help=f"validation every N steps and at the end, 0 = never (default {d.eval_every})")
+    g.add_argument("--eval-batches", type=int, default=d.eval_batches, help=f"validation batches per process (default {d.eval_batches})")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:N (default auto; torchrun uses cuda:LOCAL_RANK)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d.bf16, help="bf16 autocast on CUDA (default on; CPU always trains in fp32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.set_defaults(func=cmd_train)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from gca.train.trainer import TrainConfig
+
+    return TrainConfig(
+        preset=args.preset,
+        model=parse_set(args.set),
+        arch=args.arch,
+        data=args.data,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        min_lr=0.2 * args.lr if args.min_lr is None else args.min_lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        max_steps=args.max_steps,
+        save_every=args.save_every,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        seed=args.seed,
+        out=args.out,
+        device=args.device,
+        bf16=args.bf16,
+        grad_checkpointing=args.grad_checkpointing,
+        compile=args.compile,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gca.train.checkpoint import CheckpointError
+    from gca.train.trainer import train
+
+    try:
+        cfg = train_config_from_args(args)
+        cfg.model_config()  # unknown --set keys and bad values fail here, before any data is built
+        train(cfg)
+    except (ValueError, CheckpointError) as e:
+        print(f"gca train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---- prepare ----
+PREPARE_EXAMPLES = _doc(
+    """
+    examples:
+      # the Debian documentation installed on this machine (/usr/share/doc): an offline corpus,
+      # with the package's embedded 2048-token byte-level BPE
+      gca prepare debian-docs --out data/docs --val-fraction 0.02
+
+      # local text files or folders (txt, md, html, jsonl, parquet), the GPT-2 tokenizer
+      gca prepare books/ notes.jsonl --out data/books --tokenizer gpt2
+
+      # a Hugging Face dataset, and a new byte-level BPE of 8192 tokens trained on it
+      gca prepare hf:emozilla/pg19 --out data/pg19 --train-tokenizer --vocab-size 8192
+
+    Then train on it: gca train --data data/docs --out runs/docs
+    """
+)
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a corpus into a dataset directory for `gca train --data DIR`",
+        description="Tokenize text into a dataset directory: train.bin/val.bin token streams, tokenizer.json, meta.json.",
+        epilog=PREPARE_EXAMPLES,
+        formatter_class=_FMT,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files or folders, hf:NAME (a Hugging Face dataset), or debian-docs")
+    p.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", default="embedded", metavar="PATH_OR_NAME", help="embedded (the package's 2048-token BPE, default), a tokenizer.json, a folder holding one, or a Hugging Face name such as gpt2")
+    tok.add_argument("--train-tokenizer", action="store_true", help="train a byte-level BPE tokenizer on the inputs first")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of --train-tokenizer (default 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="expected share of documents held out for validation (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL, parquet and HF datasets (default text)")
+    p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents (quick experiments)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from gca.data.prepare import prepare
+    from gca.data.tokenizer import train_bpe
+
+    try:
+        tokenizer = args.tokenizer
+        if args.train_tokenizer:
+            tokenizer = train_bpe(args.inputs, args.vocab_size)
+        meta = prepare(
+            args.inputs,
+            args.out,
+            tokenizer=tokenizer,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            text_field=args.text_field,
+            max_documents=args.max_documents,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"gca prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(meta, indent=2, default=str))
+    return 0
+
+
+# ---- not yet available ----
+PLANNED = {
+    "eval": (
+        "evaluate a trained model: perplexity vs context length (1x .. 64x the training length) and passkey "
+        "retrieval over context length x needle depth",
+        "gca eval --ckpt runs/tiny --task passkey --lengths 1x,4x,16x,64x",
+    ),
+    "generate": (
+        "generate text from a trained model, streaming with the sliding-window caches and the chunk memory",
+        'gca generate --ckpt runs/tiny --prompt "Once upon a time" --max-new-tokens 200',
+    ),
+    "bench": (
+        "time the GCA kernels and a training step against the PyTorch reference; JSON plus a dated markdown table",
+        "gca bench --op gca --shape paper",
+    ),
+}
+
+
+def _add_planned(sub, name: str) -> None:
+    what, example = PLANNED[name]
+    p = sub.add_parser(
+        name,
+        help=f"(not available yet) {what.split(':')[0]}",
+        description=f"Not available yet. It will {what}.",
+        epilog=f"planned usage:\n  {example}",
+        formatter_class=_FMT,
+    )
+    p.set_defaults(func=lambda a, n=name, w=what: _not_yet(n, w), accepts_any=True)
+
+
+def _not_yet(name: str, what: str) -> int:
+    print(f"gca {name}: not available yet: it will {what}.", file=sys.stderr)
+    return 2
+
+
+# ---- demo ----
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train a tiny DRT on CPU and show it retrieving a passkey far beyond its training length",
+        description="The end-to-end demo: train a tiny model, then test passkey retrieval at growing lengths.",
+        epilog="example:\n  gca demo --out runs/demo",
+        formatter_class=_FMT,
+    )
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``gca demo``: to be filled in."""
+    print("gca demo: not available yet: it will train a tiny DRT and test passkey retrieval far beyond its training length.", file=sys.stderr)
+    return 2
+
+
+# ---- entry point ----
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gca",
+        description="Grouped Cross Attention and the DRT model: prepare data, train, evaluate, generate, benchmark.",
+        epilog=_doc(
+            """
+            examples:
+              gca demo
+              gca train --preset tiny --data synthetic:passkey --max-steps 300 --out runs/tiny
+              torchrun --standalone --nproc-per-node 8 -m gca.cli train --preset paper --data data/pg19 --out runs/paper
+            Run `gca COMMAND --help` for each command's options.
+            """
+        ),
+        formatter_class=_FMT,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_prepare(sub)
+    _add_train(sub)
+    for name in ("eval", "generate", "bench"):
+        _add_planned(sub, name)
+    _add_demo(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_any", False):  # planned commands take any flags for now
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The ``gca`` command line: every subcommand's help, ``--set`` parsing, and ``gca train`` end to end on a
+stand-in data source (``gca.data`` is replaced by a fake module, so these tests never depend on it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from gca.cli import main, parse_set
+from test_train import TINY, FakeSource
+
+COMMANDS = ["prepare", "train", "eval", "generate", "bench", "demo"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS], ids=lambda c: c[0] if c else "gca")
+def test_help_exits_zero_and_shows_examples(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(command + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: gca" in out and ("example" in out or "planned usage" in out)
+
+
+def test_python_dash_m_entry_point():
+    done = subprocess.run([sys.executable, "-m", "gca.cli", "train", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "torchrun" in done.stdout
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "bench"])
+def test_planned_commands_say_not_available(command, capsys):
+    assert main([command, "--ckpt", "runs/x"]) == 2
+    assert "not available yet" in capsys.readouterr().err
+
+
+def test_demo_stub_exits_2(capsys):
+    assert main(["demo", "--out", "x"]) == 2
+
+
+def test_parse_set():
+    got = parse_set(["hidden_size=128", "upper_groups=[2, 2]", "arch=swa", "gumbel=false", "gca_softmax_one=True", "num_kv_heads=None"])
+    assert got == dict(hidden_size=128, upper_groups=[2, 2], arch="swa", gumbel=False, gca_softmax_one=True, num_kv_heads=None)
+    with pytest.raises(ValueError, match="key=value"):
+        parse_set(["hidden_size"])
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    """Make ``from gca.data import build_source`` return :class:`FakeSource`."""
+    mod = types.ModuleType("gca.data")
+
+    def build_source(spec, *, seq_len, seed=0, split="train", tokenizer=None):
+        assert spec == "fake"
+        return FakeSource(seq_len=seq_len, seed=seed, split=split)
+
+    mod.build_source = build_source
+    monkeypatch.setitem(sys.modules, "gca.data", mod)
+
+
+def _train_args(out, *extra):
+    sets = [f"--set={k}={v}" for k, v in TINY.items()]
+    return ["train", "--preset", "tiny", "--data", "fake", "--out", str(out), "--seq-len", "200", "--batch-size", "2",
+            "--max-steps", "3", "--log-every", "1", "--eval-every", "2", "--eval-batches", "1", "--device", "cpu",
+            "--no-progress", *sets, *extra]  # fmt: skip
+
+
+def test_train_command_runs_resumes_and_rejects_changes(fake_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(out, "--set", "upper_groups=[1,1]")) == 0
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 3]
+    cfg = json.loads((out / "ckpt" / "config.json").read_text())
+    assert cfg["upper_groups"] == [1, 1] and cfg["hidden_size"] == 32 and cfg["vocab_size"] == 64
+    tcfg = json.loads((out / "ckpt" / "train_config.json").read_text())
+    assert tcfg["min_lr"] == pytest.approx(0.2 * tcfg["lr"])
+    # a different learning rate cannot continue this run; more steps can
+    assert main(_train_args(out, "--set", "upper_groups=[1,1]", "--lr", "0.005")) == 2
+    err = capsys.readouterr().err
+    assert "lr: checkpoint 0.002, now 0.005" in err and "min_lr" in err
+    assert main(_train_args(out, "--set", "upper_groups=[1,1]", "--max-steps", "4")) == 0
+    assert "resuming from step 3" in capsys.readouterr().out
+
+
+def test_train_command_baseline_and_bad_override(fake_data, tmp_path, capsys):
+    assert main(_train_args(tmp_path / "swa", "--arch", "swa", "--max-steps", "1", "--eval-every", "0")) == 0
+    assert json.loads((tmp_path / "swa" / "ckpt" / "config.json").read_text())["arch"] == "swa"
+    assert main(_train_args(tmp_path / "bad", "--set", "hiden_size=64")) == 2
+    assert "hiden_size" in capsys.readouterr().err
+    assert main(_train_args(tmp_path / "bad", "--batch-size", "0")) == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_prepare_command(tmp_path, capsys):
+    pytest.importorskip("gca.data.prepare")
+    src = tmp_path / "txt"
+    src.mkdir()
+    for i in range(4):
+        (src / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["prepare", str(src), "--out", str(tmp_path / "data"), "--val-fraction", "0.3"]) == 0
+    assert (tmp_path / "data" / "meta.json").exists() and (tmp_path / "data" / "tokenizer.json").exists()
+    assert main(["prepare", str(src), "--out", str(tmp_path / "data")]) == 2  # exists: needs --overwrite
+    assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "d2")]) == 2

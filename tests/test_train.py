@@ -1,0 +1,397 @@
+"""Training loop: learning, exact resume (also after ``kill -9``), atomic checkpoints, clear errors, DDP.
+
+The tests never touch ``gca.data``: :class:`FakeSource` below stands in for its batch sources. Every run
+is a tiny model (60K parameters) on 200-token sequences, a few steps long.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gca.train import CheckpointError, TrainConfig, load_model, read_checkpoint, train
+from gca.train import checkpoint as ckpt_mod
+from gca.train.schedule import lr_at
+
+TESTS = Path(__file__).resolve().parent
+TINY = dict(hidden_size=32, num_heads=2, intermediate_size=64, window=64, top_k=2)
+
+
+class FakeSource:
+    """A stand-in for a ``gca.data`` batch source. Row ``r`` of global batch ``index`` (rank ``k`` holds rows
+    ``k*B .. k*B+B-1``) comes from a generator seeded by (seed, split, index, r), so a world of 2 with batch B
+    sees exactly the rows a single process with batch 2B sees. ``learnable``: arithmetic sequences
+    (start, stride random) a model learns in a few steps; otherwise uniform random tokens."""
+
+    tokenizer = None
+
+    def __init__(self, vocab_size=64, seq_len=200, seed=0, split="train", learnable=True, crash_at=None, delay=0.0):
+        self.vocab_size, self.seq_len, self.learnable = vocab_size, seq_len, learnable
+        self.seed = seed * 7919 + (0 if split == "train" else 1_000_003)
+        self.crash_at, self.delay = crash_at, delay
+
+    def get_batch(self, index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
+        if self.crash_at is not None and index >= self.crash_at:
+            raise RuntimeError("simulated crash")
+        if self.delay:
+            time.sleep(self.delay)
+        rows = []
+        for i in range(batch_size):
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + index) * 4099 + rank * batch_size + i)
+            if self.learnable:
+                start = int(torch.randint(0, self.vocab_size, (1,), generator=g))
+                stride = int(torch.randint(1, 4, (1,), generator=g))
+                rows.append((start + stride * torch.arange(self.seq_len)) % self.vocab_size)
+            else:
+                rows.append(torch.randint(0, self.vocab_size, (self.seq_len,), generator=g))
+        ids = torch.stack(rows)
+        labels = ids.clone()
+        labels[:, :3] = -100  # some positions without loss, the same count in every row
+        return {"input_ids": ids, "labels": labels}
+
+
+def tiny_cfg(out, **kw) -> TrainConfig:
+    base = dict(
+        preset="tiny",
+        model=dict(TINY),
+        data="fake",
+        seq_len=200,
+        batch_size=2,
+        grad_accum=2,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup=0.1,
+        max_steps=8,
+        save_every=4,
+        log_every=1,
+        eval_every=4,
+        eval_batches=1,
+        out=str(out),
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def sources(**kw):
+    return dict(source=FakeSource(**kw), val_source=FakeSource(split="val"))
+
+
+def log_rows(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def train_losses(out) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in log_rows(out) if "loss" in r]
+
+
+def val_losses(out) -> list[tuple[int, float]]:
+    return [(r["step"], r["val_loss"]) for r in log_rows(out) if "val_loss" in r]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run several times faster on one thread, above all on a busy machine; subprocesses get
+    OMP_NUM_THREADS=1 so that they compute bit for bit what this process computes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _env():
+    path = os.pathsep.join(p for p in (str(TESTS.parent), os.environ.get("PYTHONPATH")) if p)  # gca without an install
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run (8 steps, checkpoints at 4 and 8, validation at 4 and 8, Gumbel noise on)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = train(tiny_cfg(out), **sources())
+    return out, result
+
+
+# ---- learning, logs, schedule ----
+def test_loss_decreases_and_run_dir_is_complete(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(out, max_steps=20, save_every=10, grad_accum=1, eval_every=10, tensorboard=True)
+    result = train(cfg, **sources())
+    losses = [loss for _, loss in train_losses(out)]
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+    vals = val_losses(out)
+    assert [s for s, _ in vals] == [10, 20] and vals[1][1] < vals[0][1]
+    for row in log_rows(out):
+        assert {"step", "tokens", "elapsed_s"} <= set(row)
+    row = log_rows(out)[0]
+    assert {"loss", "lr", "tok_per_s", "grad_norm"} <= set(row) and row["tokens"] == 2 * 200
+    ck = read_checkpoint(out / "ckpt")
+    assert ck.step == 20 and ck.config.hidden_size == 32 and ck.config.vocab_size == 64
+    assert ck.train_config == cfg.to_dict()
+    try:
+        import tensorboard  # noqa: F401
+
+        assert any((out / "tb").iterdir())
+    except ImportError:
+        pass
+    model = load_model(out)
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert not model.training
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr():
+    kw = dict(lr=2e-3, min_lr=4e-4, max_steps=100, warmup=0.02)
+    lrs = [lr_at(s, **kw) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(2e-3)
+    assert lrs[-1] == pytest.approx(4e-4)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_no_weight_decay_on_norms_and_embeddings():
+    from gca import DRT, DRTConfig
+    from gca.train.trainer import param_groups
+
+    model = DRT(DRTConfig.from_preset("tiny", vocab_size=64, **TINY))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 and "embed" not in names[id(p)] for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"embed.weight", "norm.weight"}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# ---- exact resume ----
+def test_resume_after_crash_equals_uninterrupted_run(reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(out), **sources(crash_at=2 * 6))  # dies during step 7, checkpoint at 4
+    assert read_checkpoint(out / "ckpt").step == 4
+    assert max(s for s, _ in train_losses(out)) == 6  # rows past the checkpoint, to be rewritten
+    result = train(tiny_cfg(out), **sources())
+    assert result.resumed_from == 4
+    assert train_losses(out) == train_losses(ref_out)  # bitwise, with the Gumbel noise on
+    assert val_losses(out) == val_losses(ref_out)
+    assert [r["step"] for r in log_rows(out)] == [r["step"] for r in log_rows(ref_out)]  # no duplicates
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_train import FakeSource, tiny_cfg
+from gca.train import train
+train(tiny_cfg({out!r}), source=FakeSource(delay={delay}), val_source=FakeSource(split="val"))
+"""
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    script = tmp_path / "run_train.py"
+    script.write_text(SCRIPT.format(tests=str(TESTS), out=str(out), delay=0.15))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    deadline = time.time() + 60
+    while not (out / "ckpt" / ckpt_mod.MANIFEST).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint within 60 s"
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it get past the checkpoint and log a row or so
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert read_checkpoint(out / "ckpt").step == 4
+    script.write_text(SCRIPT.format(tests=str(TESTS), out=str(out), delay=0.0))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert "resuming from step 4" in done.stdout
+    assert train_losses(out) == train_losses(ref_out)
+    assert val_losses(out) == val_losses(ref_out)
+
+
+# ---- atomic checkpoints ----
+def test_save_interrupted_between_files_keeps_previous_checkpoint(reference, tmp_path, monkeypatch):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(out), **sources(crash_at=2 * 5))  # checkpoint at 4, dies in step 6
+    # a save that dies after model.safetensors, before trainer.pt: ckpt/ must still be step 4
+    model = load_model(out)
+
+    def boom(*a, **k):
+        raise OSError("simulated crash inside save")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", boom)
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt_mod.save_checkpoint(out, model=model, train_config={}, trainer={"step": 5})
+    monkeypatch.undo()
+    assert (out / ckpt_mod.TMP / ckpt_mod.WEIGHTS).exists()  # the half-written one
+    assert read_checkpoint(out / "ckpt").step == 4
+    # resuming ignores (and later removes) the half-written ckpt.tmp and reproduces the reference
+    train(tiny_cfg(out), **sources())
+    assert train_losses(out) == train_losses(ref_out)
+    assert not (out / ckpt_mod.TMP).exists()
+
+
+def test_save_interrupted_between_renames_is_repaired(reference, tmp_path, monkeypatch):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    model = load_model(out)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # ckpt -> ckpt.old done; crash before ckpt.tmp -> ckpt
+            raise OSError("simulated crash between renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
+    with pytest.raises(OSError, match="between renames"):
+        ckpt_mod.save_checkpoint(out, model=model, train_config={}, trainer={"step": 9})
+    monkeypatch.undo()
+    assert not (out / "ckpt").exists() and (out / ckpt_mod.OLD).exists()
+    assert load_model(out) is not None  # readable without repair
+    path = ckpt_mod.find_checkpoint(out)  # repairs
+    assert path == out / "ckpt" and read_checkpoint(path).step == 8
+
+
+# ---- errors ----
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("truncate_weights", ["model.safetensors", "truncated"]),
+        ("delete_trainer", ["trainer.pt", "missing"]),
+        ("garble_trainer", ["trainer.pt", "cannot be read"]),
+        ("delete_manifest", ["checkpoint.json", "missing"]),
+    ],
+)
+def test_corrupt_checkpoint_error_names_the_file(reference, tmp_path, damage, words):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    ck = out / "ckpt"
+    if damage == "truncate_weights":
+        data = (ck / "model.safetensors").read_bytes()
+        (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "delete_trainer":
+        (ck / "trainer.pt").unlink()
+    elif damage == "garble_trainer":
+        n = (ck / "trainer.pt").stat().st_size
+        (ck / "trainer.pt").write_bytes(b"\0" * n)
+    else:
+        (ck / "checkpoint.json").unlink()
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_cfg(out, max_steps=10), **sources())
+    msg = str(e.value)
+    for w in words:
+        assert w in msg, msg
+    assert "delete" in msg and str(ck) in msg
+
+
+def test_truncated_weights_fail_in_load_model_too(reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    with open(out / "ckpt" / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(out)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_model(tmp_path / "nothing")
+
+
+def test_resume_with_different_config_names_the_fields(reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    with pytest.raises(ValueError) as e:
+        train(tiny_cfg(out, lr=5e-3, batch_size=3, save_every=2), **sources())
+    msg = str(e.value)
+    assert "lr: checkpoint 0.01, now 0.005" in msg and "batch_size" in msg
+    listed = [line.split(":")[0].strip() for line in msg.splitlines() if line.startswith("  ")]
+    assert listed == ["batch_size", "lr"]  # save_every may change on resume: not a difference
+    with pytest.raises(ValueError, match="hidden_size"):
+        train(tiny_cfg(out, model=dict(TINY, hidden_size=64)), **sources())
+    with pytest.raises(ValueError, match="raise --max-steps"):
+        train(tiny_cfg(out, max_steps=6), **sources())
+    # raising max_steps continues the run; the first 8 steps stay as they were
+    result = train(tiny_cfg(out, max_steps=10), **sources())
+    assert result.resumed_from == 8 and result.step == 10
+    assert train_losses(out)[:8] == train_losses(ref_out) and [s for s, _ in train_losses(out)] == list(range(1, 11))
+
+
+# ---- DDP ----
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_cfg(out, max_steps, batch_size):
+    return tiny_cfg(
+        out, model=dict(TINY, gumbel=False), grad_clip=0.0, batch_size=batch_size, max_steps=max_steps, save_every=2, eval_every=2
+    )
+
+
+def _run_twice(out, batch_size) -> dict:
+    """Step 1 (gradients kept), then resume to step 3: what both the DDP and the single-process runs do."""
+    r1 = train(_ddp_cfg(out, 1, batch_size), **sources())
+    grads = {n: p.grad.clone() for n, p in r1.model.named_parameters()}
+    r3 = train(_ddp_cfg(out, 3, batch_size), **sources())
+    params = {n: p.detach().clone() for n, p in r3.model.named_parameters()}
+    return {"grads": grads, "params": params}
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, result_dir: str):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    from gca.train import distributed as D
+
+    D.setup("cpu")  # joins the group as torchrun's env would have train() do; kept for both runs
+    try:
+        torch.save(_run_twice(out, batch_size=2), os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        D.teardown()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ddp"
+    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 60
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish within 60 s")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for n in r0["params"]:  # DDP keeps the replicas identical, bit for bit
+        assert torch.equal(r0["params"][n], r1["params"][n]), n
+    single = _run_twice(tmp_path / "single", batch_size=4)
+    for n, g in single["grads"].items():
+        torch.testing.assert_close(r0["grads"][n], g, atol=1e-5, rtol=1e-4, msg=f"gradient of {n}")
+    ddp_l, one_l = train_losses(out), train_losses(tmp_path / "single")
+    assert [s for s, _ in ddp_l] == [1, 2, 3]
+    assert ddp_l[0][1] == pytest.approx(one_l[0][1], abs=1e-5)  # the all-reduced mean
+    for (_, a), (_, b) in zip(ddp_l, one_l):
+        assert a == pytest.approx(b, abs=1e-3)
+    ddp_v, one_v = val_losses(out), val_losses(tmp_path / "single")
+    assert [s for s, _ in ddp_v] == [1, 2, 3] and ddp_v[0][1] == pytest.approx(one_v[0][1], abs=1e-5)
+    ck = read_checkpoint(out / "ckpt")
+    assert ck.step == 3 and ck.trainer["world_size"] == 2 and len(ck.trainer["rng"]) == 2
