@@ -123,7 +123,7 @@ def _check_against_reference(shape, dtype, softmax_one, pattern):
     q, k, v, idx, w = _inputs(**shape, dtype=dtype, pattern=pattern)
     g = torch.randn(q.shape, dtype=dtype, device=q.device)
     ours = _run(lambda *a, **kw: grouped_cross_attention(*a, **kw, impl="triton"), q, k, v, idx, w, g, softmax_one)
-    ref = _run(gca_reference, *(t.double().cpu() for t in (q, k, v)), idx.cpu(), w.double().cpu(), g.double().cpu(), softmax_one)
+    ref = _run(gca_reference, q.double(), k.double(), v.double(), idx, w.double(), g.double(), softmax_one)
     low_fn = gca_reference if dtype == torch.float32 else _reference_lowp
     low = _run(low_fn, q, k, v, idx, w, g, softmax_one)
     names = ("out", "dq", "dmem_k", "dmem_v", "dweights")
@@ -131,8 +131,8 @@ def _check_against_reference(shape, dtype, softmax_one, pattern):
         assert a.dtype == t.dtype, f"{name}: dtype {a.dtype}, expected {t.dtype}"
         assert not a.isnan().any(), f"{name}: NaN (an element was never written)"
         mag = r.abs().max().item() + 1e-12
-        err = (a.double().cpu() - r).abs().max().item() / mag
-        err_low = (lo.double().cpu() - r).abs().max().item() / mag
+        err = (a.double() - r).abs().max().item() / mag
+        err_low = (lo.double() - r).abs().max().item() / mag
         factor = 2 if name == "out" else 3
         assert err <= factor * err_low + FLOOR[dtype], f"{name}: rel err {err:.2e} > {factor} x {err_low:.2e} + {FLOOR[dtype]}"
     # empty slots get exactly zero weight gradient
@@ -143,7 +143,7 @@ def _check_against_reference(shape, dtype, softmax_one, pattern):
 SMALL = {
     "S16-D32-H4-Hk2-K3": dict(B=1, Cq=3, Cm=4, S=16, Sm=16, H=4, Hk=2, D=32, K=3),
     "S48-Sm24-D64-H4-Hk1-K3": dict(B=1, Cq=2, Cm=3, S=48, Sm=24, H=4, Hk=1, D=64, K=3),
-    "S64-Sm40-D32-H2-Hk2-K1": dict(B=2, Cq=2, Cm=3, S=64, Sm=40, H=2, Hk=2, D=32, K=1),
+    "S64-Sm80-D32-H2-Hk2-K1": dict(B=2, Cq=2, Cm=3, S=64, Sm=80, H=2, Hk=2, D=32, K=1),
 }
 # larger shapes, CUDA only
 LARGE = {
@@ -168,11 +168,32 @@ def test_bf16(shape, softmax_one):
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
 @pytest.mark.parametrize("shape", list(LARGE))
 def test_large_cuda(shape, softmax_one, dtype):
     _check_against_reference(LARGE[shape], dtype, softmax_one, "causal")
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", list(LARGE)[:2])
+def test_fp16_cuda(shape):
+    _check_against_reference(LARGE[shape], torch.float16, True, "causal")
+
+
+# launch-config variants the default configs do not reach at these shapes
+VARIANTS = {
+    "dkdv-transposed": {"dkdv": {"TRANSPOSED": True}},
+    "16-row-blocks": {"fwd": {"BLOCK_M": 16}, "dq": {"BLOCK_M": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 16}},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(SMALL)[1:])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variants(variant, shape, dtype, monkeypatch):
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", VARIANTS[variant])
+    _check_against_reference(SMALL[shape], dtype, True, "repeated")
 
 
 @pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
@@ -215,7 +236,7 @@ def test_empty_and_edge_cases():
         q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=2, S=16, Sm=16, H=2, Hk=1, D=16, K=K, dtype=torch.float32)
         if fill is not None:
             idx.fill_(fill)
-        out, dq, dk, dv, dw = _run(lambda *a, **kw: gt.gca_triton(*a, **kw), q, k, v, idx, w, torch.randn(q.shape), False)
+        out, dq, dk, dv, dw = _run(gt.gca_triton, q, k, v, idx, w, torch.randn(q.shape, device=q.device), False)
         for t in (out, dq, dk, dv, dw):
             assert not t.isnan().any() and (t == 0).all()
 
@@ -235,6 +256,16 @@ def test_opcheck():
         torch.ops.gca.fwd.default, (q, k, v, idx, w, True, 0.25),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+    torch.library.opcheck(
+        torch.ops.gca.decode.default, (q[:, 0], k, v, idx[:, 0], w[:, 0], False, 0.25),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@cuda_only
+def test_auto_dispatch_uses_triton_on_cuda():
+    q, k, v, idx, w = _inputs(B=1, Cq=4, Cm=4, S=64, Sm=64, H=4, Hk=2, D=64, K=2, dtype=torch.bfloat16)
+    assert torch.equal(grouped_cross_attention(q, k, v, idx, w), gt.gca_triton(q, k, v, idx, w))
 
 
 def test_torch_compile_aot_eager():

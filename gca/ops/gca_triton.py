@@ -9,8 +9,8 @@ Dimension letters (as in :mod:`gca.ops.gca_ref`):
     R   = G * S, the rows of one head group: the G query heads of a memory head stacked, row
         r = g * S + s is position s of query head hk * G + g
     T   query tokens of the decode path (1..S)
-    BLOCK_M rows of R per tile, BLOCK_N >= Sm memory positions per tile (one tile holds a whole
-    memory chunk, Sm <= 128), BLOCK_D = D.
+    BLOCK_M rows of R per tile; BLOCK_N memory positions per tile (forward and dQ: one tile holds
+    a whole memory chunk, Sm <= 128; dK/dV: at most 64 per program); BLOCK_D = D.
 
 What the kernels compute (see :func:`gca.ops.grouped_cross_attention` for the contract):
     O_i = softmax(scale * Q K_i^T) V_i for each slot i (K_i, V_i = memory chunk indices[b, c, i]),
@@ -25,13 +25,16 @@ Kernels
                           Saves the per-slot logsumexp, LSE (B, Cq, H, K, S) fp32, for the backward.
                           With NSPLIT = K (decode) each program does one slot and writes w_i O_i to
                           a (K, ...) fp32 buffer that is summed afterwards.
-    ``_gca_bwd_dq_kernel``  same grid as the forward: recomputes P_i and O_i per slot and gives
-                          dQ, DELTA_i = rowsum(dO * O_i) (B, Cq, H, K, S) and per-program partial
-                          sums of dw_i = sum_{s,h} <dO, O_i>.
-    ``_gca_bwd_dkdv_kernel``  one program per (memory chunk (b, m), memory head hk): loops over the
-                          (query chunk, slot) pairs that retrieved chunk m, found through an inverted
-                          index (stable sort of the flattened indices + CSR offsets, built with torch
-                          ops on the device, no host sync), and accumulates dK, dV in registers.
+    ``_gca_bwd_dq_kernel``  same grid as the forward: recomputes P_i per slot (from LSE) and gives
+                          dQ, DELTA_i = rowsum(dO * O_i) = rowsum(P_i * dO V_i^T) (B, Cq, H, K, S)
+                          and per-program partial sums of dw_i = sum_{s,h} <dO, O_i>.
+    ``_gca_bwd_dkdv_kernel``  one program per (memory chunk (b, m), memory head hk, block of <= 64
+                          memory positions): loops over the (query chunk, slot) pairs that retrieved
+                          chunk m, found through an inverted index (stable sort of the flattened
+                          indices + CSR offsets, built with torch ops on the device, no host sync),
+                          recomputes P_i^T from LSE and accumulates dK, dV in registers.
+The memory head is the slowest grid axis, so programs running together share one (b, hk) slice of
+the memory (and of q / dO in the backward), a few MB that stay in L2 however often they are retrieved.
 Gradient formulas, per slot i (P_i includes the +1 denominator when softmax_one):
     dV_i = w_i P_i^T dO,  dS_i = w_i P_i * (dO V_i^T - DELTA_i),  dQ = scale sum_i dS_i K_i,
     dK_i = scale dS_i^T Q,  dw_i = sum DELTA_i  (zero for empty slots).
@@ -44,11 +47,13 @@ Supported: q, mem_k, mem_v in fp16 / bf16 / fp32 (fp32 accumulation; fp32 dots i
 not TF32); weights of any float dtype; D a power of two in [16, 128]; Sm in [1, 128]; any S; K >= 0.
 Other inputs fall back to :func:`gca.ops.gca_ref.gca_reference` with a warning.
 
-Layers: kernels -> launchers (``gca_fwd`` / ``gca_bwd``: allocation, grid, configs) -> ``torch.library``
-custom ops ``gca::fwd`` / ``gca::bwd`` with fake (meta) kernels and ``register_autograd`` (the
-autograd glue, so ``torch.compile`` sees opaque ops) -> public ``gca_triton`` and ``gca_decode``.
+Layers: kernels -> launchers (``gca_fwd`` / ``gca_bwd``: allocation, grid, configs by shape in
+``_config``) -> ``torch.library`` custom ops ``gca::fwd`` / ``gca::bwd`` / ``gca::decode`` with fake
+(meta) kernels, and ``register_autograd`` on ``gca::fwd`` as the autograd layer (it plays the part of
+an ``autograd.Function``; ``torch.compile`` sees opaque ops) -> public ``gca_triton`` and ``gca_decode``.
 On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module
-is imported), which is how CI tests them.
+is imported), which is how CI tests them; two interpreter gaps are worked around there (loops over
+loaded bounds become ``while`` loops; bf16 dot operands are upcast after rounding).
 """
 
 import warnings
@@ -69,6 +74,27 @@ POISON_OUTPUTS = False
 CONFIG_OVERRIDES: dict = {}
 
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# @triton.jit picks the interpreter when TRITON_INTERPRET=1 at decoration time, i.e. when this
+# module is imported (setting it later has no effect on these kernels).
+INTERPRET = type(_probe).__name__ == "InterpretedFunction"
+# The interpreter's tl.dot gives garbage for bfloat16 operands (Triton 3.6, numpy 2.4): there, dot
+# operands are upcast to float32 after the same rounding (so results match the GPU's bf16 dots).
+_UPCAST_DOTS = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    if _UPCAST_DOTS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,20 +151,21 @@ def _gca_fwd_kernel(
             MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
             mask=col_ok[:, None], other=0.0,
         )
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (M, N), log2 units
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        m = tl.max(qk, 1)
+        qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N), unscaled
+        if Sm % BLOCK_N != 0:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        m = tl.max(qk, 1) * qk_scale  # log2 units (qk_scale = scale * log2(e) > 0)
         if SOFTMAX_ONE:
             m = tl.maximum(m, 0.0)
-        p = tl.exp2(qk - m[:, None])
+        p = tl.exp2(qk * qk_scale - m[:, None])  # one FMA + exp2 per element
         l = tl.sum(p, 1)
         if SOFTMAX_ONE:
             l += tl.exp2(-m)
-        o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        o = _dot(p.to(v.dtype), v, None, DOT_PREC)
         acc += o * (w / l)[:, None]
         if STORE_LSE:
             lse = (m + tl.log2(l)) * 0.6931471805599453  # natural-log logsumexp
-            tl.store(LSE + (((b * Cq + c) * H + h) * K + i) * S + s, lse, mask=row_ok)
+            tl.store(LSE + pid_bc * (H * K * S) + i * S + (h * (K * S) + s), lse, mask=row_ok)
     tl.store(
         O + split * so_p + b * so_b + c * so_c + s[:, None] * so_s + h[:, None] * so_h + d[None, :] * so_d,
         acc.to(O.dtype.element_ty), mask=row_ok[:, None],
@@ -199,65 +226,79 @@ def _gca_bwd_dq_kernel(
             MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
             mask=col_ok[:, None], other=0.0,
         )
-        stat = (((b * Cq + c) * H + h) * K + i) * S + s
+        stat = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)  # (B, Cq, H, K, S) contiguous
         lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        p = tl.exp2(qk - lse[:, None])  # normalised P_i, (M, N)
-        o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)  # O_i rows
-        delta = tl.sum(do.to(tl.float32) * o, 1)  # <dO, O_i> per row; 0 on masked rows (dO = 0)
+        qk = _dot(q, tl.trans(k), None, DOT_PREC)
+        if Sm % BLOCK_N != 0:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        p = tl.exp2(qk * qk_scale - lse[:, None])  # normalised P_i, (M, N)
+        dp = _dot(do, tl.trans(v), None, DOT_PREC)  # dO V_i^T
+        # <dO, O_i> = <dO, P_i V_i> = rowsum(P_i * dO V_i^T): no need to recompute O_i
+        delta = tl.sum(p * dp, 1)  # 0 on masked rows (dO = 0)
         tl.store(DELTA + stat, delta, mask=row_ok)
         tl.store(DWP + (pid_bc * K + i) * n_part + part, tl.where(valid, tl.sum(delta, 0), 0.0))
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None]) * w
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC)
     dq = dq * scale
     tl.store(
-        DQ + (((b * Cq + c) * S + s[:, None]) * H + h[:, None]) * BLOCK_D + d[None, :],  # contiguous
+        DQ + pid_bc * (S * H * BLOCK_D) + ((s[:, None] * H + h[:, None]) * BLOCK_D + d[None, :]),  # contiguous
         dq.to(DQ.dtype.element_ty), mask=row_ok[:, None],
     )
 
 
 @triton.jit
-def _dkdv_pair(
-    j, dk, dv, k, v, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+def _dkdv_step(
+    t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
     sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
-    """dK, dV contributions of the j-th (query chunk, slot) pair that retrieved this memory chunk."""
+    """dK, dV contributions of step t: row block t % NRB of the (t // NRB)-th (query chunk, slot)
+    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop)."""
+    NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
     d = tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    col_ok = n < Sm
-    pair = tl.load(ORDER + j)  # flattened (b * Cq + c) * K + i
+    pair = tl.load(ORDER + t // NRB)  # flattened (b * Cq + c) * K + i
     bc = pair // K
     i = pair % K
     c = bc % Cq
     w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
-    for r0 in range(0, G * S, BLOCK_M):
-        r = r0 + tl.arange(0, BLOCK_M)
-        row_ok = r < G * S
-        s = r % S
-        h = hk * G + r // S
-        q = tl.load(
-            Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
-            mask=row_ok[:, None], other=0.0,
-        )
-        do = tl.load(
-            DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
-            mask=row_ok[:, None], other=0.0,
-        ).to(q.dtype)
-        stat = ((bc * H + h) * K + i) * S + s
-        lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        p = tl.exp2(qk - lse[:, None])  # (M, N); masked rows give p = 1 but dO = delta = 0 there
-        dv = tl.dot(tl.trans((p * w).to(do.dtype)), do, dv, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    r = (t % NRB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < G * S
+    s = r % S
+    h = hk * G + r // S
+    q = tl.load(
+        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
+        mask=row_ok[:, None], other=0.0,
+    )
+    do = tl.load(
+        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
+        mask=row_ok[:, None], other=0.0,
+    ).to(q.dtype)
+    stat = bc * (H * K * S) + i * S + (h * (K * S) + s)
+    lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+    if TRANSPOSED:
+        # (memory position x query row) tiles: P^T and dS^T come straight out of the dots as the
+        # A operands of the dV and dK products
+        qkT = _dot(k, tl.trans(q), None, DOT_PREC)  # (N, M)
+        if Sm % BLOCK_N != 0:
+            qkT = tl.where(col_ok[:, None], qkT, float("-inf"))
+        pT = tl.exp2(qkT * qk_scale - lse[None, :])  # masked rows give p = 1 but dO = delta = 0 there
+        dv = _dot((pT * w).to(do.dtype), do, dv, DOT_PREC)
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # V dO^T
+        dsT = pT * (dpT - delta[None, :]) * w
+        dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC)
+    else:
+        qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N)
+        if Sm % BLOCK_N != 0:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        p = tl.exp2(qk * qk_scale - lse[:, None])
+        dv = _dot(tl.trans((p * w).to(do.dtype)), do, dv, DOT_PREC)
+        dp = _dot(do, tl.trans(v), None, DOT_PREC)
         ds = p * (dp - delta[:, None]) * w
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PREC)
     return dk, dv
 
 
@@ -272,13 +313,19 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
     b = pid_bm // Cm
     mc = pid_bm % Cm
     d = tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
+    # memory positions are split over programs: with P_i = exp(QK^T - LSE) and DELTA known, the
+    # columns of dK, dV are independent (halves the accumulators for Sm = 128)
+    if Sm <= BLOCK_N:
+        n = tl.arange(0, BLOCK_N)
+    else:
+        n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = n < Sm
 
     k = tl.load(
@@ -291,43 +338,40 @@ def _gca_bwd_dkdv_kernel(
     )
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    start = tl.load(OFFS + pid_bm)
-    end = tl.load(OFFS + pid_bm + 1)
+    NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
+    start = tl.load(OFFS + pid_bm) * NRB
+    end = tl.load(OFFS + pid_bm + 1) * NRB
     if USE_WHILE:
         # the Triton interpreter (numpy >= 2.3) cannot run `range` over loaded scalars
-        j = start
-        while j < end:
-            dk, dv = _dkdv_pair(
-                j, dk, dv, k, v, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+        t = start
+        while t < end:
+            dk, dv = _dkdv_step(
+                t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
-            j += 1
+            t += 1
     else:
-        for j in range(start, end):
-            dk, dv = _dkdv_pair(
-                j, dk, dv, k, v, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+        for t in range(start, end):
+            dk, dv = _dkdv_step(
+                t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
     dk = dk * scale
-    out = (((b * Cm + mc) * Sm + n[:, None]) * Hk + hk) * BLOCK_D + d[None, :]  # contiguous (B, Cm, Sm, Hk, D)
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    base = pid_bm * (Sm * Hk * BLOCK_D)  # contiguous (B, Cm, Sm, Hk, D)
+    out = (n[:, None] * Hk + hk) * BLOCK_D + d[None, :]
+    tl.store(DK + base + out, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + base + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-# @triton.jit picks the interpreter when TRITON_INTERPRET=1 at decoration time, i.e. when this
-# module is imported (setting it later has no effect on these kernels).
-INTERPRET = type(_gca_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _alloc(shape, dtype, device, zero=False):
-    if zero:
-        return torch.zeros(shape, dtype=dtype, device=device)
+def _alloc(shape, dtype, device):
     t = torch.empty(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS and t.is_floating_point():
         t.fill_(float("nan"))
@@ -343,26 +387,30 @@ def _block_n(Sm):
     return max(16, triton.next_power_of_2(Sm))
 
 
+def _block_m(R, cap):
+    """Rows per tile: the power of two in [16, cap] that pads R = G * S least (larger on ties),
+    e.g. R = 192 -> 64 (3 full tiles) rather than 128 (2 tiles, a quarter masked)."""
+    sizes = [bm for bm in (128, 64, 32, 16) if bm <= cap]
+    return min(sizes, key=lambda bm: (triton.cdiv(R, bm) * bm, -bm))
+
+
 def _config(kind, R, Sm, D, on_cuda):
     """Tile and launch config by shape. R = G * S rows per head group."""
-    bn = _block_n(Sm)
-    big = D * bn >= 128 * 128
+    big = D * _block_n(Sm) >= 128 * 128
     if kind == "fwd":
-        bm = min(max(16, triton.next_power_of_2(R)), 64 if big else 128)
+        bm = _block_m(R, 64 if big else 128)
         cfg = dict(BLOCK_M=bm, num_warps=8 if bm * D >= 128 * 64 else 4, num_stages=2 if big else 3)
     elif kind == "dq":
-        bm = min(max(16, triton.next_power_of_2(R)), 64)
-        cfg = dict(BLOCK_M=bm, num_warps=8 if big else 4, num_stages=2)
-    else:  # dkdv
-        bm = min(max(16, triton.next_power_of_2(R)), 64)
-        cfg = dict(BLOCK_M=bm, num_warps=8 if big else 4, num_stages=2)
+        cfg = dict(BLOCK_M=_block_m(R, 64), num_warps=8 if D >= 128 else 4, num_stages=2)
+    else:  # dkdv; BLOCK_N: memory positions per program
+        cfg = dict(BLOCK_M=_block_m(R, 64), BLOCK_N=64, TRANSPOSED=False, num_warps=8 if D >= 128 else 4, num_stages=2)
     cfg.update(CONFIG_OVERRIDES.get(kind, {}))
     if not on_cuda:  # the interpreter ignores warps/stages
         cfg.update(num_warps=1, num_stages=1)
     return cfg
 
 
-def supports(q, mem_k, mem_v=None, weights=None):
+def supports(q, mem_k, scale=1.0):
     """None if the Triton kernels handle these inputs, else the reason they do not."""
     D = q.shape[-1]
     Sm = mem_k.shape[2]
@@ -372,6 +420,8 @@ def supports(q, mem_k, mem_v=None, weights=None):
         return f"head size D={D} (needs a power of two in [16, 128])"
     if Sm > 128:
         return f"memory chunk length Sm={Sm} (needs Sm <= 128)"
+    if not scale > 0:
+        return f"scale={scale} (needs scale > 0: the kernels fold it into a base-2 softmax)"
     return None
 
 
@@ -438,6 +488,7 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     G = H // Hk
     scale = D**-0.5 if scale is None else float(scale)
     dev = q.device
+    lse = lse.contiguous()  # indexed as (B, Cq, H, K, S) contiguous
     dq = _alloc((B, Cq, S, H, D), q.dtype, dev)
     dk = _alloc((B, Cm, Sm, Hk, D), mem_k.dtype, dev)
     dv = _alloc((B, Cm, Sm, Hk, D), mem_v.dtype, dev)
@@ -463,11 +514,12 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     order, offsets = _inverted_index(indices, Cm)
     cfg = _config("dkdv", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
-    _gca_bwd_dkdv_kernel[(B * Cm, Hk)](
+    bn_kv = min(bn, cfg.pop("BLOCK_N"))
+    _gca_bwd_dkdv_kernel[(B * Cm, Hk, triton.cdiv(Sm, bn_kv))](
         q, mem_k, mem_v, weights, do, lse, delta, order, offsets, dk, dv,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
         Cq, Cm, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, **cfg,
+        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D, **cfg,
     )
     return dq, dk, dv, dw
 
@@ -524,6 +576,22 @@ def _backward(ctx, do, _dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("gca::decode", mutates_args=())
+def _decode_op(
+    q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+    softmax_one: bool, scale: float,
+) -> torch.Tensor:
+    q5, idx5, w5 = q.unsqueeze(1), indices.unsqueeze(1), weights.unsqueeze(1)
+    K = indices.shape[-1]
+    out, _ = gca_fwd(q5, mem_k, mem_v, idx5, w5, softmax_one, scale, nsplit=max(K, 1), store_lse=False)
+    return out[:, 0]
+
+
+@_decode_op.register_fake
+def _decode_fake(q, mem_k, mem_v, indices, weights, softmax_one, scale):
+    return q.new_empty(q.shape)
+
+
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
@@ -535,11 +603,11 @@ def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
 
     Differentiable in q, mem_k, mem_v and weights; works under ``torch.compile``. Inputs the kernels
     do not support (see :func:`supports`) are computed by the reference, with a warning."""
-    reason = supports(q, mem_k)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    reason = supports(q, mem_k, scale)
     if reason is not None:
         warnings.warn(f"gca_triton: unsupported {reason}; using the PyTorch reference", stacklevel=2)
         return gca_reference(q, mem_k, mem_v, indices, weights, softmax_one=softmax_one, scale=scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = torch.ops.gca.fwd(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
     return out
 
@@ -555,16 +623,14 @@ def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
     Returns ``(B, T, H, D)`` in q's dtype, equal to the main op with Cq = 1. The grid is split over
     slots x memory heads (x batch), so batch 1 still fills the GPU; slot results are summed in fp32.
     """
-    B, T, H, D = q.shape
-    q5, idx5, w5 = q.unsqueeze(1), indices.long().unsqueeze(1), weights.unsqueeze(1)
+    D = q.shape[-1]
     scale = D**-0.5 if scale is None else float(scale)
-    reason = supports(q5, mem_k)
+    reason = supports(q, mem_k, scale)
     if reason is not None:
         warnings.warn(f"gca_decode: unsupported {reason}; using the PyTorch reference", stacklevel=2)
+        q5, idx5, w5 = q.unsqueeze(1), indices.unsqueeze(1), weights.unsqueeze(1)
         return gca_reference(q5, mem_k, mem_v, idx5, w5, softmax_one=softmax_one, scale=scale)[:, 0]
-    K = indices.shape[-1]
-    out, _ = gca_fwd(q5, mem_k, mem_v, idx5, w5, softmax_one, scale, nsplit=max(K, 1), store_lse=False)
-    return out[:, 0]
+    return torch.ops.gca.decode(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,9 +639,9 @@ def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
 
 
 def flops(B, Cq, S, Sm, H, D, K, backward=False):
-    """Matmul FLOPs: per (query chunk, slot, head) two S x Sm x D products (QK^T and PV), 2 FLOPs
-    per multiply-add. The backward as implemented does 8 products (it recomputes QK^T in both
-    kernels and PV once); counted here as the algorithmic 5 (QK^T recompute, dV, dP, dQ, dK)."""
+    """Matmul FLOPs: per (query chunk, slot, head) two S x Sm x D products (QK^T and PV) in the
+    forward, 2 FLOPs per multiply-add. The backward is counted as its algorithmic 5 products (QK^T
+    recompute, dV, dP, dQ, dK); the kernels do 7 (QK^T and dP are computed in both kernels)."""
     f = 4 * B * Cq * K * S * Sm * H * D
     return f * 5 / 2 if backward else f
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU check for the fused GCA kernels, run from the repository root on a CUDA machine:
+#   1. the kernel tests on CUDA (including the larger shapes and torch.compile),
+#   2. the benchmark (correctness at the SPEC shape, timings, results JSON + markdown),
+#   3. a launch-config sweep at the SPEC shape (to pick the default configs).
+# Logs and results go under "$OUT" (default benchmarks/results/gpu_check). Budget: < 8 minutes.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh
+set -uo pipefail
+OUT="${OUT:-benchmarks/results/gpu_check}"
+mkdir -p "$OUT/results"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee "$OUT/env.txt"
+
+start=$(date +%s)
+timeout 220 python -m pytest -q -rs --durations=15 tests/test_gca_triton.py 2>&1 | tee "$OUT/pytest.log"
+test_rc=${PIPESTATUS[0]}
+echo "pytest rc=$test_rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/pytest.log"
+
+start=$(date +%s)
+timeout 170 python benchmarks/bench_gca.py --out-dir "$OUT/results" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+echo "bench rc=$bench_rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/bench.log"
+
+start=$(date +%s)
+timeout 80 python benchmarks/bench_gca.py --sweep-only --out-dir "$OUT/results" 2>&1 | tee "$OUT/sweep.log"
+echo "sweep rc=${PIPESTATUS[0]} in $(( $(date +%s) - start ))s" | tee -a "$OUT/sweep.log"
+
+echo "pytest rc=$test_rc bench rc=$bench_rc" | tee "$OUT/summary.txt"
+exit $(( test_rc != 0 || bench_rc != 0 ))
