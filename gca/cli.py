@@ -104,6 +104,7 @@ def _add_train(sub) -> None:
     g.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps and at the end (default {d.save_every})")
     g.add_argument("--log-every", type=int, default=d.log_every, help=f"log.jsonl row every N steps (default {d.log_every})")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help=f"validation every N steps and at the end, 0 = never (default {d.eval_every})")
+    g.add_argument("--time-limit", type=float, default=0.0, help="stop with a checkpoint after this many minutes (0 = no limit); rerun to resume")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help=f"validation batches per process (default {d.eval_batches})")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g = p.add_argument_group("execution")
@@ -135,6 +136,7 @@ def train_config_from_args(args: argparse.Namespace):
         log_every=args.log_every,
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,
+        time_limit=args.time_limit,
         seed=args.seed,
         out=args.out,
         device=args.device,
@@ -299,8 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_prepare(sub)
     _add_train(sub)
-    for name in ("eval", "generate", "bench"):
-        _add_planned(sub, name)
+    from gca.eval.cli import add_eval, add_generate
+
+    add_eval(sub)
+    add_generate(sub)
+    _add_planned(sub, "bench")
     _add_demo(sub)
     return p
 

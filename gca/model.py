@@ -50,8 +50,10 @@ class DRT(nn.Module):
             raise TypeError(f"DRT expects a DRTConfig, got {type(config).__name__}")
         self.config = cfg = config.validate()
         self.gradient_checkpointing = False
-        n_emb = cfg.vocab_size + (1 if cfg.arch == "drt" else 0)  # + the landmark id
-        self.embed = nn.Embedding(n_emb, cfg.hidden_size)
+        # rows: the vocabulary, the landmark id (DRT), then padding to a multiple of 64 so the tied
+        # LM head's matrix product runs on aligned tensor-core kernels (an odd 50257 does not)
+        n_emb = cfg.vocab_size + (1 if cfg.arch == "drt" else 0)
+        self.embed = nn.Embedding(-(-n_emb // 64) * 64, cfg.hidden_size)
         if cfg.arch == "drt":
             self.lower = nn.ModuleList(DecoderLayer(cfg, cfg.window) for _ in range(cfg.num_lower_layers))
             self.encoder = ChunkEncoder(cfg)
@@ -143,7 +145,7 @@ class DRT(nn.Module):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(h)
-        return F.linear(h, self.embed.weight[: self.config.vocab_size])
+        return F.linear(h, self.embed.weight)[..., : self.config.vocab_size]
 
     def _rope(self, T: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(start, start + T, device=device)

@@ -71,6 +71,15 @@ def mean_across_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x / info.world_size
 
 
+def any_across_ranks(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any rank (so all ranks stop together)."""
+    if not info.enabled:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     """Every rank's ``obj`` as a list indexed by rank (on every rank)."""
     if not info.enabled:

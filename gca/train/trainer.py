@@ -72,6 +72,7 @@ RESUMABLE_FIELDS = (
     "grad_checkpointing",
     "tensorboard",
     "progress",
+    "time_limit",
 )
 
 
@@ -111,6 +112,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     tensorboard: bool = True  # write DIR/tb when tensorboard is installed
     progress: bool = True  # tqdm progress bar on rank 0
+    time_limit: float = 0.0  # stop (with a checkpoint) after this many minutes of this process; 0 = none
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -410,6 +412,7 @@ class _Run:
                     if k != "step" and isinstance(v, (int, float)):
                         tb.add_scalar(f"train/{k}" if not k.startswith("val") else k.replace("_", "/", 1), v, row["step"])
 
+        prefetch = _Prefetcher(self.source, cfg.batch_size, info.rank, info.world_size)
         t0 = time.perf_counter()
         last_t, last_tokens = t0, start * tokens_per_step
         try:
@@ -421,7 +424,7 @@ class _Run:
                 opt.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=dev)
                 for m in range(cfg.grad_accum):
-                    batch = self.source.get_batch(s * cfg.grad_accum + m, cfg.batch_size, info.rank, info.world_size)
+                    batch = prefetch.get(s * cfg.grad_accum + m)
                     ids = batch["input_ids"].to(dev, non_blocking=True)
                     labels = batch["labels"].to(dev, non_blocking=True)
                     last_micro = m == cfg.grad_accum - 1
@@ -469,9 +472,16 @@ class _Run:
                     if info.is_main and cfg.progress:
                         bar.write(f"step {n}: val_loss {val:.4f}")
 
-                if n % cfg.save_every == 0 or n == cfg.max_steps:
+                out_of_time = cfg.time_limit > 0 and D.any_across_ranks(
+                    time.perf_counter() - t0 > 60 * cfg.time_limit, info
+                )
+                if n % cfg.save_every == 0 or n == cfg.max_steps or out_of_time:
                     self._save(model, opt, n, n * tokens_per_step, elapsed0 + time.perf_counter() - t0)
+                if out_of_time:
+                    self.say(f"time limit of {cfg.time_limit} min reached at step {n}; rerun the same command to resume")
+                    break
         finally:
+            prefetch.close()
             bar.close()
             if logf is not None:
                 logf.close()
@@ -510,6 +520,28 @@ class _Run:
             }
             tok = getattr(self.source, "tokenizer", None)
             save_checkpoint(self.out, model=model, train_config=self.cfg.to_dict(), trainer=trainer, tokenizer=tok)
+
+
+class _Prefetcher:
+    """Builds batch ``index + 1`` in a background thread while batch ``index`` trains. Batches are
+    pure functions of their index, so prefetching changes nothing but the wall-clock time."""
+
+    def __init__(self, source, batch_size: int, rank: int, world_size: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.args = (batch_size, rank, world_size)
+        self.source = source
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: dict[int, object] = {}
+
+    def get(self, index: int):
+        fut = self.pending.pop(index, None)
+        batch = fut.result() if fut is not None else self.source.get_batch(index, *self.args)
+        self.pending = {index + 1: self.pool.submit(self.source.get_batch, index + 1, *self.args)}
+        return batch
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 __all__ = ["TrainConfig", "TrainResult", "train", "param_groups", "CheckpointError", "RESUMABLE_FIELDS"]

@@ -1,0 +1,194 @@
+"""The ``gca eval`` and ``gca generate`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
+def parse_lengths(text: str, train_length: int | None) -> list[int]:
+    """``"1x,4x,16x"`` (multiples of the training length), ``"4096,64K,16M"`` (tokens)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([xXkKmM]?)", part)
+        if not m:
+            raise ValueError(f"bad length {part!r}: use e.g. 4x, 4096, 64K or 16M")
+        v, unit = float(m.group(1)), m.group(2).lower()
+        if unit == "x":
+            if not train_length:
+                raise ValueError("lengths like 4x need the training length: pass --train-length")
+            out.append(int(v * train_length))
+        else:
+            out.append(int(v * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]))
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_for_eval(ckpt: str, device: str, dtype: str):
+    """(model, train_length, tokenizer-or-None) from a run folder or checkpoint folder."""
+    from gca.train.checkpoint import load_model
+
+    dev = _device(device)
+    model = load_model(ckpt, device=dev)
+    if dtype != "float32":
+        model = model.to({"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+    root = Path(ckpt)
+    ck = root / "ckpt" if (root / "ckpt").is_dir() else root
+    train_length = None
+    tc = ck / "train_config.json"
+    if tc.exists():
+        train_length = json.loads(tc.read_text()).get("seq_len")
+    tok = None
+    if (ck / "tokenizer.json").exists():
+        from gca.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(str(ck / "tokenizer.json"))
+    return model.eval(), train_length, tok
+
+
+def _print_table(rows: list[dict], train_length: int | None) -> None:
+    from gca.eval.tasks import summarize
+
+    acc, hit = summarize(rows, "accuracy"), summarize(rows, "retrieval_hit")
+    print(f"{'task':<10} {'length':>10} {'x train':>8} {'accuracy':>9} {'retrieval hit':>14}")
+    for (task, n), a in acc.items():
+        x = f"{n / train_length:.0f}x" if train_length else "-"
+        print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {100 * hit[(task, n)]:>13.1f}%")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gca.eval.plots import plot_accuracy_vs_length, plot_heatmap, plot_ppl_vs_length
+
+    model, train_length, tok = load_for_eval(args.ckpt, args.device, args.dtype)
+    train_length = args.train_length or train_length
+    lengths = parse_lengths(args.lengths, train_length)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if args.what == "tasks":
+        from gca.eval.tasks import evaluate_tasks
+
+        tasks = [t.strip() for t in args.tasks.split(",")]
+        rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
+                              tokenizer=tok or "embedded", filler=args.filler, batch_size=args.batch_size,
+                              offload=args.offload)
+        for r in rows:
+            r.update(model=args.name or Path(args.ckpt).name, train_length=train_length)
+        (out / "tasks.json").write_text(json.dumps(rows, indent=1))
+        _print_table(rows, train_length)
+        plot_accuracy_vs_length(rows, str(out / "accuracy_vs_length.png"), train_length=train_length)
+        plot_accuracy_vs_length(rows, str(out / "retrieval_vs_length.png"), key="retrieval_hit", train_length=train_length)
+        for task in tasks:
+            plot_heatmap(rows, str(out / f"heatmap_{task}.png"), task=task)
+    else:
+        from gca.eval.perplexity import perplexity_vs_length
+
+        if not args.data:
+            raise SystemExit("gca eval ppl needs --data DIR (a folder written by gca prepare)")
+        rows = perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload)
+        for r in rows:
+            r.update(model=args.name or Path(args.ckpt).name, train_length=train_length, corpus=str(args.data))
+            x = f" ({r['context_length'] / train_length:.0f}x)" if train_length else ""
+            print(f"context {r['context_length']:>10}{x}: ppl {r['ppl']:.3f} over {r['tokens']} tokens")
+        (out / "ppl.json").write_text(json.dumps(rows, indent=1))
+        plot_ppl_vs_length(rows, str(out / "ppl_vs_length.png"), train_length=train_length)
+    print(f"wrote {out} in {time.time() - t0:.0f}s")
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="needle tasks or perplexity against context length",
+        description="Evaluate a checkpoint, streaming so only memory limits the context length.",
+        epilog="""examples:
+  gca eval tasks --ckpt runs/tiny --lengths 1x,4x,16x,64x --depths 5 --trials 20 --out runs/tiny/eval
+  gca eval tasks --ckpt runs/small --tasks passkey,multikey,2hop --lengths 16K,1M,16M --offload --dtype bfloat16
+  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 4
+
+Needle prompts end one token into a fresh chunk (see the README: where the question ends matters);
+a trial counts when the greedy continuation is exactly the answer.""",
+        formatter_class=_FMT,
+    )
+    p.add_argument("what", choices=["tasks", "ppl"], help="tasks: passkey / multikey / 2hop accuracy; ppl: perplexity")
+    p.add_argument("--ckpt", required=True, help="a run folder (gca train --out) or its ckpt/ folder")
+    p.add_argument("--lengths", default="1x,4x,16x,64x", help="context lengths: multiples of the training length (4x) or tokens (4096, 64K, 16M)")
+    p.add_argument("--train-length", type=int, default=None, help="training length for 'Nx' (default: the checkpoint's --seq-len)")
+    p.add_argument("--tasks", default="passkey", help="comma-separated: passkey, multikey, 2hop (default passkey)")
+    p.add_argument("--depths", type=int, default=5, help="needle depths, evenly spaced in [0, 1] (default 5)")
+    p.add_argument("--trials", type=int, default=20, help="trials per length and depth (default 20)")
+    p.add_argument("--batch-size", type=int, default=8, help="trials streamed together (default 8)")
+    p.add_argument("--filler", default=None, help="filler text: a prepared folder (default: embedded random words)")
+    p.add_argument("--data", default=None, help="ppl: a prepared folder; its val split is used")
+    p.add_argument("--windows", type=int, default=4, help="ppl: windows per length (default 4)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation samples (default 1234)")
+    p.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU memory")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--name", default=None, help="model name in the JSON (default: the folder name)")
+    p.add_argument("--out", default="eval", help="output folder for JSON and plots (default ./eval)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, _, tok = load_for_eval(args.ckpt, args.device, args.dtype)
+    if tok is None:
+        from gca.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+    text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    if not text:
+        raise SystemExit("give a --prompt or a --prompt-file")
+    ids = torch.tensor([tok.encode(text)], dtype=torch.long)
+    g = torch.Generator(device=model.embed.weight.device).manual_seed(args.seed)
+    t0 = time.time()
+    out = model.generate(ids.to(model.embed.weight.device), args.max_new_tokens, do_sample=args.do_sample,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, offload=args.offload,
+                         generator=g)
+    new = out[0, ids.shape[1]:].tolist()
+    sys.stdout.write(tok.decode(new) + "\n")
+    print(f"[{ids.shape[1]} prompt tokens, {len(new)} new, {time.time() - t0:.1f}s]", file=sys.stderr)
+    return 0
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt with a trained model",
+        description="Generate with the streaming cache (any prompt length; --offload keeps the chunk memory on the CPU).",
+        epilog="""examples:
+  gca generate --ckpt runs/tiny --prompt "The passkey is" --max-new-tokens 20
+  gca generate --ckpt runs/small --prompt-file book.txt --max-new-tokens 200 --do-sample --top-p 0.9 --offload""",
+        formatter_class=_FMT,
+    )
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt-file", default=None)
+    p.add_argument("--tokenizer", default="embedded", help="when the checkpoint has no tokenizer.json")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offload", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_generate)
+
+
+__all__ = ["add_eval", "add_generate", "parse_lengths", "load_for_eval"]

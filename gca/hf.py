@@ -1,0 +1,390 @@
+"""Hugging Face ``transformers`` integration: a DRT as a ``PreTrainedModel`` with ``generate()``.
+
+    import gca, gca.hf
+    hf = gca.hf.from_drt(gca.DRT(gca.DRTConfig.from_preset("tiny")))
+    hf.save_pretrained("drt-tiny")                          # config.json + model.safetensors
+    hf = AutoModelForCausalLM.from_pretrained("drt-tiny")  # after ``import gca.hf``
+    out = hf.generate(input_ids, max_new_tokens=20)        # greedy; do_sample=True samples
+    drt = hf.to_drt()                                      # back to the plain gca.DRT
+
+Install with ``pip install 'gca[hf]'``; the core ``gca`` package never imports ``transformers``.
+The config (:class:`DRTHFConfig`) holds every ``DRTConfig`` field under its own name, except
+``top_k`` (chunks retrieved), stored as ``retrieval_top_k``: ``top_k`` is a generation parameter
+in ``transformers``.
+
+How generation caches. A DRT streams through its own :class:`~gca.inference.cache.DRTCache`
+(sliding-window rings, the chunk memory and the last retrieval), which is not a per-layer
+key/value cache. It travels through ``generate()`` as ``past_key_values`` inside
+:class:`DRTHFCache`, a small ``transformers.Cache`` subclass. The model declines the default
+``DynamicCache`` (``_supports_default_dynamic_cache`` is False), so ``generate()`` starts with
+no cache; the first forward (``use_cache=True``) creates a ``DRTHFCache``, prefills the prompt and
+returns it, and :meth:`DRTForCausalLM.prepare_inputs_for_generation` then feeds only the tokens
+the cache has not seen. Every step therefore costs one streaming step, as in ``gca.DRT.generate``,
+whose greedy output it equals. With ``use_cache=False`` each step recomputes the full forward
+pass instead (correct, slow). A cache for long contexts with the chunk memory in CPU memory:
+``hf.generate(ids, past_key_values=hf.new_cache(batch_size, offload=True), ...)``.
+
+Limits. Greedy and (top-k / top-p / temperature) sampling are supported; beam search and
+assisted decoding are not (the streaming cache cannot be reordered or rolled back). Only
+all-ones attention masks are accepted: the streaming cache has no notion of padding, so batch
+sequences of equal length (or generate them one at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+try:
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+    from transformers.cache_utils import Cache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "gca.hf needs Hugging Face transformers (>= 4.50), which is not installed: "
+        "pip install 'gca[hf]'  (or: pip install 'transformers>=4.50')"
+    ) from e
+
+import torch
+
+from gca.config import DRTConfig
+from gca.inference.cache import DRTCache
+from gca.model import DRT
+
+# transformers 5 renamed the config base class (PretrainedConfig stays as an alias)
+_ConfigBase = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+
+__all__ = ["DRTHFConfig", "DRTForCausalLM", "DRTHFCache", "from_drt", "register"]
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(DRTConfig))
+# DRTConfig field -> DRTHFConfig attribute, where the name means something else to transformers:
+# ``top_k`` is a generation parameter there (it would leak into generate() and block saving).
+_RENAMED = {"top_k": "retrieval_top_k"}
+
+
+def _attr(name: str) -> str:
+    return _RENAMED.get(name, name)
+
+
+class DRTHFConfig(_ConfigBase):
+    """A ``transformers`` config holding every :class:`~gca.config.DRTConfig` field as an attribute.
+
+    The fields keep their names except ``top_k`` (chunks retrieved per chunk), stored as
+    ``retrieval_top_k`` because ``top_k`` is a ``transformers`` generation parameter. Build one with
+    :meth:`from_drt_config` (or keyword arguments); :meth:`to_drt_config` gives the validated
+    ``DRTConfig`` back. Unset fields take the ``DRTConfig`` defaults. ``tie_word_embeddings`` is
+    False on the ``transformers`` side: a DRT with ``tie_embeddings=True`` has a single embedding
+    parameter that it also uses as its output layer, so there is nothing for ``transformers`` to tie.
+    """
+
+    model_type = "drt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {"num_attention_heads": "num_heads"}
+
+    def __init__(self, **kwargs: Any):
+        if "top_k" in kwargs:
+            raise ValueError(
+                "DRTHFConfig stores DRTConfig.top_k as `retrieval_top_k` (`top_k` is a transformers "
+                "generation parameter); pass retrieval_top_k=..., or use DRTHFConfig.from_drt_config(cfg)"
+            )
+        defaults = DRTConfig().to_dict()
+        values = {name: kwargs.pop(_attr(name), defaults[name]) for name in _FIELDS}
+        if isinstance(values["upper_groups"], tuple):
+            values["upper_groups"] = list(values["upper_groups"])
+        DRTConfig(**values)  # validate now, with DRTConfig's error messages
+        for name, value in values.items():
+            setattr(self, _attr(name), value)
+        kwargs["tie_word_embeddings"] = False
+        super().__init__(**kwargs)
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Decoder layers (``num_lower_layers + sum(upper_groups)``), the name ``transformers`` uses."""
+        return self.num_lower_layers + sum(self.upper_groups)
+
+    @classmethod
+    def from_drt_config(cls, config: DRTConfig, **kwargs: Any) -> "DRTHFConfig":
+        """The ``transformers`` config of a :class:`DRTConfig` (extra ``kwargs`` go to the HF base)."""
+        if not isinstance(config, DRTConfig):
+            raise TypeError(f"expected a DRTConfig, got {type(config).__name__}")
+        return cls(**{_attr(k): v for k, v in config.to_dict().items()}, **kwargs)
+
+    def to_drt_config(self) -> DRTConfig:
+        """The validated :class:`DRTConfig` these fields describe."""
+        return DRTConfig.from_dict({name: getattr(self, _attr(name)) for name in _FIELDS})
+
+
+def _cache_base_kwargs() -> dict[str, Any]:
+    # transformers 5's Cache wants its per-layer list (we have none); 4.x's takes no arguments
+    params = inspect.signature(Cache.__init__).parameters
+    return {"layers": []} if "layers" in params else {}
+
+
+class DRTHFCache(Cache):
+    """A :class:`~gca.inference.cache.DRTCache` carried through ``transformers`` as ``past_key_values``.
+
+    It holds no per-layer key/value tensors of its own; ``get_seq_length()`` is the number of
+    user tokens the wrapped cache has consumed, which is what ``generate()`` asks of a cache.
+    It cannot be cropped or reordered, so beam search and assisted decoding are unsupported.
+    """
+
+    def __init__(self, drt_cache: DRTCache):
+        super().__init__(**_cache_base_kwargs())
+        if not isinstance(drt_cache, DRTCache):
+            raise TypeError(f"DRTHFCache wraps a gca DRTCache, got {type(drt_cache).__name__}")
+        self.drt_cache = drt_cache
+
+    def __repr__(self) -> str:
+        c = self.drt_cache
+        return f"DRTHFCache(batch_size={c.batch_size}, tokens={c.tokens}, positions={c.positions})"
+
+    def __bool__(self) -> bool:  # Cache may define __len__ (layers), which would make us falsy
+        return True
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """User tokens consumed so far (landmarks excluded)."""
+        return self.drt_cache.tokens
+
+    def get_max_length(self, *args, **kwargs) -> None:  # no maximum: the context is unbounded
+        return None
+
+    def get_max_cache_shape(self, *args, **kwargs) -> int:
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        return self.drt_cache.batch_size
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def _unsupported(self, what: str):
+        raise NotImplementedError(
+            f"DRTHFCache does not support {what}: the DRT streaming cache cannot be edited per layer, "
+            "cropped or reordered (use greedy or sampling generation, num_beams=1, no assistant model)"
+        )
+
+    def update(self, *args, **kwargs):
+        self._unsupported("per-layer key/value updates")
+
+    def crop(self, *args, **kwargs):
+        self._unsupported("cropping")
+
+    def reorder_cache(self, *args, **kwargs):
+        self._unsupported("reordering (beam search)")
+
+    def batch_repeat_interleave(self, *args, **kwargs):
+        self._unsupported("batch expansion")
+
+    def batch_select_indices(self, *args, **kwargs):
+        self._unsupported("batch selection")
+
+    def reset(self):
+        self._unsupported("reset (make a new cache with DRTForCausalLM.new_cache)")
+
+
+def _check_attention_mask(attention_mask: torch.Tensor | None) -> None:
+    """Only all-ones 2-D masks are supported (no padding)."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError(
+            "DRTForCausalLM accepts only a 2-D (batch, length) attention_mask of ones, got "
+            f"{type(attention_mask).__name__}"
+            + (f" of shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor) else "")
+        )
+    if not bool((attention_mask == 1).all()):
+        raise ValueError(
+            "DRTForCausalLM does not support padding: attention_mask must be all ones. The DRT "
+            "streaming cache has no notion of padded (e.g. left-padded) positions; batch sequences "
+            "of equal length together, or run them one at a time."
+        )
+
+
+try:  # transformers 5 validates the generation mode against this list
+    from transformers.generation.configuration_utils import GenerationMode as _GenerationMode
+
+    _MODES = (_GenerationMode.GREEDY_SEARCH, _GenerationMode.SAMPLE)
+except ImportError:  # pragma: no cover
+    _MODES = None
+
+
+class DRTForCausalLM(PreTrainedModel, GenerationMixin):
+    """A :class:`gca.DRT` (as ``self.model``) behind the ``transformers`` causal-LM interface.
+
+    ``forward(input_ids, labels=None, past_key_values=None, use_cache=None, attention_mask=None)``
+    returns a ``CausalLMOutputWithPast``. Without a cache it is one full forward pass of the DRT
+    (with the DRT's loss when ``labels`` are given, shifted inside as in ``transformers``). With
+    ``past_key_values`` (a :class:`DRTHFCache`), or ``use_cache=True``, the tokens continue the
+    cached sequence through the DRT's streaming path, only their logits are returned (equal to the
+    full pass up to rounding; no gradients) and the cache is returned as ``past_key_values``.
+    """
+
+    config_class = DRTHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    # a tied DRT has one embedding parameter that is also its output layer: nothing to tie or untie
+    _tied_weights_keys = None
+    _is_stateful = True  # the streaming cache cannot be rolled back: no assisted decoding
+    _supports_cache_class = True  # transformers 4.x: past_key_values is a Cache object
+    if _MODES is not None:
+        _supported_generation_modes = _MODES
+
+    def __init__(self, config: DRTHFConfig):
+        super().__init__(config)
+        self.model = DRT(config.to_drt_config())
+        self.post_init()
+
+    # ---- weights ----
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """No-op: ``gca.DRT`` initialises its own weights (depth-scaled residual projections
+        included) when it is built; checkpoints overwrite them on loading."""
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        """The DRT's token embedding; its last row (id ``vocab_size``) is the landmark."""
+        return self.model.embed
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        self.model.embed = value
+
+    def get_output_embeddings(self):
+        """The untied LM head, or None when the DRT reuses its embedding as the output layer."""
+        return self.model.lm_head
+
+    # ---- conversion ----
+    @classmethod
+    def from_drt(cls, model: DRT) -> "DRTForCausalLM":
+        """Wrap an existing :class:`gca.DRT` (its parameters are shared, not copied)."""
+        if not isinstance(model, DRT):
+            raise TypeError(f"expected a gca.DRT, got {type(model).__name__}")
+        config = DRTHFConfig.from_drt_config(model.config)
+        with torch.device("meta"):  # skip building and initialising a throwaway DRT
+            hf = cls(config)
+        hf.model = model
+        hf.train(model.training)
+        return hf
+
+    def to_drt(self) -> DRT:
+        """The wrapped :class:`gca.DRT` (shared, not copied)."""
+        return self.model
+
+    def new_cache(self, batch_size: int = 1, offload: bool = False, **kwargs: Any) -> DRTHFCache:
+        """An empty streaming cache to pass as ``past_key_values`` (``offload=True`` keeps the chunk
+        memory in CPU memory); ``kwargs`` go to :meth:`gca.DRT.new_cache`."""
+        return DRTHFCache(self.model.new_cache(batch_size, offload=offload, **kwargs))
+
+    # ---- forward ----
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: DRTHFCache | None = None,
+        use_cache: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Logits (and loss) for ``input_ids`` ``(B, L)``; see the class docstring for the cache.
+
+        ``position_ids``, ``cache_position`` and other generation bookkeeping are accepted and
+        ignored (positions follow from the cache). ``inputs_embeds``, attentions and hidden states
+        are not supported.
+        """
+        if inputs_embeds is not None:
+            raise ValueError("DRTForCausalLM does not support inputs_embeds; pass input_ids")
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        if output_attentions or output_hidden_states:
+            raise ValueError("DRTForCausalLM cannot output attentions or hidden states")
+        _check_attention_mask(attention_mask)
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+
+        cache = self._as_cache(past_key_values, use_cache and labels is None, input_ids.shape[0])
+        if cache is not None:
+            if labels is not None:
+                raise ValueError("labels are not supported with past_key_values (the streaming path has no loss)")
+            logits = self.model(input_ids, cache=cache.drt_cache).logits
+            out = CausalLMOutputWithPast(loss=None, logits=logits, past_key_values=cache)
+        else:
+            o = self.model(input_ids, labels=labels)
+            out = CausalLMOutputWithPast(loss=o.loss, logits=o.logits, past_key_values=None)
+        return out if return_dict else out.to_tuple()
+
+    def _as_cache(self, past_key_values, use_cache: bool | None, batch_size: int) -> DRTHFCache | None:
+        """The streaming cache to use: the one given, a fresh one when caching is asked for (or an
+        empty foreign ``Cache`` was passed, e.g. a ``DynamicCache`` made by ``generate``), or None."""
+        if isinstance(past_key_values, DRTHFCache):
+            return past_key_values
+        if isinstance(past_key_values, DRTCache):
+            return DRTHFCache(past_key_values)
+        if past_key_values is not None:
+            if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
+                return self.new_cache(batch_size)
+            raise ValueError(
+                "DRTForCausalLM needs its own streaming cache as past_key_values (a DRTHFCache from "
+                f"model.new_cache(batch_size)), got {type(past_key_values).__name__}"
+            )
+        return self.new_cache(batch_size) if use_cache else None
+
+    # ---- generation ----
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """``generate()`` must not make a ``DynamicCache``: the first forward makes a ``DRTHFCache``."""
+        return False
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: DRTHFCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Feed only the tokens the cache has not consumed (all of them without a cache)."""
+        if inputs_embeds is not None:
+            raise ValueError("DRTForCausalLM does not support inputs_embeds; pass input_ids")
+        if past_key_values is not None and isinstance(past_key_values, (Cache, DRTCache)):
+            seen = past_key_values.tokens if isinstance(past_key_values, DRTCache) else past_key_values.get_seq_length()
+            if seen:
+                if seen >= input_ids.shape[1]:
+                    raise ValueError(
+                        f"the cache has already consumed {seen} tokens but input_ids has only "
+                        f"{input_ids.shape[1]}; pass the full sequence (cached prefix + new tokens)"
+                    )
+                input_ids = input_ids[:, seen:]
+        inputs = {"input_ids": input_ids.contiguous(), "past_key_values": past_key_values, "use_cache": use_cache}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        return inputs
+
+
+def from_drt(model: DRT) -> DRTForCausalLM:
+    """Wrap a :class:`gca.DRT` as a :class:`DRTForCausalLM` (parameters shared, not copied)."""
+    return DRTForCausalLM.from_drt(model)
+
+
+def register() -> None:
+    """Register ``"drt"`` with ``AutoConfig`` and ``AutoModelForCausalLM`` (done on import; idempotent)."""
+    for auto, args in ((AutoConfig, ("drt", DRTHFConfig)), (AutoModelForCausalLM, (DRTHFConfig, DRTForCausalLM))):
+        try:
+            auto.register(*args, exist_ok=True)
+        except TypeError:  # pragma: no cover - a transformers without exist_ok
+            try:
+                auto.register(*args)
+            except ValueError:
+                pass
+
+
+register()

@@ -1,0 +1,211 @@
+"""Hugging Face integration (gca.hf): config round trip, save/load, Auto classes, generate() equal
+to gca.DRT.generate and to the greedy chain of full forward passes, loss, and the padding error."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+import gca.hf  # noqa: E402
+from gca import DRT, DRTConfig  # noqa: E402
+from gca.hf import DRTForCausalLM, DRTHFCache, DRTHFConfig, from_drt  # noqa: E402
+
+V = 97
+P = 63  # user tokens per chunk
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: threads only add overhead (and contention on shared CPUs)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw) -> DRTConfig:
+    base = dict(vocab_size=V, hidden_size=32, num_heads=4, intermediate_size=64, window=80, top_k=3)
+    return DRTConfig.from_preset("tiny", **{**base, **kw})
+
+
+def hf_model(dtype=torch.float32, **kw) -> DRTForCausalLM:
+    return from_drt(DRT(tiny(**kw)).to(dtype).eval())
+
+
+def greedy_chain(drt: DRT, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding by a full forward pass over the whole sequence at every step."""
+    x = prompt
+    for _ in range(n):
+        nxt = drt(x).logits[:, -1].argmax(-1, keepdim=True)
+        x = torch.cat([x, nxt], 1)
+    return x
+
+
+# ---- config ----
+def test_config_round_trip(tmp_path):
+    cfg = tiny(num_kv_heads=2, upper_groups=[1, 2], residual="published", tie_embeddings=False, top_k=5)
+    hfc = DRTHFConfig.from_drt_config(cfg)
+    assert hfc.model_type == "drt"
+    assert hfc.retrieval_top_k == 5 and hfc.to_drt_config() == cfg
+    assert hfc.num_attention_heads == cfg.num_heads and hfc.num_hidden_layers == cfg.num_layers
+    hfc.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, DRTHFConfig)
+    assert loaded.to_drt_config() == cfg
+    assert DRTHFConfig().to_drt_config() == DRTConfig()  # unset fields: DRTConfig defaults
+    with pytest.raises(ValueError, match="retrieval_top_k"):
+        DRTHFConfig(top_k=3)
+    with pytest.raises(ValueError, match="num_heads"):
+        DRTHFConfig(hidden_size=30, num_heads=4)
+
+
+# ---- weights ----
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_save_load_round_trip(tmp_path, tie):
+    hf = hf_model(tie_embeddings=tie)
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    for cls in (DRTForCausalLM, AutoModelForCausalLM):
+        loaded = cls.from_pretrained(tmp_path).eval()
+        assert type(loaded) is DRTForCausalLM
+        a, b = hf.state_dict(), loaded.state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+        assert (loaded.model.lm_head is None) == tie
+        x = torch.randint(0, V, (2, 100))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).logits, hf(x).logits, rtol=0, atol=0)
+            torch.testing.assert_close(loaded.to_drt()(x).logits, hf.to_drt()(x).logits, rtol=0, atol=0)
+
+
+def test_from_drt_shares_parameters():
+    drt = DRT(tiny())
+    hf = from_drt(drt)
+    assert hf.to_drt() is drt and hf.model is drt
+    assert hf.get_input_embeddings() is drt.embed
+    assert hf.num_parameters() == drt.num_parameters()
+    assert hf.config.to_drt_config() == drt.config
+
+
+# ---- forward ----
+def test_loss_and_logits_equal_drt():
+    hf = hf_model()
+    x = torch.randint(0, V, (2, 140))
+    labels = x.clone()
+    labels[:, :7] = -100
+    ref = hf.model(x, labels=labels)
+    out = hf(input_ids=x, labels=labels, attention_mask=torch.ones_like(x))
+    assert out.past_key_values is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    loss, logits = hf(input_ids=x, labels=labels, return_dict=False)
+    assert logits.shape == (2, 140, V)
+    torch.testing.assert_close(loss, ref.loss, rtol=0, atol=0)
+    out.loss.backward()  # trainable through the HF wrapper
+    assert hf.model.embed.weight.grad is not None
+
+
+def test_streaming_forward_through_cache():
+    hf = hf_model(torch.float64)
+    x = torch.randint(0, V, (2, 2 * P + 10))
+    ref = hf(x).logits
+    out = hf(x[:, :70], use_cache=True)
+    cache = out.past_key_values
+    assert isinstance(cache, DRTHFCache) and cache.get_seq_length() == 70
+    rest = hf(x[:, 70:], past_key_values=cache)
+    assert rest.past_key_values is cache and cache.get_seq_length() == x.shape[1]
+    torch.testing.assert_close(torch.cat([out.logits, rest.logits], 1), ref, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="labels"):
+        hf(x[:, :3], labels=x[:, :3], past_key_values=cache)
+
+
+# ---- generate ----
+def test_greedy_generate_equals_drt_generate_and_forward_chain():
+    torch.manual_seed(0)
+    hf = hf_model(torch.float64)
+    # 176 prompt tokens: the 13th new token closes chunk 2 (tokens 126..188), so a landmark is
+    # inserted, encoded and retrieved from in the middle of generation
+    prompt = torch.randint(0, V, (2, 2 * P + 50))
+    out = hf.generate(prompt, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
+    seq = out.sequences
+    assert seq.shape == (2, prompt.shape[1] + 20)
+    cache = out.past_key_values
+    assert isinstance(cache, DRTHFCache)  # the streaming cache was used, one token per step
+    assert cache.get_seq_length() == seq.shape[1] - 1
+    torch.testing.assert_close(seq, hf.model.generate(prompt, max_new_tokens=20), rtol=0, atol=0)
+    torch.testing.assert_close(seq, greedy_chain(hf.model, prompt, 20), rtol=0, atol=0)
+    # without a cache every step recomputes the full forward: same tokens
+    no_cache = hf.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False)
+    torch.testing.assert_close(no_cache, seq, rtol=0, atol=0)
+    # a cache made by the user (e.g. with offload=True) is accepted and filled
+    mine = hf.new_cache(2, offload=True)
+    seq2 = hf.generate(prompt, max_new_tokens=20, do_sample=False, past_key_values=mine)
+    torch.testing.assert_close(seq2, seq, rtol=0, atol=0)
+    assert mine.get_seq_length() == seq.shape[1] - 1
+
+
+def test_sampling_with_seed():
+    hf = hf_model()
+    prompt = torch.randint(0, V, (2, 150))
+    kw = dict(max_new_tokens=20, do_sample=True, top_k=10, top_p=0.9, temperature=0.8)
+    torch.manual_seed(123)
+    a = hf.generate(prompt, **kw)
+    torch.manual_seed(123)
+    b = hf.generate(prompt, **kw)
+    assert a.shape == (2, 170)
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :150], prompt)
+    assert int(a.min()) >= 0 and int(a.max()) < V
+
+
+def test_padding_attention_mask_rejected():
+    hf = hf_model()
+    x = torch.randint(0, V, (2, 30))
+    mask = torch.ones_like(x)
+    hf(x, attention_mask=mask)  # all ones is fine
+    mask[0, :5] = 0  # left padding
+    with pytest.raises(ValueError, match="padding"):
+        hf(x, attention_mask=mask)
+    with pytest.raises(ValueError, match="padding"):
+        hf.generate(x, attention_mask=mask, max_new_tokens=3)
+
+
+def test_beam_search_rejected():
+    hf = hf_model()
+    with pytest.raises((ValueError, NotImplementedError)):
+        hf.generate(torch.randint(0, V, (1, 20)), max_new_tokens=3, num_beams=2)
+
+
+# ---- packaging ----
+def test_import_guard_and_core_does_not_import_transformers():
+    code = textwrap.dedent(
+        """
+        import importlib, sys
+        import gca, gca.model, gca.config, gca.inference.cache
+        assert "transformers" not in sys.modules, "the core package imported transformers"
+        import gca.hf
+        gca.hf.register(); importlib.reload(gca.hf)  # registering again is fine
+        for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
+            del sys.modules[name]
+        del sys.modules["gca.hf"]
+        sys.modules["transformers"] = None  # as if not installed
+        try:
+            import gca.hf
+        except ImportError as e:
+            assert "pip install 'gca[hf]'" in str(e), str(e)
+        else:
+            raise AssertionError("no ImportError without transformers")
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
