@@ -7,7 +7,7 @@
 The command-line form is ``gca train`` (see ``gca train --help`` and :mod:`gca.train.trainer`).
 """
 
-from gca.train.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from gca.train.checkpoint import CheckpointError, export_model, load_model, read_checkpoint, save_checkpoint
 from gca.train.schedule import lr_at
 from gca.train.trainer import TrainConfig, TrainResult, train
 
@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointError",
     "TrainConfig",
     "TrainResult",
+    "export_model",
     "load_model",
     "lr_at",
     "read_checkpoint",

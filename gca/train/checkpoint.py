@@ -252,3 +252,21 @@ def load_model(dir_or_ckpt: str | os.PathLike, device: str | torch.device = "cpu
     model = DRT(read_config(ckpt))
     load_weights(model, ckpt, device)
     return model.to(device).eval()
+
+
+def export_model(dir_or_ckpt: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a compact, weights-only copy of a checkpoint (for sharing or shipping): ``model.safetensors``
+    in ``dtype``, ``config.json``, and ``train_config.json`` / ``tokenizer.json`` when present.
+    :func:`load_model` reads it back (weights are cast to the model's float32 parameters)."""
+    src = find_checkpoint(Path(dir_or_ckpt), repair=False)
+    if src is None:
+        raise CheckpointError(f"no checkpoint in {dir_or_ckpt}")
+    model = load_model(src).to(dtype)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _st_save_model(model, str(out / WEIGHTS))
+    _write_json(out / CONFIG, model.config.to_dict())
+    for name in (TRAIN_CONFIG, "tokenizer.json"):
+        if (src / name).exists():
+            shutil.copyfile(src / name, out / name)
+    return out
