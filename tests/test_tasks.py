@@ -190,3 +190,16 @@ def test_batch_feeds_tiny_model():
     idx = out.retrieval[0].indices  # (B, C, K): row q = retrieval made at landmark q
     assert idx.shape[1] > s.query_chunk >= 1
     assert (idx[0, s.query_chunk] < s.query_chunk).all()  # the target chunk is a legal pick
+
+
+def test_repeats_come_from_beyond_the_gap():
+    import numpy as np
+
+    from gca.data.tasks import _with_repeats
+
+    base = np.arange(600)  # every token distinct: a copy reveals its source
+    x, mask = _with_repeats(base, np.random.default_rng(), frac=0.4, min_dist=130)
+    copied = np.nonzero(x != base)[0]
+    assert len(copied) > 50
+    assert ((copied - x[copied]) >= 130).all()
+    assert mask[copied].mean() > 0.8  # all but each piece's first token carry the loss

@@ -342,6 +342,7 @@ def make_task_sample(
     value_len: int = 5,
     repeat_prob: float = 0.0,
     repeat_frac: float = 0.3,
+    repeat_gap: int = P_DEFAULT,
     max_tries: int = 100,
 ) -> TaskSample:
     """Build one task instance.
@@ -363,6 +364,9 @@ def make_task_sample(
         key_len / value_len: tokens per key (words) / per value (digits).
         repeat_prob: probability that the filler repeats pieces of itself (see ``repeat_mask``).
         repeat_frac: fraction of the filler overwritten by repeats when it does.
+        repeat_gap: a repeated piece starts at least ``repeat_gap + its length`` tokens after its
+            source. Beyond the sliding window (e.g. 130 for a window of 128), the copy can only be
+            made through retrieval and GCA, which trains exactly what the needle tasks need.
     Raises:
         ValueError if the needles and question cannot fit in ``context_len``.
     """
@@ -409,7 +413,7 @@ def make_task_sample(
         base = fill.tokens(n_fill, rng)
         rep = np.zeros(n_fill, dtype=bool)
         if repeat_prob > 0 and rng.random() < repeat_prob:
-            base, rep = _with_repeats(base, rng, frac=repeat_frac)
+            base, rep = _with_repeats(base, rng, frac=repeat_frac, min_dist=int(repeat_gap))
         ids = np.empty(L, dtype=np.int64)
         rmask = np.zeros(L, dtype=bool)
         order = np.argsort(starts, kind="stable")
