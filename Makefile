@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean corpus data
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m gca.cli demo
+
+# the offline English corpus (Debian's documentation packages; needs root and apt)
+corpus:
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+		linux-doc python3-doc perl-doc python-django-doc postgresql-doc git-doc apache2-doc debian-reference-en
+
+data: $(STAMP)
+	$(VPY) -m gca.cli prepare debian-docs --out data/debian-docs --val-fraction 0.02
 
 clean:
 	rm -rf $(VENV) build *.egg-info

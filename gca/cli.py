@@ -272,14 +272,18 @@ def _add_demo(sub) -> None:
         formatter_class=_FMT,
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time of the from-scratch model (default 3)")
+    p.add_argument("--trials", type=int, default=10, help="passkey trials per length and depth (default 10)")
+    p.add_argument("--no-train", action="store_true", help="only evaluate the shipped checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """``gca demo``: to be filled in."""
-    print("gca demo: not available yet: it will train a tiny DRT and test passkey retrieval far beyond its training length.", file=sys.stderr)
-    return 2
+    """``gca demo``: see :mod:`gca.demo`."""
+    from gca.demo import run_demo as demo
+
+    return demo(out=args.out, minutes=args.minutes, device=args.device, trials=args.trials, train=not args.no_train)
 
 
 # ---- entry point ----

@@ -65,8 +65,19 @@ def test_train_eval_generate_on_synthetic_passkey(tmp_path, capsys):
     assert "5 new" in capsys.readouterr().err
 
 
-def test_demo_stub_exits_2(capsys):
-    assert main(["demo", "--out", "x"]) == 2
+def test_demo_end_to_end_small(tmp_path, monkeypatch, capsys):
+    """The demo's whole path on a shrunken grid: train briefly, evaluate, plot, final line."""
+    import gca.demo
+
+    monkeypatch.setattr(gca.demo, "MULTIPLES", (1, 2))
+    monkeypatch.setattr(gca.demo, "DEPTHS", (0.5,))
+    assert main(["demo", "--out", str(tmp_path), "--minutes", "0.05", "--trials", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "retrieval hit" in out and "untrained" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("demo: passkey accuracy ") and "at 2x the training length (1008 tokens)" in last
+    for f in ("retrieval_vs_length.png", "passkey_accuracy_vs_length.png", "passkey_heatmap.png", "passkey.json"):
+        assert (tmp_path / f).stat().st_size > 200
 
 
 def test_parse_set():

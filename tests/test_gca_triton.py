@@ -184,6 +184,7 @@ def test_fp16_cuda(shape):
 # launch-config variants the default configs do not reach at these shapes
 VARIANTS = {
     "dkdv-transposed": {"dkdv": {"TRANSPOSED": True}},
+    "dkdv-plain": {"dkdv": {"TRANSPOSED": False}},
     "16-row-blocks": {"fwd": {"BLOCK_M": 16}, "dq": {"BLOCK_M": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 16}},
 }
 
