@@ -4,6 +4,11 @@ replayed (``GCA_TEST_SEED=<seed> make test``)."""
 import os
 import random
 
+# the tests never need the Hugging Face hub; without this, a tokenizer-name lookup waits on
+# network timeouts where the hub is unreachable (set before transformers/huggingface_hub import)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import pytest
 import torch
 
