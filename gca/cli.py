@@ -227,41 +227,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- not yet available ----
-PLANNED = {
-    "eval": (
-        "evaluate a trained model: perplexity vs context length (1x .. 64x the training length) and passkey "
-        "retrieval over context length x needle depth",
-        "gca eval --ckpt runs/tiny --task passkey --lengths 1x,4x,16x,64x",
-    ),
-    "generate": (
-        "generate text from a trained model, streaming with the sliding-window caches and the chunk memory",
-        'gca generate --ckpt runs/tiny --prompt "Once upon a time" --max-new-tokens 200',
-    ),
-    "bench": (
-        "time the GCA kernels and a training step against the PyTorch reference; JSON plus a dated markdown table",
-        "gca bench --op gca --shape paper",
-    ),
-}
-
-
-def _add_planned(sub, name: str) -> None:
-    what, example = PLANNED[name]
-    p = sub.add_parser(
-        name,
-        help=f"(not available yet) {what.split(':')[0]}",
-        description=f"Not available yet. It will {what}.",
-        epilog=f"planned usage:\n  {example}",
-        formatter_class=_FMT,
-    )
-    p.set_defaults(func=lambda a, n=name, w=what: _not_yet(n, w), accepts_any=True)
-
-
-def _not_yet(name: str, what: str) -> int:
-    print(f"gca {name}: not available yet: it will {what}.", file=sys.stderr)
-    return 2
-
-
 # ---- demo ----
 def _add_demo(sub) -> None:
     p = sub.add_parser(
@@ -305,20 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_prepare(sub)
     _add_train(sub)
-    from gca.eval.cli import add_eval, add_generate
+    from gca.eval.cli import add_bench, add_eval, add_generate
 
     add_eval(sub)
     add_generate(sub)
-    _add_planned(sub, "bench")
+    add_bench(sub)
     _add_demo(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_any", False):  # planned commands take any flags for now
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -109,6 +109,7 @@ class DRT(nn.Module):
         labels: torch.Tensor | None = None,
         output_retrieval: bool = False,
         cache: DRTCache | None = None,
+        logits_to_keep: int | None = None,
     ) -> DRTOutput:
         """Args:
             input_ids: ``(B, L)`` token ids in ``[0, vocab_size)``, any L >= 1.
@@ -118,12 +119,14 @@ class DRT(nn.Module):
             cache: a :class:`DRTCache` from :meth:`new_cache`; the tokens continue the cached
                 sequence and only their logits are returned (no loss). Concatenated over any
                 split of a sequence, they equal one full forward pass.
+            logits_to_keep: with a cache, return only the logits of the last ``logits_to_keep`` new
+                tokens (a 16M-token prefill needs one logit row, not 16M).
         """
         self._check_ids(input_ids)
         if cache is not None:
             if labels is not None or output_retrieval:
                 raise ValueError("labels and output_retrieval are not supported with a cache")
-            return DRTOutput(logits=self._forward_cached(input_ids, cache))
+            return DRTOutput(logits=self._forward_cached(input_ids, cache, logits_to_keep))
         if labels is not None:
             self._check_ids(labels, "labels", allow_ignore=True)
             if labels.shape != input_ids.shape:
@@ -232,15 +235,24 @@ class DRT(nn.Module):
         return cache
 
     @torch.no_grad()  # streaming is for inference: nothing is kept for a backward pass
-    def _forward_cached(self, input_ids: torch.Tensor, cache: DRTCache) -> torch.Tensor:
+    def _forward_cached(self, input_ids: torch.Tensor, cache: DRTCache, keep: int | None = None) -> torch.Tensor:
         if input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"input_ids has batch {input_ids.shape[0]}, the cache was made for {cache.batch_size}")
+        if keep is not None and keep < 1:
+            raise ValueError(f"logits_to_keep must be >= 1, got {keep}")
         P, S = self.config.text_per_chunk, self.config.chunk_size
+        L = input_ids.shape[1]
         step = max(P, cache.prefill_chunk * P // S)  # user tokens per piece
-        outs = [self._step(input_ids[:, i : i + step], cache) for i in range(0, input_ids.shape[1], step)]
+        first_kept = 0 if keep is None else max(0, L - keep)
+        outs = []
+        for i in range(0, L, step):
+            n = min(step, L - i)
+            want = max(0, i + n - max(first_kept, i))  # logits of this piece that are kept
+            outs.append(self._step(input_ids[:, i : i + n], cache, want))
         return torch.cat(outs, dim=1)
 
-    def _step(self, ids: torch.Tensor, cache: DRTCache) -> torch.Tensor:
+    def _step(self, ids: torch.Tensor, cache: DRTCache, keep: int) -> torch.Tensor:
+        """Process one piece; return the logits of its last ``keep`` tokens."""
         cfg = self.config
         B, n = ids.shape
         dev = self.embed.weight.device
@@ -253,7 +265,7 @@ class DRT(nn.Module):
                 h = layer.step(h, cos, sin, ring, pos)
             cache.positions += n
             cache.tokens += n
-            return self._logits(self.norm(h))
+            return self._logits(self.norm(h[:, h.shape[1] - keep :]))
 
         P, S = cfg.text_per_chunk, cfg.chunk_size
         t = torch.arange(cache.tokens, cache.tokens + n, device=dev)
@@ -313,7 +325,7 @@ class DRT(nn.Module):
                 h = layer.step(h, cos, sin, next(rings), pos, gca_args, wait=wait)
         cache.positions = p1
         cache.tokens += n
-        return self._logits(self.norm(h[:, out_rel]))
+        return self._logits(self.norm(h[:, out_rel[out_rel.shape[0] - keep :]]))
 
     @torch.no_grad()
     def generate(
@@ -347,7 +359,7 @@ class DRT(nn.Module):
         was_training = self.training
         self.eval()
         cache = cache or self.new_cache(input_ids.shape[0], offload=offload)
-        logits = self(input_ids, cache=cache).logits[:, -1]
+        logits = self(input_ids, cache=cache, logits_to_keep=1).logits[:, -1]
         out = [input_ids.to(logits.device)]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
         for i in range(max_new_tokens):

@@ -39,10 +39,14 @@ def test_python_dash_m_entry_point():
     assert done.returncode == 0 and "torchrun" in done.stdout
 
 
-@pytest.mark.parametrize("command", ["bench"])
-def test_planned_commands_say_not_available(command, capsys):
-    assert main([command, "--ckpt", "runs/x"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def test_bench_command(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--lengths", "300,700", "--decode-tokens", "3", "--device", "cpu",
+                 "--prefill-chunk", "256", "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [(r["context_length"], r["offload"]) for r in rows] == [(300, False), (300, True), (700, False), (700, True)]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert all(r["fetched_gb"] > 0 for r in rows if r["offload"]) and "prefill tok/s" in capsys.readouterr().out
 
 
 def test_train_eval_generate_on_synthetic_passkey(tmp_path, capsys):

@@ -96,3 +96,15 @@ def test_offload_keeps_memory_off_device_and_fetches_only_picked_chunks():
     assert mem.nbytes_device() == mem.lmk.numel() * mem.lmk.element_size()
     # each fetch copies at most top_k distinct chunks per query chunk
     assert 0 < mem.bytes_fetched <= 12 * 3 * 2 * mem.k[0, 0].numel() * mem.k.element_size() * len(m.groups)
+
+
+def test_logits_to_keep():
+    m = DRT(tiny()).double().eval()
+    x = torch.randint(0, 97, (2, 63 * 5 + 4))
+    ref = m(x).logits
+    for keep in (1, 7, 63, 64, 400):
+        cache = m.new_cache(2, prefill_chunk=128)
+        got = m(x, cache=cache, logits_to_keep=keep).logits
+        torch.testing.assert_close(got, ref[:, -keep:], rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        m(x, cache=m.new_cache(2), logits_to_keep=0)

@@ -191,4 +191,54 @@ def add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-__all__ = ["add_eval", "add_generate", "parse_lengths", "load_for_eval"]
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gca.inference.bench import bench_streaming
+
+    if args.ckpt:
+        model, train_length, _ = load_for_eval(args.ckpt, args.device, args.dtype)
+    else:
+        from gca import DRT, DRTConfig
+
+        model = DRT(DRTConfig.from_preset(args.preset)).to(_device(args.device)).eval()
+        if args.dtype != "float32":
+            model = model.to({"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype])
+        train_length = None
+    lengths = parse_lengths(args.lengths, args.train_length or train_length)
+    modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.offload]
+    rows = bench_streaming(model, lengths, offload_modes=modes, decode_tokens=args.decode_tokens,
+                           batch_size=args.batch_size, prefill_chunk=args.prefill_chunk)
+    print(f"{'length':>10} {'offload':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak GB':>8}")
+    for r in rows:
+        print(f"{r['context_length']:>10} {str(r['offload']):>8} {r['prefill_tokens_per_s']:>14} "
+              f"{r['decode_tokens_per_s']:>13} {r['peak_mem_gb']:>8}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="streaming prefill/decode speed and peak memory against context length",
+        description="Prefill and decode tokens/s and peak memory of a DRT against context length, with and without offload.",
+        epilog="""examples:
+  gca bench --preset small --dtype bfloat16 --lengths 64K,1M,16M --offload both --out bench.json
+  gca bench --ckpt runs/tiny --lengths 1x,16x,64x --offload off""",
+        formatter_class=_FMT,
+    )
+    p.add_argument("--ckpt", default=None, help="a run or checkpoint folder (default: a random model of --preset)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--lengths", default="64K,256K,1M")
+    p.add_argument("--train-length", type=int, default=None)
+    p.add_argument("--offload", default="both", choices=["both", "on", "off"])
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prefill-chunk", type=int, default=16384, help="positions processed at once in the prefill")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.set_defaults(func=cmd_bench)
+
+
+__all__ = ["add_eval", "add_generate", "add_bench", "parse_lengths", "load_for_eval"]

@@ -41,7 +41,7 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
     prompts = torch.tensor([s.prompt for s in samples], dtype=torch.long, device=device)
     answers = torch.tensor([s.answer for s in samples], dtype=torch.long, device=device)
     cache = model.new_cache(len(samples), offload=offload)
-    first = model(prompts, cache=cache).logits[:, -1:]  # predicts answer[0]
+    first = model(prompts, cache=cache, logits_to_keep=1).logits  # predicts answer[0]
     hits = [False] * len(samples)
     if model.config.arch == "drt":
         q = samples[0].query_chunk
