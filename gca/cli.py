@@ -237,8 +237,8 @@ def _add_demo(sub) -> None:
         formatter_class=_FMT,
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
-    p.add_argument("--minutes", type=float, default=3.0, help="training time of the from-scratch model (default 3)")
-    p.add_argument("--trials", type=int, default=10, help="passkey trials per length and depth (default 10)")
+    p.add_argument("--minutes", type=float, default=2.5, help="training time of the from-scratch model (default 2.5)")
+    p.add_argument("--trials", type=int, default=6, help="passkey trials per length and depth (default 6)")
     p.add_argument("--no-train", action="store_true", help="only evaluate the shipped checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(func=run_demo)
