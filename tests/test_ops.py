@@ -144,3 +144,11 @@ def test_bad_impl():
     q, k, v, idx, w = make_inputs(requires_grad=False)
     with pytest.raises(ValueError, match="impl"):
         grouped_cross_attention(q, k, v, idx, w, impl="cuda")
+
+
+def test_explicit_triton_on_cpu_says_what_to_do(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, idx, w = make_inputs(dtype=torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        grouped_cross_attention(q, k, v, idx, w, impl="triton")

@@ -30,6 +30,22 @@ def triton_available(device: torch.device | None = None) -> bool:
     return True
 
 
+def _check_triton_usable(q, mem_k, scale) -> None:
+    """Clear errors for an explicit ``impl="triton"`` that cannot run."""
+    import os
+
+    try:
+        from gca.ops import gca_triton
+    except ImportError as e:
+        raise ValueError(f"impl='triton' needs Triton ({e}); pip install 'gca[triton]' or use impl='torch'") from None
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU); "
+                         "use impl='auto' or 'torch' here")
+    reason = gca_triton.supports(q, mem_k, scale)
+    if reason is not None:
+        raise ValueError(f"impl='triton' does not support these inputs: {reason}; use impl='auto' or 'torch'")
+
+
 def _check(q, mem_k, mem_v, indices, weights, check_indices: bool) -> None:
     if q.dim() != 5:
         raise ValueError(f"q must be (B, Cq, S, H, D), got {q.dim()} dims with shape {tuple(q.shape)}")
@@ -121,6 +137,8 @@ def grouped_cross_attention(
         scale = q.shape[-1] ** -0.5
     use_triton = impl == "triton" or (impl == "auto" and triton_available(q.device))
     if use_triton:
+        if impl == "triton":
+            _check_triton_usable(q, mem_k, scale)
         from gca.ops.gca_triton import gca_triton
 
         return gca_triton(q, mem_k, mem_v, indices.long(), weights, softmax_one=softmax_one, scale=scale)

@@ -93,8 +93,8 @@ def sliding_window_attention(
         raise ValueError(f"window must be >= 1, got {window}")
     if window >= T and impl != "flex":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if impl == "auto":
-        impl = "flex" if q.is_cuda else "blocked"
+    if impl == "auto":  # FlexAttention's kernels need a head size of at least 16
+        impl = "flex" if q.is_cuda and q.shape[-1] >= 16 else "blocked"
     if impl == "flex":
         return sliding_window_flex(q, k, v, window)
     if impl == "blocked":
