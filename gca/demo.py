@@ -57,15 +57,17 @@ def run_demo(out: str = "runs/demo", minutes: float = 2.5, device: str = "auto",
             preset="tiny",
             model=dict(hidden_size=64, intermediate_size=192, top_k=2),
             data="synthetic:passkey;min_len=189;loss=answer_repeats;repeat=1.0;repeat_gap=130",
-            # ~2.5 steps/s on 2 CPU cores: the cosine schedule spans the time budget (a GPU finishes early)
-            seq_len=seq_len, batch_size=8, lr=3e-3, max_steps=max(1, int(150 * minutes)),
+            # ~2.5 steps/s on 2 CPU cores: the cosine schedule spans the time budget (a GPU finishes early).
+            # lr 5e-4 was picked on trial runs (3e-3 and 1e-3 did not improve retrieval within the budget);
+            # the tables below use evaluation seeds those trials never saw.
+            seq_len=seq_len, batch_size=8, lr=5e-4, max_steps=max(1, int(150 * minutes)),
             time_limit=minutes, save_every=10_000, log_every=25, eval_every=0, out=str(out_dir / "train"),
             device=str(dev), progress=True, tensorboard=False,
         )
         print(f"[1/2] training a tiny DRT from scratch on the synthetic passkey task for {minutes:g} minutes "
               f"(training length {seq_len} tokens) ...")
         lengths = [m * seq_len for m in MULTIPLES]
-        eval_kw = dict(tasks=["passkey"], lengths=lengths, depths=list(DEPTHS), trials=trials, seed=31337, progress=False)
+        eval_kw = dict(tasks=["passkey"], lengths=lengths, depths=list(DEPTHS), trials=trials, seed=27182, progress=False)
         from gca import DRT, DRTConfig
 
         torch.manual_seed(0)
