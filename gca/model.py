@@ -141,7 +141,8 @@ class DRT(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+                logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
+                labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return DRTOutput(logits=logits, loss=loss, retrieval=retrieval if output_retrieval else None)
 

@@ -27,7 +27,8 @@ def stream_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool =
     prev = None
     for i in range(0, ids.shape[1], piece):
         x = ids[:, i : i + piece].to(device)
-        logits = model(x, cache=cache).logits.float()
+        logits = model(x, cache=cache).logits
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if prev is not None:  # the last logit of the previous piece predicts this piece's first token
             total += F.cross_entropy(prev, x[:, 0], reduction="sum").item()
             count += x.shape[0]
