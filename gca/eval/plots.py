@@ -26,19 +26,10 @@ def plot_accuracy_vs_length(rows: list[dict], path: str, key: str = "accuracy", 
         lens = sorted({r["context_length"] for r in rows if r["task"] == task})
         vals = [100 * np.mean([r[key] for r in rows if r["task"] == task and r["context_length"] == n]) for n in lens]
         ax.plot(lens, vals, marker="o", label=task)
-    if train_length:
-        ax.axvline(train_length, color="gray", ls="--", lw=1, label="training length")
-    ax.set_xscale("log", base=2)
     ax.set_ylim(-3, 103)
-    ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
     ax.set_title(title or f"{key.replace('_', ' ')} against context length")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish_length_plot(fig, ax, path, train_length)
 
 
 def plot_heatmap(rows: list[dict], path: str, task: str | None = None, key: str = "accuracy",
@@ -75,11 +66,16 @@ def plot_ppl_vs_length(rows: list[dict], path: str, train_length: int | None = N
     for model in sorted({r["model"] for r in rows}):
         rs = sorted((r for r in rows if r["model"] == model), key=lambda r: r["context_length"])
         ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o", label=model)
+    ax.set_ylabel("perplexity")
+    return _finish_length_plot(fig, ax, path, train_length)
+
+
+def _finish_length_plot(fig, ax, path: str, train_length: int | None) -> str:
+    """Log-2 length axis, the training length marked, grid, legend; save and close."""
     if train_length:
         ax.axvline(train_length, color="gray", ls="--", lw=1, label="training length")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
