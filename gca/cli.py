@@ -84,6 +84,9 @@ def _add_train(sub) -> None:
     )
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=d.preset, help=f"DRTConfig preset: tiny, small, paper (default {d.preset})")
+    g.add_argument("--init-from", default=None, metavar="DIR",
+                   help="fine-tune: start from the weights and model config of this run or checkpoint folder "
+                        "(--set still overrides fields, e.g. --set gca_softmax_one=false); the optimizer starts fresh")
     g.add_argument("--arch", choices=["drt", "swa", "full"], default=None, help="drt, or a baseline of the same size: swa (sliding window only), full (full attention); default: the preset's (drt)")
     g.add_argument("--set", dest="set", action="append", metavar="KEY=VALUE", default=[], help="override a DRTConfig field, repeatable: --set hidden_size=128 --set upper_groups=[2,2] --set residual=published")
     g = p.add_argument_group("data")
@@ -99,11 +102,16 @@ def _add_train(sub) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay on linear weights (default {d.weight_decay})")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"global gradient-norm clip, 0 = off (default {d.grad_clip})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initialisation and the data (default {d.seed})")
+    g.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite,
+                   help=f"skip updates whose gradient is NaN/inf (the batch is saved in DIR/nonfinite) and stop after "
+                        f"this many in a row (default {d.max_nonfinite}; 0 = stop at the first)")
     g = p.add_argument_group("run directory and logging")
     g.add_argument("--out", required=True, metavar="DIR", help="run directory: log.jsonl, tb/, ckpt/ (resumed if it has a checkpoint)")
     g.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps and at the end (default {d.save_every})")
     g.add_argument("--log-every", type=int, default=d.log_every, help=f"log.jsonl row every N steps (default {d.log_every})")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help=f"validation every N steps and at the end, 0 = never (default {d.eval_every})")
+    g.add_argument("--stop-at", type=int, default=0, metavar="STEP",
+                   help="stop with a checkpoint after this step without changing the schedule (rerun without it to go on)")
     g.add_argument("--time-limit", type=float, default=0.0, help="stop with a checkpoint after this many minutes (0 = no limit); rerun to resume")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help=f"validation batches per process (default {d.eval_batches})")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -120,6 +128,7 @@ def train_config_from_args(args: argparse.Namespace):
 
     return TrainConfig(
         preset=args.preset,
+        init_from=args.init_from,
         model=parse_set(args.set),
         arch=args.arch,
         data=args.data,
@@ -137,6 +146,8 @@ def train_config_from_args(args: argparse.Namespace):
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,
         time_limit=args.time_limit,
+        max_nonfinite=args.max_nonfinite,
+        stop_at=args.stop_at,
         seed=args.seed,
         out=args.out,
         device=args.device,

@@ -395,3 +395,66 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     assert [s for s, _ in ddp_v] == [1, 2, 3] and ddp_v[0][1] == pytest.approx(one_v[0][1], abs=1e-5)
     ck = read_checkpoint(out / "ckpt")
     assert ck.step == 3 and ck.trainer["world_size"] == 2 and len(ck.trainer["rng"]) == 2
+
+
+
+# ---- non-finite gradients ----
+def test_nonfinite_gradient_skips_the_update_saves_the_batch_and_stops_when_it_repeats(tmp_path, monkeypatch):
+    from gca.model import DRT
+
+    calls = {"n": 0}
+    bad_calls = {3, 4}  # forward calls (grad_accum=1: one per step) that yield a NaN loss: steps 3 and 4
+    real_forward = DRT.forward
+
+    def forward(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        if self.training and out.loss is not None:
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(DRT, "forward", forward)
+    out = tmp_path / "run"
+    result = train(tiny_cfg(out, grad_accum=1, eval_every=0, max_steps=6), **sources())
+    assert result.skipped == [3, 4] and result.step == 6
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    rows = [r for r in log_rows(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 5, 6] and all(r["loss"] == r["loss"] for r in rows)
+    assert rows[-1]["skipped_steps"] == 2
+    saved = sorted(p.name for p in (out / "nonfinite").iterdir())
+    assert saved == ["step3_rank0.pt", "step4_rank0.pt"]
+    dump = torch.load(out / "nonfinite" / "step3_rank0.pt")
+    assert dump["input_ids"].shape == (2, 200) and dump["loss"] != dump["loss"]
+
+    # more than max_nonfinite bad steps in a row stop the run with a message naming the fix
+    calls["n"] = 0
+    bad_calls.clear()
+    bad_calls.update(range(2, 100))
+    with pytest.raises(FloatingPointError, match="non-finite gradient.*lower --lr"):
+        train(tiny_cfg(tmp_path / "run2", grad_accum=1, eval_every=0, max_steps=10, max_nonfinite=2), **sources())
+
+
+# ---- fine-tuning from a checkpoint, stopping early ----
+def test_init_from_starts_at_the_checkpoint_weights_with_overrides(reference, tmp_path):
+    ref_out, ref = reference
+    out = tmp_path / "ft"
+    cfg = tiny_cfg(out, init_from=str(ref_out), model={"gca_softmax_one": True}, lr=1e-30, min_lr=0.0, max_steps=1,
+                   eval_every=0, grad_accum=1)
+    result = train(cfg, **sources())
+    assert result.model.config.gca_softmax_one and result.model.config.hidden_size == 32
+    for k, v in ref.model.state_dict().items():  # a step with lr 1e-30 leaves the weights where they were
+        assert torch.allclose(result.model.state_dict()[k], v, atol=1e-6), k
+    assert read_checkpoint(out / "ckpt").config.gca_softmax_one
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        train(tiny_cfg(tmp_path / "ft2", init_from=str(tmp_path / "missing")), **sources())
+
+
+def test_stop_at_keeps_the_schedule_and_resumes_to_the_same_run(reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    first = train(tiny_cfg(out, stop_at=3), **sources())
+    assert first.step == 3 and read_checkpoint(out / "ckpt").step == 3
+    assert train_losses(out) == train_losses(ref_out)[:3]  # same lr schedule as the uninterrupted run
+    train(tiny_cfg(out), **sources())  # without --stop-at it goes on to max_steps
+    assert train_losses(out) == train_losses(ref_out)

@@ -73,6 +73,8 @@ RESUMABLE_FIELDS = (
     "tensorboard",
     "progress",
     "time_limit",
+    "max_nonfinite",
+    "stop_at",
 )
 
 
@@ -82,6 +84,7 @@ class TrainConfig:
 
     # model
     preset: str = "tiny"  # DRTConfig preset: tiny | small | paper
+    init_from: str | None = None  # fine-tune: start from this run's (or checkpoint's) weights and config; fresh optimizer
     model: dict[str, Any] = field(default_factory=dict)  # DRTConfig overrides, e.g. {"hidden_size": 128}
     arch: str | None = None  # "drt" | "swa" | "full" (baselines of the same width and depth); None = preset's
     # data
@@ -113,6 +116,8 @@ class TrainConfig:
     tensorboard: bool = True  # write DIR/tb when tensorboard is installed
     progress: bool = True  # tqdm progress bar on rank 0
     time_limit: float = 0.0  # stop (with a checkpoint) after this many minutes of this process; 0 = none
+    max_nonfinite: int = 10  # skip an update whose gradient is NaN/inf; stop after this many in a row (0 = stop at once)
+    stop_at: int = 0  # stop (with a checkpoint) after this step, the schedule unchanged; 0 = run to max_steps
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -145,6 +150,10 @@ class TrainConfig:
             bad("betas", "must be two numbers in [0, 1)")
         if self.grad_clip < 0:
             bad("grad_clip", "must be >= 0 (0 disables clipping)")
+        if not isinstance(self.max_nonfinite, int) or isinstance(self.max_nonfinite, bool) or self.max_nonfinite < 0:
+            bad("max_nonfinite", "must be a non-negative integer")
+        if not isinstance(self.stop_at, int) or isinstance(self.stop_at, bool) or self.stop_at < 0:
+            bad("stop_at", "must be a non-negative integer (0 = no early stop)")
         if self.eval_every and self.eval_batches < 1:
             bad("eval_batches", "must be >= 1 when eval_every > 0")
         if self.arch is not None and self.arch not in ARCHS:
@@ -165,16 +174,32 @@ class TrainConfig:
         return cls(**d)
 
     def model_config(self, vocab_size: int | None = None) -> DRTConfig:
-        """The resolved DRTConfig: preset, then ``model`` overrides, then ``arch``; the vocabulary comes
-        from the data source unless overridden (an override may be larger, never smaller)."""
+        """The resolved DRTConfig: preset (or, with ``init_from``, that checkpoint's config), then ``model``
+        overrides, then ``arch``; the vocabulary comes from the data source unless overridden (an override
+        may be larger, never smaller)."""
         overrides = dict(self.model)
         if self.arch is not None:
             overrides["arch"] = self.arch
+        if self.init_from:
+            base = _init_checkpoint(self.init_from)[1]
+            if vocab_size is not None and base.vocab_size < vocab_size:
+                raise ValueError(f"--init-from {self.init_from}: its vocabulary ({base.vocab_size}) is smaller than the data's ({vocab_size})")
+            return DRTConfig.from_dict({**base.to_dict(), **overrides})
         if vocab_size is not None:
             v = overrides.setdefault("vocab_size", vocab_size)
             if v < vocab_size:
                 raise ValueError(f"model vocab_size={v} is smaller than the data's vocabulary ({vocab_size})")
         return DRTConfig.from_preset(self.preset, **overrides)
+
+
+def _init_checkpoint(path: str) -> tuple[Path, DRTConfig]:
+    """The checkpoint folder and model config that ``init_from`` names."""
+    from gca.train.checkpoint import read_config
+
+    ckpt = find_checkpoint(Path(path), repair=False) if Path(path).exists() else None
+    if ckpt is None:
+        raise CheckpointError(f"--init-from {path}: no checkpoint there (expected a run folder or its ckpt/ folder)")
+    return ckpt, read_config(ckpt)
 
 
 @dataclass
@@ -188,6 +213,7 @@ class TrainResult:
     losses: list[tuple[int, float]]
     val_losses: list[tuple[int, float]]
     resumed_from: int
+    skipped: list[int] = dataclasses.field(default_factory=list)  # steps whose update was skipped (non-finite gradient)
 
 
 def train(cfg: TrainConfig, *, source=None, val_source=None) -> TrainResult:
@@ -360,6 +386,10 @@ class _Run:
         model = DRT(mcfg)
         if ck is not None:
             load_weights(model, ck.path)
+        elif cfg.init_from:
+            init_path = _init_checkpoint(cfg.init_from)[0]
+            load_weights(model, init_path)
+            self.say(f"initialised from {init_path}")
         model.to(dev)
         model.gradient_checkpointing = cfg.grad_checkpointing
         model.train()
@@ -383,8 +413,8 @@ class _Run:
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             truncate_log(log_path, start)
-        if start >= cfg.max_steps:
-            self.say(f"{self.out}: the checkpoint is at step {start} = --max-steps; nothing to do")
+        if start >= cfg.max_steps or (cfg.stop_at and start >= cfg.stop_at):
+            self.say(f"{self.out}: the checkpoint is at step {start} (--max-steps {cfg.max_steps}, --stop-at {cfg.stop_at}); nothing to do")
             return result
 
         self.say(
@@ -415,6 +445,7 @@ class _Run:
         prefetch = _Prefetcher(self.source, cfg.batch_size, info.rank, info.world_size)
         t0 = time.perf_counter()
         last_t, last_tokens = t0, start * tokens_per_step
+        bad_run = 0
         try:
             for s in range(start, cfg.max_steps):
                 n = s + 1
@@ -434,14 +465,27 @@ class _Run:
                             loss = fwd(ids, labels).loss / cfg.grad_accum
                         loss.backward()
                     loss_sum += loss.detach()
-                grad_norm = None
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
+                # the global norm (identical on every rank after DDP's all-reduce); clipping is a no-op at inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                )
+                finite = bool(torch.isfinite(grad_norm))
+                if finite:
+                    opt.step()
+                    bad_run = 0
+                else:  # skip the update: one NaN/inf gradient must not poison the weights
+                    bad_run += 1
+                    result.skipped.append(n)
+                    self._dump_nonfinite(n, ids, labels, loss_sum)
+                    if bad_run > cfg.max_nonfinite:
+                        raise FloatingPointError(
+                            f"{bad_run} steps in a row (to step {n}) had a non-finite gradient; lower --lr or check "
+                            f"the data (batches saved in {self.out}/nonfinite). The last good checkpoint is in {self.out}/ckpt."
+                        )
                 bar.update(1)
                 result.step = n
 
-                if n % cfg.log_every == 0 or n == cfg.max_steps or n == 1:
+                if finite and (n % cfg.log_every == 0 or n == cfg.max_steps or n == 1):
                     loss_val = _to_float(D.mean_across_ranks(loss_sum, info))
                     if not math.isfinite(loss_val):
                         raise FloatingPointError(
@@ -458,8 +502,9 @@ class _Run:
                         "elapsed_s": round(elapsed0 + now - t0, 3),
                         "tok_per_s": round((tokens - last_tokens) / max(now - last_t, 1e-9), 1),
                     }
-                    if grad_norm is not None:
-                        row["grad_norm"] = _to_float(grad_norm)
+                    row["grad_norm"] = _to_float(grad_norm)
+                    if result.skipped:
+                        row["skipped_steps"] = len(result.skipped)
                     last_t, last_tokens = now, tokens
                     result.losses.append((n, loss_val))
                     write(row)
@@ -475,10 +520,14 @@ class _Run:
                 out_of_time = cfg.time_limit > 0 and D.any_across_ranks(
                     time.perf_counter() - t0 > 60 * cfg.time_limit, info
                 )
-                if n % cfg.save_every == 0 or n == cfg.max_steps or out_of_time:
+                stop_here = cfg.stop_at > 0 and n >= cfg.stop_at
+                if n % cfg.save_every == 0 or n == cfg.max_steps or out_of_time or stop_here:
                     self._save(model, opt, n, n * tokens_per_step, elapsed0 + time.perf_counter() - t0)
                 if out_of_time:
                     self.say(f"time limit of {cfg.time_limit} min reached at step {n}; rerun the same command to resume")
+                    break
+                if stop_here:
+                    self.say(f"stopped at step {n} (--stop-at); raise it or drop it and rerun to continue")
                     break
         finally:
             prefetch.close()
@@ -505,6 +554,17 @@ class _Run:
                 total += out.loss.float()
             model.train()
         return _to_float(D.mean_across_ranks(total / max(cfg.eval_batches, 1), info))
+
+    def _dump_nonfinite(self, step: int, ids, labels, loss) -> None:
+        """Keep the (last micro-)batch of a skipped step, to reproduce it: DIR/nonfinite/step<N>_rank<r>.pt
+        (the first 5 steps only)."""
+        d = self.out / "nonfinite"
+        if d.exists() and len(list(d.glob("step*_rank*.pt"))) >= 5 * self.info.world_size:
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"step": step, "input_ids": ids.cpu(), "labels": labels.cpu(), "loss": float(loss)},
+                   d / f"step{step}_rank{self.info.rank}.pt")
+        self.say(f"step {step}: non-finite gradient (loss {float(loss):.4g}); update skipped, batch saved in {d}")
 
     def _save(self, model: DRT, opt, step: int, tokens: int, elapsed: float) -> None:
         rngs = D.gather_objects(rng_state(), self.info)  # a collective: every rank takes part
