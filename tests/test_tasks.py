@@ -203,3 +203,30 @@ def test_repeats_come_from_beyond_the_gap():
     assert len(copied) > 50
     assert ((copied - x[copied]) >= 130).all()
     assert mask[copied].mean() > 0.8  # all but each piece's first token carry the loss
+
+
+def test_digit_runs_in_filler_only_when_asked():
+    from gca.data.tasks import WordFiller, digit_ids
+
+    tok = load_tokenizer("embedded")
+    digits = set(digit_ids(tok))
+    plain = WordFiller().tokens(5000, np.random.default_rng())
+    assert not digits & set(plain.tolist())  # evaluation filler: never a digit
+    x = WordFiller(digit_frac=0.1).tokens(5000, np.random.default_rng())
+    is_digit = np.isin(x, list(digits))
+    assert 0.05 < is_digit.mean() < 0.15
+    runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], is_digit.astype(int), [0]]))))[::2]
+    assert runs.min() >= 2  # digits come in runs (two runs may touch)
+    with pytest.raises(ValueError, match="digit_frac"):
+        WordFiller(digit_frac=1.5)
+    # through the spec grammar; the answer still occurs exactly once in each prompt
+    src = build_source("synthetic:passkey;min_len=189;loss=answer_repeats;repeat=1.0;digits=0.1", seq_len=504,
+                       seed=int(np.random.default_rng().integers(1 << 30)))
+    assert src.filler.digit_frac == 0.1
+    for gid in range(6):
+        s, _ = src.sample_task(gid)
+        check_sample(s)
+    from gca.data.tasks import make_filler
+
+    with pytest.raises(ValueError, match="embedded word filler"):
+        make_filler("data/some-prepared-corpus", digit_frac=0.1)

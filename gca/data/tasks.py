@@ -161,23 +161,32 @@ def _enc(tok: Tokenizer, text: str) -> tuple[int, ...]:
 class WordFiller:
     """Embedded filler, no download: sentences of 6-16 random word tokens ending with ".".
 
-    Words are the tokenizer's own whole-word tokens (``" [a-z]{3,12}"``), so each word is one token
-    and the filler never contains a digit.
+    Words are the tokenizer's own whole-word tokens (``" [a-z]{3,12}"``), so each word is one token.
+    With ``digit_frac = 0`` (the default, and what evaluation uses) the filler never contains a digit;
+    ``digit_frac = f`` overwrites about a fraction f of the tokens with runs of 2-6 random digits
+    (training data in which copying digit strings can be practised, e.g. through repeats).
     """
 
-    def __init__(self, tokenizer="embedded"):
+    def __init__(self, tokenizer="embedded", digit_frac: float = 0.0):
+        if not 0.0 <= digit_frac < 1.0:
+            raise ValueError(f"digit_frac must lie in [0, 1), got {digit_frac}")
         self.tokenizer = load_tokenizer(tokenizer)
-        self.words, _, self.period = _vocab_info(self.tokenizer)
+        self.words, self.digits, self.period = _vocab_info(self.tokenizer)
+        self.digit_frac = float(digit_frac)
 
     def tokens(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``(n,)`` int64 filler tokens."""
         out = self.words[rng.integers(0, len(self.words), size=n)]
         ends = np.cumsum(rng.integers(7, 18, size=n // 7 + 1)) - 1
         out[ends[ends < n]] = self.period
+        if self.digit_frac > 0 and n >= 6:
+            runs = rng.binomial(n, self.digit_frac / 4.0)  # runs of 4 digits on average
+            for start, ln in zip(rng.integers(0, n - 6, size=runs), rng.integers(2, 7, size=runs)):
+                out[start:start + ln] = self.digits[rng.integers(0, 10, size=ln)]
         return out
 
     def describe(self) -> str:
-        return f"words({self.tokenizer.name})"
+        return f"words({self.tokenizer.name})" + (f", digits {self.digit_frac}" if self.digit_frac else "")
 
 
 class StreamFiller:
@@ -194,11 +203,14 @@ class StreamFiller:
         return f"stream({self.dataset.path}:{self.dataset.split})"
 
 
-def make_filler(filler=None, tokenizer=None, split: str = "train"):
-    """``None``/``"words"`` -> :class:`WordFiller`; a prepared folder path -> :class:`StreamFiller`
-    of its ``split``; a PackedDataset -> StreamFiller; anything with ``.tokens(n, rng)`` as is."""
+def make_filler(filler=None, tokenizer=None, split: str = "train", digit_frac: float = 0.0):
+    """``None``/``"words"`` -> :class:`WordFiller` (with ``digit_frac``); a prepared folder path ->
+    :class:`StreamFiller` of its ``split``; a PackedDataset -> StreamFiller; anything with
+    ``.tokens(n, rng)`` as is."""
     if filler is None or filler in ("words", "embedded"):
-        return WordFiller(tokenizer if tokenizer is not None else "embedded")
+        return WordFiller(tokenizer if tokenizer is not None else "embedded", digit_frac=digit_frac)
+    if digit_frac:
+        raise ValueError("digit_frac applies to the embedded word filler only")
     if hasattr(filler, "tokens"):
         return filler
     from gca.data.prepare import PackedDataset
@@ -479,6 +491,8 @@ class TaskSource(BatchSource):
         loss_on: ``"answer"`` (labels only on the answer tokens), ``"all"`` (every real token),
             ``"answer_repeats"`` (the answer and the repeated filler pieces).
         repeat_prob / repeat_frac: filler that repeats pieces of itself, see :func:`make_task_sample`.
+        digit_frac: runs of random digits in the embedded filler (about this fraction of its tokens);
+            training only: they give the copy circuit digit strings to practise on.
         tokenizer: default the filler's tokenizer, else ``"embedded"``.
         **task_kwargs: passed to :func:`make_task_sample` (n_keys, n_chains, key_len, value_len,
             align_question, text_per_chunk, depth).
@@ -488,7 +502,7 @@ class TaskSource(BatchSource):
 
     def __init__(self, kind="passkey", seq_len: int = 504, *, min_len: int | None = None, filler=None,
                  seed: int = 0, split: str = "train", loss_on: str = "answer", repeat_prob: float = 0.0,
-                 repeat_frac: float = 0.3, tokenizer=None, **task_kwargs):
+                 repeat_frac: float = 0.3, tokenizer=None, digit_frac: float = 0.0, **task_kwargs):
         if isinstance(kind, str):
             weights = dict(DEFAULT_MIX) if kind == "mix" else {canonical_kind(kind): 1.0}
         elif isinstance(kind, Mapping):
@@ -499,7 +513,7 @@ class TaskSource(BatchSource):
             raise ValueError(f"task weights must be non-negative with a positive sum, got {weights}")
         if loss_on not in LOSS_MODES:
             raise ValueError(f"loss_on must be one of {LOSS_MODES}, got {loss_on!r}")
-        self.filler = make_filler(filler, tokenizer, split)
+        self.filler = make_filler(filler, tokenizer, split, digit_frac=digit_frac)
         tok = load_tokenizer(tokenizer if tokenizer is not None else getattr(self.filler, "tokenizer", "embedded"))
         _check_same_vocab(tok, self.filler)
         super().__init__(seq_len=seq_len, seed=seed, split=split, tokenizer=tok)
