@@ -46,7 +46,7 @@ def test_bench_command(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [(r["context_length"], r["offload"]) for r in rows] == [(300, False), (300, True), (700, False), (700, True)]
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
-    assert all(r["fetched_gb"] > 0 for r in rows if r["offload"]) and "prefill tok/s" in capsys.readouterr().out
+    assert all(r["prefill_fetched_gb"] > 0 for r in rows if r["offload"]) and "prefill tok/s" in capsys.readouterr().out
 
 
 def test_train_eval_generate_on_synthetic_passkey(tmp_path, capsys):
@@ -148,3 +148,16 @@ def test_prepare_command(tmp_path, capsys):
     assert (tmp_path / "data" / "meta.json").exists() and (tmp_path / "data" / "tokenizer.json").exists()
     assert main(["prepare", str(src), "--out", str(tmp_path / "data")]) == 2  # exists: needs --overwrite
     assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "d2")]) == 2
+
+
+def test_bench_overlap_modes_and_passkey_trial(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--lengths", "400", "--decode-tokens", "2", "--device", "cpu",
+                 "--prefill-chunk", "128", "--offload", "on", "--no-overlap-too", "--passkey-trial", "700",
+                 "--out", str(out)]) == 0  # fmt: skip
+    res = json.loads(out.read_text())
+    assert [(r["offload"], r["overlap"]) for r in res["bench"]] == [(True, True), (True, False)]
+    assert all(r["prefill_fetched_gb"] > 0 for r in res["bench"])
+    (t,) = res["passkey_trials"]
+    assert t["prompt_length"] % 63 == 1 and t["seconds"] > 0 and isinstance(t["correct"], bool)
+    assert t["fetched_gb"] > 0 and "passkey trial 700 tokens" in capsys.readouterr().out

@@ -108,3 +108,17 @@ def test_logits_to_keep():
         torch.testing.assert_close(got, ref[:, -keep:], rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="logits_to_keep"):
         m(x, cache=m.new_cache(2), logits_to_keep=0)
+
+
+def test_capacity_hint_allocates_the_memory_once():
+    torch.manual_seed(0)
+    cfg = DRTConfig.from_preset("tiny", vocab_size=97, hidden_size=32, num_heads=2, intermediate_size=64, window=64, top_k=2)
+    m = DRT(cfg).eval()
+    x = torch.randint(0, 97, (1, 63 * 9 + 5))
+    full = m(x).logits
+    cache = m.new_cache(1, max_tokens=x.shape[1], prefill_chunk=128)
+    assert cache.memory._cap == 10
+    first = cache.memory
+    out = torch.cat([m(x[:, :300], cache=cache).logits, m(x[:, 300:], cache=cache).logits], 1)
+    assert cache.memory is first and cache.memory._cap == 10 and cache.memory.n == 9
+    torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-4)

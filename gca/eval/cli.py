@@ -199,21 +199,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from gca import DRT, DRTConfig
 
-        model = DRT(DRTConfig.from_preset(args.preset)).to(_device(args.device)).eval()
+        over = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
+        model = DRT(DRTConfig.from_preset(args.preset, **over)).to(_device(args.device)).eval()
         if args.dtype != "float32":
             model = model.to({"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype])
         train_length = None
     lengths = parse_lengths(args.lengths, args.train_length or train_length)
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.offload]
     rows = bench_streaming(model, lengths, offload_modes=modes, decode_tokens=args.decode_tokens,
-                           batch_size=args.batch_size, prefill_chunk=args.prefill_chunk)
-    print(f"{'length':>10} {'offload':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak GB':>8}")
+                           batch_size=args.batch_size, prefill_chunk=args.prefill_chunk,
+                           overlap_modes=(True, False) if args.no_overlap_too else (True,))
+    print(f"{'length':>10} {'offload':>8} {'overlap':>8} {'prefill s':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak GB':>8}")
     for r in rows:
-        print(f"{r['context_length']:>10} {str(r['offload']):>8} {r['prefill_tokens_per_s']:>14} "
-              f"{r['decode_tokens_per_s']:>13} {r['peak_mem_gb']:>8}")
+        print(f"{r['context_length']:>10} {str(r['offload']):>8} {str(r['overlap'] if r['offload'] else '-'):>8} "
+              f"{r['prefill_s']:>10} {r['prefill_tokens_per_s']:>14} {r['decode_tokens_per_s']:>13} {r['peak_mem_gb']:>8}")
+    result: dict | list = rows
+    if args.passkey_trial:
+        from gca.inference.bench import passkey_trial
+
+        trials = []
+        for L in parse_lengths(args.passkey_trial, args.train_length or train_length):
+            for off in {"both": (True, False), "on": (True,), "off": (False,)}[args.offload]:
+                t = passkey_trial(model, L, offload=off, prefill_chunk=args.prefill_chunk)
+                trials.append(t)
+                print(f"passkey trial {L} tokens, offload {off}: {t['seconds']} s, peak {t['peak_mem_gb']} GB, "
+                      f"correct {t['correct']}, needle chunk retrieved {t['retrieval_hit']} (sample built in {t['build_sample_s']} s)")
+        result = {"bench": rows, "passkey_trials": trials}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
 
@@ -224,7 +238,8 @@ def add_bench(sub) -> None:
         description="Prefill and decode tokens/s and peak memory of a DRT against context length, with and without offload.",
         epilog="""examples:
   gca bench --preset small --dtype bfloat16 --lengths 64K,1M,16M --offload both --out bench.json
-  gca bench --ckpt runs/tiny --lengths 1x,16x,64x --offload off""",
+  gca bench --ckpt runs/tiny --lengths 1x,16x,64x --offload off
+  gca bench --preset small --vocab-size 2048 --dtype bfloat16 --lengths 1M --offload on --passkey-trial 16M""",
         formatter_class=_FMT,
     )
     p.add_argument("--ckpt", default=None, help="a run or checkpoint folder (default: a random model of --preset)")
@@ -237,6 +252,12 @@ def add_bench(sub) -> None:
     p.add_argument("--prefill-chunk", type=int, default=16384, help="positions processed at once in the prefill")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-overlap-too", action="store_true",
+                   help="with offload, also time each prefill with the fetches copied on the compute stream (the overlap's worth)")
+    p.add_argument("--passkey-trial", default=None, metavar="LENGTHS",
+                   help="also time one passkey trial (prompt streamed + 5-digit answer scored) at these lengths; "
+                        "needs a model vocabulary >= 2048 (the embedded tokenizer)")
+    p.add_argument("--vocab-size", type=int, default=None, help="with --preset: override its vocabulary size")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.set_defaults(func=cmd_bench)
 

@@ -22,7 +22,7 @@ from gca.model import DRT
 def stream_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool = False) -> tuple[float, int]:
     """Summed next-token NLL and token count of ``ids`` ``(B, N)``, streamed ``piece`` tokens at a time."""
     device = model.embed.weight.device
-    cache = model.new_cache(ids.shape[0], offload=offload)
+    cache = model.new_cache(ids.shape[0], offload=offload, max_tokens=ids.shape[1])
     total, count = 0.0, 0
     prev = None
     for i in range(0, ids.shape[1], piece):

@@ -40,7 +40,7 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
     assert all(s.text_per_chunk == P for s in samples), "samples were built for another chunk size"
     prompts = torch.tensor([s.prompt for s in samples], dtype=torch.long, device=device)
     answers = torch.tensor([s.answer for s in samples], dtype=torch.long, device=device)
-    cache = model.new_cache(len(samples), offload=offload)
+    cache = model.new_cache(len(samples), offload=offload, max_tokens=max(len(s.input_ids) for s in samples))
     first = model(prompts, cache=cache, logits_to_keep=1).logits  # predicts answer[0]
     hits = [False] * len(samples)
     if model.config.arch == "drt":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import resource
 import time
 
+import numpy as np
 import torch
 
 from gca.model import DRT
@@ -35,50 +36,109 @@ def bench_streaming(
     prefill_chunk: int = 16384,
     seed: int = 0,
     progress: bool = True,
+    overlap_modes=(True,),
 ) -> list[dict]:
-    """Time a streaming prefill of each length, then ``decode_tokens`` greedy decode steps."""
+    """Time a streaming prefill of each length, then ``decode_tokens`` greedy decode steps.
+
+    ``overlap_modes``: with offload, also time the prefill with the fetches copied on the compute
+    stream (``False``), which shows what overlapping them with self-attention saves."""
     from tqdm.auto import tqdm
 
     model.eval()
     dev = model.embed.weight.device
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
-    warm = model.new_cache(batch_size, prefill_chunk=prefill_chunk)
-    model(torch.randint(0, V, (batch_size, 2 * model.config.window), generator=g), cache=warm, logits_to_keep=1)
-    del warm
+    # warm-up (untimed): kernels compile and pick their configurations on first use, for the prefill
+    # pieces and for the decode step
+    longest = max(int(n) for n in lengths)
+    for off in offload_modes:
+        warm = model.new_cache(batch_size, offload=off, prefill_chunk=prefill_chunk)
+        n_warm = min(longest, 4 * prefill_chunk)
+        logits = model(torch.randint(0, V, (batch_size, n_warm), generator=g), cache=warm, logits_to_keep=1).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(4):
+            nxt = model(nxt, cache=warm).logits[:, -1].argmax(-1, keepdim=True)
+        del warm, logits, nxt
+    _sync(dev)
     rows = []
-    for L in tqdm([int(n) for n in lengths], desc="bench", disable=not progress):
-        for off in offload_modes:
-            if off and model.config.arch != "drt":
-                continue
-            ids = torch.randint(0, V, (batch_size, L), generator=g)
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(dev)
-            cache = model.new_cache(batch_size, offload=off, prefill_chunk=prefill_chunk)
-            _sync(dev)
-            t0 = time.perf_counter()
-            logits = model(ids, cache=cache, logits_to_keep=1).logits
-            _sync(dev)
-            t_prefill = time.perf_counter() - t0
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            t0 = time.perf_counter()
-            for _ in range(decode_tokens):
-                nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
-            _sync(dev)
-            t_decode = time.perf_counter() - t0
-            if dev.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(dev) / 2**30
-            else:
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-            mem = cache.memory
-            rows.append(dict(
-                context_length=L, batch_size=batch_size, offload=bool(off), device=str(dev),
-                prefill_s=round(t_prefill, 3), prefill_tokens_per_s=round(batch_size * L / t_prefill),
-                decode_tokens_per_s=round(batch_size * decode_tokens / t_decode, 1),
-                peak_mem_gb=round(peak, 3),
-                memory_device_gb=round(mem.nbytes_device() / 2**30, 3) if mem is not None else None,
-                fetched_gb=round(mem.bytes_fetched / 2**30, 3) if mem is not None else None,
-            ))
-            del cache, ids
+    runs = [(L, off, ov) for L in [int(n) for n in lengths] for off in offload_modes for ov in (overlap_modes if off else (True,))
+            if not (off and model.config.arch != "drt")]
+    for L, off, ov in tqdm(runs, desc="bench", disable=not progress):
+        ids = torch.randint(0, V, (batch_size, L), generator=g)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        cache = model.new_cache(batch_size, offload=off, prefill_chunk=prefill_chunk, max_tokens=L + decode_tokens)
+        if cache.memory is not None:
+            cache.memory.overlap = ov
+        _sync(dev)
+        t0 = time.perf_counter()
+        logits = model(ids, cache=cache, logits_to_keep=1).logits
+        _sync(dev)
+        t_prefill = time.perf_counter() - t0
+        mem = cache.memory
+        prefill_fetch = (mem.bytes_fetched, mem.fetch_host_s) if mem is not None else (0, 0.0)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        _sync(dev)
+        t_decode = time.perf_counter() - t0
+        if dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(dev) / 2**30
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        rows.append(dict(
+            context_length=L, batch_size=batch_size, offload=bool(off), overlap=bool(ov) if off else None,
+            device=str(dev), arch=model.config.arch,
+            prefill_s=round(t_prefill, 3), prefill_tokens_per_s=round(batch_size * L / t_prefill),
+            decode_tokens_per_s=round(batch_size * decode_tokens / t_decode, 1),
+            decode_ms_per_token=round(1000 * t_decode / decode_tokens, 3),
+            peak_mem_gb=round(peak, 3),
+            memory_device_gb=round(mem.nbytes_device() / 2**30, 3) if mem is not None else None,
+            prefill_fetched_gb=round(prefill_fetch[0] / 2**30, 6) if mem is not None else None,
+            prefill_fetch_host_s=round(prefill_fetch[1], 3) if mem is not None else None,
+        ))
+        del cache, ids, mem, logits, nxt  # free this run's memory before the next one measures its peak
     return rows
+
+
+@torch.no_grad()
+def passkey_trial(model: DRT, context_len: int, *, offload: bool = True, seed: int = 0, depth: float = 0.5,
+                  prefill_chunk: int = 16384) -> dict:
+    """One passkey trial in the paper's form at ``context_len`` tokens (embedded tokenizer and filler),
+    timed end to end on the model's device: stream the prompt, then score the 5-digit answer greedily
+    (what :func:`gca.eval.tasks.score_samples` does). The sample is built first, untimed."""
+    from gca.data.tasks import make_task_sample
+
+    dev = model.embed.weight.device
+    t0 = time.perf_counter()
+    s = make_task_sample("passkey", context_len=context_len, seed=seed, depth=depth,
+                         text_per_chunk=model.config.text_per_chunk)
+    build_s = time.perf_counter() - t0
+    if max(s.input_ids) >= model.config.vocab_size:
+        raise ValueError("the model's vocabulary is smaller than the embedded tokenizer's (2048 ids)")
+    prompt = torch.as_tensor(np.asarray(s.prompt, dtype=np.int64))[None]
+    answer = torch.tensor([s.answer], dtype=torch.long, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    cache = model.new_cache(1, offload=offload, prefill_chunk=prefill_chunk, max_tokens=len(s.input_ids))
+    first = model(prompt.to(dev), cache=cache, logits_to_keep=1).logits
+    hit = bool(cache.last_rows) and any(bool((idx[0] == s.target_chunk).any()) for idx, _ in cache.last_rows)
+    rest = model(answer[:, :-1], cache=cache).logits
+    pred = torch.cat([first, rest], 1).argmax(-1)
+    correct = bool((pred == answer).all())
+    _sync(dev)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    mem = cache.memory
+    return dict(task="passkey", context_length=context_len, prompt_length=s.prompt_len, offload=offload, depth=depth,
+                seconds=round(seconds, 2), tokens_per_s=round(s.prompt_len / seconds), peak_mem_gb=round(peak, 3),
+                correct=correct, retrieval_hit=hit, build_sample_s=round(build_s, 2),
+                fetched_gb=round(mem.bytes_fetched / 2**30, 6) if mem is not None else None,
+                fetch_host_s=round(mem.fetch_host_s, 2) if mem is not None else None,
+                device=str(dev), arch=model.config.arch)

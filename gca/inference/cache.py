@@ -12,6 +12,7 @@ d model width, N chunks in memory.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,8 @@ class RingKV:
 
     Keys are stored after the rotary rotation, so the slots' order does not matter: attention
     masks them by their absolute positions (``pos``, -1 = never written). ``W=None`` (the
-    full-attention baseline) keeps every position instead.
+    full-attention baseline) keeps every position instead, in buffers that grow by doubling
+    (``length`` of them are used), so a decode step appends one position instead of copying all.
     """
 
     def __init__(self, B: int, H: int, W: int | None, D: int, device, dtype):
@@ -31,6 +33,7 @@ class RingKV:
         self.k = torch.zeros(B, H, n, D, device=device, dtype=dtype)
         self.v = torch.zeros(B, H, n, D, device=device, dtype=dtype)
         self.pos = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.length = 0  # W=None: positions held
 
     def keys_with(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """The stored keys/values/positions followed by new ones (not yet written)."""
@@ -40,10 +43,29 @@ class RingKV:
             torch.cat([self.pos, pos]),
         )
 
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """W=None: append k, v ``(B, H, n, D)``; returns views of every position held, new ones included."""
+        n = k.shape[2]
+        need = self.length + n
+        if need > self.k.shape[2] or self.k.dtype != k.dtype:
+            cap = max(64, self.k.shape[2])
+            while cap < need:
+                cap *= 2
+            B, H, _, D = k.shape
+            nk = torch.empty(B, H, cap, D, device=k.device, dtype=k.dtype)
+            nv = torch.empty(B, H, cap, D, device=v.device, dtype=v.dtype)
+            nk[:, :, : self.length] = self.k[:, :, : self.length]
+            nv[:, :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = nk, nv
+        self.k[:, :, self.length : need] = k
+        self.v[:, :, self.length : need] = v
+        self.length = need
+        return self.k[:, :, :need], self.v[:, :, :need]
+
     def write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """k, v ``(B, H, n, D)`` at absolute positions ``pos`` ``(n,)``; only the last W are kept."""
         if self.W is None:
-            self.k, self.v, self.pos = torch.cat([self.k.to(k.dtype), k], 2), torch.cat([self.v.to(v.dtype), v], 2), torch.cat([self.pos, pos])
+            self.append(k, v)
             return
         if k.shape[2] > self.W:
             k, v, pos = k[:, :, -self.W :], v[:, :, -self.W :], pos[-self.W :]
@@ -77,7 +99,10 @@ class ChunkMemory:
         self._cap = capacity
         self._stream = torch.cuda.Stream(self.device) if self.pin else None
         self._event = None
+        self.overlap = True  # False: copy on the compute stream (to measure what the side stream saves)
         self.bytes_fetched = 0
+        self.chunks_fetched = 0
+        self.fetch_host_s = 0.0  # host time spent choosing, gathering and enqueueing fetches
 
     def _alloc(self, cap: int, like: torch.Tensor, lmk: torch.Tensor):
         def grow(old, shape, dev, dtype, pin):
@@ -98,7 +123,7 @@ class ChunkMemory:
         if c == 0:
             return
         if self.k is None or self.n + c > self._cap:
-            cap = max(self._cap, 64)
+            cap = self._cap if self.k is None else max(self._cap, 64)  # the first allocation honours the hint
             while cap < self.n + c:
                 cap *= 2
             self._alloc(cap, k, lmk)
@@ -121,6 +146,7 @@ class ChunkMemory:
             return None  # nothing to retrieve yet: GCA contributes nothing
         if not self.offload:
             return self.k[:, : self.n], self.v[:, : self.n], indices
+        t0 = time.perf_counter()
         B = indices.shape[0]
         flat = torch.where(indices >= 0, indices + torch.arange(B, device=indices.device)[:, None, None] * self._cap, -1)
         uniq, inv = torch.unique(flat.cpu(), return_inverse=True)  # the one host sync: what to fetch
@@ -140,7 +166,11 @@ class ChunkMemory:
         new_idx = inv.view(indices.shape) - (1 if has_empty else 0)
         new_idx = torch.where(flat.cpu() >= 0, new_idx, torch.full_like(new_idx, -1))
         self.bytes_fetched += 2 * stage_k.numel() * stage_k.element_size()
-        if self.pin:
+        self.chunks_fetched += src.numel()
+        if self.pin and not self.overlap:
+            mk = stage_k.to(self.device, non_blocking=True)
+            mv = stage_v.to(self.device, non_blocking=True)
+        elif self.pin:
             with torch.cuda.stream(self._stream):
                 mk = stage_k.to(self.device, non_blocking=True)
                 mv = stage_v.to(self.device, non_blocking=True)
@@ -154,6 +184,7 @@ class ChunkMemory:
         # the op wants one memory per batch row: share the compact list across rows
         mk = mk.unsqueeze(0).expand(B, *shape)
         mv = mv.unsqueeze(0).expand(B, *shape)
+        self.fetch_host_s += time.perf_counter() - t0
         return mk, mv, new_idx.to(indices.device)
 
     def wait(self) -> None:

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gca.config import DRTConfig
 from gca.ops import grouped_cross_attention, sliding_window_attention
@@ -59,6 +60,9 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(g) * u)
 
 
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions.
 
@@ -89,7 +93,20 @@ class SelfAttention(nn.Module):
         B, n, _ = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.window is not None and n > 2 * self.window:
+        if self.window is None:  # full attention: append, then attend to every position held
+            first = ring.length == 0
+            keys, vals = ring.append(k, v)
+            if first:  # the first piece of a prefill: plain causal attention
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # the key length changes every step: keep cuDNN out, it re-plans each new length (ms of host time)
+                with sdpa_kernel(_NO_CUDNN):
+                    if n == 1:  # decoding: the new position sees everything held
+                        y = F.scaled_dot_product_attention(q, keys, vals)
+                    else:  # queries are the last n positions: causal, aligned to the bottom right
+                        kp = torch.arange(keys.shape[2], device=q.device)
+                        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=kp[None, :] <= pos[:, None])
+            return self.o(y.transpose(1, 2).reshape(B, n, -1))
+        if n > 2 * self.window:
             y = _ring_blocked_attention(q, k, v, ring, self.window)  # long pieces: O(n * W)
         else:
             keys, vals, kpos = ring.keys_with(k, v, pos)
