@@ -77,7 +77,9 @@ def time_steps(cfg: DRTConfig, seq_len: int, batch: int, steps: int, warmup: int
             for _ in range(2):
                 step()
             torch.cuda.synchronize()
-        prof_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+        ka = prof.key_averages()
+        prof_table = (ka.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+                      + "\n" + ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     return statistics.median(times), peak, model.num_parameters(), prof_table
 
 
