@@ -1,44 +1,69 @@
 #!/usr/bin/env bash
-# Rebuilds the passkey checkpoint that `make demo` evaluates (checkpoints/passkey-tiny), with the
-# project's own `gca train`, on one GPU in about 9 minutes. Three runs train side by side (the
-# tiny model leaves most of the GPU idle); the one with the best accuracy on a *validation* set of
-# passkey trials (seed 777, lengths 1x-16x) is exported in bf16, and that exported copy is then
-# tested on fresh trials (seed 2024) from 1x to 128x its training length.
+# Rebuilds the passkey checkpoint that `make demo` evaluates (checkpoints/passkey-tiny) with the
+# project's own `gca train`, on one GPU. Several runs train side by side (the tiny model leaves most
+# of the GPU idle), each for MIN minutes; rerunning the same command on the same OUT resumes every
+# run from its checkpoint (the cosine schedule spans STEPS steps over all sessions). Afterwards each
+# run is scored on a *validation* set of passkey trials (seed 777, lengths 1x-16x); the best one is
+# exported in bf16 and that exported copy is tested on fresh trials (seed 2024) from 1x to 128x.
 #
-#   OUT=runs/demo-ckpt bash scripts/train_demo_checkpoint.sh
+#   OUT=runs/demo-ckpt RUNS="a b c d e" MIN=7.2 bash scripts/train_demo_checkpoint.sh   # stage 1
+#   OUT=runs/demo-ckpt RUNS="a f h i g" MIN=7.5 bash scripts/train_demo_checkpoint.sh   # resume a; stage 2 from a, b
+# (a later --max-steps given on the command line of a run overrides STEPS: the last flag wins)
 set -euo pipefail
 OUT=${OUT:-runs/demo-ckpt}
-MIN=${MIN:-6.5}  # training minutes per run
+MIN=${MIN:-7.5}        # training minutes per run in this invocation
+STEPS=${STEPS:-18000}  # length of the schedule (warm-up + cosine), over all invocations
+RUNS=${RUNS:-a b c d e}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-common=(--preset tiny --seq-len 504 --batch-size 32 --max-steps 9000 --save-every 1000 --log-every 100
+common=(--preset tiny --seq-len 504 --max-steps "$STEPS" --save-every 500 --log-every 100
         --eval-every 1000 --eval-batches 4 --time-limit "$MIN" --no-progress)
-task="synthetic:passkey;min_len=189;loss=answer_repeats;repeat_gap=130"
-# repeats come from beyond the 128-position window, so copying them needs retrieval and GCA
-python -m gca.cli train "${common[@]}" --lr 1.5e-3 --data "$task;repeat=1.0" --seed 0 --out "$OUT/a" > "$OUT/a.log" 2>&1 &
-python -m gca.cli train "${common[@]}" --lr 1e-3 --data "$task;repeat=1.0" --seed 1 --out "$OUT/b" > "$OUT/b.log" 2>&1 &
-python -m gca.cli train "${common[@]}" --lr 1e-3 --data "$task;repeat=1.0;repeat_frac=0.5" --seed 2 --out "$OUT/c" --batch-size 48 > "$OUT/c.log" 2>&1 &
-wait
-for r in a b c; do
-  tail -n 2 "$OUT/$r/log.jsonl"
-  python -m gca.cli eval tasks --ckpt "$OUT/$r" --lengths 1x,4x,16x --depths 3 --trials 16 --seed 777 \
-    --out "$OUT/$r/val" --name "$r" > "$OUT/$r/val.log" 2>&1 || echo "run $r: no checkpoint to validate"
-  grep -v "^eval" "$OUT/$r/val.log" || true
+# 3-8 chunk samples; the filler repeats 8-24-token pieces of itself (loss on those and on the answer)
+task="synthetic:passkey;min_len=189;loss=answer_repeats;repeat=1.0"
+FT_STEPS=${FT_STEPS:-9000}  # schedule of the second-stage runs (fine-tuning a first-stage run)
+args_of() {
+  case $1 in
+    # stage 1, from scratch
+    a) echo "--lr 2e-3 --batch-size 32 --seed 11 --data $task;repeat_gap=130" ;;  # repeats from beyond the window
+    b) echo "--lr 1e-3 --batch-size 32 --seed 12 --data $task;repeat_gap=130" ;;
+    c) echo "--lr 2e-3 --batch-size 32 --seed 13 --data $task" ;;                  # repeats from >= 63 tokens back
+    d) echo "--lr 2e-3 --batch-size 64 --seed 14 --data $task;repeat_gap=130" ;;
+    e) echo "--lr 3e-3 --warmup 0.05 --batch-size 32 --seed 15 --data $task;repeat_gap=130" ;;
+    g) echo "--lr 2e-3 --batch-size 32 --seed 16 --data $task;repeat_gap=130;digits=0.08" ;;  # + digit runs in the filler
+    # stage 2: continue from a stage-1 run (its copy circuit) with digit runs in the filler
+    f) echo "--init-from $OUT/a --max-steps $FT_STEPS --lr 1.5e-3 --batch-size 32 --seed 21 --data $task;repeat_gap=130;digits=0.08" ;;
+    h) echo "--init-from $OUT/a --max-steps $FT_STEPS --lr 1e-3 --batch-size 32 --seed 22 --data $task;repeat_gap=130;digits=0.08;repeat_frac=0.15" ;;
+    i) echo "--init-from $OUT/b --max-steps $FT_STEPS --lr 1e-3 --batch-size 32 --seed 23 --data $task;repeat_gap=130;digits=0.08" ;;
+    *) echo "unknown run $1" >&2; exit 2 ;;
+  esac
+}
+for r in $RUNS; do
+  read -r -a extra <<< "$(args_of "$r")"
+  python -m gca.cli train "${common[@]}" "${extra[@]}" --out "$OUT/$r" >> "$OUT/$r.log" 2>&1 &
 done
-best=$(python - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-import os
+wait
+for r in $RUNS; do
+  tail -n 1 "$OUT/$r/log.jsonl" || true
+  python -m gca.cli eval tasks --ckpt "$OUT/$r" --lengths 1x,4x,16x --depths 3 --trials 16 --seed 777 \
+    --out "$OUT/$r/val" --name "$r" > "$OUT/$r/val.log" 2>&1 &
+done
+wait
+for r in $RUNS; do grep -v "^eval" "$OUT/$r/val.log" | tail -n 8 || true; done
+best=$(python - "$OUT" $RUNS <<'PY'
+import json, os, sys
+out, runs = sys.argv[1], sys.argv[2:]
 score = {}
-for r in "abc":  # a run that failed (no validation results) is not a candidate
+for r in runs:  # a run that failed (no validation results) is not a candidate
     f = f"{out}/{r}/val/tasks.json"
     if os.path.exists(f):
         rows = json.load(open(f))
         score[r] = sum(x["accuracy"] + 0.01 * x["retrieval_hit"] for x in rows)
-print(max(score, key=score.get))
+print(" ".join(sorted(score, key=score.get, reverse=True)))
 PY
 )
-echo "best on validation: $best"
-python -c "from gca.train import export_model; export_model('$OUT/$best', '$OUT/passkey-tiny')"
+echo "validation ranking: $best"
+echo "$best" > "$OUT/ranking.txt"
+top=${best%% *}
+python -c "from gca.train import export_model; export_model('$OUT/$top', '$OUT/passkey-tiny')"
 python -m gca.cli eval tasks --ckpt "$OUT/passkey-tiny" --lengths 1x,4x,16x,64x,128x --depths 5 --trials 20 \
   --seed 2024 --out "$OUT/passkey-tiny/eval" --name passkey-tiny 2>&1 | grep -v "^eval"
