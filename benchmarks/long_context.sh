@@ -3,12 +3,8 @@
 # Writes JSON under $OUT (default ./out/long_context); each step has its own time limit so that a slow
 # one does not take the others with it.
 #   OUT=out/long_context bash benchmarks/long_context.sh
-set -u
 OUT=${OUT:-out/long_context}
-mkdir -p "$OUT"
-export PYTHONPATH=${PYTHONPATH:-}:$(pwd) PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source "$(dirname "$0")/gpu_env.sh"
 # 1. DRT vs full attention (small preset): train / prefill / decode at 4K, 16K, 64K
 timeout 120 python benchmarks/throughput.py --preset small --out "$OUT/throughput.json" 2>&1 | tail -n 20
 # 2. the 16M-token passkey trial with offload (the target: <= 60 s, <= 10 GB)

@@ -3,12 +3,8 @@
 # measured with a warm-up that covers kernel compilation and with each run's memory freed before the
 # next, and evaluates the shipped passkey checkpoint far past its training length (504 tokens).
 #   OUT=out/long_context_2 bash benchmarks/long_context_2.sh
-set -u
 OUT=${OUT:-out/long_context_2}
-mkdir -p "$OUT"
-export PYTHONPATH=${PYTHONPATH:-}:$(pwd) PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source "$(dirname "$0")/gpu_env.sh"
 # 1. the shipped tiny passkey checkpoint at 1M and 16M tokens (2,000x and 33,000x its training length)
 timeout 240 python -m gca.cli eval tasks --ckpt checkpoints/passkey-tiny --lengths 1M,16M --depths 4 --trials 2 \
   --batch-size 8 --seed 4242 --out "$OUT/passkey_tiny_16M" --name passkey-tiny 2>&1 | tail -n 5
