@@ -30,7 +30,7 @@ corpus:
 		linux-doc python3-doc perl-doc python-django-doc postgresql-doc git-doc apache2-doc debian-reference-en
 
 data: $(STAMP)
-	$(VPY) -m gca.cli prepare debian-docs --out data/debian-docs --val-fraction 0.02
+	$(VPY) -m gca.cli prepare debian-docs --out data/debian-docs --val-fraction 0.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

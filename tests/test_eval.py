@@ -3,6 +3,7 @@ generation, and the ppl command works on a prepared dataset."""
 
 import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -61,3 +62,50 @@ def test_ppl_command(tmp_path, capsys):
     assert [r["context_length"] for r in rows] == [128, 256]
     assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["tokens"] == 2 * (r["context_length"] - 1) for r in rows)
     assert (out / "ppl_vs_length.png").stat().st_size > 1000
+
+    # needle tasks over the corpus as filler read its held-out split
+    import gca.data.tasks as T
+    from gca.eval.tasks import evaluate_tasks
+    from gca.train import load_model
+
+    fillers = []
+    real = T.make_task_sample
+
+    def spy(*a, **kw):
+        fillers.append(kw["filler"])
+        return real(*a, **kw)
+
+    T.make_task_sample = spy
+    try:
+        rows = evaluate_tasks(load_model(run), ["passkey"], [300], depths=1, trials=2, filler=str(tmp_path / "data"),
+                              progress=False)
+    finally:
+        T.make_task_sample = real
+    assert rows[0]["trials"] == 2 and len(fillers) == 2 and fillers[0] is fillers[1]  # opened once
+    assert fillers[0].dataset.split == "val"
+
+
+def test_collect_results_pools_depths_and_merges_by_model(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("collect_results", Path(__file__).parents[1] / "scripts" / "collect_results.py")
+    cr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cr)
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    (runs / "eval" / "drt-ppl").mkdir(parents=True)
+    (runs / "eval" / "drt-ppl" / "ppl.json").write_text(json.dumps(
+        [{"model": "drt-s", "train_length": 100, "context_length": 100, "ppl": 9.87654, "tokens": 400, "windows": 4}]))
+    (runs / "eval" / "drt-tasks-400").mkdir(parents=True)
+    (runs / "eval" / "drt-tasks-400" / "tasks.json").write_text(json.dumps([
+        {"model": "drt-s", "train_length": 100, "task": "passkey", "context_length": 400, "depth": d, "trials": 4,
+         "accuracy": acc, "retrieval_hit": 1.0} for d, acc in ((0.0, 1.0), (0.5, 0.5), (1.0, 0.25))]))
+    out.mkdir()
+    (out / "passkey.json").write_text(json.dumps([{"model": "other", "task": "single", "train_length": 1,
+                                                    "context_length": 2, "accuracy": 1.0, "trials": 20}]))
+    ppl, tasks = cr.collect(str(runs), "corpus-x")
+    assert ppl == [{"model": "drt-s", "train_length": 100, "context_length": 100, "ppl": 9.8765, "tokens": 400, "corpus": "corpus-x"}]
+    assert tasks == [{"model": "drt-s", "task": "single", "train_length": 100, "context_length": 400,
+                      "accuracy": round(7 / 12, 4), "trials": 12}]
+    merged = cr._merge(str(out / "passkey.json"), tasks)
+    assert [r["model"] for r in merged] == ["other", "drt-s"]

@@ -140,6 +140,13 @@ def test_argument_errors(change, match):
         grouped_cross_attention(**args)
 
 
+def test_validate_false_skips_only_the_index_range_check():
+    q, k, v, idx, w = make_inputs(requires_grad=False)
+    torch.testing.assert_close(grouped_cross_attention(q, k, v, idx, w, validate=False), grouped_cross_attention(q, k, v, idx, w))
+    with pytest.raises(ValueError, match="must divide|head size|same shape"):  # shapes are still checked
+        grouped_cross_attention(q, k, v[:, :, :-1], idx, w, validate=False)
+
+
 def test_bad_impl():
     q, k, v, idx, w = make_inputs(requires_grad=False)
     with pytest.raises(ValueError, match="impl"):

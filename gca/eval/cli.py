@@ -132,7 +132,7 @@ a trial counts when the greedy continuation is exactly the answer.""",
     p.add_argument("--depths", type=int, default=5, help="needle depths, evenly spaced in [0, 1] (default 5)")
     p.add_argument("--trials", type=int, default=20, help="trials per length and depth (default 20)")
     p.add_argument("--batch-size", type=int, default=8, help="trials streamed together (default 8)")
-    p.add_argument("--filler", default=None, help="filler text: a prepared folder (default: embedded random words)")
+    p.add_argument("--filler", default=None, help="filler text: a prepared folder, its val split (default: embedded random words)")
     p.add_argument("--data", default=None, help="ppl: a prepared folder; its val split is used")
     p.add_argument("--windows", type=int, default=4, help="ppl: windows per length (default 4)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation samples (default 1234)")

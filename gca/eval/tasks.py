@@ -77,15 +77,19 @@ def evaluate_tasks(
         lengths: prompt lengths in tokens.
         depths: a count (evenly spaced in [0, 1]) or a list of relative needle depths.
         trials: trials per (task, length, depth); seeds differ from every training stream.
-        tokenizer, filler: as in :func:`gca.data.tasks.make_task_sample` (default: embedded).
+        tokenizer, filler: as in :func:`gca.data.tasks.make_task_sample` (default: embedded); a
+            prepared folder as filler is read from its ``val`` split (held-out text).
         batch_size: trials scored together (one streaming batch).
     Returns:
         a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
         retrieval_hit, seconds}``.
     """
-    from gca.data.tasks import make_task_sample
+    from gca.data.tasks import make_filler, make_task_sample
 
     from tqdm.auto import tqdm
+
+    if filler is not None and not hasattr(filler, "tokens"):
+        filler = make_filler(filler, tokenizer, split="val")  # a prepared folder: its held-out split, opened once
 
     tasks, lengths, dl = list(tasks), [int(n) for n in lengths], _depth_list(depths)
     model.eval()

@@ -1,0 +1,98 @@
+"""Gather the evaluation outputs of ``scripts/reproduce.sh`` into the published result files.
+
+    python scripts/collect_results.py --runs runs/repro --data data/debian-docs --out results
+
+Reads ``RUNS/eval/<arch>-ppl/ppl.json`` and ``RUNS/eval/<arch>-tasks-<L>/tasks.json`` and writes
+``OUT/ppl.json`` (``[{model, train_length, context_length, ppl, tokens, corpus}]``) and
+``OUT/passkey.json`` (``[{model, task, train_length, context_length, accuracy, trials}]``, the
+depths pooled), replacing the rows of the same models, and a plot of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+from collections import defaultdict
+
+TASK_NAMES = {"passkey": "single", "multikey": "multikey", "2hop": "2hop"}
+
+
+def _merge(path: str, rows: list[dict]) -> list[dict]:
+    """Rows of ``path`` whose model is not in ``rows``, then ``rows``."""
+    new_models = {r["model"] for r in rows}
+    old = json.load(open(path)) if os.path.exists(path) else []
+    return [r for r in old if r["model"] not in new_models] + rows
+
+
+def collect(runs: str, corpus: str) -> tuple[list[dict], list[dict]]:
+    ppl = []
+    for f in sorted(glob.glob(os.path.join(runs, "eval", "*-ppl", "ppl.json"))):
+        for r in json.load(open(f)):
+            ppl.append(dict(model=r["model"], train_length=r["train_length"], context_length=r["context_length"],
+                            ppl=round(r["ppl"], 4), tokens=r["tokens"], corpus=corpus))
+    pooled: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    train_len = {}
+    for f in sorted(glob.glob(os.path.join(runs, "eval", "*-tasks-*", "tasks.json"))):
+        for r in json.load(open(f)):
+            key = (r["model"], TASK_NAMES[r["task"]], r["context_length"])
+            pooled[key][0] += round(r["accuracy"] * r["trials"])
+            pooled[key][1] += r["trials"]
+            train_len[r["model"]] = r["train_length"]
+    tasks = [dict(model=m, task=t, train_length=train_len[m], context_length=L, accuracy=round(c / n, 4), trials=n)
+             for (m, t, L), (c, n) in sorted(pooled.items())]
+    return ppl, tasks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="runs/repro")
+    ap.add_argument("--data", default="data/debian-docs", help="the corpus, named in ppl.json")
+    ap.add_argument("--out", default="results")
+    a = ap.parse_args()
+    ppl, tasks = collect(a.runs, os.path.basename(os.path.normpath(a.data)))
+    os.makedirs(a.out, exist_ok=True)
+    merged = {}
+    for name, rows in (("ppl.json", ppl), ("passkey.json", tasks)):
+        merged[name] = _merge(os.path.join(a.out, name), rows) if rows else []
+        if rows:
+            with open(os.path.join(a.out, name), "w") as f:
+                json.dump(merged[name], f, indent=1)
+            print(f"{name}: {len(rows)} rows from {a.runs}, {len(merged[name])} in all")
+    if ppl or tasks:
+        _plots(merged["ppl.json"], merged["passkey.json"], a.out)  # every model in the files
+
+
+def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if ppl:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in sorted({r["model"] for r in ppl}):
+            rs = sorted((r for r in ppl if r["model"] == m), key=lambda r: r["context_length"])
+            ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o", label=m)
+        ax.set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity", title="perplexity vs context length")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "ppl_vs_length.png"), dpi=120)
+        plt.close(fig)
+    if tasks:
+        kinds = sorted({r["task"] for r in tasks})
+        fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+        for ax, t in zip(axes[0], kinds):
+            for m in sorted({r["model"] for r in tasks if r["task"] == t}):
+                rs = sorted((r for r in tasks if r["model"] == m and r["task"] == t), key=lambda r: r["context_length"])
+                ax.plot([r["context_length"] for r in rs], [100 * r["accuracy"] for r in rs], marker="o", label=m)
+            ax.set(xscale="log", ylim=(-2, 102), xlabel="context length (tokens)", ylabel="accuracy (%)", title=t)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "passkey_vs_length.png"), dpi=120)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
