@@ -42,9 +42,14 @@ TRAIN_EXAMPLES = _doc(
       gca train --preset tiny --set hidden_size=64 --set upper_groups=[2,2] --data synthetic:mix --out runs/g2
       gca train --preset tiny --arch swa --data synthetic:mix --out runs/swa
 
+      # fine-tune a trained run on the needle tasks over its corpus, softmax-off-by-one off
+      gca train --init-from runs/small --data "synthetic:mix;filler=data/pg19" --seq-len 4032 \\
+          --set gca_softmax_one=false --lr 5e-4 --max-steps 2000 --out runs/small-needles
+
     Rerunning the same command with the same --out resumes from DIR/ckpt (exactly: the losses match an
-    uninterrupted run on CPU). Only --max-steps, --save-every, --log-every, --eval-every,
-    --eval-batches, --device, --compile and --grad-checkpointing may change on resume.
+    uninterrupted run on CPU). Only --max-steps, --stop-at, --time-limit, --max-nonfinite, --save-every,
+    --log-every, --eval-every, --eval-batches, --device, --compile and --grad-checkpointing may change
+    on resume.
     Writes DIR/log.jsonl (one JSON row per logged step), DIR/tb (TensorBoard, if installed) and DIR/ckpt.
     """
 )
