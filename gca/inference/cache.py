@@ -149,7 +149,8 @@ class ChunkMemory:
         t0 = time.perf_counter()
         B = indices.shape[0]
         flat = torch.where(indices >= 0, indices + torch.arange(B, device=indices.device)[:, None, None] * self._cap, -1)
-        uniq, inv = torch.unique(flat.cpu(), return_inverse=True)  # the one host sync: what to fetch
+        flat_cpu = flat.cpu()  # the one host sync: what to fetch
+        uniq, inv = torch.unique(flat_cpu, return_inverse=True)
         has_empty = bool(uniq.numel()) and int(uniq[0]) < 0
         src = uniq[1:] if has_empty else uniq
         U = max(1, src.numel())
@@ -164,7 +165,7 @@ class ChunkMemory:
             torch.index_select(kf, 0, src, out=stage_k[: src.numel()])
             torch.index_select(vf, 0, src, out=stage_v[: src.numel()])
         new_idx = inv.view(indices.shape) - (1 if has_empty else 0)
-        new_idx = torch.where(flat.cpu() >= 0, new_idx, torch.full_like(new_idx, -1))
+        new_idx = torch.where(flat_cpu >= 0, new_idx, torch.full_like(new_idx, -1))
         self.bytes_fetched += 2 * stage_k.numel() * stage_k.element_size()
         self.chunks_fetched += src.numel()
         if self.pin and not self.overlap:
