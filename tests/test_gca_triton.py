@@ -211,6 +211,17 @@ def test_decode(T, softmax_one):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pattern", ["random", "repeated"])
+def test_no_grad_path_equals_the_custom_op(pattern):
+    """Under no_grad the forward is launched directly (no custom-op dispatch, no LSE): same output."""
+    q, k, v, idx, w = _inputs(**SMALL["S16-D32-H4-Hk2-K3"], dtype=torch.float32, pattern=pattern)
+    with torch.no_grad():
+        fast = gt.gca_triton(q, k, v, idx, w)
+    slow, _ = torch.ops.gca.fwd(q, k, v, idx.long(), w, False, q.shape[-1] ** -0.5)
+    assert not fast.isnan().any()
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+
+
 @cuda_only
 def test_decode_bf16_batch1_cuda():
     B, T, Cm, Sm, H, Hk, D, K = 1, 1, 300, 64, 12, 12, 64, 8

@@ -611,6 +611,9 @@ def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
     if reason is not None:
         warnings.warn(f"gca_triton: unsupported {reason}; using the PyTorch reference", stacklevel=2)
         return gca_reference(q, mem_k, mem_v, indices, weights, softmax_one=softmax_one, scale=scale)
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # inference: launch the forward directly, without the custom op's dispatch or the LSE a backward needs
+        return gca_fwd(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale, store_lse=False)[0]
     out, _ = torch.ops.gca.fwd(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
     return out
 
