@@ -7,6 +7,7 @@ H heads, Hk memory heads, D head size, d model width.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -114,7 +115,9 @@ class SelfAttention(nn.Module):
             mask = (kp >= 0) & (kp <= qp)
             if self.window is not None:
                 mask = mask & (qp - kp < self.window)
-            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
+            # decoding (a few queries): cuDNN's per-call host cost dwarfs the GPU work, so leave it out
+            with sdpa_kernel(_NO_CUDNN) if n <= 16 else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
         ring.write(k, v, pos)
         return self.o(y.transpose(1, 2).reshape(B, n, -1))
 
