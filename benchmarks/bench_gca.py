@@ -152,6 +152,35 @@ def run_case(name, B, C, S, H, Hk, D, K, peak_bw, with_ref=True, with_sdpa=True)
     return row
 
 
+def profile_kernels(shape, reps: int = 20):
+    """GPU time per kernel of forward + backward (the dq/dweights kernel, the dK/dV kernel, the
+    inverted-index sort, ...), averaged over ``reps`` runs after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, C, S, H, Hk, D, K = shape
+    q, k, v, idx, w = make_inputs(B, C, S, H, Hk, D, K)
+    qg, kg, vg, wg = (t.detach().requires_grad_(True) for t in (q, k, v, w))
+    g = torch.randn_like(q)
+
+    def fb():
+        gt.gca_triton(qg, kg, vg, idx, wg).backward(g)
+
+    for _ in range(5):
+        fb()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fb()
+        torch.cuda.synchronize()
+    rows = [(e.device_time_total / reps / 1e3, e.count // reps, e.key) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"per-kernel GPU time of one forward + backward at B={B} C={C} S={S} H={H} Hk={Hk} D={D} K={K} (mean of {reps}):")
+    for ms, n, name in rows[:15]:
+        print(f"  {ms:8.4f} ms  x{n:<3d} {name[:90]}")
+    print(f"  {total:8.4f} ms  in all")
+
+
 def bench_decode(peak_bw):
     """gca_decode at batch 1 (and 8): T query tokens of the current chunk against K retrieved chunks."""
     rows = []
@@ -232,6 +261,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time launch configs at the SPEC shape")
     ap.add_argument("--sweep-only", action="store_true", help="only the launch-config sweep")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    ap.add_argument("--profile-bwd", action="store_true",
+                    help="only: per-kernel GPU time of forward + backward at the SPEC shape (torch.profiler)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gca.py needs a CUDA GPU")
@@ -242,6 +273,9 @@ def main():
     print(f"ceilings: {PEAK_FLOPS / 1e12:.0f} TFLOP/s (bf16 dense, SPEC.md), {peak_bw / 1e12:.2f} TB/s (measured copy)")
 
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.profile_bwd:
+        profile_kernels((4, 256, 64, 12, 12, 64, 8))
+        return
     if args.sweep_only:
         sweep_rows = sweep(peak_bw)
         with open(os.path.join(args.out_dir, f"gca_{slug}_sweep.json"), "w") as fh:
