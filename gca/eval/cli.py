@@ -219,7 +219,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         trials = []
         for L in parse_lengths(args.passkey_trial, args.train_length or train_length):
-            for off in {"both": (True, False), "on": (True,), "off": (False,)}[args.offload]:
+            for off in modes:
                 t = passkey_trial(model, L, offload=off, prefill_chunk=args.prefill_chunk)
                 trials.append(t)
                 print(f"passkey trial {L} tokens, offload {off}: {t['seconds']} s, peak {t['peak_mem_gb']} GB, "

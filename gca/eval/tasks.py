@@ -33,14 +33,16 @@ def _depth_list(depths) -> list[float]:
 
 
 @torch.no_grad()
-def score_samples(model: DRT, samples: list, *, offload: bool = False, device=None) -> tuple[list[bool], list[bool]]:
-    """Exact-match and retrieval hit of task samples that share prompt and answer lengths (one batch)."""
+def score_samples(model: DRT, samples: list, *, offload: bool = False, device=None, cache=None) -> tuple[list[bool], list[bool]]:
+    """Exact-match and retrieval hit of task samples that share prompt and answer lengths (one batch).
+    ``cache``: a fresh cache to stream through (default: a new one sized for the samples)."""
     device = device or model.embed.weight.device
     P = model.config.text_per_chunk
     assert all(s.text_per_chunk == P for s in samples), "samples were built for another chunk size"
-    prompts = torch.tensor([s.prompt for s in samples], dtype=torch.long, device=device)
+    prompts = torch.from_numpy(np.stack([np.asarray(s.prompt, dtype=np.int64) for s in samples])).to(device)
     answers = torch.tensor([s.answer for s in samples], dtype=torch.long, device=device)
-    cache = model.new_cache(len(samples), offload=offload, max_tokens=max(len(s.input_ids) for s in samples))
+    if cache is None:
+        cache = model.new_cache(len(samples), offload=offload, max_tokens=max(len(s.input_ids) for s in samples))
     first = model(prompts, cache=cache, logits_to_keep=1).logits  # predicts answer[0]
     hits = [False] * len(samples)
     if model.config.arch == "drt":

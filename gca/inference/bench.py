@@ -14,7 +14,6 @@ from __future__ import annotations
 import resource
 import time
 
-import numpy as np
 import torch
 
 from gca.model import DRT
@@ -110,6 +109,7 @@ def passkey_trial(model: DRT, context_len: int, *, offload: bool = True, seed: i
     timed end to end on the model's device: stream the prompt, then score the 5-digit answer greedily
     (what :func:`gca.eval.tasks.score_samples` does). The sample is built first, untimed."""
     from gca.data.tasks import make_task_sample
+    from gca.eval.tasks import score_samples
 
     dev = model.embed.weight.device
     t0 = time.perf_counter()
@@ -118,19 +118,13 @@ def passkey_trial(model: DRT, context_len: int, *, offload: bool = True, seed: i
     build_s = time.perf_counter() - t0
     if max(s.input_ids) >= model.config.vocab_size:
         raise ValueError("the model's vocabulary is smaller than the embedded tokenizer's (2048 ids)")
-    prompt = torch.as_tensor(np.asarray(s.prompt, dtype=np.int64))[None]
-    answer = torch.tensor([s.answer], dtype=torch.long, device=dev)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     _sync(dev)
     t0 = time.perf_counter()
     cache = model.new_cache(1, offload=offload, prefill_chunk=prefill_chunk, max_tokens=len(s.input_ids))
-    first = model(prompt.to(dev), cache=cache, logits_to_keep=1).logits
-    hit = bool(cache.last_rows) and any(bool((idx[0] == s.target_chunk).any()) for idx, _ in cache.last_rows)
-    rest = model(answer[:, :-1], cache=cache).logits
-    pred = torch.cat([first, rest], 1).argmax(-1)
-    correct = bool((pred == answer).all())
+    (correct,), (hit,) = score_samples(model, [s], cache=cache)
     _sync(dev)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else \
