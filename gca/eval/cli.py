@@ -70,6 +70,12 @@ def _print_table(rows: list[dict], train_length: int | None) -> None:
         print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {100 * hit[(task, n)]:>13.1f}%")
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from gca.eval.plots import plot_accuracy_vs_length, plot_heatmap, plot_ppl_vs_length
 
@@ -83,12 +89,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from gca.eval.tasks import evaluate_tasks
 
         tasks = [t.strip() for t in args.tasks.split(",")]
+        name = args.name or Path(args.ckpt).name
+
+        def save(rows):  # after each (task, length, depth): a stopped run keeps what it measured
+            _atomic_write(out / "tasks.json", json.dumps([dict(r, model=name, train_length=train_length) for r in rows], indent=1))
+
         rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
                               tokenizer=tok or "embedded", filler=args.filler, batch_size=args.batch_size,
-                              offload=args.offload)
+                              offload=args.offload, on_row=save)
         for r in rows:
-            r.update(model=args.name or Path(args.ckpt).name, train_length=train_length)
-        (out / "tasks.json").write_text(json.dumps(rows, indent=1))
+            r.update(model=name, train_length=train_length)
         _print_table(rows, train_length)
         plot_accuracy_vs_length(rows, str(out / "accuracy_vs_length.png"), train_length=train_length)
         plot_accuracy_vs_length(rows, str(out / "retrieval_vs_length.png"), key="retrieval_hit", train_length=train_length)
@@ -104,7 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             r.update(model=args.name or Path(args.ckpt).name, train_length=train_length, corpus=str(args.data))
             x = f" ({r['context_length'] / train_length:.0f}x)" if train_length else ""
             print(f"context {r['context_length']:>10}{x}: ppl {r['ppl']:.3f} over {r['tokens']} tokens")
-        (out / "ppl.json").write_text(json.dumps(rows, indent=1))
+        _atomic_write(out / "ppl.json", json.dumps(rows, indent=1))
         plot_ppl_vs_length(rows, str(out / "ppl_vs_length.png"), train_length=train_length)
     print(f"wrote {out} in {time.time() - t0:.0f}s")
     return 0

@@ -70,6 +70,7 @@ def evaluate_tasks(
     batch_size: int = 8,
     offload: bool = False,
     progress: bool = True,
+    on_row=None,
     **task_kwargs,
 ) -> list[dict]:
     """Accuracy and retrieval hit rate for every (task, length, depth).
@@ -82,6 +83,8 @@ def evaluate_tasks(
         tokenizer, filler: as in :func:`gca.data.tasks.make_task_sample` (default: embedded); a
             prepared folder as filler is read from its ``val`` split (held-out text).
         batch_size: trials scored together (one streaming batch).
+        on_row: called with the list of rows so far after each (task, length, depth), e.g. to save
+            partial results of a long evaluation.
     Returns:
         a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
         retrieval_hit, seconds}``.
@@ -98,8 +101,8 @@ def evaluate_tasks(
     rows = []
     total = len(tasks) * len(lengths) * len(dl)
     bar = tqdm(total=total * trials, desc="eval", unit="trial", disable=not progress)
-    for ti, task in enumerate(tasks):
-        for li, L in enumerate(lengths):
+    for li, L in enumerate(lengths):  # length-major, so that a stopped evaluation has its short lengths
+        for ti, task in enumerate(tasks):
             for di, d in enumerate(dl):
                 t0 = time.time()
                 rng = np.random.default_rng([seed, ti, li, di])
@@ -119,6 +122,8 @@ def evaluate_tasks(
                     trials=trials, accuracy=float(np.mean(correct)), retrieval_hit=float(np.mean(hits)),
                     seconds=round(time.time() - t0, 2),
                 ))
+                if on_row is not None:
+                    on_row(rows)
     bar.close()
     return rows
 
