@@ -119,8 +119,10 @@ def _run(fn, q, k, v, idx, w, g, softmax_one):
     return (out,) + grads
 
 
-def _check_against_reference(shape, dtype, softmax_one, pattern):
+def _check_against_reference(shape, dtype, softmax_one, pattern, indices=None):
     q, k, v, idx, w = _inputs(**shape, dtype=dtype, pattern=pattern)
+    if indices is not None:
+        idx = indices.to(idx.device)
     g = torch.randn(q.shape, dtype=dtype, device=q.device)
     ours = _run(lambda *a, **kw: grouped_cross_attention(*a, **kw, impl="triton"), q, k, v, idx, w, g, softmax_one)
     ref = _run(gca_reference, q.double(), k.double(), v.double(), idx, w.double(), g.double(), softmax_one)
@@ -186,6 +188,9 @@ VARIANTS = {
     "dkdv-transposed": {"dkdv": {"TRANSPOSED": True}},
     "dkdv-plain": {"dkdv": {"TRANSPOSED": False}},
     "16-row-blocks": {"fwd": {"BLOCK_M": 16}, "dq": {"BLOCK_M": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 16}},
+    # two pairs per tile where a pair spans several row blocks (R = 192 and 64, Sm = 80 over 2 programs)
+    "dkdv-2-pairs": {"dkdv": {"PAIRS": 2}},
+    "dkdv-2-pairs-16-row-blocks": {"dkdv": {"PAIRS": 2, "BLOCK_M": 16, "BLOCK_N": 16, "TRANSPOSED": False}},
 }
 
 
@@ -195,6 +200,40 @@ VARIANTS = {
 def test_config_variants(variant, shape, dtype, monkeypatch):
     monkeypatch.setattr(gt, "CONFIG_OVERRIDES", VARIANTS[variant])
     _check_against_reference(SMALL[shape], dtype, True, "repeated")
+
+
+# Two (query chunk, slot) pairs per dK/dV tile: head groups of R = G * S <= 64 rows, Sm != S
+PAIR_SHAPES = {
+    "S16-Sm24-D32-H4-Hk2": dict(B=2, Cq=3, Cm=4, S=16, Sm=24, H=4, Hk=2, D=32, K=3),  # R = 32
+    "S12-Sm20-D16-H4-Hk2": dict(B=2, Cq=3, Cm=4, S=12, Sm=20, H=4, Hk=2, D=16, K=3),  # R = 24, 8 rows padding per half
+    "S32-Sm48-D64-H2-Hk1": dict(B=2, Cq=3, Cm=4, S=32, Sm=48, H=2, Hk=1, D=64, K=3),  # R = 64, full 128-row tiles
+}
+# memory chunks retrieved 0, 1 (a lone half tile), 2, 3 (a full tile + a half) and 4 times; a chunk
+# twice in one query chunk; empty slots and a query chunk with every slot empty
+PAIR_INDICES = torch.tensor([
+    [[2, -1, 2], [0, 2, 1], [-1, 0, -1]],  # batch 0: counts 2, 1, 3, 0
+    [[3, 3, 3], [3, 1, -1], [-1, -1, -1]],  # batch 1: counts 0, 1, 0, 4
+])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "plain"])
+@pytest.mark.parametrize("shape", list(PAIR_SHAPES))
+def test_dkdv_two_pairs_per_tile(shape, transposed, dtype, monkeypatch):
+    counts = torch.stack([torch.bincount(row[row >= 0], minlength=4) for row in PAIR_INDICES.flatten(1)])
+    assert {0, 1, 2, 3, 4} <= set(counts.flatten().tolist())
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"dkdv": {"PAIRS": 2, "TRANSPOSED": transposed}})
+    sh = PAIR_SHAPES[shape]
+    R = sh["H"] // sh["Hk"] * sh["S"]
+    cfg = gt._config("dkdv", R, sh["Sm"], sh["D"], False)
+    assert cfg["PAIRS"] == 2 and R <= cfg["BLOCK_M"] < 2 * R  # one row block per pair
+    _check_against_reference(sh, dtype, dtype == torch.float32, "random", indices=PAIR_INDICES)
+
+
+def test_dkdv_pairs_config_is_checked(monkeypatch):
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"dkdv": {"PAIRS": 3}})
+    with pytest.raises(ValueError, match="PAIRS=3"):
+        gt._config("dkdv", 64, 64, 64, False)
 
 
 @pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])

@@ -11,6 +11,8 @@ Dimension letters (as in :mod:`gca.ops.gca_ref`):
     T   query tokens of the decode path (1..S)
     BLOCK_M rows of R per tile; BLOCK_N memory positions per tile (forward and dQ: one tile holds
     a whole memory chunk, Sm <= 128; dK/dV: at most 64 per program); BLOCK_D = D.
+    PAIRS   (query chunk, slot) pairs per dK/dV tile, 1 or 2: with 2 a tile holds 2 * BLOCK_M rows,
+            the same row block of two pairs
 
 What the kernels compute (see :func:`gca.ops.grouped_cross_attention` for the contract):
     O_i = softmax(scale * Q K_i^T) V_i for each slot i (K_i, V_i = memory chunk indices[b, c, i]),
@@ -32,7 +34,9 @@ Kernels
                           memory positions): loops over the (query chunk, slot) pairs that retrieved
                           chunk m, found through an inverted index (stable sort of the flattened
                           indices + CSR offsets, built with torch ops on the device, no host sync),
-                          recomputes P_i^T from LSE and accumulates dK, dV in registers.
+                          recomputes P_i^T from LSE and accumulates dK, dV in registers. With
+                          PAIRS = 2 one iteration stacks two pairs' rows into one tile (deeper dV,
+                          dK products: 64 x 128 x 64 instead of 64 x 64 x 64 at the SPEC shape).
 The memory head is the slowest grid axis, so programs running together share one (b, hk) slice of
 the memory (and of q / dO in the backward), a few MB that stay in L2 however often they are retrieved.
 Gradient formulas, per slot i (P_i includes the +1 denominator when softmax_one):
@@ -247,33 +251,60 @@ def _gca_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_step(
-    t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
-    sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-    Cq, qk_scale,
-    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
-):
-    """dK, dV contributions of step t: row block t % NRB of the (t // NRB)-th (query chunk, slot)
-    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop)."""
-    NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
-    d = tl.arange(0, BLOCK_D)
-    pair = tl.load(ORDER + t // NRB)  # flattened (b * Cq + c) * K + i
+def _retrieving_pair(e, b, ORDER, W, sw_b, sw_c, sw_k, Cq, K: tl.constexpr):
+    """Flattened query chunk bc = b * Cq + c, c, slot i and weight w of the e-th pair in ORDER."""
+    pair = tl.load(ORDER + e)  # flattened (b * Cq + c) * K + i
     bc = pair // K
     i = pair % K
     c = bc % Cq
     w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
-    r = (t % NRB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return bc, c, i, w
+
+
+@triton.jit
+def _dkdv_step(
+    t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+    sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+    Cq, qk_scale,
+    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRANSPOSED: tl.constexpr, PAIRS: tl.constexpr,
+):
+    """dK, dV contributions of step t: row block t % NRB of the PAIRS (query chunk, slot) pairs
+    number (t // NRB) * PAIRS + 0 .. PAIRS-1 among those in ORDER[lo:hi] (the pairs that retrieved
+    this memory chunk; pairs x row blocks flattened into one pipelined loop).
+
+    With PAIRS = 2 the tile stacks two pairs' row blocks, (2 * BLOCK_M) rows: rows j < BLOCK_M from
+    the first pair, j >= BLOCK_M from the second, each row with its own query chunk, slot, weight,
+    LSE and DELTA. The tile's matmuls are twice as deep (the dV, dK products) or wide (QK^T, dO V^T)
+    as one pair's; when the pair count is odd the last step's second half is masked."""
+    NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
+    ROWS: tl.constexpr = PAIRS * BLOCK_M
+    d = tl.arange(0, BLOCK_D)
+    j = tl.arange(0, ROWS)
+    e = lo + (t // NRB) * PAIRS
+    bc, c, i, w = _retrieving_pair(e, b, ORDER, W, sw_b, sw_c, sw_k, Cq, K)
+    r = (t % NRB) * BLOCK_M + j % BLOCK_M
     row_ok = r < G * S
+    if PAIRS == 2:
+        # scalar loads and per-row selects: cheaper than gathering ORDER and W for every row
+        second = j >= BLOCK_M
+        bc2, c2, i2, w2 = _retrieving_pair(tl.minimum(e + 1, hi - 1), b, ORDER, W, sw_b, sw_c, sw_k, Cq, K)
+        bc = tl.where(second, bc2, bc)
+        c = tl.where(second, c2, c)
+        i = tl.where(second, i2, i)
+        w = tl.where(second, w2, w)
+        row_ok = row_ok & ((e + 1 < hi) | ~second)
+    # per row from here on; masked rows get w = 0 on top of q = dO = LSE = DELTA = 0
+    w = tl.where(row_ok, w, 0.0)
     s = r % S
     h = hk * G + r // S
     q = tl.load(
-        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
+        Q + b * sq_b + (c * sq_c + s * sq_s + h * sq_h)[:, None] + d[None, :] * sq_d,
         mask=row_ok[:, None], other=0.0,
     )
     do = tl.load(
-        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
+        DO + b * sdo_b + (c * sdo_c + s * sdo_s + h * sdo_h)[:, None] + d[None, :] * sdo_d,
         mask=row_ok[:, None], other=0.0,
     ).to(q.dtype)
     stat = bc * (H * K * S) + i * S + (h * (K * S) + s)
@@ -282,22 +313,22 @@ def _dkdv_step(
     if TRANSPOSED:
         # (memory position x query row) tiles: P^T and dS^T come straight out of the dots as the
         # A operands of the dV and dK products
-        qkT = _dot(k, tl.trans(q), None, DOT_PREC)  # (N, M)
+        qkT = _dot(k, tl.trans(q), None, DOT_PREC)  # (N, ROWS)
         if Sm % BLOCK_N != 0:
             qkT = tl.where(col_ok[:, None], qkT, float("-inf"))
-        pT = tl.exp2(qkT * qk_scale - lse[None, :])  # masked rows give p = 1 but dO = delta = 0 there
-        dv = _dot((pT * w).to(do.dtype), do, dv, DOT_PREC)
+        pT = tl.exp2(qkT * qk_scale - lse[None, :])  # masked rows give p = 1 but w = dO = delta = 0 there
+        dv = _dot((pT * w[None, :]).to(do.dtype), do, dv, DOT_PREC)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # V dO^T
-        dsT = pT * (dpT - delta[None, :]) * w
+        dsT = pT * (dpT - delta[None, :]) * w[None, :]
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC)
     else:
-        qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N)
+        qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (ROWS, N)
         if Sm % BLOCK_N != 0:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
         p = tl.exp2(qk * qk_scale - lse[:, None])
-        dv = _dot(tl.trans((p * w).to(do.dtype)), do, dv, DOT_PREC)
+        dv = _dot(tl.trans((p * w[:, None]).to(do.dtype)), do, dv, DOT_PREC)
         dp = _dot(do, tl.trans(v), None, DOT_PREC)
-        ds = p * (dp - delta[:, None]) * w
+        ds = p * (dp - delta[:, None]) * w[:, None]
         dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PREC)
     return dk, dv
 
@@ -313,7 +344,7 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr, PAIRS: tl.constexpr,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
@@ -339,24 +370,25 @@ def _gca_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
-    start = tl.load(OFFS + pid_bm) * NRB
-    end = tl.load(OFFS + pid_bm + 1) * NRB
+    lo = tl.load(OFFS + pid_bm)
+    hi = tl.load(OFFS + pid_bm + 1)
+    n_steps = (hi - lo + PAIRS - 1) // PAIRS * NRB
     if USE_WHILE:
         # the Triton interpreter (numpy >= 2.3) cannot run `range` over loaded scalars
-        t = start
-        while t < end:
+        t = 0
+        while t < n_steps:
             dk, dv = _dkdv_step(
-                t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+                t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, PAIRS,
             )
             t += 1
     else:
-        for t in range(start, end):
+        for t in range(0, n_steps):
             dk, dv = _dkdv_step(
-                t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+                t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, PAIRS,
             )
     dk = dk * scale
     base = pid_bm * (Sm * Hk * BLOCK_D)  # contiguous (B, Cm, Sm, Hk, D)
@@ -403,11 +435,19 @@ def _config(kind, R, Sm, D, on_cuda):
         cfg = dict(BLOCK_M=bm, num_warps=8 if bm * D >= 128 * 64 else 4, num_stages=2)
     elif kind == "dq":
         cfg = dict(BLOCK_M=_block_m(R, 64), num_warps=8 if D >= 128 else 4, num_stages=2)
-    else:  # dkdv; BLOCK_N: memory positions per program
+    else:  # dkdv; BLOCK_N: memory positions per program; PAIRS: (query chunk, slot) pairs per tile
         # the transposed form took the backward from 1.55 to 1.34 ms at the SPEC shape (D = 64, H200
-        # sweep); D = 128 was not swept, so it keeps the plain form
-        cfg = dict(BLOCK_M=_block_m(R, 64), BLOCK_N=64, TRANSPOSED=D <= 64, num_warps=8 if D >= 128 else 4, num_stages=2)
+        # sweep); D = 128 was not swept, so it keeps the plain form. PAIRS = 2 is not measured yet.
+        cfg = dict(BLOCK_N=64, PAIRS=1, TRANSPOSED=D <= 64, num_warps=8 if D >= 128 else 4, num_stages=2)
     cfg.update(CONFIG_OVERRIDES.get(kind, {}))
+    if kind == "dkdv":
+        if cfg["PAIRS"] not in (1, 2):
+            raise ValueError(f"dkdv config PAIRS={cfg['PAIRS']} (needs 1 or 2)")
+        if "BLOCK_M" not in cfg:
+            # two pairs per tile: one row block per pair when a pair's rows fit in 64 (R = 48 gives
+            # 2 x 64 rows, not _block_m's 2 x 16 three times)
+            small = cfg["PAIRS"] == 2 and R <= 64
+            cfg["BLOCK_M"] = max(16, triton.next_power_of_2(R)) if small else _block_m(R, 64)
     if not on_cuda:  # the interpreter ignores warps/stages
         cfg.update(num_warps=1, num_stages=1)
     return cfg
