@@ -236,6 +236,76 @@ def test_dkdv_pairs_config_is_checked(monkeypatch):
         gt._config("dkdv", 64, 64, 64, False)
 
 
+def _count_fused_calls(monkeypatch):
+    """Spy on the fused backward's launcher: the returned list gets one entry per call."""
+    calls = []
+    real = gt._bwd_fused
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gt, "_bwd_fused", spy)
+    return calls
+
+
+def test_fused_bwd_is_off_by_default():
+    # the split path stays the default until a GPU sweep says otherwise
+    assert gt._config("bwd", 64, 64, 64, True)["FUSED"] is False
+
+
+# the fused backward (one 5-matmul kernel per memory chunk): grouped heads (G = 2, 4), Sm != S
+# (24 < 48, 80 > 64 with a 128-column tile), K = 1; "repeated": a chunk retrieved by every query
+# chunk and twice by one, a query chunk with every slot empty
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "plain"])
+@pytest.mark.parametrize("shape", list(SMALL))
+def test_fused_bwd(shape, transposed, softmax_one, dtype, monkeypatch):
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"bwd": {"FUSED": True, "TRANSPOSED": transposed}})
+    calls = _count_fused_calls(monkeypatch)
+    _check_against_reference(SMALL[shape], dtype, softmax_one, "repeated")
+    assert calls, "the fused backward did not run"
+
+
+# memory chunks retrieved 0..4 times (PAIR_INDICES), and K = 1 with chunks retrieved by two query
+# chunks, by one and by none, and an empty slot
+FUSED_COUNTS = {
+    **{name: (sh, PAIR_INDICES) for name, sh in PAIR_SHAPES.items()},
+    "S16-Sm40-D32-H6-Hk2-K1": (
+        dict(B=2, Cq=3, Cm=3, S=16, Sm=40, H=6, Hk=2, D=32, K=1),
+        torch.tensor([[[2], [2], [-1]], [[0], [-1], [1]]]),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(FUSED_COUNTS))
+def test_fused_bwd_retrieval_counts(shape, dtype, monkeypatch):
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"bwd": {"FUSED": True, "BLOCK_M": 16}})  # several row blocks
+    calls = _count_fused_calls(monkeypatch)
+    sh, idx = FUSED_COUNTS[shape]
+    _check_against_reference(sh, dtype, dtype == torch.float32, "random", indices=idx)
+    assert calls
+
+
+def test_fused_bwd_half_precision_buffer(monkeypatch):
+    # the per-slot dQ buffer in q's dtype (half the traffic) instead of fp32
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"bwd": {"FUSED": True, "DQ_PART_FP32": False}})
+    calls = _count_fused_calls(monkeypatch)
+    _check_against_reference(SMALL["S48-Sm24-D64-H4-Hk1-K3"], torch.bfloat16, True, "repeated")
+    assert calls
+
+
+def test_fused_bwd_falls_back_to_split(monkeypatch):
+    # Sm = D = 128 is too large for one fused program: the split path runs, with the same results
+    assert gt._fused_unsupported(128, 128) is not None and gt._fused_unsupported(64, 64) is None
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"bwd": {"FUSED": True}})
+    calls = _count_fused_calls(monkeypatch)
+    _check_against_reference(dict(B=1, Cq=2, Cm=2, S=16, Sm=128, H=2, Hk=1, D=128, K=2), torch.float32, True, "random")
+    assert not calls
+
+
 @pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
 @pytest.mark.parametrize("T", [1, 5, 16])
 def test_decode(T, softmax_one):

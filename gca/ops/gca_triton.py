@@ -9,8 +9,8 @@ Dimension letters (as in :mod:`gca.ops.gca_ref`):
     R   = G * S, the rows of one head group: the G query heads of a memory head stacked, row
         r = g * S + s is position s of query head hk * G + g
     T   query tokens of the decode path (1..S)
-    BLOCK_M rows of R per tile; BLOCK_N memory positions per tile (forward and dQ: one tile holds
-    a whole memory chunk, Sm <= 128; dK/dV: at most 64 per program); BLOCK_D = D.
+    BLOCK_M rows of R per tile; BLOCK_N memory positions per tile (forward, dQ and the fused
+    backward: one tile holds a whole memory chunk, Sm <= 128; dK/dV: at most 64 per program); BLOCK_D = D.
     PAIRS   (query chunk, slot) pairs per dK/dV tile, 1 or 2: with 2 a tile holds 2 * BLOCK_M rows,
             the same row block of two pairs
 
@@ -37,6 +37,13 @@ Kernels
                           recomputes P_i^T from LSE and accumulates dK, dV in registers. With
                           PAIRS = 2 one iteration stacks two pairs' rows into one tile (deeper dV,
                           dK products: 64 x 128 x 64 instead of 64 x 64 x 64 at the SPEC shape).
+    ``_gca_bwd_fused_kernel``  (option, ``_config("bwd")["FUSED"]``, off by default) the two backward
+                          kernels in one, on the dK/dV kernel's grid without the column split: the
+                          program holds all Sm columns, so it sees whole softmax rows and forms
+                          DELTA_i and dw_i itself. 5 matmuls per (pair, row block) instead of 3 + 4:
+                          QK^T, dO V^T, P^T dO, dS^T Q and dS K; dQ_i goes to a per-slot fp32 buffer
+                          (B, Cq, K, S, H, D) that ``_gca_sum_slots_kernel`` sums over the slots.
+                          Needs next_pow2(Sm) * D <= 128 * 64; other shapes use the two kernels.
 The memory head is the slowest grid axis, so programs running together share one (b, hk) slice of
 the memory (and of q / dO in the backward), a few MB that stay in L2 however often they are retrieved.
 Gradient formulas, per slot i (P_i includes the +1 denominator when softmax_one):
@@ -397,6 +404,145 @@ def _gca_bwd_dkdv_kernel(
     tl.store(DV + base + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
+@triton.jit
+def _fused_step(
+    t, lo, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, ORDER, DQP, DWP,
+    sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+    Cq, qk_scale,
+    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """Step t of the fused backward: row block t % NRB of pair number t // NRB in ORDER[lo:]. The
+    tile holds every column of its softmax rows (BLOCK_N >= Sm), so DELTA is formed here, not loaded.
+    Writes the pair's dQ_i rows (unscaled) to DQP and its partial dw_i to DWP; returns dK, dV."""
+    NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
+    d = tl.arange(0, BLOCK_D)
+    bc, c, i, w = _retrieving_pair(lo + t // NRB, b, ORDER, W, sw_b, sw_c, sw_k, Cq, K)
+    rb = t % NRB
+    r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < G * S
+    s = r % S
+    h = hk * G + r // S
+    q = tl.load(
+        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
+        mask=row_ok[:, None], other=0.0,
+    )
+    do = tl.load(
+        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
+        mask=row_ok[:, None], other=0.0,
+    ).to(q.dtype)
+    lse = tl.load(LSE + bc * (H * K * S) + i * S + (h * (K * S) + s), mask=row_ok, other=0.0) * 1.4426950408889634
+    # masked rows: q = dO = LSE = 0, so P = 1 there but dP = DELTA = 0 and they add nothing
+    if TRANSPOSED:
+        qkT = _dot(k, tl.trans(q), None, DOT_PREC)  # (N, M)
+        if Sm % BLOCK_N != 0:
+            qkT = tl.where(col_ok[:, None], qkT, float("-inf"))
+        pT = tl.exp2(qkT * qk_scale - lse[None, :])  # P_i^T, normalised (the +1 of softmax_one is in LSE)
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # (dO V_i^T)^T, unweighted
+        delta = tl.sum(pT * dpT, 0)  # rowsum(P_i * dP_i) = <dO, O_i> per row
+        wpT = pT * w
+        dv = _dot(wpT.to(do.dtype), do, dv, DOT_PREC)
+        dsT = wpT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC)
+        dq = _dot(tl.trans(dsT.to(k.dtype)), k, None, DOT_PREC)  # (M, D)
+    else:
+        qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N)
+        if Sm % BLOCK_N != 0:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        p = tl.exp2(qk * qk_scale - lse[:, None])
+        dp = _dot(do, tl.trans(v), None, DOT_PREC)
+        delta = tl.sum(p * dp, 1)
+        wp = p * w
+        dv = _dot(tl.trans(wp.to(do.dtype)), do, dv, DOT_PREC)
+        ds = wp * (dp - delta[:, None])
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PREC)
+        dq = _dot(ds.to(k.dtype), k, None, DOT_PREC)
+    slot = bc * K + i  # (B, Cq, K) flattened
+    tl.store(
+        DQP + slot * (S * H * BLOCK_D) + ((s[:, None] * H + h[:, None]) * BLOCK_D + d[None, :]),  # (B, Cq, K, S, H, D)
+        dq.to(DQP.dtype.element_ty), mask=row_ok[:, None],
+    )
+    tl.store(DWP + slot * (Hk * NRB) + hk * NRB + rb, tl.sum(delta, 0))
+    return dk, dv
+
+
+@triton.jit
+def _gca_bwd_fused_kernel(
+    Q, MK, MV, W, DO, LSE, ORDER, OFFS, DK, DV, DQP, DWP,
+    sq_b, sq_c, sq_s, sq_h, sq_d,
+    sk_b, sk_c, sk_s, sk_h, sk_d,
+    sv_b, sv_c, sv_s, sv_h, sv_d,
+    sw_b, sw_c, sw_k,
+    sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+    Cq, Cm, qk_scale, scale,
+    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
+    hk = tl.program_id(1)
+    b = pid_bm // Cm
+    mc = pid_bm % Cm
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)  # the whole chunk: BLOCK_N >= Sm
+    col_ok = n < Sm
+    k = tl.load(
+        MK + b * sk_b + mc * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+        mask=col_ok[:, None], other=0.0,
+    )
+    v = tl.load(
+        MV + b * sv_b + mc * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+        mask=col_ok[:, None], other=0.0,
+    )
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
+    lo = tl.load(OFFS + pid_bm)
+    hi = tl.load(OFFS + pid_bm + 1)
+    n_steps = (hi - lo) * NRB
+    if USE_WHILE:
+        # the Triton interpreter (numpy >= 2.3) cannot run `range` over loaded scalars
+        t = 0
+        while t < n_steps:
+            dk, dv = _fused_step(
+                t, lo, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, ORDER, DQP, DWP,
+                sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+                Cq, qk_scale, S, Sm, H, Hk, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
+            )
+            t += 1
+    else:
+        for t in range(0, n_steps):
+            dk, dv = _fused_step(
+                t, lo, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, ORDER, DQP, DWP,
+                sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+                Cq, qk_scale, S, Sm, H, Hk, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
+            )
+    dk = dk * scale
+    base = pid_bm * (Sm * Hk * BLOCK_D)  # contiguous (B, Cm, Sm, Hk, D)
+    out = (n[:, None] * Hk + hk) * BLOCK_D + d[None, :]
+    tl.store(DK + base + out, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + base + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _gca_sum_slots_kernel(DQP, IDX, DQ, si_b, si_c, si_k, Cq, scale, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    """DQ[b, c] = scale * sum over the non-empty slots i of DQP[b, c, i] (N = S * H * D elements),
+    in slot order. Empty slots were never written (no pair in ORDER): their loads are masked off,
+    which is cheaper than zero-filling the (B, Cq, K, S, H, D) buffer beforehand (one pass fewer
+    over it, and no reads of the empty slots' garbage)."""
+    bc = tl.program_id(0).to(tl.int64)
+    b = bc // Cq
+    c = bc % Cq
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(K):
+        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+        acc += tl.load(DQP + (bc * K + i) * N + offs, mask=ok & (idx >= 0), other=0.0)
+    tl.store(DQ + bc * N + offs, (acc * scale).to(DQ.dtype.element_ty), mask=ok)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -435,6 +581,15 @@ def _config(kind, R, Sm, D, on_cuda):
         cfg = dict(BLOCK_M=bm, num_warps=8 if bm * D >= 128 * 64 else 4, num_stages=2)
     elif kind == "dq":
         cfg = dict(BLOCK_M=_block_m(R, 64), num_warps=8 if D >= 128 else 4, num_stages=2)
+    elif kind == "bwd":
+        # FUSED: one 5-matmul kernel per (memory chunk, memory head) instead of the dq (3 matmuls)
+        # and dK/dV (4) kernels; off until a GPU sweep (bench_gca.py --sweep-kinds bwd) says it wins.
+        # The other keys configure the fused kernel only (the split path reads "dq" and "dkdv").
+        # DQ_PART_FP32: the per-slot dQ buffer in fp32 (else in q's dtype, half the traffic).
+        cfg = dict(
+            FUSED=False, BLOCK_M=_block_m(R, 64), TRANSPOSED=D <= 64, DQ_PART_FP32=True,
+            num_warps=8 if _block_n(Sm) * D >= 128 * 64 else 4, num_stages=2,
+        )
     else:  # dkdv; BLOCK_N: memory positions per program; PAIRS: (query chunk, slot) pairs per tile
         # the transposed form took the backward from 1.55 to 1.34 ms at the SPEC shape (D = 64, H200
         # sweep); D = 128 was not swept, so it keeps the plain form. PAIRS = 2 is not measured yet.
@@ -451,6 +606,15 @@ def _config(kind, R, Sm, D, on_cuda):
     if not on_cuda:  # the interpreter ignores warps/stages
         cfg.update(num_warps=1, num_stages=1)
     return cfg
+
+
+def _fused_unsupported(Sm, D):
+    """None if the fused backward handles this shape, else why the split path is used instead.
+    One program holds the whole chunk (BLOCK_N >= Sm) with fp32 dK, dV accumulators of BLOCK_N x D
+    and BLOCK_M x BLOCK_N fp32 P, dP, dS: beyond 128 x 64 (e.g. Sm = D = 128) that spills."""
+    if _block_n(Sm) * D > 128 * 64:
+        return f"Sm={Sm}, D={D}: the (Sm x D) dK, dV accumulators are too large for one program"
+    return None
 
 
 def supports(q, mem_k, scale=1.0):
@@ -524,7 +688,14 @@ def _inverted_index(indices, Cm):
 
 
 def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale=None):
-    """Launch the backward. Returns ``(dq, dmem_k, dmem_v, dweights)`` in the inputs' dtypes."""
+    """Launch the backward. Returns ``(dq, dmem_k, dmem_v, dweights)`` in the inputs' dtypes.
+
+    Two paths, chosen by ``_config("bwd", ...)["FUSED"]`` (``CONFIG_OVERRIDES["bwd"]`` overrides it):
+    split (default): the dq kernel (dQ, DELTA, dw; 3 matmuls) then the dK/dV kernel (4 matmuls);
+    fused: ``_gca_bwd_fused_kernel`` (5 matmuls, DELTA and dw formed in-tile; dQ per slot into a
+    (B, Cq, K, S, H, D) buffer summed by ``_gca_sum_slots_kernel``). The fused path needs one program
+    to hold a whole memory chunk; where it cannot (``_fused_unsupported``: next_pow2(Sm) * D > 128 * 64,
+    e.g. Sm = D = 128) the split path runs even when FUSED is set. Both are deterministic."""
     B, Cq, S, H, D = q.shape
     _, Cm, Sm, Hk, _ = mem_k.shape
     K = indices.shape[-1]
@@ -540,6 +711,10 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
         return dq, dk, dv, torch.zeros_like(weights)
     prec = _dot_prec(q.dtype)
     bn = _block_n(Sm)
+
+    cfg = _config("bwd", G * S, Sm, D, q.is_cuda)
+    if cfg.pop("FUSED") and _fused_unsupported(Sm, D) is None:
+        return _bwd_fused(do, q, mem_k, mem_v, indices, weights, lse, scale, dq, dk, dv, cfg)
 
     cfg = _config("dq", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
@@ -564,6 +739,38 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
         Cq, Cm, scale * _LOG2E, scale,
         S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D, **cfg,
     )
+    return dq, dk, dv, dw
+
+
+def _bwd_fused(do, q, mem_k, mem_v, indices, weights, lse, scale, dq, dk, dv, cfg):
+    """The fused backward (see :func:`gca_bwd`); ``dq``, ``dk``, ``dv`` are the outputs to fill."""
+    B, Cq, S, H, D = q.shape
+    _, Cm, Sm, Hk, _ = mem_k.shape
+    K = indices.shape[-1]
+    G = H // Hk
+    dev = q.device
+    bm = cfg.pop("BLOCK_M")
+    part_dtype = torch.float32 if cfg.pop("DQ_PART_FP32") else q.dtype
+    n_rb = triton.cdiv(G * S, bm)
+    # written only for non-empty slots: the sum below masks the rest (no zero-fill pass)
+    dq_part = _alloc((B, Cq, K, S, H, D), part_dtype, dev)
+    dw_part = _alloc((B, Cq, K, Hk * n_rb), torch.float32, dev)
+    order, offsets = _inverted_index(indices, Cm)
+    _gca_bwd_fused_kernel[(B * Cm, Hk)](
+        q, mem_k, mem_v, weights, do, lse, order, offsets, dk, dv, dq_part, dw_part,
+        *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
+        Cq, Cm, scale * _LOG2E, scale,
+        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, **cfg,
+    )
+    N = S * H * D
+    block = min(1024, triton.next_power_of_2(N))
+    _gca_sum_slots_kernel[(B * Cq, triton.cdiv(N, block))](
+        dq_part, indices, dq, *indices.stride(), Cq, scale, N=N, K=K, BLOCK=block,
+        num_warps=4 if q.is_cuda else 1,
+    )
+    # empty slots' columns were never written (poison / garbage): select, do not multiply
+    dw = torch.where(indices >= 0, dw_part.sum(-1), 0.0).to(weights.dtype)
     return dq, dk, dv, dw
 
 
@@ -687,7 +894,8 @@ def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
 def flops(B, Cq, S, Sm, H, D, K, backward=False):
     """Matmul FLOPs: per (query chunk, slot, head) two S x Sm x D products (QK^T and PV) in the
     forward, 2 FLOPs per multiply-add. The backward is counted as its algorithmic 5 products (QK^T
-    recompute, dV, dP, dQ, dK); the kernels do 7 (QK^T and dP are computed in both kernels)."""
+    recompute, dV, dP, dQ, dK); the split kernels do 7 (QK^T and dP are computed in both), the
+    fused kernel 5."""
     f = 4 * B * Cq * K * S * Sm * H * D
     return f * 5 / 2 if backward else f
 
