@@ -70,12 +70,15 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    models = sorted({r["model"] for r in ppl + tasks})
+    color = {m: f"C{i % 10}" for i, m in enumerate(models)}  # one colour per model in every panel
     if ppl:
         fig, ax = plt.subplots(figsize=(6, 4))
         for m in sorted({r["model"] for r in ppl}):
             rs = sorted((r for r in ppl if r["model"] == m), key=lambda r: r["context_length"])
-            ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o", label=m)
-        ax.set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity", title="perplexity vs context length")
+            ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o", label=m, color=color[m])
+        # log y: a baseline that breaks beyond its training length would flatten the others
+        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity", title="perplexity vs context length")
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out, "ppl_vs_length.png"), dpi=120)
@@ -86,7 +89,8 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
         for ax, t in zip(axes[0], kinds):
             for m in sorted({r["model"] for r in tasks if r["task"] == t}):
                 rs = sorted((r for r in tasks if r["model"] == m and r["task"] == t), key=lambda r: r["context_length"])
-                ax.plot([r["context_length"] for r in rs], [100 * r["accuracy"] for r in rs], marker="o", label=m)
+                ax.plot([r["context_length"] for r in rs], [100 * r["accuracy"] for r in rs], marker="o", label=m,
+                        color=color[m])
             ax.set(xscale="log", ylim=(-2, 102), xlabel="context length (tokens)", ylabel="accuracy (%)", title=t)
             ax.legend()
         fig.tight_layout()

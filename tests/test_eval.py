@@ -84,6 +84,14 @@ def test_ppl_command(tmp_path, capsys):
     assert rows[0]["trials"] == 2 and len(fillers) == 2 and fillers[0] is fillers[1]  # opened once
     assert fillers[0].dataset.split == "val"
 
+    # partial results: on_row sees the rows so far after every (length, task, depth), length-major
+    seen = []
+    rows = evaluate_tasks(load_model(run), ["passkey", "multikey"], [200, 300], depths=1, trials=1,
+                          progress=False, on_row=lambda rs: seen.append([(r["context_length"], r["task"]) for r in rs]))
+    assert [len(s) for s in seen] == [1, 2, 3, 4]
+    assert seen[-1] == [(200, "passkey"), (200, "multikey"), (300, "passkey"), (300, "multikey")]
+    assert seen[-1] == [(r["context_length"], r["task"]) for r in rows]
+
 
 def test_collect_results_pools_depths_and_merges_by_model(tmp_path):
     import importlib.util
