@@ -37,9 +37,9 @@ Kernels
                           recomputes P_i^T from LSE and accumulates dK, dV in registers. With
                           PAIRS = 2 one iteration stacks two pairs' rows into one tile (deeper dV,
                           dK products: 64 x 128 x 64 instead of 64 x 64 x 64 at the SPEC shape).
-    ``_gca_bwd_fused_kernel``  (option, ``_config("bwd")["FUSED"]``, off by default) the two backward
-                          kernels in one, on the dK/dV kernel's grid without the column split: the
-                          program holds all Sm columns, so it sees whole softmax rows and forms
+    fused backward     (option, ``_config("bwd")["FUSED"]``, off by default: slower on the H200)
+                          the dK/dV kernel with FUSED=True does both kernels' work, on its grid
+                          without the column split: the program holds all Sm columns, so it sees whole softmax rows and forms
                           DELTA_i and dw_i itself. 5 matmuls per (pair, row block) instead of 3 + 4:
                           QK^T, dO V^T, P^T dO, dS^T Q and dS K; dQ_i goes to a per-slot fp32 buffer
                           (B, Cq, K, S, H, D) that ``_gca_sum_slots_kernel`` sums over the slots.
@@ -184,6 +184,20 @@ def _gca_fwd_kernel(
 
 
 @triton.jit
+def _load_q_do(Q, DO, b, c, s, h, d, row_ok, sq_b, sq_c, sq_s, sq_h, sq_d, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d):
+    """The (rows x D) tiles of q and dO of query chunk c at positions s, heads h (dO in q's dtype)."""
+    q = tl.load(
+        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
+        mask=row_ok[:, None], other=0.0,
+    )
+    do = tl.load(
+        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
+        mask=row_ok[:, None], other=0.0,
+    )
+    return q, do.to(q.dtype)
+
+
+@triton.jit
 def _gca_bwd_dq_kernel(
     Q, MK, MV, IDX, W, DO, LSE, DQ, DELTA, DWP,
     sq_b, sq_c, sq_s, sq_h, sq_d,
@@ -211,15 +225,7 @@ def _gca_bwd_dq_kernel(
     n = tl.arange(0, BLOCK_N)
     col_ok = n < Sm
 
-    q = tl.load(
-        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
-        mask=row_ok[:, None], other=0.0,
-    )
-    do = tl.load(
-        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
-        mask=row_ok[:, None], other=0.0,
-    )
-    do = do.to(q.dtype)
+    q, do = _load_q_do(Q, DO, b, c, s, h, d, row_ok, sq_b, sq_c, sq_s, sq_h, sq_d, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     part = hk * n_rb + pid_r  # this program's column of the dw partial sums
     n_part = n_rb * tl.num_programs(2)
@@ -341,8 +347,32 @@ def _dkdv_step(
 
 
 @triton.jit
+def _bwd_step(
+    t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER, DQP, DWP,
+    sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+    Cq, qk_scale,
+    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRANSPOSED: tl.constexpr, PAIRS: tl.constexpr, FUSED: tl.constexpr,
+):
+    if FUSED:
+        dk, dv = _fused_step(
+            t, lo, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, ORDER, DQP, DWP,
+            sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+            Cq, qk_scale, S, Sm, H, Hk, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
+        )
+    else:
+        dk, dv = _dkdv_step(
+            t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+            sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+            Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, PAIRS,
+        )
+    return dk, dv
+
+
+@triton.jit
 def _gca_bwd_dkdv_kernel(
-    Q, MK, MV, W, DO, LSE, DELTA, ORDER, OFFS, DK, DV,
+    Q, MK, MV, W, DO, LSE, DELTA, ORDER, OFFS, DK, DV, DQP, DWP,
     sq_b, sq_c, sq_s, sq_h, sq_d,
     sk_b, sk_c, sk_s, sk_h, sk_d,
     sv_b, sv_c, sv_s, sv_h, sv_d,
@@ -351,8 +381,12 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, PAIRS: tl.constexpr,
+    TRANSPOSED: tl.constexpr, PAIRS: tl.constexpr, FUSED: tl.constexpr,
 ):
+    """dK, dV of one (memory chunk, memory head[, block of memory positions]) over every (query chunk,
+    slot) pair that retrieved it. FUSED=False: DELTA comes from the dq kernel. FUSED=True (one program
+    holds all Sm columns, PAIRS=1): DELTA and dweights are formed per tile and each pair's dQ_i goes
+    to DQP, dw partials to DWP (unused pointers otherwise)."""
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
     b = pid_bm // Cm
@@ -384,18 +418,18 @@ def _gca_bwd_dkdv_kernel(
         # the Triton interpreter (numpy >= 2.3) cannot run `range` over loaded scalars
         t = 0
         while t < n_steps:
-            dk, dv = _dkdv_step(
-                t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+            dk, dv = _bwd_step(
+                t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER, DQP, DWP,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, PAIRS,
+                Cq, qk_scale, S, Sm, H, Hk, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, PAIRS, FUSED,
             )
             t += 1
     else:
         for t in range(0, n_steps):
-            dk, dv = _dkdv_step(
-                t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+            dk, dv = _bwd_step(
+                t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER, DQP, DWP,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, PAIRS,
+                Cq, qk_scale, S, Sm, H, Hk, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, PAIRS, FUSED,
             )
     dk = dk * scale
     base = pid_bm * (Sm * Hk * BLOCK_D)  # contiguous (B, Cm, Sm, Hk, D)
@@ -424,14 +458,7 @@ def _fused_step(
     row_ok = r < G * S
     s = r % S
     h = hk * G + r // S
-    q = tl.load(
-        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
-        mask=row_ok[:, None], other=0.0,
-    )
-    do = tl.load(
-        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
-        mask=row_ok[:, None], other=0.0,
-    ).to(q.dtype)
+    q, do = _load_q_do(Q, DO, b, c, s, h, d, row_ok, sq_b, sq_c, sq_s, sq_h, sq_d, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d)
     lse = tl.load(LSE + bc * (H * K * S) + i * S + (h * (K * S) + s), mask=row_ok, other=0.0) * 1.4426950408889634
     # masked rows: q = dO = LSE = 0, so P = 1 there but dP = DELTA = 0 and they add nothing
     if TRANSPOSED:
@@ -465,64 +492,6 @@ def _fused_step(
     )
     tl.store(DWP + slot * (Hk * NRB) + hk * NRB + rb, tl.sum(delta, 0))
     return dk, dv
-
-
-@triton.jit
-def _gca_bwd_fused_kernel(
-    Q, MK, MV, W, DO, LSE, ORDER, OFFS, DK, DV, DQP, DWP,
-    sq_b, sq_c, sq_s, sq_h, sq_d,
-    sk_b, sk_c, sk_s, sk_h, sk_d,
-    sv_b, sv_c, sv_s, sv_h, sv_d,
-    sw_b, sw_c, sw_k,
-    sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-    Cq, Cm, qk_scale, scale,
-    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
-    USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
-):
-    pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
-    hk = tl.program_id(1)
-    b = pid_bm // Cm
-    mc = pid_bm % Cm
-    d = tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)  # the whole chunk: BLOCK_N >= Sm
-    col_ok = n < Sm
-    k = tl.load(
-        MK + b * sk_b + mc * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
-        mask=col_ok[:, None], other=0.0,
-    )
-    v = tl.load(
-        MV + b * sv_b + mc * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
-        mask=col_ok[:, None], other=0.0,
-    )
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
-    lo = tl.load(OFFS + pid_bm)
-    hi = tl.load(OFFS + pid_bm + 1)
-    n_steps = (hi - lo) * NRB
-    if USE_WHILE:
-        # the Triton interpreter (numpy >= 2.3) cannot run `range` over loaded scalars
-        t = 0
-        while t < n_steps:
-            dk, dv = _fused_step(
-                t, lo, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, ORDER, DQP, DWP,
-                sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, Hk, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
-            )
-            t += 1
-    else:
-        for t in range(0, n_steps):
-            dk, dv = _fused_step(
-                t, lo, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, ORDER, DQP, DWP,
-                sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, Hk, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
-            )
-    dk = dk * scale
-    base = pid_bm * (Sm * Hk * BLOCK_D)  # contiguous (B, Cm, Sm, Hk, D)
-    out = (n[:, None] * Hk + hk) * BLOCK_D + d[None, :]
-    tl.store(DK + base + out, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + base + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
@@ -692,7 +661,7 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
 
     Two paths, chosen by ``_config("bwd", ...)["FUSED"]`` (``CONFIG_OVERRIDES["bwd"]`` overrides it):
     split (default): the dq kernel (dQ, DELTA, dw; 3 matmuls) then the dK/dV kernel (4 matmuls);
-    fused: ``_gca_bwd_fused_kernel`` (5 matmuls, DELTA and dw formed in-tile; dQ per slot into a
+    fused: ``_gca_bwd_dkdv_kernel`` with FUSED=True (5 matmuls, DELTA and dw formed in-tile; dQ per slot into a
     (B, Cq, K, S, H, D) buffer summed by ``_gca_sum_slots_kernel``). The fused path needs one program
     to hold a whole memory chunk; where it cannot (``_fused_unsupported``: next_pow2(Sm) * D > 128 * 64,
     e.g. Sm = D = 128) the split path runs even when FUSED is set. Both are deterministic."""
@@ -734,10 +703,11 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     bm = cfg.pop("BLOCK_M")
     bn_kv = min(bn, cfg.pop("BLOCK_N"))
     _gca_bwd_dkdv_kernel[(B * Cm, Hk, triton.cdiv(Sm, bn_kv))](
-        q, mem_k, mem_v, weights, do, lse, delta, order, offsets, dk, dv,
+        q, mem_k, mem_v, weights, do, lse, delta, order, offsets, dk, dv, dk, dv,  # no DQP, DWP
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
         Cq, Cm, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D, **cfg,
+        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D,
+        FUSED=False, **cfg,
     )
     return dq, dk, dv, dw
 
@@ -756,12 +726,12 @@ def _bwd_fused(do, q, mem_k, mem_v, indices, weights, lse, scale, dq, dk, dv, cf
     dq_part = _alloc((B, Cq, K, S, H, D), part_dtype, dev)
     dw_part = _alloc((B, Cq, K, Hk * n_rb), torch.float32, dev)
     order, offsets = _inverted_index(indices, Cm)
-    _gca_bwd_fused_kernel[(B * Cm, Hk)](
-        q, mem_k, mem_v, weights, do, lse, order, offsets, dk, dv, dq_part, dw_part,
+    _gca_bwd_dkdv_kernel[(B * Cm, Hk, 1)](  # one program holds all Sm columns
+        q, mem_k, mem_v, weights, do, lse, lse, order, offsets, dk, dv, dq_part, dw_part,  # no DELTA
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
         Cq, Cm, scale * _LOG2E, scale,
         S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=_dot_prec(q.dtype),
-        BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, **cfg,
+        BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, PAIRS=1, FUSED=True, **cfg,
     )
     N = S * H * D
     block = min(1024, triton.next_power_of_2(N))
