@@ -80,8 +80,7 @@ def main():
     gt._config = lambda kind, R, Sm, D, on_cuda: config(kind, R, Sm, D, True)  # the GPU configs
     gt._gca_fwd_kernel = _Stub(gt._gca_fwd_kernel, "fwd", args.dump)
     gt._gca_bwd_dq_kernel = _Stub(gt._gca_bwd_dq_kernel, "dq", args.dump)
-    gt._gca_bwd_dkdv_kernel = _Stub(gt._gca_bwd_dkdv_kernel, "dkdv", args.dump)  # also the fused backward (--override '{"bwd": {"FUSED": true}}')
-    gt._gca_sum_slots_kernel = _Stub(gt._gca_sum_slots_kernel, "dqsum", args.dump)
+    gt._gca_bwd_dkdv_kernel = _Stub(gt._gca_bwd_dkdv_kernel, "dkdv", args.dump)
     shapes = [  # (S, Sm, H, Hk, D, K)
         (64, 64, 12, 12, 64, 8),
         (64, 64, 6, 6, 128, 8),

@@ -5,8 +5,7 @@
     PYTHONPATH=. python benchmarks/bench_gca.py --quick         # the SPEC shape only
     PYTHONPATH=. python benchmarks/bench_gca.py --sweep-only    # only the config sweep
     PYTHONPATH=. python benchmarks/bench_gca.py --sweep-only --sweep-kinds dkdv   # dK/dV configs only
-    PYTHONPATH=. python benchmarks/bench_gca.py --sweep-only --sweep-kinds bwd    # fused vs split backward
-    PYTHONPATH=. python benchmarks/bench_gca.py --profile-bwd --override '{"bwd": {"FUSED": true}}'
+    PYTHONPATH=. python benchmarks/bench_gca.py --profile-bwd --override '{"dkdv": {"TRANSPOSED": false}}'
 
 Steps:
 1. correctness at the SPEC shape: the kernel in fp32 and bf16 against the torch reference in fp32
@@ -201,15 +200,11 @@ def bench_decode(peak_bw):
     return rows
 
 
-# Launch configs the sweep times per kernel (the other kernels at their defaults). The whole
-# backward first: fused (one 5-matmul kernel) or split (dq + dK/dV kernels, 7 matmuls) is the open
-# question (benchmarks/KERNEL_NOTES.md), and gpu_check.sh gives the sweep 80 s. The first "bwd" row is
-# the split path at its default configs; the others are the fused kernel's configs.
+# Launch configs the sweep times per kernel (the other kernels at their defaults). Two options measured
+# slower on the H200 were removed (benchmarks/KERNEL_NOTES.md): two pairs per dK/dV tile and a fused
+# 5-matmul backward.
 SWEEP = {
-    "bwd": [dict(FUSED=False)]
-    + [dict(FUSED=True, TRANSPOSED=t, num_warps=nw, num_stages=ns) for t in (True, False) for nw in (4, 8) for ns in (1, 2)]
-    + [dict(FUSED=True, DQ_PART_FP32=False)],
-    "dkdv": [dict(PAIRS=p, num_warps=nw, num_stages=ns) for p in (1, 2) for nw in (4, 8) for ns in (1, 2, 3)],
+    "dkdv": [dict(TRANSPOSED=t, num_warps=nw, num_stages=ns) for t in (True, False) for nw in (4, 8) for ns in (1, 2, 3)],
     "fwd": [dict(num_warps=nw, num_stages=ns) for nw in (4, 8) for ns in (2, 3, 4)],
     "dq": [dict(num_warps=nw, num_stages=ns) for nw in (4, 8) for ns in (2, 3)],
 }
@@ -218,8 +213,7 @@ SWEEP = {
 def sweep(kinds=tuple(SWEEP), out_path=None):
     """Time the launch configs in ``SWEEP`` at the SPEC shape: the forward for "fwd", the whole
     backward (dq kernel, index sort, dK/dV kernel) for "dq" and "dkdv". Each config's results are
-    compared with the default config's (relative max difference, "diff"; for "bwd" the default is
-    the split path, so "diff" checks the fused kernel against it); a config that fails to
+    compared with the default config's (relative max difference, "diff"); a config that fails to
     compile or run (e.g. out of shared memory) is reported with ms = NaN and the sweep goes on.
     Rows are written to ``out_path`` after every config, so a timeout keeps what was measured."""
     B, C, S, H, Hk, D, K = 4, 256, 64, 12, 12, 64, 8
@@ -259,12 +253,6 @@ def sweep(kinds=tuple(SWEEP), out_path=None):
         if ok:
             best = min(ok, key=lambda r: r["ms"])
             print(f"  {kind} fastest: {({k_: v_ for k_, v_ in best.items() if k_ not in ('kind', 'ms', 'diff')})} {best['ms']:.3f} ms")
-        if kind == "bwd":
-            for fused in (False, True):
-                rows = [r for r in ok if r.get("FUSED") is fused]
-                if rows:
-                    best = min(rows, key=lambda r: r["ms"])
-                    print(f"  backward {'fused' if fused else 'split'}: {best['ms']:.3f} ms (best of {len(rows)})")
     gt.CONFIG_OVERRIDES.clear()
     return results
 
@@ -307,7 +295,7 @@ def main():
     ap.add_argument("--profile-bwd", action="store_true",
                     help="only: per-kernel GPU time of forward + backward at the SPEC shape (torch.profiler)")
     ap.add_argument("--override", default="{}",
-                    help='JSON for gca_triton.CONFIG_OVERRIDES, e.g. \'{"bwd": {"FUSED": true}}\' (the sweep replaces it per config)')
+                    help='JSON for gca_triton.CONFIG_OVERRIDES, e.g. \'{"dkdv": {"num_stages": 3}}\' (the sweep replaces it per config)')
     args = ap.parse_args()
     gt.CONFIG_OVERRIDES.update(json.loads(args.override))
     if not torch.cuda.is_available():

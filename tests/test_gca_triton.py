@@ -188,9 +188,6 @@ VARIANTS = {
     "dkdv-transposed": {"dkdv": {"TRANSPOSED": True}},
     "dkdv-plain": {"dkdv": {"TRANSPOSED": False}},
     "16-row-blocks": {"fwd": {"BLOCK_M": 16}, "dq": {"BLOCK_M": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 16}},
-    # two pairs per tile where a pair spans several row blocks (R = 192 and 64, Sm = 80 over 2 programs)
-    "dkdv-2-pairs": {"dkdv": {"PAIRS": 2}},
-    "dkdv-2-pairs-16-row-blocks": {"dkdv": {"PAIRS": 2, "BLOCK_M": 16, "BLOCK_N": 16, "TRANSPOSED": False}},
 }
 
 
@@ -202,15 +199,15 @@ def test_config_variants(variant, shape, dtype, monkeypatch):
     _check_against_reference(SMALL[shape], dtype, True, "repeated")
 
 
-# Two (query chunk, slot) pairs per dK/dV tile: head groups of R = G * S <= 64 rows, Sm != S
-PAIR_SHAPES = {
-    "S16-Sm24-D32-H4-Hk2": dict(B=2, Cq=3, Cm=4, S=16, Sm=24, H=4, Hk=2, D=32, K=3),  # R = 32
-    "S12-Sm20-D16-H4-Hk2": dict(B=2, Cq=3, Cm=4, S=12, Sm=20, H=4, Hk=2, D=16, K=3),  # R = 24, 8 rows padding per half
-    "S32-Sm48-D64-H2-Hk1": dict(B=2, Cq=3, Cm=4, S=32, Sm=48, H=2, Hk=1, D=64, K=3),  # R = 64, full 128-row tiles
+# Fixed retrieval patterns for the dK/dV kernel's inverted index: memory chunks retrieved 0, 1, 2, 3
+# and 4 times, a chunk twice by one query chunk, empty slots and a query chunk with every slot empty;
+# head groups of R = G * S = 24, 32 and 64 rows, Sm != S
+COUNT_SHAPES = {
+    "S16-Sm24-D32-H4-Hk2": dict(B=2, Cq=3, Cm=4, S=16, Sm=24, H=4, Hk=2, D=32, K=3),
+    "S12-Sm20-D16-H4-Hk2": dict(B=2, Cq=3, Cm=4, S=12, Sm=20, H=4, Hk=2, D=16, K=3),
+    "S32-Sm48-D64-H2-Hk1": dict(B=2, Cq=3, Cm=4, S=32, Sm=48, H=2, Hk=1, D=64, K=3),
 }
-# memory chunks retrieved 0, 1 (a lone half tile), 2, 3 (a full tile + a half) and 4 times; a chunk
-# twice in one query chunk; empty slots and a query chunk with every slot empty
-PAIR_INDICES = torch.tensor([
+COUNT_INDICES = torch.tensor([
     [[2, -1, 2], [0, 2, 1], [-1, 0, -1]],  # batch 0: counts 2, 1, 3, 0
     [[3, 3, 3], [3, 1, -1], [-1, -1, -1]],  # batch 1: counts 0, 1, 0, 4
 ])
@@ -218,92 +215,12 @@ PAIR_INDICES = torch.tensor([
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "plain"])
-@pytest.mark.parametrize("shape", list(PAIR_SHAPES))
-def test_dkdv_two_pairs_per_tile(shape, transposed, dtype, monkeypatch):
-    counts = torch.stack([torch.bincount(row[row >= 0], minlength=4) for row in PAIR_INDICES.flatten(1)])
+@pytest.mark.parametrize("shape", list(COUNT_SHAPES))
+def test_dkdv_retrieval_counts(shape, transposed, dtype, monkeypatch):
+    counts = torch.stack([torch.bincount(row[row >= 0], minlength=4) for row in COUNT_INDICES.flatten(1)])
     assert {0, 1, 2, 3, 4} <= set(counts.flatten().tolist())
-    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"dkdv": {"PAIRS": 2, "TRANSPOSED": transposed}})
-    sh = PAIR_SHAPES[shape]
-    R = sh["H"] // sh["Hk"] * sh["S"]
-    cfg = gt._config("dkdv", R, sh["Sm"], sh["D"], False)
-    assert cfg["PAIRS"] == 2 and R <= cfg["BLOCK_M"] < 2 * R  # one row block per pair
-    _check_against_reference(sh, dtype, dtype == torch.float32, "random", indices=PAIR_INDICES)
-
-
-def test_dkdv_pairs_config_is_checked(monkeypatch):
-    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"dkdv": {"PAIRS": 3}})
-    with pytest.raises(ValueError, match="PAIRS=3"):
-        gt._config("dkdv", 64, 64, 64, False)
-
-
-def _count_fused_calls(monkeypatch):
-    """Spy on the fused backward's launcher: the returned list gets one entry per call."""
-    calls = []
-    real = gt._bwd_fused
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gt, "_bwd_fused", spy)
-    return calls
-
-
-def test_fused_bwd_is_off_by_default():
-    # the split path stays the default until a GPU sweep says otherwise
-    assert gt._config("bwd", 64, 64, 64, True)["FUSED"] is False
-
-
-# the fused backward (one 5-matmul kernel per memory chunk): grouped heads (G = 2, 4), Sm != S
-# (24 < 48, 80 > 64 with a 128-column tile), K = 1; "repeated": a chunk retrieved by every query
-# chunk and twice by one, a query chunk with every slot empty
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
-@pytest.mark.parametrize("transposed", [True, False], ids=["transposed", "plain"])
-@pytest.mark.parametrize("shape", list(SMALL))
-def test_fused_bwd(shape, transposed, softmax_one, dtype, monkeypatch):
-    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"bwd": {"FUSED": True, "TRANSPOSED": transposed}})
-    calls = _count_fused_calls(monkeypatch)
-    _check_against_reference(SMALL[shape], dtype, softmax_one, "repeated")
-    assert calls, "the fused backward did not run"
-
-
-# memory chunks retrieved 0..4 times (PAIR_INDICES), and K = 1 with chunks retrieved by two query
-# chunks, by one and by none, and an empty slot
-FUSED_COUNTS = {
-    **{name: (sh, PAIR_INDICES) for name, sh in PAIR_SHAPES.items()},
-    "S16-Sm40-D32-H6-Hk2-K1": (
-        dict(B=2, Cq=3, Cm=3, S=16, Sm=40, H=6, Hk=2, D=32, K=1),
-        torch.tensor([[[2], [2], [-1]], [[0], [-1], [1]]]),
-    ),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", list(FUSED_COUNTS))
-def test_fused_bwd_retrieval_counts(shape, dtype, monkeypatch):
-    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"bwd": {"FUSED": True, "BLOCK_M": 16}})  # several row blocks
-    calls = _count_fused_calls(monkeypatch)
-    sh, idx = FUSED_COUNTS[shape]
-    _check_against_reference(sh, dtype, dtype == torch.float32, "random", indices=idx)
-    assert calls
-
-
-def test_fused_bwd_half_precision_buffer(monkeypatch):
-    # the per-slot dQ buffer in q's dtype (half the traffic) instead of fp32
-    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"bwd": {"FUSED": True, "DQ_PART_FP32": False}})
-    calls = _count_fused_calls(monkeypatch)
-    _check_against_reference(SMALL["S48-Sm24-D64-H4-Hk1-K3"], torch.bfloat16, True, "repeated")
-    assert calls
-
-
-def test_fused_bwd_falls_back_to_split(monkeypatch):
-    # Sm = D = 128 is too large for one fused program: the split path runs, with the same results
-    assert gt._fused_unsupported(128, 128) is not None and gt._fused_unsupported(64, 64) is None
-    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"bwd": {"FUSED": True}})
-    calls = _count_fused_calls(monkeypatch)
-    _check_against_reference(dict(B=1, Cq=2, Cm=2, S=16, Sm=128, H=2, Hk=1, D=128, K=2), torch.float32, True, "random")
-    assert not calls
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"dkdv": {"TRANSPOSED": transposed, "BLOCK_M": 16}})  # several row blocks
+    _check_against_reference(COUNT_SHAPES[shape], dtype, dtype == torch.float32, "random", indices=COUNT_INDICES)
 
 
 @pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])

@@ -9,10 +9,8 @@ Dimension letters (as in :mod:`gca.ops.gca_ref`):
     R   = G * S, the rows of one head group: the G query heads of a memory head stacked, row
         r = g * S + s is position s of query head hk * G + g
     T   query tokens of the decode path (1..S)
-    BLOCK_M rows of R per tile; BLOCK_N memory positions per tile (forward, dQ and the fused
-    backward: one tile holds a whole memory chunk, Sm <= 128; dK/dV: at most 64 per program); BLOCK_D = D.
-    PAIRS   (query chunk, slot) pairs per dK/dV tile, 1 or 2: with 2 a tile holds 2 * BLOCK_M rows,
-            the same row block of two pairs
+    BLOCK_M rows of R per tile; BLOCK_N memory positions per tile (forward and dQ: one tile holds
+    a whole memory chunk, Sm <= 128; dK/dV: at most 64 per program); BLOCK_D = D.
 
 What the kernels compute (see :func:`gca.ops.grouped_cross_attention` for the contract):
     O_i = softmax(scale * Q K_i^T) V_i for each slot i (K_i, V_i = memory chunk indices[b, c, i]),
@@ -34,16 +32,7 @@ Kernels
                           memory positions): loops over the (query chunk, slot) pairs that retrieved
                           chunk m, found through an inverted index (stable sort of the flattened
                           indices + CSR offsets, built with torch ops on the device, no host sync),
-                          recomputes P_i^T from LSE and accumulates dK, dV in registers. With
-                          PAIRS = 2 one iteration stacks two pairs' rows into one tile (deeper dV,
-                          dK products: 64 x 128 x 64 instead of 64 x 64 x 64 at the SPEC shape).
-    fused backward     (option, ``_config("bwd")["FUSED"]``, off by default: slower on the H200)
-                          the dK/dV kernel with FUSED=True does both kernels' work, on its grid
-                          without the column split: the program holds all Sm columns, so it sees whole softmax rows and forms
-                          DELTA_i and dw_i itself. 5 matmuls per (pair, row block) instead of 3 + 4:
-                          QK^T, dO V^T, P^T dO, dS^T Q and dS K; dQ_i goes to a per-slot fp32 buffer
-                          (B, Cq, K, S, H, D) that ``_gca_sum_slots_kernel`` sums over the slots.
-                          Needs next_pow2(Sm) * D <= 128 * 64; other shapes use the two kernels.
+                          recomputes P_i^T from LSE and accumulates dK, dV in registers.
 The memory head is the slowest grid axis, so programs running together share one (b, hk) slice of
 the memory (and of q / dO in the backward), a few MB that stay in L2 however often they are retrieved.
 Gradient formulas, per slot i (P_i includes the +1 denominator when softmax_one):
@@ -184,20 +173,6 @@ def _gca_fwd_kernel(
 
 
 @triton.jit
-def _load_q_do(Q, DO, b, c, s, h, d, row_ok, sq_b, sq_c, sq_s, sq_h, sq_d, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d):
-    """The (rows x D) tiles of q and dO of query chunk c at positions s, heads h (dO in q's dtype)."""
-    q = tl.load(
-        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
-        mask=row_ok[:, None], other=0.0,
-    )
-    do = tl.load(
-        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
-        mask=row_ok[:, None], other=0.0,
-    )
-    return q, do.to(q.dtype)
-
-
-@triton.jit
 def _gca_bwd_dq_kernel(
     Q, MK, MV, IDX, W, DO, LSE, DQ, DELTA, DWP,
     sq_b, sq_c, sq_s, sq_h, sq_d,
@@ -225,7 +200,15 @@ def _gca_bwd_dq_kernel(
     n = tl.arange(0, BLOCK_N)
     col_ok = n < Sm
 
-    q, do = _load_q_do(Q, DO, b, c, s, h, d, row_ok, sq_b, sq_c, sq_s, sq_h, sq_d, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d)
+    q = tl.load(
+        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
+        mask=row_ok[:, None], other=0.0,
+    )
+    do = tl.load(
+        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
+        mask=row_ok[:, None], other=0.0,
+    )
+    do = do.to(q.dtype)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     part = hk * n_rb + pid_r  # this program's column of the dw partial sums
     n_part = n_rb * tl.num_programs(2)
@@ -264,60 +247,33 @@ def _gca_bwd_dq_kernel(
 
 
 @triton.jit
-def _retrieving_pair(e, b, ORDER, W, sw_b, sw_c, sw_k, Cq, K: tl.constexpr):
-    """Flattened query chunk bc = b * Cq + c, c, slot i and weight w of the e-th pair in ORDER."""
-    pair = tl.load(ORDER + e)  # flattened (b * Cq + c) * K + i
-    bc = pair // K
-    i = pair % K
-    c = bc % Cq
-    w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
-    return bc, c, i, w
-
-
-@triton.jit
 def _dkdv_step(
-    t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+    t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
     sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, PAIRS: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
-    """dK, dV contributions of step t: row block t % NRB of the PAIRS (query chunk, slot) pairs
-    number (t // NRB) * PAIRS + 0 .. PAIRS-1 among those in ORDER[lo:hi] (the pairs that retrieved
-    this memory chunk; pairs x row blocks flattened into one pipelined loop).
-
-    With PAIRS = 2 the tile stacks two pairs' row blocks, (2 * BLOCK_M) rows: rows j < BLOCK_M from
-    the first pair, j >= BLOCK_M from the second, each row with its own query chunk, slot, weight,
-    LSE and DELTA. The tile's matmuls are twice as deep (the dV, dK products) or wide (QK^T, dO V^T)
-    as one pair's; when the pair count is odd the last step's second half is masked."""
+    """dK, dV contributions of step t: row block t % NRB of the (t // NRB)-th (query chunk, slot)
+    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop)."""
     NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
-    ROWS: tl.constexpr = PAIRS * BLOCK_M
     d = tl.arange(0, BLOCK_D)
-    j = tl.arange(0, ROWS)
-    e = lo + (t // NRB) * PAIRS
-    bc, c, i, w = _retrieving_pair(e, b, ORDER, W, sw_b, sw_c, sw_k, Cq, K)
-    r = (t % NRB) * BLOCK_M + j % BLOCK_M
+    pair = tl.load(ORDER + t // NRB)  # flattened (b * Cq + c) * K + i
+    bc = pair // K
+    i = pair % K
+    c = bc % Cq
+    w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+    r = (t % NRB) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < G * S
-    if PAIRS == 2:
-        # scalar loads and per-row selects: cheaper than gathering ORDER and W for every row
-        second = j >= BLOCK_M
-        bc2, c2, i2, w2 = _retrieving_pair(tl.minimum(e + 1, hi - 1), b, ORDER, W, sw_b, sw_c, sw_k, Cq, K)
-        bc = tl.where(second, bc2, bc)
-        c = tl.where(second, c2, c)
-        i = tl.where(second, i2, i)
-        w = tl.where(second, w2, w)
-        row_ok = row_ok & ((e + 1 < hi) | ~second)
-    # per row from here on; masked rows get w = 0 on top of q = dO = LSE = DELTA = 0
-    w = tl.where(row_ok, w, 0.0)
     s = r % S
     h = hk * G + r // S
     q = tl.load(
-        Q + b * sq_b + (c * sq_c + s * sq_s + h * sq_h)[:, None] + d[None, :] * sq_d,
+        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
         mask=row_ok[:, None], other=0.0,
     )
     do = tl.load(
-        DO + b * sdo_b + (c * sdo_c + s * sdo_s + h * sdo_h)[:, None] + d[None, :] * sdo_d,
+        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
         mask=row_ok[:, None], other=0.0,
     ).to(q.dtype)
     stat = bc * (H * K * S) + i * S + (h * (K * S) + s)
@@ -326,53 +282,29 @@ def _dkdv_step(
     if TRANSPOSED:
         # (memory position x query row) tiles: P^T and dS^T come straight out of the dots as the
         # A operands of the dV and dK products
-        qkT = _dot(k, tl.trans(q), None, DOT_PREC)  # (N, ROWS)
+        qkT = _dot(k, tl.trans(q), None, DOT_PREC)  # (N, M)
         if Sm % BLOCK_N != 0:
             qkT = tl.where(col_ok[:, None], qkT, float("-inf"))
-        pT = tl.exp2(qkT * qk_scale - lse[None, :])  # masked rows give p = 1 but w = dO = delta = 0 there
-        dv = _dot((pT * w[None, :]).to(do.dtype), do, dv, DOT_PREC)
+        pT = tl.exp2(qkT * qk_scale - lse[None, :])  # masked rows give p = 1 but dO = delta = 0 there
+        dv = _dot((pT * w).to(do.dtype), do, dv, DOT_PREC)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # V dO^T
-        dsT = pT * (dpT - delta[None, :]) * w[None, :]
+        dsT = pT * (dpT - delta[None, :]) * w
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC)
     else:
-        qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (ROWS, N)
+        qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N)
         if Sm % BLOCK_N != 0:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
         p = tl.exp2(qk * qk_scale - lse[:, None])
-        dv = _dot(tl.trans((p * w[:, None]).to(do.dtype)), do, dv, DOT_PREC)
+        dv = _dot(tl.trans((p * w).to(do.dtype)), do, dv, DOT_PREC)
         dp = _dot(do, tl.trans(v), None, DOT_PREC)
-        ds = p * (dp - delta[:, None]) * w[:, None]
+        ds = p * (dp - delta[:, None]) * w
         dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PREC)
     return dk, dv
 
 
 @triton.jit
-def _bwd_step(
-    t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER, DQP, DWP,
-    sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-    Cq, qk_scale,
-    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, PAIRS: tl.constexpr, FUSED: tl.constexpr,
-):
-    if FUSED:
-        dk, dv = _fused_step(
-            t, lo, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, ORDER, DQP, DWP,
-            sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-            Cq, qk_scale, S, Sm, H, Hk, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
-        )
-    else:
-        dk, dv = _dkdv_step(
-            t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
-            sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-            Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, PAIRS,
-        )
-    return dk, dv
-
-
-@triton.jit
 def _gca_bwd_dkdv_kernel(
-    Q, MK, MV, W, DO, LSE, DELTA, ORDER, OFFS, DK, DV, DQP, DWP,
+    Q, MK, MV, W, DO, LSE, DELTA, ORDER, OFFS, DK, DV,
     sq_b, sq_c, sq_s, sq_h, sq_d,
     sk_b, sk_c, sk_s, sk_h, sk_d,
     sv_b, sv_c, sv_s, sv_h, sv_d,
@@ -381,12 +313,8 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, PAIRS: tl.constexpr, FUSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
-    """dK, dV of one (memory chunk, memory head[, block of memory positions]) over every (query chunk,
-    slot) pair that retrieved it. FUSED=False: DELTA comes from the dq kernel. FUSED=True (one program
-    holds all Sm columns, PAIRS=1): DELTA and dweights are formed per tile and each pair's dQ_i goes
-    to DQP, dw partials to DWP (unused pointers otherwise)."""
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
     b = pid_bm // Cm
@@ -411,105 +339,30 @@ def _gca_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
-    lo = tl.load(OFFS + pid_bm)
-    hi = tl.load(OFFS + pid_bm + 1)
-    n_steps = (hi - lo + PAIRS - 1) // PAIRS * NRB
+    start = tl.load(OFFS + pid_bm) * NRB
+    end = tl.load(OFFS + pid_bm + 1) * NRB
     if USE_WHILE:
         # the Triton interpreter (numpy >= 2.3) cannot run `range` over loaded scalars
-        t = 0
-        while t < n_steps:
-            dk, dv = _bwd_step(
-                t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER, DQP, DWP,
+        t = start
+        while t < end:
+            dk, dv = _dkdv_step(
+                t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, Hk, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, PAIRS, FUSED,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
             t += 1
     else:
-        for t in range(0, n_steps):
-            dk, dv = _bwd_step(
-                t, lo, hi, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER, DQP, DWP,
+        for t in range(start, end):
+            dk, dv = _dkdv_step(
+                t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, Hk, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, PAIRS, FUSED,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
     dk = dk * scale
     base = pid_bm * (Sm * Hk * BLOCK_D)  # contiguous (B, Cm, Sm, Hk, D)
     out = (n[:, None] * Hk + hk) * BLOCK_D + d[None, :]
     tl.store(DK + base + out, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + base + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
-
-
-@triton.jit
-def _fused_step(
-    t, lo, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, ORDER, DQP, DWP,
-    sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-    Cq, qk_scale,
-    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
-):
-    """Step t of the fused backward: row block t % NRB of pair number t // NRB in ORDER[lo:]. The
-    tile holds every column of its softmax rows (BLOCK_N >= Sm), so DELTA is formed here, not loaded.
-    Writes the pair's dQ_i rows (unscaled) to DQP and its partial dw_i to DWP; returns dK, dV."""
-    NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
-    d = tl.arange(0, BLOCK_D)
-    bc, c, i, w = _retrieving_pair(lo + t // NRB, b, ORDER, W, sw_b, sw_c, sw_k, Cq, K)
-    rb = t % NRB
-    r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = r < G * S
-    s = r % S
-    h = hk * G + r // S
-    q, do = _load_q_do(Q, DO, b, c, s, h, d, row_ok, sq_b, sq_c, sq_s, sq_h, sq_d, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d)
-    lse = tl.load(LSE + bc * (H * K * S) + i * S + (h * (K * S) + s), mask=row_ok, other=0.0) * 1.4426950408889634
-    # masked rows: q = dO = LSE = 0, so P = 1 there but dP = DELTA = 0 and they add nothing
-    if TRANSPOSED:
-        qkT = _dot(k, tl.trans(q), None, DOT_PREC)  # (N, M)
-        if Sm % BLOCK_N != 0:
-            qkT = tl.where(col_ok[:, None], qkT, float("-inf"))
-        pT = tl.exp2(qkT * qk_scale - lse[None, :])  # P_i^T, normalised (the +1 of softmax_one is in LSE)
-        dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # (dO V_i^T)^T, unweighted
-        delta = tl.sum(pT * dpT, 0)  # rowsum(P_i * dP_i) = <dO, O_i> per row
-        wpT = pT * w
-        dv = _dot(wpT.to(do.dtype), do, dv, DOT_PREC)
-        dsT = wpT * (dpT - delta[None, :])
-        dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC)
-        dq = _dot(tl.trans(dsT.to(k.dtype)), k, None, DOT_PREC)  # (M, D)
-    else:
-        qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N)
-        if Sm % BLOCK_N != 0:
-            qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        p = tl.exp2(qk * qk_scale - lse[:, None])
-        dp = _dot(do, tl.trans(v), None, DOT_PREC)
-        delta = tl.sum(p * dp, 1)
-        wp = p * w
-        dv = _dot(tl.trans(wp.to(do.dtype)), do, dv, DOT_PREC)
-        ds = wp * (dp - delta[:, None])
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PREC)
-        dq = _dot(ds.to(k.dtype), k, None, DOT_PREC)
-    slot = bc * K + i  # (B, Cq, K) flattened
-    tl.store(
-        DQP + slot * (S * H * BLOCK_D) + ((s[:, None] * H + h[:, None]) * BLOCK_D + d[None, :]),  # (B, Cq, K, S, H, D)
-        dq.to(DQP.dtype.element_ty), mask=row_ok[:, None],
-    )
-    tl.store(DWP + slot * (Hk * NRB) + hk * NRB + rb, tl.sum(delta, 0))
-    return dk, dv
-
-
-@triton.jit
-def _gca_sum_slots_kernel(DQP, IDX, DQ, si_b, si_c, si_k, Cq, scale, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
-    """DQ[b, c] = scale * sum over the non-empty slots i of DQP[b, c, i] (N = S * H * D elements),
-    in slot order. Empty slots were never written (no pair in ORDER): their loads are masked off,
-    which is cheaper than zero-filling the (B, Cq, K, S, H, D) buffer beforehand (one pass fewer
-    over it, and no reads of the empty slots' garbage)."""
-    bc = tl.program_id(0).to(tl.int64)
-    b = bc // Cq
-    c = bc % Cq
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(K):
-        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
-        acc += tl.load(DQP + (bc * K + i) * N + offs, mask=ok & (idx >= 0), other=0.0)
-    tl.store(DQ + bc * N + offs, (acc * scale).to(DQ.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,40 +403,14 @@ def _config(kind, R, Sm, D, on_cuda):
         cfg = dict(BLOCK_M=bm, num_warps=8 if bm * D >= 128 * 64 else 4, num_stages=2)
     elif kind == "dq":
         cfg = dict(BLOCK_M=_block_m(R, 64), num_warps=8 if D >= 128 else 4, num_stages=2)
-    elif kind == "bwd":
-        # FUSED: one 5-matmul kernel per (memory chunk, memory head) instead of the dq (3 matmuls)
-        # and dK/dV (4) kernels; off until a GPU sweep (bench_gca.py --sweep-kinds bwd) says it wins.
-        # The other keys configure the fused kernel only (the split path reads "dq" and "dkdv").
-        # DQ_PART_FP32: the per-slot dQ buffer in fp32 (else in q's dtype, half the traffic).
-        cfg = dict(
-            FUSED=False, BLOCK_M=_block_m(R, 64), TRANSPOSED=D <= 64, DQ_PART_FP32=True,
-            num_warps=8 if _block_n(Sm) * D >= 128 * 64 else 4, num_stages=2,
-        )
-    else:  # dkdv; BLOCK_N: memory positions per program; PAIRS: (query chunk, slot) pairs per tile
+    else:  # dkdv; BLOCK_N: memory positions per program
         # the transposed form took the backward from 1.55 to 1.34 ms at the SPEC shape (D = 64, H200
-        # sweep); D = 128 was not swept, so it keeps the plain form. PAIRS = 2 is not measured yet.
-        cfg = dict(BLOCK_N=64, PAIRS=1, TRANSPOSED=D <= 64, num_warps=8 if D >= 128 else 4, num_stages=2)
+        # sweep); D = 128 was not swept, so it keeps the plain form
+        cfg = dict(BLOCK_M=_block_m(R, 64), BLOCK_N=64, TRANSPOSED=D <= 64, num_warps=8 if D >= 128 else 4, num_stages=2)
     cfg.update(CONFIG_OVERRIDES.get(kind, {}))
-    if kind == "dkdv":
-        if cfg["PAIRS"] not in (1, 2):
-            raise ValueError(f"dkdv config PAIRS={cfg['PAIRS']} (needs 1 or 2)")
-        if "BLOCK_M" not in cfg:
-            # two pairs per tile: one row block per pair when a pair's rows fit in 64 (R = 48 gives
-            # 2 x 64 rows, not _block_m's 2 x 16 three times)
-            small = cfg["PAIRS"] == 2 and R <= 64
-            cfg["BLOCK_M"] = max(16, triton.next_power_of_2(R)) if small else _block_m(R, 64)
     if not on_cuda:  # the interpreter ignores warps/stages
         cfg.update(num_warps=1, num_stages=1)
     return cfg
-
-
-def _fused_unsupported(Sm, D):
-    """None if the fused backward handles this shape, else why the split path is used instead.
-    One program holds the whole chunk (BLOCK_N >= Sm) with fp32 dK, dV accumulators of BLOCK_N x D
-    and BLOCK_M x BLOCK_N fp32 P, dP, dS: beyond 128 x 64 (e.g. Sm = D = 128) that spills."""
-    if _block_n(Sm) * D > 128 * 64:
-        return f"Sm={Sm}, D={D}: the (Sm x D) dK, dV accumulators are too large for one program"
-    return None
 
 
 def supports(q, mem_k, scale=1.0):
@@ -657,14 +484,7 @@ def _inverted_index(indices, Cm):
 
 
 def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale=None):
-    """Launch the backward. Returns ``(dq, dmem_k, dmem_v, dweights)`` in the inputs' dtypes.
-
-    Two paths, chosen by ``_config("bwd", ...)["FUSED"]`` (``CONFIG_OVERRIDES["bwd"]`` overrides it):
-    split (default): the dq kernel (dQ, DELTA, dw; 3 matmuls) then the dK/dV kernel (4 matmuls);
-    fused: ``_gca_bwd_dkdv_kernel`` with FUSED=True (5 matmuls, DELTA and dw formed in-tile; dQ per slot into a
-    (B, Cq, K, S, H, D) buffer summed by ``_gca_sum_slots_kernel``). The fused path needs one program
-    to hold a whole memory chunk; where it cannot (``_fused_unsupported``: next_pow2(Sm) * D > 128 * 64,
-    e.g. Sm = D = 128) the split path runs even when FUSED is set. Both are deterministic."""
+    """Launch the backward. Returns ``(dq, dmem_k, dmem_v, dweights)`` in the inputs' dtypes."""
     B, Cq, S, H, D = q.shape
     _, Cm, Sm, Hk, _ = mem_k.shape
     K = indices.shape[-1]
@@ -680,10 +500,6 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
         return dq, dk, dv, torch.zeros_like(weights)
     prec = _dot_prec(q.dtype)
     bn = _block_n(Sm)
-
-    cfg = _config("bwd", G * S, Sm, D, q.is_cuda)
-    if cfg.pop("FUSED") and _fused_unsupported(Sm, D) is None:
-        return _bwd_fused(do, q, mem_k, mem_v, indices, weights, lse, scale, dq, dk, dv, cfg)
 
     cfg = _config("dq", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
@@ -703,44 +519,11 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     bm = cfg.pop("BLOCK_M")
     bn_kv = min(bn, cfg.pop("BLOCK_N"))
     _gca_bwd_dkdv_kernel[(B * Cm, Hk, triton.cdiv(Sm, bn_kv))](
-        q, mem_k, mem_v, weights, do, lse, delta, order, offsets, dk, dv, dk, dv,  # no DQP, DWP
+        q, mem_k, mem_v, weights, do, lse, delta, order, offsets, dk, dv,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
         Cq, Cm, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D,
-        FUSED=False, **cfg,
+        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D, **cfg,
     )
-    return dq, dk, dv, dw
-
-
-def _bwd_fused(do, q, mem_k, mem_v, indices, weights, lse, scale, dq, dk, dv, cfg):
-    """The fused backward (see :func:`gca_bwd`); ``dq``, ``dk``, ``dv`` are the outputs to fill."""
-    B, Cq, S, H, D = q.shape
-    _, Cm, Sm, Hk, _ = mem_k.shape
-    K = indices.shape[-1]
-    G = H // Hk
-    dev = q.device
-    bm = cfg.pop("BLOCK_M")
-    part_dtype = torch.float32 if cfg.pop("DQ_PART_FP32") else q.dtype
-    n_rb = triton.cdiv(G * S, bm)
-    # written only for non-empty slots: the sum below masks the rest (no zero-fill pass)
-    dq_part = _alloc((B, Cq, K, S, H, D), part_dtype, dev)
-    dw_part = _alloc((B, Cq, K, Hk * n_rb), torch.float32, dev)
-    order, offsets = _inverted_index(indices, Cm)
-    _gca_bwd_dkdv_kernel[(B * Cm, Hk, 1)](  # one program holds all Sm columns
-        q, mem_k, mem_v, weights, do, lse, lse, order, offsets, dk, dv, dq_part, dw_part,  # no DELTA
-        *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
-        Cq, Cm, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=_dot_prec(q.dtype),
-        BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, PAIRS=1, FUSED=True, **cfg,
-    )
-    N = S * H * D
-    block = min(1024, triton.next_power_of_2(N))
-    _gca_sum_slots_kernel[(B * Cq, triton.cdiv(N, block))](
-        dq_part, indices, dq, *indices.stride(), Cq, scale, N=N, K=K, BLOCK=block,
-        num_warps=4 if q.is_cuda else 1,
-    )
-    # empty slots' columns were never written (poison / garbage): select, do not multiply
-    dw = torch.where(indices >= 0, dw_part.sum(-1), 0.0).to(weights.dtype)
     return dq, dk, dv, dw
 
 
@@ -864,8 +647,7 @@ def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
 def flops(B, Cq, S, Sm, H, D, K, backward=False):
     """Matmul FLOPs: per (query chunk, slot, head) two S x Sm x D products (QK^T and PV) in the
     forward, 2 FLOPs per multiply-add. The backward is counted as its algorithmic 5 products (QK^T
-    recompute, dV, dP, dQ, dK); the split kernels do 7 (QK^T and dP are computed in both), the
-    fused kernel 5."""
+    recompute, dV, dP, dQ, dK); the kernels do 7 (QK^T and dP are computed in both kernels)."""
     f = 4 * B * Cq * K * S * Sm * H * D
     return f * 5 / 2 if backward else f
 
