@@ -18,8 +18,8 @@
 # MIN (8.5 minutes of training per call and run), LENGTHS_PPL (1x,4x,16x,64x), TASKS_drt /
 # TASKS_swa / TASKS_full (the context lengths each model is tested at: full attention keeps every key
 # and costs n^2, so it stops earlier), LENGTHS_LONG and TRIALS_LONG (eval-long), TRIALS (4 per depth
-# x 5 depths = 20 per length), ARCHS (drt swa full), DRT_SET (DRT's --set options in pre-training),
-# DEVICE (auto), DTYPE (bfloat16, for
+# x 5 depths = 20 per length), BATCH_LONG (1: trials streamed together in eval-long), ARCHS (drt swa
+# full), DRT_SET (DRT's --set options in pre-training), DEVICE (auto), DTYPE (bfloat16, for
 # evaluation), RESULTS (results: where ppl.json and passkey.json are merged).
 #
 # Timing on one H200 with the three models side by side: pre-training ~122 ms a step (2600 steps in
@@ -106,14 +106,14 @@ case $STAGE in
       } > "$RUNS/eval/$a.log" 2>&1 &
     done
     wait
-    for a in $ARCHS; do grep -v "^eval" "$RUNS/eval/$a.log" | tail -n 30; done
+    for a in $ARCHS; do tail -n 30 "$RUNS/eval/$a.log"; done
     python scripts/collect_results.py --runs "$RUNS" --data "$DATA" --out "$RESULTS" ;;
-  eval-long)  # DRT alone at LENGTHS_LONG; the chunk memory in CPU memory, one length per process
-    mkdir -p "$RUNS/eval"
+  eval-long)  # DRT alone at LENGTHS_LONG, the chunk memory in CPU memory; one process per length (each
+    # length's trials are then the same whichever other lengths are asked for)
     for L in ${LENGTHS_LONG//,/ }; do
       gca eval tasks --ckpt "$(src drt-needles)" --tasks passkey --lengths "$L" --depths 5 --trials "$TRIALS_LONG" \
         --batch-size "${BATCH_LONG:-1}" --filler "$DATA" --offload --device "$DEVICE" --dtype "$DTYPE" \
-        --name "drt-$PRESET" --seed 4321 --out "$RUNS/eval/drt-tasks-$L" 2>&1 | grep -v "^eval" || echo "drt: stopped at $L"
+        --name "drt-$PRESET" --seed 4321 --out "$RUNS/eval/drt-tasks-$L" || echo "drt: stopped at $L"
     done
     python scripts/collect_results.py --runs "$RUNS" --data "$DATA" --out "$RESULTS" ;;
   export)

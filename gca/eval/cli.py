@@ -85,11 +85,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    name = args.name or Path(args.ckpt).name
     if args.what == "tasks":
         from gca.eval.tasks import evaluate_tasks
 
         tasks = [t.strip() for t in args.tasks.split(",")]
-        name = args.name or Path(args.ckpt).name
 
         def save(rows):  # after each (task, length, depth): a stopped run keeps what it measured
             _atomic_write(out / "tasks.json", json.dumps([dict(r, model=name, train_length=train_length) for r in rows], indent=1))
@@ -111,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise SystemExit("gca eval ppl needs --data DIR (a folder written by gca prepare)")
         rows = perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload)
         for r in rows:
-            r.update(model=args.name or Path(args.ckpt).name, train_length=train_length, corpus=str(args.data))
+            r.update(model=name, train_length=train_length, corpus=str(args.data))
             x = f" ({r['context_length'] / train_length:.0f}x)" if train_length else ""
             print(f"context {r['context_length']:>10}{x}: ppl {r['ppl']:.3f} over {r['tokens']} tokens")
         _atomic_write(out / "ppl.json", json.dumps(rows, indent=1))
