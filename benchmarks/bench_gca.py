@@ -210,6 +210,9 @@ SWEEP = {
 }
 
 
+SWEEP_KEYS = {k for cfgs in SWEEP.values() for cfg in cfgs for k in cfg}
+
+
 def sweep(kinds=tuple(SWEEP), out_path=None):
     """Time the launch configs in ``SWEEP`` at the SPEC shape: the forward for "fwd", the whole
     backward (dq kernel, index sort, dK/dV kernel) for "dq" and "dkdv". Each config's results are
@@ -234,7 +237,8 @@ def sweep(kinds=tuple(SWEEP), out_path=None):
         for cfg in SWEEP[kind]:
             gt.CONFIG_OVERRIDES.clear()
             gt.CONFIG_OVERRIDES[kind] = cfg
-            row = {"kind": kind, **cfg}
+            row = {"kind": kind, **cfg, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "triton": triton.__version__, "date": datetime.date.today().isoformat()}
             try:
                 row["diff"] = max(rel_err(a, e) for a, e in zip(run(), expected))
                 row["ms"] = bench(run)
@@ -252,7 +256,7 @@ def sweep(kinds=tuple(SWEEP), out_path=None):
         ok = [r for r in results if r["kind"] == kind and r["ms"] == r["ms"] and r["diff"] <= 1e-2]
         if ok:
             best = min(ok, key=lambda r: r["ms"])
-            print(f"  {kind} fastest: {({k_: v_ for k_, v_ in best.items() if k_ not in ('kind', 'ms', 'diff')})} {best['ms']:.3f} ms")
+            print(f"  {kind} fastest: {({k_: v_ for k_, v_ in best.items() if k_ in SWEEP_KEYS})} {best['ms']:.3f} ms")
     gt.CONFIG_OVERRIDES.clear()
     return results
 

@@ -47,6 +47,10 @@ for n in names:
     train = [r for r in log if "loss" in r]
     rows.append(dict(variant=n, val_loss=val, skipped_steps=max((r.get("skipped_steps", 0) for r in log), default=0),
                      tok_per_s=train[-1]["tok_per_s"] if train else None))
+import datetime, torch  # noqa: E401
+meta = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
+            date=datetime.date.today().isoformat())
+rows = [dict(r, **meta) for r in rows]
 json.dump(rows, open(out, "w"), indent=1)
 for r in rows:
     print(f"{r['variant']:24s} {r.get('val_loss')}  skipped {r.get('skipped_steps')}  {r.get('error', '')}")
