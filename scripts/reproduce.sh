@@ -19,7 +19,8 @@
 # TASKS_swa / TASKS_full (the context lengths each model is tested at: full attention keeps every key
 # and costs n^2, so it stops earlier), LENGTHS_LONG and TRIALS_LONG (eval-long), TRIALS (4 per depth
 # x 5 depths = 20 per length), BATCH_LONG (1: trials streamed together in eval-long), ARCHS (drt swa
-# full), DRT_SET (DRT's --set options in pre-training), DEVICE (auto), DTYPE (bfloat16, for
+# full), NEEDLE_TASKS / REPEAT_GAP / DIGITS (the task half of the needle mixture, below), DRT_SET
+# (DRT's --set options in pre-training), DEVICE (auto), DTYPE (bfloat16, for
 # evaluation), RESULTS (results: where ppl.json and passkey.json are merged).
 #
 # Timing on one H200 with the three models side by side: pre-training ~122 ms a step (2600 steps in
@@ -62,8 +63,16 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=${TQDM_DISABLE:-1}
 gca() { python -m gca.cli "$@"; }
 common=(--preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --time-limit "$MIN" --save-every 250
         --log-every 25 --eval-every 250 --eval-batches 8 --no-progress --device "$DEVICE")
-# needle mixture: half corpus text (keeps the language model), half tasks over corpus filler
-needles="$DATA@0.5+synthetic:mix;filler=$DATA;loss=answer@0.5"
+# needle mixture: half corpus text (keeps the language model), half tasks over corpus filler. The loss is
+# on the answer and on filler pieces repeated from >= REPEAT_GAP tokens back (beyond the 512-token
+# window: only retrieval can copy them; ~1100 supervised tokens a sample instead of the answer's 5),
+# with digit runs in the filler (DIGITS) so that copying digit strings is practised: the signal the
+# shipped tiny passkey model needed (results/demo-checkpoint/README.md). NEEDLE_TASKS="...;loss=answer"
+# gives the answer-only mixture of the first corpus run.
+REPEAT_GAP=${REPEAT_GAP:-600}
+DIGITS=${DIGITS:-0.05}
+NEEDLE_TASKS=${NEEDLE_TASKS:-synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=$REPEAT_GAP;digits=$DIGITS}
+needles="$DATA@0.5+$NEEDLE_TASKS@0.5"
 
 # a run folder, or its exported bf16 weights when only those travelled
 src() { if [ -d "$RUNS/$1/ckpt" ]; then echo "$RUNS/$1"; else echo "$RUNS/export/$1"; fi; }

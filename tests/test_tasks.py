@@ -103,6 +103,22 @@ def test_stream_filler(tmp_path):
     check_sample(s)
     src = build_source(f"synthetic:multikey;filler={tmp_path / 'ds'}", seq_len=400, split="val")
     assert src.get_batch(0, 2)["input_ids"].shape == (2, 400)
+    # digit runs over corpus filler (training): about the asked fraction, in runs, same window otherwise
+    from gca.data.tasks import digit_ids, make_filler
+
+    digits = list(digit_ids("embedded"))
+    plain, dig = make_filler(str(tmp_path / "ds")), make_filler(str(tmp_path / "ds"), digit_frac=0.1)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    x0, x1 = plain.tokens(4000, np.random.default_rng(seed)), dig.tokens(4000, np.random.default_rng(seed))
+    base_digits = np.isin(x0, digits).mean()  # the text's own "3" and "7"
+    changed = x0 != x1
+    assert 0.05 < changed.mean() < 0.15 and np.isin(x1[changed], digits).all()
+    assert np.isin(x1, digits).mean() > base_digits + 0.05
+    s = build_source(f"synthetic:passkey;filler={tmp_path / 'ds'};repeat=1.0;repeat_gap=150;digits=0.1;"
+                     "loss=answer_repeats", seq_len=800, seed=seed)
+    assert "digits 0.1" in s.filler.describe()
+    for gid in range(4):
+        check_sample(s.sample_task(gid)[0])
 
 
 # ---------------------------------------------------------------- TaskSource batches
@@ -228,5 +244,5 @@ def test_digit_runs_in_filler_only_when_asked():
         check_sample(s)
     from gca.data.tasks import make_filler
 
-    with pytest.raises(ValueError, match="embedded word filler"):
-        make_filler("data/some-prepared-corpus", digit_frac=0.1)
+    with pytest.raises(ValueError, match="custom filler"):
+        make_filler(WordFiller(), digit_frac=0.1)

@@ -19,7 +19,7 @@ Spec grammar (one string)::
 Options of ``synthetic:`` (all optional): ``filler=PATH`` (filler cut from a prepared folder's same
 split; default embedded random words), ``loss=answer|all|answer_repeats``, ``min_len=N`` (variable
 length samples, see :class:`gca.data.tasks.TaskSource`), ``repeat=p`` (probability of filler that
-repeats pieces of itself), ``repeat_frac=f``, ``repeat_gap=N`` (tokens between a repeat and its source), ``digits=f`` (runs of digits in the embedded filler), ``keys=N`` (multikey needles), ``chains=N`` (2hop
+repeats pieces of itself), ``repeat_frac=f``, ``repeat_gap=N`` (tokens between a repeat and its source), ``digits=f`` (runs of digits in the filler, training only), ``keys=N`` (multikey needles), ``chains=N`` (2hop
 chains), ``key_len=N``, ``value_len=N``, ``align=0|1``, ``P=N`` (text tokens per chunk, default 63).
 Example: ``synthetic:passkey;min_len=189;repeat=0.5;loss=answer_repeats``.
 

@@ -158,6 +158,22 @@ def _enc(tok: Tokenizer, text: str) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------- fillers
+def _check_digit_frac(digit_frac: float) -> float:
+    if not 0.0 <= digit_frac < 1.0:
+        raise ValueError(f"digit_frac must lie in [0, 1), got {digit_frac}")
+    return float(digit_frac)
+
+
+def _digit_runs(out: np.ndarray, digits: np.ndarray, frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Overwrite about a fraction ``frac`` of ``out`` (in place) with runs of 2-6 random digits."""
+    n = len(out)
+    if frac > 0 and n >= 6:
+        runs = rng.binomial(n, frac / 4.0)  # runs of 4 digits on average
+        for start, ln in zip(rng.integers(0, n - 6, size=runs), rng.integers(2, 7, size=runs)):
+            out[start:start + ln] = digits[rng.integers(0, 10, size=ln)]
+    return out
+
+
 class WordFiller:
     """Embedded filler, no download: sentences of 6-16 random word tokens ending with ".".
 
@@ -168,56 +184,55 @@ class WordFiller:
     """
 
     def __init__(self, tokenizer="embedded", digit_frac: float = 0.0):
-        if not 0.0 <= digit_frac < 1.0:
-            raise ValueError(f"digit_frac must lie in [0, 1), got {digit_frac}")
+        self.digit_frac = _check_digit_frac(digit_frac)
         self.tokenizer = load_tokenizer(tokenizer)
         self.words, self.digits, self.period = _vocab_info(self.tokenizer)
-        self.digit_frac = float(digit_frac)
 
     def tokens(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``(n,)`` int64 filler tokens."""
         out = self.words[rng.integers(0, len(self.words), size=n)]
         ends = np.cumsum(rng.integers(7, 18, size=n // 7 + 1)) - 1
         out[ends[ends < n]] = self.period
-        if self.digit_frac > 0 and n >= 6:
-            runs = rng.binomial(n, self.digit_frac / 4.0)  # runs of 4 digits on average
-            for start, ln in zip(rng.integers(0, n - 6, size=runs), rng.integers(2, 7, size=runs)):
-                out[start:start + ln] = self.digits[rng.integers(0, 10, size=ln)]
-        return out
+        return _digit_runs(out, self.digits, self.digit_frac, rng)
 
     def describe(self) -> str:
         return f"words({self.tokenizer.name})" + (f", digits {self.digit_frac}" if self.digit_frac else "")
 
 
 class StreamFiller:
-    """Filler cut from a token stream: a random window of a :class:`PackedDataset` split."""
+    """Filler cut from a token stream: a random window of a :class:`PackedDataset` split, with
+    ``digit_frac`` of it overwritten by digit runs as :class:`WordFiller` does (training only)."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, digit_frac: float = 0.0):
+        self.digit_frac = _check_digit_frac(digit_frac)
         self.dataset = dataset
         self.tokenizer = dataset.tokenizer
+        self.digits = _vocab_info(self.tokenizer)[1] if self.digit_frac else None
 
     def tokens(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        return self.dataset.window(int(rng.integers(0, len(self.dataset))), n)
+        out = np.array(self.dataset.window(int(rng.integers(0, len(self.dataset))), n), dtype=np.int64)
+        return _digit_runs(out, self.digits, self.digit_frac, rng) if self.digit_frac else out
 
     def describe(self) -> str:
-        return f"stream({self.dataset.path}:{self.dataset.split})"
+        return f"stream({self.dataset.path}:{self.dataset.split})" + (
+            f", digits {self.digit_frac}" if self.digit_frac else "")
 
 
 def make_filler(filler=None, tokenizer=None, split: str = "train", digit_frac: float = 0.0):
-    """``None``/``"words"`` -> :class:`WordFiller` (with ``digit_frac``); a prepared folder path ->
-    :class:`StreamFiller` of its ``split``; a PackedDataset -> StreamFiller; anything with
+    """``None``/``"words"`` -> :class:`WordFiller`; a prepared folder path or a PackedDataset ->
+    :class:`StreamFiller` of its ``split`` (both with ``digit_frac``); anything with
     ``.tokens(n, rng)`` as is."""
     if filler is None or filler in ("words", "embedded"):
         return WordFiller(tokenizer if tokenizer is not None else "embedded", digit_frac=digit_frac)
-    if digit_frac:
-        raise ValueError("digit_frac applies to the embedded word filler only")
     if hasattr(filler, "tokens"):
+        if digit_frac:
+            raise ValueError("digit_frac needs the embedded word filler or a prepared folder, not a custom filler")
         return filler
     from gca.data.prepare import PackedDataset
 
-    if isinstance(filler, PackedDataset):
-        return StreamFiller(filler)
-    return StreamFiller(PackedDataset(filler, split))
+    if not isinstance(filler, PackedDataset):
+        filler = PackedDataset(filler, split)
+    return StreamFiller(filler, digit_frac=digit_frac)
 
 
 def _check_same_vocab(tok: Tokenizer, fill) -> None:
@@ -491,7 +506,7 @@ class TaskSource(BatchSource):
         loss_on: ``"answer"`` (labels only on the answer tokens), ``"all"`` (every real token),
             ``"answer_repeats"`` (the answer and the repeated filler pieces).
         repeat_prob / repeat_frac: filler that repeats pieces of itself, see :func:`make_task_sample`.
-        digit_frac: runs of random digits in the embedded filler (about this fraction of its tokens);
+        digit_frac: runs of random digits in the filler (about this fraction of its tokens);
             training only: they give the copy circuit digit strings to practise on.
         tokenizer: default the filler's tokenizer, else ``"embedded"``.
         **task_kwargs: passed to :func:`make_task_sample` (n_keys, n_chains, key_len, value_len,
