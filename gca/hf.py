@@ -293,6 +293,7 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache: DRTHFCache | None = None,
         **kwargs: Any,
     ):
         """Logits (and loss) for ``input_ids`` ``(B, L)``; see the class docstring for the cache.
@@ -310,12 +311,13 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         _check_attention_mask(attention_mask)
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
 
-        cache = self._as_cache(past_key_values, use_cache and labels is None, input_ids.shape[0])
-        if cache is not None:
+        given = past_key_values if past_key_values is not None else cache  # transformers >= 5.24 says `cache`
+        stream = self._as_cache(given, use_cache and labels is None, input_ids.shape[0])
+        if stream is not None:
             if labels is not None:
                 raise ValueError("labels are not supported with past_key_values (the streaming path has no loss)")
-            logits = self.model(input_ids, cache=cache.drt_cache).logits
-            out = CausalLMOutputWithPast(loss=None, logits=logits, past_key_values=cache)
+            logits = self.model(input_ids, cache=stream.drt_cache).logits
+            out = CausalLMOutputWithPast(loss=None, logits=logits, past_key_values=stream)
         else:
             o = self.model(input_ids, labels=labels)
             out = CausalLMOutputWithPast(loss=o.loss, logits=o.logits, past_key_values=None)
@@ -350,11 +352,15 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache: DRTHFCache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Feed only the tokens the cache has not consumed (all of them without a cache)."""
+        """Feed only the tokens the cache has not consumed (all of them without a cache). The cache
+        comes as ``past_key_values`` (transformers < 5.24) or ``cache`` (later versions)."""
         if inputs_embeds is not None:
             raise ValueError("DRTForCausalLM does not support inputs_embeds; pass input_ids")
+        if past_key_values is None:
+            past_key_values = cache
         if past_key_values is not None and isinstance(past_key_values, (Cache, DRTCache)):
             seen = past_key_values.tokens if isinstance(past_key_values, DRTCache) else past_key_values.get_seq_length()
             if seen:
