@@ -18,6 +18,7 @@ ARCHS = ("drt", "swa", "full")
 RESIDUALS = ("plain", "published")
 ATTN_IMPLS = ("auto", "flex", "blocked")
 GCA_IMPLS = ("auto", "torch", "triton")
+LANDMARK_MEMORY = ("keep", "zero")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class DRTConfig:
     arch: str = "drt"  # "drt"; or a baseline of the same width and depth: "swa" (sliding window only), "full"
     residual: str = "plain"  # "plain": h += gca(norm(h)); "published": GCA output reaches h only via the MLP
     gca_softmax_one: bool = False  # add 1 to every GCA softmax denominator
+    # the landmark position's slot in the chunk memory: "keep" (the encoder's output there, a summary
+    # of the chunk that GCA can read) or "zero" (its key and value are 0, a fixed attend-to-nothing
+    # slot, as the published code has it). results/README.md compares the two.
+    landmark_memory: str = "keep"
     gumbel: bool = True  # Gumbel noise on retrieval scores in training (exploration)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -97,6 +102,8 @@ class DRTConfig:
             bad("chunk_size", "must be >= 2 (text tokens plus the landmark)")
         if self.residual not in RESIDUALS:
             bad("residual", f"must be one of {RESIDUALS}")
+        if self.landmark_memory not in LANDMARK_MEMORY:
+            bad("landmark_memory", f"must be one of {LANDMARK_MEMORY}")
         if self.attn_impl not in ATTN_IMPLS:
             bad("attn_impl", f"must be one of {ATTN_IMPLS}")
         if self.gca_impl not in GCA_IMPLS:

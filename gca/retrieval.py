@@ -86,3 +86,23 @@ def shift_to_queries(r: Retrieval) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.cat([torch.full_like(r.indices[:, :1], -1), r.indices[:, :-1]], dim=1)
     w = torch.cat([torch.zeros_like(r.weights[:, :1]), r.weights[:, :-1]], dim=1)
     return idx, w
+
+
+def retrieval_health(retrieval: list[Retrieval]) -> tuple[torch.Tensor, torch.Tensor]:
+    """How selective a DRT's retrieval is, averaged over groups and over rows with every slot filled:
+    the spread (standard deviation) of the picked chunks' scores, and the largest weight. A spread
+    near 0 and a top weight of 1/top_k mean every retrieved chunk gets the same weight: retrieval
+    has stopped telling chunks apart (the landmark keys collapsed), and GCA adds an average. Both are
+    0-d tensors on the scores' device (no host synchronisation)."""
+    spreads, tops = [], []
+    for r in retrieval:
+        if r.indices.shape[-1] < 2:  # one slot: nothing to spread
+            continue
+        full = (r.indices >= 0).all(-1)  # (B, C) rows with every slot filled
+        rows = full.sum().clamp(min=1)
+        spreads.append((r.scores.float().std(-1) * full).sum() / rows)
+        tops.append((r.weights.float().amax(-1) * full).sum() / rows)
+    if not spreads:
+        z = torch.zeros((), device=retrieval[0].scores.device if retrieval else None)
+        return z, z
+    return torch.stack(spreads).mean(), torch.stack(tops).mean()

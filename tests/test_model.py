@@ -121,7 +121,8 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("hidden_size", 30), ("num_kv_heads", 3), ("arch", "rnn"), ("upper_groups", [0]), ("window", 0), ("chunk_size", 1)],
+    [("hidden_size", 30), ("num_kv_heads", 3), ("arch", "rnn"), ("upper_groups", [0]), ("window", 0), ("chunk_size", 1),
+     ("landmark_memory", "drop")],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"DRTConfig.{field}"):
@@ -135,6 +136,31 @@ def test_config_roundtrip_and_unknown_field():
         DRTConfig.from_dict({**cfg.to_dict(), "hiden_size": 3})
     with pytest.raises(ValueError, match="unknown preset"):
         DRTConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize("mode", ["zero", "keep"])
+def test_landmark_memory_slot(mode):
+    torch.manual_seed(4)
+    m = DRT(tiny(landmark_memory=mode)).double().eval()
+    S = m.config.chunk_size
+    h = torch.randn(2, 3, S, 32, dtype=torch.float64)
+    lmk, mem_k, mem_v = m.encoder(h)
+    assert lmk.shape == (2, 3, 32)
+    text_k = mem_k[:, :, :-1]
+    assert text_k.abs().amin(dim=(-1, -2)).gt(0).all()  # text positions keep their keys
+    if mode == "zero":
+        assert torch.equal(mem_k[:, :, -1], torch.zeros_like(mem_k[:, :, -1]))
+        assert torch.equal(mem_v[:, :, -1], torch.zeros_like(mem_v[:, :, -1]))
+        # the landmark's own input then reaches the memory only through retrieval (lmk), and the
+        # text positions' memory does not depend on which slot is zeroed: same as "keep" there
+        keep = DRT(tiny(landmark_memory="keep")).double().eval()
+        keep.load_state_dict(m.state_dict())
+        _, k2, v2 = keep.encoder(h)
+        torch.testing.assert_close(mem_k[:, :, :-1], k2[:, :, :-1], rtol=0, atol=0)
+        torch.testing.assert_close(mem_v[:, :, :-1], v2[:, :, :-1], rtol=0, atol=0)
+        assert k2[:, :, -1].abs().sum() > 0
+    else:
+        assert mem_k[:, :, -1].abs().amin(dim=-1).gt(0).all()
 
 
 def test_presets_sizes():

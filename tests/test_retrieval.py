@@ -3,7 +3,7 @@ weights = softmax of noise-free scores, Gumbel noise changes the pick but not th
 
 import torch
 
-from gca.retrieval import causal_topk, shift_to_queries
+from gca.retrieval import causal_topk, retrieval_health, shift_to_queries
 
 
 def test_strictly_causal_and_padded():
@@ -53,3 +53,19 @@ def test_valid_rows_and_shift():
     idx, w = shift_to_queries(r)
     assert (idx[0, 0] == -1).all() and torch.equal(idx[0, 1:], r.indices[0, :-1])
     assert torch.equal(w[0, 1:], r.weights[0, :-1])
+
+
+def test_retrieval_health_tells_collapsed_from_selective():
+    C, k = 10, 4
+    flat = causal_topk(torch.zeros(2, C, C), k)  # every chunk scores the same: a collapsed retriever
+    spread, top = retrieval_health([flat])
+    assert spread.item() == 0 and abs(top.item() - 1 / k) < 1e-6
+    sharp = torch.full((2, C, C), 0.0)
+    sharp[:, :, 0] = 20.0  # chunk 0 stands out for every row
+    spread, top = retrieval_health([causal_topk(sharp, k), flat])  # averaged over groups
+    assert spread.item() > 4 and abs(top.item() - (1.0 + 1 / k) / 2) < 1e-6
+    # rows with empty slots (the first k chunks) are left out: they would read as selective
+    r = causal_topk(torch.randn(1, C, C), k)
+    full = (r.indices >= 0).all(-1)
+    ref = r.scores[full].std(-1).mean()
+    torch.testing.assert_close(retrieval_health([r])[0], ref)

@@ -136,6 +136,8 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path):
     assert [s for s, _ in vals] == [10, 20] and vals[1][1] < vals[0][1]
     for row in log_rows(out):
         assert {"step", "tokens", "elapsed_s"} <= set(row)
+        if "val_loss" in row:  # a DRT's validation rows carry its retrieval health
+            assert row["val_retr_spread"] >= 0 and 1 / 2 - 1e-6 <= row["val_retr_top"] <= 1  # top_k=2
     row = log_rows(out)[0]
     assert {"loss", "lr", "tok_per_s", "grad_norm"} <= set(row) and row["tokens"] == 2 * 200
     ck = read_checkpoint(out / "ckpt")
@@ -458,3 +460,14 @@ def test_stop_at_keeps_the_schedule_and_resumes_to_the_same_run(reference, tmp_p
     assert train_losses(out) == train_losses(ref_out)[:3]  # same lr schedule as the uninterrupted run
     train(tiny_cfg(out), **sources())  # without --stop-at it goes on to max_steps
     assert train_losses(out) == train_losses(ref_out)
+
+
+def test_collapsed_retrieval_is_warned_once(tmp_path, monkeypatch, capsys):
+    import gca.train.trainer as T
+
+    monkeypatch.setattr(T, "COLLAPSED_SPREAD", float("inf"))  # any spread counts as collapsed
+    train(tiny_cfg(tmp_path / "run", max_steps=4, eval_every=2), **sources())
+    assert capsys.readouterr().out.count("retrieval no longer tells chunks apart") == 1
+    monkeypatch.setattr(T, "COLLAPSED_SPREAD", 0.0)  # nothing is below 0: no warning
+    train(tiny_cfg(tmp_path / "run2", max_steps=4, eval_every=2), **sources())
+    assert "retrieval no longer tells chunks apart" not in capsys.readouterr().out

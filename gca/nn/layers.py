@@ -262,6 +262,10 @@ class ChunkEncoder(nn.Module):
             x = layer(x, cos, sin)
         x = self.norm_out(x).view(B, C, S, d)
         lmk = x[:, :, -1]  # (B, C, d) retrieval key of each chunk
+        if self.cfg.landmark_memory == "zero":
+            # the landmark's memory key and value are 0 (k and v have no bias): a slot every GCA
+            # query may attend to for nothing, and the landmark serves retrieval alone
+            x = torch.cat([x[:, :, :-1], torch.zeros_like(x[:, :, -1:])], dim=2)
         mem_k = self.k(x).view(B, C, S, self.cfg.kv_heads, self.cfg.head_dim)
         mem_v = self.v(x).view(B, C, S, self.cfg.kv_heads, self.cfg.head_dim)
         return lmk, mem_k, mem_v

@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gca.config import ARCHS, DRTConfig
 from gca.model import DRT
+from gca.retrieval import retrieval_health
 from gca.train import distributed as D
 from gca.train.checkpoint import (
     CheckpointError,
@@ -234,6 +235,12 @@ def _diff(saved: dict[str, Any], now: dict[str, Any], ignore=()) -> list[str]:
     return [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
+# below this spread of a retrieval row's picked scores (logged as val_retr_spread) the weights are uniform
+# to 1%: collapsed (the corpus runs fell below it within 500 steps at lr 2e-3); a selective retriever scores
+# far above it (checkpoints/passkey-tiny: 2.5, top weight 0.69, on 2016-token passkey samples).
+COLLAPSED_SPREAD = 0.01
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay the weight matrices of linear layers; not norms, biases or embeddings."""
     decay, no_decay = [], []
@@ -375,7 +382,7 @@ class _Run:
         cfg, info = self.cfg, self.info
         dev = info.device
         self._build_sources()
-        mcfg = cfg.model_config(self.source.vocab_size)
+        mcfg = self.mcfg = cfg.model_config(self.source.vocab_size)
         ck = self._find_resume()
         start = 0
         if ck is not None:
@@ -446,6 +453,7 @@ class _Run:
         t0 = time.perf_counter()
         last_t, last_tokens = t0, start * tokens_per_step
         bad_run = 0
+        warned_collapse = False
         try:
             for s in range(start, cfg.max_steps):
                 n = s + 1
@@ -511,11 +519,21 @@ class _Run:
                     bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
 
                 if cfg.eval_every and (n % cfg.eval_every == 0 or n == cfg.max_steps):
-                    val = self._evaluate(eval_model, autocast)
+                    val, health = self._evaluate(eval_model, autocast)
                     result.val_losses.append((n, val))
-                    write({"step": n, "val_loss": val, "tokens": n * tokens_per_step, "elapsed_s": round(elapsed0 + time.perf_counter() - t0, 3)})
+                    write({"step": n, "val_loss": val, **health, "tokens": n * tokens_per_step,
+                           "elapsed_s": round(elapsed0 + time.perf_counter() - t0, 3)})
                     if info.is_main and cfg.progress:
-                        bar.write(f"step {n}: val_loss {val:.4f}")
+                        extra = "".join(f", {k[4:]} {v:g}" for k, v in health.items())
+                        bar.write(f"step {n}: val_loss {val:.4f}{extra}")
+                    if health.get("val_retr_spread", 1.0) < COLLAPSED_SPREAD and not warned_collapse:
+                        warned_collapse = True
+                        self.say(
+                            f"warning: at step {n} the retrieval scores of the chunks each row picks differ by "
+                            f"{health['val_retr_spread']:.2g} (std): every picked chunk gets ~1/top_k of the weight, so "
+                            "retrieval no longer tells chunks apart. In results/README.md this happened at lr 2e-3 "
+                            "and not at 5e-4 or with --set residual=plain ('Retrieval collapse')."
+                        )
 
                 out_of_time = cfg.time_limit > 0 and D.any_across_ranks(
                     time.perf_counter() - t0 > 60 * cfg.time_limit, info
@@ -541,19 +559,29 @@ class _Run:
         return result
 
     @torch.no_grad()
-    def _evaluate(self, model: torch.nn.Module, autocast) -> float:
+    def _evaluate(self, model: torch.nn.Module, autocast) -> tuple[float, dict[str, float]]:
+        """The validation loss and, for a DRT, its retrieval health (:func:`retrieval_health`)."""
         cfg, info = self.cfg, self.info
         devices = [info.device.index] if info.device.type == "cuda" else []
+        drt = self.mcfg.arch == "drt"
         with torch.random.fork_rng(devices=devices):  # validation must not shift the training's random streams
             model.eval()
             total = torch.zeros((), device=info.device)
+            health = torch.zeros(2, device=info.device)
             for i in range(cfg.eval_batches):
                 batch = self.val_source.get_batch(i, cfg.batch_size, info.rank, info.world_size)
                 with autocast():
-                    out = model(batch["input_ids"].to(info.device), batch["labels"].to(info.device))
+                    out = model(batch["input_ids"].to(info.device), batch["labels"].to(info.device), output_retrieval=drt)
                 total += out.loss.float()
+                if drt:
+                    health += torch.stack(retrieval_health(out.retrieval))
             model.train()
-        return _to_float(D.mean_across_ranks(total / max(cfg.eval_batches, 1), info))
+        n = max(cfg.eval_batches, 1)
+        loss = _to_float(D.mean_across_ranks(total / n, info))
+        if not drt:
+            return loss, {}
+        spread, top = (D.mean_across_ranks(health / n, info)).tolist()
+        return loss, {"val_retr_spread": round(spread, 5), "val_retr_top": round(top, 4)}
 
     def _dump_nonfinite(self, step: int, ids, labels, loss) -> None:
         """Keep the (last micro-)batch of a skipped step, to reproduce it: DIR/nonfinite/step<N>_rank<r>.pt
