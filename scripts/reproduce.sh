@@ -13,8 +13,9 @@
 #                                               # for the small preset): the later stages start from
 #                                               # them when a run folder is not there
 #
-# Knobs (environment): RUNS (runs/repro), DATA (data/debian-docs), PRESET (small), SEQ (4032 = 64
-# chunks of 63), BATCH (8), STEPS (2600 = 84M tokens each), FT_STEPS (2800),
+# Knobs (environment): RUNS (runs/repro), DATA (data/debian-docs), PRE_DATA (the pre-training data of
+# all three, below), PRESET (small), SEQ (4032 = 64 chunks of 63), BATCH (8), STEPS (2600 = 84M tokens
+# each), FT_STEPS (3400), LR (2e-3, pre-training) and DRT_LR (DRT's pre-training lr, default LR),
 # MIN (8.5 minutes of training per call and run), LENGTHS_PPL (1x,4x,16x,64x), TASKS_drt /
 # TASKS_swa / TASKS_full (the context lengths each model is tested at: full attention keeps every key
 # and costs n^2, so it stops earlier), LENGTHS_LONG and TRIALS_LONG (eval-long), TRIALS (4 per depth
@@ -24,8 +25,9 @@
 # evaluation), RESULTS (results: where ppl.json and passkey.json are merged).
 #
 # Timing on one H200 with the three models side by side: pre-training ~122 ms a step (2600 steps in
-# 5.3 minutes), needle fine-tuning ~120 ms (2800 in 5.8 minutes); evaluation ~4.5 minutes, plus
-# eval-long (~18 s per 4M-token trial, ~80 s per 16M-token trial with the memory offloaded).
+# 5.3 minutes; ~169 ms with a fourth, DRT, run beside them), needle fine-tuning ~126 ms (3400 in 7.1
+# minutes); evaluation ~4.3 minutes, plus eval-long (~18 s per 4M-token trial, ~80 s per 16M-token
+# trial with the memory offloaded).
 #
 # On a machine that keeps nothing between calls, RUNS must travel back and forth: a run folder holds
 # the fp32 weights and the AdamW state (12 bytes a parameter), 220 MB for the small preset. Where
@@ -40,14 +42,20 @@ PRESET=${PRESET:-small}
 SEQ=${SEQ:-4032}
 BATCH=${BATCH:-8}
 STEPS=${STEPS:-2600}
-FT_STEPS=${FT_STEPS:-2800}
+FT_STEPS=${FT_STEPS:-3400}
 MIN=${MIN:-8.5}
-# DRT's pre-training form: the published residual (GCA reaches the stream through the MLP) and
-# softmax-off-by-one on, as the paper pre-trains. benchmarks/drt_ablation.sh measured both ahead of the
-# plain form on this corpus (results/repro-small/README.md); DRT_SET="" gives the plain form, which is
-# what results/ppl.json's drt-small was trained with.
-DRT_SET=${DRT_SET---set residual=published --set gca_softmax_one=true}
+# DRT's pre-training form, as results/ppl.json's drt-small was trained: the published residual (GCA
+# reaches the stream through the MLP), softmax-off-by-one on, and the landmark's memory slot zeroed, as
+# the published code has them (benchmarks/drt_ablation.sh measured the first two ahead of the plain
+# form on this corpus). results/README.md's drt-keep-small is the same with landmark_memory=keep.
+DRT_SET=${DRT_SET---set residual=published --set gca_softmax_one=true --set landmark_memory=zero}
+LR=${LR:-2e-3}
+DRT_LR=${DRT_LR:-$LR}
 ARCHS=${ARCHS:-drt swa full}
+# pre-training data of all three models: half corpus text, half corpus text with pieces repeated from
+# >= 600 tokens back (beyond the window; loss on every token). PRE_DATA=$DATA pre-trains on the corpus
+# alone, as the first corpus run did (results/README.md).
+PRE_DATA=${PRE_DATA:-$DATA@0.5+synthetic:passkey;filler=$DATA;loss=all;repeat=1.0;repeat_gap=600@0.5}
 DEVICE=${DEVICE:-auto}
 LENGTHS_PPL=${LENGTHS_PPL:-1x,4x,16x,64x}
 TASKS_drt=${TASKS_drt:-4K,16K,64K,256K,1M}
@@ -81,7 +89,8 @@ src() { if [ -d "$RUNS/$1/ckpt" ]; then echo "$RUNS/$1"; else echo "$RUNS/export
 # pre-trained run, with softmax-off-by-one off as the paper fine-tunes)
 run_args() {
   case $1 in
-    pretrain) echo --arch "$2" --data "$DATA" --lr 2e-3 --seed 1 $( [ "$2" = drt ] && echo "$DRT_SET" ) ;;
+    pretrain) echo --arch "$2" --data "$PRE_DATA" --lr "$( [ "$2" = drt ] && echo "$DRT_LR" || echo "$LR" )" --seed 1 \
+                $( [ "$2" = drt ] && echo "$DRT_SET" ) ;;
     needles) echo --init-from "$(src "$2")" --data "$needles" --lr 5e-4 --seed 2 --set gca_softmax_one=false ;;
   esac
 }
