@@ -286,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_prepare(sub)
     _add_train(sub)
-    from gca.eval.cli import add_bench, add_eval, add_generate
+    from gca.eval.cli import add_bench, add_eval, add_generate, add_plot
 
     add_eval(sub)
+    add_plot(sub)
     add_generate(sub)
     add_bench(sub)
     _add_demo(sub)

@@ -14,7 +14,7 @@ import torch
 from gca.cli import main, parse_set
 from test_train import TINY, FakeSource
 
-COMMANDS = ["prepare", "train", "eval", "generate", "bench", "demo"]
+COMMANDS = ["prepare", "train", "eval", "plot", "generate", "bench", "demo"]
 
 
 @pytest.fixture(autouse=True)
@@ -161,3 +161,24 @@ def test_bench_overlap_modes_and_passkey_trial(tmp_path, capsys):
     (t,) = res["passkey_trials"]
     assert t["prompt_length"] % 63 == 1 and t["seconds"] > 0 and isinstance(t["correct"], bool)
     assert t["fetched_gb"] > 0 and "passkey trial 700 tokens" in capsys.readouterr().out
+
+
+def test_plot_command_draws_runs_and_names_bad_input(tmp_path, capsys):
+    run = tmp_path / "drt"
+    run.mkdir()
+    rows = [{"step": s, "loss": 5.0 - s / 100, "lr": 1e-3} for s in range(1, 60)]
+    rows += [{"step": s, "val_loss": 4.0 - s / 100, "val_retr_spread": 0.5 / s, "val_retr_top": 0.2} for s in (20, 40)]
+    lines = [json.dumps(r) for r in rows] + ['{"step": 61, "loss": 2.']  # a row cut short by a crash
+    (run / "log.jsonl").write_text("\n".join(lines) + "\n")
+    swa = tmp_path / "swa.jsonl"
+    swa.write_text("\n".join(json.dumps({"step": s, "loss": 4.0}) for s in range(1, 10)) + "\n")
+    out = tmp_path / "plots" / "curves.png"
+    assert main(["plot", str(run), str(swa), "--labels", "a,b", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    captured = capsys.readouterr()
+    assert "a: step 40: val_loss 3.6000, retr_spread 0.0125, retr_top 0.2" in captured.out
+    assert "skipped 1 line" in captured.err
+    assert main(["plot", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "no training log" in capsys.readouterr().err
+    assert main(["plot", str(run), "--labels", "a,b", "--out", str(out)]) == 2
+    assert "2 labels for 1 runs" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``gca eval`` and ``gca generate`` commands."""
+"""The ``gca eval``, ``gca plot``, ``gca generate`` and ``gca bench`` commands."""
 
 from __future__ import annotations
 
@@ -152,6 +152,77 @@ a trial counts when the greedy continuation is exactly the answer.""",
     p.add_argument("--name", default=None, help="model name in the JSON (default: the folder name)")
     p.add_argument("--out", default="eval", help="output folder for JSON and plots (default ./eval)")
     p.set_defaults(func=cmd_eval)
+
+
+def read_log(path: str) -> list[dict]:
+    """The rows of a run's ``log.jsonl`` (``path``: the run folder or the file). A line that does not
+    parse (a run killed mid-write) is skipped with a note; a missing or empty log is an error."""
+    f = Path(path)
+    if f.is_dir():
+        f = f / "log.jsonl"
+    if not f.is_file():
+        raise ValueError(f"{path}: no training log (expected a run folder with log.jsonl, or a .jsonl file)")
+    rows, bad = [], 0
+    for line in f.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        print(f"{f}: skipped {bad} line(s) that are not log rows", file=sys.stderr)
+    if not rows:
+        raise ValueError(f"{f}: holds no log rows")
+    return rows
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gca.eval.plots import plot_training_logs
+
+    labels = args.labels.split(",") if args.labels else [Path(r).name if Path(r).is_dir() else Path(r).stem for r in args.runs]
+    if len(labels) != len(args.runs):
+        print(f"gca plot: error: {len(labels)} labels for {len(args.runs)} runs", file=sys.stderr)
+        return 2
+    try:
+        logs = {label: read_log(run) for label, run in zip(labels, args.runs)}
+    except ValueError as e:
+        print(f"gca plot: error: {e}", file=sys.stderr)
+        return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {plot_training_logs(logs, args.out, smooth=args.smooth)}")
+    for label, rows in logs.items():
+        val = [r for r in rows if "val_loss" in r]
+        if val:
+            last = val[-1]
+            extra = "".join(f", {k[4:]} {last[k]:g}" for k in ("val_retr_spread", "val_retr_top") if k in last)
+            print(f"{label}: step {last['step']}: val_loss {last['val_loss']:.4f}{extra}")
+    return 0
+
+
+def add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="training curves of one or more runs, with the retrieval's health",
+        description="Training loss, validation loss and (for DRT runs) the retrieval score spread of each run, side by side.",
+        epilog="""examples:
+  gca plot runs/small --out runs/small/curves.png
+  gca plot runs/repro/drt runs/repro/swa --labels drt,swa --out curves.png
+
+A retrieval score spread below 0.01 means every retrieved chunk gets the same weight: retrieval
+has collapsed (README: "Watch retrieval while training").""",
+        formatter_class=_FMT,
+    )
+    p.add_argument("runs", nargs="+", help="run folders (gca train --out) or log.jsonl files")
+    p.add_argument("--labels", default=None, help="comma-separated legend labels (default: the folder names)")
+    p.add_argument("--smooth", type=int, default=5, help="running mean over this many logged training steps (default 5)")
+    p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    p.set_defaults(func=cmd_plot)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """Plots users would rather look at than read: accuracy against context length, the familiar
-needle-in-a-haystack heatmap (depth x length), and perplexity against context length."""
+needle-in-a-haystack heatmap (depth x length), perplexity against context length, and training
+curves with the retrieval's health."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+# a retrieval score spread below this is a collapsed retriever (gca.train.trainer.COLLAPSED_SPREAD)
+_COLLAPSED = 0.01
 
 
 def _fmt_len(n: int) -> str:
@@ -78,6 +82,44 @@ def _finish_length_plot(fig, ax, path: str, train_length: int | None) -> str:
     ax.set_xlabel("context length (tokens)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) -> str:
+    """Training runs side by side: training loss (a running mean over ``smooth`` logged rows),
+    validation loss and, when the runs are DRTs, the retrieval score spread (log scale, the
+    collapse line marked). ``logs`` maps a run's label to its ``log.jsonl`` rows."""
+    if not logs:
+        raise ValueError("no training logs to plot")
+    health = any("val_retr_spread" in r for rows in logs.values() for r in rows)
+    fig, axes = plt.subplots(1, 3 if health else 2, figsize=(15 if health else 10, 4))
+    for label, rows in logs.items():
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [r for r in rows if "val_loss" in r]
+        if train:
+            steps, loss = zip(*train)
+            k = max(1, min(smooth, len(loss)))
+            mean = np.convolve(loss, np.ones(k) / k, mode="valid")
+            axes[0].plot(steps[k - 1 :], mean, label=label)
+        if val:
+            axes[1].plot([r["step"] for r in val], [r["val_loss"] for r in val], marker=".", label=label)
+        if health and any("val_retr_spread" in r for r in val):
+            hv = [r for r in val if "val_retr_spread" in r]
+            axes[2].plot([r["step"] for r in hv], [max(r["val_retr_spread"], 1e-6) for r in hv], marker=".", label=label)
+    axes[0].set_title("training loss" + (f" (mean of {smooth} logged steps)" if smooth > 1 else ""))
+    axes[1].set_title("validation loss")
+    if health:
+        ax = axes[2]
+        ax.set_yscale("log")
+        ax.axhline(_COLLAPSED, color="gray", ls="--", lw=1, label="collapsed below")
+        ax.set_title("retrieval score spread (val_retr_spread)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
