@@ -19,6 +19,7 @@ RESIDUALS = ("plain", "published")
 ATTN_IMPLS = ("auto", "flex", "blocked")
 GCA_IMPLS = ("auto", "torch", "triton")
 LANDMARK_MEMORY = ("keep", "zero")
+RETRIEVAL_KEYS = ("landmark", "centered")
 
 
 @dataclass
@@ -43,6 +44,11 @@ class DRTConfig:
     # of the chunk that GCA can read) or "zero" (its key and value are 0, a fixed attend-to-nothing
     # slot, as the published code has it). results/README.md compares the two.
     landmark_memory: str = "keep"
+    # each chunk's retrieval key: "landmark" (the encoder's normalised output at the landmark, as
+    # published) or "centered" (the landmark's output minus the mean over its chunk's positions, then
+    # normalised: immune to a large component shared by all positions, which in our corpus runs made
+    # the published keys identical across chunks; results/README.md "Retrieval collapse")
+    retrieval_key: str = "landmark"
     gumbel: bool = True  # Gumbel noise on retrieval scores in training (exploration)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -102,6 +108,8 @@ class DRTConfig:
             bad("chunk_size", "must be >= 2 (text tokens plus the landmark)")
         if self.residual not in RESIDUALS:
             bad("residual", f"must be one of {RESIDUALS}")
+        if self.retrieval_key not in RETRIEVAL_KEYS:
+            bad("retrieval_key", f"must be one of {RETRIEVAL_KEYS}")
         if self.landmark_memory not in LANDMARK_MEMORY:
             bad("landmark_memory", f"must be one of {LANDMARK_MEMORY}")
         if self.attn_impl not in ATTN_IMPLS:

@@ -58,9 +58,10 @@ def test_retrieval_only_looks_back(model):
         torch.testing.assert_close(r.weights[:, 1:-1].sum(-1), torch.ones(3, C - 2, dtype=r.weights.dtype))
 
 
-def test_gradients_reach_retriever_and_every_parameter():
+@pytest.mark.parametrize("key", ["landmark", "centered"])
+def test_gradients_reach_retriever_and_every_parameter(key):
     torch.manual_seed(1)
-    m = DRT(tiny(upper_groups=[1, 1])).train()
+    m = DRT(tiny(upper_groups=[1, 1], retrieval_key=key)).train()
     x = torch.randint(0, 97, (2, 63 * 5 + 7))
     out = m(x, labels=x, output_retrieval=True)
     w = [r.weights for r in out.retrieval]
@@ -122,7 +123,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize(
     "field, value",
     [("hidden_size", 30), ("num_kv_heads", 3), ("arch", "rnn"), ("upper_groups", [0]), ("window", 0), ("chunk_size", 1),
-     ("landmark_memory", "drop")],
+     ("landmark_memory", "drop"), ("retrieval_key", "mean")],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"DRTConfig.{field}"):
@@ -161,6 +162,25 @@ def test_landmark_memory_slot(mode):
         assert k2[:, :, -1].abs().sum() > 0
     else:
         assert mem_k[:, :, -1].abs().amin(dim=-1).gt(0).all()
+
+
+@pytest.mark.parametrize("key", ["landmark", "centered"])
+def test_centered_retrieval_key_ignores_a_component_shared_by_all_positions(key):
+    torch.manual_seed(5)
+    m = DRT(tiny(retrieval_key=key)).double().eval()
+    h = torch.randn(2, 4, m.config.chunk_size, 32, dtype=torch.float64)
+    lmk, k, _ = m.encoder(h)
+    offset = 1e3 * torch.randn(32, dtype=torch.float64)  # a huge feature every position carries
+    hook = m.encoder.layers[-1].register_forward_hook(lambda mod, args, out: out + offset)
+    lmk2, k2, _ = m.encoder(h)
+    hook.remove()
+    spread = (lmk2 - lmk2.mean(1, keepdim=True)).pow(2).mean().sqrt() / lmk2.pow(2).mean().sqrt()
+    if key == "centered":
+        torch.testing.assert_close(lmk2, lmk, rtol=1e-9, atol=1e-9)
+        assert spread > 0.3  # keys still differ from chunk to chunk
+    else:
+        assert spread < 0.05  # the published key: the shared component swamps what tells chunks apart
+    assert not torch.allclose(k2, k)  # the memory keys are not centred in either form
 
 
 def test_presets_sizes():

@@ -249,6 +249,8 @@ class ChunkEncoder(nn.Module):
             layer.attn.causal = False
             self.layers.append(layer)
         self.norm_out = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if cfg.retrieval_key == "centered":
+            self.key_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         kv_dim = cfg.kv_heads * cfg.head_dim
         self.k = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
         self.v = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
@@ -260,8 +262,14 @@ class ChunkEncoder(nn.Module):
         cos, sin = rope_cos_sin(torch.arange(S, device=h.device), self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        x = self.norm_out(x).view(B, C, S, d)
-        lmk = x[:, :, -1]  # (B, C, d) retrieval key of each chunk
+        x = x.view(B, C, S, d)
+        if self.cfg.retrieval_key == "centered":
+            # the landmark's deviation from its chunk's mean: a component shared by every position
+            # (a massive activation) cancels before the norm instead of drowning the chunk's content
+            lmk = self.key_norm(x[:, :, -1] - x.mean(dim=2))
+        x = self.norm_out(x)
+        if self.cfg.retrieval_key == "landmark":
+            lmk = x[:, :, -1]  # (B, C, d) retrieval key of each chunk
         if self.cfg.landmark_memory == "zero":
             # the landmark's memory key and value are 0 (k and v have no bias): a slot every GCA
             # query may attend to for nothing, and the landmark serves retrieval alone
