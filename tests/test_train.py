@@ -452,6 +452,23 @@ def test_init_from_starts_at_the_checkpoint_weights_with_overrides(reference, tm
         train(tiny_cfg(tmp_path / "ft2", init_from=str(tmp_path / "missing")), **sources())
 
 
+def test_init_from_with_an_override_that_adds_parameters(reference, tmp_path, capsys):
+    ref_out, ref = reference
+    cfg = tiny_cfg(tmp_path / "ft", init_from=str(ref_out), model={"retrieval_key": "centered"}, lr=1e-30,
+                   min_lr=0.0, max_steps=1, eval_every=0, grad_accum=1)
+    result = train(cfg, **sources())
+    assert "new (fresh initialisation): encoder.key_norm.weight; dropped: none" in capsys.readouterr().out
+    state = result.model.state_dict()
+    for k, v in ref.model.state_dict().items():  # every saved parameter was loaded
+        assert torch.allclose(state[k], v, atol=1e-6), k
+    torch.testing.assert_close(state["encoder.key_norm.weight"], torch.ones(32))  # the new norm starts at 1
+    # and back: the centred run's extra norm is dropped when fine-tuning with the published key
+    back = tiny_cfg(tmp_path / "back", init_from=str(tmp_path / "ft"), model={"retrieval_key": "landmark"}, max_steps=1,
+                    eval_every=0, grad_accum=1)
+    train(back, **sources())
+    assert "dropped: encoder.key_norm.weight" in capsys.readouterr().out
+
+
 def test_stop_at_keeps_the_schedule_and_resumes_to_the_same_run(reference, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "run"

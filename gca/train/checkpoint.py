@@ -218,8 +218,15 @@ def read_checkpoint(ckpt: str | os.PathLike, with_trainer: bool = True) -> Check
     return Checkpoint(path=ckpt, step=manifest["step"], config=config, train_config=train_config, trainer=trainer)
 
 
-def load_weights(model: DRT, ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> None:
-    """Load ``ckpt/model.safetensors`` into ``model`` (strict: every parameter must be there)."""
+def load_weights(
+    model: DRT, ckpt: str | os.PathLike, device: str | torch.device = "cpu", saved_config: DRTConfig | None = None
+) -> tuple[list[str], list[str]]:
+    """Load ``ckpt/model.safetensors`` into ``model`` (strict: every parameter must be there).
+
+    With ``saved_config`` (the checkpoint's own config, when ``model`` was built from it with
+    overrides, as fine-tuning does) the parameters that only the overridden model has keep their fresh
+    initialisation and those it no longer has are dropped; returns those two lists of names. Any
+    other mismatch is an error."""
     ckpt = Path(ckpt)
     path = ckpt / WEIGHTS
     if not path.is_file():
@@ -229,8 +236,18 @@ def load_weights(model: DRT, ckpt: str | os.PathLike, device: str | torch.device
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise _corrupt(path, f"cannot be read ({type(e).__name__}: {e})", ckpt) from None
     # (safetensors already leaves out the duplicate names of tied tensors from ``missing``)
+    new, gone = [], []
+    if saved_config is not None and (missing or unexpected):
+        with torch.device("meta"):
+            saved = set(DRT(saved_config).state_dict())
+        now = set(model.state_dict())
+        new = sorted(k for k in missing if k in now - saved)
+        gone = sorted(k for k in unexpected if k in saved - now)
+        missing = [k for k in missing if k not in new]
+        unexpected = [k for k in unexpected if k not in gone]
     if missing or unexpected:
         raise _corrupt(path, f"does not fit the model of config.json (missing {missing}, unexpected {unexpected})", ckpt)
+    return new, gone
 
 
 def load_model(dir_or_ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> DRT:

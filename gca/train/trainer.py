@@ -394,9 +394,11 @@ class _Run:
         if ck is not None:
             load_weights(model, ck.path)
         elif cfg.init_from:
-            init_path = _init_checkpoint(cfg.init_from)[0]
-            load_weights(model, init_path)
+            init_path, saved_cfg = _init_checkpoint(cfg.init_from)
+            new, gone = load_weights(model, init_path, saved_config=saved_cfg)
             self.say(f"initialised from {init_path}")
+            if new or gone:  # a --set override changed which parameters the model has
+                self.say(f"  new (fresh initialisation): {', '.join(new) or 'none'}; dropped: {', '.join(gone) or 'none'}")
         model.to(dev)
         model.gradient_checkpointing = cfg.grad_checkpointing
         model.train()
