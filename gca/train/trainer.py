@@ -583,7 +583,7 @@ class _Run:
         if not drt:
             return loss, {}
         spread, top = (D.mean_across_ranks(health / n, info)).tolist()
-        return loss, {"val_retr_spread": round(spread, 5), "val_retr_top": round(top, 4)}
+        return loss, {"val_retr_spread": float(f"{spread:.4g}"), "val_retr_top": float(f"{top:.4g}")}
 
     def _dump_nonfinite(self, step: int, ids, labels, loss) -> None:
         """Keep the (last micro-)batch of a skipped step, to reproduce it: DIR/nonfinite/step<N>_rank<r>.pt
