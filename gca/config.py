@@ -49,6 +49,10 @@ class DRTConfig:
     # normalised: immune to a large component shared by all positions, which in our corpus runs made
     # the published keys identical across chunks; results/README.md "Retrieval collapse")
     retrieval_key: str = "landmark"
+    # subtract each chunk's mean over its positions from the encoder output before the memory keys and
+    # values too: GCA reads what differs within a chunk and cannot turn the memory into a constant
+    # (experimental; results/README.md "Retrieval collapse")
+    center_memory: bool = False
     gumbel: bool = True  # Gumbel noise on retrieval scores in training (exploration)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -108,6 +112,9 @@ class DRTConfig:
             bad("chunk_size", "must be >= 2 (text tokens plus the landmark)")
         if self.residual not in RESIDUALS:
             bad("residual", f"must be one of {RESIDUALS}")
+        for name in ("gca_softmax_one", "center_memory", "gumbel", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
         if self.retrieval_key not in RETRIEVAL_KEYS:
             bad("retrieval_key", f"must be one of {RETRIEVAL_KEYS}")
         if self.landmark_memory not in LANDMARK_MEMORY:

@@ -61,7 +61,7 @@ def test_retrieval_only_looks_back(model):
 @pytest.mark.parametrize("key", ["landmark", "centered"])
 def test_gradients_reach_retriever_and_every_parameter(key):
     torch.manual_seed(1)
-    m = DRT(tiny(upper_groups=[1, 1], retrieval_key=key)).train()
+    m = DRT(tiny(upper_groups=[1, 1], retrieval_key=key, center_memory=key == "centered")).train()
     x = torch.randint(0, 97, (2, 63 * 5 + 7))
     out = m(x, labels=x, output_retrieval=True)
     w = [r.weights for r in out.retrieval]
@@ -123,7 +123,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize(
     "field, value",
     [("hidden_size", 30), ("num_kv_heads", 3), ("arch", "rnn"), ("upper_groups", [0]), ("window", 0), ("chunk_size", 1),
-     ("landmark_memory", "drop"), ("retrieval_key", "mean")],
+     ("landmark_memory", "drop"), ("retrieval_key", "mean"), ("center_memory", "yes"), ("gumbel", 1)],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"DRTConfig.{field}"):
@@ -181,6 +181,22 @@ def test_centered_retrieval_key_ignores_a_component_shared_by_all_positions(key)
     else:
         assert spread < 0.05  # the published key: the shared component swamps what tells chunks apart
     assert not torch.allclose(k2, k)  # the memory keys are not centred in either form
+
+
+def test_center_memory_removes_the_chunk_mean_from_memory_keys_and_values():
+    torch.manual_seed(6)
+    m = DRT(tiny(center_memory=True, retrieval_key="centered")).double().eval()
+    h = torch.randn(2, 3, m.config.chunk_size, 32, dtype=torch.float64)
+    _, k, v = m.encoder(h)
+    offset = 1e3 * torch.randn(32, dtype=torch.float64)
+    hook = m.encoder.layers[-1].register_forward_hook(lambda mod, args, out: out + offset)
+    _, k2, v2 = m.encoder(h)
+    hook.remove()
+    torch.testing.assert_close(k2, k, rtol=1e-9, atol=1e-9)  # a shared component no longer reaches the memory
+    torch.testing.assert_close(v2, v, rtol=1e-9, atol=1e-9)
+    plain = DRT(tiny(retrieval_key="centered")).double().eval()
+    plain.load_state_dict(m.state_dict())
+    assert not torch.allclose(plain.encoder(h)[1], k)  # the option changes the memory
 
 
 def test_presets_sizes():

@@ -45,9 +45,12 @@ def test_streaming_equals_one_shot(arch, offload, prefill_chunk):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9, msg=f"splits {splits}")
 
 
-@pytest.mark.parametrize("landmark_memory, retrieval_key", [("keep", "landmark"), ("zero", "centered")])
-def test_streaming_published_residual_and_softmax_one(landmark_memory, retrieval_key):
-    cfg = tiny(residual="published", gca_softmax_one=True, landmark_memory=landmark_memory, retrieval_key=retrieval_key)
+@pytest.mark.parametrize(
+    "landmark_memory, retrieval_key, center_memory", [("keep", "landmark", False), ("zero", "centered", True)]
+)
+def test_streaming_published_residual_and_softmax_one(landmark_memory, retrieval_key, center_memory):
+    cfg = tiny(residual="published", gca_softmax_one=True, landmark_memory=landmark_memory, retrieval_key=retrieval_key,
+               center_memory=center_memory)
     m = DRT(cfg).double().eval()
     x = torch.randint(0, 97, (1, 63 * 6 + 3))
     cache = m.new_cache(1)
