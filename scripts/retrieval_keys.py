@@ -5,8 +5,9 @@
 Runs one held-out batch and prints (and with --out writes as JSON): the size of the chunk encoder's
 output before its final norm and the share of its three largest features; how much the landmark keys
 vary from chunk to chunk relative to their size (near 0: every chunk has the same key); the spread of
-the retrieval scores per row; and the same two numbers for keys centred on their chunk's mean (what
-``retrieval_key="centered"`` uses), which shows whether the chunks' content is still there under a
+the retrieval scores per row; and the same two numbers for keys centred on their chunk's mean
+(normalised with the encoder's output norm: a what-if for a published-key checkpoint, close to what
+``retrieval_key="centered"`` computes), which shows whether the chunks' content is still there under a
 component shared by every position.
 """
 
