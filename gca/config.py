@@ -50,8 +50,8 @@ class DRTConfig:
     # the published keys identical across chunks; results/README.md "Retrieval collapse")
     retrieval_key: str = "landmark"
     # subtract each chunk's mean over its positions from the encoder output before the memory keys and
-    # values too: GCA reads what differs within a chunk and cannot turn the memory into a constant
-    # (experimental; results/README.md "Retrieval collapse")
+    # values: GCA reads what differs within a chunk and cannot turn the memory into a constant (the
+    # retrieval key follows retrieval_key; experimental, results/README.md "Retrieval collapse")
     center_memory: bool = False
     gumbel: bool = True  # Gumbel noise on retrieval scores in training (exploration)
     rope_theta: float = 10000.0

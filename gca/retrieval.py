@@ -88,6 +88,13 @@ def shift_to_queries(r: Retrieval) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, w
 
 
+# Below this spread of a row's picked scores (:func:`retrieval_health`) the weights are uniform to
+# 1%: retrieval has collapsed (the corpus runs in results/README.md fell below it within 500 steps at
+# lr 2e-3); a selective retriever scores far above it (checkpoints/passkey-tiny: 2.5, top weight 0.69,
+# on 2016-token passkey samples).
+COLLAPSED_SPREAD = 0.01
+
+
 def retrieval_health(retrieval: list[Retrieval]) -> tuple[torch.Tensor, torch.Tensor]:
     """How selective a DRT's retrieval is, averaged over groups and over rows with every slot filled:
     the spread (standard deviation) of the picked chunks' scores, and the largest weight. A spread

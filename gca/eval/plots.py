@@ -10,8 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-# a retrieval score spread below this is a collapsed retriever (gca.train.trainer.COLLAPSED_SPREAD)
-_COLLAPSED = 0.01
+from gca.retrieval import COLLAPSED_SPREAD  # noqa: E402
 
 
 def _fmt_len(n: int) -> str:
@@ -114,7 +113,7 @@ def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) 
     if health:
         ax = axes[2]
         ax.set_yscale("log")
-        ax.axhline(_COLLAPSED, color="gray", ls="--", lw=1, label="collapsed below")
+        ax.axhline(COLLAPSED_SPREAD, color="gray", ls="--", lw=1, label="collapsed below")
         ax.set_title("retrieval score spread (val_retr_spread)")
     for ax in axes:
         ax.set_xlabel("step")

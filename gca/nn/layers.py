@@ -264,14 +264,14 @@ class ChunkEncoder(nn.Module):
             x = layer(x, cos, sin)
         x = x.view(B, C, S, d)
         if self.cfg.retrieval_key == "centered" or self.cfg.center_memory:
+            # each position's deviation from its chunk's mean: a component shared by every position
+            # (a massive activation) cancels before the norm instead of drowning the chunk's content
             centred = x - x.mean(dim=2, keepdim=True)
         if self.cfg.retrieval_key == "centered":
-            # the landmark's deviation from its chunk's mean: a component shared by every position
-            # (a massive activation) cancels before the norm instead of drowning the chunk's content
-            lmk = self.key_norm(centred[:, :, -1])
+            lmk = self.key_norm(centred[:, :, -1])  # (B, C, d) retrieval key of each chunk
+        else:
+            lmk = self.norm_out(x[:, :, -1])
         x = self.norm_out(centred if self.cfg.center_memory else x)
-        if self.cfg.retrieval_key == "landmark":
-            lmk = x[:, :, -1]  # (B, C, d) retrieval key of each chunk
         if self.cfg.landmark_memory == "zero":
             # the landmark's memory key and value are 0 (k and v have no bias): a slot every GCA
             # query may attend to for nothing, and the landmark serves retrieval alone

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gca.config import ARCHS, DRTConfig
 from gca.model import DRT
-from gca.retrieval import retrieval_health
+from gca.retrieval import COLLAPSED_SPREAD, retrieval_health
 from gca.train import distributed as D
 from gca.train.checkpoint import (
     CheckpointError,
@@ -233,12 +233,6 @@ def train(cfg: TrainConfig, *, source=None, val_source=None) -> TrainResult:
 def _diff(saved: dict[str, Any], now: dict[str, Any], ignore=()) -> list[str]:
     keys = sorted((set(saved) | set(now)) - set(ignore))
     return [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in keys if saved.get(k) != now.get(k)]
-
-
-# below this spread of a retrieval row's picked scores (logged as val_retr_spread) the weights are uniform
-# to 1%: collapsed (the corpus runs fell below it within 500 steps at lr 2e-3); a selective retriever scores
-# far above it (checkpoints/passkey-tiny: 2.5, top weight 0.69, on 2016-token passkey samples).
-COLLAPSED_SPREAD = 0.01
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -533,8 +527,8 @@ class _Run:
                         self.say(
                             f"warning: at step {n} the retrieval scores of the chunks each row picks differ by "
                             f"{health['val_retr_spread']:.2g} (std): every picked chunk gets ~1/top_k of the weight, so "
-                            "retrieval no longer tells chunks apart. In results/README.md this happened at lr 2e-3 "
-                            "and not at 5e-4 or with --set residual=plain ('Retrieval collapse')."
+                            "retrieval no longer tells chunks apart. results/README.md ('Retrieval collapse') says why "
+                            "and what kept it selective there (a lower --lr, --set retrieval_key=centered)."
                         )
 
                 out_of_time = cfg.time_limit > 0 and D.any_across_ranks(
