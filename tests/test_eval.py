@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gca import DRT, DRTConfig
@@ -117,3 +118,67 @@ def test_collect_results_pools_depths_and_merges_by_model(tmp_path):
                       "accuracy": round(7 / 12, 4), "trials": 12}]
     merged = cr._merge(str(out / "passkey.json"), tasks)
     assert [r["model"] for r in merged] == ["other", "drt-s"]
+
+
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_needle_attention_reproduces_the_gca_output():
+    """The diagnostic's attention, weighted by retrieval and applied to the memory values, is what the
+    layer's GCA op returned (plain and off-by-one softmax, grouped heads)."""
+    na = _script("needle_attention")
+    for softmax_one in (False, True):
+        torch.manual_seed(1)
+        m = DRT(tiny(vocab_size=101, num_kv_heads=2, gca_softmax_one=softmax_one, top_k=3)).double().eval()
+        ids = torch.randint(0, 101, (1, 63 * 7 + 5))
+        op_out = []
+        hooks = [layer.gca.o.register_forward_hook(lambda mod, args, out: op_out.append(args[0]))
+                 for group in m.groups for layer in group]
+        _, seen = na.capture_gca(m, ids)
+        for h in hooks:
+            h.remove()
+        assert len(seen) == len(op_out) == sum(len(g) for g in m.groups)
+        S, H, D = m.config.chunk_size, m.config.num_heads, m.config.head_dim
+        gcas = [layer.gca for group in m.groups for layer in group]
+        for li, (h, mk, mv, idx, w) in enumerate(seen):
+            row = 5
+            pos = list(range(row * S, row * S + S))
+            want = op_out[li][0, pos].view(S, H, D)
+            got = torch.zeros_like(want)
+            for slot in range(idx.shape[-1]):
+                c = int(idx[0, row, slot])
+                if c < 0:
+                    continue
+                att = na.chunk_attention(gcas[li], h, mk, pos, c, softmax_one)  # (S, H, S)
+                v = mv[0, c].repeat_interleave(H // mv.shape[3], dim=1)  # (S, H, D)
+                got += w[0, row, slot] * torch.einsum("ths,shd->thd", att, v)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_needle_attention_sees_the_shipped_checkpoint_copy():
+    """On the shipped passkey model (100% at 1x-64x) the diagnostic must show what makes it work: the
+    needle's chunk gets almost all the retrieval weight and one head reads the very token to copy."""
+    from gca.data.tasks import make_task_sample
+    from gca.train import load_model
+
+    na = _script("needle_attention")
+    m = load_model(Path(__file__).parents[1] / "checkpoints" / "passkey-tiny").float().eval()
+    rng = np.random.default_rng(99)
+    rows = [na.inspect_sample(m, make_task_sample("passkey", context_len=1008, seed=rng, depth=0.5)) for _ in range(3)]
+    summ = na.summarise(rows)
+    assert summ["accuracy"] == 1.0
+    last = summ["layers"][-1]
+    assert last["hit"] == 1.0 and last["weight_when_hit"] > 0.9
+    head = int(np.argmax(last["next_mass"]))
+    assert last["next_mass"][head] > 0.8 > 0.3 > last["next_mass_if_even"][head]
+    # a model that has not learned to copy spreads its reading over the answer (random weights)
+    torch.manual_seed(0)
+    fresh = DRT(m.config).eval()
+    fresh_rows = [na.inspect_sample(fresh, make_task_sample("passkey", context_len=1008, seed=rng, depth=0.5)) for _ in range(2)]
+    assert max(max(x["next_mass"]) for x in na.summarise(fresh_rows)["layers"]) < 0.3

@@ -1,0 +1,169 @@
+"""Why a DRT misses a needle: does retrieval pick the needle's chunk, and does GCA then read the answer?
+
+    python scripts/needle_attention.py --ckpt runs/repro/drt-needles --data data/debian-docs \
+        --task passkey --length 4096 --depth 0.5 --trials 8 --out needle_attention.json
+
+Builds task samples over the folder's held-out (val) text, runs each prompt with its answer
+(teacher-forced, one pass) and prints, averaged over the trials:
+
+- accuracy (greedy exact match) and the probability the model gives each answer token;
+- retrieval: how often the chunk holding the answer is among the chunks picked for the answer's
+  query chunk, the weight it gets there, and the largest weight given to any other chunk;
+- reading, per upper layer and head, at the answer's positions and inside the answer's chunk:
+  ``answer_mass``, the attention on the answer's tokens in that chunk, and ``next_mass``, the
+  attention on the one token the position should copy (answer token i's occurrence in the needle,
+  when predicting answer token i). A head that found the needle but cannot tell the answer's tokens
+  apart has ``next_mass`` near ``answer_mass / len(answer)`` (printed as ``even``); a head that
+  copies has ``next_mass`` near ``answer_mass``.
+
+The chunk holding the answer is where the answer's tokens occur in the prompt: the target needle for
+passkey and multikey, the second needle for 2hop. GCA's attention is recomputed from the memory and
+queries the model used (``chunk_attention``); tests check that it reproduces the layer's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from gca.data.tasks import canonical_kind, make_filler, make_task_sample
+from gca.model import DRT
+from gca.train import load_model
+
+
+def _find(seq: list[int], pat: list[int]) -> int:
+    """Start of the only occurrence of pat in seq."""
+    hits = [i for i in range(len(seq) - len(pat) + 1) if seq[i : i + len(pat)] == pat]
+    if len(hits) != 1:
+        raise ValueError(f"the answer occurs {len(hits)} times in the prompt, expected once")
+    return hits[0]
+
+
+def chunk_attention(gca, h: torch.Tensor, mem_k: torch.Tensor, positions: list[int], chunk: int, softmax_one: bool) -> torch.Tensor:
+    """GCA attention probabilities of ``positions`` (internal positions, batch row 0) over the S
+    positions of memory chunk ``chunk``: ``(len(positions), H, S)``, as the op computes them for a
+    retrieved chunk (before the retrieval weight; with ``softmax_one`` the row sums to < 1)."""
+    cfg = gca.cfg
+    H, D = cfg.num_heads, cfg.head_dim
+    q = gca.q(gca.norm(h[0, positions])).view(len(positions), H, D)
+    cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # as the op computes
+    q, k = q.to(cdt), mem_k[0, chunk].to(cdt)  # k: (S, Hk, D)
+    k = k.repeat_interleave(H // k.shape[1], dim=1)  # head h reads kv head h // (H // Hk)
+    s = torch.einsum("thd,shd->ths", q, k) * D**-0.5
+    if not softmax_one:
+        return s.softmax(-1)
+    e = torch.exp(s - s.amax(-1, keepdim=True).clamp(min=0))
+    return e / (e.sum(-1, keepdim=True) + torch.exp(-s.amax(-1, keepdim=True).clamp(min=0)))
+
+
+def capture_gca(model: DRT, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
+    """Logits of one full forward and, for every upper layer in order, the arguments its GCA saw:
+    ``(h, mem_k, mem_v, indices, weights)``."""
+    layers = [layer.gca for group in model.groups for layer in group]
+    seen: list[tuple] = []
+    hooks = [g.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[:5]))) for g in layers]
+    try:
+        logits = model(input_ids).logits
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return logits, seen
+
+
+@torch.no_grad()
+def inspect_sample(model: DRT, s) -> dict:
+    """The numbers of one task sample (see the module docstring)."""
+    cfg = model.config
+    P, S = cfg.text_per_chunk, cfg.chunk_size
+    dev = model.embed.weight.device
+    logits, seen = capture_gca(model, torch.tensor([s.input_ids], device=dev))
+    A, pl = len(s.answer), s.prompt_len
+    lp = logits[0, pl - 1 : pl - 1 + A].float().log_softmax(-1)
+    pred = lp.argmax(-1).tolist()
+    start = _find(list(s.prompt), list(s.answer))
+    chunk = start // P
+    offs = [(start + i) % P for i in range(A)]
+    if offs[-1] < offs[0]:
+        raise ValueError("the answer straddles a chunk boundary")
+    pos = [((p // P) * S + p % P) for p in range(pl - 1, pl - 1 + A)]  # internal positions of the predictions
+    row = pos[0] // S
+    out = dict(answer=list(s.answer), pred=pred, correct=pred == list(s.answer),
+               p_answer=[round(lp[i, a].exp().item(), 4) for i, a in enumerate(s.answer)],
+               answer_chunk=chunk, query_row=row, layers=[])
+    for li, (h, mk, _mv, idx, w) in enumerate(seen):
+        ridx, rw = idx[0, row].tolist(), w[0, row].float().tolist()
+        slot = ridx.index(chunk) if chunk in ridx else None
+        layer = dict(hit=slot is not None, weight=round(rw[slot], 4) if slot is not None else 0.0,
+                     max_other=round(max((x for j, x in enumerate(rw) if j != slot and ridx[j] >= 0), default=0.0), 4))
+        gca = [lay.gca for group in model.groups for lay in group][li]
+        att = chunk_attention(gca, h, mk, pos, chunk, cfg.gca_softmax_one)  # (A, H, S)
+        layer["answer_mass"] = [round(x, 4) for x in att[:, :, offs].sum(-1).mean(0).tolist()]
+        layer["next_mass"] = [round(x, 4) for x in torch.stack([att[i, :, offs[i]] for i in range(A)]).mean(0).tolist()]
+        out["layers"].append(layer)
+    return out
+
+
+def summarise(rows: list[dict]) -> dict:
+    n_layers = len(rows[0]["layers"])
+    A = len(rows[0]["answer"])
+    layers = []
+    for li in range(n_layers):
+        ls = [r["layers"][li] for r in rows]
+        hit = [x for x in ls if x["hit"]]
+        am = np.mean([x["answer_mass"] for x in ls], 0)
+        nm = np.mean([x["next_mass"] for x in ls], 0)
+        layers.append(dict(
+            hit=round(float(np.mean([x["hit"] for x in ls])), 4),
+            weight_when_hit=round(float(np.mean([x["weight"] for x in hit])), 4) if hit else None,
+            max_other=round(float(np.mean([x["max_other"] for x in ls])), 4),
+            answer_mass=[round(float(x), 4) for x in am], next_mass=[round(float(x), 4) for x in nm],
+            next_mass_if_even=[round(float(x) / A, 4) for x in am],
+        ))
+    return dict(accuracy=round(float(np.mean([r["correct"] for r in rows])), 4),
+                p_answer=[round(float(x), 4) for x in np.mean([r["p_answer"] for r in rows], 0)], layers=layers)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", default=None, help="a prepared folder: filler from its val split (default: word filler)")
+    p.add_argument("--task", default="passkey", help="passkey, multikey or 2hop")
+    p.add_argument("--length", type=int, default=4096, help="prompt length in tokens (a full forward: keep it moderate on a CPU)")
+    p.add_argument("--depth", type=float, default=0.5, help="relative depth of the target needle in [0, 1]")
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--seed", type=int, default=4242)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write the summary and every trial here as JSON")
+    a = p.parse_args()
+    if not 0.0 <= a.depth <= 1.0:
+        raise SystemExit(f"--depth must be in [0, 1], got {a.depth}")
+    if a.trials < 1:
+        raise SystemExit(f"--trials must be >= 1, got {a.trials}")
+    m = load_model(a.ckpt, device=a.device).float().eval()
+    if m.config.arch != "drt":
+        raise SystemExit(f"{a.ckpt} is a {m.config.arch!r} model: no retrieval to inspect")
+    task = canonical_kind(a.task)
+    filler = make_filler(a.data, split="val") if a.data else None
+    rng = np.random.default_rng(a.seed)
+    rows = [inspect_sample(m, make_task_sample(task, context_len=a.length, seed=rng, filler=filler, depth=a.depth,
+                                               text_per_chunk=m.config.text_per_chunk)) for _ in range(a.trials)]
+    summ = summarise(rows)
+    print(f"{task} at {a.length} tokens, depth {a.depth}, {a.trials} trials: accuracy {summ['accuracy']:.0%}, "
+          f"p(answer token) {summ['p_answer']}")
+    print(f"{'layer':>5} {'hit':>5} {'w(hit)':>7} {'w(other)':>8}  best head: {'answer':>6} {'next':>6} {'even':>6}")
+    for li, x in enumerate(summ["layers"]):
+        hd = int(np.argmax(x["answer_mass"]))
+        w = f"{x['weight_when_hit']:.3f}" if x["weight_when_hit"] is not None else "-"
+        print(f"{li:5d} {x['hit']:5.0%} {w:>7} {x['max_other']:8.3f}  head {hd}:     {x['answer_mass'][hd]:6.3f} "
+              f"{x['next_mass'][hd]:6.3f} {x['next_mass_if_even'][hd]:6.3f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(ckpt=a.ckpt, task=task, length=a.length, depth=a.depth, trials=a.trials, seed=a.seed,
+                           summary=summ, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
