@@ -19,6 +19,10 @@ Builds task samples over the folder's held-out (val) text, runs each prompt with
 The chunk holding the answer is where the answer's tokens occur in the prompt: the target needle for
 passkey and multikey, the second needle for 2hop. GCA's attention is recomputed from the memory and
 queries the model used (``chunk_attention``); tests check that it reproduces the layer's output.
+
+``--oracle`` replaces retrieval at the answer's positions by the answer's chunk alone at weight 1 (in
+every GCA layer): if the accuracy then rises, the model can read the needle and retrieval's choice or
+weighting is what failed; if not, it cannot read it.
 """
 
 from __future__ import annotations
@@ -59,12 +63,27 @@ def chunk_attention(gca, h: torch.Tensor, mem_k: torch.Tensor, positions: list[i
     return e / (e.sum(-1, keepdim=True) + torch.exp(-s.amax(-1, keepdim=True).clamp(min=0)))
 
 
-def capture_gca(model: DRT, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
+def _oracle_args(args: tuple, row: int, chunk: int) -> tuple:
+    """GCA arguments with query row ``row`` reading memory chunk ``chunk`` alone, at weight 1."""
+    h, mem_k, mem_v, indices, weights, *rest = args
+    indices, weights = indices.clone(), weights.clone()
+    indices[:, row] = -1
+    weights[:, row] = 0
+    indices[:, row, 0] = chunk
+    weights[:, row, 0] = 1
+    return (h, mem_k, mem_v, indices, weights, *rest)
+
+
+def capture_gca(model: DRT, input_ids: torch.Tensor, oracle: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[tuple]]:
     """Logits of one full forward and, for every upper layer in order, the arguments its GCA saw:
-    ``(h, mem_k, mem_v, indices, weights)``."""
+    ``(h, mem_k, mem_v, indices, weights)``. ``oracle=(row, chunk)``: query row ``row`` reads chunk
+    ``chunk`` alone at weight 1 in every GCA layer instead of what retrieval picked."""
     layers = [layer.gca for group in model.groups for layer in group]
     seen: list[tuple] = []
-    hooks = [g.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[:5]))) for g in layers]
+    hooks = []
+    if oracle is not None:
+        hooks += [g.register_forward_pre_hook(lambda mod, args: _oracle_args(args, *oracle)) for g in layers]
+    hooks += [g.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[:5]))) for g in layers]
     try:
         logits = model(input_ids).logits
     finally:
@@ -74,22 +93,24 @@ def capture_gca(model: DRT, input_ids: torch.Tensor) -> tuple[torch.Tensor, list
 
 
 @torch.no_grad()
-def inspect_sample(model: DRT, s) -> dict:
-    """The numbers of one task sample (see the module docstring)."""
+def inspect_sample(model: DRT, s, oracle: bool = False) -> dict:
+    """The numbers of one task sample (see the module docstring); ``oracle``: the answer's query row
+    reads the answer's chunk alone at weight 1 (retrieval taken out of the question)."""
     cfg = model.config
     P, S = cfg.text_per_chunk, cfg.chunk_size
     dev = model.embed.weight.device
-    logits, seen = capture_gca(model, torch.tensor([s.input_ids], device=dev))
     A, pl = len(s.answer), s.prompt_len
-    lp = logits[0, pl - 1 : pl - 1 + A].float().log_softmax(-1)
-    pred = lp.argmax(-1).tolist()
+    row = (pl - 1) // P  # the answer is predicted from positions of this chunk (pl % P == 1)
     start = _find(list(s.prompt), list(s.answer))
     chunk = start // P
+    logits, seen = capture_gca(model, torch.tensor([s.input_ids], device=dev), oracle=(row, chunk) if oracle else None)
+    lp = logits[0, pl - 1 : pl - 1 + A].float().log_softmax(-1)
+    pred = lp.argmax(-1).tolist()
     offs = [(start + i) % P for i in range(A)]
     if offs[-1] < offs[0]:
         raise ValueError("the answer straddles a chunk boundary")
     pos = [((p // P) * S + p % P) for p in range(pl - 1, pl - 1 + A)]  # internal positions of the predictions
-    row = pos[0] // S
+    assert all(x // S == row for x in pos), "the answer's predictions span two chunks"
     out = dict(answer=list(s.answer), pred=pred, correct=pred == list(s.answer),
                p_answer=[round(lp[i, a].exp().item(), 4) for i, a in enumerate(s.answer)],
                answer_chunk=chunk, query_row=row, layers=[])
@@ -136,6 +157,9 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--seed", type=int, default=4242)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--oracle", action="store_true",
+                   help="the answer's positions read the answer's chunk alone at weight 1 instead of what retrieval "
+                        "picked: the accuracy then measures reading alone")
     p.add_argument("--out", default=None, help="write the summary and every trial here as JSON")
     a = p.parse_args()
     if not 0.0 <= a.depth <= 1.0:
@@ -149,9 +173,10 @@ def main() -> None:
     filler = make_filler(a.data, split="val") if a.data else None
     rng = np.random.default_rng(a.seed)
     rows = [inspect_sample(m, make_task_sample(task, context_len=a.length, seed=rng, filler=filler, depth=a.depth,
-                                               text_per_chunk=m.config.text_per_chunk)) for _ in range(a.trials)]
+                                               text_per_chunk=m.config.text_per_chunk), oracle=a.oracle)
+            for _ in range(a.trials)]
     summ = summarise(rows)
-    print(f"{task} at {a.length} tokens, depth {a.depth}, {a.trials} trials: accuracy {summ['accuracy']:.0%}, "
+    print(f"{task} at {a.length} tokens, depth {a.depth}, {a.trials} trials{' (oracle retrieval)' if a.oracle else ''}: accuracy {summ['accuracy']:.0%}, "
           f"p(answer token) {summ['p_answer']}")
     print(f"{'layer':>5} {'hit':>5} {'w(hit)':>7} {'w(other)':>8}  best head: {'answer':>6} {'next':>6} {'even':>6}")
     for li, x in enumerate(summ["layers"]):
@@ -161,7 +186,7 @@ def main() -> None:
               f"{x['next_mass'][hd]:6.3f} {x['next_mass_if_even'][hd]:6.3f}")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(ckpt=a.ckpt, task=task, length=a.length, depth=a.depth, trials=a.trials, seed=a.seed,
+            json.dump(dict(ckpt=a.ckpt, task=task, length=a.length, depth=a.depth, trials=a.trials, seed=a.seed, oracle=a.oracle,
                            summary=summ, rows=rows), f, indent=1)
 
 

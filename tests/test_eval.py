@@ -182,3 +182,24 @@ def test_needle_attention_sees_the_shipped_checkpoint_copy():
     fresh = DRT(m.config).eval()
     fresh_rows = [na.inspect_sample(fresh, make_task_sample("passkey", context_len=1008, seed=rng, depth=0.5)) for _ in range(2)]
     assert max(max(x["next_mass"]) for x in na.summarise(fresh_rows)["layers"]) < 0.3
+
+
+def test_needle_attention_oracle_reads_only_the_answer_chunk():
+    """--oracle: the answer's row reads the answer's chunk alone at weight 1 in every GCA layer, other
+    rows keep what retrieval picked, and a model that copies still answers."""
+    from gca.data.tasks import make_task_sample
+    from gca.train import load_model
+
+    na = _script("needle_attention")
+    m = load_model(Path(__file__).parents[1] / "checkpoints" / "passkey-tiny").float().eval()
+    s = make_task_sample("passkey", context_len=1008, seed=np.random.default_rng(5), depth=0.0)
+    row, chunk = (s.prompt_len - 1) // 63, s.target_chunk
+    _, plain = na.capture_gca(m, torch.tensor([s.input_ids]))
+    _, forced = na.capture_gca(m, torch.tensor([s.input_ids]), oracle=(row, chunk))
+    for (_, _, _, i0, w0), (_, _, _, i1, w1) in zip(plain, forced):
+        assert i1[0, row].tolist() == [chunk] + [-1] * (i1.shape[-1] - 1)
+        assert w1[0, row].tolist() == [1.0] + [0.0] * (w1.shape[-1] - 1)
+        keep = [c for c in range(i0.shape[1]) if c != row]
+        assert torch.equal(i0[0, keep], i1[0, keep]) and torch.equal(w0[0, keep], w1[0, keep])
+    out = na.inspect_sample(m, s, oracle=True)
+    assert out["correct"] and all(x["hit"] and x["weight"] == 1.0 for x in out["layers"])
