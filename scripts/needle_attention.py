@@ -23,6 +23,11 @@ queries the model used (``chunk_attention``); tests check that it reproduces the
 ``--oracle`` replaces retrieval at the answer's positions by the answer's chunk alone at weight 1 (in
 every GCA layer): if the accuracy then rises, the model can read the needle and retrieval's choice or
 weighting is what failed; if not, it cannot read it.
+
+``--repeats`` asks the same of plain text: samples whose filler repeats pieces of itself from at least
+``--repeat-gap`` tokens back (beyond the window), and the loss on the repeated tokens (digits and
+words apart) and on first occurrences, with GCA as trained and with every GCA reading nothing. What
+GCA lowers the repeated tokens' loss by is what the model's reading of retrieved chunks is worth.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import json
 import numpy as np
 import torch
 
-from gca.data.tasks import canonical_kind, make_filler, make_task_sample
+from gca.data.tasks import canonical_kind, digit_ids, make_filler, make_task_sample
 from gca.model import DRT
 from gca.train import load_model
 
@@ -127,6 +132,33 @@ def inspect_sample(model: DRT, s, oracle: bool = False) -> dict:
     return out
 
 
+@torch.no_grad()
+def repeat_nll(model: DRT, s, digits: set[int], gca_off: bool = False) -> dict[str, list[float]]:
+    """Per-token losses of one sample whose filler repeats pieces of itself from beyond the window,
+    split into ``repeat_digit`` / ``repeat_word`` (second token on of a repeated piece, a digit or
+    not) and ``other`` (text seen for the first time). ``gca_off``: every GCA reads nothing (weights
+    0), so the difference to the model as trained is what retrieval and GCA contribute."""
+    layers = [layer.gca for group in model.groups for layer in group]
+
+    def off(mod, args):
+        h, mem_k, mem_v, indices, weights, *rest = args
+        return (h, mem_k, mem_v, indices, torch.zeros_like(weights), *rest)
+
+    hooks = [g.register_forward_pre_hook(off) for g in layers] if gca_off else []
+    try:
+        ids = torch.tensor([s.prompt], device=model.embed.weight.device)
+        logits = model(ids).logits[0, :-1].float()
+    finally:
+        for hk in hooks:
+            hk.remove()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
+    out: dict[str, list[float]] = {"repeat_digit": [], "repeat_word": [], "other": []}
+    for t in range(1, len(s.prompt)):
+        kind = ("repeat_digit" if s.prompt[t] in digits else "repeat_word") if s.repeat_mask[t] else "other"
+        out[kind].append(nll[t - 1])
+    return out
+
+
 def summarise(rows: list[dict]) -> dict:
     n_layers = len(rows[0]["layers"])
     A = len(rows[0]["answer"])
@@ -160,6 +192,11 @@ def main() -> None:
     p.add_argument("--oracle", action="store_true",
                    help="the answer's positions read the answer's chunk alone at weight 1 instead of what retrieval "
                         "picked: the accuracy then measures reading alone")
+    p.add_argument("--repeats", action="store_true",
+                   help="instead of the task: the loss on filler pieces repeated from beyond the window (digit "
+                        "runs in the filler with --digits), with GCA as trained and with GCA reading nothing")
+    p.add_argument("--repeat-gap", type=int, default=600, help="--repeats: a piece repeats from >= this many tokens back")
+    p.add_argument("--digits", type=float, default=0.05, help="--repeats: share of the filler in digit runs")
     p.add_argument("--out", default=None, help="write the summary and every trial here as JSON")
     a = p.parse_args()
     if not 0.0 <= a.depth <= 1.0:
@@ -170,8 +207,10 @@ def main() -> None:
     if m.config.arch != "drt":
         raise SystemExit(f"{a.ckpt} is a {m.config.arch!r} model: no retrieval to inspect")
     task = canonical_kind(a.task)
-    filler = make_filler(a.data, split="val") if a.data else None
     rng = np.random.default_rng(a.seed)
+    if a.repeats:
+        return _main_repeats(m, a, task, rng)
+    filler = make_filler(a.data, split="val") if a.data else None
     rows = [inspect_sample(m, make_task_sample(task, context_len=a.length, seed=rng, filler=filler, depth=a.depth,
                                                text_per_chunk=m.config.text_per_chunk), oracle=a.oracle)
             for _ in range(a.trials)]
@@ -188,6 +227,28 @@ def main() -> None:
         with open(a.out, "w") as f:
             json.dump(dict(ckpt=a.ckpt, task=task, length=a.length, depth=a.depth, trials=a.trials, seed=a.seed, oracle=a.oracle,
                            summary=summ, rows=rows), f, indent=1)
+
+
+def _main_repeats(m: DRT, a, task: str, rng: np.random.Generator) -> None:
+    filler = make_filler(a.data, split="val", digit_frac=a.digits)
+    digits = set(digit_ids(filler.tokenizer))
+    samples = [make_task_sample(task, context_len=a.length, seed=rng, filler=filler, depth=a.depth, repeat_prob=1.0,
+                                repeat_gap=a.repeat_gap, text_per_chunk=m.config.text_per_chunk) for _ in range(a.trials)]
+    res = {}
+    for name, off in (("gca", False), ("gca_off", True)):
+        pooled: dict[str, list[float]] = {"repeat_digit": [], "repeat_word": [], "other": []}
+        for smp in samples:
+            for k, v in repeat_nll(m, smp, digits, gca_off=off).items():
+                pooled[k] += v
+        res[name] = {k: dict(nll=round(float(np.mean(v)), 4), tokens=len(v)) for k, v in pooled.items() if v}
+    print(f"loss (nats a token) on {a.trials} samples of {a.length} tokens, pieces repeated from >= {a.repeat_gap} back:")
+    print(f"{'tokens':>14} {'count':>7} {'with GCA':>9} {'GCA off':>8}")
+    for k in res["gca"]:
+        print(f"{k:>14} {res['gca'][k]['tokens']:7d} {res['gca'][k]['nll']:9.3f} {res['gca_off'][k]['nll']:8.3f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(ckpt=a.ckpt, mode="repeats", length=a.length, trials=a.trials, seed=a.seed,
+                           repeat_gap=a.repeat_gap, digits=a.digits, result=res), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,27 @@ def test_needle_attention_oracle_reads_only_the_answer_chunk():
         assert torch.equal(i0[0, keep], i1[0, keep]) and torch.equal(w0[0, keep], w1[0, keep])
     out = na.inspect_sample(m, s, oracle=True)
     assert out["correct"] and all(x["hit"] and x["weight"] == 1.0 for x in out["layers"])
+
+
+def test_needle_attention_repeats_split_and_gca_gain():
+    """--repeats: every predicted token falls in one class, and on the shipped model (which copies far
+    repeats through GCA) switching GCA off costs more than a nat a repeated token."""
+    from gca.data.tasks import digit_ids, make_filler, make_task_sample
+    from gca.train import load_model
+
+    na = _script("needle_attention")
+    m = load_model(Path(__file__).parents[1] / "checkpoints" / "passkey-tiny").float().eval()
+    filler = make_filler(None, digit_frac=0.08)
+    digits = set(digit_ids(filler.tokenizer))
+    rng = np.random.default_rng(8)
+    on, off = {"repeat_digit": [], "repeat_word": [], "other": []}, {"repeat_digit": [], "repeat_word": [], "other": []}
+    for _ in range(3):
+        s = make_task_sample("passkey", context_len=1008, seed=rng, filler=filler, repeat_prob=1.0, repeat_gap=130)
+        a, b = na.repeat_nll(m, s, digits), na.repeat_nll(m, s, digits, gca_off=True)
+        assert sum(len(v) for v in a.values()) == len(s.prompt) - 1
+        assert len(a["repeat_word"]) == sum(s.repeat_mask[1:len(s.prompt)]) - len(a["repeat_digit"]) > 50
+        for k in on:
+            on[k] += a[k]
+            off[k] += b[k]
+    assert np.mean(off["repeat_word"]) - np.mean(on["repeat_word"]) > 1.0
+    assert abs(np.mean(off["other"]) - np.mean(on["other"])) < 0.5  # first occurrences: nothing to copy
