@@ -21,6 +21,7 @@ own position, or for the last token of a chunk, the landmark that follows it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,27 @@ class DRT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.o.weight", "mlp.down.weight", "gca.o.weight")):
                 nn.init.normal_(p, std=cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+
+    @contextlib.contextmanager
+    def gca_disabled(self):
+        """Within the block every GCA adds nothing, as if all retrieval weights were 0: the model is
+        its sliding window and MLPs alone (retrieval still runs). The loss with GCA off minus the loss
+        with it on is what reading retrieved chunks is worth (the trainer logs it as ``val_gca_gain``).
+
+            with model.gca_disabled():
+                loss_off = model(ids, labels=ids).loss
+        """
+        if self.config.arch != "drt":
+            raise ValueError(f"a {self.config.arch!r} model has no GCA to disable")
+        layers = [layer for group in self.groups for layer in group]
+        before = [layer.gca_enabled for layer in layers]
+        for layer in layers:
+            layer.gca_enabled = False
+        try:
+            yield self
+        finally:
+            for layer, b in zip(layers, before):
+                layer.gca_enabled = b
 
     def _init(self, m: nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):

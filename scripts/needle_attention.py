@@ -33,6 +33,7 @@ GCA lowers the repeated tokens' loss by is what the model's reading of retrieved
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import numpy as np
@@ -138,19 +139,9 @@ def repeat_nll(model: DRT, s, digits: set[int], gca_off: bool = False) -> dict[s
     split into ``repeat_digit`` / ``repeat_word`` (second token on of a repeated piece, a digit or
     not) and ``other`` (text seen for the first time). ``gca_off``: every GCA reads nothing (weights
     0), so the difference to the model as trained is what retrieval and GCA contribute."""
-    layers = [layer.gca for group in model.groups for layer in group]
-
-    def off(mod, args):
-        h, mem_k, mem_v, indices, weights, *rest = args
-        return (h, mem_k, mem_v, indices, torch.zeros_like(weights), *rest)
-
-    hooks = [g.register_forward_pre_hook(off) for g in layers] if gca_off else []
-    try:
-        ids = torch.tensor([s.prompt], device=model.embed.weight.device)
+    ids = torch.tensor([s.prompt], device=model.embed.weight.device)
+    with model.gca_disabled() if gca_off else contextlib.nullcontext():
         logits = model(ids).logits[0, :-1].float()
-    finally:
-        for hk in hooks:
-            hk.remove()
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
     out: dict[str, list[float]] = {"repeat_digit": [], "repeat_word": [], "other": []}
     for t in range(1, len(s.prompt)):

@@ -167,7 +167,8 @@ def test_plot_command_draws_runs_and_names_bad_input(tmp_path, capsys):
     run = tmp_path / "drt"
     run.mkdir()
     rows = [{"step": s, "loss": 5.0 - s / 100, "lr": 1e-3} for s in range(1, 60)]
-    rows += [{"step": s, "val_loss": 4.0 - s / 100, "val_retr_spread": 0.5 / s, "val_retr_top": 0.2} for s in (20, 40)]
+    rows += [{"step": s, "val_loss": 4.0 - s / 100, "val_retr_spread": 0.5 / s, "val_retr_top": 0.2,
+              "val_gca_gain": s / 1000} for s in (20, 40)]
     lines = [json.dumps(r) for r in rows] + ['{"step": 61, "loss": 2.']  # a row cut short by a crash
     (run / "log.jsonl").write_text("\n".join(lines) + "\n")
     swa = tmp_path / "swa.jsonl"
@@ -176,7 +177,7 @@ def test_plot_command_draws_runs_and_names_bad_input(tmp_path, capsys):
     assert main(["plot", str(run), str(swa), "--labels", "a,b", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     captured = capsys.readouterr()
-    assert "a: step 40: val_loss 3.6000, retr_spread 0.0125, retr_top 0.2" in captured.out
+    assert "a: step 40: val_loss 3.6000, retr_spread 0.0125, retr_top 0.2, gca_gain 0.04" in captured.out
     assert "skipped 1 line" in captured.err
     assert main(["plot", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "no training log" in capsys.readouterr().err

@@ -218,3 +218,34 @@ def test_tiny_model_overfits_one_batch():
         loss.backward()
         opt.step()
     assert first > 3.5 and loss.item() < 0.3, (first, loss.item())
+
+
+@pytest.mark.parametrize("residual", ["plain", "published"])
+def test_gca_disabled_is_gca_adding_nothing(residual):
+    """model.gca_disabled(): the same outputs as a copy whose GCA output projections are 0, one-shot and
+    streamed; everything is back as it was after the block, even when the block raises."""
+    import copy
+
+    torch.manual_seed(3)
+    m = DRT(tiny(residual=residual, upper_groups=[1, 1])).double().eval()
+    x = torch.randint(0, 97, (2, 63 * 5 + 9))
+    mute = copy.deepcopy(m)
+    with torch.no_grad():
+        for group in mute.groups:
+            for layer in group:
+                layer.gca.o.weight.zero_()
+    ref_on, ref_off = m(x).logits, mute(x).logits
+    assert (ref_on - ref_off).abs().max() > 1e-6  # GCA does change this model's output
+    with m.gca_disabled():
+        torch.testing.assert_close(m(x).logits, ref_off, rtol=1e-12, atol=1e-12)
+        cache = m.new_cache(2)
+        got = torch.cat([m(x[:, :150], cache=cache).logits, m(x[:, 150:], cache=cache).logits], 1)
+        torch.testing.assert_close(got, ref_off, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(m(x).logits, ref_on, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="inside"):
+        with m.gca_disabled():
+            raise RuntimeError("inside")
+    torch.testing.assert_close(m(x).logits, ref_on, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no GCA"):
+        with DRT(tiny(arch="swa")).gca_disabled():
+            pass

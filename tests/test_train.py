@@ -7,6 +7,7 @@ is a tiny model (60K parameters) on 200-token sequences, a few steps long.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -138,6 +139,7 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path):
         assert {"step", "tokens", "elapsed_s"} <= set(row)
         if "val_loss" in row:  # a DRT's validation rows carry its retrieval health
             assert row["val_retr_spread"] >= 0 and 1 / 2 - 1e-6 <= row["val_retr_top"] <= 1  # top_k=2
+            assert math.isfinite(row["val_gca_gain"]) and row["val_gca_gain"] != 0.0  # GCA changes the loss
     row = log_rows(out)[0]
     assert {"loss", "lr", "tok_per_s", "grad_norm"} <= set(row) and row["tokens"] == 2 * 200
     ck = read_checkpoint(out / "ckpt")

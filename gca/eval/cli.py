@@ -200,7 +200,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         val = [r for r in rows if "val_loss" in r]
         if val:
             last = val[-1]
-            extra = "".join(f", {k[4:]} {last[k]:g}" for k in ("val_retr_spread", "val_retr_top") if k in last)
+            extra = "".join(f", {k[4:]} {last[k]:g}" for k in ("val_retr_spread", "val_retr_top", "val_gca_gain") if k in last)
             print(f"{label}: step {last['step']}: val_loss {last['val_loss']:.4f}{extra}")
     return 0
 

@@ -90,11 +90,13 @@ def _finish_length_plot(fig, ax, path: str, train_length: int | None) -> str:
 def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) -> str:
     """Training runs side by side: training loss (a running mean over ``smooth`` logged rows),
     validation loss and, when the runs are DRTs, the retrieval score spread (log scale, the
-    collapse line marked). ``logs`` maps a run's label to its ``log.jsonl`` rows."""
+    collapse line marked) and what GCA is worth (``val_gca_gain``, where logged). ``logs`` maps a run's label to its ``log.jsonl`` rows."""
     if not logs:
         raise ValueError("no training logs to plot")
     health = any("val_retr_spread" in r for rows in logs.values() for r in rows)
-    fig, axes = plt.subplots(1, 3 if health else 2, figsize=(15 if health else 10, 4))
+    gain = any("val_gca_gain" in r for rows in logs.values() for r in rows)
+    n_ax = 2 + health + gain
+    fig, axes = plt.subplots(1, n_ax, figsize=(5 * n_ax, 4))
     for label, rows in logs.items():
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [r for r in rows if "val_loss" in r]
@@ -108,6 +110,9 @@ def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) 
         if health and any("val_retr_spread" in r for r in val):
             hv = [r for r in val if "val_retr_spread" in r]
             axes[2].plot([r["step"] for r in hv], [max(r["val_retr_spread"], 1e-6) for r in hv], marker=".", label=label)
+        if gain and any("val_gca_gain" in r for r in val):
+            gv = [r for r in val if "val_gca_gain" in r]
+            axes[-1].plot([r["step"] for r in gv], [r["val_gca_gain"] for r in gv], marker=".", label=label)
     axes[0].set_title("training loss" + (f" (mean of {smooth} logged steps)" if smooth > 1 else ""))
     axes[1].set_title("validation loss")
     if health:
@@ -115,6 +120,9 @@ def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) 
         ax.set_yscale("log")
         ax.axhline(COLLAPSED_SPREAD, color="gray", ls="--", lw=1, label="collapsed below")
         ax.set_title("retrieval score spread (val_retr_spread)")
+    if gain:
+        axes[-1].axhline(0.0, color="gray", ls="--", lw=1)
+        axes[-1].set_title("validation loss without GCA minus with (val_gca_gain)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -211,9 +211,12 @@ class UpperLayer(nn.Module):
         self.gca = GCA(cfg)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.gca_enabled = True  # False: GCA adds nothing (DRT.gca_disabled), as if every weight were 0
 
     def forward(self, h, cos, sin, mem_k, mem_v, indices, weights):
         h = h + self.attn(self.norm1(h), cos, sin)
+        if not self.gca_enabled:
+            return h + self.mlp(self.norm2(h))
         if self.residual == "plain":
             h = h + self.gca(h, mem_k, mem_v, indices, weights)
             return h + self.mlp(self.norm2(h))
@@ -224,7 +227,7 @@ class UpperLayer(nn.Module):
         """Streaming: ``gca_args`` = (mem_k, mem_v, indices, weights, offset), or None when the memory
         is still empty; ``wait`` is called between self-attention and GCA (joins an offloaded fetch)."""
         h = h + self.attn.forward_cached(self.norm1(h), cos, sin, ring, pos)
-        if gca_args is None:  # empty memory: GCA adds nothing
+        if gca_args is None or not self.gca_enabled:  # empty memory (or switched off): GCA adds nothing
             return h + self.mlp(self.norm2(h))
         if wait is not None:
             wait()

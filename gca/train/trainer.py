@@ -556,28 +556,35 @@ class _Run:
 
     @torch.no_grad()
     def _evaluate(self, model: torch.nn.Module, autocast) -> tuple[float, dict[str, float]]:
-        """The validation loss and, for a DRT, its retrieval health (:func:`retrieval_health`)."""
+        """The validation loss and, for a DRT, its retrieval health (:func:`retrieval_health`) and
+        ``val_gca_gain``: the validation loss with every GCA switched off minus the loss as trained
+        (what reading the retrieved chunks is worth; one more forward per batch)."""
         cfg, info = self.cfg, self.info
         devices = [info.device.index] if info.device.type == "cuda" else []
         drt = self.mcfg.arch == "drt"
+        raw = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the module
         with torch.random.fork_rng(devices=devices):  # validation must not shift the training's random streams
             model.eval()
             total = torch.zeros((), device=info.device)
-            health = torch.zeros(2, device=info.device)
+            health = torch.zeros(3, device=info.device)
             for i in range(cfg.eval_batches):
                 batch = self.val_source.get_batch(i, cfg.batch_size, info.rank, info.world_size)
+                ids, labels = batch["input_ids"].to(info.device), batch["labels"].to(info.device)
                 with autocast():
-                    out = model(batch["input_ids"].to(info.device), batch["labels"].to(info.device), output_retrieval=drt)
+                    out = model(ids, labels, output_retrieval=drt)
                 total += out.loss.float()
                 if drt:
-                    health += torch.stack(retrieval_health(out.retrieval))
+                    with autocast(), raw.gca_disabled():
+                        off = model(ids, labels).loss.float()
+                    health += torch.stack([*retrieval_health(out.retrieval), off - out.loss.float()])
             model.train()
         n = max(cfg.eval_batches, 1)
         loss = _to_float(D.mean_across_ranks(total / n, info))
         if not drt:
             return loss, {}
-        spread, top = (D.mean_across_ranks(health / n, info)).tolist()
-        return loss, {"val_retr_spread": float(f"{spread:.4g}"), "val_retr_top": float(f"{top:.4g}")}
+        spread, top, gain = (D.mean_across_ranks(health / n, info)).tolist()
+        return loss, {"val_retr_spread": float(f"{spread:.4g}"), "val_retr_top": float(f"{top:.4g}"),
+                      "val_gca_gain": float(f"{gain:.4g}")}
 
     def _dump_nonfinite(self, step: int, ids, labels, loss) -> None:
         """Keep the (last micro-)batch of a skipped step, to reproduce it: DIR/nonfinite/step<N>_rank<r>.pt
