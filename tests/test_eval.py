@@ -227,3 +227,38 @@ def test_needle_attention_repeats_split_and_gca_gain():
             off[k] += b[k]
     assert np.mean(off["repeat_word"]) - np.mean(on["repeat_word"]) > 1.0
     assert abs(np.mean(off["other"]) - np.mean(on["other"])) < 0.5  # first occurrences: nothing to copy
+
+
+def test_beyond_window_matches_the_attention_mask():
+    """A needle is beyond the window exactly when no token of it is among the keys the answer's first
+    prediction attends to (the sliding-window mask, landmarks counted for a DRT); full attention sees all."""
+    from gca.data.tasks import make_task_sample
+    from gca.eval.tasks import beyond_window
+
+    rng = np.random.default_rng(17)
+    seen = {True: 0, False: 0}
+    for arch in ("drt", "swa", "full"):
+        cfg = tiny(arch=arch)
+        for _ in range(40):
+            kind = ["passkey", "multikey", "2hop"][int(rng.integers(3))]
+            s = make_task_sample(kind, context_len=int(rng.integers(300, 1200)), seed=rng, depth=float(rng.random()))
+            P, S, W = 63, cfg.chunk_size, cfg.window
+            pos = (lambda p: (p // P) * S + p % P) if arch == "drt" else (lambda p: p)
+            q = pos(s.prompt_len - 1)
+            visible = [any(q - pos(t) < W for t in range(a, b)) for a, b in s.needle_spans[: len(s.target_chunks)]]
+            want = arch != "full" and not any(visible)
+            assert beyond_window(s, cfg) == want
+            seen[want] += 1
+    assert seen[True] > 10 and seen[False] > 10  # both cases were exercised
+
+
+def test_task_rows_count_trials_beyond_the_window():
+    from gca.eval.tasks import evaluate_tasks, summarize_beyond_window
+
+    torch.manual_seed(0)
+    m = DRT(tiny()).eval()  # window 80: at 600 tokens a needle at depth 0 is far, one at depth 1 is near
+    rows = evaluate_tasks(m, ["passkey"], [600], depths=[0.0, 1.0], trials=3, progress=False)
+    far, near = rows
+    assert far["trials_beyond_window"] == 3 and far["accuracy_beyond_window"] == far["accuracy"]
+    assert near["trials_beyond_window"] == 0 and near["accuracy_beyond_window"] is None
+    assert summarize_beyond_window(rows) == {("passkey", 600): (far["accuracy"], 3)}

@@ -61,13 +61,16 @@ def load_for_eval(ckpt: str, device: str, dtype: str):
 
 
 def _print_table(rows: list[dict], train_length: int | None) -> None:
-    from gca.eval.tasks import summarize
+    from gca.eval.tasks import summarize, summarize_beyond_window
 
     acc, hit = summarize(rows, "accuracy"), summarize(rows, "retrieval_hit")
-    print(f"{'task':<10} {'length':>10} {'x train':>8} {'accuracy':>9} {'retrieval hit':>14}")
+    far = summarize_beyond_window(rows)
+    print(f"{'task':<10} {'length':>10} {'x train':>8} {'accuracy':>9} {'retrieval hit':>14} {'beyond window':>20}")
     for (task, n), a in acc.items():
         x = f"{n / train_length:.0f}x" if train_length else "-"
-        print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {100 * hit[(task, n)]:>13.1f}%")
+        fa, fn = far.get((task, n), (None, 0))
+        f = f"{100 * fa:.1f}% of {fn}" if fn else "-"
+        print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {100 * hit[(task, n)]:>13.1f}% {f:>20}")
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -26,6 +26,23 @@ import torch
 from gca.model import DRT
 
 
+def beyond_window(sample, cfg) -> bool:
+    """Whether every target needle of ``sample`` lies wholly outside the sliding window of the first
+    answer prediction (``cfg.window`` positions, landmarks included for a DRT): the answer's position
+    cannot attend to it directly, only through retrieval (DRT) or through several stacked windows.
+    Always False for full attention."""
+    if cfg.arch == "full" or cfg.window is None:
+        return False
+    P, S = sample.text_per_chunk, cfg.chunk_size
+
+    def pos(p: int) -> int:  # internal position of user token p
+        return (p // P) * S + p % P if cfg.arch == "drt" else p
+
+    q = pos(sample.prompt_len - 1)
+    targets = sample.needle_spans[: len(sample.target_chunks)]
+    return all(q - pos(end - 1) >= cfg.window for _, end in targets)
+
+
 def _depth_list(depths) -> list[float]:
     if isinstance(depths, int):
         return [0.5] if depths == 1 else [i / (depths - 1) for i in range(depths)]
@@ -87,7 +104,9 @@ def evaluate_tasks(
             partial results of a long evaluation.
     Returns:
         a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
-        retrieval_hit, seconds}``.
+        retrieval_hit, trials_beyond_window, accuracy_beyond_window, seconds}``; the last two count
+        the trials whose needles lay outside the answer's sliding window (:func:`beyond_window`;
+        accuracy None when there were none): where a DRT must retrieve to answer.
     """
     from gca.data.tasks import make_filler, make_task_sample
 
@@ -117,15 +136,31 @@ def evaluate_tasks(
                     correct += c
                     hits += h
                     bar.update(len(c))
+                far = [c for c, smp in zip(correct, samples) if beyond_window(smp, model.config)]
                 rows.append(dict(
                     task=task, context_length=L, prompt_length=samples[0].prompt_len, depth=round(d, 4),
                     trials=trials, accuracy=float(np.mean(correct)), retrieval_hit=float(np.mean(hits)),
+                    trials_beyond_window=len(far),
+                    accuracy_beyond_window=float(np.mean(far)) if far else None,
                     seconds=round(time.time() - t0, 2),
                 ))
                 if on_row is not None:
                     on_row(rows)
     bar.close()
     return rows
+
+
+def summarize_beyond_window(rows: list[dict]) -> dict[tuple[str, int], tuple[float | None, int]]:
+    """(accuracy, trials) over the trials whose needles were beyond the window (:func:`beyond_window`),
+    pooled over depths for each (task, context_length); accuracy None when there were none."""
+    out: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        n = r.get("trials_beyond_window", 0)
+        acc = out.setdefault((r["task"], r["context_length"]), [0.0, 0])
+        if n:
+            acc[0] += r["accuracy_beyond_window"] * n
+            acc[1] += n
+    return {k: (c / n if n else None, n) for k, (c, n) in out.items()}
 
 
 def summarize(rows: list[dict], key: str = "accuracy") -> dict[tuple[str, int], float]:
