@@ -4,7 +4,8 @@ throughput and peak GPU memory at several context lengths (results/throughput.js
     python benchmarks/throughput.py --preset small --lengths 4096,16384,65536 --out results/throughput.json
 
 - train: one optimizer step (forward + backward + AdamW, bf16 autocast) on a batch of one sequence of
-  the context length; tokens/s = length / median step time (CUDA events, after warm-up).
+  the context length; tokens/s = length / median step time (CUDA events, after warm-up). With
+  ``--compile`` both models run under ``torch.compile`` (rows marked ``compiled``).
 - prefill: a streaming prefill of the whole context through the model's cache (bf16 weights), one
   logit row kept; tokens/s = length / time.
   The full-attention baseline prefills in one piece (causal SDPA, flash kernels), DRT in pieces of
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,16384,65536")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--compile", action="store_true",
+                    help="train rows: both models under torch.compile (compiled during the warm-up)")
     ap.add_argument("--out", default="results/throughput.json")
     a = ap.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -47,9 +50,9 @@ def main() -> None:
         name = f"{arch}-{a.preset}"
         for L in [int(x) for x in a.lengths.split(",")]:
             torch.cuda.empty_cache()
-            ms, peak, n, _ = time_steps(cfg, L, 1, a.steps, 3, False, False)
+            ms, peak, n, _ = time_steps(cfg, L, 1, a.steps, 3, False, False, compile=a.compile)
             rows.append(dict(model=name, context_length=L, mode="train", tokens_per_s=round(L / ms * 1e3),
-                             peak_mem_gb=round(peak, 2), step_ms=round(ms, 2), params=n, **meta))
+                             peak_mem_gb=round(peak, 2), step_ms=round(ms, 2), params=n, compiled=a.compile, **meta))
             print(json.dumps(rows[-1]), flush=True)
         model = DRT(cfg).cuda().to(torch.bfloat16).eval()
         torch.cuda.empty_cache()

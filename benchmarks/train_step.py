@@ -41,16 +41,20 @@ def check_cuda_matches_cpu() -> None:
     assert err < 1e-3 and same, "CUDA path disagrees with the CPU reference"
 
 
-def time_steps(cfg: DRTConfig, seq_len: int, batch: int, steps: int, warmup: int, ckpt: bool, profile: bool):
+def time_steps(cfg: DRTConfig, seq_len: int, batch: int, steps: int, warmup: int, ckpt: bool, profile: bool,
+               compile: bool = False):
+    """Median step time in ms, peak memory in GiB, parameter count, profile table (or None).
+    ``compile``: the model runs under ``torch.compile`` (compiled during the warm-up steps)."""
     dev = "cuda"
     model = DRT(cfg).to(dev).train()
     model.gradient_checkpointing = ckpt
+    fwd = torch.compile(model, dynamic=False) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=dev)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x, labels=x).loss
+            loss = fwd(x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -94,6 +98,7 @@ def main() -> None:
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--gca-impl", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (compiled during the warm-up)")
     ap.add_argument("--check", action="store_true", help="only compare CUDA and CPU logits")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -101,11 +106,12 @@ def main() -> None:
         check_cuda_matches_cpu()
         return
     cfg = DRTConfig.from_preset(a.preset, arch=a.arch, gca_impl=a.gca_impl)
-    ms, peak, n, table = time_steps(cfg, a.seq_len, a.batch, a.steps, a.warmup, a.grad_checkpointing, a.profile)
+    ms, peak, n, table = time_steps(cfg, a.seq_len, a.batch, a.steps, a.warmup, a.grad_checkpointing, a.profile, a.compile)
     gpu = torch.cuda.get_device_name()
     row = dict(
         gpu=gpu, torch=torch.__version__, date=datetime.date.today().isoformat(), preset=a.preset, arch=a.arch,
         gca_impl=a.gca_impl, params=n, seq_len=a.seq_len, batch=a.batch, grad_checkpointing=a.grad_checkpointing,
+        compiled=a.compile,
         step_ms=round(ms, 2), tokens_per_s=round(a.batch * a.seq_len / ms * 1e3), peak_mem_gb=round(peak, 2),
     )
     print(json.dumps(row))

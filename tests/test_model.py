@@ -249,3 +249,23 @@ def test_gca_disabled_is_gca_adding_nothing(residual):
     with pytest.raises(ValueError, match="no GCA"):
         with DRT(tiny(arch="swa")).gca_disabled():
             pass
+
+
+def test_model_trains_under_torch_compile():
+    """The whole DRT (retrieval, GCA op, sliding windows) traces under torch.compile (aot_eager: no C
+    compiler needed) with the eager loss and gradients; the trainer's --compile and the throughput
+    benchmark's rely on it. Gumbel noise off: compiled code draws other random numbers."""
+    import copy
+
+    torch.manual_seed(0)
+    m = DRT(tiny(gumbel=False, residual="published", gca_softmax_one=True)).double().train()
+    c = copy.deepcopy(m)
+    x = torch.randint(0, 97, (2, 63 * 5 + 7))
+    ref = m(x, labels=x).loss
+    got = torch.compile(c, backend="aot_eager", dynamic=False)(x, labels=x).loss
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    ref.backward()
+    got.backward()
+    for (name, p), q in zip(m.named_parameters(), c.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=name)
