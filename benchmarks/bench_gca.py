@@ -205,8 +205,10 @@ def bench_decode(peak_bw):
 # 5-matmul backward.
 SWEEP = {
     "dkdv": [dict(TRANSPOSED=t, num_warps=nw, num_stages=ns) for t in (True, False) for nw in (4, 8) for ns in (1, 2, 3)],
-    "fwd": [dict(num_warps=nw, num_stages=ns) for nw in (4, 8) for ns in (2, 3, 4)],
-    "dq": [dict(num_warps=nw, num_stages=ns) for nw in (4, 8) for ns in (2, 3)],
+    "fwd": [dict(num_warps=nw, num_stages=ns) for nw in (4, 8) for ns in (2, 3, 4)]
+    + [dict(PAIR=True, num_warps=nw, num_stages=ns) for nw in (4, 8) for ns in (2, 3)],  # two slots per matmul
+    "dq": [dict(num_warps=nw, num_stages=ns) for nw in (4, 8) for ns in (2, 3)]
+    + [dict(PAIR=True, num_warps=nw, num_stages=ns) for nw in (4, 8) for ns in (2, 3)],
 }
 
 

@@ -188,6 +188,7 @@ VARIANTS = {
     "dkdv-transposed": {"dkdv": {"TRANSPOSED": True}},
     "dkdv-plain": {"dkdv": {"TRANSPOSED": False}},
     "16-row-blocks": {"fwd": {"BLOCK_M": 16}, "dq": {"BLOCK_M": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 16}},
+    "paired-slots": {"fwd": {"PAIR": True}, "dq": {"PAIR": True}},  # K = 3: a pair and a slot alone; K = 1: none
 }
 
 
@@ -197,6 +198,34 @@ VARIANTS = {
 def test_config_variants(variant, shape, dtype, monkeypatch):
     monkeypatch.setattr(gt, "CONFIG_OVERRIDES", VARIANTS[variant])
     _check_against_reference(SMALL[shape], dtype, True, "repeated")
+
+
+PAIR_SHAPES = {  # slots two at a time: K even, K odd (a last slot alone), a padded memory chunk
+    "S16-D32-H4-Hk2-K4": dict(B=1, Cq=3, Cm=5, S=16, Sm=16, H=4, Hk=2, D=32, K=4),
+    "S16-Sm24-D16-H2-Hk1-K5": dict(B=2, Cq=3, Cm=6, S=16, Sm=24, H=2, Hk=1, D=16, K=5),
+}
+
+
+@pytest.mark.parametrize("kernels", [("fwd",), ("dq",), ("fwd", "dq")], ids=["fwd", "dq", "fwd+dq"])
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(PAIR_SHAPES))
+def test_paired_slots(shape, dtype, softmax_one, kernels, monkeypatch):
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {k: {"PAIR": True} for k in kernels})
+    _check_against_reference(PAIR_SHAPES[shape], dtype, softmax_one, "random")
+
+
+def test_pair_only_where_it_fits():
+    assert gt._pair_fits(64, 64) and gt._pair_fits(64, 128) and gt._pair_fits(24, 16)
+    assert not gt._pair_fits(128, 128) and not gt._pair_fits(80, 128)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(LARGE))
+def test_paired_slots_cuda(shape, dtype, monkeypatch):
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"fwd": {"PAIR": True}, "dq": {"PAIR": True}})
+    _check_against_reference(LARGE[shape], dtype, True, "causal")
 
 
 # Fixed retrieval patterns for the dK/dV kernel's inverted index: memory chunks retrieved 0, 1, 2, 3

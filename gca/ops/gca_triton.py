@@ -40,6 +40,15 @@ Gradient formulas, per slot i (P_i includes the +1 denominator when softmax_one)
     dK_i = scale dS_i^T Q,  dw_i = sum DELTA_i  (zero for empty slots).
 The backward is deterministic: no atomics; every sum has a fixed order.
 
+``PAIR`` (launch config of "fwd" and "dq", off by default until timed on a GPU): the forward and dQ
+kernels take the slots two at a time, the two memory chunks stacked into one (2 BLOCK_N)-column
+tile, so each score matmul is M x 2N instead of M x N and the value (dQ: key) matmul has a 2N-long
+inner dimension; each slot's softmax is taken over its own half, and its weight and normaliser are
+folded into P before the value matmul. An odd last slot runs alone; PAIR is ignored where the stacked
+tiles would exceed 128 x 128 elements (``_pair_fits``). Hopper compiles it without
+spills (``benchmarks/aot_sm90.py``: fwd 179 registers, dQ 255 at num_warps 4); whether the larger
+tiles run faster is for ``benchmarks/bench_gca.py --sweep`` to say.
+
 Empty slots (index -1) read chunk 0 with weight 0 (no branch, so the slot loop stays pipelined);
 they add nothing to the output, take no dK/dV and get dw = 0.
 
@@ -103,6 +112,79 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _fwd_slot(
+    acc, q, i, b, c, pid_bc, hk, h, s, row_ok, d,
+    MK, MV, IDX, W, LSE,
+    sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, qk_scale,
+    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAIR: tl.constexpr,
+    SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """acc + the weighted attention of slot i, or (PAIR) of slots i and i + 1 at once: their two memory
+    chunks stacked into one (2 BLOCK_N)-column tile, one score matmul and one value matmul, each slot's
+    softmax taken over its own half (its weight and normaliser folded into P before the value matmul)."""
+    NB: tl.constexpr = 2 * BLOCK_N if PAIR else BLOCK_N
+    col = tl.arange(0, NB)
+    first = col < BLOCK_N  # columns of slot i (all of them without PAIR)
+    n = col % BLOCK_N
+    col_ok = n < Sm
+    idx_a = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+    w_a = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+    w_a = tl.where(idx_a >= 0, w_a, 0.0)
+    idx_a = tl.maximum(idx_a, 0)
+    if PAIR:
+        idx_b = tl.load(IDX + b * si_b + c * si_c + (i + 1) * si_k)
+        w_b = tl.load(W + b * sw_b + c * sw_c + (i + 1) * sw_k).to(tl.float32)
+        w_b = tl.where(idx_b >= 0, w_b, 0.0)
+        idx_b = tl.maximum(idx_b, 0)
+        chunk = tl.where(first, idx_a, idx_b)  # memory chunk of each column
+    else:
+        chunk = idx_a + 0 * col
+    k = tl.load(
+        MK + b * sk_b + chunk[:, None] * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+        mask=col_ok[:, None], other=0.0,
+    )
+    v = tl.load(
+        MV + b * sv_b + chunk[:, None] * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+        mask=col_ok[:, None], other=0.0,
+    )
+    qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, NB), unscaled
+    if Sm % BLOCK_N != 0:
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+    if PAIR:
+        m_a = tl.max(tl.where(first[None, :], qk, float("-inf")), 1) * qk_scale  # log2 units
+        m_b = tl.max(tl.where(first[None, :], float("-inf"), qk), 1) * qk_scale
+        if SOFTMAX_ONE:
+            m_a = tl.maximum(m_a, 0.0)
+            m_b = tl.maximum(m_b, 0.0)
+        p = tl.exp2(qk * qk_scale - tl.where(first[None, :], m_a[:, None], m_b[:, None]))
+        l_a = tl.sum(tl.where(first[None, :], p, 0.0), 1)
+        l_b = tl.sum(tl.where(first[None, :], 0.0, p), 1)
+        if SOFTMAX_ONE:
+            l_a += tl.exp2(-m_a)
+            l_b += tl.exp2(-m_b)
+        p = p * tl.where(first[None, :], (w_a / l_a)[:, None], (w_b / l_b)[:, None])
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
+        if STORE_LSE:
+            st = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)
+            tl.store(LSE + st, (m_a + tl.log2(l_a)) * 0.6931471805599453, mask=row_ok)
+            tl.store(LSE + st + S, (m_b + tl.log2(l_b)) * 0.6931471805599453, mask=row_ok)
+    else:
+        m = tl.max(qk, 1) * qk_scale  # log2 units (qk_scale = scale * log2(e) > 0)
+        if SOFTMAX_ONE:
+            m = tl.maximum(m, 0.0)
+        p = tl.exp2(qk * qk_scale - m[:, None])  # one FMA + exp2 per element
+        l = tl.sum(p, 1)
+        if SOFTMAX_ONE:
+            l += tl.exp2(-m)
+        o = _dot(p.to(v.dtype), v, None, DOT_PREC)
+        acc += o * (w_a / l)[:, None]
+        if STORE_LSE:
+            lse = (m + tl.log2(l)) * 0.6931471805599453  # natural-log logsumexp
+            tl.store(LSE + pid_bc * (H * K * S) + i * S + (h * (K * S) + s), lse, mask=row_ok)
+    return acc
+
+
+@triton.jit
 def _gca_fwd_kernel(
     Q, MK, MV, IDX, W, O, LSE,
     sq_b, sq_c, sq_s, sq_h, sq_d,
@@ -114,7 +196,7 @@ def _gca_fwd_kernel(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     NSPLIT: tl.constexpr, N_LOOP: tl.constexpr, SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -129,47 +211,94 @@ def _gca_fwd_kernel(
     s = r % S
     h = hk * G + r // S
     d = tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    col_ok = n < Sm
 
     q = tl.load(
         Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
         mask=row_ok[:, None], other=0.0,
     )
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for ii in range(N_LOOP):
-        i = split + ii
-        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
-        w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
-        w = tl.where(idx >= 0, w, 0.0)
-        idx = tl.maximum(idx, 0)
-        k = tl.load(
-            MK + b * sk_b + idx * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
-            mask=col_ok[:, None], other=0.0,
-        )
-        v = tl.load(
-            MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
-            mask=col_ok[:, None], other=0.0,
-        )
-        qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N), unscaled
-        if Sm % BLOCK_N != 0:
-            qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        m = tl.max(qk, 1) * qk_scale  # log2 units (qk_scale = scale * log2(e) > 0)
-        if SOFTMAX_ONE:
-            m = tl.maximum(m, 0.0)
-        p = tl.exp2(qk * qk_scale - m[:, None])  # one FMA + exp2 per element
-        l = tl.sum(p, 1)
-        if SOFTMAX_ONE:
-            l += tl.exp2(-m)
-        o = _dot(p.to(v.dtype), v, None, DOT_PREC)
-        acc += o * (w / l)[:, None]
-        if STORE_LSE:
-            lse = (m + tl.log2(l)) * 0.6931471805599453  # natural-log logsumexp
-            tl.store(LSE + pid_bc * (H * K * S) + i * S + (h * (K * S) + s), lse, mask=row_ok)
+    if PAIR:  # slots two at a time (PAIR implies NSPLIT = 1), an odd last one alone
+        for ii in range(0, N_LOOP - 1, 2):
+            acc = _fwd_slot(acc, q, ii, b, c, pid_bc, hk, h, s, row_ok, d, MK, MV, IDX, W, LSE,
+                            sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
+                            qk_scale, S, Sm, H, K, True, SOFTMAX_ONE, STORE_LSE, DOT_PREC, BLOCK_N)
+        if N_LOOP % 2 == 1:
+            acc = _fwd_slot(acc, q, N_LOOP - 1, b, c, pid_bc, hk, h, s, row_ok, d, MK, MV, IDX, W, LSE,
+                            sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
+                            qk_scale, S, Sm, H, K, False, SOFTMAX_ONE, STORE_LSE, DOT_PREC, BLOCK_N)
+    else:
+        for ii in range(N_LOOP):
+            acc = _fwd_slot(acc, q, split + ii, b, c, pid_bc, hk, h, s, row_ok, d, MK, MV, IDX, W, LSE,
+                            sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
+                            qk_scale, S, Sm, H, K, False, SOFTMAX_ONE, STORE_LSE, DOT_PREC, BLOCK_N)
     tl.store(
         O + split * so_p + b * so_b + c * so_c + s[:, None] * so_s + h[:, None] * so_h + d[None, :] * so_d,
         acc.to(O.dtype.element_ty), mask=row_ok[:, None],
     )
+
+
+@triton.jit
+def _dq_slot(
+    dq, i, q, do, b, c, pid_bc, hk, h, s, row_ok, d, part, n_part,
+    MK, MV, IDX, W, LSE, DELTA, DWP,
+    sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, qk_scale,
+    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAIR: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq + slot i's share (and its delta and dweights partial stored), or (PAIR) slots i and i + 1
+    at once with their memory chunks stacked into one (2 BLOCK_N)-column tile, as the forward does."""
+    NB: tl.constexpr = 2 * BLOCK_N if PAIR else BLOCK_N
+    col = tl.arange(0, NB)
+    first = col < BLOCK_N  # columns of slot i (all of them without PAIR)
+    n = col % BLOCK_N
+    col_ok = n < Sm
+    idx_a = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+    valid_a = idx_a >= 0
+    w_a = tl.where(valid_a, tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32), 0.0)
+    idx_a = tl.maximum(idx_a, 0)
+    stat = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)  # (B, Cq, H, K, S) contiguous
+    lse_a = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    if PAIR:
+        idx_b = tl.load(IDX + b * si_b + c * si_c + (i + 1) * si_k)
+        valid_b = idx_b >= 0
+        w_b = tl.where(valid_b, tl.load(W + b * sw_b + c * sw_c + (i + 1) * sw_k).to(tl.float32), 0.0)
+        idx_b = tl.maximum(idx_b, 0)
+        lse_b = tl.load(LSE + stat + S, mask=row_ok, other=0.0) * 1.4426950408889634
+        chunk = tl.where(first, idx_a, idx_b)  # memory chunk of each column
+        lse = tl.where(first[None, :], lse_a[:, None], lse_b[:, None])
+    else:
+        chunk = idx_a + 0 * col
+        lse = lse_a[:, None]
+    k = tl.load(
+        MK + b * sk_b + chunk[:, None] * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+        mask=col_ok[:, None], other=0.0,
+    )
+    v = tl.load(
+        MV + b * sv_b + chunk[:, None] * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+        mask=col_ok[:, None], other=0.0,
+    )
+    qk = _dot(q, tl.trans(k), None, DOT_PREC)
+    if Sm % BLOCK_N != 0:
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+    p = tl.exp2(qk * qk_scale - lse)  # normalised P of each slot, (M, NB)
+    dp = _dot(do, tl.trans(v), None, DOT_PREC)  # dO V^T
+    # <dO, O_i> = <dO, P_i V_i> = rowsum(P_i * dO V_i^T): no need to recompute O_i
+    pdp = p * dp
+    if PAIR:
+        delta_a = tl.sum(tl.where(first[None, :], pdp, 0.0), 1)  # 0 on masked rows (dO = 0)
+        delta_b = tl.sum(tl.where(first[None, :], 0.0, pdp), 1)
+        tl.store(DELTA + stat, delta_a, mask=row_ok)
+        tl.store(DELTA + stat + S, delta_b, mask=row_ok)
+        tl.store(DWP + (pid_bc * K + i) * n_part + part, tl.where(valid_a, tl.sum(delta_a, 0), 0.0))
+        tl.store(DWP + (pid_bc * K + i + 1) * n_part + part, tl.where(valid_b, tl.sum(delta_b, 0), 0.0))
+        ds = p * (dp - tl.where(first[None, :], delta_a[:, None], delta_b[:, None]))
+        ds = ds * tl.where(first[None, :], w_a, w_b)
+    else:
+        delta = tl.sum(pdp, 1)  # 0 on masked rows (dO = 0)
+        tl.store(DELTA + stat, delta, mask=row_ok)
+        tl.store(DWP + (pid_bc * K + i) * n_part + part, tl.where(valid_a, tl.sum(delta, 0), 0.0))
+        ds = p * (dp - delta[:, None]) * w_a
+    return _dot(ds.to(k.dtype), k, dq, DOT_PREC)
 
 
 @triton.jit
@@ -183,7 +312,7 @@ def _gca_bwd_dq_kernel(
     sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
     Cq, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -197,8 +326,6 @@ def _gca_bwd_dq_kernel(
     s = r % S
     h = hk * G + r // S
     d = tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    col_ok = n < Sm
 
     q = tl.load(
         Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
@@ -212,33 +339,20 @@ def _gca_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     part = hk * n_rb + pid_r  # this program's column of the dw partial sums
     n_part = n_rb * tl.num_programs(2)
-    for i in range(K):
-        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
-        w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
-        valid = idx >= 0
-        w = tl.where(valid, w, 0.0)
-        idx = tl.maximum(idx, 0)
-        k = tl.load(
-            MK + b * sk_b + idx * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
-            mask=col_ok[:, None], other=0.0,
-        )
-        v = tl.load(
-            MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
-            mask=col_ok[:, None], other=0.0,
-        )
-        stat = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)  # (B, Cq, H, K, S) contiguous
-        lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
-        qk = _dot(q, tl.trans(k), None, DOT_PREC)
-        if Sm % BLOCK_N != 0:
-            qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        p = tl.exp2(qk * qk_scale - lse[:, None])  # normalised P_i, (M, N)
-        dp = _dot(do, tl.trans(v), None, DOT_PREC)  # dO V_i^T
-        # <dO, O_i> = <dO, P_i V_i> = rowsum(P_i * dO V_i^T): no need to recompute O_i
-        delta = tl.sum(p * dp, 1)  # 0 on masked rows (dO = 0)
-        tl.store(DELTA + stat, delta, mask=row_ok)
-        tl.store(DWP + (pid_bc * K + i) * n_part + part, tl.where(valid, tl.sum(delta, 0), 0.0))
-        ds = p * (dp - delta[:, None]) * w
-        dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC)
+    if PAIR:  # slots two at a time, an odd last one alone
+        for i in range(0, K - 1, 2):
+            dq = _dq_slot(dq, i, q, do, b, c, pid_bc, hk, h, s, row_ok, d, part, n_part, MK, MV, IDX, W, LSE, DELTA, DWP,
+                           sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
+                           qk_scale, S, Sm, H, K, True, DOT_PREC, BLOCK_N)
+        if K % 2 == 1:
+            dq = _dq_slot(dq, K - 1, q, do, b, c, pid_bc, hk, h, s, row_ok, d, part, n_part, MK, MV, IDX, W, LSE, DELTA, DWP,
+                           sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
+                           qk_scale, S, Sm, H, K, False, DOT_PREC, BLOCK_N)
+    else:
+        for i in range(K):
+            dq = _dq_slot(dq, i, q, do, b, c, pid_bc, hk, h, s, row_ok, d, part, n_part, MK, MV, IDX, W, LSE, DELTA, DWP,
+                           sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
+                           qk_scale, S, Sm, H, K, False, DOT_PREC, BLOCK_N)
     dq = dq * scale
     tl.store(
         DQ + pid_bc * (S * H * BLOCK_D) + ((s[:, None] * H + h[:, None]) * BLOCK_D + d[None, :]),  # contiguous
@@ -387,6 +501,12 @@ def _block_n(Sm):
     return max(16, triton.next_power_of_2(Sm))
 
 
+def _pair_fits(Sm, D):
+    """PAIR's stacked (2 BLOCK_N x D) key and value tiles stay within the largest single tile used
+    otherwise (128 x 128): beyond, Hopper runs out of shared memory (Sm = D = 128: 279 KB)."""
+    return 2 * _block_n(Sm) * D <= 128 * 128
+
+
 def _block_m(R, cap):
     """Rows per tile: the power of two in [16, cap] that pads R = G * S least (larger on ties),
     e.g. R = 192 -> 64 (3 full tiles) rather than 128 (2 tiles, a quarter masked)."""
@@ -453,6 +573,7 @@ def gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, ns
         return out, lse
     cfg = _config("fwd", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
+    pair = bool(cfg.pop("PAIR", False)) and nsplit == 1 and K > 1 and _pair_fits(Sm, D)
     grid = (triton.cdiv(G * S, bm), B * Cq, Hk * nsplit)
     so = o.stride()
     so = so if nsplit > 1 else (0,) + so
@@ -461,7 +582,7 @@ def gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, ns
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *indices.stride(), *weights.stride(), *so,
         Cq, scale * _LOG2E,
         S=S, Sm=Sm, H=H, G=G, K=K, NSPLIT=nsplit, N_LOOP=K if nsplit == 1 else 1, SOFTMAX_ONE=bool(softmax_one), STORE_LSE=store_lse,
-        DOT_PREC=_dot_prec(q.dtype), BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, **cfg,
+        DOT_PREC=_dot_prec(q.dtype), PAIR=pair, BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, **cfg,
     )
     if nsplit > 1:
         o = o.sum(0).to(q.dtype)
@@ -503,6 +624,7 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
 
     cfg = _config("dq", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
+    pair = bool(cfg.pop("PAIR", False)) and K > 1 and _pair_fits(Sm, D)
     n_rb = triton.cdiv(G * S, bm)
     delta = _alloc((B, Cq, H, K, S), torch.float32, dev)
     dw_part = _alloc((B, Cq, K, Hk * n_rb), torch.float32, dev)
@@ -510,7 +632,7 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
         q, mem_k, mem_v, indices, weights, do, lse, dq, delta, dw_part,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *indices.stride(), *weights.stride(), *do.stride(),
         Cq, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, G=G, K=K, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, **cfg,
+        S=S, Sm=Sm, H=H, G=G, K=K, DOT_PREC=prec, PAIR=pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, **cfg,
     )
     dw = dw_part.sum(-1).to(weights.dtype)
 
