@@ -179,7 +179,7 @@ def main() -> None:
     p.add_argument("--depth", type=float, default=0.5, help="relative depth of the target needle in [0, 1]")
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--seed", type=int, default=4242)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, ...")
     p.add_argument("--oracle", action="store_true",
                    help="the answer's positions read the answer's chunk alone at weight 1 instead of what retrieval "
                         "picked: the accuracy then measures reading alone")
@@ -194,6 +194,8 @@ def main() -> None:
         raise SystemExit(f"--depth must be in [0, 1], got {a.depth}")
     if a.trials < 1:
         raise SystemExit(f"--trials must be >= 1, got {a.trials}")
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     m = load_model(a.ckpt, device=a.device).float().eval()
     if m.config.arch != "drt":
         raise SystemExit(f"{a.ckpt} is a {m.config.arch!r} model: no retrieval to inspect")

@@ -9,6 +9,7 @@
 #   STAGE=needles  bash scripts/reproduce.sh    # repeat until all three reach FT_STEPS
 #   STAGE=eval     bash scripts/reproduce.sh    # perplexity and needle tasks -> results/*.json
 #   STAGE=eval-long bash scripts/reproduce.sh   # DRT alone at LENGTHS_LONG (TRIALS_LONG per depth)
+#   STAGE=diagnose bash scripts/reproduce.sh    # DRT: needle retrieved? read? (scripts/needle_attention.py)
 #   STAGE=export   bash scripts/reproduce.sh    # bf16 weights of every run in RUNS/export/ (36 MB each
 #                                               # for the small preset): the later stages start from
 #                                               # them when a run folder is not there
@@ -35,7 +36,7 @@
 # and carry only RUNS/export to the next sitting (fine-tuning starts a fresh optimizer anyway).
 set -euo pipefail
 shopt -s inherit_errexit
-STAGE=${STAGE:?set STAGE=pretrain, needles or eval}
+STAGE=${STAGE:?set STAGE=pretrain, needles, eval, eval-long, diagnose or export}
 RUNS=${RUNS:-runs/repro}
 DATA=${DATA:-data/debian-docs}
 PRESET=${PRESET:-small}
@@ -134,6 +135,15 @@ case $STAGE in
         --name "drt-$PRESET" --seed 4321 --out "$RUNS/eval/drt-tasks-$L" || echo "drt: stopped at $L"
     done
     python scripts/collect_results.py --runs "$RUNS" --data "$DATA" --out "$RESULTS" ;;
+  diagnose)  # why DRT's needles fail: retrieval or reading (scripts/needle_attention.py, 8 held-out trials each)
+    mkdir -p "$RUNS/eval"
+    ck=$(src drt-needles)
+    for mode in "" --oracle; do
+      python scripts/needle_attention.py --ckpt "$ck" --data "$DATA" --task passkey --length 4096 --depth 0.5 --trials 8 \
+        --device "$DEVICE" $mode --out "$RUNS/eval/diagnose_passkey${mode:+_oracle}.json"
+    done
+    python scripts/needle_attention.py --ckpt "$(src drt)" --data "$DATA" --repeats --repeat-gap "$REPEAT_GAP" --length 4096 \
+      --trials 8 --device "$DEVICE" --out "$RUNS/eval/diagnose_repeats_pretrained.json" ;;
   export)
     for r in $ARCHS; do
       for n in "$r" "$r-needles"; do
