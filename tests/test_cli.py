@@ -77,7 +77,7 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gca.demo, "DEPTHS", (0.5,))
     assert main(["demo", "--out", str(tmp_path), "--minutes", "0.05", "--trials", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "retrieval hit" in out and "untrained" in out
+    assert "retrieval hit" in out and "untrained" in out and "beyond the window" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("demo: passkey accuracy ") and "at 2x the training length (1008 tokens)" in last
     for f in ("retrieval_vs_length.png", "passkey_accuracy_vs_length.png", "passkey_heatmap.png", "passkey.json"):
