@@ -112,6 +112,44 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _slot_tiles(
+    i, b, c, hk, d, MK, MV, IDX, W,
+    sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
+    Sm: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Slot i's key and value tiles read through its index, or (PAIR) slots i and i + 1 stacked into
+    one (2 BLOCK_N)-row tile. Returns (first: columns of slot i, col_ok, valid and weight of slot i,
+    the same of slot i + 1 (slot i's again without PAIR), k, v). An empty slot reads chunk 0 at weight 0."""
+    NB: tl.constexpr = 2 * BLOCK_N if PAIR else BLOCK_N
+    col = tl.arange(0, NB)
+    first = col < BLOCK_N
+    n = col % BLOCK_N
+    col_ok = n < Sm
+    idx_a = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+    valid_a = idx_a >= 0
+    w_a = tl.where(valid_a, tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32), 0.0)
+    idx_a = tl.maximum(idx_a, 0)
+    if PAIR:
+        idx_b = tl.load(IDX + b * si_b + c * si_c + (i + 1) * si_k)
+        valid_b = idx_b >= 0
+        w_b = tl.where(valid_b, tl.load(W + b * sw_b + c * sw_c + (i + 1) * sw_k).to(tl.float32), 0.0)
+        chunk = tl.where(first, idx_a, tl.maximum(idx_b, 0))  # memory chunk of each column
+    else:
+        valid_b = valid_a
+        w_b = w_a
+        chunk = idx_a + 0 * col
+    k = tl.load(
+        MK + b * sk_b + chunk[:, None] * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+        mask=col_ok[:, None], other=0.0,
+    )
+    v = tl.load(
+        MV + b * sv_b + chunk[:, None] * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+        mask=col_ok[:, None], other=0.0,
+    )
+    return first, col_ok, valid_a, w_a, valid_b, w_b, k, v
+
+
+@triton.jit
 def _fwd_slot(
     acc, q, i, b, c, pid_bc, hk, h, s, row_ok, d,
     MK, MV, IDX, W, LSE,
@@ -122,31 +160,8 @@ def _fwd_slot(
     """acc + the weighted attention of slot i, or (PAIR) of slots i and i + 1 at once: their two memory
     chunks stacked into one (2 BLOCK_N)-column tile, one score matmul and one value matmul, each slot's
     softmax taken over its own half (its weight and normaliser folded into P before the value matmul)."""
-    NB: tl.constexpr = 2 * BLOCK_N if PAIR else BLOCK_N
-    col = tl.arange(0, NB)
-    first = col < BLOCK_N  # columns of slot i (all of them without PAIR)
-    n = col % BLOCK_N
-    col_ok = n < Sm
-    idx_a = tl.load(IDX + b * si_b + c * si_c + i * si_k)
-    w_a = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
-    w_a = tl.where(idx_a >= 0, w_a, 0.0)
-    idx_a = tl.maximum(idx_a, 0)
-    if PAIR:
-        idx_b = tl.load(IDX + b * si_b + c * si_c + (i + 1) * si_k)
-        w_b = tl.load(W + b * sw_b + c * sw_c + (i + 1) * sw_k).to(tl.float32)
-        w_b = tl.where(idx_b >= 0, w_b, 0.0)
-        idx_b = tl.maximum(idx_b, 0)
-        chunk = tl.where(first, idx_a, idx_b)  # memory chunk of each column
-    else:
-        chunk = idx_a + 0 * col
-    k = tl.load(
-        MK + b * sk_b + chunk[:, None] * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
-        mask=col_ok[:, None], other=0.0,
-    )
-    v = tl.load(
-        MV + b * sv_b + chunk[:, None] * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
-        mask=col_ok[:, None], other=0.0,
-    )
+    first, col_ok, _, w_a, _, w_b, k, v = _slot_tiles(
+        i, b, c, hk, d, MK, MV, IDX, W, sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, Sm, PAIR, BLOCK_N)
     qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, NB), unscaled
     if Sm % BLOCK_N != 0:
         qk = tl.where(col_ok[None, :], qk, float("-inf"))
@@ -247,36 +262,15 @@ def _dq_slot(
 ):
     """dq + slot i's share (and its delta and dweights partial stored), or (PAIR) slots i and i + 1
     at once with their memory chunks stacked into one (2 BLOCK_N)-column tile, as the forward does."""
-    NB: tl.constexpr = 2 * BLOCK_N if PAIR else BLOCK_N
-    col = tl.arange(0, NB)
-    first = col < BLOCK_N  # columns of slot i (all of them without PAIR)
-    n = col % BLOCK_N
-    col_ok = n < Sm
-    idx_a = tl.load(IDX + b * si_b + c * si_c + i * si_k)
-    valid_a = idx_a >= 0
-    w_a = tl.where(valid_a, tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32), 0.0)
-    idx_a = tl.maximum(idx_a, 0)
+    first, col_ok, valid_a, w_a, valid_b, w_b, k, v = _slot_tiles(
+        i, b, c, hk, d, MK, MV, IDX, W, sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, Sm, PAIR, BLOCK_N)
     stat = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)  # (B, Cq, H, K, S) contiguous
-    lse_a = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
     if PAIR:
-        idx_b = tl.load(IDX + b * si_b + c * si_c + (i + 1) * si_k)
-        valid_b = idx_b >= 0
-        w_b = tl.where(valid_b, tl.load(W + b * sw_b + c * sw_c + (i + 1) * sw_k).to(tl.float32), 0.0)
-        idx_b = tl.maximum(idx_b, 0)
         lse_b = tl.load(LSE + stat + S, mask=row_ok, other=0.0) * 1.4426950408889634
-        chunk = tl.where(first, idx_a, idx_b)  # memory chunk of each column
-        lse = tl.where(first[None, :], lse_a[:, None], lse_b[:, None])
+        lse = tl.where(first[None, :], lse[:, None], lse_b[:, None])
     else:
-        chunk = idx_a + 0 * col
-        lse = lse_a[:, None]
-    k = tl.load(
-        MK + b * sk_b + chunk[:, None] * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
-        mask=col_ok[:, None], other=0.0,
-    )
-    v = tl.load(
-        MV + b * sv_b + chunk[:, None] * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
-        mask=col_ok[:, None], other=0.0,
-    )
+        lse = lse[:, None]
     qk = _dot(q, tl.trans(k), None, DOT_PREC)
     if Sm % BLOCK_N != 0:
         qk = tl.where(col_ok[None, :], qk, float("-inf"))
