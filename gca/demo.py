@@ -25,6 +25,8 @@ DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 def _table(title: str, train_length: int, cols: list[tuple[str, str, list[dict]]]) -> None:
     """Print one row per context length and one column per (name, key, rows), averaged over depths."""
+    from gca.eval.tasks import summarize_beyond_window
+
     print(f"\n{title}")
     header = f"{'length':>9} {'x train':>8}" + "".join(f" {name:>18}" for name, _, _ in cols)
     print(header)
@@ -34,9 +36,8 @@ def _table(title: str, train_length: int, cols: list[tuple[str, str, list[dict]]
         for _, key, rs in cols:
             here = [r for r in rs if r["context_length"] == n]
             if key == "accuracy_beyond_window":  # pooled over the trials whose needle was beyond the window
-                far = sum(r["trials_beyond_window"] for r in here)
-                hit = sum(r["accuracy_beyond_window"] * r["trials_beyond_window"] for r in here if r["trials_beyond_window"])
-                line += f" {100 * hit / far:>17.1f}%" if far else f" {'-':>18}"
+                ((acc, _),) = summarize_beyond_window(here).values()
+                line += f" {'-':>18}" if acc is None else f" {100 * acc:>17.1f}%"
             else:
                 line += f" {100 * sum(r[key] for r in here) / len(here):>17.1f}%"
         print(line)

@@ -120,12 +120,12 @@ def inspect_sample(model: DRT, s, oracle: bool = False) -> dict:
     out = dict(answer=list(s.answer), pred=pred, correct=pred == list(s.answer),
                p_answer=[round(lp[i, a].exp().item(), 4) for i, a in enumerate(s.answer)],
                answer_chunk=chunk, query_row=row, layers=[])
-    for li, (h, mk, _mv, idx, w) in enumerate(seen):
+    gcas = [layer.gca for group in model.groups for layer in group]
+    for gca, (h, mk, _mv, idx, w) in zip(gcas, seen):
         ridx, rw = idx[0, row].tolist(), w[0, row].float().tolist()
         slot = ridx.index(chunk) if chunk in ridx else None
         layer = dict(hit=slot is not None, weight=round(rw[slot], 4) if slot is not None else 0.0,
                      max_other=round(max((x for j, x in enumerate(rw) if j != slot and ridx[j] >= 0), default=0.0), 4))
-        gca = [lay.gca for group in model.groups for lay in group][li]
         att = chunk_attention(gca, h, mk, pos, chunk, cfg.gca_softmax_one)  # (A, H, S)
         layer["answer_mass"] = [round(x, 4) for x in att[:, :, offs].sum(-1).mean(0).tolist()]
         layer["next_mass"] = [round(x, 4) for x in torch.stack([att[i, :, offs[i]] for i in range(A)]).mean(0).tolist()]

@@ -14,6 +14,15 @@ from gca.eval.perplexity import stream_nll
 from gca.eval.tasks import score_samples
 
 
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def tiny(**kw):
     return DRTConfig.from_preset("tiny", **{**dict(hidden_size=32, num_heads=4, intermediate_size=64, window=80), **kw})
 
@@ -95,12 +104,7 @@ def test_ppl_command(tmp_path, capsys):
 
 
 def test_collect_results_pools_depths_and_merges_by_model(tmp_path):
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("collect_results", Path(__file__).parents[1] / "scripts" / "collect_results.py")
-    cr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cr)
+    cr = _script("collect_results")
     runs, out = tmp_path / "runs", tmp_path / "results"
     (runs / "eval" / "drt-ppl").mkdir(parents=True)
     (runs / "eval" / "drt-ppl" / "ppl.json").write_text(json.dumps(
@@ -119,14 +123,6 @@ def test_collect_results_pools_depths_and_merges_by_model(tmp_path):
     merged = cr._merge(str(out / "passkey.json"), tasks)
     assert [r["model"] for r in merged] == ["other", "drt-s"]
 
-
-def _script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_needle_attention_reproduces_the_gca_output():

@@ -212,7 +212,8 @@ def add_plot(sub) -> None:
     p = sub.add_parser(
         "plot",
         help="training curves of one or more runs, with the retrieval's health",
-        description="Training loss, validation loss and (for DRT runs) the retrieval score spread of each run, side by side.",
+        description="Training loss, validation loss and (for DRT runs) the retrieval score spread and the GCA gain "
+                    "(validation loss with GCA off minus on) of each run, side by side.",
         epilog="""examples:
   gca plot runs/small --out runs/small/curves.png
   gca plot runs/repro/drt runs/repro/swa --labels drt,swa --out curves.png

@@ -90,7 +90,8 @@ def _finish_length_plot(fig, ax, path: str, train_length: int | None) -> str:
 def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) -> str:
     """Training runs side by side: training loss (a running mean over ``smooth`` logged rows),
     validation loss and, when the runs are DRTs, the retrieval score spread (log scale, the
-    collapse line marked) and what GCA is worth (``val_gca_gain``, where logged). ``logs`` maps a run's label to its ``log.jsonl`` rows."""
+    collapse line marked) and what GCA is worth (``val_gca_gain``, where logged). ``logs`` maps a
+    run's label to its ``log.jsonl`` rows."""
     if not logs:
         raise ValueError("no training logs to plot")
     health = any("val_retr_spread" in r for rows in logs.values() for r in rows)
