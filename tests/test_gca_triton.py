@@ -379,3 +379,41 @@ def test_backward_is_deterministic_cuda():
     second = _run(gt.gca_triton, q, k, v, idx, w, g, False)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# TMA (tensor-descriptor) loads: memory chunks of a power-of-two length; dK/dV row blocks of 16 that lie
+# within one head (S % 16 == 0); q is the strided view of _inputs (head stride D + 8)
+TMA_SHAPES = {
+    "S16-D32-H4-Hk2-K3": dict(B=2, Cq=3, Cm=4, S=16, Sm=16, H=4, Hk=2, D=32, K=3),
+    "S32-D16-H2-Hk2-K2": dict(B=1, Cq=3, Cm=3, S=32, Sm=32, H=2, Hk=2, D=16, K=2),
+}
+
+
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(TMA_SHAPES))
+def test_tma_loads(shape, dtype, softmax_one, monkeypatch):
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"fwd": {"TMA": True}, "dq": {"TMA": True}, "dkdv": {"TMA": True, "BLOCK_M": 16}})
+    q, k, v, _, _ = _inputs(**TMA_SHAPES[shape], dtype=dtype)
+    assert gt._memory_descs(k, v, True)[2], "the memory's layout should take the TMA path"
+    assert gt._rows_desc(q, 16) is not None and gt._rows_desc(torch.randn_like(q), 16) is not None
+    _check_against_reference(TMA_SHAPES[shape], dtype, softmax_one, "random")
+
+
+def test_tma_only_where_the_layout_allows():
+    x = torch.randn(2, 3, 16, 4, 32, device=DEVICE)
+    assert gt._rows_desc(x, 16) is not None
+    assert gt._rows_desc(x.transpose(3, 4), 16) is None  # D not contiguous
+    assert gt._rows_desc(x[:, :, :8], 8) is None  # chunks do not merge into rows (stride 16 rows per chunk)
+    assert gt._rows_desc(torch.randn(1, 2, 16, 1, 33, device=DEVICE)[..., :32], 16) is None  # row stride 132 B
+    kv = torch.randn(1, 3, 24, 2, 32, device=DEVICE)
+    assert not gt._memory_descs(kv, kv, True)[2]  # Sm = 24: not a whole power-of-two tile
+    assert not gt._memory_descs(x, x, False)[2]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(LARGE))
+def test_tma_loads_cuda(shape, dtype, monkeypatch):
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {k: {"TMA": True} for k in ("fwd", "dq", "dkdv")})
+    _check_against_reference(LARGE[shape], dtype, True, "causal")

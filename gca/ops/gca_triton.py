@@ -70,6 +70,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from gca.ops.gca_ref import gca_reference
 
@@ -115,11 +116,12 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
 def _slot_tiles(
     i, b, c, hk, d, MK, MV, IDX, W,
     sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
-    Sm: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr,
+    Sm: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """Slot i's key and value tiles read through its index, or (PAIR) slots i and i + 1 stacked into
     one (2 BLOCK_N)-row tile. Returns (first: columns of slot i, col_ok, valid and weight of slot i,
-    the same of slot i + 1 (slot i's again without PAIR), k, v). An empty slot reads chunk 0 at weight 0."""
+    the same of slot i + 1 (slot i's again without PAIR), k, v). An empty slot reads chunk 0 at weight 0.
+    With TMA (not PAIR; Sm = BLOCK_N) MK and MV are tensor descriptors over the memory's rows."""
     NB: tl.constexpr = 2 * BLOCK_N if PAIR else BLOCK_N
     col = tl.arange(0, NB)
     first = col < BLOCK_N
@@ -138,14 +140,18 @@ def _slot_tiles(
         valid_b = valid_a
         w_b = w_a
         chunk = idx_a + 0 * col
-    k = tl.load(
-        MK + b * sk_b + chunk[:, None] * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
-        mask=col_ok[:, None], other=0.0,
-    )
-    v = tl.load(
-        MV + b * sv_b + chunk[:, None] * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
-        mask=col_ok[:, None], other=0.0,
-    )
+    if TMA:
+        k = MK.load([((b * sk_b + idx_a * sk_c) // sk_s).to(tl.int32), (hk * sk_h).to(tl.int32)])
+        v = MV.load([((b * sv_b + idx_a * sv_c) // sv_s).to(tl.int32), (hk * sv_h).to(tl.int32)])
+    else:
+        k = tl.load(
+            MK + b * sk_b + chunk[:, None] * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+            mask=col_ok[:, None], other=0.0,
+        )
+        v = tl.load(
+            MV + b * sv_b + chunk[:, None] * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+            mask=col_ok[:, None], other=0.0,
+        )
     return first, col_ok, valid_a, w_a, valid_b, w_b, k, v
 
 
@@ -156,12 +162,13 @@ def _fwd_slot(
     sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAIR: tl.constexpr,
     SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """acc + the weighted attention of slot i, or (PAIR) of slots i and i + 1 at once: their two memory
     chunks stacked into one (2 BLOCK_N)-column tile, one score matmul and one value matmul, each slot's
     softmax taken over its own half (its weight and normaliser folded into P before the value matmul)."""
     first, col_ok, _, w_a, _, w_b, k, v = _slot_tiles(
-        i, b, c, hk, d, MK, MV, IDX, W, sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, Sm, PAIR, BLOCK_N)
+        i, b, c, hk, d, MK, MV, IDX, W, sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, Sm, PAIR, BLOCK_N, TMA)
     qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, NB), unscaled
     if Sm % BLOCK_N != 0:
         qk = tl.where(col_ok[None, :], qk, float("-inf"))
@@ -212,6 +219,7 @@ def _gca_fwd_kernel(
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     NSPLIT: tl.constexpr, N_LOOP: tl.constexpr, SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
     PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -245,7 +253,7 @@ def _gca_fwd_kernel(
         for ii in range(N_LOOP):
             acc = _fwd_slot(acc, q, split + ii, b, c, pid_bc, hk, h, s, row_ok, d, MK, MV, IDX, W, LSE,
                             sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
-                            qk_scale, S, Sm, H, K, False, SOFTMAX_ONE, STORE_LSE, DOT_PREC, BLOCK_N)
+                            qk_scale, S, Sm, H, K, False, SOFTMAX_ONE, STORE_LSE, DOT_PREC, BLOCK_N, TMA)
     tl.store(
         O + split * so_p + b * so_b + c * so_c + s[:, None] * so_s + h[:, None] * so_h + d[None, :] * so_d,
         acc.to(O.dtype.element_ty), mask=row_ok[:, None],
@@ -258,12 +266,12 @@ def _dq_slot(
     MK, MV, IDX, W, LSE, DELTA, DWP,
     sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAIR: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """dq + slot i's share (and its delta and dweights partial stored), or (PAIR) slots i and i + 1
     at once with their memory chunks stacked into one (2 BLOCK_N)-column tile, as the forward does."""
     first, col_ok, valid_a, w_a, valid_b, w_b, k, v = _slot_tiles(
-        i, b, c, hk, d, MK, MV, IDX, W, sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, Sm, PAIR, BLOCK_N)
+        i, b, c, hk, d, MK, MV, IDX, W, sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, Sm, PAIR, BLOCK_N, TMA)
     stat = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)  # (B, Cq, H, K, S) contiguous
     lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
     if PAIR:
@@ -307,6 +315,7 @@ def _gca_bwd_dq_kernel(
     Cq, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -346,7 +355,7 @@ def _gca_bwd_dq_kernel(
         for i in range(K):
             dq = _dq_slot(dq, i, q, do, b, c, pid_bc, hk, h, s, row_ok, d, part, n_part, MK, MV, IDX, W, LSE, DELTA, DWP,
                            sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
-                           qk_scale, S, Sm, H, K, False, DOT_PREC, BLOCK_N)
+                           qk_scale, S, Sm, H, K, False, DOT_PREC, BLOCK_N, TMA)
     dq = dq * scale
     tl.store(
         DQ + pid_bc * (S * H * BLOCK_D) + ((s[:, None] * H + h[:, None]) * BLOCK_D + d[None, :]),  # contiguous
@@ -361,10 +370,12 @@ def _dkdv_step(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """dK, dV contributions of step t: row block t % NRB of the (t // NRB)-th (query chunk, slot)
-    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop)."""
+    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop).
+    With TMA (S % BLOCK_M == 0: a row block lies within one head) Q and DO are tensor descriptors
+    over the queries' rows."""
     NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
     d = tl.arange(0, BLOCK_D)
     pair = tl.load(ORDER + t // NRB)  # flattened (b * Cq + c) * K + i
@@ -376,14 +387,20 @@ def _dkdv_step(
     row_ok = r < G * S
     s = r % S
     h = hk * G + r // S
-    q = tl.load(
-        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
-        mask=row_ok[:, None], other=0.0,
-    )
-    do = tl.load(
-        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
-        mask=row_ok[:, None], other=0.0,
-    ).to(q.dtype)
+    if TMA:
+        r0 = (t % NRB) * BLOCK_M
+        h0 = hk * G + r0 // S
+        q = Q.load([((b * sq_b + c * sq_c) // sq_s + r0 % S).to(tl.int32), (h0 * sq_h).to(tl.int32)])
+        do = DO.load([((b * sdo_b + c * sdo_c) // sdo_s + r0 % S).to(tl.int32), (h0 * sdo_h).to(tl.int32)]).to(q.dtype)
+    else:
+        q = tl.load(
+            Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
+            mask=row_ok[:, None], other=0.0,
+        )
+        do = tl.load(
+            DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
+            mask=row_ok[:, None], other=0.0,
+        ).to(q.dtype)
     stat = bc * (H * K * S) + i * S + (h * (K * S) + s)
     lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
@@ -421,7 +438,7 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr, TMA: tl.constexpr = False,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
@@ -456,7 +473,7 @@ def _gca_bwd_dkdv_kernel(
             dk, dv = _dkdv_step(
                 t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, TMA,
             )
             t += 1
     else:
@@ -464,7 +481,7 @@ def _gca_bwd_dkdv_kernel(
             dk, dv = _dkdv_step(
                 t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, TMA,
             )
     dk = dk * scale
     base = pid_bm * (Sm * Hk * BLOCK_D)  # contiguous (B, Cm, Sm, Hk, D)
@@ -499,6 +516,27 @@ def _pair_fits(Sm, D):
     """PAIR's stacked (2 BLOCK_N x D) key and value tiles stay within the largest single tile used
     otherwise (128 x 128): beyond, Hopper runs out of shared memory (Sm = D = 128: 279 KB)."""
     return 2 * _block_n(Sm) * D <= 128 * 128
+
+
+def _has_tma(t):
+    """Whether descriptor loads can read ``t``: Hopper or newer, or the interpreter (which emulates them)."""
+    return INTERPRET or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
+def _rows_desc(t, block_rows):
+    """A TMA tensor descriptor over ``t`` (B, C, S, Hh, D) read as a matrix of B * C * S rows (stride
+    t.stride(2)) whose head h starts at column h * t.stride(3); blocks of (block_rows, D). None where
+    the layout does not allow that view (B, C, S that do not merge into rows, D not contiguous, a row
+    stride or base not 16-byte aligned) or the hardware has no TMA (before Hopper)."""
+    if not _has_tma(t) or t.numel() == 0:
+        return None
+    B, C, S, Hh, D = t.shape
+    sb, sc, ss, sh, sd = t.stride()
+    if sd != 1 or (Hh > 1 and sh < D) or (ss * t.element_size()) % 16 or t.data_ptr() % 16:
+        return None
+    if (C > 1 and sc != S * ss) or (B > 1 and sb != C * S * ss) or B * C * S >= 2**31:
+        return None
+    return TensorDescriptor(t, [B * C * S, (Hh - 1) * sh + D], [ss, 1], [block_rows, D])
 
 
 def _block_m(R, cap):
@@ -568,19 +606,31 @@ def gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, ns
     cfg = _config("fwd", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
     pair = bool(cfg.pop("PAIR", False)) and nsplit == 1 and K > 1 and _pair_fits(Sm, D)
+    mk, mv, tma = _memory_descs(mem_k, mem_v, cfg.pop("TMA", False) and not pair)
     grid = (triton.cdiv(G * S, bm), B * Cq, Hk * nsplit)
     so = o.stride()
     so = so if nsplit > 1 else (0,) + so
     _gca_fwd_kernel[grid](
-        q, mem_k, mem_v, indices, weights, o, lse,
+        q, mk, mv, indices, weights, o, lse,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *indices.stride(), *weights.stride(), *so,
         Cq, scale * _LOG2E,
         S=S, Sm=Sm, H=H, G=G, K=K, NSPLIT=nsplit, N_LOOP=K if nsplit == 1 else 1, SOFTMAX_ONE=bool(softmax_one), STORE_LSE=store_lse,
-        DOT_PREC=_dot_prec(q.dtype), PAIR=pair, BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, **cfg,
+        DOT_PREC=_dot_prec(q.dtype), PAIR=pair, BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, TMA=tma, **cfg,
     )
     if nsplit > 1:
         o = o.sum(0).to(q.dtype)
     return o, lse
+
+
+def _memory_descs(mem_k, mem_v, want):
+    """(mem_k, mem_v, False), or with ``want`` and a layout that allows it (whole memory chunks of a
+    power-of-two length, see ``_rows_desc``) their TMA descriptors and True."""
+    Sm = mem_k.shape[2]
+    if want and Sm == _block_n(Sm):
+        mk, mv = _rows_desc(mem_k, Sm), _rows_desc(mem_v, Sm)
+        if mk is not None and mv is not None:
+            return mk, mv, True
+    return mem_k, mem_v, False
 
 
 def _inverted_index(indices, Cm):
@@ -619,14 +669,15 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     cfg = _config("dq", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
     pair = bool(cfg.pop("PAIR", False)) and K > 1 and _pair_fits(Sm, D)
+    mk, mv, tma = _memory_descs(mem_k, mem_v, cfg.pop("TMA", False) and not pair)
     n_rb = triton.cdiv(G * S, bm)
     delta = _alloc((B, Cq, H, K, S), torch.float32, dev)
     dw_part = _alloc((B, Cq, K, Hk * n_rb), torch.float32, dev)
     _gca_bwd_dq_kernel[(n_rb, B * Cq, Hk)](
-        q, mem_k, mem_v, indices, weights, do, lse, dq, delta, dw_part,
+        q, mk, mv, indices, weights, do, lse, dq, delta, dw_part,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *indices.stride(), *weights.stride(), *do.stride(),
         Cq, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, G=G, K=K, DOT_PREC=prec, PAIR=pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, **cfg,
+        S=S, Sm=Sm, H=H, G=G, K=K, DOT_PREC=prec, PAIR=pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, TMA=tma, **cfg,
     )
     dw = dw_part.sum(-1).to(weights.dtype)
 
@@ -634,11 +685,16 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     cfg = _config("dkdv", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
     bn_kv = min(bn, cfg.pop("BLOCK_N"))
+    qd = dod = None
+    if cfg.pop("TMA", False) and S % bm == 0:
+        qd, dod = _rows_desc(q, bm), _rows_desc(do, bm)
+    tma = qd is not None and dod is not None
     _gca_bwd_dkdv_kernel[(B * Cm, Hk, triton.cdiv(Sm, bn_kv))](
-        q, mem_k, mem_v, weights, do, lse, delta, order, offsets, dk, dv,
+        qd if tma else q, mem_k, mem_v, weights, dod if tma else do, lse, delta, order, offsets, dk, dv,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
         Cq, Cm, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D, **cfg,
+        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D,
+        TMA=tma, **cfg,
     )
     return dq, dk, dv, dw
 
