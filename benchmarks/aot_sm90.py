@@ -53,12 +53,11 @@ class _Stub:
             os.unlink(f.name)
             regs = re.search(r"Used (\d+) registers", out.stderr)
             spill = re.search(r"(\d+) bytes spill stores", out.stderr)
-            cfg = {k_: kwargs[k_] for k_ in ("BLOCK_M", "num_warps", "num_stages", "TMA") if k_ in kwargs}
+            cfg = {k_: kwargs[k_] for k_ in ("BLOCK_M", "num_warps", "num_stages") if k_ in kwargs}
             print(
                 f"  {self.label:5s} grid={tuple(grid)} {cfg} smem={k.metadata.shared} "
                 f"regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'}B "
-                f"wgmma={ptx.count('wgmma.mma_async')} vec_ld={len(re.findall(r'ld.global[.a-z0-9:]*v[248]', ptx))} "
-                f"tma={ptx.count('cp.async.bulk.tensor')}"
+                f"wgmma={ptx.count('wgmma.mma_async')} vec_ld={len(re.findall(r'ld.global[.a-z0-9:]*v[248]', ptx))}"
             )
             if self.dump:
                 os.makedirs(self.dump, exist_ok=True)
@@ -79,7 +78,6 @@ def main():
     assert not gt.INTERPRET, "unset TRITON_INTERPRET"
     config = gt._config
     gt._config = lambda kind, R, Sm, D, on_cuda: config(kind, R, Sm, D, True)  # the GPU configs
-    gt._has_tma = lambda t: True  # CPU tensors stand for Hopper ones (descriptor loads with TMA=True)
     gt._gca_fwd_kernel = _Stub(gt._gca_fwd_kernel, "fwd", args.dump)
     gt._gca_bwd_dq_kernel = _Stub(gt._gca_bwd_dq_kernel, "dq", args.dump)
     gt._gca_bwd_dkdv_kernel = _Stub(gt._gca_bwd_dkdv_kernel, "dkdv", args.dump)

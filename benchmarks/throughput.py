@@ -40,20 +40,27 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--compile", action="store_true",
                     help="train rows: both models under torch.compile (compiled during the warm-up)")
+    ap.add_argument("--modes", default="train,prefill,decode",
+                    help="what to time: train and/or prefill,decode (prefill and decode are timed together)")
     ap.add_argument("--out", default="results/throughput.json")
     a = ap.parse_args()
+    modes = set(a.modes.split(","))
+    if not modes or not modes <= {"train", "prefill", "decode"}:
+        sys.exit(f"--modes: expected a comma-separated subset of train,prefill,decode, got {a.modes!r}")
     gpu = torch.cuda.get_device_name()
     meta = dict(gpu=gpu, torch=torch.__version__, date=datetime.date.today().isoformat(), preset=a.preset)
     rows = []
     for arch in a.archs.split(","):
         cfg = DRTConfig.from_preset(a.preset, arch=arch)
         name = f"{arch}-{a.preset}"
-        for L in [int(x) for x in a.lengths.split(",")]:
+        for L in [int(x) for x in a.lengths.split(",")] if "train" in modes else []:
             torch.cuda.empty_cache()
             ms, peak, n, _ = time_steps(cfg, L, 1, a.steps, 3, False, False, compile=a.compile)
             rows.append(dict(model=name, context_length=L, mode="train", tokens_per_s=round(L / ms * 1e3),
                              peak_mem_gb=round(peak, 2), step_ms=round(ms, 2), params=n, compiled=a.compile, **meta))
             print(json.dumps(rows[-1]), flush=True)
+        if not modes & {"prefill", "decode"}:
+            continue
         model = DRT(cfg).cuda().to(torch.bfloat16).eval()
         torch.cuda.empty_cache()
         rows_b = []
@@ -62,11 +69,11 @@ def main() -> None:
                                       prefill_chunk=L + L // 63 + 64 if arch == "full" else 16384)
         for r in rows_b:
             L = r["context_length"]
-            rows.append(dict(model=name, context_length=L, mode="prefill", tokens_per_s=r["prefill_tokens_per_s"],
-                             peak_mem_gb=r["peak_mem_gb"], **meta))
-            rows.append(dict(model=name, context_length=L, mode="decode", tokens_per_s=r["decode_tokens_per_s"],
-                             peak_mem_gb=r["peak_mem_gb"], **meta))
-            print(json.dumps(rows[-2]), "\n", json.dumps(rows[-1]), flush=True)
+            for mode in ("prefill", "decode"):
+                if mode in modes:
+                    rows.append(dict(model=name, context_length=L, mode=mode, tokens_per_s=r[f"{mode}_tokens_per_s"],
+                                     peak_mem_gb=r["peak_mem_gb"], **meta))
+                    print(json.dumps(rows[-1]), flush=True)
         del model
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:

@@ -40,15 +40,6 @@ Gradient formulas, per slot i (P_i includes the +1 denominator when softmax_one)
     dK_i = scale dS_i^T Q,  dw_i = sum DELTA_i  (zero for empty slots).
 The backward is deterministic: no atomics; every sum has a fixed order.
 
-``PAIR`` (launch config of "fwd" and "dq", off by default until timed on a GPU): the forward and dQ
-kernels take the slots two at a time, the two memory chunks stacked into one (2 BLOCK_N)-column
-tile, so each score matmul is M x 2N instead of M x N and the value (dQ: key) matmul has a 2N-long
-inner dimension; each slot's softmax is taken over its own half, and its weight and normaliser are
-folded into P before the value matmul. An odd last slot runs alone; PAIR is ignored where the stacked
-tiles would exceed 128 x 128 elements (``_pair_fits``). Hopper compiles it without
-spills (``benchmarks/aot_sm90.py``: fwd 179 registers, dQ 255 at num_warps 4); whether the larger
-tiles run faster is for ``benchmarks/bench_gca.py --sweep`` to say.
-
 Empty slots (index -1) read chunk 0 with weight 0 (no branch, so the slot loop stays pipelined);
 they add nothing to the output, take no dK/dV and get dw = 0.
 
@@ -70,7 +61,6 @@ import warnings
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from gca.ops.gca_ref import gca_reference
 
@@ -113,100 +103,6 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _slot_tiles(
-    i, b, c, hk, d, MK, MV, IDX, W,
-    sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
-    Sm: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False,
-):
-    """Slot i's key and value tiles read through its index, or (PAIR) slots i and i + 1 stacked into
-    one (2 BLOCK_N)-row tile. Returns (first: columns of slot i, col_ok, valid and weight of slot i,
-    the same of slot i + 1 (slot i's again without PAIR), k, v). An empty slot reads chunk 0 at weight 0.
-    With TMA (not PAIR; Sm = BLOCK_N) MK and MV are tensor descriptors over the memory's rows."""
-    NB: tl.constexpr = 2 * BLOCK_N if PAIR else BLOCK_N
-    col = tl.arange(0, NB)
-    first = col < BLOCK_N
-    n = col % BLOCK_N
-    col_ok = n < Sm
-    idx_a = tl.load(IDX + b * si_b + c * si_c + i * si_k)
-    valid_a = idx_a >= 0
-    w_a = tl.where(valid_a, tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32), 0.0)
-    idx_a = tl.maximum(idx_a, 0)
-    if PAIR:
-        idx_b = tl.load(IDX + b * si_b + c * si_c + (i + 1) * si_k)
-        valid_b = idx_b >= 0
-        w_b = tl.where(valid_b, tl.load(W + b * sw_b + c * sw_c + (i + 1) * sw_k).to(tl.float32), 0.0)
-        chunk = tl.where(first, idx_a, tl.maximum(idx_b, 0))  # memory chunk of each column
-    else:
-        valid_b = valid_a
-        w_b = w_a
-        chunk = idx_a + 0 * col
-    if TMA:
-        k = MK.load([((b * sk_b + idx_a * sk_c) // sk_s).to(tl.int32), (hk * sk_h).to(tl.int32)])
-        v = MV.load([((b * sv_b + idx_a * sv_c) // sv_s).to(tl.int32), (hk * sv_h).to(tl.int32)])
-    else:
-        k = tl.load(
-            MK + b * sk_b + chunk[:, None] * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
-            mask=col_ok[:, None], other=0.0,
-        )
-        v = tl.load(
-            MV + b * sv_b + chunk[:, None] * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
-            mask=col_ok[:, None], other=0.0,
-        )
-    return first, col_ok, valid_a, w_a, valid_b, w_b, k, v
-
-
-@triton.jit
-def _fwd_slot(
-    acc, q, i, b, c, pid_bc, hk, h, s, row_ok, d,
-    MK, MV, IDX, W, LSE,
-    sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, qk_scale,
-    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAIR: tl.constexpr,
-    SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr = False,
-):
-    """acc + the weighted attention of slot i, or (PAIR) of slots i and i + 1 at once: their two memory
-    chunks stacked into one (2 BLOCK_N)-column tile, one score matmul and one value matmul, each slot's
-    softmax taken over its own half (its weight and normaliser folded into P before the value matmul)."""
-    first, col_ok, _, w_a, _, w_b, k, v = _slot_tiles(
-        i, b, c, hk, d, MK, MV, IDX, W, sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, Sm, PAIR, BLOCK_N, TMA)
-    qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, NB), unscaled
-    if Sm % BLOCK_N != 0:
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-    if PAIR:
-        m_a = tl.max(tl.where(first[None, :], qk, float("-inf")), 1) * qk_scale  # log2 units
-        m_b = tl.max(tl.where(first[None, :], float("-inf"), qk), 1) * qk_scale
-        if SOFTMAX_ONE:
-            m_a = tl.maximum(m_a, 0.0)
-            m_b = tl.maximum(m_b, 0.0)
-        p = tl.exp2(qk * qk_scale - tl.where(first[None, :], m_a[:, None], m_b[:, None]))
-        l_a = tl.sum(tl.where(first[None, :], p, 0.0), 1)
-        l_b = tl.sum(tl.where(first[None, :], 0.0, p), 1)
-        if SOFTMAX_ONE:
-            l_a += tl.exp2(-m_a)
-            l_b += tl.exp2(-m_b)
-        p = p * tl.where(first[None, :], (w_a / l_a)[:, None], (w_b / l_b)[:, None])
-        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
-        if STORE_LSE:
-            st = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)
-            tl.store(LSE + st, (m_a + tl.log2(l_a)) * 0.6931471805599453, mask=row_ok)
-            tl.store(LSE + st + S, (m_b + tl.log2(l_b)) * 0.6931471805599453, mask=row_ok)
-    else:
-        m = tl.max(qk, 1) * qk_scale  # log2 units (qk_scale = scale * log2(e) > 0)
-        if SOFTMAX_ONE:
-            m = tl.maximum(m, 0.0)
-        p = tl.exp2(qk * qk_scale - m[:, None])  # one FMA + exp2 per element
-        l = tl.sum(p, 1)
-        if SOFTMAX_ONE:
-            l += tl.exp2(-m)
-        o = _dot(p.to(v.dtype), v, None, DOT_PREC)
-        acc += o * (w_a / l)[:, None]
-        if STORE_LSE:
-            lse = (m + tl.log2(l)) * 0.6931471805599453  # natural-log logsumexp
-            tl.store(LSE + pid_bc * (H * K * S) + i * S + (h * (K * S) + s), lse, mask=row_ok)
-    return acc
-
-
-@triton.jit
 def _gca_fwd_kernel(
     Q, MK, MV, IDX, W, O, LSE,
     sq_b, sq_c, sq_s, sq_h, sq_d,
@@ -218,8 +114,7 @@ def _gca_fwd_kernel(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     NSPLIT: tl.constexpr, N_LOOP: tl.constexpr, SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -234,73 +129,47 @@ def _gca_fwd_kernel(
     s = r % S
     h = hk * G + r // S
     d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    col_ok = n < Sm
 
     q = tl.load(
         Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
         mask=row_ok[:, None], other=0.0,
     )
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if PAIR:  # slots two at a time (PAIR implies NSPLIT = 1), an odd last one alone
-        for ii in range(0, N_LOOP - 1, 2):
-            acc = _fwd_slot(acc, q, ii, b, c, pid_bc, hk, h, s, row_ok, d, MK, MV, IDX, W, LSE,
-                            sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
-                            qk_scale, S, Sm, H, K, True, SOFTMAX_ONE, STORE_LSE, DOT_PREC, BLOCK_N)
-        if N_LOOP % 2 == 1:
-            acc = _fwd_slot(acc, q, N_LOOP - 1, b, c, pid_bc, hk, h, s, row_ok, d, MK, MV, IDX, W, LSE,
-                            sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
-                            qk_scale, S, Sm, H, K, False, SOFTMAX_ONE, STORE_LSE, DOT_PREC, BLOCK_N)
-    else:
-        for ii in range(N_LOOP):
-            acc = _fwd_slot(acc, q, split + ii, b, c, pid_bc, hk, h, s, row_ok, d, MK, MV, IDX, W, LSE,
-                            sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
-                            qk_scale, S, Sm, H, K, False, SOFTMAX_ONE, STORE_LSE, DOT_PREC, BLOCK_N, TMA)
+    for ii in range(N_LOOP):
+        i = split + ii
+        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+        w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+        w = tl.where(idx >= 0, w, 0.0)
+        idx = tl.maximum(idx, 0)
+        k = tl.load(
+            MK + b * sk_b + idx * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+            mask=col_ok[:, None], other=0.0,
+        )
+        v = tl.load(
+            MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+            mask=col_ok[:, None], other=0.0,
+        )
+        qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N), unscaled
+        if Sm % BLOCK_N != 0:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        m = tl.max(qk, 1) * qk_scale  # log2 units (qk_scale = scale * log2(e) > 0)
+        if SOFTMAX_ONE:
+            m = tl.maximum(m, 0.0)
+        p = tl.exp2(qk * qk_scale - m[:, None])  # one FMA + exp2 per element
+        l = tl.sum(p, 1)
+        if SOFTMAX_ONE:
+            l += tl.exp2(-m)
+        o = _dot(p.to(v.dtype), v, None, DOT_PREC)
+        acc += o * (w / l)[:, None]
+        if STORE_LSE:
+            lse = (m + tl.log2(l)) * 0.6931471805599453  # natural-log logsumexp
+            tl.store(LSE + pid_bc * (H * K * S) + i * S + (h * (K * S) + s), lse, mask=row_ok)
     tl.store(
         O + split * so_p + b * so_b + c * so_c + s[:, None] * so_s + h[:, None] * so_h + d[None, :] * so_d,
         acc.to(O.dtype.element_ty), mask=row_ok[:, None],
     )
-
-
-@triton.jit
-def _dq_slot(
-    dq, i, q, do, b, c, pid_bc, hk, h, s, row_ok, d, part, n_part,
-    MK, MV, IDX, W, LSE, DELTA, DWP,
-    sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, qk_scale,
-    S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, K: tl.constexpr, PAIR: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False,
-):
-    """dq + slot i's share (and its delta and dweights partial stored), or (PAIR) slots i and i + 1
-    at once with their memory chunks stacked into one (2 BLOCK_N)-column tile, as the forward does."""
-    first, col_ok, valid_a, w_a, valid_b, w_b, k, v = _slot_tiles(
-        i, b, c, hk, d, MK, MV, IDX, W, sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k, Sm, PAIR, BLOCK_N, TMA)
-    stat = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)  # (B, Cq, H, K, S) contiguous
-    lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
-    if PAIR:
-        lse_b = tl.load(LSE + stat + S, mask=row_ok, other=0.0) * 1.4426950408889634
-        lse = tl.where(first[None, :], lse[:, None], lse_b[:, None])
-    else:
-        lse = lse[:, None]
-    qk = _dot(q, tl.trans(k), None, DOT_PREC)
-    if Sm % BLOCK_N != 0:
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-    p = tl.exp2(qk * qk_scale - lse)  # normalised P of each slot, (M, NB)
-    dp = _dot(do, tl.trans(v), None, DOT_PREC)  # dO V^T
-    # <dO, O_i> = <dO, P_i V_i> = rowsum(P_i * dO V_i^T): no need to recompute O_i
-    pdp = p * dp
-    if PAIR:
-        delta_a = tl.sum(tl.where(first[None, :], pdp, 0.0), 1)  # 0 on masked rows (dO = 0)
-        delta_b = tl.sum(tl.where(first[None, :], 0.0, pdp), 1)
-        tl.store(DELTA + stat, delta_a, mask=row_ok)
-        tl.store(DELTA + stat + S, delta_b, mask=row_ok)
-        tl.store(DWP + (pid_bc * K + i) * n_part + part, tl.where(valid_a, tl.sum(delta_a, 0), 0.0))
-        tl.store(DWP + (pid_bc * K + i + 1) * n_part + part, tl.where(valid_b, tl.sum(delta_b, 0), 0.0))
-        ds = p * (dp - tl.where(first[None, :], delta_a[:, None], delta_b[:, None]))
-        ds = ds * tl.where(first[None, :], w_a, w_b)
-    else:
-        delta = tl.sum(pdp, 1)  # 0 on masked rows (dO = 0)
-        tl.store(DELTA + stat, delta, mask=row_ok)
-        tl.store(DWP + (pid_bc * K + i) * n_part + part, tl.where(valid_a, tl.sum(delta, 0), 0.0))
-        ds = p * (dp - delta[:, None]) * w_a
-    return _dot(ds.to(k.dtype), k, dq, DOT_PREC)
 
 
 @triton.jit
@@ -314,8 +183,7 @@ def _gca_bwd_dq_kernel(
     sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
     Cq, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
-    DOT_PREC: tl.constexpr, PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -329,6 +197,8 @@ def _gca_bwd_dq_kernel(
     s = r % S
     h = hk * G + r // S
     d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    col_ok = n < Sm
 
     q = tl.load(
         Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
@@ -342,20 +212,33 @@ def _gca_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     part = hk * n_rb + pid_r  # this program's column of the dw partial sums
     n_part = n_rb * tl.num_programs(2)
-    if PAIR:  # slots two at a time, an odd last one alone
-        for i in range(0, K - 1, 2):
-            dq = _dq_slot(dq, i, q, do, b, c, pid_bc, hk, h, s, row_ok, d, part, n_part, MK, MV, IDX, W, LSE, DELTA, DWP,
-                           sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
-                           qk_scale, S, Sm, H, K, True, DOT_PREC, BLOCK_N)
-        if K % 2 == 1:
-            dq = _dq_slot(dq, K - 1, q, do, b, c, pid_bc, hk, h, s, row_ok, d, part, n_part, MK, MV, IDX, W, LSE, DELTA, DWP,
-                           sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
-                           qk_scale, S, Sm, H, K, False, DOT_PREC, BLOCK_N)
-    else:
-        for i in range(K):
-            dq = _dq_slot(dq, i, q, do, b, c, pid_bc, hk, h, s, row_ok, d, part, n_part, MK, MV, IDX, W, LSE, DELTA, DWP,
-                           sk_b, sk_c, sk_s, sk_h, sk_d, sv_b, sv_c, sv_s, sv_h, sv_d, si_b, si_c, si_k, sw_b, sw_c, sw_k,
-                           qk_scale, S, Sm, H, K, False, DOT_PREC, BLOCK_N, TMA)
+    for i in range(K):
+        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+        w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+        valid = idx >= 0
+        w = tl.where(valid, w, 0.0)
+        idx = tl.maximum(idx, 0)
+        k = tl.load(
+            MK + b * sk_b + idx * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+            mask=col_ok[:, None], other=0.0,
+        )
+        v = tl.load(
+            MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+            mask=col_ok[:, None], other=0.0,
+        )
+        stat = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)  # (B, Cq, H, K, S) contiguous
+        lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+        qk = _dot(q, tl.trans(k), None, DOT_PREC)
+        if Sm % BLOCK_N != 0:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        p = tl.exp2(qk * qk_scale - lse[:, None])  # normalised P_i, (M, N)
+        dp = _dot(do, tl.trans(v), None, DOT_PREC)  # dO V_i^T
+        # <dO, O_i> = <dO, P_i V_i> = rowsum(P_i * dO V_i^T): no need to recompute O_i
+        delta = tl.sum(p * dp, 1)  # 0 on masked rows (dO = 0)
+        tl.store(DELTA + stat, delta, mask=row_ok)
+        tl.store(DWP + (pid_bc * K + i) * n_part + part, tl.where(valid, tl.sum(delta, 0), 0.0))
+        ds = p * (dp - delta[:, None]) * w
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC)
     dq = dq * scale
     tl.store(
         DQ + pid_bc * (S * H * BLOCK_D) + ((s[:, None] * H + h[:, None]) * BLOCK_D + d[None, :]),  # contiguous
@@ -370,12 +253,10 @@ def _dkdv_step(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, TMA: tl.constexpr = False,
+    TRANSPOSED: tl.constexpr,
 ):
     """dK, dV contributions of step t: row block t % NRB of the (t // NRB)-th (query chunk, slot)
-    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop).
-    With TMA (S % BLOCK_M == 0: a row block lies within one head) Q and DO are tensor descriptors
-    over the queries' rows."""
+    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop)."""
     NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
     d = tl.arange(0, BLOCK_D)
     pair = tl.load(ORDER + t // NRB)  # flattened (b * Cq + c) * K + i
@@ -387,20 +268,14 @@ def _dkdv_step(
     row_ok = r < G * S
     s = r % S
     h = hk * G + r // S
-    if TMA:
-        r0 = (t % NRB) * BLOCK_M
-        h0 = hk * G + r0 // S
-        q = Q.load([((b * sq_b + c * sq_c) // sq_s + r0 % S).to(tl.int32), (h0 * sq_h).to(tl.int32)])
-        do = DO.load([((b * sdo_b + c * sdo_c) // sdo_s + r0 % S).to(tl.int32), (h0 * sdo_h).to(tl.int32)]).to(q.dtype)
-    else:
-        q = tl.load(
-            Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
-            mask=row_ok[:, None], other=0.0,
-        )
-        do = tl.load(
-            DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
-            mask=row_ok[:, None], other=0.0,
-        ).to(q.dtype)
+    q = tl.load(
+        Q + b * sq_b + c * sq_c + s[:, None] * sq_s + h[:, None] * sq_h + d[None, :] * sq_d,
+        mask=row_ok[:, None], other=0.0,
+    )
+    do = tl.load(
+        DO + b * sdo_b + c * sdo_c + s[:, None] * sdo_s + h[:, None] * sdo_h + d[None, :] * sdo_d,
+        mask=row_ok[:, None], other=0.0,
+    ).to(q.dtype)
     stat = bc * (H * K * S) + i * S + (h * (K * S) + s)
     lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
@@ -438,7 +313,7 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, TMA: tl.constexpr = False,
+    TRANSPOSED: tl.constexpr,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
@@ -473,7 +348,7 @@ def _gca_bwd_dkdv_kernel(
             dk, dv = _dkdv_step(
                 t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, TMA,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
             t += 1
     else:
@@ -481,7 +356,7 @@ def _gca_bwd_dkdv_kernel(
             dk, dv = _dkdv_step(
                 t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, TMA,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
     dk = dk * scale
     base = pid_bm * (Sm * Hk * BLOCK_D)  # contiguous (B, Cm, Sm, Hk, D)
@@ -510,33 +385,6 @@ def _dot_prec(dtype):
 
 def _block_n(Sm):
     return max(16, triton.next_power_of_2(Sm))
-
-
-def _pair_fits(Sm, D):
-    """PAIR's stacked (2 BLOCK_N x D) key and value tiles stay within the largest single tile used
-    otherwise (128 x 128): beyond, Hopper runs out of shared memory (Sm = D = 128: 279 KB)."""
-    return 2 * _block_n(Sm) * D <= 128 * 128
-
-
-def _has_tma(t):
-    """Whether descriptor loads can read ``t``: Hopper or newer, or the interpreter (which emulates them)."""
-    return INTERPRET or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
-
-
-def _rows_desc(t, block_rows):
-    """A TMA tensor descriptor over ``t`` (B, C, S, Hh, D) read as a matrix of B * C * S rows (stride
-    t.stride(2)) whose head h starts at column h * t.stride(3); blocks of (block_rows, D). None where
-    the layout does not allow that view (B, C, S that do not merge into rows, D not contiguous, a row
-    stride or base not 16-byte aligned) or the hardware has no TMA (before Hopper)."""
-    if not _has_tma(t) or t.numel() == 0:
-        return None
-    B, C, S, Hh, D = t.shape
-    sb, sc, ss, sh, sd = t.stride()
-    if sd != 1 or (Hh > 1 and sh < D) or (ss * t.element_size()) % 16 or t.data_ptr() % 16:
-        return None
-    if (C > 1 and sc != S * ss) or (B > 1 and sb != C * S * ss) or B * C * S >= 2**31:
-        return None
-    return TensorDescriptor(t, [B * C * S, (Hh - 1) * sh + D], [ss, 1], [block_rows, D])
 
 
 def _block_m(R, cap):
@@ -605,32 +453,19 @@ def gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, ns
         return out, lse
     cfg = _config("fwd", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
-    pair = bool(cfg.pop("PAIR", False)) and nsplit == 1 and K > 1 and _pair_fits(Sm, D)
-    mk, mv, tma = _memory_descs(mem_k, mem_v, cfg.pop("TMA", False) and not pair)
     grid = (triton.cdiv(G * S, bm), B * Cq, Hk * nsplit)
     so = o.stride()
     so = so if nsplit > 1 else (0,) + so
     _gca_fwd_kernel[grid](
-        q, mk, mv, indices, weights, o, lse,
+        q, mem_k, mem_v, indices, weights, o, lse,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *indices.stride(), *weights.stride(), *so,
         Cq, scale * _LOG2E,
         S=S, Sm=Sm, H=H, G=G, K=K, NSPLIT=nsplit, N_LOOP=K if nsplit == 1 else 1, SOFTMAX_ONE=bool(softmax_one), STORE_LSE=store_lse,
-        DOT_PREC=_dot_prec(q.dtype), PAIR=pair, BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, TMA=tma, **cfg,
+        DOT_PREC=_dot_prec(q.dtype), BLOCK_M=bm, BLOCK_N=_block_n(Sm), BLOCK_D=D, **cfg,
     )
     if nsplit > 1:
         o = o.sum(0).to(q.dtype)
     return o, lse
-
-
-def _memory_descs(mem_k, mem_v, want):
-    """(mem_k, mem_v, False), or with ``want`` and a layout that allows it (whole memory chunks of a
-    power-of-two length, see ``_rows_desc``) their TMA descriptors and True."""
-    Sm = mem_k.shape[2]
-    if want and Sm == _block_n(Sm):
-        mk, mv = _rows_desc(mem_k, Sm), _rows_desc(mem_v, Sm)
-        if mk is not None and mv is not None:
-            return mk, mv, True
-    return mem_k, mem_v, False
 
 
 def _inverted_index(indices, Cm):
@@ -668,16 +503,14 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
 
     cfg = _config("dq", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
-    pair = bool(cfg.pop("PAIR", False)) and K > 1 and _pair_fits(Sm, D)
-    mk, mv, tma = _memory_descs(mem_k, mem_v, cfg.pop("TMA", False) and not pair)
     n_rb = triton.cdiv(G * S, bm)
     delta = _alloc((B, Cq, H, K, S), torch.float32, dev)
     dw_part = _alloc((B, Cq, K, Hk * n_rb), torch.float32, dev)
     _gca_bwd_dq_kernel[(n_rb, B * Cq, Hk)](
-        q, mk, mv, indices, weights, do, lse, dq, delta, dw_part,
+        q, mem_k, mem_v, indices, weights, do, lse, dq, delta, dw_part,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *indices.stride(), *weights.stride(), *do.stride(),
         Cq, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, G=G, K=K, DOT_PREC=prec, PAIR=pair, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, TMA=tma, **cfg,
+        S=S, Sm=Sm, H=H, G=G, K=K, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, **cfg,
     )
     dw = dw_part.sum(-1).to(weights.dtype)
 
@@ -685,16 +518,11 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     cfg = _config("dkdv", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
     bn_kv = min(bn, cfg.pop("BLOCK_N"))
-    qd = dod = None
-    if cfg.pop("TMA", False) and S % bm == 0:
-        qd, dod = _rows_desc(q, bm), _rows_desc(do, bm)
-    tma = qd is not None and dod is not None
     _gca_bwd_dkdv_kernel[(B * Cm, Hk, triton.cdiv(Sm, bn_kv))](
-        qd if tma else q, mem_k, mem_v, weights, dod if tma else do, lse, delta, order, offsets, dk, dv,
+        q, mem_k, mem_v, weights, do, lse, delta, order, offsets, dk, dv,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
         Cq, Cm, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D,
-        TMA=tma, **cfg,
+        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D, **cfg,
     )
     return dq, dk, dv, dw
 

@@ -65,10 +65,18 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@torch.compiler.disable
+def _cached_block_mask(T: int, window: int, device: str):
+    """The block mask, from the cache even inside a model under ``torch.compile`` (a graph break):
+    traced, the cache is bypassed and the mask, a pass over T x T positions, is rebuilt every step
+    (5.5 ms of a compiled 64K-token training step of the ``small`` preset on an H200)."""
+    return _flex_block_mask(T, window, device)
+
+
 def sliding_window_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """FlexAttention path (CUDA). q, k, v ``(B, H, T, D)``."""
     T = q.shape[2]
-    block_mask = _flex_block_mask(T, window, str(q.device))
+    block_mask = _cached_block_mask(T, window, str(q.device))
     return _compiled_flex()(q, k, v, block_mask=block_mask)
 
 
