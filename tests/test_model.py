@@ -269,3 +269,17 @@ def test_model_trains_under_torch_compile():
     for (name, p), q in zip(m.named_parameters(), c.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_rope_tables_are_one_op_under_compile():
+    """rope_cos_sin is an opaque custom op: a fullgraph compile (no graph break) gives the eager
+    tables, which stay accurate at 16M positions (float64 angles)."""
+    from gca.nn.layers import rope_cos_sin
+
+    pos = torch.tensor([0, 1, 511, 2**24 - 1])
+    cos, sin = rope_cos_sin(pos, 64, 10000.0)
+    c2, s2 = torch.compile(lambda p: rope_cos_sin(p, 64, 10000.0), backend="aot_eager", fullgraph=True)(pos)
+    assert cos.dtype == torch.float64 and cos.shape == (4, 32)
+    torch.testing.assert_close((c2, s2), (cos, sin), rtol=0, atol=0)
+    ang = (2**24 - 1) * 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    torch.testing.assert_close(cos[3], torch.cos(ang), rtol=0, atol=1e-9)

@@ -48,14 +48,41 @@ def sliding_window_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     return out.reshape(B, H, nb * W, D)[:, :, :T]
 
 
-@functools.lru_cache(maxsize=32)
-def _flex_block_mask(T: int, window: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
+def sliding_window_block_mask(T: int, window: int, device: str | torch.device, block: int = 128):
+    """FlexAttention ``BlockMask`` of causal attention over the last ``window`` positions, built from
+    the block geometry: query block i and key block j hold some allowed pair when
+    ``max(q - kv) >= 0`` and ``min(q - kv) < window``, and only allowed pairs ("full", no mask
+    evaluated) when ``min(q - kv) >= 0`` and ``max(q - kv) < window`` and neither block reaches past T. O((T / block)^2) small
+    integer work instead of ``create_block_mask``'s pass over all T x T positions, so it is cheap
+    enough to rebuild inside a ``torch.compile`` graph (where a cache is bypassed) at any length."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    n = -(-T // block)
+    blocks = torch.arange(n, device=device)
+    diff = (blocks[:, None] - blocks[None, :]) * block  # (query block, key block)
+    lo, hi = diff - (block - 1), diff + (block - 1)  # min and max of q - kv over the two blocks
+    full = (lo >= 0) & (hi < window)
+    if T % block:  # blocks that reach past T stay partial (masked), as create_block_mask leaves them
+        full[-1, :] = False
+        full[:, -1] = False
+    partial = (hi >= 0) & (lo < window) & ~full
+
+    def ordered(sel):  # selected key blocks first, ascending; int32 as FlexAttention expects
+        num = sel.sum(-1).to(torch.int32)[None, None]
+        idx = torch.argsort(torch.where(sel, blocks[None, :], n + blocks[None, :]), dim=-1).to(torch.int32)[None, None]
+        return num, idx
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T))
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_block_mask(T: int, window: int, device: str):
+    return sliding_window_block_mask(T, window, device)
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,18 +92,12 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@torch.compiler.disable
-def _cached_block_mask(T: int, window: int, device: str):
-    """The block mask, from the cache even inside a model under ``torch.compile`` (a graph break):
-    traced, the cache is bypassed and the mask, a pass over T x T positions, is rebuilt every step
-    (5.5 ms of a compiled 64K-token training step of the ``small`` preset on an H200)."""
-    return _flex_block_mask(T, window, device)
-
-
 def sliding_window_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """FlexAttention path (CUDA). q, k, v ``(B, H, T, D)``."""
     T = q.shape[2]
-    block_mask = _cached_block_mask(T, window, str(q.device))
+    # eager: one mask per length (cached); under torch.compile the cache is bypassed and the mask is
+    # rebuilt in the graph, which sliding_window_block_mask keeps cheap
+    block_mask = _flex_block_mask(T, window, str(q.device))
     return _compiled_flex()(q, k, v, block_mask=block_mask)
 
 
