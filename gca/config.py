@@ -53,6 +53,11 @@ class DRTConfig:
     # values: GCA reads what differs within a chunk and cannot turn the memory into a constant (the
     # retrieval key follows retrieval_key; experimental, results/README.md "Retrieval collapse")
     center_memory: bool = False
+    # build each memory key from its position and the one before it in the chunk (a learned per-feature
+    # mix, 0.5 at init; the chunk's first position mixes with zeros), so that a GCA query for the
+    # current token can match the position that follows it: the lookup a copy ("induction") needs,
+    # given rather than learned. Values are unchanged. Experimental, results/README.md "Fourth run".
+    memory_key_shift: bool = False
     gumbel: bool = True  # Gumbel noise on retrieval scores in training (exploration)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -112,7 +117,7 @@ class DRTConfig:
             bad("chunk_size", "must be >= 2 (text tokens plus the landmark)")
         if self.residual not in RESIDUALS:
             bad("residual", f"must be one of {RESIDUALS}")
-        for name in ("gca_softmax_one", "center_memory", "gumbel", "tie_embeddings"):
+        for name in ("gca_softmax_one", "center_memory", "memory_key_shift", "gumbel", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")
         if self.retrieval_key not in RETRIEVAL_KEYS:

@@ -100,16 +100,17 @@ def retrieval_health(retrieval: list[Retrieval]) -> tuple[torch.Tensor, torch.Te
     the spread (standard deviation) of the picked chunks' scores, and the largest weight. A spread
     near 0 and a top weight of 1/top_k mean every retrieved chunk gets the same weight: retrieval
     has stopped telling chunks apart (the landmark keys collapsed), and GCA adds an average. Both are
-    0-d tensors on the scores' device (no host synchronisation)."""
+    0-d tensors on the scores' device (no host synchronisation); NaN when no row has every slot filled
+    (top_k at least the number of chunks before every row: nothing to measure), zero with one slot."""
     spreads, tops = [], []
     for r in retrieval:
         if r.indices.shape[-1] < 2:  # one slot: nothing to spread
             continue
         full = (r.indices >= 0).all(-1)  # (B, C) rows with every slot filled
-        rows = full.sum().clamp(min=1)
-        spreads.append((r.scores.float().std(-1) * full).sum() / rows)
+        rows = full.sum()  # 0 rows: 0 / 0 = NaN, left out of the mean over groups below
+        spreads.append(torch.where(full, r.scores.float().std(-1), 0.0).sum() / rows)
         tops.append((r.weights.float().amax(-1) * full).sum() / rows)
     if not spreads:
         z = torch.zeros((), device=retrieval[0].scores.device if retrieval else None)
         return z, z
-    return torch.stack(spreads).mean(), torch.stack(tops).mean()
+    return torch.stack(spreads).nanmean(), torch.stack(tops).nanmean()

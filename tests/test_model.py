@@ -123,7 +123,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize(
     "field, value",
     [("hidden_size", 30), ("num_kv_heads", 3), ("arch", "rnn"), ("upper_groups", [0]), ("window", 0), ("chunk_size", 1),
-     ("landmark_memory", "drop"), ("retrieval_key", "mean"), ("center_memory", "yes"), ("gumbel", 1)],
+     ("landmark_memory", "drop"), ("retrieval_key", "mean"), ("center_memory", "yes"), ("memory_key_shift", "on"), ("gumbel", 1)],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"DRTConfig.{field}"):
@@ -197,6 +197,30 @@ def test_center_memory_removes_the_chunk_mean_from_memory_keys_and_values():
     plain = DRT(tiny(retrieval_key="centered")).double().eval()
     plain.load_state_dict(m.state_dict())
     assert not torch.allclose(plain.encoder(h)[1], k)  # the option changes the memory
+
+
+@pytest.mark.parametrize("landmark_memory", ["keep", "zero"])
+def test_memory_key_shift_mixes_the_previous_position_into_keys_only(landmark_memory):
+    torch.manual_seed(7)
+    m = DRT(tiny(memory_key_shift=True, landmark_memory=landmark_memory)).double().eval()
+    assert m.encoder.key_shift.shape == (32,) and (m.encoder.key_shift == 0.5).all()
+    plain = DRT(tiny(landmark_memory=landmark_memory)).double().eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if "key_shift" not in k})
+    h = torch.randn(2, 3, m.config.chunk_size, 32, dtype=torch.float64)
+    lmk, k, v = m.encoder(h)
+    lmk0, k0, v0 = plain.encoder(h)
+    torch.testing.assert_close(v, v0, rtol=0, atol=0)  # values and retrieval keys unchanged
+    torch.testing.assert_close(lmk, lmk0, rtol=0, atol=0)
+    # keys are linear in the encoder output: k_j = 0.5 (k0_j + k0_{j-1}), k0_{-1} = 0 (chunk by chunk);
+    # with the landmark slot zeroed, its key is 0 and the positions before it are as above
+    k0 = k0.flatten(-2)
+    want = 0.5 * (k0 + torch.cat([torch.zeros_like(k0[:, :, :1]), k0[:, :, :-1]], 2))
+    if landmark_memory == "zero":
+        assert (k[:, :, -1] == 0).all()
+        k, want = k[:, :, :-1], want[:, :, :-1]
+    torch.testing.assert_close(k.flatten(-2), want, rtol=1e-9, atol=1e-9)
+    m.encoder.key_shift.data.zero_()  # a mix of 0 is the unshifted model
+    torch.testing.assert_close(m.encoder(h)[1], plain.encoder(h)[1], rtol=0, atol=0)
 
 
 def test_presets_sizes():

@@ -69,3 +69,10 @@ def test_retrieval_health_tells_collapsed_from_selective():
     full = (r.indices >= 0).all(-1)
     ref = r.scores[full].std(-1).mean()
     torch.testing.assert_close(retrieval_health([r])[0], ref)
+    # no row with every slot filled (top_k >= the chunks before any row): undefined, not "collapsed";
+    # a group without such rows is left out of the mean over groups
+    short = causal_topk(torch.randn(1, 4, 4), 4)
+    assert not (short.indices >= 0).all(-1).any()
+    spread, top = retrieval_health([short])
+    assert spread.isnan() and top.isnan()
+    torch.testing.assert_close(retrieval_health([short, r])[0], ref)

@@ -46,11 +46,13 @@ def test_streaming_equals_one_shot(arch, offload, prefill_chunk):
 
 
 @pytest.mark.parametrize(
-    "landmark_memory, retrieval_key, center_memory", [("keep", "landmark", False), ("zero", "centered", True)]
+    "landmark_memory, retrieval_key, center_memory, key_shift",
+    [("keep", "landmark", False, False), ("zero", "centered", True, False), ("keep", "centered", True, True),
+     ("zero", "landmark", False, True)],
 )
-def test_streaming_published_residual_and_softmax_one(landmark_memory, retrieval_key, center_memory):
+def test_streaming_published_residual_and_softmax_one(landmark_memory, retrieval_key, center_memory, key_shift):
     cfg = tiny(residual="published", gca_softmax_one=True, landmark_memory=landmark_memory, retrieval_key=retrieval_key,
-               center_memory=center_memory)
+               center_memory=center_memory, memory_key_shift=key_shift)
     m = DRT(cfg).double().eval()
     x = torch.randint(0, 97, (1, 63 * 6 + 3))
     cache = m.new_cache(1)

@@ -269,6 +269,8 @@ class ChunkEncoder(nn.Module):
         self.norm_out = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         if cfg.retrieval_key == "centered":
             self.key_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if cfg.memory_key_shift:  # per-feature weight of the previous position in each memory key
+            self.key_shift = nn.Parameter(torch.full((cfg.hidden_size,), 0.5))
         kv_dim = cfg.kv_heads * cfg.head_dim
         self.k = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
         self.v = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
@@ -290,10 +292,15 @@ class ChunkEncoder(nn.Module):
         else:
             lmk = self.norm_out(x[:, :, -1])
         x = self.norm_out(centred if self.cfg.center_memory else x)
+        xk = x
+        if self.cfg.memory_key_shift:  # position j's key also sees position j - 1 (zeros before the first)
+            prev = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2)
+            xk = x + self.key_shift * (prev - x)
         if self.cfg.landmark_memory == "zero":
             # the landmark's memory key and value are 0 (k and v have no bias): a slot every GCA
             # query may attend to for nothing, and the landmark serves retrieval alone
             x = torch.cat([x[:, :, :-1], torch.zeros_like(x[:, :, -1:])], dim=2)
-        mem_k = self.k(x).view(B, C, S, self.cfg.kv_heads, self.cfg.head_dim)
+            xk = torch.cat([xk[:, :, :-1], torch.zeros_like(xk[:, :, -1:])], dim=2)
+        mem_k = self.k(xk).view(B, C, S, self.cfg.kv_heads, self.cfg.head_dim)
         mem_v = self.v(x).view(B, C, S, self.cfg.kv_heads, self.cfg.head_dim)
         return lmk, mem_k, mem_v

@@ -583,8 +583,10 @@ class _Run:
         if not drt:
             return loss, {}
         spread, top, gain = (D.mean_across_ranks(health / n, info)).tolist()
-        return loss, {"val_retr_spread": float(f"{spread:.4g}"), "val_retr_top": float(f"{top:.4g}"),
-                      "val_gca_gain": float(f"{gain:.4g}")}
+        metrics = {"val_gca_gain": float(f"{gain:.4g}")}
+        if spread == spread:  # NaN when no validation row has every slot filled (top_k >= its chunks)
+            metrics = {"val_retr_spread": float(f"{spread:.4g}"), "val_retr_top": float(f"{top:.4g}"), **metrics}
+        return loss, metrics
 
     def _dump_nonfinite(self, step: int, ids, labels, loss) -> None:
         """Keep the (last micro-)batch of a skipped step, to reproduce it: DIR/nonfinite/step<N>_rank<r>.pt
