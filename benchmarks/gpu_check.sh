@@ -2,8 +2,9 @@
 # GPU check for the fused GCA kernels, run from the repository root on a CUDA machine:
 #   1. the kernel tests on CUDA (including the larger shapes and torch.compile),
 #   2. the benchmark (correctness at the SPEC shape, timings, results JSON + markdown),
-#   3. a launch-config sweep at the SPEC shape (to pick the default configs).
-# Logs and results go under "$OUT" (default benchmarks/results/gpu_check). Budget: < 8 minutes.
+#   3. a launch-config sweep at the SPEC shape (to pick the default configs),
+#   4. the gather floor (what moving the retrieved tiles alone costs, beside the forward's time).
+# Logs and results go under "$OUT" (default benchmarks/results/gpu_check). Budget: < 9 minutes.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -31,6 +32,10 @@ echo "bench rc=$bench_rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/bench.lo
 start=$(date +%s)
 timeout 80 python benchmarks/bench_gca.py --sweep-only --out-dir "$OUT/results" 2>&1 | tee "$OUT/sweep.log"
 echo "sweep rc=${PIPESTATUS[0]} in $(( $(date +%s) - start ))s" | tee -a "$OUT/sweep.log"
+
+start=$(date +%s)
+timeout 45 python benchmarks/gather_floor.py --out "$OUT/results/gather_floor.json" 2>&1 | tee "$OUT/gather_floor.log"
+echo "gather floor rc=${PIPESTATUS[0]} in $(( $(date +%s) - start ))s" | tee -a "$OUT/gather_floor.log"
 
 echo "pytest rc=$test_rc bench rc=$bench_rc" | tee "$OUT/summary.txt"
 exit $(( test_rc != 0 || bench_rc != 0 ))
