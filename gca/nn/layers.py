@@ -29,12 +29,16 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-@torch.library.custom_op("gca::rope_tables", mutates_args=())
-def _rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_tables_eager(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
     ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     ang = torch.remainder(ang, 2 * math.pi)
     return ang.cos(), ang.sin()
+
+
+@torch.library.custom_op("gca::rope_tables", mutates_args=())
+def _rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_tables_eager(positions, head_dim, theta)
 
 
 @_rope_tables.register_fake
@@ -51,9 +55,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     A custom op (``gca::rope_tables``), so that ``torch.compile`` materialises the two small tables
     instead of inlining the float64 power and cosine into every rotary kernel of the forward and
     backward (24 of the 103 ms of a compiled 64K-token training step of the ``small`` preset on an
-    H200), and without a graph break.
+    H200), and without a graph break. Eager calls (e.g. every decoding step) skip the op's dispatch.
     """
-    return _rope_tables(positions, head_dim, float(theta))
+    if torch.compiler.is_compiling():
+        return _rope_tables(positions, head_dim, float(theta))
+    return _rope_tables_eager(positions, head_dim, float(theta))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -299,8 +305,9 @@ class ChunkEncoder(nn.Module):
         if self.cfg.landmark_memory == "zero":
             # the landmark's memory key and value are 0 (k and v have no bias): a slot every GCA
             # query may attend to for nothing, and the landmark serves retrieval alone
-            x = torch.cat([x[:, :, :-1], torch.zeros_like(x[:, :, -1:])], dim=2)
-            xk = torch.cat([xk[:, :, :-1], torch.zeros_like(xk[:, :, -1:])], dim=2)
+            keep = torch.ones(S, 1, dtype=x.dtype, device=x.device)
+            keep[-1] = 0
+            x, xk = x * keep, xk * keep
         mem_k = self.k(xk).view(B, C, S, self.cfg.kv_heads, self.cfg.head_dim)
         mem_v = self.v(x).view(B, C, S, self.cfg.kv_heads, self.cfg.head_dim)
         return lmk, mem_k, mem_v

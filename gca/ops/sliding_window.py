@@ -52,9 +52,10 @@ def sliding_window_block_mask(T: int, window: int, device: str | torch.device, b
     """FlexAttention ``BlockMask`` of causal attention over the last ``window`` positions, built from
     the block geometry: query block i and key block j hold some allowed pair when
     ``max(q - kv) >= 0`` and ``min(q - kv) < window``, and only allowed pairs ("full", no mask
-    evaluated) when ``min(q - kv) >= 0`` and ``max(q - kv) < window`` and neither block reaches past T. O((T / block)^2) small
-    integer work instead of ``create_block_mask``'s pass over all T x T positions, so it is cheap
-    enough to rebuild inside a ``torch.compile`` graph (where a cache is bypassed) at any length."""
+    evaluated) when ``min(q - kv) >= 0``, ``max(q - kv) < window`` and neither block reaches past T.
+    O((T / block)^2) small integer work instead of ``create_block_mask``'s pass over all T x T
+    positions, so it is cheap enough to rebuild inside a ``torch.compile`` graph (where a cache is
+    bypassed) at any length."""
     from torch.nn.attention.flex_attention import BlockMask
 
     def mask_mod(b, h, q_idx, kv_idx):

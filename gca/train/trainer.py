@@ -584,7 +584,7 @@ class _Run:
             return loss, {}
         spread, top, gain = (D.mean_across_ranks(health / n, info)).tolist()
         metrics = {"val_gca_gain": float(f"{gain:.4g}")}
-        if spread == spread:  # NaN when no validation row has every slot filled (top_k >= its chunks)
+        if not math.isnan(spread):  # NaN when no validation row has every slot filled (top_k >= its chunks)
             metrics = {"val_retr_spread": float(f"{spread:.4g}"), "val_retr_top": float(f"{top:.4g}"), **metrics}
         return loss, metrics
 
