@@ -92,6 +92,9 @@ def _add_train(sub) -> None:
     g.add_argument("--init-from", default=None, metavar="DIR",
                    help="fine-tune: start from the weights and model config of this run or checkpoint folder "
                         "(--set still overrides fields, e.g. --set gca_softmax_one=false); the optimizer starts fresh")
+    g.add_argument("--freeze", default=None, metavar="REGEX",
+                   help="do not train the parameters whose names match this regular expression, e.g. "
+                        "'^(embed|lower|encoder|retr_norms)\\.' keeps retrieval as it is while fine-tuning the rest")
     g.add_argument("--arch", choices=["drt", "swa", "full"], default=None, help="drt, or a baseline of the same size: swa (sliding window only), full (full attention); default: the preset's (drt)")
     g.add_argument("--set", dest="set", action="append", metavar="KEY=VALUE", default=[], help="override a DRTConfig field, repeatable: --set hidden_size=128 --set upper_groups=[2,2] --set residual=published")
     g = p.add_argument_group("data")
@@ -134,6 +137,7 @@ def train_config_from_args(args: argparse.Namespace):
     return TrainConfig(
         preset=args.preset,
         init_from=args.init_from,
+        freeze=args.freeze,
         model=parse_set(args.set),
         arch=args.arch,
         data=args.data,

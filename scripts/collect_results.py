@@ -1,6 +1,7 @@
 """Gather the evaluation outputs of ``scripts/reproduce.sh`` into the published result files.
 
     python scripts/collect_results.py --runs runs/repro --data data/debian-docs --out results
+    python scripts/collect_results.py --plots-only      # redraw the plots of results/*.json
 
 Reads ``RUNS/eval/<arch>-ppl/ppl.json`` and ``RUNS/eval/<arch>-tasks-<L>/tasks.json`` and writes
 ``OUT/ppl.json`` (``[{model, train_length, context_length, ppl, tokens, corpus}]``) and
@@ -50,7 +51,12 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/repro")
     ap.add_argument("--data", default="data/debian-docs", help="the corpus, named in ppl.json")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--plots-only", action="store_true", help="only redraw the plots from OUT's ppl.json and passkey.json")
     a = ap.parse_args()
+    if a.plots_only:
+        load = lambda name: json.load(open(os.path.join(a.out, name))) if os.path.exists(os.path.join(a.out, name)) else []
+        _plots(load("ppl.json"), load("passkey.json"), a.out)
+        return
     ppl, tasks = collect(a.runs, os.path.basename(os.path.normpath(a.data)))
     os.makedirs(a.out, exist_ok=True)
     merged = {}

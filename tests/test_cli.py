@@ -138,6 +138,15 @@ def test_train_command_baseline_and_bad_override(fake_data, tmp_path, capsys):
     assert "batch_size" in capsys.readouterr().err
 
 
+def test_train_command_freeze(fake_data, tmp_path, capsys):
+    out = tmp_path / "frozen"
+    assert main(_train_args(out, "--freeze", r"^(embed|lower)\.", "--max-steps", "1", "--eval-every", "0")) == 0
+    assert "frozen: " in capsys.readouterr().out
+    assert json.loads((out / "ckpt" / "train_config.json").read_text())["freeze"] == r"^(embed|lower)\."
+    assert main(_train_args(tmp_path / "bad", "--freeze", "nothing_is_called_this")) == 2
+    assert "matches no parameter" in capsys.readouterr().err
+
+
 def test_prepare_command(tmp_path, capsys):
     pytest.importorskip("gca.data.prepare")
     src = tmp_path / "txt"

@@ -6,9 +6,11 @@ is a tiny model (60K parameters) on 200-token sequences, a few steps long.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -490,3 +492,32 @@ def test_collapsed_retrieval_is_warned_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(T, "COLLAPSED_SPREAD", 0.0)  # nothing is below 0: no warning
     train(tiny_cfg(tmp_path / "run2", max_steps=4, eval_every=2), **sources())
     assert "retrieval no longer tells chunks apart" not in capsys.readouterr().out
+
+
+def test_freeze_keeps_the_matched_parameters_and_trains_the_rest(reference, tmp_path, capsys):
+    ref_out, ref = reference
+    pattern = r"^(embed|lower|encoder|retr_norms)\."
+    cfg = tiny_cfg(tmp_path / "ft", init_from=str(ref_out), freeze=pattern, max_steps=3, eval_every=0, grad_accum=1)
+    result = train(cfg, **sources())
+    assert "frozen: " in capsys.readouterr().out
+    before, after = ref.model.state_dict(), result.model.state_dict()
+    frozen = [k for k in before if re.search(pattern, k)]
+    trained = [k for k in before if not re.search(pattern, k)]
+    assert frozen and trained
+    for k in frozen:  # bit for bit: no update, no weight decay
+        assert torch.equal(after[k], before[k]), k
+    assert sum(not torch.equal(after[k], before[k]) for k in trained) >= len(trained) // 2
+    assert read_checkpoint(tmp_path / "ft" / "ckpt").step == 3
+    train(dataclasses.replace(cfg, max_steps=4), **sources())  # resumes with the same frozen set
+    with pytest.raises(ValueError, match="checkpoint"):  # a different frozen set is not the same run
+        train(dataclasses.replace(cfg, max_steps=5, freeze=r"^embed\."), **sources())
+
+
+def test_freeze_rejects_bad_patterns(reference, tmp_path):
+    ref_out, _ = reference
+    with pytest.raises(ValueError, match="not a regular expression"):
+        tiny_cfg(tmp_path / "a", freeze="(")
+    with pytest.raises(ValueError, match="matches no parameter; names start with: .*embed"):
+        train(tiny_cfg(tmp_path / "b", init_from=str(ref_out), freeze="no_such_layer", max_steps=1), **sources())
+    with pytest.raises(ValueError, match="matches every parameter"):
+        train(tiny_cfg(tmp_path / "c", freeze=".", max_steps=1), **sources())

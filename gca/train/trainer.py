@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,7 @@ class TrainConfig:
     init_from: str | None = None  # fine-tune: start from this run's (or checkpoint's) weights and config; fresh optimizer
     model: dict[str, Any] = field(default_factory=dict)  # DRTConfig overrides, e.g. {"hidden_size": 128}
     arch: str | None = None  # "drt" | "swa" | "full" (baselines of the same width and depth); None = preset's
+    freeze: str | None = None  # regular expression: parameters whose names it matches (re.search) are not trained
     # data
     data: str = "synthetic:passkey"  # gca.data.build_source spec: synthetic:passkey, synthetic:mix, a dir, mixtures
     seq_len: int = 1008  # tokens per training sequence (16 chunks of 63 text tokens)
@@ -157,6 +159,11 @@ class TrainConfig:
             bad("stop_at", "must be a non-negative integer (0 = no early stop)")
         if self.eval_every and self.eval_batches < 1:
             bad("eval_batches", "must be >= 1 when eval_every > 0")
+        if self.freeze is not None:
+            try:
+                re.compile(self.freeze)
+            except re.error as e:
+                bad("freeze", f"is not a regular expression ({e})")
         if self.arch is not None and self.arch not in ARCHS:
             bad("arch", f"must be one of {ARCHS} or None")
         if "arch" in self.model and self.arch is not None and self.model["arch"] != self.arch:
@@ -233,6 +240,27 @@ def train(cfg: TrainConfig, *, source=None, val_source=None) -> TrainResult:
 def _diff(saved: dict[str, Any], now: dict[str, Any], ignore=()) -> list[str]:
     keys = sorted((set(saved) | set(now)) - set(ignore))
     return [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def freeze_parameters(model: torch.nn.Module, pattern: str) -> str:
+    """Stop training the parameters whose names match ``pattern`` (``re.search``); returns a one-line summary.
+
+    Raises ValueError when nothing matches, naming the model's parameter prefixes, or when everything does."""
+    rx = re.compile(pattern)
+    names = [n for n, _ in model.named_parameters()]
+    hit = [n for n in names if rx.search(n)]
+    if not hit:
+        prefixes = sorted({".".join(n.split(".")[:2]) for n in names})
+        raise ValueError(f"--freeze {pattern!r} matches no parameter; names start with: {', '.join(prefixes)}")
+    if len(hit) == len(names):
+        raise ValueError(f"--freeze {pattern!r} matches every parameter: nothing would be trained")
+    count = 0
+    for n, p in model.named_parameters():
+        if n in hit:
+            p.requires_grad_(False)
+            count += p.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return f"frozen: {len(hit)} tensors, {count / 1e6:.2f}M of {total / 1e6:.2f}M parameters (--freeze {pattern!r})"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -393,6 +421,8 @@ class _Run:
             self.say(f"initialised from {init_path}")
             if new or gone:  # a --set override changed which parameters the model has
                 self.say(f"  new (fresh initialisation): {', '.join(new) or 'none'}; dropped: {', '.join(gone) or 'none'}")
+        if cfg.freeze:
+            self.say(freeze_parameters(model, cfg.freeze))
         model.to(dev)
         model.gradient_checkpointing = cfg.grad_checkpointing
         model.train()

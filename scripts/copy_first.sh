@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The fifth corpus run (results/README.md, "Copy first"): a small DRT learns to copy from retrieved
+# chunks before it learns the language, then learns the language with the needle mixture beside it.
+# One GPU; each stage resumes where it stopped (rerun the same STAGE until it reports "done").
+#
+#   make corpus && make data                    # data/debian-docs
+#   STAGE=copy      bash scripts/copy_first.sh  # three copy-stage runs side by side (6000 steps each)
+#   STAGE=copy-eval bash scripts/copy_first.sh  # passkey of the chosen copy run, 4K-1M, 4M, 16M
+#   STAGE=lm        bash scripts/copy_first.sh  # text + needle stage from the chosen copy run
+#   STAGE=lm-eval   bash scripts/copy_first.sh  # its perplexity and needle tasks
+#   STAGE=needles   bash scripts/copy_first.sh  # needle-only stage from the text stage, and its evaluation
+#
+# Knobs (environment): RUNS (runs/copy-first), DATA (data/debian-docs), MIN (minutes of training per
+# call and run; 0 = no limit), COPY_RUN (plain1k: the copy run the later stages start from), DEVICE
+# (auto), DTYPE (bfloat16, evaluation).
+#
+# Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
+# tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
+# tokens in ~5.6 minutes); evaluation of 4K-1M at 20 trials ~1 minute, 20 trials at 4M ~4 minutes,
+# ~75 s per 16M-token trial (the chunk memory of 16M tokens, ~100 GB, on the GPU).
+set -euo pipefail
+STAGE=${STAGE:?set STAGE=copy, copy-eval, lm, lm-eval or needles}
+RUNS=${RUNS:-runs/copy-first}
+DATA=${DATA:-data/debian-docs}
+MIN=${MIN:-0}
+COPY_RUN=${COPY_RUN:-plain1k}
+DEVICE=${DEVICE:-auto}
+DTYPE=${DTYPE:-bfloat16}
+gca() { python -m gca.cli "$@"; }
+mkdir -p "$RUNS"
+
+# The copy stage's data: passkey samples over corpus text, loss only on the answer and on filler pieces
+# (8-24 tokens, 60% of the filler) repeated from >= 600 tokens back (beyond the 512-position window),
+# with runs of digits in the filler so that copying digit strings is practised on every sample.
+COPY_DATA="synthetic:passkey;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08"
+# centred retrieval key and memory (keep retrieval selective), softmax-off-by-one
+FORM="--set gca_softmax_one=true --set retrieval_key=centered --set center_memory=true"
+# the text stage: the baselines' pre-training stream (corpus text; corpus text with repeats from
+# >= 600 back, loss on every token; results/README.md's second run) as 8 of 16 rows a step, and the
+# needle mixture (passkey / multikey / 2hop over corpus text, loss on answers and far repeats) as the other 8
+LM_DATA="$DATA@0.25+synthetic:passkey;filler=$DATA;loss=all;repeat=1.0;repeat_gap=600@0.25+synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08@0.5"
+NEEDLE_DATA="synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08"
+common=(--preset small --save-every 250 --log-every 25 --eval-every 200 --eval-batches 4 --no-progress
+        --compile --device "$DEVICE" --time-limit "$MIN")
+
+copy_run() {  # name seq_len batch residual
+  gca train "${common[@]}" --seq-len "$2" --batch-size "$3" --data "$COPY_DATA" --lr 1e-3 --seed 11 $FORM \
+    --set residual="$4" --max-steps 6000 --out "$RUNS/copy-$1" >> "$RUNS/copy-$1.log" 2>&1
+  tail -n 1 "$RUNS/copy-$1.log"
+}
+export_once() {  # run -> its bf16 export (what the later stages start from and the evaluation reads, as in the run)
+  [ -f "$RUNS/export/$1/model.safetensors" ] || python -c "from gca.train import export_model; export_model('$RUNS/$1', '$RUNS/export/$1')"
+  echo "$RUNS/export/$1"
+}
+tasks() {  # ckpt name out seed lengths [more eval args]
+  local ckpt=$1 name=$2 out=$3 seed=$4 lengths=$5; shift 5
+  gca eval tasks --ckpt "$ckpt" --lengths "$lengths" --depths 5 --filler "$DATA" --dtype "$DTYPE" --device "$DEVICE" \
+    --seed "$seed" --name "$name" --out "$out" "$@"
+}
+
+case "$STAGE" in
+  copy)
+    copy_run plain1k 1008 32 plain &
+    copy_run plain2k 2016 16 plain &
+    copy_run pub1k 1008 32 published &
+    wait ;;
+  copy-eval)
+    C=$(export_once "copy-$COPY_RUN")
+    tasks "$C" drt-copy-small "$RUNS/eval/copy" 9001 4K,16K,64K,256K,1M --tasks passkey --trials 4
+    tasks "$C" drt-copy-small "$RUNS/eval/copy-4M" 9002 4M --tasks passkey --trials 4 --batch-size 4
+    gca eval tasks --ckpt "$C" --tasks passkey --lengths 16M --depths 2 --trials 1 --batch-size 1 --filler "$DATA" \
+      --dtype "$DTYPE" --device "$DEVICE" --seed 9003 --name drt-copy-small --out "$RUNS/eval/copy-16M"
+    python scripts/needle_attention.py --ckpt "$C" --data "$DATA" --task passkey --length 4096 --depth 0.5 --trials 8 \
+      --out "$RUNS/eval/copy_needle_attention.json" ;;
+  lm)
+    gca train "${common[@]}" --seq-len 4032 --batch-size 16 --data "$LM_DATA" --lr 1e-3 --seed 12 \
+      --init-from "$(export_once "copy-$COPY_RUN")" --max-steps 2600 --out "$RUNS/lm" >> "$RUNS/lm.log" 2>&1
+    tail -n 1 "$RUNS/lm.log" ;;
+  lm-eval)
+    gca eval ppl --ckpt "$RUNS/lm" --data "$DATA" --lengths 1x,4x,16x,64x --windows 4 --dtype "$DTYPE" \
+      --device "$DEVICE" --name drt-copy-lm-small --out "$RUNS/eval/lm-ppl"
+    tasks "$RUNS/lm" drt-copy-lm-small "$RUNS/eval/lm-tasks" 9101 4K,16K,64K,256K,1M --tasks passkey,multikey,2hop --trials 4 ;;
+  needles)
+    gca train "${common[@]}" --seq-len 4032 --batch-size 16 --data "$NEEDLE_DATA" --lr 5e-4 --seed 13 \
+      --init-from "$(export_once lm)" --max-steps 1500 --eval-every 100 --out "$RUNS/lmneedle" >> "$RUNS/lmneedle.log" 2>&1
+    tail -n 1 "$RUNS/lmneedle.log"
+    gca eval ppl --ckpt "$RUNS/lmneedle" --data "$DATA" --lengths 1x,4x,16x,64x --windows 4 --dtype "$DTYPE" \
+      --device "$DEVICE" --name drt-copy-lm-needles-small --out "$RUNS/eval/lmneedle-ppl"
+    tasks "$RUNS/lmneedle" drt-copy-lm-needles-small "$RUNS/eval/lmneedle-tasks" 9201 4K,16K,64K \
+      --tasks passkey,multikey,2hop --trials 2 ;;
+  *) echo "unknown STAGE=$STAGE" >&2; exit 2 ;;
+esac
+echo "done: STAGE=$STAGE"
