@@ -11,8 +11,10 @@
 #   STAGE=needles   bash scripts/copy_first.sh  # needle-only stage from the text stage, and its evaluation
 #
 # Knobs (environment): RUNS (runs/copy-first), DATA (data/debian-docs), MIN (minutes of training per
-# call and run; 0 = no limit), COPY_RUN (plain1k: the copy run the later stages start from), DEVICE
-# (auto), DTYPE (bfloat16, evaluation).
+# call and run; 0 = no limit), COPY_RUN (plain1k: the copy run the later stages start from), LM (lm:
+# the text stage's run name), LM_LR (1e-3) and LM_FREEZE (none: a `gca train --freeze` pattern for the
+# text stage, e.g. LM=lm-frozen LM_FREEZE='^(embed|lower|encoder|retr_norms)\.' keeps retrieval as the
+# copy stage left it), DEVICE (auto), DTYPE (bfloat16, evaluation).
 #
 # Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
 # tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
@@ -24,6 +26,9 @@ RUNS=${RUNS:-runs/copy-first}
 DATA=${DATA:-data/debian-docs}
 MIN=${MIN:-0}
 COPY_RUN=${COPY_RUN:-plain1k}
+LM=${LM:-lm}
+LM_LR=${LM_LR:-1e-3}
+LM_FREEZE=${LM_FREEZE:-}
 DEVICE=${DEVICE:-auto}
 DTYPE=${DTYPE:-bfloat16}
 gca() { python -m gca.cli "$@"; }
@@ -49,7 +54,7 @@ copy_run() {  # name seq_len batch residual
   tail -n 1 "$RUNS/copy-$1.log"
 }
 export_once() {  # run -> its bf16 export (what the later stages start from and the evaluation reads, as in the run)
-  [ -f "$RUNS/export/$1/model.safetensors" ] || python -c "from gca.train import export_model; export_model('$RUNS/$1', '$RUNS/export/$1')"
+  [ -f "$RUNS/export/$1/model.safetensors" ] || python -c "from gca.train import export_model; export_model('$RUNS/$1', '$RUNS/export/$1')" >&2
   echo "$RUNS/export/$1"
 }
 tasks() {  # ckpt name out seed lengths [more eval args]
@@ -73,16 +78,16 @@ case "$STAGE" in
     python scripts/needle_attention.py --ckpt "$C" --data "$DATA" --task passkey --length 4096 --depth 0.5 --trials 8 \
       --out "$RUNS/eval/copy_needle_attention.json" ;;
   lm)
-    gca train "${common[@]}" --seq-len 4032 --batch-size 16 --data "$LM_DATA" --lr 1e-3 --seed 12 \
-      --init-from "$(export_once "copy-$COPY_RUN")" --max-steps 2600 --out "$RUNS/lm" >> "$RUNS/lm.log" 2>&1
-    tail -n 1 "$RUNS/lm.log" ;;
+    gca train "${common[@]}" --seq-len 4032 --batch-size 16 --data "$LM_DATA" --lr "$LM_LR" --seed 12 \
+      --init-from "$(export_once "copy-$COPY_RUN")" --max-steps 2600 --out "$RUNS/$LM" ${LM_FREEZE:+--freeze "$LM_FREEZE"} >> "$RUNS/$LM.log" 2>&1
+    tail -n 1 "$RUNS/$LM.log" ;;
   lm-eval)
-    gca eval ppl --ckpt "$RUNS/lm" --data "$DATA" --lengths 1x,4x,16x,64x --windows 4 --dtype "$DTYPE" \
-      --device "$DEVICE" --name drt-copy-lm-small --out "$RUNS/eval/lm-ppl"
-    tasks "$RUNS/lm" drt-copy-lm-small "$RUNS/eval/lm-tasks" 9101 4K,16K,64K,256K,1M --tasks passkey,multikey,2hop --trials 4 ;;
+    gca eval ppl --ckpt "$RUNS/$LM" --data "$DATA" --lengths 1x,4x,16x,64x --windows 4 --dtype "$DTYPE" \
+      --device "$DEVICE" --name "drt-copy-$LM-small" --out "$RUNS/eval/$LM-ppl"
+    tasks "$RUNS/$LM" "drt-copy-$LM-small" "$RUNS/eval/$LM-tasks" 9101 4K,16K,64K,256K,1M --tasks passkey,multikey,2hop --trials 4 ;;
   needles)
     gca train "${common[@]}" --seq-len 4032 --batch-size 16 --data "$NEEDLE_DATA" --lr 5e-4 --seed 13 \
-      --init-from "$(export_once lm)" --max-steps 1500 --eval-every 100 --out "$RUNS/lmneedle" >> "$RUNS/lmneedle.log" 2>&1
+      --init-from "$(export_once "$LM")" --max-steps 1500 --eval-every 100 --out "$RUNS/lmneedle" >> "$RUNS/lmneedle.log" 2>&1
     tail -n 1 "$RUNS/lmneedle.log"
     gca eval ppl --ckpt "$RUNS/lmneedle" --data "$DATA" --lengths 1x,4x,16x,64x --windows 4 --dtype "$DTYPE" \
       --device "$DEVICE" --name drt-copy-lm-needles-small --out "$RUNS/eval/lmneedle-ppl"
