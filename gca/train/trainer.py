@@ -245,10 +245,11 @@ def _diff(saved: dict[str, Any], now: dict[str, Any], ignore=()) -> list[str]:
 def freeze_parameters(model: torch.nn.Module, pattern: str) -> str:
     """Stop training the parameters whose names match ``pattern`` (``re.search``); returns a one-line summary.
 
-    Raises ValueError when nothing matches, naming the model's parameter prefixes, or when everything does."""
+    Raises ValueError when nothing matches, naming the model's parameter prefixes, or when everything does.
+    Tied weights are one parameter: with ``tie_embeddings`` freezing ``embed`` freezes the output head too."""
     rx = re.compile(pattern)
     names = [n for n, _ in model.named_parameters()]
-    hit = [n for n in names if rx.search(n)]
+    hit = {n for n in names if rx.search(n)}
     if not hit:
         prefixes = sorted({".".join(n.split(".")[:2]) for n in names})
         raise ValueError(f"--freeze {pattern!r} matches no parameter; names start with: {', '.join(prefixes)}")
