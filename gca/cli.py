@@ -94,7 +94,13 @@ def _add_train(sub) -> None:
                         "(--set still overrides fields, e.g. --set gca_softmax_one=false); the optimizer starts fresh")
     g.add_argument("--freeze", default=None, metavar="REGEX",
                    help="do not train the parameters whose names match this regular expression, e.g. "
-                        "'^(embed|lower|encoder|retr_norms)\\.' keeps retrieval as it is while fine-tuning the rest")
+                        "'^(embed|lower|encoder|retr_norms)\\.' keeps retrieval as it is while fine-tuning the rest "
+                        "(the tied output head is the embedding: add --set tie_embeddings=false to train a head "
+                        "that starts as its copy)")
+    g.add_argument("--lr-scale", dest="lr_scale", action="append", default=[], metavar="REGEX=FACTOR",
+                   help="train the parameters whose names match REGEX at FACTOR x the learning rate, repeatable "
+                        "(the first matching pattern wins), e.g. --lr-scale '^(embed|lower|encoder|retr_norms)\\.=0.05' "
+                        "lets retrieval adapt slowly while the rest learns")
     g.add_argument("--arch", choices=["drt", "swa", "full"], default=None, help="drt, or a baseline of the same size: swa (sliding window only), full (full attention); default: the preset's (drt)")
     g.add_argument("--set", dest="set", action="append", metavar="KEY=VALUE", default=[], help="override a DRTConfig field, repeatable: --set hidden_size=128 --set upper_groups=[2,2] --set residual=published")
     g = p.add_argument_group("data")
@@ -131,6 +137,20 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def parse_lr_scale(items: list[str]) -> dict[str, float]:
+    """``--lr-scale REGEX=FACTOR`` items -> {regex: factor} (split at the last ``=``)."""
+    out = {}
+    for item in items:
+        pattern, sep, factor = item.rpartition("=")
+        try:
+            out[pattern] = float(factor)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern:
+            raise ValueError(f"--lr-scale {item!r}: expected REGEX=FACTOR, e.g. '^encoder\\.=0.1'")
+    return out
+
+
 def train_config_from_args(args: argparse.Namespace):
     from gca.train.trainer import TrainConfig
 
@@ -138,6 +158,7 @@ def train_config_from_args(args: argparse.Namespace):
         preset=args.preset,
         init_from=args.init_from,
         freeze=args.freeze,
+        lr_scale=parse_lr_scale(args.lr_scale),
         model=parse_set(args.set),
         arch=args.arch,
         data=args.data,

@@ -77,15 +77,26 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in ppl + tasks})
-    color = {m: f"C{i % 10}" for i, m in enumerate(models)}  # one colour per model in every panel
+    cmap = plt.get_cmap("tab20")
+    color = {m: cmap(i % 20) for i, m in enumerate(models)}  # one colour per model in every panel
+    style = lambda m: "--" if m.startswith(("swa", "full")) else "-"  # baselines dashed
     if ppl:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for m in sorted({r["model"] for r in ppl}):
             rs = sorted((r for r in ppl if r["model"] == m), key=lambda r: r["context_length"])
-            ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o", label=m, color=color[m])
-        # log y: a baseline that breaks beyond its training length would flatten the others
-        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity", title="perplexity vs context length")
-        ax.legend()
+            for ax in axes:
+                ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o", label=m,
+                        color=color[m], linestyle=style(m))
+        # left, log y: every model, a baseline that breaks beyond its training length too; right: the
+        # models that do not break, on a linear scale where a few percent can be seen
+        axes[0].set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",
+                    title="perplexity vs context length")
+        lows = [r["ppl"] for r in ppl]
+        top = min(lows) * 3.0
+        kept = [r["ppl"] for r in ppl if max(q["ppl"] for q in ppl if q["model"] == r["model"]) <= top]
+        axes[1].set(xscale="log", ylim=(min(kept) * 0.95, max(kept) * 1.03), xlabel="context length (tokens)",
+                    ylabel="perplexity", title="zoom: the models that do not break")
+        axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "ppl_vs_length.png"), dpi=120)
         plt.close(fig)
@@ -96,9 +107,9 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
             for m in sorted({r["model"] for r in tasks if r["task"] == t}):
                 rs = sorted((r for r in tasks if r["model"] == m and r["task"] == t), key=lambda r: r["context_length"])
                 ax.plot([r["context_length"] for r in rs], [100 * r["accuracy"] for r in rs], marker="o", label=m,
-                        color=color[m])
+                        color=color[m], linestyle=style(m))
             ax.set(xscale="log", ylim=(-2, 102), xlabel="context length (tokens)", ylabel="accuracy (%)", title=t)
-            ax.legend()
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "passkey_vs_length.png"), dpi=120)
         plt.close(fig)

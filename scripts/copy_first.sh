@@ -10,18 +10,26 @@
 #   STAGE=lm-eval   bash scripts/copy_first.sh  # its perplexity and needle tasks
 #   STAGE=needles   bash scripts/copy_first.sh  # needle-only stage from the text stage, and its evaluation
 #
+# The sliding-window baseline at equal tokens runs the same two stages on the same data:
+#   STAGE=copy-swa bash scripts/copy_first.sh                                  # copy stage, one swa run (swa1k)
+#   STAGE=lm COPY_RUN=swa1k LM=lm-swa bash scripts/copy_first.sh               # its text stage
+#   STAGE=lm-eval LM=lm-swa NAME=swa-copy-lm-small LM_TASKS= bash scripts/copy_first.sh  # its perplexity
+#
 # Knobs (environment): RUNS (runs/copy-first), DATA (data/debian-docs), MIN (minutes of training per
 # call and run; 0 = no limit), COPY_RUN (plain1k: the copy run the later stages start from), LM (lm:
 # the text stage's run name), LM_LR (1e-3) and LM_FREEZE (none: a `gca train --freeze` pattern for the
 # text stage, e.g. LM=lm-frozen LM_FREEZE='^(embed|lower|encoder|retr_norms)\.' keeps retrieval as the
-# copy stage left it), DEVICE (auto), DTYPE (bfloat16, evaluation).
+# copy stage left it), LM_LR_SCALE (none: a `gca train --lr-scale REGEX=FACTOR` for the text stage),
+# NAME (drt-copy-LM-small: the model's name in the evaluation rows), LM_TASKS
+# (passkey,multikey,2hop: lm-eval's needle tasks; empty = perplexity only), DEVICE (auto), DTYPE
+# (bfloat16, evaluation).
 #
 # Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
 # tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
 # tokens in ~5.6 minutes); evaluation of 4K-1M at 20 trials ~1 minute, 20 trials at 4M ~4 minutes,
 # ~75 s per 16M-token trial (the chunk memory of 16M tokens, ~100 GB, on the GPU).
 set -euo pipefail
-STAGE=${STAGE:?set STAGE=copy, copy-eval, lm, lm-eval or needles}
+STAGE=${STAGE:?set STAGE=copy, copy-swa, copy-eval, lm, lm-eval or needles}
 RUNS=${RUNS:-runs/copy-first}
 DATA=${DATA:-data/debian-docs}
 MIN=${MIN:-0}
@@ -29,6 +37,9 @@ COPY_RUN=${COPY_RUN:-plain1k}
 LM=${LM:-lm}
 LM_LR=${LM_LR:-1e-3}
 LM_FREEZE=${LM_FREEZE:-}
+LM_LR_SCALE=${LM_LR_SCALE:-}
+NAME=${NAME:-drt-copy-$LM-small}
+LM_TASKS=${LM_TASKS-passkey,multikey,2hop}
 DEVICE=${DEVICE:-auto}
 DTYPE=${DTYPE:-bfloat16}
 gca() { python -m gca.cli "$@"; }
@@ -48,9 +59,9 @@ NEEDLE_DATA="synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_ga
 common=(--preset small --save-every 250 --log-every 25 --eval-every 200 --eval-batches 4 --no-progress
         --compile --device "$DEVICE" --time-limit "$MIN")
 
-copy_run() {  # name seq_len batch residual
+copy_run() {  # name seq_len batch residual [arch]
   gca train "${common[@]}" --seq-len "$2" --batch-size "$3" --data "$COPY_DATA" --lr 1e-3 --seed 11 $FORM \
-    --set residual="$4" --max-steps 6000 --out "$RUNS/copy-$1" >> "$RUNS/copy-$1.log" 2>&1
+    --set residual="$4" --arch "${5:-drt}" --max-steps 6000 --out "$RUNS/copy-$1" >> "$RUNS/copy-$1.log" 2>&1
   tail -n 1 "$RUNS/copy-$1.log"
 }
 export_once() {  # run -> its bf16 export (what the later stages start from and the evaluation reads, as in the run)
@@ -69,6 +80,8 @@ case "$STAGE" in
     copy_run plain2k 2016 16 plain &
     copy_run pub1k 1008 32 published &
     wait ;;
+  copy-swa)
+    copy_run swa1k 1008 32 plain swa ;;
   copy-eval)
     C=$(export_once "copy-$COPY_RUN")
     tasks "$C" drt-copy-small "$RUNS/eval/copy" 9001 4K,16K,64K,256K,1M --tasks passkey --trials 4
@@ -79,12 +92,13 @@ case "$STAGE" in
       --out "$RUNS/eval/copy_needle_attention.json" ;;
   lm)
     gca train "${common[@]}" --seq-len 4032 --batch-size 16 --data "$LM_DATA" --lr "$LM_LR" --seed 12 \
-      --init-from "$(export_once "copy-$COPY_RUN")" --max-steps 2600 --out "$RUNS/$LM" ${LM_FREEZE:+--freeze "$LM_FREEZE"} >> "$RUNS/$LM.log" 2>&1
+      --init-from "$(export_once "copy-$COPY_RUN")" --max-steps 2600 --out "$RUNS/$LM" ${LM_FREEZE:+--freeze "$LM_FREEZE"} \
+      ${LM_LR_SCALE:+--lr-scale "$LM_LR_SCALE"} >> "$RUNS/$LM.log" 2>&1
     tail -n 1 "$RUNS/$LM.log" ;;
   lm-eval)
     gca eval ppl --ckpt "$RUNS/$LM" --data "$DATA" --lengths 1x,4x,16x,64x --windows 4 --dtype "$DTYPE" \
-      --device "$DEVICE" --name "drt-copy-$LM-small" --out "$RUNS/eval/$LM-ppl"
-    tasks "$RUNS/$LM" "drt-copy-$LM-small" "$RUNS/eval/$LM-tasks" 9101 4K,16K,64K,256K,1M --tasks passkey,multikey,2hop --trials 4 ;;
+      --device "$DEVICE" --name "$NAME" --out "$RUNS/eval/$LM-ppl"
+    [ -z "$LM_TASKS" ] || tasks "$RUNS/$LM" "$NAME" "$RUNS/eval/$LM-tasks" 9101 4K,16K,64K,256K,1M --tasks "$LM_TASKS" --trials 4 ;;
   needles)
     gca train "${common[@]}" --seq-len 4032 --batch-size 16 --data "$NEEDLE_DATA" --lr 5e-4 --seed 13 \
       --init-from "$(export_once "$LM")" --max-steps 1500 --eval-every 100 --out "$RUNS/lmneedle" >> "$RUNS/lmneedle.log" 2>&1

@@ -147,6 +147,17 @@ def test_train_command_freeze(fake_data, tmp_path, capsys):
     assert "matches no parameter" in capsys.readouterr().err
 
 
+def test_train_command_lr_scale(fake_data, tmp_path, capsys):
+    out = tmp_path / "scaled"
+    assert main(_train_args(out, "--lr-scale", r"^(embed|lower)\.=0.05", "--max-steps", "1", "--eval-every", "0")) == 0
+    assert "lr x 0.05: " in capsys.readouterr().out
+    assert json.loads((out / "ckpt" / "train_config.json").read_text())["lr_scale"] == {r"^(embed|lower)\.": 0.05}
+    assert main(_train_args(tmp_path / "bad", "--lr-scale", r"^embed\.")) == 2
+    assert "expected REGEX=FACTOR" in capsys.readouterr().err
+    assert main(_train_args(tmp_path / "bad2", "--lr-scale", "nothing_is_called_this=0.5")) == 2
+    assert "matches no trained parameter" in capsys.readouterr().err
+
+
 def test_prepare_command(tmp_path, capsys):
     pytest.importorskip("gca.data.prepare")
     src = tmp_path / "txt"

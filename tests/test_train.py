@@ -179,6 +179,48 @@ def test_no_weight_decay_on_norms_and_embeddings():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_lr_scale_puts_matched_parameters_in_scaled_groups():
+    from gca import DRT, DRTConfig
+    from gca.train.trainer import param_groups
+
+    model = DRT(DRTConfig.from_preset("tiny", vocab_size=64, **TINY))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.1, {r"^encoder\.": 0.1, r"^(embed|encoder)\.": 0.5})
+    assert [g["lr_scale"] for g in groups[:2]] == [1.0, 1.0]
+    by_scale = {}
+    for g in groups:
+        by_scale.setdefault(g["lr_scale"], []).extend(names[id(p)] for p in g["params"])
+        if g["weight_decay"]:  # decay only on weight matrices, as without scales
+            assert all(p.dim() == 2 and "embed" not in names[id(p)] for p in g["params"])
+    assert by_scale[0.1] and all(n.startswith("encoder.") for n in by_scale[0.1])  # the first pattern wins
+    assert by_scale[0.5] == ["embed.weight"]
+    assert not any(n.startswith(("encoder.", "embed.")) for n in by_scale[1.0])
+    assert sum(len(v) for v in by_scale.values()) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="matches no trained parameter"):
+        param_groups(model, 0.1, {"nothing_is_called_this": 0.1})
+
+
+def test_lr_scale_trains_matched_parameters_at_the_scaled_rate(reference, tmp_path):
+    ref_out, ref = reference
+    cfg = tiny_cfg(tmp_path / "ft", init_from=str(ref_out), lr_scale={r"^encoder\.": 1e-30}, max_steps=2,
+                   eval_every=0, grad_accum=1, weight_decay=0.0)
+    result = train(cfg, **sources())
+    before, after = ref.model.state_dict(), result.model.state_dict()
+    scaled = [k for k in before if k.startswith("encoder.")]
+    rest = [k for k in before if not k.startswith("encoder.")]
+    for k in scaled:  # an lr of 1e-30 x the schedule's moves nothing
+        torch.testing.assert_close(after[k], before[k], atol=1e-12, rtol=0)
+    assert sum(not torch.allclose(after[k], before[k]) for k in rest) >= len(rest) // 2
+    resumed = train(dataclasses.replace(cfg, max_steps=3), **sources()).model.state_dict()  # resumes: same groups
+    for k in scaled:  # the resumed optimizer kept the groups' scales
+        torch.testing.assert_close(resumed[k], before[k], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="checkpoint"):  # another scale is another run
+        train(dataclasses.replace(cfg, max_steps=4, lr_scale={r"^encoder\.": 0.5}), **sources())
+    for bad in ({"(": 0.1}, {"x": 0.0}, {"x": -1.0}, {"x": float("inf")}):
+        with pytest.raises(ValueError, match="lr_scale"):
+            tiny_cfg(tmp_path / "bad", lr_scale=bad)
+
+
 # ---- exact resume ----
 def test_resume_after_crash_equals_uninterrupted_run(reference, tmp_path):
     ref_out, _ = reference
@@ -521,3 +563,25 @@ def test_freeze_rejects_bad_patterns(reference, tmp_path):
         train(tiny_cfg(tmp_path / "b", init_from=str(ref_out), freeze="no_such_layer", max_steps=1), **sources())
     with pytest.raises(ValueError, match="matches every parameter"):
         train(tiny_cfg(tmp_path / "c", freeze=".", max_steps=1), **sources())
+
+
+def test_untying_on_init_starts_the_head_at_the_embedding_and_trains_it_apart(reference, tmp_path, capsys):
+    ref_out, ref = reference
+    pattern = r"^(embed|lower|encoder|retr_norms)\."
+    cfg = tiny_cfg(tmp_path / "ft", init_from=str(ref_out), model={"tie_embeddings": False}, freeze=pattern,
+                   lr=1e-30, min_lr=0.0, max_steps=1, eval_every=0, grad_accum=1)
+    result = train(cfg, **sources())
+    assert "untied: lm_head starts as a copy" in capsys.readouterr().out
+    m = result.model
+    V = m.config.vocab_size
+    assert not m.config.tie_embeddings and m.lm_head is not None
+    torch.testing.assert_close(m.lm_head.weight, ref.model.embed.weight[:V], atol=1e-6, rtol=0)
+    ids = torch.randint(0, V, (2, 40))
+    ref.model.eval(), m.eval()
+    with torch.no_grad():  # same function as the tied model before training
+        torch.testing.assert_close(m(ids).logits, ref.model(ids).logits, atol=1e-5, rtol=1e-5)
+    # with a real step the head moves and the frozen embedding does not
+    cfg2 = dataclasses.replace(cfg, out=str(tmp_path / "ft2"), lr=1e-2, min_lr=1e-3, max_steps=2)
+    m2 = train(cfg2, **sources()).model
+    assert torch.equal(m2.embed.weight, ref.model.embed.weight)
+    assert not torch.allclose(m2.lm_head.weight, ref.model.embed.weight[:V])

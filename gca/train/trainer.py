@@ -90,6 +90,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # DRTConfig overrides, e.g. {"hidden_size": 128}
     arch: str | None = None  # "drt" | "swa" | "full" (baselines of the same width and depth); None = preset's
     freeze: str | None = None  # regular expression: parameters whose names it matches (re.search) are not trained
+    lr_scale: dict[str, float] = field(default_factory=dict)  # {regex: factor}: matching parameters train at factor x lr
     # data
     data: str = "synthetic:passkey"  # gca.data.build_source spec: synthetic:passkey, synthetic:mix, a dir, mixtures
     seq_len: int = 1008  # tokens per training sequence (16 chunks of 63 text tokens)
@@ -125,6 +126,7 @@ class TrainConfig:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         self.model = dict(self.model)
+        self.lr_scale = dict(self.lr_scale)
         self.validate()
 
     def validate(self) -> "TrainConfig":
@@ -164,6 +166,13 @@ class TrainConfig:
                 re.compile(self.freeze)
             except re.error as e:
                 bad("freeze", f"is not a regular expression ({e})")
+        for pattern, factor in self.lr_scale.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                bad("lr_scale", f"{pattern!r} is not a regular expression ({e})")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+                bad("lr_scale", f"the factor of {pattern!r} must be a positive number (use freeze for 0)")
         if self.arch is not None and self.arch not in ARCHS:
             bad("arch", f"must be one of {ARCHS} or None")
         if "arch" in self.model and self.arch is not None and self.model["arch"] != self.arch:
@@ -246,7 +255,9 @@ def freeze_parameters(model: torch.nn.Module, pattern: str) -> str:
     """Stop training the parameters whose names match ``pattern`` (``re.search``); returns a one-line summary.
 
     Raises ValueError when nothing matches, naming the model's parameter prefixes, or when everything does.
-    Tied weights are one parameter: with ``tie_embeddings`` freezing ``embed`` freezes the output head too."""
+    Tied weights are one parameter: with ``tie_embeddings`` freezing ``embed`` freezes the output head too.
+    To freeze the embedding and train the head, fine-tune with ``--set tie_embeddings=false``: the new
+    ``lm_head`` starts as a copy of the tied embedding."""
     rx = re.compile(pattern)
     names = [n for n, _ in model.named_parameters()]
     hit = {n for n in names if rx.search(n)}
@@ -264,14 +275,28 @@ def freeze_parameters(model: torch.nn.Module, pattern: str) -> str:
     return f"frozen: {len(hit)} tensors, {count / 1e6:.2f}M of {total / 1e6:.2f}M parameters (--freeze {pattern!r})"
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay the weight matrices of linear layers; not norms, biases or embeddings."""
-    decay, no_decay = [], []
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """AdamW groups: decay the weight matrices of linear layers; not norms, biases or embeddings.
+
+    With ``lr_scale`` (``{regex: factor}``) a trained parameter whose name matches a pattern (``re.search``,
+    the first that matches) goes to a group of its own whose ``lr_scale`` is that factor; the trainer
+    sets every group's learning rate to the schedule's times its ``lr_scale``. The first two groups are
+    always the unscaled decay / no-decay ones. Raises ValueError for a pattern that matches no trained
+    parameter."""
+    patterns = [(re.compile(k), k, float(v)) for k, v in (lr_scale or {}).items()]
+    groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        factor = next((f for rx, _, f in patterns if rx.search(name)), 1.0)
+        groups.setdefault((factor, p.dim() >= 2 and "embed" not in name), []).append(p)
+    for rx, k, _ in patterns:
+        if not any(rx.search(n) for n, p in model.named_parameters() if p.requires_grad):
+            raise ValueError(f"--lr-scale {k!r} matches no trained parameter")
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": f}
+            for (f, decay), ps in groups.items() if ps or f == 1.0]
 
 
 def rng_state() -> dict[str, Any]:
@@ -387,7 +412,11 @@ class _Run:
         kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         if self.info.device.type == "cuda":
             kwargs["fused"] = True
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+        groups = param_groups(model, cfg.weight_decay, cfg.lr_scale)
+        for g in groups[2:]:
+            n = sum(p.numel() for p in g["params"])
+            self.say(f"lr x {g['lr_scale']:g}: {len(g['params'])} tensors, {n / 1e6:.2f}M parameters")
+        return torch.optim.AdamW(groups, **kwargs)
 
     def _tensorboard(self, start: int):
         if not (self.info.is_main and self.cfg.tensorboard):
@@ -420,6 +449,11 @@ class _Run:
             init_path, saved_cfg = _init_checkpoint(cfg.init_from)
             new, gone = load_weights(model, init_path, saved_config=saved_cfg)
             self.say(f"initialised from {init_path}")
+            if "lm_head.weight" in new and saved_cfg.tie_embeddings:  # untied: the head starts where the tie left it
+                with torch.no_grad():
+                    model.lm_head.weight.copy_(model.embed.weight[: mcfg.vocab_size])
+                new.remove("lm_head.weight")
+                self.say("  untied: lm_head starts as a copy of the checkpoint's tied embedding")
             if new or gone:  # a --set override changed which parameters the model has
                 self.say(f"  new (fresh initialisation): {', '.join(new) or 'none'}; dropped: {', '.join(gone) or 'none'}")
         if cfg.freeze:
@@ -486,7 +520,7 @@ class _Run:
                 n = s + 1
                 lr = lr_at(s, lr=cfg.lr, min_lr=cfg.min_lr, max_steps=cfg.max_steps, warmup=cfg.warmup)
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)  # (checkpoints before lr_scale have no such key)
                 opt.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=dev)
                 for m in range(cfg.grad_accum):
