@@ -221,6 +221,21 @@ def test_lr_scale_trains_matched_parameters_at_the_scaled_rate(reference, tmp_pa
             tiny_cfg(tmp_path / "bad", lr_scale=bad)
 
 
+def test_resume_from_a_checkpoint_written_before_a_field_existed(reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    train(tiny_cfg(out, stop_at=3), **sources())
+    ck = out / "ckpt"
+    tc = json.loads((ck / "train_config.json").read_text())
+    del tc["lr_scale"], tc["freeze"]  # as an older version wrote it
+    (ck / "train_config.json").write_text(json.dumps(tc))
+    manifest = json.loads((ck / "checkpoint.json").read_text())
+    manifest["files"]["train_config.json"] = (ck / "train_config.json").stat().st_size
+    (ck / "checkpoint.json").write_text(json.dumps(manifest))
+    assert train(tiny_cfg(out), **sources()).resumed_from == 3  # the missing fields count as their defaults
+    assert train_losses(out) == train_losses(ref_out)
+
+
 # ---- exact resume ----
 def test_resume_after_crash_equals_uninterrupted_run(reference, tmp_path):
     ref_out, _ = reference

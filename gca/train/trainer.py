@@ -388,7 +388,11 @@ class _Run:
         cfg = self.cfg
         where = f"cannot resume the run in {self.out} from its checkpoint at step {ck.step}"
         fix = "Rerun with the original values, or pass a new --out to start a fresh run."
-        diffs = _diff(ck.train_config, cfg.to_dict(), ignore=RESUMABLE_FIELDS)
+        # a field added since the checkpoint was written counts as its default there
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(TrainConfig)}
+        saved = json.loads(json.dumps({**defaults, **ck.train_config}))
+        diffs = _diff(saved, cfg.to_dict(), ignore=RESUMABLE_FIELDS)
         if diffs:
             raise ValueError(
                 f"{where}: these settings differ from the checkpoint's train_config.json:\n  "
