@@ -20,6 +20,7 @@
 # the text stage's run name), LM_LR (1e-3) and LM_FREEZE (none: a `gca train --freeze` pattern for the
 # text stage, e.g. LM=lm-frozen LM_FREEZE='^(embed|lower|encoder|retr_norms)\.' keeps retrieval as the
 # copy stage left it), LM_LR_SCALE (none: a `gca train --lr-scale REGEX=FACTOR` for the text stage),
+# LM_ARGS (none: more `gca train` arguments for the text stage, e.g. '--set tie_embeddings=false'),
 # NAME (drt-copy-LM-small: the model's name in the evaluation rows), LM_TASKS
 # (passkey,multikey,2hop: lm-eval's needle tasks; empty = perplexity only), DEVICE (auto), DTYPE
 # (bfloat16, evaluation).
@@ -38,6 +39,7 @@ LM=${LM:-lm}
 LM_LR=${LM_LR:-1e-3}
 LM_FREEZE=${LM_FREEZE:-}
 LM_LR_SCALE=${LM_LR_SCALE:-}
+LM_ARGS=${LM_ARGS:-}
 NAME=${NAME:-drt-copy-$LM-small}
 LM_TASKS=${LM_TASKS-passkey,multikey,2hop}
 DEVICE=${DEVICE:-auto}
@@ -93,7 +95,7 @@ case "$STAGE" in
   lm)
     gca train "${common[@]}" --seq-len 4032 --batch-size 16 --data "$LM_DATA" --lr "$LM_LR" --seed 12 \
       --init-from "$(export_once "copy-$COPY_RUN")" --max-steps 2600 --out "$RUNS/$LM" ${LM_FREEZE:+--freeze "$LM_FREEZE"} \
-      ${LM_LR_SCALE:+--lr-scale "$LM_LR_SCALE"} >> "$RUNS/$LM.log" 2>&1
+      ${LM_LR_SCALE:+--lr-scale "$LM_LR_SCALE"} $LM_ARGS >> "$RUNS/$LM.log" 2>&1
     tail -n 1 "$RUNS/$LM.log" ;;
   lm-eval)
     gca eval ppl --ckpt "$RUNS/$LM" --data "$DATA" --lengths 1x,4x,16x,64x --windows 4 --dtype "$DTYPE" \

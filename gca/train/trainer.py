@@ -417,9 +417,11 @@ class _Run:
         if self.info.device.type == "cuda":
             kwargs["fused"] = True
         groups = param_groups(model, cfg.weight_decay, cfg.lr_scale)
-        for g in groups[2:]:
-            n = sum(p.numel() for p in g["params"])
-            self.say(f"lr x {g['lr_scale']:g}: {len(g['params'])} tensors, {n / 1e6:.2f}M parameters")
+        scaled: dict[float, list] = {}
+        for g in groups[2:]:  # (a decay and a no-decay group per factor)
+            scaled.setdefault(g["lr_scale"], []).extend(g["params"])
+        for f, ps in scaled.items():
+            self.say(f"lr x {f:g}: {len(ps)} tensors, {sum(p.numel() for p in ps) / 1e6:.2f}M parameters")
         return torch.optim.AdamW(groups, **kwargs)
 
     def _tensorboard(self, start: int):
