@@ -234,7 +234,7 @@ class DRT(nn.Module):
     # ---- streaming ----
     def new_cache(
         self, batch_size: int = 1, offload: bool = False, device=None, dtype=None, prefill_chunk: int = 4096,
-        max_tokens: int | None = None,
+        max_tokens: int | None = None, skip_upper: bool = True,
     ) -> DRTCache:
         """A cache to stream ``batch_size`` sequences through the model.
 
@@ -246,6 +246,9 @@ class DRT(nn.Module):
             max_tokens: how many tokens the cache will hold, if known: the chunk memory is allocated
                 once at that size instead of growing by doubling (which briefly holds two copies; for
                 16M tokens of the small preset that is 26 GB more, on the GPU or in pinned memory).
+            skip_upper: with ``logits_to_keep``, run only the lower layers and the encoder over the
+                positions no kept logit can reach through the upper layers (the logits are the same;
+                ``False`` computes every layer everywhere, e.g. to time that).
         """
         cfg = self.config
         p = self.embed.weight
@@ -264,6 +267,7 @@ class DRT(nn.Module):
             upper, mem = [], None
         cache = DRTCache(batch_size=batch_size, lower=lower, upper=upper, memory=mem)
         cache.prefill_chunk = max(cfg.chunk_size, prefill_chunk)
+        cache.skip_upper = skip_upper
         return cache
 
     @torch.no_grad()  # streaming is for inference: nothing is kept for a backward pass
@@ -272,19 +276,31 @@ class DRT(nn.Module):
             raise ValueError(f"input_ids has batch {input_ids.shape[0]}, the cache was made for {cache.batch_size}")
         if keep is not None and keep < 1:
             raise ValueError(f"logits_to_keep must be >= 1, got {keep}")
-        P, S = self.config.text_per_chunk, self.config.chunk_size
+        cfg = self.config
+        P, S = cfg.text_per_chunk, cfg.chunk_size
         L = input_ids.shape[1]
         step = max(P, cache.prefill_chunk * P // S)  # user tokens per piece
         first_kept = 0 if keep is None else max(0, L - keep)
+        # Only the lower layers and the encoder make the chunk memory; the upper layers' output at a
+        # position depends, through their sliding windows, on at most sum(upper_groups) x window
+        # positions before it. So when only the last ``keep`` logits are wanted, pieces that end more
+        # than that (plus two chunks: the retrieval carried into the first computed chunk) before the
+        # first kept token skip the upper layers and retrieval: the kept logits are exactly those of
+        # the full computation, and a long prefill costs the lower layers, not the whole model.
+        skip_before = 0
+        if cfg.arch == "drt" and keep is not None and cache.skip_upper:
+            skip_before = first_kept - (sum(cfg.upper_groups) * cfg.window + 2 * S)
         outs = []
         for i in range(0, L, step):
             n = min(step, L - i)
             want = max(0, i + n - max(first_kept, i))  # logits of this piece that are kept
-            outs.append(self._step(input_ids[:, i : i + n], cache, want))
+            outs.append(self._step(input_ids[:, i : i + n], cache, want, upper=i + n > skip_before))
         return torch.cat(outs, dim=1)
 
-    def _step(self, ids: torch.Tensor, cache: DRTCache, keep: int) -> torch.Tensor:
-        """Process one piece; return the logits of its last ``keep`` tokens."""
+    def _step(self, ids: torch.Tensor, cache: DRTCache, keep: int, upper: bool = True) -> torch.Tensor:
+        """Process one piece; return the logits of its last ``keep`` tokens. ``upper=False`` (DRT, a
+        piece whose upper-layer states no kept logit can reach) runs the lower layers and the encoder
+        only: the chunk memory and the lower rings advance, the upper rings and retrieval do not."""
         cfg = self.config
         B, n = ids.shape
         dev = self.embed.weight.device
@@ -325,6 +341,12 @@ class DRT(nn.Module):
             lmk, mk, mv = self.encoder(low[:, : n_done * S].reshape(B, n_done, S, -1))
             mem.append(lmk, mk, mv)
         cache.pending_lower = low[:, n_done * S :]
+        if not upper:
+            assert keep == 0, "a piece without its upper layers has no logits to give"
+            cache.last_rows = []  # the next computed piece starts without a carried retrieval row
+            cache.positions = p1
+            cache.tokens += n
+            return h.new_zeros(B, 0, cfg.vocab_size)
 
         # retrieval and upper layers
         c_b = (p1 - 1) // S  # last chunk the piece touches

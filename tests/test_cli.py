@@ -47,6 +47,10 @@ def test_bench_command(tmp_path, capsys):
     assert [(r["context_length"], r["offload"]) for r in rows] == [(300, False), (300, True), (700, False), (700, True)]
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
     assert all(r["prefill_fetched_gb"] > 0 for r in rows if r["offload"]) and "prefill tok/s" in capsys.readouterr().out
+    assert all(r["skip_upper"] is True for r in rows)
+    assert main(["bench", "--preset", "tiny", "--lengths", "700", "--decode-tokens", "2", "--device", "cpu",
+                 "--offload", "off", "--full-prefill", "--out", str(out)]) == 0  # fmt: skip
+    assert [r["skip_upper"] for r in json.loads(out.read_text())] == [False]
 
 
 def test_train_eval_generate_on_synthetic_passkey(tmp_path, capsys):

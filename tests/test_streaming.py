@@ -60,6 +60,39 @@ def test_streaming_published_residual_and_softmax_one(landmark_memory, retrieval
     torch.testing.assert_close(got, m(x).logits, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["gpu-mem", "offload"])
+@pytest.mark.parametrize("groups, residual", [([1, 1], "plain"), ([2], "published")])
+def test_long_prefill_with_few_logits_skips_the_upper_layers_exactly(groups, residual, offload):
+    # only the last logits are wanted: pieces out of the upper layers' reach run the lower layers and the
+    # encoder alone; the kept logits and every later step equal the full computation's
+    torch.manual_seed(2)
+    m = DRT(tiny(upper_groups=groups, residual=residual, num_kv_heads=2)).double().eval()
+    x = torch.randint(0, 97, (2, 63 * 24 + 11))
+    tail = torch.randint(0, 97, (2, 9))
+    ref = m(torch.cat([x, tail], 1)).logits
+    flags = []
+    real_step = m._step
+    m._step = lambda *a, **k: flags.append(k.get("upper", True)) or real_step(*a, **k)
+    for keep in (1, 4):
+        flags.clear()
+        cache = m.new_cache(2, offload=offload, prefill_chunk=128)
+        got = m(x, cache=cache, logits_to_keep=keep).logits
+        assert got.shape == (2, keep, 97)
+        torch.testing.assert_close(got, ref[:, x.shape[1] - keep : x.shape[1]], rtol=1e-9, atol=1e-9)
+        # reach: 2 upper layers x window 80 + 2 chunks = 288 tokens; pieces of 126 tokens
+        skipped = flags.count(False)
+        assert skipped == (x.shape[1] - keep - 288) // 126 and skipped >= 8 and all(flags[skipped:])
+        steps = [m(tail[:, j : j + 1], cache=cache).logits for j in range(tail.shape[1])]  # decoding on
+        torch.testing.assert_close(torch.cat(steps, 1), ref[:, x.shape[1] :], rtol=1e-9, atol=1e-9)
+    flags.clear()
+    m(x, cache=m.new_cache(2, prefill_chunk=128))  # every logit wanted: nothing skipped
+    assert flags and all(flags)
+    flags.clear()
+    got = m(x, cache=m.new_cache(2, prefill_chunk=128, skip_upper=False), logits_to_keep=1).logits  # asked not to
+    assert flags and all(flags)
+    torch.testing.assert_close(got, ref[:, x.shape[1] - 1 : x.shape[1]], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("arch", ["drt", "full"])
 def test_greedy_generate_equals_forward_chain(arch):
     torch.manual_seed(1)

@@ -293,7 +293,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.offload]
     rows = bench_streaming(model, lengths, offload_modes=modes, decode_tokens=args.decode_tokens,
                            batch_size=args.batch_size, prefill_chunk=args.prefill_chunk,
-                           overlap_modes=(True, False) if args.no_overlap_too else (True,))
+                           overlap_modes=(True, False) if args.no_overlap_too else (True,),
+                           skip_upper=not args.full_prefill)
     print(f"{'length':>10} {'offload':>8} {'overlap':>8} {'prefill s':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak GB':>8}")
     for r in rows:
         print(f"{r['context_length']:>10} {str(r['offload']):>8} {str(r['overlap'] if r['offload'] else '-'):>8} "
@@ -339,6 +340,8 @@ def add_bench(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-overlap-too", action="store_true",
                    help="with offload, also time each prefill with the fetches copied on the compute stream (the overlap's worth)")
+    p.add_argument("--full-prefill", action="store_true",
+                   help="run every layer over the whole prompt (default: the upper layers only where the kept logit can see them)")
     p.add_argument("--passkey-trial", default=None, metavar="LENGTHS",
                    help="also time one passkey trial (prompt streamed + 5-digit answer scored) at these lengths; "
                         "needs a model vocabulary >= 2048 (the embedded tokenizer)")

@@ -36,11 +36,14 @@ def bench_streaming(
     seed: int = 0,
     progress: bool = True,
     overlap_modes=(True,),
+    skip_upper: bool = True,
 ) -> list[dict]:
     """Time a streaming prefill of each length, then ``decode_tokens`` greedy decode steps.
 
     ``overlap_modes``: with offload, also time the prefill with the fetches copied on the compute
-    stream (``False``), which shows what overlapping them with self-attention saves."""
+    stream (``False``), which shows what overlapping them with self-attention saves. ``skip_upper=False``
+    runs every layer over the whole prompt (by default the prefill, which keeps one logit, runs the
+    upper layers only where that logit can see them: ``DRT.new_cache``)."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -67,7 +70,8 @@ def bench_streaming(
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        cache = model.new_cache(batch_size, offload=off, prefill_chunk=prefill_chunk, max_tokens=L + decode_tokens)
+        cache = model.new_cache(batch_size, offload=off, prefill_chunk=prefill_chunk, max_tokens=L + decode_tokens,
+                                skip_upper=skip_upper)
         if cache.memory is not None:
             cache.memory.overlap = ov
         _sync(dev)
@@ -89,7 +93,7 @@ def bench_streaming(
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         rows.append(dict(
             context_length=L, batch_size=batch_size, offload=bool(off), overlap=bool(ov) if off else None,
-            device=str(dev), arch=model.config.arch,
+            device=str(dev), arch=model.config.arch, skip_upper=bool(skip_upper) if model.config.arch == "drt" else None,
             prefill_s=round(t_prefill, 3), prefill_tokens_per_s=round(batch_size * L / t_prefill),
             decode_tokens_per_s=round(batch_size * decode_tokens / t_decode, 1),
             decode_ms_per_token=round(1000 * t_decode / decode_tokens, 3),
