@@ -15,6 +15,10 @@
 #   STAGE=lm COPY_RUN=swa1k LM=lm-swa bash scripts/copy_first.sh               # its text stage
 #   STAGE=lm-eval LM=lm-swa NAME=swa-copy-lm-small LM_TASKS= bash scripts/copy_first.sh  # its perplexity
 #
+# Toward 2hop (the paper reads it with two retrieval groups): the copy stage on the needle mixture,
+#   STAGE=copy-2hop bash scripts/copy_first.sh     # upper_groups [2,2] (mix2g) and [4] (mix1g), side by side
+#   STAGE=copy-eval COPY_RUN=mix2g COPY_NAME=drt-copy-mix2g-small COPY_TASKS=passkey,multikey,2hop bash scripts/copy_first.sh
+#
 # Knobs (environment): RUNS (runs/copy-first), DATA (data/debian-docs), MIN (minutes of training per
 # call and run; 0 = no limit), COPY_RUN (plain1k: the copy run the later stages start from), LM (lm:
 # the text stage's run name), LM_LR (1e-3) and LM_FREEZE (none: a `gca train --freeze` pattern for the
@@ -22,8 +26,8 @@
 # copy stage left it), LM_LR_SCALE (none: a `gca train --lr-scale REGEX=FACTOR` for the text stage),
 # LM_ARGS (none: more `gca train` arguments for the text stage, e.g. '--set tie_embeddings=false'),
 # NAME (drt-copy-LM-small: the model's name in the evaluation rows), LM_TASKS
-# (passkey,multikey,2hop: lm-eval's needle tasks; empty = perplexity only), DEVICE (auto), DTYPE
-# (bfloat16, evaluation).
+# (passkey,multikey,2hop: lm-eval's needle tasks; empty = perplexity only), COPY_NAME (drt-copy-small)
+# and COPY_TASKS (passkey): copy-eval's model name and tasks, DEVICE (auto), DTYPE (bfloat16, evaluation).
 #
 # Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
 # tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
@@ -41,6 +45,8 @@ LM_FREEZE=${LM_FREEZE:-}
 LM_LR_SCALE=${LM_LR_SCALE:-}
 LM_ARGS=${LM_ARGS:-}
 NAME=${NAME:-drt-copy-$LM-small}
+COPY_NAME=${COPY_NAME:-drt-copy-small}
+COPY_TASKS=${COPY_TASKS:-passkey}
 LM_TASKS=${LM_TASKS-passkey,multikey,2hop}
 DEVICE=${DEVICE:-auto}
 DTYPE=${DTYPE:-bfloat16}
@@ -61,10 +67,12 @@ NEEDLE_DATA="synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_ga
 common=(--preset small --save-every 250 --log-every 25 --eval-every 200 --eval-batches 4 --no-progress
         --compile --device "$DEVICE" --time-limit "$MIN")
 
-copy_run() {  # name seq_len batch residual [arch]
-  gca train "${common[@]}" --seq-len "$2" --batch-size "$3" --data "$COPY_DATA" --lr 1e-3 --seed 11 $FORM \
-    --set residual="$4" --arch "${5:-drt}" --max-steps 6000 --out "$RUNS/copy-$1" >> "$RUNS/copy-$1.log" 2>&1
-  tail -n 1 "$RUNS/copy-$1.log"
+copy_run() {  # name seq_len batch residual [arch [data [more gca train args]]]
+  local name=$1 seq=$2 batch=$3 residual=$4 arch=${5:-drt} data=${6:-$COPY_DATA} archarg=(); shift $(( $# < 6 ? $# : 6 ))
+  [ "$arch" = drt ] || archarg=(--arch "$arch")  # (the fifth run's copy runs were started without --arch)
+  gca train "${common[@]}" --seq-len "$seq" --batch-size "$batch" --data "$data" --lr 1e-3 --seed 11 $FORM \
+    --set residual="$residual" "${archarg[@]}" --max-steps 6000 --out "$RUNS/copy-$name" "$@" >> "$RUNS/copy-$name.log" 2>&1
+  tail -n 1 "$RUNS/copy-$name.log"
 }
 export_once() {  # run -> its bf16 export (what the later stages start from and the evaluation reads, as in the run)
   [ -f "$RUNS/export/$1/model.safetensors" ] || python -c "from gca.train import export_model; export_model('$RUNS/$1', '$RUNS/export/$1')" >&2
@@ -84,12 +92,16 @@ case "$STAGE" in
     wait ;;
   copy-swa)
     copy_run swa1k 1008 32 plain swa ;;
+  copy-2hop)  # the copy stage on the needle mixture (passkey / multikey / 2hop): two retrieval groups, and one
+    copy_run mix2g 1008 32 plain drt "$NEEDLE_DATA" --set "upper_groups=[2,2]" &
+    copy_run mix1g 1008 32 plain drt "$NEEDLE_DATA" &
+    wait ;;
   copy-eval)
     C=$(export_once "copy-$COPY_RUN")
-    tasks "$C" drt-copy-small "$RUNS/eval/copy" 9001 4K,16K,64K,256K,1M --tasks passkey --trials 4
-    tasks "$C" drt-copy-small "$RUNS/eval/copy-4M" 9002 4M --tasks passkey --trials 4 --batch-size 4
+    tasks "$C" "$COPY_NAME" "$RUNS/eval/copy-$COPY_RUN" 9001 4K,16K,64K,256K,1M --tasks "$COPY_TASKS" --trials 4
+    tasks "$C" "$COPY_NAME" "$RUNS/eval/copy-$COPY_RUN-4M" 9002 4M --tasks passkey --trials 4 --batch-size 4
     gca eval tasks --ckpt "$C" --tasks passkey --lengths 16M --depths 2 --trials 1 --batch-size 1 --filler "$DATA" \
-      --dtype "$DTYPE" --device "$DEVICE" --seed 9003 --name drt-copy-small --out "$RUNS/eval/copy-16M"
+      --dtype "$DTYPE" --device "$DEVICE" --seed 9003 --name "$COPY_NAME" --out "$RUNS/eval/copy-$COPY_RUN-16M"
     python scripts/needle_attention.py --ckpt "$C" --data "$DATA" --task passkey --length 4096 --depth 0.5 --trials 8 \
       --out "$RUNS/eval/copy_needle_attention.json" ;;
   lm)
