@@ -15,13 +15,18 @@
 #   STAGE=lm COPY_RUN=swa1k LM=lm-swa bash scripts/copy_first.sh               # its text stage
 #   STAGE=lm-eval LM=lm-swa NAME=swa-copy-lm-small LM_TASKS= bash scripts/copy_first.sh  # its perplexity
 #
+# The text and needle data together from the start (no copy stage), and its sliding window:
+#   STAGE=lm COPY_RUN=scratch LM=lm-scratch bash scripts/copy_first.sh
+#   STAGE=lm COPY_RUN=scratch LM=lm-scratch-swa LM_ARGS='--arch swa' bash scripts/copy_first.sh
+#
 # Toward 2hop (the paper reads it with two retrieval groups): the copy stage on the needle mixture,
 #   STAGE=copy-2hop bash scripts/copy_first.sh     # upper_groups [2,2] (mix2g) and [4] (mix1g), side by side
 #   STAGE=copy-eval COPY_RUN=mix2g COPY_NAME=drt-copy-mix2g-small COPY_TASKS=passkey,multikey,2hop bash scripts/copy_first.sh
 #
 # Knobs (environment): RUNS (runs/copy-first), DATA (data/debian-docs), MIN (minutes of training per
 # call and run; 0 = no limit), COPY_RUN (plain1k: the copy run the later stages start from), LM (lm:
-# the text stage's run name), LM_LR (1e-3) and LM_FREEZE (none: a `gca train --freeze` pattern for the
+# the text stage's run name; COPY_RUN=scratch starts it from a fresh model: the text and needle data
+# together from the start), LM_LR (1e-3) and LM_FREEZE (none: a `gca train --freeze` pattern for the
 # text stage, e.g. LM=lm-frozen LM_FREEZE='^(embed|lower|encoder|retr_norms)\.' keeps retrieval as the
 # copy stage left it), LM_LR_SCALE (none: a `gca train --lr-scale REGEX=FACTOR` for the text stage),
 # LM_ARGS (none: more `gca train` arguments for the text stage, e.g. '--set tie_embeddings=false'),
@@ -84,6 +89,10 @@ tasks() {  # ckpt name out seed lengths [more eval args]
     --seed "$seed" --name "$name" --out "$out" "$@"
 }
 
+lm_init() {  # the text stage's start: the copy run's export, or (COPY_RUN=scratch) a fresh model of the copy stage's form
+  if [ "$COPY_RUN" = scratch ]; then echo "$FORM --set residual=plain"; else echo "--init-from $(export_once "copy-$COPY_RUN")"; fi
+}
+
 case "$STAGE" in
   copy)
     copy_run plain1k 1008 32 plain &
@@ -106,7 +115,7 @@ case "$STAGE" in
       --out "$RUNS/eval/copy_needle_attention.json" ;;
   lm)
     gca train "${common[@]}" --seq-len 4032 --batch-size 16 --data "$LM_DATA" --lr "$LM_LR" --seed 12 \
-      --init-from "$(export_once "copy-$COPY_RUN")" --max-steps 2600 --out "$RUNS/$LM" ${LM_FREEZE:+--freeze "$LM_FREEZE"} \
+      $(lm_init) --max-steps 2600 --out "$RUNS/$LM" ${LM_FREEZE:+--freeze "$LM_FREEZE"} \
       ${LM_LR_SCALE:+--lr-scale "$LM_LR_SCALE"} $LM_ARGS >> "$RUNS/$LM.log" 2>&1
     tail -n 1 "$RUNS/$LM.log" ;;
   lm-eval)
