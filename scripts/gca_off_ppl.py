@@ -1,0 +1,57 @@
+"""Held-out perplexity of DRT checkpoints with GCA as trained and with every GCA switched off
+(``DRT.gca_disabled``): what reading retrieved chunks is worth on plain text.
+
+    python scripts/gca_off_ppl.py --ckpt .cache/cf-keep/lm --name drt-copy-lm-small \
+        --data data/debian-docs --lengths 4032,16128 --out gca_off_ppl.json
+
+The windows are those of ``gca eval ppl`` with the same ``--seed`` (default 1234, its default), so
+the "on" numbers reproduce that command's. Switching GCA off is an ablation outside the training
+distribution: the rest of the model was trained with GCA present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from gca.eval.perplexity import perplexity_vs_length
+from gca.train import load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", action="append", required=True, help="a run or export folder (repeatable)")
+    ap.add_argument("--name", action="append", help="a name per --ckpt (default: the folder)")
+    ap.add_argument("--data", default="data/debian-docs")
+    ap.add_argument("--lengths", default="4032,16128", help="context lengths in tokens, comma-separated")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    names = a.name or a.ckpt
+    if len(names) != len(a.ckpt):
+        ap.error("give one --name per --ckpt")
+    lengths = [int(x) for x in a.lengths.split(",")]
+    rows = []
+    for name, path in zip(names, a.ckpt):
+        m = load_model(path, device=a.device).float().eval()
+        if m.config.arch != "drt":
+            ap.error(f"{path} is a {m.config.arch!r} model: it has no GCA to switch off")
+        on = perplexity_vs_length(m, a.data, lengths, windows=a.windows, seed=a.seed, progress=False)
+        with m.gca_disabled():
+            off = perplexity_vs_length(m, a.data, lengths, windows=a.windows, seed=a.seed, progress=False)
+        for r_on, r_off in zip(on, off):
+            rows.append(dict(model=name, context_length=r_on["context_length"], ppl=round(r_on["ppl"], 4),
+                             ppl_gca_off=round(r_off["ppl"], 4), tokens=r_on["tokens"], windows=a.windows, seed=a.seed))
+            print(f"{name:>28} {r_on['context_length']:>8}: ppl {r_on['ppl']:.3f}, GCA off {r_off['ppl']:.3f}", flush=True)
+        del m
+    with open(a.out, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
