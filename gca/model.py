@@ -346,6 +346,7 @@ class DRT(nn.Module):
             cache.last_rows = []  # the next computed piece starts without a carried retrieval row
             cache.positions = p1
             cache.tokens += n
+            cache.skipped_tokens += n
             return h.new_zeros(B, 0, cfg.vocab_size)
 
         # retrieval and upper layers

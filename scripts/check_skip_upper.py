@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=65536)
     ap.add_argument("--depths", default="0,0.5,1")
     ap.add_argument("--seed", type=int, default=99)
+    ap.add_argument("--prefill-chunk", type=int, default=4096, help="positions processed at once (new_cache's default)")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     model, _, tok = load_for_eval(a.ckpt, a.device, "float32")
@@ -40,17 +41,20 @@ def main() -> None:
         x = torch.tensor([s.prompt], device=a.device)
         out = {}
         for skip in (True, False):
-            cache = model.new_cache(1, max_tokens=len(s.prompt) + len(s.answer), skip_upper=skip)
+            cache = model.new_cache(1, max_tokens=len(s.prompt) + len(s.answer), skip_upper=skip,
+                                    prefill_chunk=a.prefill_chunk)
             t0 = time.perf_counter()
             first = model(x, cache=cache, logits_to_keep=1).logits[0, -1:]
             rest = model(torch.tensor([s.answer[:-1]], device=a.device), cache=cache).logits[0]
-            out[skip] = (torch.cat([first, rest]), time.perf_counter() - t0, [r[0].tolist() for r in cache.last_rows])
-        (lg_s, t_s, rows_s), (lg_f, t_f, rows_f) = out[True], out[False]
+            out[skip] = (torch.cat([first, rest]), time.perf_counter() - t0, [r[0].tolist() for r in cache.last_rows],
+                         cache.skipped_tokens)
+        (lg_s, t_s, rows_s, skipped), (lg_f, t_f, rows_f, _) = out[True], out[False]
         pred = lg_s.argmax(-1).tolist()
         print(f"depth {d}: max |logit diff| {float((lg_s - lg_f).abs().max()):.2e} (largest logit "
               f"{float(lg_f.abs().max()):.1f}); answers equal {pred == lg_f.argmax(-1).tolist()}, right "
               f"{pred == list(s.answer)}; retrieval rows equal {rows_s == rows_f}; "
-              f"skip {t_s:.1f} s, full {t_f:.1f} s", flush=True)
+              f"skip {t_s:.1f} s ({skipped} of {len(s.prompt)} tokens through the lower layers only), "
+              f"full {t_f:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from gca import DRT, DRTConfig
@@ -72,6 +73,30 @@ def test_ppl_command(tmp_path, capsys):
     assert [r["context_length"] for r in rows] == [128, 256]
     assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["tokens"] == 2 * (r["context_length"] - 1) for r in rows)
     assert (out / "ppl_vs_length.png").stat().st_size > 1000
+
+    # scripts/gca_off_ppl.py: its "on" numbers are the ppl command's (same windows), GCA off differs
+    import sys
+
+    argv = sys.argv
+    try:
+        sys.argv = ["gca_off_ppl", "--ckpt", str(run), "--name", "m", "--data", str(tmp_path / "data"),
+                    "--lengths", "128,256", "--windows", "2", "--out", str(tmp_path / "off.json")]  # fmt: skip
+        _script("gca_off_ppl").main()
+        off = json.loads((tmp_path / "off.json").read_text())
+        assert [r["context_length"] for r in off] == [128, 256]
+        for r, r_cmd in zip(off, rows):
+            assert r["ppl"] == pytest.approx(r_cmd["ppl"], rel=1e-4) and math.isfinite(r["ppl_gca_off"])
+            assert r["ppl_gca_off"] != r["ppl"]
+        # scripts/check_skip_upper.py on the trained run: same answer logits with and without skipping
+        sys.argv = ["check_skip_upper", "--ckpt", str(run), "--length", "2000", "--depths", "0,1", "--prefill-chunk", "256"]
+        capsys.readouterr()
+        _script("check_skip_upper").main()
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 2 and all("answers equal True" in ln and "retrieval rows equal True" in ln for ln in lines)
+        assert all(float(ln.split("max |logit diff| ")[1].split()[0]) < 1e-5 for ln in lines)
+        assert all(int(ln.split("s (")[1].split()[0]) >= 1000 for ln in lines)  # most of the prompt was skipped
+    finally:
+        sys.argv = argv
 
     # needle tasks over the corpus as filler read its held-out split
     import gca.data.tasks as T

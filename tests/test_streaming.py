@@ -82,6 +82,7 @@ def test_long_prefill_with_few_logits_skips_the_upper_layers_exactly(groups, res
         # reach: 2 upper layers x window 80 + 2 chunks = 288 tokens; pieces of 126 tokens
         skipped = flags.count(False)
         assert skipped == (x.shape[1] - keep - 288) // 126 and skipped >= 8 and all(flags[skipped:])
+        assert cache.skipped_tokens == 126 * skipped
         steps = [m(tail[:, j : j + 1], cache=cache).logits for j in range(tail.shape[1])]  # decoding on
         torch.testing.assert_close(torch.cat(steps, 1), ref[:, x.shape[1] :], rtol=1e-9, atol=1e-9)
     flags.clear()

@@ -214,3 +214,4 @@ class DRTCache:
     pending_lower: torch.Tensor | None = None  # (B, <S, d) lower-layer output of the open chunk
     last_rows: list = field(default_factory=list)  # per group: (indices (B, K), weights (B, K)) of the last landmark
     skip_upper: bool = True  # with logits_to_keep, pieces beyond the upper layers' reach skip them (exact)
+    skipped_tokens: int = 0  # user tokens that went through the lower layers only (skip_upper)
