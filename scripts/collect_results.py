@@ -91,9 +91,11 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
         # models that do not break, on a linear scale where a few percent can be seen
         axes[0].set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",
                     title="perplexity vs context length")
-        lows = [r["ppl"] for r in ppl]
-        top = min(lows) * 3.0
-        kept = [r["ppl"] for r in ppl if max(q["ppl"] for q in ppl if q["model"] == r["model"]) <= top]
+        worst: dict[str, float] = {}
+        for r in ppl:
+            worst[r["model"]] = max(worst.get(r["model"], 0.0), r["ppl"])
+        top = 3.0 * min(r["ppl"] for r in ppl)
+        kept = [r["ppl"] for r in ppl if worst[r["model"]] <= top]
         axes[1].set(xscale="log", ylim=(min(kept) * 0.95, max(kept) * 1.03), xlabel="context length (tokens)",
                     ylabel="perplexity", title="zoom: the models that do not break")
         axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)

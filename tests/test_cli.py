@@ -142,24 +142,23 @@ def test_train_command_baseline_and_bad_override(fake_data, tmp_path, capsys):
     assert "batch_size" in capsys.readouterr().err
 
 
-def test_train_command_freeze(fake_data, tmp_path, capsys):
-    out = tmp_path / "frozen"
-    assert main(_train_args(out, "--freeze", r"^(embed|lower)\.", "--max-steps", "1", "--eval-every", "0")) == 0
-    assert "frozen: " in capsys.readouterr().out
-    assert json.loads((out / "ckpt" / "train_config.json").read_text())["freeze"] == r"^(embed|lower)\."
-    assert main(_train_args(tmp_path / "bad", "--freeze", "nothing_is_called_this")) == 2
-    assert "matches no parameter" in capsys.readouterr().err
-
-
-def test_train_command_lr_scale(fake_data, tmp_path, capsys):
-    out = tmp_path / "scaled"
-    assert main(_train_args(out, "--lr-scale", r"^(embed|lower)\.=0.05", "--max-steps", "1", "--eval-every", "0")) == 0
-    assert "lr x 0.05: " in capsys.readouterr().out
-    assert json.loads((out / "ckpt" / "train_config.json").read_text())["lr_scale"] == {r"^(embed|lower)\.": 0.05}
-    assert main(_train_args(tmp_path / "bad", "--lr-scale", r"^embed\.")) == 2
-    assert "expected REGEX=FACTOR" in capsys.readouterr().err
-    assert main(_train_args(tmp_path / "bad2", "--lr-scale", "nothing_is_called_this=0.5")) == 2
-    assert "matches no trained parameter" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flag, value, says, saved, bad, error",
+    [("--freeze", r"^(embed|lower)\.", "frozen: ", r"^(embed|lower)\.", "nothing_is_called_this", "matches no parameter"),
+     ("--lr-scale", r"^(embed|lower)\.=0.05", "lr x 0.05: ", {r"^(embed|lower)\.": 0.05}, r"^embed\.",
+      "expected REGEX=FACTOR"),
+     ("--lr-scale", r"^(embed|lower)\.=0.05", "lr x 0.05: ", {r"^(embed|lower)\.": 0.05},
+      "nothing_is_called_this=0.5", "matches no trained parameter")],
+    ids=["freeze", "lr-scale", "lr-scale-no-match"],
+)
+def test_train_command_freeze_and_lr_scale(fake_data, tmp_path, capsys, flag, value, says, saved, bad, error):
+    out = tmp_path / "run"
+    assert main(_train_args(out, flag, value, "--max-steps", "1", "--eval-every", "0")) == 0
+    assert says in capsys.readouterr().out
+    key = flag.lstrip("-").replace("-", "_")
+    assert json.loads((out / "ckpt" / "train_config.json").read_text())[key] == saved
+    assert main(_train_args(tmp_path / "bad", flag, bad)) == 2
+    assert error in capsys.readouterr().err
 
 
 def test_prepare_command(tmp_path, capsys):

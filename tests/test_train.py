@@ -198,6 +198,8 @@ def test_lr_scale_puts_matched_parameters_in_scaled_groups():
     assert sum(len(v) for v in by_scale.values()) == len(list(model.parameters()))
     with pytest.raises(ValueError, match="matches no trained parameter"):
         param_groups(model, 0.1, {"nothing_is_called_this": 0.1})
+    with pytest.raises(ValueError, match=r"'\^encoder.*an earlier pattern took them all"):
+        param_groups(model, 0.1, {r"^enc": 0.1, r"^encoder\.": 0.5})  # shadowed: it would change nothing
 
 
 def test_lr_scale_trains_matched_parameters_at_the_scaled_rate(reference, tmp_path):

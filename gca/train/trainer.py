@@ -283,18 +283,21 @@ def param_groups(
     With ``lr_scale`` (``{regex: factor}``) a trained parameter whose name matches a pattern (``re.search``,
     the first that matches) goes to a group of its own whose ``lr_scale`` is that factor; the trainer
     sets every group's learning rate to the schedule's times its ``lr_scale``. The first two groups are
-    always the unscaled decay / no-decay ones. Raises ValueError for a pattern that matches no trained
-    parameter."""
-    patterns = [(re.compile(k), k, float(v)) for k, v in (lr_scale or {}).items()]
+    always the unscaled decay / no-decay ones. Raises ValueError for a pattern that takes no trained
+    parameter (none matches, or an earlier pattern took them all)."""
+    patterns = [(re.compile(k), k) for k in (lr_scale or {})]
     groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}
+    took = set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        factor = next((f for rx, _, f in patterns if rx.search(name)), 1.0)
+        k = next((k for rx, k in patterns if rx.search(name)), None)
+        took.add(k)
+        factor = 1.0 if k is None else float(lr_scale[k])
         groups.setdefault((factor, p.dim() >= 2 and "embed" not in name), []).append(p)
-    for rx, k, _ in patterns:
-        if not any(rx.search(n) for n, p in model.named_parameters() if p.requires_grad):
-            raise ValueError(f"--lr-scale {k!r} matches no trained parameter")
+    for _, k in patterns:
+        if k not in took:
+            raise ValueError(f"--lr-scale {k!r} matches no trained parameter (or an earlier pattern took them all)")
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": f}
             for (f, decay), ps in groups.items() if ps or f == 1.0]
 
