@@ -111,9 +111,15 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
                 ax.plot([r["context_length"] for r in rs], [100 * r["accuracy"] for r in rs], marker="o", label=m,
                         color=color[m], linestyle=style(m))
             ax.set(xscale="log", ylim=(-2, 102), xlabel="context length (tokens)", ylabel="accuracy (%)", title=t)
-            ax.legend(fontsize=7)
+        # one legend for all panels, beside them: inside, it covers the lines near 100%
+        shown = {}
+        for ax in axes[0]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                shown.setdefault(lab, h)
+        labels = sorted(shown)
+        fig.legend([shown[lab] for lab in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "passkey_vs_length.png"), dpi=120)
+        fig.savefig(os.path.join(out, "passkey_vs_length.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
 
 

@@ -22,6 +22,7 @@
 # Toward 2hop (the paper reads it with two retrieval groups): the copy stage on the needle mixture,
 #   STAGE=copy-2hop bash scripts/copy_first.sh     # upper_groups [2,2] (mix2g) and [4] (mix1g), side by side
 #   STAGE=copy-eval COPY_RUN=mix2g COPY_NAME=drt-copy-mix2g-small COPY_TASKS=passkey,multikey,2hop bash scripts/copy_first.sh
+#   STAGE=copy-2hop HOP_RUNS='mix2g4k mix1g4k' bash scripts/copy_first.sh   # 4032-token samples: ranking trained
 #
 # Knobs (environment): RUNS (runs/copy-first), DATA (data/debian-docs), MIN (minutes of training per
 # call and run; 0 = no limit), COPY_RUN (plain1k: the copy run the later stages start from), LM (lm:
@@ -32,7 +33,9 @@
 # LM_ARGS (none: more `gca train` arguments for the text stage, e.g. '--set tie_embeddings=false'),
 # NAME (drt-copy-LM-small: the model's name in the evaluation rows), LM_TASKS
 # (passkey,multikey,2hop: lm-eval's needle tasks; empty = perplexity only), COPY_NAME (drt-copy-small)
-# and COPY_TASKS (passkey): copy-eval's model name and tasks, DEVICE (auto), DTYPE (bfloat16, evaluation).
+# and COPY_TASKS (passkey): copy-eval's model name and tasks, COPY_LONG (1; 0 = copy-eval stops after
+# 4K-1M), LM_STEPS (2600) and COPY_STEPS (6000): the text and copy stages' lengths in steps, HOP_RUNS
+# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens), DEVICE (auto), DTYPE (bfloat16, evaluation).
 #
 # Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
 # tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
@@ -45,6 +48,10 @@ DATA=${DATA:-data/debian-docs}
 MIN=${MIN:-0}
 COPY_RUN=${COPY_RUN:-plain1k}
 LM=${LM:-lm}
+LM_STEPS=${LM_STEPS:-2600}
+COPY_STEPS=${COPY_STEPS:-6000}
+COPY_LONG=${COPY_LONG:-1}
+HOP_RUNS=${HOP_RUNS:-mix2g mix1g}
 LM_LR=${LM_LR:-1e-3}
 LM_FREEZE=${LM_FREEZE:-}
 LM_LR_SCALE=${LM_LR_SCALE:-}
@@ -76,7 +83,7 @@ copy_run() {  # name seq_len batch residual [arch [data [more gca train args]]]
   local name=$1 seq=$2 batch=$3 residual=$4 arch=${5:-drt} data=${6:-$COPY_DATA} archarg=(); shift $(( $# < 6 ? $# : 6 ))
   [ "$arch" = drt ] || archarg=(--arch "$arch")  # (the fifth run's copy runs were started without --arch)
   gca train "${common[@]}" --seq-len "$seq" --batch-size "$batch" --data "$data" --lr 1e-3 --seed 11 $FORM \
-    --set residual="$residual" "${archarg[@]}" --max-steps 6000 --out "$RUNS/copy-$name" "$@" >> "$RUNS/copy-$name.log" 2>&1
+    --set residual="$residual" "${archarg[@]}" --max-steps "$COPY_STEPS" --out "$RUNS/copy-$name" "$@" >> "$RUNS/copy-$name.log" 2>&1
   tail -n 1 "$RUNS/copy-$name.log"
 }
 export_once() {  # run -> its bf16 export (what the later stages start from and the evaluation reads, as in the run)
@@ -102,12 +109,22 @@ case "$STAGE" in
   copy-swa)
     copy_run swa1k 1008 32 plain swa ;;
   copy-2hop)  # the copy stage on the needle mixture (passkey / multikey / 2hop): two retrieval groups, and one
-    copy_run mix2g 1008 32 plain drt "$NEEDLE_DATA" --set "upper_groups=[2,2]" &
-    copy_run mix1g 1008 32 plain drt "$NEEDLE_DATA" &
+    # mix2g / mix1g: 1008-token samples (about 8 chunks beyond the window: top_k 8 retrieves them all,
+    # so ranking is never trained; results/README.md, seventh run); the 4k forms: 4032 tokens, 8 rows
+    for r in $HOP_RUNS; do
+      case $r in
+        mix2g) copy_run mix2g 1008 32 plain drt "$NEEDLE_DATA" --set "upper_groups=[2,2]" & ;;
+        mix1g) copy_run mix1g 1008 32 plain drt "$NEEDLE_DATA" & ;;
+        mix2g4k) copy_run mix2g4k 4032 8 plain drt "$NEEDLE_DATA" --set "upper_groups=[2,2]" & ;;
+        mix1g4k) copy_run mix1g4k 4032 8 plain drt "$NEEDLE_DATA" & ;;
+        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k)" >&2; exit 2 ;;
+      esac
+    done
     wait ;;
   copy-eval)
     C=$(export_once "copy-$COPY_RUN")
     tasks "$C" "$COPY_NAME" "$RUNS/eval/copy-$COPY_RUN" 9001 4K,16K,64K,256K,1M --tasks "$COPY_TASKS" --trials 4
+    [ "$COPY_LONG" = 1 ] || { echo "done: STAGE=$STAGE (4K-1M; COPY_LONG=0)"; exit 0; }
     tasks "$C" "$COPY_NAME" "$RUNS/eval/copy-$COPY_RUN-4M" 9002 4M --tasks passkey --trials 4 --batch-size 4
     gca eval tasks --ckpt "$C" --tasks passkey --lengths 16M --depths 2 --trials 1 --batch-size 1 --filler "$DATA" \
       --dtype "$DTYPE" --device "$DEVICE" --seed 9003 --name "$COPY_NAME" --out "$RUNS/eval/copy-$COPY_RUN-16M"
@@ -115,7 +132,7 @@ case "$STAGE" in
       --out "$RUNS/eval/copy_needle_attention.json" ;;
   lm)
     gca train "${common[@]}" --seq-len 4032 --batch-size 16 --data "$LM_DATA" --lr "$LM_LR" --seed 12 \
-      $(lm_init) --max-steps 2600 --out "$RUNS/$LM" ${LM_FREEZE:+--freeze "$LM_FREEZE"} \
+      $(lm_init) --max-steps "$LM_STEPS" --out "$RUNS/$LM" ${LM_FREEZE:+--freeze "$LM_FREEZE"} \
       ${LM_LR_SCALE:+--lr-scale "$LM_LR_SCALE"} $LM_ARGS >> "$RUNS/$LM.log" 2>&1
     tail -n 1 "$RUNS/$LM.log" ;;
   lm-eval)

@@ -62,7 +62,7 @@ def test_train_eval_generate_on_synthetic_passkey(tmp_path, capsys):
                  *sets]) == 0  # fmt: skip
     out = tmp_path / "eval"
     assert main(["eval", "tasks", "--ckpt", str(run), "--lengths", "1x,2x", "--depths", "2", "--trials", "3",
-                 "--tasks", "passkey,multikey", "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+                 "--tasks", "passkey,multikey", "--out", str(out), "--device", "cpu", "--prefill-chunk", "128"]) == 0  # fmt: skip
     rows = json.loads((out / "tasks.json").read_text())
     assert {(r["task"], r["context_length"]) for r in rows} == {(t, n) for t in ("passkey", "multikey") for n in (200, 400)}
     assert all(r["trials"] == 3 and 0 <= r["accuracy"] <= 1 and r["train_length"] == 200 for r in rows)
@@ -206,3 +206,22 @@ def test_plot_command_draws_runs_and_names_bad_input(tmp_path, capsys):
     assert "no training log" in capsys.readouterr().err
     assert main(["plot", str(run), "--labels", "a,b", "--out", str(out)]) == 2
     assert "2 labels for 1 runs" in capsys.readouterr().err
+
+
+def test_plot_keeps_each_run_in_one_colour_across_panels(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from gca.eval.plots import plot_training_logs
+
+    swa = [{"step": s, "loss": 4.0} for s in range(1, 10)] + [{"step": 5, "val_loss": 3.9}]
+    drt = [{"step": s, "loss": 5.0} for s in range(1, 10)] + [{"step": 5, "val_loss": 3.5, "val_retr_spread": 0.3,
+                                                                "val_gca_gain": 0.1}]
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    plot_training_logs({"swa": swa, "drt": drt}, str(tmp_path / "c.png"))  # the swa run is absent from two panels
+    colours = {}
+    for ax in figs[0].axes:
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):
+                colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) >= {"swa", "drt"} and len(colours["drt"]) == 1 and colours["drt"] != colours["swa"]

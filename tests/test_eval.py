@@ -283,3 +283,19 @@ def test_task_rows_count_trials_beyond_the_window():
     assert far["trials_beyond_window"] == 3 and far["accuracy_beyond_window"] == far["accuracy"]
     assert near["trials_beyond_window"] == 0 and near["accuracy_beyond_window"] is None
     assert summarize_beyond_window(rows) == {("passkey", 600): (far["accuracy"], 3)}
+
+
+def test_task_rows_do_not_depend_on_the_prefill_piece(monkeypatch):
+    from gca.eval.tasks import evaluate_tasks
+
+    torch.manual_seed(0)
+    m = DRT(tiny()).double().eval()
+    seen = []
+    new_cache = DRT.new_cache
+    monkeypatch.setattr(DRT, "new_cache", lambda self, *a, **kw: seen.append(kw["prefill_chunk"]) or new_cache(self, *a, **kw))
+    keep = ("accuracy", "retrieval_hit", "trials_beyond_window")
+    rows = {pc: [{k: r[k] for k in keep} for r in evaluate_tasks(m, ["passkey", "2hop"], [700], depths=[0.0, 0.6],
+                                                                  trials=3, progress=False, prefill_chunk=pc)]
+            for pc in (m.config.chunk_size, 16384)}
+    assert set(seen) == {m.config.chunk_size, 16384}  # the piece reached the cache
+    assert rows[m.config.chunk_size] == rows[16384]

@@ -98,22 +98,25 @@ def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) 
     gain = any("val_gca_gain" in r for rows in logs.values() for r in rows)
     n_ax = 2 + health + gain
     fig, axes = plt.subplots(1, n_ax, figsize=(5 * n_ax, 4))
-    for label, rows in logs.items():
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, rows) in enumerate(logs.items()):
+        c = cycle[i % len(cycle)]  # a run keeps its colour in every panel, whichever panels it appears in
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [r for r in rows if "val_loss" in r]
         if train:
             steps, loss = zip(*train)
             k = max(1, min(smooth, len(loss)))
             mean = np.convolve(loss, np.ones(k) / k, mode="valid")
-            axes[0].plot(steps[k - 1 :], mean, label=label)
+            axes[0].plot(steps[k - 1 :], mean, label=label, color=c)
         if val:
-            axes[1].plot([r["step"] for r in val], [r["val_loss"] for r in val], marker=".", label=label)
+            axes[1].plot([r["step"] for r in val], [r["val_loss"] for r in val], marker=".", label=label, color=c)
         if health and any("val_retr_spread" in r for r in val):
             hv = [r for r in val if "val_retr_spread" in r]
-            axes[2].plot([r["step"] for r in hv], [max(r["val_retr_spread"], 1e-6) for r in hv], marker=".", label=label)
+            axes[2].plot([r["step"] for r in hv], [max(r["val_retr_spread"], 1e-6) for r in hv], marker=".", label=label,
+                         color=c)
         if gain and any("val_gca_gain" in r for r in val):
             gv = [r for r in val if "val_gca_gain" in r]
-            axes[-1].plot([r["step"] for r in gv], [r["val_gca_gain"] for r in gv], marker=".", label=label)
+            axes[-1].plot([r["step"] for r in gv], [r["val_gca_gain"] for r in gv], marker=".", label=label, color=c)
     axes[0].set_title("training loss" + (f" (mean of {smooth} logged steps)" if smooth > 1 else ""))
     axes[1].set_title("validation loss")
     if health:
