@@ -8,7 +8,11 @@ Builds task samples over the folder's held-out (val) text, runs each prompt with
 
 - accuracy (greedy exact match) and the probability the model gives each answer token;
 - retrieval: how often the chunk holding the answer is among the chunks picked for the answer's
-  query chunk, the weight it gets there, and the largest weight given to any other chunk;
+  query chunk, the weight it gets there, the largest weight given to any other chunk, and
+  ``w(first)``: the weight on the other chunks that lie in the sequence's first ``window``
+  positions. Those chunks' lower-layer states saw less than a full window, which sets them apart
+  whatever their text; a retriever trained on samples shorter than twice the window, where every
+  needle beyond the window lies there, can learn to pick them by position instead of by content;
 - reading, per upper layer and head, at the answer's positions and inside the answer's chunk:
   ``answer_mass``, the attention on the answer's tokens in that chunk, and ``next_mass``, the
   attention on the one token the position should copy (answer token i's occurrence in the needle,
@@ -98,6 +102,12 @@ def capture_gca(model: DRT, input_ids: torch.Tensor, oracle: tuple[int, int] | N
     return logits, seen
 
 
+def first_window_weight(ridx: list[int], rw: list[float], slot: int | None, first: int) -> float:
+    """Summed weight of the retrieved chunks (``ridx`` / ``rw``, empty slots -1) that lie in the
+    sequence's first ``first`` chunks, the answer's slot ``slot`` left out."""
+    return float(sum(x for j, x in enumerate(rw) if j != slot and 0 <= ridx[j] < first))
+
+
 @torch.no_grad()
 def inspect_sample(model: DRT, s, oracle: bool = False) -> dict:
     """The numbers of one task sample (see the module docstring); ``oracle``: the answer's query row
@@ -121,11 +131,13 @@ def inspect_sample(model: DRT, s, oracle: bool = False) -> dict:
                p_answer=[round(lp[i, a].exp().item(), 4) for i, a in enumerate(s.answer)],
                answer_chunk=chunk, query_row=row, layers=[])
     gcas = [layer.gca for group in model.groups for layer in group]
+    first = cfg.window // S  # chunks wholly inside the sequence's first window
     for gca, (h, mk, _mv, idx, w) in zip(gcas, seen):
         ridx, rw = idx[0, row].tolist(), w[0, row].float().tolist()
         slot = ridx.index(chunk) if chunk in ridx else None
         layer = dict(hit=slot is not None, weight=round(rw[slot], 4) if slot is not None else 0.0,
-                     max_other=round(max((x for j, x in enumerate(rw) if j != slot and ridx[j] >= 0), default=0.0), 4))
+                     max_other=round(max((x for j, x in enumerate(rw) if j != slot and ridx[j] >= 0), default=0.0), 4),
+                     first_window=round(first_window_weight(ridx, rw, slot, first), 4))
         att = chunk_attention(gca, h, mk, pos, chunk, cfg.gca_softmax_one)  # (A, H, S)
         layer["answer_mass"] = [round(x, 4) for x in att[:, :, offs].sum(-1).mean(0).tolist()]
         layer["next_mass"] = [round(x, 4) for x in torch.stack([att[i, :, offs[i]] for i in range(A)]).mean(0).tolist()]
@@ -163,6 +175,7 @@ def summarise(rows: list[dict]) -> dict:
             hit=round(float(np.mean([x["hit"] for x in ls])), 4),
             weight_when_hit=round(float(np.mean([x["weight"] for x in hit])), 4) if hit else None,
             max_other=round(float(np.mean([x["max_other"] for x in ls])), 4),
+            first_window=round(float(np.mean([x.get("first_window", 0.0) for x in ls])), 4),
             answer_mass=[round(float(x), 4) for x in am], next_mass=[round(float(x), 4) for x in nm],
             next_mass_if_even=[round(float(x) / A, 4) for x in am],
         ))
@@ -188,6 +201,8 @@ def main() -> None:
                         "runs in the filler with --digits), with GCA as trained and with GCA reading nothing")
     p.add_argument("--repeat-gap", type=int, default=600, help="--repeats: a piece repeats from >= this many tokens back")
     p.add_argument("--digits", type=float, default=0.05, help="--repeats: share of the filler in digit runs")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="retrieve this many chunks instead of the model's top_k (does the needle rank among the first few?)")
     p.add_argument("--out", default=None, help="write the summary and every trial here as JSON")
     a = p.parse_args()
     if not 0.0 <= a.depth <= 1.0:
@@ -199,6 +214,10 @@ def main() -> None:
     m = load_model(a.ckpt, device=a.device).float().eval()
     if m.config.arch != "drt":
         raise SystemExit(f"{a.ckpt} is a {m.config.arch!r} model: no retrieval to inspect")
+    if a.top_k is not None:
+        if a.top_k < 1:
+            raise SystemExit(f"--top-k must be >= 1, got {a.top_k}")
+        m.config.top_k = a.top_k
     task = canonical_kind(a.task)
     rng = np.random.default_rng(a.seed)
     if a.repeats:
@@ -210,15 +229,16 @@ def main() -> None:
     summ = summarise(rows)
     print(f"{task} at {a.length} tokens, depth {a.depth}, {a.trials} trials{' (oracle retrieval)' if a.oracle else ''}: accuracy {summ['accuracy']:.0%}, "
           f"p(answer token) {summ['p_answer']}")
-    print(f"{'layer':>5} {'hit':>5} {'w(hit)':>7} {'w(other)':>8}  best head: {'answer':>6} {'next':>6} {'even':>6}")
+    print(f"{'layer':>5} {'hit':>5} {'w(hit)':>7} {'w(other)':>8} {'w(first)':>8}  best head: {'answer':>6} {'next':>6} {'even':>6}")
     for li, x in enumerate(summ["layers"]):
         hd = int(np.argmax(x["answer_mass"]))
         w = f"{x['weight_when_hit']:.3f}" if x["weight_when_hit"] is not None else "-"
-        print(f"{li:5d} {x['hit']:5.0%} {w:>7} {x['max_other']:8.3f}  head {hd}:     {x['answer_mass'][hd]:6.3f} "
-              f"{x['next_mass'][hd]:6.3f} {x['next_mass_if_even'][hd]:6.3f}")
+        print(f"{li:5d} {x['hit']:5.0%} {w:>7} {x['max_other']:8.3f} {x['first_window']:8.3f}  head {hd}:     "
+              f"{x['answer_mass'][hd]:6.3f} {x['next_mass'][hd]:6.3f} {x['next_mass_if_even'][hd]:6.3f}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(ckpt=a.ckpt, task=task, length=a.length, depth=a.depth, trials=a.trials, seed=a.seed, oracle=a.oracle,
+                           top_k=m.config.top_k,
                            summary=summ, rows=rows), f, indent=1)
 
 

@@ -223,7 +223,11 @@ def test_needle_attention_oracle_reads_only_the_answer_chunk():
         keep = [c for c in range(i0.shape[1]) if c != row]
         assert torch.equal(i0[0, keep], i1[0, keep]) and torch.equal(w0[0, keep], w1[0, keep])
     out = na.inspect_sample(m, s, oracle=True)
-    assert out["correct"] and all(x["hit"] and x["weight"] == 1.0 for x in out["layers"])
+    assert out["correct"] and all(x["hit"] and x["weight"] == 1.0 and x["first_window"] == 0.0 for x in out["layers"])
+    # w(first): the other retrieved chunks inside the first window; the answer's slot and empty slots not
+    assert na.first_window_weight([0, 5, 1, -1], [0.5, 0.25, 0.125, 0.0], slot=None, first=2) == 0.625
+    assert na.first_window_weight([0, 5, 1, -1], [0.5, 0.25, 0.125, 0.0], slot=0, first=2) == 0.125
+    assert na.first_window_weight([7, 5], [0.5, 0.5], slot=None, first=2) == 0.0
 
 
 def test_needle_attention_repeats_split_and_gca_gain():
@@ -299,3 +303,22 @@ def test_task_rows_do_not_depend_on_the_prefill_piece(monkeypatch):
             for pc in (m.config.chunk_size, 16384)}
     assert set(seen) == {m.config.chunk_size, 16384}  # the piece reached the cache
     assert rows[m.config.chunk_size] == rows[16384]
+
+
+def test_needle_attention_top_k_flag_retrieves_fewer_chunks(tmp_path, monkeypatch):
+    import sys
+
+    na = _script("needle_attention")
+    out = tmp_path / "na.json"
+    ckpt = str(Path(__file__).parents[1] / "checkpoints" / "passkey-tiny")
+    monkeypatch.setattr(sys, "argv", ["needle_attention.py", "--ckpt", ckpt, "--length", "504", "--depth", "0",
+                                      "--trials", "2", "--device", "cpu", "--top-k", "1", "--out", str(out)])
+    na.main()
+    got = json.loads(out.read_text())
+    assert got["top_k"] == 1
+    for row in got["rows"]:  # one chunk retrieved: it holds all the weight, and w(first) counts only the others
+        for x in row["layers"]:
+            assert x["weight"] in (0.0, 1.0) and x["max_other"] in (0.0, 1.0) and x["weight"] + x["max_other"] == 1.0
+    monkeypatch.setattr(sys, "argv", ["needle_attention.py", "--ckpt", ckpt, "--top-k", "0"])
+    with pytest.raises(SystemExit, match="--top-k must be >= 1"):
+        na.main()
