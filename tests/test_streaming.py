@@ -34,7 +34,9 @@ def test_streaming_equals_one_shot(arch, offload, prefill_chunk):
     x = torch.randint(0, 97, (2, 63 * 9 + 17))
     ref = m(x).logits
     rng = random.Random(torch.initial_seed())
-    for splits in ([x.shape[1]], [1] * 70 + [x.shape[1] - 70], random_splits(x.shape[1], rng)):
+    # one token at a time: into a ring not yet full (masked), then into a full one (no mask, across chunk ends)
+    decode = [100] + [1] * 140 + [x.shape[1] - 240]
+    for splits in ([x.shape[1]], [1] * 70 + [x.shape[1] - 70], decode, random_splits(x.shape[1], rng)):
         cache = m.new_cache(2, offload=offload, prefill_chunk=prefill_chunk)
         outs, i = [], 0
         for n in splits:

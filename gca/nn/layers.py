@@ -101,8 +101,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        (q, k), v = apply_rope(qkv[:2], cos, sin), qkv[2]  # q and k rotated in one pass
         if not self.causal:
             y = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -113,8 +113,8 @@ class SelfAttention(nn.Module):
         """Streaming: x ``(B, n, d)`` at absolute positions ``pos`` ``(n,)`` attends to itself and to
         the ring buffer ``ring`` (the previous positions of the window), then is written into it."""
         B, n, _ = x.shape
-        q, k, v = self.qkv(x).view(B, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        (q, k), v = apply_rope(qkv[:2], cos, sin), qkv[2]
         if self.window is None:  # full attention: append, then attend to every position held
             first = ring.length == 0
             keys, vals = ring.append(k, v)
@@ -130,6 +130,15 @@ class SelfAttention(nn.Module):
             return self.o(y.transpose(1, 2).reshape(B, n, -1))
         if n > 2 * self.window:
             y = _ring_blocked_attention(q, k, v, ring, self.window)  # long pieces: O(n * W)
+        elif n == 1:
+            # decoding: once written, the ring holds exactly the new position's window (the last W
+            # positions, itself included), in slot order; attention does not care about the order, so
+            # attend to the ring as it is: no copy of it, and no mask once it is full
+            ring.write(k, v, pos)
+            mask = None if ring.full else (ring.pos >= 0)[None, :]
+            with sdpa_kernel(_NO_CUDNN):
+                y = F.scaled_dot_product_attention(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=mask)
+            return self.o(y.transpose(1, 2).reshape(B, n, -1))
         else:
             keys, vals, kpos = ring.keys_with(k, v, pos)
             qp, kp = pos[:, None], kpos[None, :]
