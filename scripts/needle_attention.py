@@ -11,8 +11,8 @@ Builds task samples over the folder's held-out (val) text, runs each prompt with
   query chunk, the weight it gets there, the largest weight given to any other chunk, and
   ``w(first)``: the weight on the other chunks that lie in the sequence's first ``window``
   positions. Those chunks' lower-layer states saw less than a full window, which sets them apart
-  whatever their text; a retriever trained on samples shorter than twice the window, where every
-  needle beyond the window lies there, can learn to pick them by position instead of by content;
+  whatever their text, and retrievers use them as a sink (``--first-window``); a retriever that finds
+  needles pulls the weight from there to the needle's chunk;
 - reading, per upper layer and head, at the answer's positions and inside the answer's chunk:
   ``answer_mass``, the attention on the answer's tokens in that chunk, and ``next_mass``, the
   attention on the one token the position should copy (answer token i's occurrence in the needle,
@@ -27,6 +27,11 @@ queries the model used (``chunk_attention``); tests check that it reproduces the
 ``--oracle`` replaces retrieval at the answer's positions by the answer's chunk alone at weight 1 (in
 every GCA layer): if the accuracy then rises, the model can read the needle and retrieval's choice or
 weighting is what failed; if not, it cannot read it.
+
+``--first-window`` measures that sink on plain held-out text (no needle): for every query chunk, the
+share of its retrieval weight on the chunks of the sequence's first window, against the share those
+chunks have of the chunks it could retrieve. The models of results/README.md (the shipped tiny one
+too) give it nearly all their weight when nothing matches.
 
 ``--repeats`` asks the same of plain text: samples whose filler repeats pieces of itself from at least
 ``--repeat-gap`` tokens back (beyond the window), and the loss on the repeated tokens (digits and
@@ -199,6 +204,9 @@ def main() -> None:
     p.add_argument("--repeats", action="store_true",
                    help="instead of the task: the loss on filler pieces repeated from beyond the window (digit "
                         "runs in the filler with --digits), with GCA as trained and with GCA reading nothing")
+    p.add_argument("--first-window", action="store_true",
+                   help="instead of the task: on plain text, the retrieval weight on the sequence's first window "
+                        "by query chunk, against those chunks' share of the candidates (a position bias)")
     p.add_argument("--repeat-gap", type=int, default=600, help="--repeats: a piece repeats from >= this many tokens back")
     p.add_argument("--digits", type=float, default=0.05, help="--repeats: share of the filler in digit runs")
     p.add_argument("--top-k", type=int, default=None,
@@ -222,6 +230,8 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     if a.repeats:
         return _main_repeats(m, a, task, rng)
+    if a.first_window:
+        return _main_first_window(m, a, rng)
     filler = make_filler(a.data, split="val") if a.data else None
     rows = [inspect_sample(m, make_task_sample(task, context_len=a.length, seed=rng, filler=filler, depth=a.depth,
                                                text_per_chunk=m.config.text_per_chunk), oracle=a.oracle)
@@ -240,6 +250,47 @@ def main() -> None:
             json.dump(dict(ckpt=a.ckpt, task=task, length=a.length, depth=a.depth, trials=a.trials, seed=a.seed, oracle=a.oracle,
                            top_k=m.config.top_k,
                            summary=summ, rows=rows), f, indent=1)
+
+
+@torch.no_grad()
+def first_window_share(model: DRT, ids: list[int]) -> list[dict]:
+    """For each query chunk of one sequence (past the first two windows) and each upper layer: the
+    retrieval weight on chunks inside the first ``window`` positions (``share``) and those chunks'
+    fraction of the chunks before the query chunk (``expected``, what position-blind picks would give
+    on average)."""
+    cfg = model.config
+    first = cfg.window // cfg.chunk_size
+    _, seen = capture_gca(model, torch.tensor([ids], device=model.embed.weight.device))
+    out = []
+    for li, (_h, _mk, _mv, idx, w) in enumerate(seen):
+        for row in range(2 * first, idx.shape[1]):
+            ridx, rw = idx[0, row].tolist(), w[0, row].float().tolist()
+            out.append(dict(layer=li, row=row, share=round(first_window_weight(ridx, rw, None, first), 4),
+                            expected=round(first / row, 4)))
+    return out
+
+
+def _main_first_window(m: DRT, a, rng: np.random.Generator) -> None:
+    filler = make_filler(a.data, split="val")  # None: the embedded word filler
+    rows = []
+    for _ in range(a.trials):
+        rows += first_window_share(m, [int(t) for t in filler.tokens(a.length, rng)])
+    bands: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        lo = 16 * (r["row"] // 16)
+        bands.setdefault((r["layer"], lo), []).append(r)
+    print(f"plain text, {a.trials} sequences of {a.length} tokens: retrieval weight on the first "
+          f"{m.config.window // m.config.chunk_size} chunks (the first window) against their share of the candidates")
+    print(f"{'layer':>5} {'query chunks':>13} {'weight':>7} {'their share':>11}")
+    summary = []
+    for (li, lo), rs in sorted(bands.items()):
+        wgt, exp = float(np.mean([r["share"] for r in rs])), float(np.mean([r["expected"] for r in rs]))
+        summary.append(dict(layer=li, rows=[lo, lo + 15], weight=round(wgt, 4), expected=round(exp, 4)))
+        print(f"{li:5d} {f'{lo}-{lo + 15}':>13} {wgt:7.3f} {exp:11.3f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(ckpt=a.ckpt, mode="first_window", length=a.length, trials=a.trials, seed=a.seed,
+                           summary=summary, rows=rows), f, indent=1)
 
 
 def _main_repeats(m: DRT, a, task: str, rng: np.random.Generator) -> None:

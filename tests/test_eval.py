@@ -322,3 +322,25 @@ def test_needle_attention_top_k_flag_retrieves_fewer_chunks(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", ["needle_attention.py", "--ckpt", ckpt, "--top-k", "0"])
     with pytest.raises(SystemExit, match="--top-k must be >= 1"):
         na.main()
+
+
+def test_needle_attention_first_window_share_on_plain_text():
+    """--first-window: per query chunk past the first two windows, the retrieval weight on the first
+    window's chunks and their share of the candidates; the shipped model uses them as its sink."""
+    from gca.data.tasks import make_filler
+    from gca.train import load_model
+
+    na = _script("needle_attention")
+    m = load_model(Path(__file__).parents[1] / "checkpoints" / "passkey-tiny").float().eval()
+    ids = [int(t) for t in make_filler(None, split="val").tokens(1008, np.random.default_rng(3))]
+    rows = na.first_window_share(m, ids)
+    first = m.config.window // m.config.chunk_size
+    with torch.no_grad():
+        _, seen = na.capture_gca(m, torch.tensor([ids]))
+    n_rows = seen[0][3].shape[1]
+    assert len(rows) == len(seen) * (n_rows - 2 * first)
+    for r in rows:
+        idx, w = seen[r["layer"]][3][0, r["row"]], seen[r["layer"]][4][0, r["row"]]
+        want = float(w[(idx >= 0) & (idx < first)].sum())
+        assert r["share"] == pytest.approx(want, abs=1e-4) and r["expected"] == pytest.approx(first / r["row"], abs=1e-4)
+    assert np.mean([r["share"] for r in rows]) > 2 * np.mean([r["expected"] for r in rows])
