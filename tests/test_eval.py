@@ -303,6 +303,12 @@ def test_task_rows_do_not_depend_on_the_prefill_piece(monkeypatch):
             for pc in (m.config.chunk_size, 16384)}
     assert set(seen) == {m.config.chunk_size, 16384}  # the piece reached the cache
     assert rows[m.config.chunk_size] == rows[16384]
+    seen.clear()
+    evaluate_tasks(m, ["passkey"], [700], depths=[0.5], trials=1, progress=False)
+    assert seen == [4096]  # the default on a CPU; on a GPU 16K
+    from gca.eval.tasks import default_prefill_chunk
+
+    assert default_prefill_chunk("cuda:0") == 16384 and default_prefill_chunk("cpu") == 4096
 
 
 def test_needle_attention_top_k_flag_retrieves_fewer_chunks(tmp_path, monkeypatch):

@@ -150,8 +150,9 @@ a trial counts when the greedy continuation is exactly the answer.""",
     p.add_argument("--windows", type=int, default=4, help="ppl: windows per length (default 4)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation samples (default 1234)")
     p.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU memory")
-    p.add_argument("--prefill-chunk", type=int, default=16384,
-                   help="tasks: prompt positions processed at once (default 16384; answers do not depend on it)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tasks: prompt positions processed at once (default 16384 on a GPU, 4096 on a CPU; "
+                        "answers do not depend on it)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--name", default=None, help="model name in the JSON (default: the folder name)")
