@@ -180,7 +180,7 @@ def summarise(rows: list[dict]) -> dict:
             hit=round(float(np.mean([x["hit"] for x in ls])), 4),
             weight_when_hit=round(float(np.mean([x["weight"] for x in hit])), 4) if hit else None,
             max_other=round(float(np.mean([x["max_other"] for x in ls])), 4),
-            first_window=round(float(np.mean([x.get("first_window", 0.0) for x in ls])), 4),
+            first_window=round(float(np.mean([x["first_window"] for x in ls])), 4),
             answer_mass=[round(float(x), 4) for x in am], next_mass=[round(float(x), 4) for x in nm],
             next_mass_if_even=[round(float(x) / A, 4) for x in am],
         ))

@@ -33,8 +33,7 @@ class RingKV:
         self.k = torch.zeros(B, H, n, D, device=device, dtype=dtype)
         self.v = torch.zeros(B, H, n, D, device=device, dtype=dtype)
         self.pos = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.length = 0  # W=None: positions held
-        self.written = 0  # W set: positions written so far (the ring is full from W on)
+        self.length = 0  # positions written so far (W=None: all held; W set: the ring is full from W on)
 
     def keys_with(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """The stored keys/values/positions followed by new ones (not yet written)."""
@@ -76,12 +75,12 @@ class RingKV:
         self.k[:, :, slot] = k
         self.v[:, :, slot] = v
         self.pos[slot] = pos
-        self.written += k.shape[2]
+        self.length += k.shape[2]
 
     @property
     def full(self) -> bool:
         """Every slot holds a position (W set): a host-side count, no device sync."""
-        return self.W is not None and self.written >= self.W
+        return self.W is not None and self.length >= self.W
 
 
 class ChunkMemory:

@@ -138,7 +138,6 @@ class SelfAttention(nn.Module):
             mask = None if ring.full else (ring.pos >= 0)[None, :]
             with sdpa_kernel(_NO_CUDNN):
                 y = F.scaled_dot_product_attention(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=mask)
-            return self.o(y.transpose(1, 2).reshape(B, n, -1))
         else:
             keys, vals, kpos = ring.keys_with(k, v, pos)
             qp, kp = pos[:, None], kpos[None, :]
@@ -148,7 +147,8 @@ class SelfAttention(nn.Module):
             # decoding (a few queries): cuDNN's per-call host cost dwarfs the GPU work, so leave it out
             with sdpa_kernel(_NO_CUDNN) if n <= 16 else contextlib.nullcontext():
                 y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
-        ring.write(k, v, pos)
+        if n != 1:  # (a decoded token was written before it attended)
+            ring.write(k, v, pos)
         return self.o(y.transpose(1, 2).reshape(B, n, -1))
 
 
