@@ -91,7 +91,8 @@ def _add_train(sub) -> None:
     g.add_argument("--preset", default=d.preset, help=f"DRTConfig preset: tiny, small, paper (default {d.preset})")
     g.add_argument("--init-from", default=None, metavar="DIR",
                    help="fine-tune: start from the weights and model config of this run or checkpoint folder "
-                        "(--set still overrides fields, e.g. --set gca_softmax_one=false); the optimizer starts fresh")
+                        "(--set still overrides fields, e.g. --set gca_softmax_one=false; --set upper_groups regroups the same upper "
+                        "layers, each keeping its weights); the optimizer starts fresh")
     g.add_argument("--freeze", default=None, metavar="REGEX",
                    help="do not train the parameters whose names match this regular expression, e.g. "
                         "'^(embed|lower|encoder|retr_norms)\\.' keeps retrieval as it is while fine-tuning the rest "

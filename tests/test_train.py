@@ -532,6 +532,37 @@ def test_init_from_with_an_override_that_adds_parameters(reference, tmp_path, ca
     assert "dropped: encoder.key_norm.weight" in capsys.readouterr().out
 
 
+def test_init_from_with_regrouped_upper_layers_keeps_each_layer(reference, tmp_path, capsys):
+    ref_out, ref = reference  # tiny: upper_groups [2]
+    cfg = tiny_cfg(tmp_path / "ft", init_from=str(ref_out), model={"upper_groups": [1, 1]}, lr=1e-30, min_lr=0.0,
+                   max_steps=1, eval_every=0, grad_accum=1)
+    result = train(cfg, **sources())
+    assert "new (fresh initialisation): retr_norms.1.weight; dropped: none" in capsys.readouterr().out
+    state, old = result.model.state_dict(), ref.model.state_dict()
+    moved = {"groups.0.0.": "groups.0.0.", "groups.0.1.": "groups.1.0."}  # upper layer i keeps its weights
+    for k, v in old.items():
+        new_k = next((k.replace(a, b, 1) for a, b in moved.items() if k.startswith(a)), k)
+        assert torch.allclose(state[new_k], v, atol=1e-6), k
+    torch.testing.assert_close(state["retr_norms.1.weight"], torch.ones(32))  # the second group's norm is new
+    # and back to one group of two: both layers and the first norm come back, the second norm is dropped
+    train(tiny_cfg(tmp_path / "back", init_from=str(tmp_path / "ft"), model={"upper_groups": [2]}, lr=1e-30,
+                   min_lr=0.0, max_steps=1, eval_every=0, grad_accum=1), **sources())
+    assert "dropped: retr_norms.1.weight" in capsys.readouterr().out
+    # a different number of upper layers is not a regrouping: the extra layer is new
+    train(tiny_cfg(tmp_path / "more", init_from=str(ref_out), model={"upper_groups": [2, 1]}, max_steps=1,
+                   eval_every=0, grad_accum=1), **sources())
+    assert "groups.1.0.attn.o.weight" in capsys.readouterr().out
+
+
+def test_regroup_name_maps_layers_by_position():
+    from gca.train.checkpoint import _regroup_name
+
+    assert _regroup_name("groups.0.3.mlp.down.weight", [4], [2, 2]) == "groups.1.1.mlp.down.weight"
+    assert _regroup_name("groups.1.0.gca.q.weight", [2, 2], [4]) == "groups.0.2.gca.q.weight"
+    assert _regroup_name("groups.2.0.norm1.weight", [1, 1, 2], [3, 1]) == "groups.0.2.norm1.weight"
+    assert _regroup_name("lower.0.attn.qkv.weight", [4], [2, 2]) == "lower.0.attn.qkv.weight"
+
+
 def test_stop_at_keeps_the_schedule_and_resumes_to_the_same_run(reference, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "run"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
@@ -231,8 +233,16 @@ def load_weights(
     path = ckpt / WEIGHTS
     if not path.is_file():
         raise _corrupt(path, "is missing", ckpt)
+    regroup = (
+        saved_config is not None
+        and list(saved_config.upper_groups) != list(model.config.upper_groups)
+        and sum(saved_config.upper_groups) == sum(model.config.upper_groups)
+    )
     try:
-        missing, unexpected = _st_load_model(model, str(path), strict=False, device=str(device))
+        if regroup:  # the same upper layers in other retrieval groups: each layer keeps its weights by position
+            missing, unexpected = _load_regrouped(model, path, saved_config.upper_groups, device)
+        else:
+            missing, unexpected = _st_load_model(model, str(path), strict=False, device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise _corrupt(path, f"cannot be read ({type(e).__name__}: {e})", ckpt) from None
     # (safetensors already leaves out the duplicate names of tied tensors from ``missing``)
@@ -248,6 +258,31 @@ def load_weights(
     if missing or unexpected:
         raise _corrupt(path, f"does not fit the model of config.json (missing {missing}, unexpected {unexpected})", ckpt)
     return new, gone
+
+
+def _regroup_name(name: str, old_groups: list[int], new_groups: list[int]) -> str:
+    """``groups.G.I.rest`` of a model with ``old_groups`` as the name of the same upper layer (counted
+    from the first) in a model with ``new_groups``; other names unchanged."""
+    m = re.match(r"groups\.(\d+)\.(\d+)\.(.*)", name)
+    if m is None:
+        return name
+    flat = sum(old_groups[: int(m[1])]) + int(m[2])
+    g = 0
+    while flat >= new_groups[g]:
+        flat -= new_groups[g]
+        g += 1
+    return f"groups.{g}.{flat}.{m[3]}"
+
+
+def _load_regrouped(model: DRT, path: Path, old_groups: list[int], device) -> tuple[list[str], list[str]]:
+    """Load weights saved from a model whose upper layers were grouped as ``old_groups`` (same total):
+    upper layer i keeps its weights; a group's retrieval norm that the old model lacked stays fresh."""
+    new_groups = list(model.config.upper_groups)
+    state = {_regroup_name(k, list(old_groups), new_groups): v for k, v in _st_load_file(str(path), device=str(device)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
+    missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]  # tied names share a loaded tensor
+    return missing, list(unexpected)
 
 
 def load_model(dir_or_ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> DRT:
