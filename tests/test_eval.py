@@ -350,3 +350,29 @@ def test_needle_attention_first_window_share_on_plain_text():
         want = float(w[(idx >= 0) & (idx < first)].sum())
         assert r["share"] == pytest.approx(want, abs=1e-4) and r["expected"] == pytest.approx(first / r["row"], abs=1e-4)
     assert np.mean([r["share"] for r in rows]) > 2 * np.mean([r["expected"] for r in rows])
+
+
+def test_retrieval_margin_scores_are_the_forward_pass_retrieval():
+    """The script's question scores are the first group's retrieval scores of the model's own forward
+    pass (the picked chunks and their scores match), and on the shipped passkey model the needle's
+    chunk ranks first at the question with a positive margin."""
+    from gca.data.tasks import make_task_sample
+    from gca.train import load_model
+
+    rm = _script("retrieval_margin")
+    torch.manual_seed(3)
+    m = DRT(tiny(vocab_size=101, upper_groups=[1, 1], top_k=3)).double().eval()
+    ids = torch.randint(0, 101, (1, 63 * 9 + 4))
+    sc = rm.question_scores(m, ids)
+    _, retrieval = m._forward_drt(ids)
+    r = retrieval[0]
+    for row in range(2, sc.shape[0] - 1):
+        top = sc[row, :row].topk(min(3, row))
+        assert sorted(top.indices.tolist()) == sorted(r.indices[0, row][r.indices[0, row] >= 0].tolist())
+        torch.testing.assert_close(top.values.sort().values, r.scores[0, row, : len(top.values)].sort().values)
+    m = load_model(Path(__file__).parents[1] / "checkpoints" / "passkey-tiny").float().eval()
+    for seed in (1, 2):
+        s = make_task_sample("passkey", context_len=1008, seed=np.random.default_rng(seed), depth=0.5)
+        row = rm.question_scores(m, torch.tensor([s.prompt]))[s.query_chunk, : s.query_chunk]
+        t = s.target_chunk
+        assert int(row.argmax()) == t and row[t] > torch.cat([row[:t], row[t + 1 :]]).max()
