@@ -26,6 +26,7 @@
 #   STAGE=copy-2hop HOP_RUNS='p2g4k p1g4k' bash scripts/copy_first.sh       # the same, from plain1k's retrieval
 #   STAGE=copy-2hop HOP_RUNS=p2g4kf bash scripts/copy_first.sh              # ... with its first group's retrieval frozen
 #   STAGE=copy-2hop HOP_RUNS=p2g4ka bash scripts/copy_first.sh              # ... or with the loss on the answers only
+#   STAGE=copy-2hop HOP_RUNS=pk4ka bash scripts/copy_first.sh; STAGE=copy-2hop HOP_RUNS=c2g4ka bash scripts/copy_first.sh  # passkey first
 #
 # Knobs (environment): RUNS (runs/copy-first), DATA (data/debian-docs), MIN (minutes of training per
 # call and run; 0 = no limit), COPY_RUN (plain1k: the copy run the later stages start from), LM (lm:
@@ -38,7 +39,7 @@
 # (passkey,multikey,2hop: lm-eval's needle tasks; empty = perplexity only), COPY_NAME (drt-copy-small)
 # and COPY_TASKS (passkey): copy-eval's model name and tasks, COPY_LONG (1; 0 = copy-eval stops after
 # 4K-1M), LM_STEPS (2600) and COPY_STEPS (6000): the text and copy stages' lengths in steps, HOP_RUNS
-# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens; p2g4k, p1g4k: those from plain1k; p2g4kf: p2g4k with plain1k's retrieval frozen; p2g4ka: p2g4k with the loss on answers only), DEVICE (auto), DTYPE (bfloat16, evaluation).
+# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens; p2g4k, p1g4k: those from plain1k; p2g4kf: p2g4k with plain1k's retrieval frozen; p2g4ka: p2g4k with the loss on answers only; pk4ka then c2g4ka: passkey answers first, then the mixture), DEVICE (auto), DTYPE (bfloat16, evaluation).
 #
 # Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
 # tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
@@ -132,7 +133,13 @@ case "$STAGE" in
         # retrieval (results/README.md, eighth run, CPU check)
         p2g4ka) copy_run p2g4ka 4032 8 plain drt "${NEEDLE_DATA/loss=answer_repeats/loss=answer}" --init-from "$(export_once copy-plain1k)" \
                   --lr 5e-4 --set "upper_groups=[2,2]" & ;;
-        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka)" >&2; exit 2 ;;
+        # pk4ka then c2g4ka (run one after the other): plain1k on its passkey data at 4032 tokens with the loss on
+        # the answers only, which sharpens the needle's ranking (CPU check); then the mixture, answers only, as [2,2]
+        pk4ka) copy_run pk4ka 4032 8 plain drt "${COPY_DATA/loss=answer_repeats/loss=answer}" --init-from "$(export_once copy-plain1k)" \
+                 --lr 5e-4 & ;;
+        c2g4ka) copy_run c2g4ka 4032 8 plain drt "${NEEDLE_DATA/loss=answer_repeats/loss=answer}" --init-from "$(export_once copy-pk4ka)" \
+                  --lr 5e-4 --set "upper_groups=[2,2]" & ;;
+        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka, pk4ka, c2g4ka)" >&2; exit 2 ;;
       esac
     done
     wait ;;
