@@ -49,13 +49,13 @@ def _depth_list(depths) -> list[float]:
     return [float(d) for d in depths]
 
 
-@torch.no_grad()
 def default_prefill_chunk(device) -> int:
     """Prompt positions streamed at once in evaluation: 16K on a GPU (fewer, larger launches), 4K
     elsewhere (the same speed on a CPU, a quarter of the activation memory)."""
     return 16384 if torch.device(device).type == "cuda" else 4096
 
 
+@torch.no_grad()
 def score_samples(model: DRT, samples: list, *, offload: bool = False, device=None, cache=None,
                   prefill_chunk: int | None = None) -> tuple[list[bool], list[bool]]:
     """Exact-match and retrieval hit of task samples that share prompt and answer lengths (one batch).

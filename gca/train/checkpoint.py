@@ -280,8 +280,9 @@ def _load_regrouped(model: DRT, path: Path, old_groups: list[int], device) -> tu
     new_groups = list(model.config.upper_groups)
     state = {_regroup_name(k, list(old_groups), new_groups): v for k, v in _st_load_file(str(path), device=str(device)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
-    missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]  # tied names share a loaded tensor
+    now = model.state_dict()
+    loaded = {t.data_ptr() for k, t in now.items() if k in state}
+    missing = [k for k in missing if now[k].data_ptr() not in loaded]  # tied names share a loaded tensor
     return missing, list(unexpected)
 
 
