@@ -54,10 +54,12 @@ def main() -> None:
     ap.add_argument("--digits", type=float, default=0.08)
     ap.add_argument("--seed", type=int, default=77)
     ap.add_argument("--accuracy", action="store_true", help="also score the answer (one more full pass a sample)")
+    ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu or cuda")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
-    model = load_model(a.ckpt).float().eval()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    model = load_model(a.ckpt).float().eval().to(device)
     if model.config.arch != "drt":
         raise SystemExit(f"{a.ckpt} is a {model.config.arch} model: it has no retrieval to measure")
     src = TaskSource("passkey", a.length, filler=a.data, split="val", seed=a.seed, loss_on="answer",
@@ -67,7 +69,7 @@ def main() -> None:
     with torch.no_grad():
         for gid in range(a.samples):
             s, _ = src.sample_task(gid)
-            sc = question_scores(model, torch.tensor(s.input_ids[: s.prompt_len])[None])
+            sc = question_scores(model, torch.tensor(s.input_ids[: s.prompt_len], device=device)[None]).cpu()
             r, t = s.query_chunk, s.target_chunk
             row = sc[r, :r]
             others = torch.cat([row[:t], row[t + 1 :]])
@@ -79,10 +81,10 @@ def main() -> None:
                        spread=round(float(row.std()), 4), p_gumbel_pick=picked / a.draws, candidates=int(r))
             if a.accuracy:
                 ids, labels = src.sample(gid)
-                logits = model(torch.tensor(ids)[None])
+                logits = model(torch.tensor(ids, device=device)[None])
                 logits = getattr(logits, "logits", logits)
                 pos = np.nonzero(labels != -100)[0]
-                out["correct"] = bool((logits[0, pos - 1].argmax(-1).numpy() == labels[pos]).all())
+                out["correct"] = bool((logits[0, pos - 1].argmax(-1).cpu().numpy() == labels[pos]).all())
             rows.append(out)
     mean = {k: round(float(np.mean([r[k] for r in rows])), 4) for k in rows[0]}
     print(f"{a.ckpt}, {a.length} tokens, {a.samples} samples: needle rank {mean['rank']:.2f} (0 = first), "
