@@ -139,10 +139,7 @@ case "$STAGE" in
                  --lr 5e-4 & ;;
         c2g4ka) copy_run c2g4ka 4032 8 plain drt "${NEEDLE_DATA/loss=answer_repeats/loss=answer}" --init-from "$(export_once copy-pk4ka)" \
                   --lr 5e-4 --set "upper_groups=[2,2]" & ;;
-        # p2g4ka2: p2g4ka trained on (from its export, same data and form), run beside c2g4ka
-        p2g4ka2) copy_run p2g4ka2 4032 8 plain drt "${NEEDLE_DATA/loss=answer_repeats/loss=answer}" --init-from "$(export_once copy-p2g4ka)" \
-                  --lr 5e-4 --set "upper_groups=[2,2]" & ;;
-        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka, p2g4ka2, pk4ka, c2g4ka)" >&2; exit 2 ;;
+        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka, pk4ka, c2g4ka)" >&2; exit 2 ;;
       esac
     done
     wait ;;

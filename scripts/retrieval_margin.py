@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gca.data.tasks import TaskSource
+from gca.eval.cli import _device
 from gca.retrieval import causal_topk, retrieval_scores
 from gca.train.checkpoint import load_model
 
@@ -58,8 +59,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
-    model = load_model(a.ckpt).float().eval().to(device)
+    device = _device(a.device)
+    model = load_model(a.ckpt, device=device).float().eval()
     if model.config.arch != "drt":
         raise SystemExit(f"{a.ckpt} is a {model.config.arch} model: it has no retrieval to measure")
     src = TaskSource("passkey", a.length, filler=a.data, split="val", seed=a.seed, loss_on="answer",
