@@ -10,7 +10,10 @@ throughput and peak GPU memory at several context lengths (results/throughput.js
   logit row kept; tokens/s = length / time.
   The full-attention baseline prefills in one piece (causal SDPA, flash kernels), DRT in pieces of
   16K positions.
-- decode: ``--decode-tokens`` greedy decode steps after that prefill, batch 1; tokens/s = steps / time.
+- decode: ``--decode-tokens`` greedy decode steps after that prefill (and one untimed step), batch 1;
+  tokens/s = steps / time. Plain streaming calls (``cuda_graph: false``) and, for DRT, as many steps
+  more through the CUDA-graph decoder (``cuda_graph: true``, ``gca.inference.GraphDecoder``, what
+  ``generate`` uses on CUDA); the full-attention baseline decodes with plain calls only.
 Peak memory is ``torch.cuda.max_memory_allocated`` over each measurement.
 """
 
@@ -66,21 +69,28 @@ def main() -> None:
         rows_b = []
         for L in [int(x) for x in a.lengths.split(",")]:
             rows_b += bench_streaming(model, [L], offload_modes=(False,), decode_tokens=a.decode_tokens, progress=False,
-                                      prefill_chunk=L + L // 63 + 64 if arch == "full" else 16384)
+                                      prefill_chunk=L + L // 63 + 64 if arch == "full" else 16384, cuda_graph=True)
         for r in rows_b:
             L = r["context_length"]
             for mode in ("prefill", "decode"):
                 if mode in modes:
+                    extra = dict(cuda_graph=False) if mode == "decode" else {}
                     rows.append(dict(model=name, context_length=L, mode=mode, tokens_per_s=r[f"{mode}_tokens_per_s"],
-                                     peak_mem_gb=r["peak_mem_gb"], **meta))
+                                     peak_mem_gb=r["peak_mem_gb"], **extra, **meta))
                     print(json.dumps(rows[-1]), flush=True)
+            if "decode" in modes and "decode_graph_tokens_per_s" in r:
+                rows.append(dict(model=name, context_length=L, mode="decode", tokens_per_s=r["decode_graph_tokens_per_s"],
+                                 peak_mem_gb=r["peak_mem_gb"], cuda_graph=True,
+                                 first_step_ms=r["decode_graph_first_step_ms"], **meta))
+                print(json.dumps(rows[-1]), flush=True)
         del model
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"{'model':<12} {'length':>7} {'mode':>8} {'tokens/s':>10} {'peak GB':>8}")
+    print(f"{'model':<12} {'length':>7} {'mode':>14} {'tokens/s':>10} {'peak GB':>8}")
     for r in rows:
-        print(f"{r['model']:<12} {r['context_length']:>7} {r['mode']:>8} {r['tokens_per_s']:>10} {r['peak_mem_gb']:>8}")
+        mode = r["mode"] + (" (graph)" if r.get("cuda_graph") else "")
+        print(f"{r['model']:<12} {r['context_length']:>7} {mode:>14} {r['tokens_per_s']:>10} {r['peak_mem_gb']:>8}")
 
 
 if __name__ == "__main__":

@@ -396,6 +396,7 @@ class DRT(nn.Module):
         cache: DRTCache | None = None,
         offload: bool = False,
         generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
     ) -> torch.Tensor:
         """Continue ``input_ids`` ``(B, L)`` by up to ``max_new_tokens`` tokens; returns ``(B, L + new)``.
 
@@ -404,6 +405,11 @@ class DRT(nn.Module):
         Greedy by default; ``do_sample`` with ``temperature``, ``top_k`` and ``top_p`` samples.
         A retrieval is made only when a chunk closes (every 63 tokens); see the README on where a
         question should end.
+
+        ``cuda_graph`` (default: on CUDA, for ``drt`` and ``swa``): decode the tokens that do not
+        close a chunk through a captured CUDA graph (:class:`gca.inference.GraphDecoder`); the
+        tokens are the same, the host overhead of a step is gone. ``False`` decodes with plain
+        streaming calls.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -416,6 +422,14 @@ class DRT(nn.Module):
         self.eval()
         cache = cache or self.new_cache(input_ids.shape[0], offload=offload, max_tokens=input_ids.shape[1] + max_new_tokens)
         logits = self(input_ids, cache=cache, logits_to_keep=1).logits[:, -1]
+        on_cuda = self.embed.weight.device.type == "cuda"
+        if cuda_graph and self.config.arch == "full":
+            raise ValueError("cuda_graph=True: the full-attention baseline's keys grow every step; use cuda_graph=False")
+        dec = None
+        if (on_cuda if cuda_graph is None else cuda_graph) and self.config.arch != "full" and max_new_tokens > 1:
+            from gca.inference.graph import GraphDecoder
+
+            dec = GraphDecoder(self, cache, graph=True)
         out = [input_ids.to(logits.device)]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
         for i in range(max_new_tokens):
@@ -426,7 +440,7 @@ class DRT(nn.Module):
             out.append(nxt[:, None])
             if (eos_token_id is not None and done.all()) or i == max_new_tokens - 1:
                 break
-            logits = self(nxt[:, None], cache=cache).logits[:, -1]
+            logits = dec.step(nxt) if dec is not None else self(nxt[:, None], cache=cache).logits[:, -1]
         self.train(was_training)
         return torch.cat(out, dim=1)
 

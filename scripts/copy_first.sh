@@ -27,6 +27,10 @@
 #   STAGE=copy-2hop HOP_RUNS=p2g4kf bash scripts/copy_first.sh              # ... with its first group's retrieval frozen
 #   STAGE=copy-2hop HOP_RUNS=p2g4ka bash scripts/copy_first.sh              # ... or with the loss on the answers only
 #   STAGE=copy-2hop HOP_RUNS=pk4ka bash scripts/copy_first.sh; STAGE=copy-2hop HOP_RUNS=c2g4ka bash scripts/copy_first.sh  # passkey first
+#   STAGE=copy-2hop HOP_RUNS='h2g4k h2g16k' bash scripts/copy_first.sh      # p2g4ka on 2hop-weighted data, 4032 / 16128 tokens
+#   STAGE=copy-2hop HOP_RUNS=h2g4kl bash scripts/copy_first.sh              # ... with the 2hop question a chunk ahead (lead=1)
+#   STAGE=copy-eval COPY_RUN=h2g4kl COPY_NAME=drt-copy-h2g4kl-small COPY_TASKS=passkey,multikey,2hop COPY_LONG=0 \
+#     EVAL_ARGS='--hop-lead 1' bash scripts/copy_first.sh
 #
 # Knobs (environment): RUNS (runs/copy-first), DATA (data/debian-docs), MIN (minutes of training per
 # call and run; 0 = no limit), COPY_RUN (plain1k: the copy run the later stages start from), LM (lm:
@@ -39,7 +43,7 @@
 # (passkey,multikey,2hop: lm-eval's needle tasks; empty = perplexity only), COPY_NAME (drt-copy-small)
 # and COPY_TASKS (passkey): copy-eval's model name and tasks, COPY_LONG (1; 0 = copy-eval stops after
 # 4K-1M), LM_STEPS (2600) and COPY_STEPS (6000): the text and copy stages' lengths in steps, HOP_RUNS
-# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens; p2g4k, p1g4k: those from plain1k; p2g4kf: p2g4k with plain1k's retrieval frozen; p2g4ka: p2g4k with the loss on answers only; pk4ka then c2g4ka: passkey answers first, then the mixture), DEVICE (auto), DTYPE (bfloat16, evaluation).
+# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens; p2g4k, p1g4k: those from plain1k; p2g4kf: p2g4k with plain1k's retrieval frozen; p2g4ka: p2g4k with the loss on answers only; pk4ka then c2g4ka: passkey answers first, then the mixture; h2g4k, h2g16k: p2g4ka on 2hop-weighted data; h2g4kl: with lead=1), EVAL_ARGS (none: more `gca eval tasks` arguments for copy-eval, e.g. '--hop-lead 1') and EVAL_TAG (none: a suffix for copy-eval's output folder), DEVICE (auto), DTYPE (bfloat16, evaluation).
 #
 # Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
 # tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
@@ -66,6 +70,7 @@ COPY_TASKS=${COPY_TASKS:-passkey}
 LM_TASKS=${LM_TASKS-passkey,multikey,2hop}
 DEVICE=${DEVICE:-auto}
 DTYPE=${DTYPE:-bfloat16}
+EVAL_ARGS=${EVAL_ARGS:-}
 gca() { python -m gca.cli "$@"; }
 mkdir -p "$RUNS"
 
@@ -80,6 +85,8 @@ FORM="--set gca_softmax_one=true --set retrieval_key=centered --set center_memor
 # needle mixture (passkey / multikey / 2hop over corpus text, loss on answers and far repeats) as the other 8
 LM_DATA="$DATA@0.25+synthetic:passkey;filler=$DATA;loss=all;repeat=1.0;repeat_gap=600@0.25+synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08@0.5"
 NEEDLE_DATA="synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08"
+# the needle tasks weighted to 2hop, loss on the answers only (h2g4k, h2g16k)
+HOP_DATA="synthetic:passkey=0.2,multikey=0.2,2hop=0.6;filler=$DATA;loss=answer;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08"
 common=(--preset small --save-every 250 --log-every 25 --eval-every 200 --eval-batches 4 --no-progress
         --compile --device "$DEVICE" --time-limit "$MIN")
 
@@ -139,13 +146,22 @@ case "$STAGE" in
                  --lr 5e-4 & ;;
         c2g4ka) copy_run c2g4ka 4032 8 plain drt "${NEEDLE_DATA/loss=answer_repeats/loss=answer}" --init-from "$(export_once copy-pk4ka)" \
                   --lr 5e-4 --set "upper_groups=[2,2]" & ;;
-        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka, pk4ka, c2g4ka)" >&2; exit 2 ;;
+        # h2g4k / h2g16k: p2g4ka continued on a mixture weighted to 2hop (0.6; passkey and multikey 0.2 each),
+        # loss on the answers only, lr 3e-4: at 4032 tokens (64 chunks, 8 rows) or at 16128 (256 chunks, 2 rows),
+        # where the chain's first needle must be ranked into the top 8 among 4x as many chunks (ninth run: the
+        # retrieval hit of 2hop fell from 80% at 4K to 0-20% from 64K on)
+        h2g4k) copy_run h2g4k 4032 8 plain drt "$HOP_DATA" --init-from "$(export_once copy-p2g4ka)" --lr 3e-4 --set "upper_groups=[2,2]" & ;;
+        h2g16k) copy_run h2g16k 16128 2 plain drt "$HOP_DATA" --init-from "$(export_once copy-p2g4ka)" --lr 3e-4 --set "upper_groups=[2,2]" & ;;
+        # h2g4kl: h2g4k with the 2hop question asked so that its X ends a whole chunk before the answer's
+        # retrieval (lead=1): the first group can fetch X -> Y one landmark before the second group needs Y
+        h2g4kl) copy_run h2g4kl 4032 8 plain drt "$HOP_DATA;lead=1" --init-from "$(export_once copy-p2g4ka)" --lr 3e-4 --set "upper_groups=[2,2]" & ;;
+        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka, pk4ka, c2g4ka, h2g4k, h2g16k, h2g4kl)" >&2; exit 2 ;;
       esac
     done
     wait ;;
   copy-eval)
     C=$(export_once "copy-$COPY_RUN")
-    tasks "$C" "$COPY_NAME" "$RUNS/eval/copy-$COPY_RUN" 9001 4K,16K,64K,256K,1M --tasks "$COPY_TASKS" --trials 4
+    tasks "$C" "$COPY_NAME" "$RUNS/eval/copy-$COPY_RUN${EVAL_TAG:-}" 9001 4K,16K,64K,256K,1M --tasks "$COPY_TASKS" --trials 4 $EVAL_ARGS
     [ "$COPY_LONG" = 1 ] || { echo "done: STAGE=$STAGE (4K-1M; COPY_LONG=0)"; exit 0; }
     tasks "$C" "$COPY_NAME" "$RUNS/eval/copy-$COPY_RUN-4M" 9002 4M --tasks passkey --trials 4 --batch-size 4
     gca eval tasks --ckpt "$C" --tasks passkey --lengths 16M --depths 2 --trials 1 --batch-size 1 --filler "$DATA" \

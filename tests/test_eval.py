@@ -46,12 +46,31 @@ def test_needle_score_is_greedy_exact_match():
     s = samples[0]
     gen = m.generate(torch.tensor([s.prompt]), max_new_tokens=len(s.answer))[0, s.prompt_len:].tolist()
     own = type(s)(**{**s.__dict__, "answer": gen, "input_ids": s.prompt + gen})
-    correct, hits = score_samples(m, [own, samples[1], samples[2]])
+    correct, hits, distracted = score_samples(m, [own, samples[1], samples[2]])
     assert correct[0] is True
     for c, smp in zip(correct[1:], samples[1:]):
         greedy = m.generate(torch.tensor([smp.prompt]), max_new_tokens=len(smp.answer))[0, smp.prompt_len:].tolist()
         assert c == (greedy == smp.answer)
     assert all(isinstance(h, bool) for h in hits)
+    assert distracted == [False] * 3  # passkey samples have no distractors
+
+
+def test_score_samples_counts_a_distractor_answer():
+    from gca.data.tasks import make_task_sample
+
+    torch.manual_seed(0)
+    m = DRT(tiny()).eval()
+    s = make_task_sample("2hop", context_len=400, seed=3)
+    assert len(s.distractor_answers) == 1 and len(s.distractor_answers[0]) == len(s.answer)
+    assert s.distractor_answers[0] != s.answer
+    gen = m.generate(torch.tensor([s.prompt]), max_new_tokens=len(s.answer))[0, s.prompt_len:].tolist()
+    # the model's own greedy answer, declared once as a distractor's value and once as the answer
+    as_distractor = type(s)(**{**s.__dict__, "distractor_answers": [gen]})
+    as_answer = type(s)(**{**s.__dict__, "answer": gen, "input_ids": s.prompt + gen})
+    correct, _, distracted = score_samples(m, [as_distractor])
+    assert distracted == [True] and correct == [gen == s.answer]
+    correct, _, distracted = score_samples(m, [as_answer])
+    assert correct == [True] and distracted == [gen == s.distractor_answers[0]]
 
 
 def test_ppl_command(tmp_path, capsys):

@@ -246,3 +246,25 @@ def test_digit_runs_in_filler_only_when_asked():
 
     with pytest.raises(ValueError, match="custom filler"):
         make_filler(WordFiller(), digit_frac=0.1)
+
+
+@pytest.mark.parametrize("lead", [0, 1, 2])
+def test_2hop_lead_puts_the_question_key_whole_chunks_before_the_answer(lead):
+    from gca.data.tasks import _enc
+
+    tok = load_tokenizer("embedded")
+    opening = list(_enc(tok, " |Where does the path from"))
+    for seed in range(5):
+        s = make_task_sample("2hop", context_len=1500, seed=seed, hop_lead=lead)
+        q0 = s.prompt_len - s.question_len
+        assert s.input_ids[q0 : q0 + len(opening)] == opening
+        x_end = q0 + len(opening) + 2  # key_len 2: the question's first X ends here
+        x_chunk = (x_end - 1) // s.text_per_chunk
+        # retrieval for the answer's chunk is made at query_chunk's landmark; lead chunks before it
+        assert x_chunk == s.query_chunk if lead == 0 else x_chunk <= s.query_chunk - lead
+        assert s.answer not in s.distractor_answers and len(s.distractor_answers) == 1
+    # other kinds ignore it; the data spec takes it as lead=N
+    assert make_task_sample("passkey", context_len=600, seed=0, hop_lead=2).prompt == \
+        make_task_sample("passkey", context_len=600, seed=0).prompt
+    src = build_source("synthetic:2hop;lead=1", seq_len=1008, seed=0)
+    assert src.task_kwargs["hop_lead"] == 1

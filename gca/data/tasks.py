@@ -88,6 +88,9 @@ class TaskSample:
         depth: requested relative depth of the (first) target needle in [0, 1].
         repeat_mask: per-token bool list, True on filler tokens that repeat an earlier piece of the
             filler (from the second token of each piece on; all False without repeats).
+        question_len: the question's tokens, the last of the prompt.
+        distractor_answers: the values of the distractor needles (multikey: the other keys' numbers;
+            2hop: the other chains' end points), each a possible wrong answer; empty for passkey.
     """
 
     input_ids: list[int]
@@ -100,6 +103,8 @@ class TaskSample:
     aligned: bool = True
     depth: float = 0.0
     repeat_mask: list[bool] = field(default_factory=list)
+    question_len: int = 0
+    distractor_answers: list[list[int]] = field(default_factory=list)
 
     @property
     def target_chunk(self) -> int:
@@ -272,8 +277,10 @@ def _with_repeats(base: np.ndarray, rng: np.random.Generator, frac: float = 0.3,
 
 
 # ---------------------------------------------------------------- templates
-def _templates(tok: Tokenizer, kind: str, keys: list[tuple[int, ...]], values: list[tuple[int, ...]]):
-    """Needles (target first) and question ids for one instance."""
+def _templates(tok: Tokenizer, kind: str, keys: list[tuple[int, ...]], values: list[tuple[int, ...]],
+               lead_tokens: int = 0):
+    """Needles (target first) and question ids for one instance. ``lead_tokens`` (2hop): the question's
+    first key ends at least this many tokens before the question does (its first sentence repeated)."""
     E = lambda s: list(_enc(tok, s))  # noqa: E731
     bar = E("|")
     if kind == "passkey":
@@ -293,6 +300,12 @@ def _templates(tok: Tokenizer, kind: str, keys: list[tuple[int, ...]], values: l
             needles.append(E(" |The path from") + list(x) + E(" leads to") + list(y) + bar)
             needles.append(E(" |The path from") + list(y) + E(" leads to") + list(z) + bar)
         question = E(" |Where does the path from") + list(keys[0]) + E(" lead after two steps? It leads to")
+        if lead_tokens > 0:
+            head = E(" |Where does the path from") + list(keys[0]) + E(" lead after two steps?")
+            tail = E(" It leads to")
+            x_end = len(E(" |Where does the path from")) + len(keys[0])
+            reps = max(1, -(-(lead_tokens + x_end - len(tail)) // len(head)))
+            question = head * reps + tail  # reps * len(head) + len(tail) - x_end >= lead_tokens
     else:
         raise ValueError(kind)
     return needles, question
@@ -370,6 +383,7 @@ def make_task_sample(
     repeat_prob: float = 0.0,
     repeat_frac: float = 0.3,
     repeat_gap: int = P_DEFAULT,
+    hop_lead: int = 0,
     max_tries: int = 100,
 ) -> TaskSample:
     """Build one task instance.
@@ -394,6 +408,14 @@ def make_task_sample(
         repeat_gap: a repeated piece starts at least ``repeat_gap + its length`` tokens after its
             source. Beyond the sliding window (e.g. 130 for a window of 128), the copy can only be
             made through retrieval and GCA, which trains exactly what the needle tasks need.
+        hop_lead: 2hop only (other kinds ignore it): ask the question's first sentence (``|Where
+            does the path from X lead after two steps?``) as many times as it takes for its first
+            X to end at least ``hop_lead`` whole chunks before the answer's chunk. Retrieval is made
+            once per chunk, at its landmark, for the next chunk, and the second group's query sees
+            what the first group retrieved for the *current* chunk; with the default single
+            question (inside the last chunk) the Y -> Z needle can only be found by retrieving it
+            together with X -> Y at the same landmark. With ``hop_lead=1`` the first group can
+            fetch X -> Y one landmark earlier and the second group then looks for Y -> Z.
     Raises:
         ValueError if the needles and question cannot fit in ``context_len``.
     """
@@ -416,7 +438,7 @@ def make_task_sample(
         n_keys_needed = {"passkey": 0, "multikey": n_vals, "2hop": 2 * n_vals}[kind]
         keys = _distinct(rng, words, key_len, n_keys_needed)
         values = _distinct(rng, digits, value_len, n_vals)
-        needles, question = _templates(tok, kind, keys, values)
+        needles, question = _templates(tok, kind, keys, values, hop_lead * P + 1 if kind == "2hop" else 0)
         q = len(question)
         if q > L:
             raise ValueError(f"context_len {context_len} is too short for a {q}-token question")
@@ -475,6 +497,8 @@ def make_task_sample(
             aligned=bool(align_question),
             depth=float(depths[0]),
             repeat_mask=rmask.tolist() + [False] * len(answer),
+            question_len=q,
+            distractor_answers=[list(map(int, v)) for v in values[1:]],
         )
     raise RuntimeError(f"could not build a {kind} sample without accidental repeats in {max_tries} tries")
 
@@ -510,7 +534,7 @@ class TaskSource(BatchSource):
             training only: they give the copy circuit digit strings to practise on.
         tokenizer: default the filler's tokenizer, else ``"embedded"``.
         **task_kwargs: passed to :func:`make_task_sample` (n_keys, n_chains, key_len, value_len,
-            align_question, text_per_chunk, depth).
+            align_question, text_per_chunk, depth, hop_lead).
     ``get_batch`` returns ``input_ids`` and ``labels`` ``(B, L)`` long; labels equal input_ids where
     a loss is wanted and -100 elsewhere (the model shifts them).
     """

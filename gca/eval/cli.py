@@ -64,13 +64,16 @@ def _print_table(rows: list[dict], train_length: int | None) -> None:
     from gca.eval.tasks import summarize, summarize_beyond_window
 
     acc, hit = summarize(rows, "accuracy"), summarize(rows, "retrieval_hit")
+    dis = summarize([r for r in rows if r.get("distractor_answer") is not None], "distractor_answer")
     far = summarize_beyond_window(rows)
-    print(f"{'task':<10} {'length':>10} {'x train':>8} {'accuracy':>9} {'retrieval hit':>14} {'beyond window':>20}")
+    print(f"{'task':<10} {'length':>10} {'x train':>8} {'accuracy':>9} {'retrieval hit':>14} {'distractor':>11} "
+          f"{'beyond window':>20}")
     for (task, n), a in acc.items():
         x = f"{n / train_length:.0f}x" if train_length else "-"
         fa, fn = far.get((task, n), (None, 0))
         f = f"{100 * fa:.1f}% of {fn}" if fn else "-"
-        print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {100 * hit[(task, n)]:>13.1f}% {f:>20}")
+        d = f"{100 * dis[(task, n)]:.1f}%" if (task, n) in dis else "-"
+        print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {100 * hit[(task, n)]:>13.1f}% {d:>11} {f:>20}")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -99,7 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
                               tokenizer=tok or "embedded", filler=args.filler, batch_size=args.batch_size,
-                              offload=args.offload, prefill_chunk=args.prefill_chunk, on_row=save)
+                              offload=args.offload, prefill_chunk=args.prefill_chunk, on_row=save,
+                              **({"hop_lead": args.hop_lead} if args.hop_lead else {}))
         for r in rows:
             r.update(model=name, train_length=train_length)
         _print_table(rows, train_length)
@@ -143,6 +147,9 @@ a trial counts when the greedy continuation is exactly the answer.""",
     p.add_argument("--train-length", type=int, default=None, help="training length for 'Nx' (default: the checkpoint's --seq-len)")
     p.add_argument("--tasks", default="passkey", help="comma-separated: passkey, multikey, 2hop (default passkey)")
     p.add_argument("--depths", type=int, default=5, help="needle depths, evenly spaced in [0, 1] (default 5)")
+    p.add_argument("--hop-lead", type=int, default=0,
+                   help="2hop: ask the question so that its X ends at least this many chunks before the answer "
+                        "(0: the plain question, inside the last chunk; see make_task_sample's hop_lead)")
     p.add_argument("--trials", type=int, default=20, help="trials per length and depth (default 20)")
     p.add_argument("--batch-size", type=int, default=8, help="trials streamed together (default 8)")
     p.add_argument("--filler", default=None, help="filler text: a prepared folder, its val split (default: embedded random words)")
@@ -297,11 +304,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = bench_streaming(model, lengths, offload_modes=modes, decode_tokens=args.decode_tokens,
                            batch_size=args.batch_size, prefill_chunk=args.prefill_chunk,
                            overlap_modes=(True, False) if args.no_overlap_too else (True,),
-                           skip_upper=not args.full_prefill)
-    print(f"{'length':>10} {'offload':>8} {'overlap':>8} {'prefill s':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak GB':>8}")
+                           skip_upper=not args.full_prefill, cuda_graph=True)
+    print(f"{'length':>10} {'offload':>8} {'overlap':>8} {'prefill s':>10} {'prefill tok/s':>14} {'decode tok/s':>13} "
+          f"{'graph tok/s':>12} {'peak GB':>8}")
     for r in rows:
         print(f"{r['context_length']:>10} {str(r['offload']):>8} {str(r['overlap'] if r['offload'] else '-'):>8} "
-              f"{r['prefill_s']:>10} {r['prefill_tokens_per_s']:>14} {r['decode_tokens_per_s']:>13} {r['peak_mem_gb']:>8}")
+              f"{r['prefill_s']:>10} {r['prefill_tokens_per_s']:>14} {r['decode_tokens_per_s']:>13} "
+              f"{r.get('decode_graph_tokens_per_s', '-'):>12} {r['peak_mem_gb']:>8}")
     result: dict | list = rows
     if args.passkey_trial:
         from gca.inference.bench import passkey_trial

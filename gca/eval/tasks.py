@@ -5,10 +5,11 @@
 
 Each trial streams the prompt through a :class:`~gca.inference.cache.DRTCache` (so only memory
 limits the length), then scores the answer. A trial is correct when the model's greedy
-continuation is exactly the answer: the argmax after the prompt and after each correct answer
-prefix must equal the next answer token, which is what greedy generation checks, computed in one
-teacher-forced pass. ``retrieval_hit`` is whether the target needle's chunk is among the chunks
-retrieved (by any group) at the landmark that serves the answer (``TaskSample.query_chunk``).
+continuation (as many tokens as the answer has) is exactly the answer. ``retrieval_hit`` is
+whether the target needle's chunk is among the chunks retrieved (by any group) at the landmark that serves the answer (``TaskSample.query_chunk``).
+``distractor_answer`` (multikey and 2hop) is how often the greedy answer is a distractor needle's
+value instead: with 2hop's default of two chains, a model that finds the chains' end points but
+not which one the question's chain reaches scores about 50% accuracy and 50% distractor answers.
 
 Prompts are aligned so that the question ends where a chunk ends and the answer starts one token
 into the next chunk (see :mod:`gca.data.tasks`); ``context_length`` is the requested prompt
@@ -57,8 +58,9 @@ def default_prefill_chunk(device) -> int:
 
 @torch.no_grad()
 def score_samples(model: DRT, samples: list, *, offload: bool = False, device=None, cache=None,
-                  prefill_chunk: int | None = None) -> tuple[list[bool], list[bool]]:
-    """Exact-match and retrieval hit of task samples that share prompt and answer lengths (one batch).
+                  prefill_chunk: int | None = None) -> tuple[list[bool], list[bool], list[bool]]:
+    """Exact match, retrieval hit and distractor answer (the greedy answer is one of the sample's
+    ``distractor_answers``) of task samples that share prompt and answer lengths (one batch).
     ``cache``: a fresh cache to stream through (default: a new one sized for the samples, streaming
     the prompt ``prefill_chunk`` positions at a time, default :func:`default_prefill_chunk`)."""
     device = device or model.embed.weight.device
@@ -78,10 +80,16 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
             for idx, _ in cache.last_rows:
                 for b, s in enumerate(samples):
                     hits[b] = hits[b] or bool((idx[b] == s.target_chunk).any())
-    rest = model(answers[:, :-1], cache=cache).logits if answers.shape[1] > 1 else first[:, :0]
-    pred = torch.cat([first, rest], dim=1).argmax(-1)
+    # greedy decoding of the answer's length: exact match with the answer, or with a distractor's value
+    tok = first[:, -1].argmax(-1)
+    greedy = [tok]
+    for _ in range(answers.shape[1] - 1):
+        tok = model(tok[:, None], cache=cache).logits[:, -1].argmax(-1)
+        greedy.append(tok)
+    pred = torch.stack(greedy, 1)
     correct = (pred == answers).all(-1).tolist()
-    return correct, hits
+    distracted = [any(g == d for d in s.distractor_answers) for g, s in zip(pred.tolist(), samples)]
+    return correct, hits, distracted
 
 
 def evaluate_tasks(
@@ -118,7 +126,7 @@ def evaluate_tasks(
             partial results of a long evaluation.
     Returns:
         a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
-        retrieval_hit, trials_beyond_window, accuracy_beyond_window, seconds}``; the last two count
+        retrieval_hit, distractor_answer (None for passkey), trials_beyond_window, accuracy_beyond_window, seconds}``; the last two count
         the trials whose needles lay outside the answer's sliding window (:func:`beyond_window`;
         accuracy None when there were none): where a DRT must retrieve to answer.
     """
@@ -144,16 +152,19 @@ def evaluate_tasks(
                                      text_per_chunk=model.config.text_per_chunk, **task_kwargs)
                     for _ in range(trials)
                 ]
-                correct, hits = [], []
+                correct, hits, distracted = [], [], []
                 for i in range(0, trials, batch_size):
-                    c, h = score_samples(model, samples[i : i + batch_size], offload=offload, prefill_chunk=prefill_chunk)
+                    c, h, o = score_samples(model, samples[i : i + batch_size], offload=offload, prefill_chunk=prefill_chunk)
                     correct += c
                     hits += h
+                    distracted += o
                     bar.update(len(c))
                 far = [c for c, smp in zip(correct, samples) if beyond_window(smp, model.config)]
                 rows.append(dict(
                     task=task, context_length=L, prompt_length=samples[0].prompt_len, depth=round(d, 4),
                     trials=trials, accuracy=float(np.mean(correct)), retrieval_hit=float(np.mean(hits)),
+                    distractor_answer=float(np.mean(distracted)) if task != "passkey" else None,
+                    **({"hop_lead": task_kwargs["hop_lead"]} if task == "2hop" and task_kwargs.get("hop_lead") else {}),
                     trials_beyond_window=len(far),
                     accuracy_beyond_window=float(np.mean(far)) if far else None,
                     seconds=round(time.time() - t0, 2),

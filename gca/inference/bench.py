@@ -37,8 +37,12 @@ def bench_streaming(
     progress: bool = True,
     overlap_modes=(True,),
     skip_upper: bool = True,
+    cuda_graph: bool = False,
 ) -> list[dict]:
-    """Time a streaming prefill of each length, then ``decode_tokens`` greedy decode steps.
+    """Time a streaming prefill of each length, then ``decode_tokens`` greedy decode steps (after
+    one untimed step), with plain streaming calls; with ``cuda_graph`` (CUDA, ``drt`` and ``swa``),
+    then as many more through a :class:`gca.inference.GraphDecoder` on the same cache (its first
+    step, which captures the graph, untimed and reported as ``decode_graph_first_step_ms``).
 
     ``overlap_modes``: with offload, also time the prefill with the fetches copied on the compute
     stream (``False``), which shows what overlapping them with self-attention saves. ``skip_upper=False``
@@ -82,11 +86,32 @@ def bench_streaming(
         mem = cache.memory
         prefill_fetch = (mem.bytes_fetched, mem.fetch_host_s) if mem is not None else (0, 0.0)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
+        nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)  # untimed, as the graph's first step
+        _sync(dev)
         t0 = time.perf_counter()
         for _ in range(decode_tokens):
             nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         _sync(dev)
         t_decode = time.perf_counter() - t0
+        graph = {}
+        if cuda_graph and dev.type == "cuda" and model.config.arch != "full":
+            from gca.inference.graph import GraphDecoder
+
+            dec = GraphDecoder(model, cache, graph=True)
+            t0 = time.perf_counter()
+            nxt = dec.step(nxt[:, 0]).argmax(-1)
+            _sync(dev)
+            t_first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(decode_tokens):
+                nxt = dec.step(nxt).argmax(-1)
+            _sync(dev)
+            t_graph = time.perf_counter() - t0
+            graph = dict(decode_graph_tokens_per_s=round(batch_size * decode_tokens / t_graph, 1),
+                         decode_graph_ms_per_token=round(1000 * t_graph / decode_tokens, 3),
+                         decode_graph_first_step_ms=round(1000 * t_first, 1),
+                         decode_graph_eager_steps=dec.eager_steps)
+            del dec
         if dev.type == "cuda":
             peak = torch.cuda.max_memory_allocated(dev) / 2**30
         else:
@@ -97,6 +122,7 @@ def bench_streaming(
             prefill_s=round(t_prefill, 3), prefill_tokens_per_s=round(batch_size * L / t_prefill),
             decode_tokens_per_s=round(batch_size * decode_tokens / t_decode, 1),
             decode_ms_per_token=round(1000 * t_decode / decode_tokens, 3),
+            **graph,
             peak_mem_gb=round(peak, 3),
             memory_device_gb=round(mem.nbytes_device() / 2**30, 3) if mem is not None else None,
             prefill_fetched_gb=round(prefill_fetch[0] / 2**30, 6) if mem is not None else None,
@@ -128,7 +154,7 @@ def passkey_trial(model: DRT, context_len: int, *, offload: bool = True, seed: i
     _sync(dev)
     t0 = time.perf_counter()
     cache = model.new_cache(1, offload=offload, prefill_chunk=prefill_chunk, max_tokens=len(s.input_ids))
-    (correct,), (hit,) = score_samples(model, [s], cache=cache)
+    (correct,), (hit,), _ = score_samples(model, [s], cache=cache)
     _sync(dev)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else \

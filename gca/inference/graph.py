@@ -1,0 +1,231 @@
+"""Decoding one token at a time through a static step, replayed as a CUDA graph.
+
+Most decoded tokens neither close a chunk nor retrieve: the work is the same kernels on the same
+buffers each time, only the token and its position change. :class:`GraphDecoder` writes that step
+with the position as a device tensor and every shape fixed (the sliding-window rings, a buffer for
+the open chunk's lower-layer states, the retrieval row of the current chunk and the chunk memory),
+captures it once as a CUDA graph and replays it per token: a token then costs one graph launch
+instead of hundreds of kernel launches from Python. A token that closes a chunk (one in every
+``text_per_chunk``) takes the ordinary streaming path, which encodes the chunk and retrieves; the
+decoder then copies the new retrieval row (and, with an offloaded memory, the chunks it picked)
+into the static buffers.
+
+    cache = model.new_cache(1, max_tokens=prompt_len + new_tokens)
+    logits = model(prompt, cache=cache, logits_to_keep=1).logits[:, -1]
+    dec = GraphDecoder(model, cache)
+    for _ in range(new_tokens):
+        nxt = logits.argmax(-1)
+        logits = dec.step(nxt)        # (B, V), equal to model(nxt[:, None], cache=cache).logits[:, -1]
+
+``model.generate`` does this by itself on CUDA. Without CUDA (or with ``graph=False``) the same
+static step runs eagerly, which is how the CPU tests check it against the streaming path.
+
+Shape letters: B batch, S chunk positions, Hk memory heads, D head size, d model width, K retrieved
+chunks per query chunk, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+from gca.inference.cache import DRTCache
+from gca.nn.layers import _NO_CUDNN, apply_rope, rope_cos_sin
+
+
+def _attn_static(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ring, pos: torch.Tensor) -> torch.Tensor:
+    """One position per row, ``pos`` ``(1,)`` on the device: written into the ring at slot
+    ``pos % W``, then attends to the ring as it stands, masked by which slots hold a position
+    (always: whether the ring is full is not known inside a replayed graph)."""
+    B = x.shape[0]
+    qkv = attn.qkv(x).view(B, 1, 3, attn.h, attn.d).permute(2, 0, 3, 1, 4)
+    (q, k), v = apply_rope(qkv[:2], cos, sin), qkv[2]
+    slot = pos % ring.W
+    ring.k.index_copy_(2, slot, k.to(ring.k.dtype))
+    ring.v.index_copy_(2, slot, v.to(ring.v.dtype))
+    ring.pos.index_copy_(0, slot, pos)
+    with sdpa_kernel(_NO_CUDNN):
+        y = F.scaled_dot_product_attention(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=(ring.pos >= 0)[None, :])
+    return attn.o(y.transpose(1, 2).reshape(B, 1, -1))
+
+
+class GraphDecoder:
+    """Decode steps of one token per sequence for a ``drt`` or ``swa`` model and its cache.
+
+    Args:
+        model: a :class:`gca.DRT` in eval mode (``full`` attention grows its keys every step and
+            is not supported: use ``model(ids, cache=cache)``).
+        cache: the model's streaming cache, usually right after the prompt's prefill. The decoder
+            advances it exactly as ``model(ids[:, None], cache=cache)`` would, so the two can be mixed.
+        graph: capture and replay a CUDA graph (default: when the model is on CUDA). ``False`` runs
+            the same static step eagerly.
+
+    A captured graph holds the addresses of the cache's buffers; when the chunk memory grows (it
+    doubles when full unless the cache was made with ``max_tokens``), the step is captured again.
+    """
+
+    def __init__(self, model, cache: DRTCache, graph: bool | None = None):
+        cfg = model.config
+        if cfg.arch not in ("drt", "swa"):
+            raise ValueError(f"GraphDecoder supports arch 'drt' and 'swa', not {cfg.arch!r} (its keys grow every step); "
+                             "decode it with model(ids, cache=cache)")
+        if model.training:
+            raise ValueError("GraphDecoder needs the model in eval mode: call model.eval() first")
+        dev = model.embed.weight.device
+        self.graph = dev.type == "cuda" if graph is None else bool(graph)
+        if self.graph and dev.type != "cuda":
+            raise ValueError(f"graph=True needs a CUDA model, this one is on {dev}")
+        self.model, self.cache, self.cfg, self.dev = model, cache, cfg, dev
+        B = cache.batch_size
+        dt = model.embed.weight.dtype
+        for ring in cache.lower + cache.upper:
+            if ring.k.dtype != dt:
+                ring.k, ring.v = ring.k.to(dt), ring.v.to(dt)
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.drt = cfg.arch == "drt"
+        if self.drt:
+            S, K = cfg.chunk_size, cfg.top_k
+            self.pend = torch.zeros(B, S, cfg.hidden_size, dtype=dt, device=dev)
+            self._pend_view = None  # the cache's pending_lower when it is a view of self.pend
+            G = len(model.groups)
+            self.idx = [torch.full((B, 1, K), -1, dtype=torch.long, device=dev) for _ in range(G)]
+            self.w = [torch.zeros(B, 1, K, dtype=torch.float32, device=dev) for _ in range(G)]
+            self._rows_seen: list = [None] * G  # the cache's last_rows entries copied into idx / w
+            mem = cache.memory
+            if mem.k is None:  # nothing stored yet: allocate at the cache's capacity hint
+                mem._alloc(mem._cap, torch.empty(0, dtype=dt), torch.empty(0, dtype=dt))
+                mem.k.zero_()  # only empty slots point here, but never hand unwritten memory to a kernel
+                mem.v.zero_()
+            if mem.offload:  # per group: the chunks its row picked, fetched once per chunk
+                shape = (B * K, S, cfg.kv_heads, cfg.head_dim)  # at most B * K distinct chunks
+                self.stage_k = [torch.zeros(shape, dtype=mem.k.dtype, device=dev) for _ in range(G)]
+                self.stage_v = [torch.zeros(shape, dtype=mem.v.dtype, device=dev) for _ in range(G)]
+        self._graph = None
+        self._graph_ptrs = None
+        self._out = None
+        self.replays = 0  # steps taken through the static step (graph or not)
+        self.eager_steps = 0  # steps that closed a chunk and took the streaming path
+
+    # ---- the static step ----
+    def _memory(self, g: int):
+        mem = self.cache.memory
+        if mem.offload:  # one compact list shared by the batch rows, as ChunkMemory.fetch gives it
+            B = self.cache.batch_size
+            return (self.stage_k[g].unsqueeze(0).expand(B, *self.stage_k[g].shape),
+                    self.stage_v[g].unsqueeze(0).expand(B, *self.stage_v[g].shape))
+        return mem.k, mem.v
+
+    def _static_step(self) -> torch.Tensor:
+        m, cfg, cache = self.model, self.cfg, self.cache
+        h = m.embed(self.tok)
+        cos, sin = rope_cos_sin(self.pos, cfg.head_dim, cfg.rope_theta)
+        cdt = torch.promote_types(h.dtype, torch.float32)
+        cos, sin = cos.to(cdt), sin.to(cdt)
+        for layer, ring in zip(m.lower, cache.lower):
+            h = h + _attn_static(layer.attn, layer.norm1(h), cos, sin, ring, self.pos)
+            h = h + layer.mlp(layer.norm2(h))
+        if self.drt:
+            self.pend.index_copy_(1, self.pos % cfg.chunk_size, h)
+            rings = iter(cache.upper)
+            for g, group in enumerate(m.groups):
+                mk, mv = self._memory(g)
+                for layer in group:
+                    h = h + _attn_static(layer.attn, layer.norm1(h), cos, sin, next(rings), self.pos)
+                    if not layer.gca_enabled:
+                        h = h + layer.mlp(layer.norm2(h))
+                        continue
+                    o = layer.gca(h, mk, mv, self.idx[g], self.w[g])
+                    if layer.residual == "plain":
+                        h = h + o
+                        h = h + layer.mlp(layer.norm2(h))
+                    else:
+                        h = h + layer.mlp(layer.norm2(h + o))
+        return m._logits(m.norm(h))[:, -1]
+
+    # ---- keeping the static buffers in step with the cache ----
+    def _sync(self) -> None:
+        cache = self.cache
+        if not self.drt:
+            return
+        pl = cache.pending_lower
+        if pl is not self._pend_view:  # the streaming path ran: copy the open chunk's states in
+            if pl is not None and pl.shape[1]:
+                self.pend[:, : pl.shape[1]].copy_(pl)
+        rows = cache.last_rows
+        mem = cache.memory
+        for g in range(len(self.idx)):
+            row = rows[g] if rows else None
+            if row is not None and self._rows_seen[g] is row:
+                continue
+            self._rows_seen[g] = row
+            if row is None:
+                self.idx[g].fill_(-1)
+                self.w[g].zero_()
+                continue
+            ridx, rw = row
+            self.w[g].copy_(rw[:, None])
+            if not mem.offload or mem.n == 0:
+                self.idx[g].copy_(ridx[:, None])
+                continue
+            fk, fv, fidx = mem.fetch(ridx[:, None])
+            mem.wait()
+            U = fk.shape[1]
+            self.stage_k[g][:U].copy_(fk[0])
+            self.stage_v[g][:U].copy_(fv[0])
+            self.idx[g].copy_(fidx)
+
+    def _pointers(self):
+        ptrs = [r.k.data_ptr() for r in self.cache.lower + self.cache.upper]
+        if self.drt and not self.cache.memory.offload:
+            ptrs += [self.cache.memory.k.data_ptr(), self.cache.memory.v.data_ptr()]
+        return ptrs
+
+    def _capture(self) -> None:
+        torch.cuda.synchronize(self.dev)
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: kernels compile and choose configs; the step is idempotent
+                self._static_step()
+        torch.cuda.current_stream(self.dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._out = self._static_step()
+        self._graph, self._graph_ptrs = graph, self._pointers()
+
+    # ---- public ----
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence, ``ids`` ``(B,)`` (or ``(B, 1)``); returns the logits ``(B, V)``."""
+        cache, cfg = self.cache, self.cfg
+        ids = ids.reshape(-1, 1)
+        if ids.shape[0] != cache.batch_size:
+            raise ValueError(f"ids has batch {ids.shape[0]}, the cache was made for {cache.batch_size}")
+        if self.drt and cache.tokens % cfg.text_per_chunk == cfg.text_per_chunk - 1:
+            # the token closes its chunk: its landmark follows, the chunk is encoded and retrieval runs
+            self.eager_steps += 1
+            return self.model(ids, cache=cache).logits[:, -1]
+        if self.drt and cache.memory.offload is False and cache.memory.k is None:
+            raise RuntimeError("the cache's chunk memory was released; make a new GraphDecoder")
+        self._sync()
+        self.tok.copy_(ids.to(self.dev))
+        self.pos.fill_(cache.positions)
+        if self.graph:
+            if self._graph is None or self._graph_ptrs != self._pointers():
+                self._capture()
+            self._graph.replay()
+            out = self._out.clone()
+        else:
+            out = self._static_step()
+        # host-side bookkeeping, as the streaming path keeps it
+        p = cache.positions
+        for ring in cache.lower + cache.upper:
+            ring.length += 1
+        cache.positions += 1
+        cache.tokens += 1
+        if self.drt:
+            self._pend_view = cache.pending_lower = self.pend[:, : p % cfg.chunk_size + 1]
+        self.replays += 1
+        return out
