@@ -207,8 +207,6 @@ class GraphDecoder:
             # the token closes its chunk: its landmark follows, the chunk is encoded and retrieval runs
             self.eager_steps += 1
             return self.model(ids, cache=cache).logits[:, -1]
-        if self.drt and cache.memory.offload is False and cache.memory.k is None:
-            raise RuntimeError("the cache's chunk memory was released; make a new GraphDecoder")
         self._sync()
         self.tok.copy_(ids.to(self.dev))
         self.pos.fill_(cache.positions)
