@@ -20,8 +20,11 @@ key/value cache. It travels through ``generate()`` as ``past_key_values`` inside
 no cache; the first forward (``use_cache=True``) creates a ``DRTHFCache``, prefills the prompt and
 returns it, and :meth:`DRTForCausalLM.prepare_inputs_for_generation` then feeds only the tokens
 the cache has not seen. Every step therefore costs one streaming step, as in ``gca.DRT.generate``,
-whose greedy output it equals. With ``use_cache=False`` each step recomputes the full forward
-pass instead (correct, slow). A cache for long contexts with the chunk memory in CPU memory:
+whose greedy output it equals. On CUDA the one-token steps of a ``drt`` or ``swa`` model replay a
+CUDA graph (:class:`gca.inference.GraphDecoder`, kept on the cache), as ``gca.DRT.generate`` does;
+set ``hf.cuda_graph = False`` for plain streaming calls (``True`` uses the decoder on any device: on
+a CPU it runs the same static step without a graph). With ``use_cache=False`` each step recomputes the
+full forward pass instead (correct, slow). A cache for long contexts with the chunk memory in CPU memory:
 ``hf.generate(ids, past_key_values=hf.new_cache(batch_size, offload=True), ...)``.
 
 Limits. Greedy and (top-k / top-p / temperature) sampling are supported; beam search and
@@ -135,6 +138,7 @@ class DRTHFCache(Cache):
         if not isinstance(drt_cache, DRTCache):
             raise TypeError(f"DRTHFCache wraps a gca DRTCache, got {type(drt_cache).__name__}")
         self.drt_cache = drt_cache
+        self.decoder = None  # a GraphDecoder over drt_cache, made at the first one-token step that uses it
 
     def __repr__(self) -> str:
         c = self.drt_cache
@@ -238,6 +242,8 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
     if _MODES is not None:
         _supported_generation_modes = _MODES
 
+    cuda_graph: bool | None = None  # one-token cached steps through a GraphDecoder: None = on CUDA (drt, swa)
+
     def __init__(self, config: DRTHFConfig):
         super().__init__(config)
         self.model = DRT(config.to_drt_config())
@@ -316,12 +322,27 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         if stream is not None:
             if labels is not None:
                 raise ValueError("labels are not supported with past_key_values (the streaming path has no loss)")
-            logits = self.model(input_ids, cache=stream.drt_cache).logits
+            logits = self._stream(input_ids, stream)
             out = CausalLMOutputWithPast(loss=None, logits=logits, past_key_values=stream)
         else:
             o = self.model(input_ids, labels=labels)
             out = CausalLMOutputWithPast(loss=o.loss, logits=o.logits, past_key_values=None)
         return out if return_dict else out.to_tuple()
+
+    def _stream(self, input_ids: torch.Tensor, stream: DRTHFCache) -> torch.Tensor:
+        """Logits of ``input_ids`` continuing the cached sequence; one-token steps through the
+        cache's GraphDecoder when :attr:`cuda_graph` asks for it."""
+        m = self.model
+        use = self.cuda_graph
+        if use is None:
+            use = m.embed.weight.device.type == "cuda"
+        if not (use and input_ids.shape[1] == 1 and m.config.arch != "full" and not m.training):
+            return m(input_ids, cache=stream.drt_cache).logits
+        if stream.decoder is None or stream.decoder.model is not m:
+            from gca.inference.graph import GraphDecoder
+
+            stream.decoder = GraphDecoder(m, stream.drt_cache)
+        return stream.decoder.step(input_ids[:, 0])[:, None]
 
     def _as_cache(self, past_key_values, use_cache: bool | None, batch_size: int) -> DRTHFCache | None:
         """The streaming cache to use: the one given, a fresh one when caching is asked for (or an

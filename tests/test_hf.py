@@ -152,6 +152,21 @@ def test_greedy_generate_equals_drt_generate_and_forward_chain():
     assert mine.get_seq_length() == seq.shape[1] - 1
 
 
+def test_one_token_steps_through_the_graph_decoder_give_the_same_tokens():
+    # cuda_graph=True on a CPU: the GraphDecoder's static step without a graph (on CUDA the same step is replayed)
+    torch.manual_seed(0)
+    hf = hf_model(torch.float64)
+    prompt = torch.randint(0, V, (2, 2 * P + 50))
+    hf.cuda_graph = False
+    plain = hf.generate(prompt, max_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+    hf.cuda_graph = True
+    out = hf.generate(prompt, max_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+    torch.testing.assert_close(out.sequences, plain.sequences, rtol=0, atol=0)
+    dec = out.past_key_values.decoder
+    assert dec is not None and dec.replays > 0 and dec.eager_steps == 1  # one new token closed a chunk
+    assert plain.past_key_values.decoder is None
+
+
 def test_sampling_with_seed():
     hf = hf_model()
     prompt = torch.randint(0, V, (2, 150))
@@ -209,3 +224,16 @@ def test_import_guard_and_core_does_not_import_transformers():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_on_cuda_replays_a_graph_and_matches_plain_calls():
+    torch.manual_seed(0)
+    hf = hf_model().cuda()
+    prompt = torch.randint(0, V, (2, 2 * P + 50), device="cuda")
+    hf.cuda_graph = False
+    plain = hf.generate(prompt, max_new_tokens=40, do_sample=False)
+    hf.cuda_graph = None  # the default: graphs on CUDA
+    out = hf.generate(prompt, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain)
+    assert out.past_key_values.decoder._graph is not None
