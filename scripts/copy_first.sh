@@ -29,6 +29,7 @@
 #   STAGE=copy-2hop HOP_RUNS=pk4ka bash scripts/copy_first.sh; STAGE=copy-2hop HOP_RUNS=c2g4ka bash scripts/copy_first.sh  # passkey first
 #   STAGE=copy-2hop HOP_RUNS='h2g4k h2g16k' bash scripts/copy_first.sh      # p2g4ka on 2hop-weighted data, 4032 / 16128 tokens
 #   STAGE=copy-2hop HOP_RUNS=h2g4kl bash scripts/copy_first.sh              # ... with the 2hop question a chunk ahead (lead=1)
+#   STAGE=copy-2hop HOP_RUNS=hw504 bash scripts/copy_first.sh; STAGE=copy-2hop HOP_RUNS=hw4kl bash scripts/copy_first.sh  # the hop in the window first
 #   STAGE=copy-eval COPY_RUN=h2g4kl COPY_NAME=drt-copy-h2g4kl-small COPY_TASKS=passkey,multikey,2hop COPY_LONG=0 \
 #     EVAL_ARGS='--hop-lead 1' bash scripts/copy_first.sh
 #
@@ -43,7 +44,7 @@
 # (passkey,multikey,2hop: lm-eval's needle tasks; empty = perplexity only), COPY_NAME (drt-copy-small)
 # and COPY_TASKS (passkey): copy-eval's model name and tasks, COPY_LONG (1; 0 = copy-eval stops after
 # 4K-1M), LM_STEPS (2600) and COPY_STEPS (6000): the text and copy stages' lengths in steps, HOP_RUNS
-# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens; p2g4k, p1g4k: those from plain1k; p2g4kf: p2g4k with plain1k's retrieval frozen; p2g4ka: p2g4k with the loss on answers only; pk4ka then c2g4ka: passkey answers first, then the mixture; h2g4k, h2g16k: p2g4ka on 2hop-weighted data; h2g4kl: with lead=1), EVAL_ARGS (none: more `gca eval tasks` arguments for copy-eval, e.g. '--hop-lead 1') and EVAL_TAG (none: a suffix for copy-eval's output folder), DEVICE (auto), DTYPE (bfloat16, evaluation).
+# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens; p2g4k, p1g4k: those from plain1k; p2g4kf: p2g4k with plain1k's retrieval frozen; p2g4ka: p2g4k with the loss on answers only; pk4ka then c2g4ka: passkey answers first, then the mixture; h2g4k, h2g16k: p2g4ka on 2hop-weighted data; h2g4kl: with lead=1; hw504 then hw4kl: 2hop in the window first, then lead=1 at 4032), EVAL_ARGS (none: more `gca eval tasks` arguments for copy-eval, e.g. '--hop-lead 1') and EVAL_TAG (none: a suffix for copy-eval's output folder), DEVICE (auto), DTYPE (bfloat16, evaluation).
 #
 # Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
 # tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
@@ -155,7 +156,13 @@ case "$STAGE" in
         # h2g4kl: h2g4k with the 2hop question asked so that its X ends a whole chunk before the answer's
         # retrieval (lead=1): the first group can fetch X -> Y one landmark before the second group needs Y
         h2g4kl) copy_run h2g4kl 4032 8 plain drt "$HOP_DATA;lead=1" --init-from "$(export_once copy-p2g4ka)" --lr 3e-4 --set "upper_groups=[2,2]" & ;;
-        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka, pk4ka, c2g4ka, h2g4k, h2g16k, h2g4kl)" >&2; exit 2 ;;
+        # hw504 then hw4kl (one after the other; not run yet): a curriculum for the hop itself. p2g4ka answers 2hop
+        # at chance even with every needle inside the window (results/README.md, tenth run, CPU check), so first
+        # the 2hop-weighted data at 504 tokens, where the hop is made by attention alone (batch 64), then at
+        # 4032 tokens with the question a chunk ahead (lead=1), from hw504
+        hw504) copy_run hw504 504 64 plain drt "$HOP_DATA" --init-from "$(export_once copy-p2g4ka)" --lr 3e-4 --set "upper_groups=[2,2]" & ;;
+        hw4kl) copy_run hw4kl 4032 8 plain drt "$HOP_DATA;lead=1" --init-from "$(export_once copy-hw504)" --lr 3e-4 --set "upper_groups=[2,2]" & ;;
+        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka, pk4ka, c2g4ka, h2g4k, h2g16k, h2g4kl, hw504, hw4kl)" >&2; exit 2 ;;
       esac
     done
     wait ;;
