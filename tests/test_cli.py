@@ -70,7 +70,11 @@ def test_train_eval_generate_on_synthetic_passkey(tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(run), "--prompt", "The passkey is", "--max-new-tokens", "5", "--device", "cpu"]) == 0
-    assert "5 new" in capsys.readouterr().err
+    first = capsys.readouterr()
+    assert "5 new" in first.err
+    gen = ["generate", "--ckpt", str(run), "--prompt", "The passkey is", "--max-new-tokens", "5", "--device", "cpu"]
+    assert main(gen + ["--no-cuda-graph"]) == 0  # plain streaming calls: the same greedy text
+    assert capsys.readouterr().out == first.out
 
 
 def test_demo_end_to_end_small(tmp_path, monkeypatch, capsys):
