@@ -11,9 +11,9 @@ throughput and peak GPU memory at several context lengths (results/throughput.js
   The full-attention baseline prefills in one piece (causal SDPA, flash kernels), DRT in pieces of
   16K positions.
 - decode: ``--decode-tokens`` greedy decode steps after that prefill (and one untimed step), batch 1;
-  tokens/s = steps / time. Plain streaming calls (``cuda_graph: false``) and, for DRT, as many steps
-  more through the CUDA-graph decoder (``cuda_graph: true``, ``gca.inference.GraphDecoder``, what
-  ``generate`` uses on CUDA); the full-attention baseline decodes with plain calls only.
+  tokens/s = steps / time. Plain streaming calls (``cuda_graph: false``) and as many steps more
+  through the CUDA-graph decoder (``cuda_graph: true``, ``gca.inference.GraphDecoder``, what
+  ``generate`` uses on CUDA).
 Peak memory is ``torch.cuda.max_memory_allocated`` over each measurement.
 """
 

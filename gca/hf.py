@@ -334,9 +334,9 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         cache's GraphDecoder when :attr:`cuda_graph` asks for it."""
         m = self.model
         use = self.cuda_graph
-        if use is None:
-            use = m.embed.weight.device.type == "cuda"
-        if not (use and input_ids.shape[1] == 1 and m.config.arch != "full" and not m.training):
+        if use is None:  # the full baseline's graph is opt-in (True) until measured on a GPU
+            use = m.embed.weight.device.type == "cuda" and m.config.arch != "full"
+        if not (use and input_ids.shape[1] == 1 and not m.training):
             return m(input_ids, cache=stream.drt_cache).logits
         if stream.decoder is None or stream.decoder.model is not m:
             from gca.inference.graph import GraphDecoder

@@ -40,7 +40,7 @@ def bench_streaming(
     cuda_graph: bool = False,
 ) -> list[dict]:
     """Time a streaming prefill of each length, then ``decode_tokens`` greedy decode steps (after
-    one untimed step), with plain streaming calls; with ``cuda_graph`` (CUDA, ``drt`` and ``swa``),
+    one untimed step), with plain streaming calls; with ``cuda_graph`` (CUDA),
     then as many more through a :class:`gca.inference.GraphDecoder` on the same cache (its first
     step, which captures the graph, untimed and reported as ``decode_graph_first_step_ms``).
 
@@ -94,7 +94,7 @@ def bench_streaming(
         _sync(dev)
         t_decode = time.perf_counter() - t0
         graph = {}
-        if cuda_graph and dev.type == "cuda" and model.config.arch != "full":
+        if cuda_graph and dev.type == "cuda":
             from gca.inference.graph import GraphDecoder
 
             dec = GraphDecoder(model, cache, graph=True)

@@ -17,8 +17,9 @@ into the static buffers.
         nxt = logits.argmax(-1)
         logits = dec.step(nxt)        # (B, V), equal to model(nxt[:, None], cache=cache).logits[:, -1]
 
-``model.generate`` does this by itself on CUDA. Without CUDA (or with ``graph=False``) the same
-static step runs eagerly, which is how the CPU tests check it against the streaming path.
+``model.generate`` does this by itself on CUDA (for ``drt`` and ``swa``; ``cuda_graph=True`` for
+``full``). Without CUDA (or with ``graph=False``) the same static step runs eagerly, which is how the
+CPU tests check it against the streaming path.
 
 Shape letters: B batch, S chunk positions, Hk memory heads, D head size, d model width, K retrieved
 chunks per query chunk, V vocabulary.
@@ -35,27 +36,51 @@ from gca.nn.layers import _NO_CUDNN, apply_rope, rope_cos_sin
 
 
 def _attn_static(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ring, pos: torch.Tensor) -> torch.Tensor:
-    """One position per row, ``pos`` ``(1,)`` on the device: written into the ring at slot
-    ``pos % W``, then attends to the ring as it stands, masked by which slots hold a position
-    (always: whether the ring is full is not known inside a replayed graph)."""
+    """One position per row, ``pos`` ``(1,)`` on the device. A sliding window (``ring.W`` set): written
+    into the ring at slot ``pos % W``, then attends to the ring as it stands, masked by which slots
+    hold a position (always: whether the ring is full is not known inside a replayed graph). Full
+    attention: written at slot ``pos`` of the key buffer, then attends to its whole capacity, masked
+    to the slots up to ``pos``."""
     B = x.shape[0]
     qkv = attn.qkv(x).view(B, 1, 3, attn.h, attn.d).permute(2, 0, 3, 1, 4)
     (q, k), v = apply_rope(qkv[:2], cos, sin), qkv[2]
-    slot = pos % ring.W
+    if ring.W is None:
+        slot = pos
+        mask = (torch.arange(ring.k.shape[2], device=pos.device) <= pos)[None, :]
+    else:
+        slot = pos % ring.W
+        ring.pos.index_copy_(0, slot, pos)
+        mask = (ring.pos >= 0)[None, :]
     ring.k.index_copy_(2, slot, k.to(ring.k.dtype))
     ring.v.index_copy_(2, slot, v.to(ring.v.dtype))
-    ring.pos.index_copy_(0, slot, pos)
     with sdpa_kernel(_NO_CUDNN):
-        y = F.scaled_dot_product_attention(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=(ring.pos >= 0)[None, :])
+        y = F.scaled_dot_product_attention(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=mask)
     return attn.o(y.transpose(1, 2).reshape(B, 1, -1))
 
 
+def _reserve(ring, need: int) -> None:
+    """Full attention: make the key buffer hold at least ``need`` positions (doubling, as
+    ``RingKV.append`` grows it), keeping the ``ring.length`` written ones."""
+    if ring.k.shape[2] >= need:
+        return
+    cap = max(64, ring.k.shape[2])
+    while cap < need:
+        cap *= 2
+    B, H, _, D = ring.k.shape
+    k = ring.k.new_zeros(B, H, cap, D)
+    v = ring.v.new_zeros(B, H, cap, D)
+    k[:, :, : ring.length] = ring.k[:, :, : ring.length]
+    v[:, :, : ring.length] = ring.v[:, :, : ring.length]
+    ring.k, ring.v = k, v
+
+
 class GraphDecoder:
-    """Decode steps of one token per sequence for a ``drt`` or ``swa`` model and its cache.
+    """Decode steps of one token per sequence for a model (``drt``, ``swa`` or ``full``) and its cache.
 
     Args:
-        model: a :class:`gca.DRT` in eval mode (``full`` attention grows its keys every step and
-            is not supported: use ``model(ids, cache=cache)``).
+        model: a :class:`gca.DRT` in eval mode. For the ``full`` baseline the key buffers grow by
+            doubling and each step attends to their whole capacity, masked (so up to twice the keys
+            a step needs); each growth captures the step again.
         cache: the model's streaming cache, usually right after the prompt's prefill. The decoder
             advances it exactly as ``model(ids[:, None], cache=cache)`` would, so the two can be mixed.
         graph: capture and replay a CUDA graph (default: when the model is on CUDA). ``False`` runs
@@ -67,9 +92,6 @@ class GraphDecoder:
 
     def __init__(self, model, cache: DRTCache, graph: bool | None = None):
         cfg = model.config
-        if cfg.arch not in ("drt", "swa"):
-            raise ValueError(f"GraphDecoder supports arch 'drt' and 'swa', not {cfg.arch!r} (its keys grow every step); "
-                             "decode it with model(ids, cache=cache)")
         if model.training:
             raise ValueError("GraphDecoder needs the model in eval mode: call model.eval() first")
         dev = model.embed.weight.device
@@ -208,6 +230,9 @@ class GraphDecoder:
             self.eager_steps += 1
             return self.model(ids, cache=cache).logits[:, -1]
         self._sync()
+        if self.cfg.arch == "full":
+            for ring in cache.lower:
+                _reserve(ring, cache.positions + 1)
         self.tok.copy_(ids.to(self.dev))
         self.pos.fill_(cache.positions)
         if self.graph:
