@@ -124,6 +124,7 @@ class GraphDecoder:
                 shape = (B * K, S, cfg.kv_heads, cfg.head_dim)  # at most B * K distinct chunks
                 self.stage_k = [torch.zeros(shape, dtype=mem.k.dtype, device=dev) for _ in range(G)]
                 self.stage_v = [torch.zeros(shape, dtype=mem.v.dtype, device=dev) for _ in range(G)]
+        self._zeroed: set = set()  # full attention: key buffers whose unwritten slots are known to be zero
         self._graph = None
         self._graph_ptrs = None
         self._out = None
@@ -233,6 +234,10 @@ class GraphDecoder:
         if self.cfg.arch == "full":
             for ring in cache.lower:
                 _reserve(ring, cache.positions + 1)
+                if ring.k.data_ptr() not in self._zeroed:  # a buffer the streaming path grew (torch.empty):
+                    ring.k[:, :, ring.length :].zero_()  # masked slots still enter P @ V, so no NaN may sit there
+                    ring.v[:, :, ring.length :].zero_()
+                    self._zeroed.add(ring.k.data_ptr())
         self.tok.copy_(ids.to(self.dev))
         self.pos.fill_(cache.positions)
         if self.graph:
