@@ -6,7 +6,8 @@
 Each trial streams the prompt through a :class:`~gca.inference.cache.DRTCache` (so only memory
 limits the length), then scores the answer. A trial is correct when the model's greedy
 continuation (as many tokens as the answer has) is exactly the answer. ``retrieval_hit`` is
-whether the target needle's chunk is among the chunks retrieved (by any group) at the landmark that serves the answer (``TaskSample.query_chunk``).
+whether the target needle's chunk is among the chunks retrieved (by any group) at the landmark
+that serves the answer (``TaskSample.query_chunk``).
 ``distractor_answer`` (multikey and 2hop) is how often the greedy answer is a distractor needle's
 value instead: with 2hop's default of two chains, a model that finds the chains' end points but
 not which one the question's chain reaches scores about 50% accuracy and 50% distractor answers.
@@ -126,7 +127,8 @@ def evaluate_tasks(
             partial results of a long evaluation.
     Returns:
         a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
-        retrieval_hit, distractor_answer (None for passkey), trials_beyond_window, accuracy_beyond_window, seconds}``; the last two count
+        retrieval_hit, distractor_answer (None for passkey), trials_beyond_window,
+        accuracy_beyond_window, seconds}``; the two ``*beyond_window`` keys count
         the trials whose needles lay outside the answer's sliding window (:func:`beyond_window`;
         accuracy None when there were none): where a DRT must retrieve to answer.
     """

@@ -43,20 +43,27 @@ class RingKV:
             torch.cat([self.pos, pos]),
         )
 
+    def reserve(self, need: int, dtype: torch.dtype | None = None) -> None:
+        """W=None: make the buffers hold at least ``need`` positions in ``dtype`` (default theirs),
+        growing by doubling. Slots not yet written are zero, so a masked read of the whole capacity
+        (the CUDA-graph decoder's) never meets uninitialised memory."""
+        dtype = dtype or self.k.dtype
+        if need <= self.k.shape[2] and dtype == self.k.dtype:
+            return
+        cap = max(64, self.k.shape[2])
+        while cap < need:
+            cap *= 2
+        B, H, _, D = self.k.shape
+        nk = self.k.new_zeros(B, H, cap, D, dtype=dtype)
+        nv = self.v.new_zeros(B, H, cap, D, dtype=dtype)
+        nk[:, :, : self.length] = self.k[:, :, : self.length]
+        nv[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = nk, nv
+
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """W=None: append k, v ``(B, H, n, D)``; returns views of every position held, new ones included."""
-        n = k.shape[2]
-        need = self.length + n
-        if need > self.k.shape[2] or self.k.dtype != k.dtype:
-            cap = max(64, self.k.shape[2])
-            while cap < need:
-                cap *= 2
-            B, H, _, D = k.shape
-            nk = torch.empty(B, H, cap, D, device=k.device, dtype=k.dtype)
-            nv = torch.empty(B, H, cap, D, device=v.device, dtype=v.dtype)
-            nk[:, :, : self.length] = self.k[:, :, : self.length]
-            nv[:, :, : self.length] = self.v[:, :, : self.length]
-            self.k, self.v = nk, nv
+        need = self.length + k.shape[2]
+        self.reserve(need, k.dtype)
         self.k[:, :, self.length : need] = k
         self.v[:, :, self.length : need] = v
         self.length = need

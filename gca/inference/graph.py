@@ -58,22 +58,6 @@ def _attn_static(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ri
     return attn.o(y.transpose(1, 2).reshape(B, 1, -1))
 
 
-def _reserve(ring, need: int) -> None:
-    """Full attention: make the key buffer hold at least ``need`` positions (doubling, as
-    ``RingKV.append`` grows it), keeping the ``ring.length`` written ones."""
-    if ring.k.shape[2] >= need:
-        return
-    cap = max(64, ring.k.shape[2])
-    while cap < need:
-        cap *= 2
-    B, H, _, D = ring.k.shape
-    k = ring.k.new_zeros(B, H, cap, D)
-    v = ring.v.new_zeros(B, H, cap, D)
-    k[:, :, : ring.length] = ring.k[:, :, : ring.length]
-    v[:, :, : ring.length] = ring.v[:, :, : ring.length]
-    ring.k, ring.v = k, v
-
-
 class GraphDecoder:
     """Decode steps of one token per sequence for a model (``drt``, ``swa`` or ``full``) and its cache.
 
@@ -124,7 +108,6 @@ class GraphDecoder:
                 shape = (B * K, S, cfg.kv_heads, cfg.head_dim)  # at most B * K distinct chunks
                 self.stage_k = [torch.zeros(shape, dtype=mem.k.dtype, device=dev) for _ in range(G)]
                 self.stage_v = [torch.zeros(shape, dtype=mem.v.dtype, device=dev) for _ in range(G)]
-        self._zeroed: set = set()  # full attention: key buffers whose unwritten slots are known to be zero
         self._graph = None
         self._graph_ptrs = None
         self._out = None
@@ -156,15 +139,7 @@ class GraphDecoder:
                 mk, mv = self._memory(g)
                 for layer in group:
                     h = h + _attn_static(layer.attn, layer.norm1(h), cos, sin, next(rings), self.pos)
-                    if not layer.gca_enabled:
-                        h = h + layer.mlp(layer.norm2(h))
-                        continue
-                    o = layer.gca(h, mk, mv, self.idx[g], self.w[g])
-                    if layer.residual == "plain":
-                        h = h + o
-                        h = h + layer.mlp(layer.norm2(h))
-                    else:
-                        h = h + layer.mlp(layer.norm2(h + o))
+                    h = layer.gca_mlp(h, (mk, mv, self.idx[g], self.w[g]))
         return m._logits(m.norm(h))[:, -1]
 
     # ---- keeping the static buffers in step with the cache ----
@@ -233,11 +208,7 @@ class GraphDecoder:
         self._sync()
         if self.cfg.arch == "full":
             for ring in cache.lower:
-                _reserve(ring, cache.positions + 1)
-                if ring.k.data_ptr() not in self._zeroed:  # a buffer the streaming path grew (torch.empty):
-                    ring.k[:, :, ring.length :].zero_()  # masked slots still enter P @ V, so no NaN may sit there
-                    ring.v[:, :, ring.length :].zero_()
-                    self._zeroed.add(ring.k.data_ptr())
+                ring.reserve(cache.positions + 1)
         self.tok.copy_(ids.to(self.dev))
         self.pos.fill_(cache.positions)
         if self.graph:

@@ -245,27 +245,26 @@ class UpperLayer(nn.Module):
 
     def forward(self, h, cos, sin, mem_k, mem_v, indices, weights):
         h = h + self.attn(self.norm1(h), cos, sin)
-        if not self.gca_enabled:
+        return self.gca_mlp(h, (mem_k, mem_v, indices, weights))
+
+    def gca_mlp(self, h, gca_args):
+        """What follows self-attention: GCA with ``gca_args`` (:class:`GCA`'s arguments after ``h``;
+        None when the memory is still empty, which, like ``gca_enabled=False``, adds nothing), then the MLP."""
+        if gca_args is None or not self.gca_enabled:
             return h + self.mlp(self.norm2(h))
         if self.residual == "plain":
-            h = h + self.gca(h, mem_k, mem_v, indices, weights)
+            h = h + self.gca(h, *gca_args)
             return h + self.mlp(self.norm2(h))
-        x = h + self.gca(h, mem_k, mem_v, indices, weights)
+        x = h + self.gca(h, *gca_args)
         return h + self.mlp(self.norm2(x))
 
     def step(self, h, cos, sin, ring, pos, gca_args, wait=None):
         """Streaming: ``gca_args`` = (mem_k, mem_v, indices, weights, offset), or None when the memory
         is still empty; ``wait`` is called between self-attention and GCA (joins an offloaded fetch)."""
         h = h + self.attn.forward_cached(self.norm1(h), cos, sin, ring, pos)
-        if gca_args is None or not self.gca_enabled:  # empty memory (or switched off): GCA adds nothing
-            return h + self.mlp(self.norm2(h))
-        if wait is not None:
+        if wait is not None and gca_args is not None and self.gca_enabled:
             wait()
-        if self.residual == "plain":
-            h = h + self.gca(h, *gca_args)
-            return h + self.mlp(self.norm2(h))
-        x = h + self.gca(h, *gca_args)
-        return h + self.mlp(self.norm2(x))
+        return self.gca_mlp(h, gca_args)
 
 
 class ChunkEncoder(nn.Module):
