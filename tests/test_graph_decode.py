@@ -1,5 +1,6 @@
 """The static decode step (gca.inference.GraphDecoder): on the CPU it runs eagerly and must give
-the logits of one full forward pass token for token, across chunk ends, a filling ring, an empty
+the logits of one full forward pass token for token (float64; up to 1.5e-9 apart over 150 seeds,
+so 1e-8 is the tolerance), across chunk ends, a filling ring, an empty
 memory, offloading and a growing memory, mixed freely with plain streaming calls; on CUDA the same
 step replayed as a CUDA graph must match the streaming path and ``generate`` must give the same
 tokens with and without graphs."""
@@ -47,8 +48,8 @@ def test_static_step_equals_one_forward_pass(arch, kw, offload, monkeypatch):
     m = DRT(tiny(arch=arch, **kw)).double().eval()
     x = torch.randint(0, 97, (2, 63 * 5 + 11))
     ref = m(x).logits
-    # full attention's streaming path grows its key buffers with torch.empty: make any unwritten slot NaN
-    # (what uninitialised memory may hold), which must not reach the decoder's masked attention
+    # the decoder's masked attention reads whole buffers (full attention: the key buffer's capacity): fill
+    # torch.empty with NaN (what uninitialised memory may hold) so that any such buffer read unwritten shows
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))
                         if k.get("dtype", torch.get_default_dtype()).is_floating_point else real_empty(*a, **k))
@@ -57,7 +58,7 @@ def test_static_step_equals_one_forward_pass(arch, kw, offload, monkeypatch):
     prompt = 70
     plain = (10, 11, 55, 56, 57)
     got, dec, cache = decode_through(m, x, prompt, offload=offload, plain_steps=plain)
-    torch.testing.assert_close(got, ref[:, prompt - 1 :], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got, ref[:, prompt - 1 :], rtol=1e-8, atol=1e-8)
     assert cache.tokens == x.shape[1]
     n_closing = sum(1 for i in range(prompt, x.shape[1]) if i % 63 == 62 and i - prompt not in plain)
     assert dec.eager_steps == (n_closing if arch == "drt" else 0)
@@ -72,7 +73,7 @@ def test_static_step_from_an_empty_memory_and_through_memory_growth(offload):
     ref = m(x).logits
     # 5 prompt tokens: no chunk in memory yet (GCA adds nothing); a capacity of 1 chunk makes the memory grow
     got, dec, cache = decode_through(m, x, 5, offload=offload, max_tokens=1)
-    torch.testing.assert_close(got, ref[:, 4:], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got, ref[:, 4:], rtol=1e-8, atol=1e-8)
     assert cache.memory.n == 5 and cache.memory._cap >= 5
 
 
