@@ -242,7 +242,7 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
     if _MODES is not None:
         _supported_generation_modes = _MODES
 
-    cuda_graph: bool | None = None  # one-token cached steps through a GraphDecoder: None = on CUDA (drt, swa)
+    cuda_graph: bool | None = None  # one-token cached steps through a GraphDecoder: None = on CUDA
 
     def __init__(self, config: DRTHFConfig):
         super().__init__(config)
@@ -334,8 +334,8 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         cache's GraphDecoder when :attr:`cuda_graph` asks for it."""
         m = self.model
         use = self.cuda_graph
-        if use is None:  # the full baseline's graph is opt-in (True) until measured on a GPU
-            use = m.embed.weight.device.type == "cuda" and m.config.arch != "full"
+        if use is None:
+            use = m.embed.weight.device.type == "cuda"
         if not (use and input_ids.shape[1] == 1 and not m.training):
             return m(input_ids, cache=stream.drt_cache).logits
         if stream.decoder is None or stream.decoder.model is not m:

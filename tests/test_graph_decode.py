@@ -19,13 +19,13 @@ def tiny(**kw):
     return DRTConfig.from_preset("tiny", **{**base, **kw})
 
 
-def decode_through(m, x, prompt, *, offload=False, max_tokens=None, plain_steps=(), graph=False):
+def decode_through(m, x, prompt, *, offload=False, max_tokens=None, plain_steps=(), graph=False, compile=False):
     """Prefill x[:, :prompt], then feed the rest one token at a time through a GraphDecoder
     (steps listed in plain_steps go through the plain streaming call instead); the logits of every
     position from prompt - 1 on."""
     cache = m.new_cache(x.shape[0], offload=offload, max_tokens=max_tokens)
     outs = [m(x[:, :prompt], cache=cache, logits_to_keep=1).logits[:, -1]]
-    dec = GraphDecoder(m, cache, graph=graph)
+    dec = GraphDecoder(m, cache, graph=graph, compile=compile)
     for i in range(prompt, x.shape[1]):
         if i - prompt in plain_steps:
             outs.append(m(x[:, i : i + 1], cache=cache).logits[:, -1])
@@ -115,3 +115,34 @@ def test_generate_with_and_without_cuda_graphs_gives_the_same_tokens():
     a = m.generate(prompt, 200, cuda_graph=True)
     b = m.generate(prompt, 200, cuda_graph=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["drt", "full"])
+def test_compiled_static_step_equals_one_forward_pass(arch):
+    # compile=True runs the same static step through torch.compile (Inductor's CPU code here, in float64)
+    torch.manual_seed(torch.seed() % 2**31)
+    m = DRT(tiny(arch=arch, num_kv_heads=2)).double().eval()
+    x = torch.randint(0, 97, (2, 63 * 2 + 20))
+    ref = m(x).logits
+    prompt = 100
+    try:
+        got, dec, _ = decode_through(m, x, prompt, compile=True)
+    except Exception as e:  # torch 2.11's Inductor writes C++ for AVX-512 hosts that g++ rejects (an undeclared tmp)
+        if "CppCompileError" not in type(e).__name__ + str(e)[:200]:
+            raise
+        pytest.skip(f"Inductor's CPU code does not compile on this host (torch {torch.__version__})")
+    torch.testing.assert_close(got, ref[:, prompt - 1 :], rtol=0, atol=1e-8)
+    assert dec.replays > 40
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["drt", "full"])
+def test_compiled_cuda_graph_equals_streaming(arch):
+    torch.manual_seed(torch.seed() % 2**31)
+    m = DRT(tiny(arch=arch, num_kv_heads=2)).cuda().eval()
+    x = torch.randint(0, 97, (2, 63 * 3 + 5), device="cuda")
+    prompt = 70
+    want, _, _ = decode_through(m, x, prompt, plain_steps=range(10**9))
+    got, dec, _ = decode_through(m, x, prompt, graph=True, compile=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert dec.replays > 100 and dec._graph is not None

@@ -17,9 +17,9 @@ into the static buffers.
         nxt = logits.argmax(-1)
         logits = dec.step(nxt)        # (B, V), equal to model(nxt[:, None], cache=cache).logits[:, -1]
 
-``model.generate`` does this by itself on CUDA (for ``drt`` and ``swa``; ``cuda_graph=True`` for
-``full``). Without CUDA (or with ``graph=False``) the same static step runs eagerly, which is how the
-CPU tests check it against the streaming path.
+``model.generate`` does this by itself on CUDA (``compile_step=True`` compiles the step first).
+Without CUDA (or with ``graph=False``) the same static step runs eagerly, which is how the CPU
+tests check it against the streaming path.
 
 Shape letters: B batch, S chunk positions, Hk memory heads, D head size, d model width, K retrieved
 chunks per query chunk, V vocabulary.
@@ -53,6 +53,17 @@ def _attn_static(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ri
         mask = (ring.pos >= 0)[None, :]
     ring.k.index_copy_(2, slot, k.to(ring.k.dtype))
     ring.v.index_copy_(2, slot, v.to(ring.v.dtype))
+    if ring.W is None:
+        # the whole key buffer (up to 2x the positions, ~10^5): with one query row, SDPA's masked
+        # kernels run one program per head over all of it (17.6 tok/s at 64K on an H200); two
+        # matmuls spread the keys over the GPU (kv heads shared by groups of query heads)
+        kk, vv = ring.k.to(q.dtype), ring.v.to(q.dtype)
+        G = q.shape[1] // kk.shape[1]
+        qg = q.reshape(B, kk.shape[1], G, q.shape[-1])  # (B, Hk, G, D): the query heads of one kv head
+        s = torch.matmul(qg, kk.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, Hk, G, T)
+        s = s.masked_fill(~mask, float("-inf"))
+        y = torch.matmul(torch.softmax(s, -1).to(vv.dtype), vv).reshape(B, -1, 1, q.shape[-1])
+        return attn.o(y.transpose(1, 2).reshape(B, 1, -1))
     with sdpa_kernel(_NO_CUDNN):
         y = F.scaled_dot_product_attention(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=mask)
     return attn.o(y.transpose(1, 2).reshape(B, 1, -1))
@@ -69,12 +80,15 @@ class GraphDecoder:
             advances it exactly as ``model(ids[:, None], cache=cache)`` would, so the two can be mixed.
         graph: capture and replay a CUDA graph (default: when the model is on CUDA). ``False`` runs
             the same static step eagerly.
+        compile: run the static step through ``torch.compile`` (Inductor fuses its norms, rotary
+            embeddings and additions into fewer kernels) before the graph captures it. The first
+            step then compiles (seconds to a minute); the tokens are the same up to rounding.
 
     A captured graph holds the addresses of the cache's buffers; when the chunk memory grows (it
     doubles when full unless the cache was made with ``max_tokens``), the step is captured again.
     """
 
-    def __init__(self, model, cache: DRTCache, graph: bool | None = None):
+    def __init__(self, model, cache: DRTCache, graph: bool | None = None, compile: bool = False):
         cfg = model.config
         if model.training:
             raise ValueError("GraphDecoder needs the model in eval mode: call model.eval() first")
@@ -108,6 +122,7 @@ class GraphDecoder:
                 shape = (B * K, S, cfg.kv_heads, cfg.head_dim)  # at most B * K distinct chunks
                 self.stage_k = [torch.zeros(shape, dtype=mem.k.dtype, device=dev) for _ in range(G)]
                 self.stage_v = [torch.zeros(shape, dtype=mem.v.dtype, device=dev) for _ in range(G)]
+        self._step_fn = torch.compile(self._static_step, dynamic=False) if compile else self._static_step
         self._graph = None
         self._graph_ptrs = None
         self._out = None
@@ -186,11 +201,11 @@ class GraphDecoder:
         side.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: kernels compile and choose configs; the step is idempotent
-                self._static_step()
+                self._step_fn()
         torch.cuda.current_stream(self.dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._out = self._static_step()
+            self._out = self._step_fn()
         self._graph, self._graph_ptrs = graph, self._pointers()
 
     # ---- public ----
@@ -217,7 +232,7 @@ class GraphDecoder:
             self._graph.replay()
             out = self._out.clone()
         else:
-            out = self._static_step()
+            out = self._step_fn()
         # host-side bookkeeping, as the streaming path keeps it
         p = cache.positions
         for ring in cache.lower + cache.upper:
