@@ -44,7 +44,7 @@
 # (passkey,multikey,2hop: lm-eval's needle tasks; empty = perplexity only), COPY_NAME (drt-copy-small)
 # and COPY_TASKS (passkey): copy-eval's model name and tasks, COPY_LONG (1; 0 = copy-eval stops after
 # 4K-1M), LM_STEPS (2600) and COPY_STEPS (6000): the text and copy stages' lengths in steps, HOP_RUNS
-# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens; p2g4k, p1g4k: those from plain1k; p2g4kf: p2g4k with plain1k's retrieval frozen; p2g4ka: p2g4k with the loss on answers only; pk4ka then c2g4ka: passkey answers first, then the mixture; h2g4k, h2g16k: p2g4ka on 2hop-weighted data; h2g4kl: with lead=1; hw504 then hw4kl: 2hop in the window first, then lead=1 at 4032), EVAL_ARGS (none: more `gca eval tasks` arguments for copy-eval, e.g. '--hop-lead 1') and EVAL_TAG (none: a suffix for copy-eval's output folder), DEVICE (auto), DTYPE (bfloat16, evaluation).
+# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens; p2g4k, p1g4k: those from plain1k; p2g4kf: p2g4k with plain1k's retrieval frozen; p2g4ka: p2g4k with the loss on answers only; pk4ka then c2g4ka: passkey answers first, then the mixture; h2g4k, h2g16k: p2g4ka on 2hop-weighted data; h2g4kl: with lead=1; hw504 then hw4kl: 2hop in the window first, then lead=1 at 4032 from HOP_FROM (hw504); hw504h, hw252: hw504 at lr 1e-3, 2hop 0.8, at 504 / 252 tokens; hwc, hw126: HOP_FROM (hw504h) continued at 504 / 189 tokens), EVAL_ARGS (none: more `gca eval tasks` arguments for copy-eval, e.g. '--hop-lead 1') and EVAL_TAG (none: a suffix for copy-eval's output folder), DEVICE (auto), DTYPE (bfloat16, evaluation).
 #
 # Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
 # tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
@@ -88,6 +88,7 @@ LM_DATA="$DATA@0.25+synthetic:passkey;filler=$DATA;loss=all;repeat=1.0;repeat_ga
 NEEDLE_DATA="synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08"
 # the needle tasks weighted to 2hop, loss on the answers only (h2g4k, h2g16k)
 HOP_DATA="synthetic:passkey=0.2,multikey=0.2,2hop=0.6;filler=$DATA;loss=answer;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08"
+HOP_DATA_HI="synthetic:passkey=0.1,multikey=0.1,2hop=0.8;filler=$DATA;loss=answer;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08"
 common=(--preset small --save-every 250 --log-every 25 --eval-every 200 --eval-batches 4 --no-progress
         --compile --device "$DEVICE" --time-limit "$MIN")
 
@@ -161,8 +162,14 @@ case "$STAGE" in
         # the 2hop-weighted data at 504 tokens, where the hop is made by attention alone (batch 64), then at
         # 4032 tokens with the question a chunk ahead (lead=1), from hw504
         hw504) copy_run hw504 504 64 plain drt "$HOP_DATA" --init-from "$(export_once copy-p2g4ka)" --lr 3e-4 --set "upper_groups=[2,2]" & ;;
-        hw4kl) copy_run hw4kl 4032 8 plain drt "$HOP_DATA;lead=1" --init-from "$(export_once copy-hw504)" --lr 3e-4 --set "upper_groups=[2,2]" & ;;
-        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka, pk4ka, c2g4ka, h2g4k, h2g16k, h2g4kl, hw504, hw4kl)" >&2; exit 2 ;;
+        # hw504h: hw504 at lr 1e-3 with 2hop at 0.8 of the samples; hw252: the same at 252 tokens (4 chunks), batch 128
+        hw504h) copy_run hw504h 504 64 plain drt "$HOP_DATA_HI" --init-from "$(export_once copy-p2g4ka)" --lr 1e-3 --set "upper_groups=[2,2]" & ;;
+        hw252) copy_run hw252 252 128 plain drt "$HOP_DATA_HI" --init-from "$(export_once copy-p2g4ka)" --lr 1e-3 --set "upper_groups=[2,2]" & ;;
+        # hwc, hw189: HOP_FROM (hw504h) continued at 504 tokens (batch 64), and at 189 tokens (3 chunks, batch 176)
+        hwc) copy_run hwc 504 64 plain drt "$HOP_DATA_HI" --init-from "$(export_once "copy-${HOP_FROM:-hw504h}")" --lr 1e-3 --set "upper_groups=[2,2]" & ;;
+        hw189) copy_run hw189 189 176 plain drt "$HOP_DATA_HI" --init-from "$(export_once "copy-${HOP_FROM:-hw504h}")" --lr 1e-3 --set "upper_groups=[2,2]" & ;;
+        hw4kl) copy_run hw4kl 4032 8 plain drt "$HOP_DATA;lead=1" --init-from "$(export_once "copy-${HOP_FROM:-hw504}")" --lr 3e-4 --set "upper_groups=[2,2]" & ;;
+        *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka, pk4ka, c2g4ka, h2g4k, h2g16k, h2g4kl, hw504, hw504h, hw252, hwc, hw126, hw4kl)" >&2; exit 2 ;;
       esac
     done
     wait ;;

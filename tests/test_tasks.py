@@ -85,6 +85,19 @@ def test_determinism():
         assert a == b and a.input_ids != c.input_ids
 
 
+def test_source_warns_when_distractors_do_not_fit():
+    # 189 tokens leave one chunk before the question: one 2hop chain of the two asked for
+    with pytest.warns(UserWarning, match=r"2hop samples of 189 tokens hold only 1-1 of the 2 chains"):
+        TaskSource("2hop", seq_len=189)
+    s, _ = TaskSource("2hop", seq_len=189).sample_task(0)
+    assert s.distractor_answers == []
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        src = TaskSource("2hop", seq_len=504)  # 7 chunks: both chains fit
+    assert len(src.sample_task(0)[0].distractor_answers) == 1
+
+
 def test_too_short():
     with pytest.raises(ValueError):
         make_task_sample("passkey", context_len=60)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping
@@ -573,6 +574,17 @@ class TaskSource(BatchSource):
             raise ValueError(f"samples of {shortest} tokens are too short: a task needs a needle chunk, a "
                              f"question chunk and the answer, >= {2 * self.P + 1 + task_kwargs.get('value_len', 5)} "
                              f"tokens with P={self.P}")
+        # make_task_sample drops distractor needles that do not fit before the question: say so once here
+        for kind, want in (("multikey", task_kwargs.get("n_keys", 4)), ("2hop", task_kwargs.get("n_chains", 2))):
+            if kind not in weights or want <= 1:
+                continue
+            ctx = shortest - task_kwargs.get("value_len", 5)
+            got = [len(make_task_sample(kind, context_len=ctx, seed=np.random.default_rng(i), tokenizer=self.tokenizer,
+                                        filler=self.filler, **task_kwargs).distractor_answers) + 1 for i in range(4)]
+            if min(got) < want:
+                warnings.warn(f"{kind} samples of {shortest} tokens hold only {min(got)}-{max(got)} of the {want} "
+                              f"{'keys' if kind == 'multikey' else 'chains'} asked for: the distractors that do not "
+                              f"fit before the question are dropped; use longer samples", stacklevel=2)
 
     def sample_task(self, gid: int) -> tuple[TaskSample, int]:
         """The task sample of global sample id ``gid`` and its real length T (<= seq_len)."""
