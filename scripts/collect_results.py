@@ -2,6 +2,7 @@
 
     python scripts/collect_results.py --runs runs/repro --data data/debian-docs --out results
     python scripts/collect_results.py --plots-only      # redraw the plots of results/*.json
+    python scripts/collect_results.py --runs NONE --tasks-files a_tasks.json b_tasks.json  # add these models' rows
 
 Reads ``RUNS/eval/<arch>-ppl/ppl.json`` and ``RUNS/eval/<arch>-tasks-<L>/tasks.json`` and writes
 ``OUT/ppl.json`` (``[{model, train_length, context_length, ppl, tokens, corpus}]``) and
@@ -27,7 +28,7 @@ def _merge(path: str, rows: list[dict]) -> list[dict]:
     return [r for r in old if r["model"] not in new_models] + rows
 
 
-def collect(runs: str, corpus: str) -> tuple[list[dict], list[dict]]:
+def collect(runs: str, corpus: str, task_files: list[str] = ()) -> tuple[list[dict], list[dict]]:
     ppl = []
     for f in sorted(glob.glob(os.path.join(runs, "eval", "*-ppl", "ppl.json"))):
         for r in json.load(open(f)):
@@ -35,7 +36,7 @@ def collect(runs: str, corpus: str) -> tuple[list[dict], list[dict]]:
                             ppl=round(r["ppl"], 4), tokens=r["tokens"], corpus=corpus))
     pooled: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     train_len = {}
-    for f in sorted(glob.glob(os.path.join(runs, "eval", "*-tasks-*", "tasks.json"))):
+    for f in sorted(glob.glob(os.path.join(runs, "eval", "*-tasks-*", "tasks.json"))) + list(task_files):
         for r in json.load(open(f)):
             key = (r["model"], TASK_NAMES[r["task"]], r["context_length"])
             pooled[key][0] += round(r["accuracy"] * r["trials"])
@@ -51,13 +52,15 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/repro")
     ap.add_argument("--data", default="data/debian-docs", help="the corpus, named in ppl.json")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--tasks-files", nargs="*", default=[],
+                    help="more `gca eval tasks` outputs (tasks.json rows) to pool into passkey.json, by model")
     ap.add_argument("--plots-only", action="store_true", help="only redraw the plots from OUT's ppl.json and passkey.json")
     a = ap.parse_args()
     if a.plots_only:
         load = lambda name: json.load(open(os.path.join(a.out, name))) if os.path.exists(os.path.join(a.out, name)) else []
         _plots(load("ppl.json"), load("passkey.json"), a.out)
         return
-    ppl, tasks = collect(a.runs, os.path.basename(os.path.normpath(a.data)))
+    ppl, tasks = collect(a.runs, os.path.basename(os.path.normpath(a.data)), a.tasks_files)
     os.makedirs(a.out, exist_ok=True)
     merged = {}
     for name, rows in (("ppl.json", ppl), ("passkey.json", tasks)):
