@@ -45,7 +45,13 @@ from gca.ops.gca_ref import gca_reference  # noqa: E402
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="CUDA only (too slow for the interpreter)")
 
-FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+# Error allowed on top of a multiple of the low-precision reference's, relative to the largest
+# element. bf16: one rounding of the largest element (2^-8). The kernels round P and dS to bf16
+# before their matmuls, which the reference does not, and their gradient error reaches 1.1-1.2% of the
+# largest element where the reference's is 0.3%: with a floor of 2e-3 three of ~4800 fresh bf16
+# checks of test_dkdv_retrieval_counts exceeded "3 x reference + floor" (one in CI, dq 1.16e-2 vs
+# 1.06e-2); with 2^-8 the worst of them is at 0.92 of the bound.
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 5e-4}
 
 
 @pytest.fixture(autouse=True)
