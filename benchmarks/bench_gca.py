@@ -211,15 +211,19 @@ SWEEP = {
 }
 
 
-SWEEP_KEYS = {k for cfgs in SWEEP.values() for cfg in cfgs for k in cfg}
+def cfg_keys(configs):
+    return {k for cfgs in configs.values() for cfg in cfgs for k in cfg}
 
 
-def sweep(kinds=tuple(SWEEP), out_path=None):
-    """Time the launch configs in ``SWEEP`` at the SPEC shape: the forward for "fwd", the whole
-    backward (dq kernel, index sort, dK/dV kernel) for "dq" and "dkdv". Each config's results are
-    compared with the default config's (relative max difference, "diff"); a config that fails to
-    compile or run (e.g. out of shared memory) is reported with ms = NaN and the sweep goes on.
+def sweep(kinds=tuple(SWEEP), out_path=None, configs=None, repeat=1):
+    """Time the launch configs in ``SWEEP`` (or ``configs``, same form) at the SPEC shape: the
+    forward for "fwd", the whole backward (dq kernel, index sort, dK/dV kernel) for "dq" and "dkdv".
+    Each config's results are compared with the default config's (relative max difference, "diff");
+    a config that fails to compile or run (e.g. out of shared memory) is reported with ms = NaN and
+    the sweep goes on. With ``repeat`` > 1 the configs of a kind are timed in turn that many times
+    (so drift over the run hits them alike) and the median of the repeats is printed at the end.
     Rows are written to ``out_path`` after every config, so a timeout keeps what was measured."""
+    configs = SWEEP if configs is None else configs
     B, C, S, H, Hk, D, K = 4, 256, 64, 12, 12, 64, 8
     q, k, v, idx, w = make_inputs(B, C, S, H, Hk, D, K)
     out, lse = gt.gca_fwd(q, k, v, idx, w)
@@ -235,11 +239,11 @@ def sweep(kinds=tuple(SWEEP), out_path=None):
 
         expected = run()
         print(f"  {kind} default: {default}")
-        for cfg in SWEEP[kind]:
+        for rep, cfg in [(r_, c_) for r_ in range(repeat) for c_ in configs[kind]]:
             gt.CONFIG_OVERRIDES.clear()
             gt.CONFIG_OVERRIDES[kind] = cfg
             row = {"kind": kind, **cfg, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "triton": triton.__version__, "date": datetime.date.today().isoformat()}
+                   "triton": triton.__version__, "date": datetime.date.today().isoformat(), "rep": rep}
             try:
                 row["diff"] = max(rel_err(a, e) for a, e in zip(run(), expected))
                 row["ms"] = bench(run)
@@ -257,7 +261,13 @@ def sweep(kinds=tuple(SWEEP), out_path=None):
         ok = [r for r in results if r["kind"] == kind and r["ms"] == r["ms"] and r["diff"] <= 1e-2]
         if ok:
             best = min(ok, key=lambda r: r["ms"])
-            print(f"  {kind} fastest: {({k_: v_ for k_, v_ in best.items() if k_ in SWEEP_KEYS})} {best['ms']:.3f} ms")
+            print(f"  {kind} fastest: {({k_: v_ for k_, v_ in best.items() if k_ in cfg_keys(configs)})} {best['ms']:.3f} ms")
+        if repeat > 1:
+            for cfg in configs[kind]:
+                ms = sorted(r["ms"] for r in results if r["kind"] == kind and all(r.get(k_) == v_ for k_, v_ in cfg.items())
+                            and set(cfg) == set(r) & cfg_keys(configs) and r["ms"] == r["ms"])
+                if ms:
+                    print(f"  {kind:5s} {cfg}  median of {len(ms)}: {ms[len(ms) // 2]:.3f} ms  (min {ms[0]:.3f}, max {ms[-1]:.3f})")
     gt.CONFIG_OVERRIDES.clear()
     return results
 
@@ -296,6 +306,9 @@ def main():
     ap.add_argument("--sweep-only", action="store_true", help="only the launch-config sweep")
     ap.add_argument("--sweep-kinds", default=",".join(SWEEP),
                     help=f"kernels the sweep covers, in this order (default {','.join(SWEEP)})")
+    ap.add_argument("--sweep-configs", default=None,
+                    help='JSON {kind: [config, ...]} timed instead of the built-in sweep, e.g. \'{"fwd": [{}, {"num_stages": 3}]}\'')
+    ap.add_argument("--sweep-repeat", type=int, default=1, help="time each kind's configs in turn this many times")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
     ap.add_argument("--profile-bwd", action="store_true",
                     help="only: per-kernel GPU time of forward + backward at the SPEC shape (torch.profiler)")
@@ -317,12 +330,15 @@ def main():
             print(f"config overrides: {gt.CONFIG_OVERRIDES}")
         profile_kernels((4, 256, 64, 12, 12, 64, 8))
         return
+    configs = SWEEP if args.sweep_configs is None else json.loads(args.sweep_configs)
     kinds = [k for k in args.sweep_kinds.split(",") if k]
-    if not set(kinds) <= set(SWEEP):
-        sys.exit(f"--sweep-kinds: unknown kind in {args.sweep_kinds!r} (known: {','.join(SWEEP)})")
+    if args.sweep_configs is not None and args.sweep_kinds == ",".join(SWEEP):
+        kinds = list(configs)
+    if not set(kinds) <= set(SWEEP) or not set(kinds) <= set(configs):
+        sys.exit(f"--sweep-kinds: unknown kind in {','.join(kinds)!r} (known: {','.join(configs)})")
     sweep_path = os.path.join(args.out_dir, f"gca_{slug}_sweep.json")
     if args.sweep_only:
-        sweep(kinds, sweep_path)
+        sweep(kinds, sweep_path, configs, args.sweep_repeat)
         return
     ok = True if args.no_check else correctness_check((4, 256, 64, 12, 12, 64, 8))
 
@@ -367,7 +383,7 @@ def main():
         for d in dec:
             fh.write(f"| {d['B']} | {d['T']} | {d['K']} | {d['decode_ms'] * 1e3:.1f} | {d['ref_ms'] * 1e3:.1f} | {d['floor_ms'] * 1e3:.1f} |\n")
     if args.sweep:
-        sweep(kinds, sweep_path)
+        sweep(kinds, sweep_path, configs, args.sweep_repeat)
     print(f"wrote {args.out_dir}/gca_{slug}.json and .md")
     if not ok:
         sys.exit(1)

@@ -114,7 +114,8 @@ def _gca_fwd_kernel(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     NSPLIT: tl.constexpr, N_LOOP: tl.constexpr, SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRELOAD: tl.constexpr = 0,
+    PREFETCH: tl.constexpr = False, SCALE_P: tl.constexpr = False, DEFER_LSE: tl.constexpr = 0,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -137,10 +138,30 @@ def _gca_fwd_kernel(
         mask=row_ok[:, None], other=0.0,
     )
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if PRELOAD:
+        kk = tl.arange(0, PRELOAD)
+        idx_all = tl.load(IDX + b * si_b + c * si_c + (split + kk) * si_k, mask=kk < N_LOOP, other=-1)
+        w_all = tl.load(W + b * sw_b + c * sw_c + (split + kk) * sw_k, mask=kk < N_LOOP, other=0.0).to(tl.float32)
+    if DEFER_LSE:
+        kk2 = tl.arange(0, DEFER_LSE)
+        lse_all = tl.zeros((BLOCK_M, DEFER_LSE), dtype=tl.float32)
+    if PREFETCH:
+        idx_n = tl.load(IDX + b * si_b + c * si_c + split * si_k)
+        w_n = tl.load(W + b * sw_b + c * sw_c + split * sw_k).to(tl.float32)
     for ii in range(N_LOOP):
         i = split + ii
-        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
-        w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+        if PRELOAD:
+            idx = tl.sum(tl.where(kk == ii, idx_all, 0))
+            w = tl.sum(tl.where(kk == ii, w_all, 0.0))
+        elif PREFETCH:
+            idx = idx_n
+            w = w_n
+            i_n = split + tl.minimum(ii + 1, N_LOOP - 1)
+            idx_n = tl.load(IDX + b * si_b + c * si_c + i_n * si_k)
+            w_n = tl.load(W + b * sw_b + c * sw_c + i_n * sw_k).to(tl.float32)
+        else:
+            idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+            w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
         w = tl.where(idx >= 0, w, 0.0)
         idx = tl.maximum(idx, 0)
         k = tl.load(
@@ -161,11 +182,20 @@ def _gca_fwd_kernel(
         l = tl.sum(p, 1)
         if SOFTMAX_ONE:
             l += tl.exp2(-m)
-        o = _dot(p.to(v.dtype), v, None, DOT_PREC)
-        acc += o * (w / l)[:, None]
+        if SCALE_P:  # fold w / l into P so the PV product accumulates into acc
+            acc = _dot((p * (w / l)[:, None]).to(v.dtype), v, acc, DOT_PREC)
+        else:
+            o = _dot(p.to(v.dtype), v, None, DOT_PREC)
+            acc += o * (w / l)[:, None]
         if STORE_LSE:
             lse = (m + tl.log2(l)) * 0.6931471805599453  # natural-log logsumexp
-            tl.store(LSE + pid_bc * (H * K * S) + i * S + (h * (K * S) + s), lse, mask=row_ok)
+            if DEFER_LSE:  # kept in registers, stored once after the loop
+                lse_all = tl.where(kk2[None, :] == ii, lse[:, None], lse_all)
+            else:
+                tl.store(LSE + pid_bc * (H * K * S) + i * S + (h * (K * S) + s), lse, mask=row_ok)
+    if STORE_LSE and DEFER_LSE:
+        tl.store(LSE + pid_bc * (H * K * S) + (split + kk2[None, :]) * S + (h * (K * S) + s)[:, None], lse_all,
+                 mask=row_ok[:, None] & (kk2[None, :] < N_LOOP))
     tl.store(
         O + split * so_p + b * so_b + c * so_c + s[:, None] * so_s + h[:, None] * so_h + d[None, :] * so_d,
         acc.to(O.dtype.element_ty), mask=row_ok[:, None],
@@ -184,6 +214,7 @@ def _gca_bwd_dq_kernel(
     Cq, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRELOAD: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -212,9 +243,26 @@ def _gca_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     part = hk * n_rb + pid_r  # this program's column of the dw partial sums
     n_part = n_rb * tl.num_programs(2)
+    if PRELOAD:
+        kk = tl.arange(0, PRELOAD)
+        idx_all = tl.load(IDX + b * si_b + c * si_c + kk * si_k, mask=kk < K, other=-1)
+        w_all = tl.load(W + b * sw_b + c * sw_c + kk * sw_k, mask=kk < K, other=0.0).to(tl.float32)
+    if PREFETCH:
+        idx_n = tl.load(IDX + b * si_b + c * si_c)
+        w_n = tl.load(W + b * sw_b + c * sw_c).to(tl.float32)
     for i in range(K):
-        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
-        w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+        if PRELOAD:
+            idx = tl.sum(tl.where(kk == i, idx_all, 0))
+            w = tl.sum(tl.where(kk == i, w_all, 0.0))
+        elif PREFETCH:
+            idx = idx_n
+            w = w_n
+            i_n = tl.minimum(i + 1, K - 1)
+            idx_n = tl.load(IDX + b * si_b + c * si_c + i_n * si_k)
+            w_n = tl.load(W + b * sw_b + c * sw_c + i_n * sw_k).to(tl.float32)
+        else:
+            idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+            w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
         valid = idx >= 0
         w = tl.where(valid, w, 0.0)
         idx = tl.maximum(idx, 0)
@@ -253,13 +301,15 @@ def _dkdv_step(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr, pair=None,
 ):
     """dK, dV contributions of step t: row block t % NRB of the (t // NRB)-th (query chunk, slot)
-    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop)."""
+    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop).
+    ``pair`` (the ORDER entry of step t) is loaded here unless the caller prefetched it."""
     NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
     d = tl.arange(0, BLOCK_D)
-    pair = tl.load(ORDER + t // NRB)  # flattened (b * Cq + c) * K + i
+    if pair is None:
+        pair = tl.load(ORDER + t // NRB)  # flattened (b * Cq + c) * K + i
     bc = pair // K
     i = pair % K
     c = bc % Cq
@@ -313,7 +363,7 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
+    TRANSPOSED: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
@@ -351,6 +401,19 @@ def _gca_bwd_dkdv_kernel(
                 Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
             t += 1
+    elif PREFETCH:
+        # the ORDER entry of step t + 1 is loaded during step t, so no load inside a step feeds the
+        # addresses of that step's tile loads
+        last = tl.maximum(end - 1, start)
+        pair = tl.load(ORDER + tl.minimum(start, last) // NRB, mask=start < end, other=0)
+        for t in range(start, end):
+            nxt = tl.load(ORDER + tl.minimum(t + 1, last) // NRB)
+            dk, dv = _dkdv_step(
+                t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+                sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, pair,
+            )
+            pair = nxt
     else:
         for t in range(start, end):
             dk, dv = _dkdv_step(
