@@ -86,6 +86,7 @@ def main():
         (64, 64, 6, 6, 128, 8),
         (128, 128, 6, 2, 128, 8),
         (48, 48, 4, 1, 64, 4),
+        (64, 64, 12, 12, 64, 4),
     ]
     for S, Sm, H, Hk, D, K in shapes if args.only is None else [shapes[args.only]]:
         print(f"S={S} Sm={Sm} H={H} Hk={Hk} D={D} K={K} bf16")

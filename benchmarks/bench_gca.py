@@ -215,20 +215,21 @@ def cfg_keys(configs):
     return {k for cfgs in configs.values() for cfg in cfgs for k in cfg}
 
 
-def sweep(kinds=tuple(SWEEP), out_path=None, configs=None, repeat=1):
+def sweep(kinds=tuple(SWEEP), out_path=None, configs=None, repeat=1, shape=(4, 256, 64, 12, 12, 64, 8)):
     """Time the launch configs in ``SWEEP`` (or ``configs``, same form) at the SPEC shape: the
     forward for "fwd", the whole backward (dq kernel, index sort, dK/dV kernel) for "dq" and "dkdv".
     Each config's results are compared with the default config's (relative max difference, "diff");
     a config that fails to compile or run (e.g. out of shared memory) is reported with ms = NaN and
     the sweep goes on. With ``repeat`` > 1 the configs of a kind are timed in turn that many times
     (so drift over the run hits them alike) and the median of the repeats is printed at the end.
-    Rows are written to ``out_path`` after every config, so a timeout keeps what was measured."""
+    Rows are written to ``out_path`` after every config, so a timeout keeps what was measured.
+    ``shape`` = (B, C, S, H, Hk, D, K), the SPEC shape by default."""
     configs = SWEEP if configs is None else configs
-    B, C, S, H, Hk, D, K = 4, 256, 64, 12, 12, 64, 8
+    B, C, S, H, Hk, D, K = shape
     q, k, v, idx, w = make_inputs(B, C, S, H, Hk, D, K)
     out, lse = gt.gca_fwd(q, k, v, idx, w)
     g = torch.randn_like(q)
-    print("config sweep at the SPEC shape (ms, median):")
+    print(f"config sweep at B={B} C={C} S={S} H={H} Hk={Hk} D={D} K={K} (ms, median):")
     results = []
     for kind in kinds:
         gt.CONFIG_OVERRIDES.clear()
@@ -243,7 +244,8 @@ def sweep(kinds=tuple(SWEEP), out_path=None, configs=None, repeat=1):
             gt.CONFIG_OVERRIDES.clear()
             gt.CONFIG_OVERRIDES[kind] = cfg
             row = {"kind": kind, **cfg, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "triton": triton.__version__, "date": datetime.date.today().isoformat(), "rep": rep}
+                   "triton": triton.__version__, "date": datetime.date.today().isoformat(), "rep": rep,
+                   "shape": dict(zip("B C S H Hk D K".split(), shape))}
             try:
                 row["diff"] = max(rel_err(a, e) for a, e in zip(run(), expected))
                 row["ms"] = bench(run)
@@ -309,6 +311,8 @@ def main():
     ap.add_argument("--sweep-configs", default=None,
                     help='JSON {kind: [config, ...]} timed instead of the built-in sweep, e.g. \'{"fwd": [{}, {"num_stages": 3}]}\'')
     ap.add_argument("--sweep-repeat", type=int, default=1, help="time each kind's configs in turn this many times")
+    ap.add_argument("--shape", default="4,256,64,12,12,64,8",
+                    help="B,C,S,H,Hk,D,K of the sweep and of --profile-bwd (default: the SPEC shape)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
     ap.add_argument("--profile-bwd", action="store_true",
                     help="only: per-kernel GPU time of forward + backward at the SPEC shape (torch.profiler)")
@@ -316,6 +320,9 @@ def main():
                     help='JSON for gca_triton.CONFIG_OVERRIDES, e.g. \'{"dkdv": {"num_stages": 3}}\' (the sweep replaces it per config)')
     args = ap.parse_args()
     gt.CONFIG_OVERRIDES.update(json.loads(args.override))
+    shape = tuple(int(x) for x in args.shape.split(","))
+    if len(shape) != 7:
+        sys.exit(f"--shape: expected 7 integers B,C,S,H,Hk,D,K, got {args.shape!r}")
     if not torch.cuda.is_available():
         sys.exit("bench_gca.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
@@ -328,7 +335,7 @@ def main():
     if args.profile_bwd:
         if gt.CONFIG_OVERRIDES:
             print(f"config overrides: {gt.CONFIG_OVERRIDES}")
-        profile_kernels((4, 256, 64, 12, 12, 64, 8))
+        profile_kernels(shape)
         return
     configs = SWEEP if args.sweep_configs is None else json.loads(args.sweep_configs)
     kinds = [k for k in args.sweep_kinds.split(",") if k]
@@ -338,7 +345,7 @@ def main():
         sys.exit(f"--sweep-kinds: unknown kind in {','.join(kinds)!r} (known: {','.join(configs)})")
     sweep_path = os.path.join(args.out_dir, f"gca_{slug}_sweep.json")
     if args.sweep_only:
-        sweep(kinds, sweep_path, configs, args.sweep_repeat)
+        sweep(kinds, sweep_path, configs, args.sweep_repeat, shape)
         return
     ok = True if args.no_check else correctness_check((4, 256, 64, 12, 12, 64, 8))
 

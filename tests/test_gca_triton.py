@@ -254,6 +254,26 @@ def test_no_grad_path_equals_the_custom_op(pattern):
     torch.testing.assert_close(fast, slow, rtol=0, atol=0)
 
 
+def test_eager_autograd_path_equals_the_custom_op():
+    """With grad enabled, eager calls run a plain autograd.Function (no custom-op dispatch), while
+    torch.compile traces the custom op: both give the same output and the same four gradients."""
+    q, k, v, idx, w = _inputs(**SMALL["S16-D32-H4-Hk2-K3"], dtype=torch.float32, pattern="random")
+    g = torch.randn_like(q)
+    results = []
+    for path in ("eager", "op"):
+        ins = [t.detach().clone().requires_grad_(True) for t in (q, k, v, w)]
+        if path == "eager":
+            out = gt.gca_triton(ins[0], ins[1], ins[2], idx, ins[3])
+            assert out.grad_fn is not None and "GCAFunction" in type(out.grad_fn).__name__
+        else:
+            out, _ = torch.ops.gca.fwd(ins[0], ins[1], ins[2], idx.long(), ins[3], False, q.shape[-1] ** -0.5)
+        out.backward(g)
+        results.append([out] + [t.grad for t in ins])
+    for a, b in zip(*results):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @cuda_only
 def test_decode_bf16_batch1_cuda():
     B, T, Cm, Sm, H, Hk, D, K = 1, 1, 300, 64, 12, 12, 64, 8

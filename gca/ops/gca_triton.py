@@ -49,8 +49,10 @@ Other inputs fall back to :func:`gca.ops.gca_ref.gca_reference` with a warning.
 
 Layers: kernels -> launchers (``gca_fwd`` / ``gca_bwd``: allocation, grid, configs by shape in
 ``_config``) -> ``torch.library`` custom ops ``gca::fwd`` / ``gca::bwd`` / ``gca::decode`` with fake
-(meta) kernels, and ``register_autograd`` on ``gca::fwd`` as the autograd layer (it plays the part of
-an ``autograd.Function``; ``torch.compile`` sees opaque ops) -> public ``gca_triton`` and ``gca_decode``.
+(meta) kernels, and ``register_autograd`` on ``gca::fwd`` as the autograd layer (``torch.compile``
+sees opaque ops) -> public ``gca_triton`` and ``gca_decode``. Eager calls skip the ops' Python
+dispatch (~0.6 ms of host time per forward + backward): a thin ``autograd.Function`` (``_GCAFunction``)
+calls the same launchers, and eager decode calls its launcher directly.
 On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before this module
 is imported), which is how CI tests them; two interpreter gaps are worked around there (loops over
 loaded bounds become ``while`` loops; bf16 dot operands are upcast after rounding).
@@ -114,8 +116,7 @@ def _gca_fwd_kernel(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     NSPLIT: tl.constexpr, N_LOOP: tl.constexpr, SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRELOAD: tl.constexpr = 0,
-    PREFETCH: tl.constexpr = False, SCALE_P: tl.constexpr = False, DEFER_LSE: tl.constexpr = 0,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -138,30 +139,10 @@ def _gca_fwd_kernel(
         mask=row_ok[:, None], other=0.0,
     )
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if PRELOAD:
-        kk = tl.arange(0, PRELOAD)
-        idx_all = tl.load(IDX + b * si_b + c * si_c + (split + kk) * si_k, mask=kk < N_LOOP, other=-1)
-        w_all = tl.load(W + b * sw_b + c * sw_c + (split + kk) * sw_k, mask=kk < N_LOOP, other=0.0).to(tl.float32)
-    if DEFER_LSE:
-        kk2 = tl.arange(0, DEFER_LSE)
-        lse_all = tl.zeros((BLOCK_M, DEFER_LSE), dtype=tl.float32)
-    if PREFETCH:
-        idx_n = tl.load(IDX + b * si_b + c * si_c + split * si_k)
-        w_n = tl.load(W + b * sw_b + c * sw_c + split * sw_k).to(tl.float32)
     for ii in range(N_LOOP):
         i = split + ii
-        if PRELOAD:
-            idx = tl.sum(tl.where(kk == ii, idx_all, 0))
-            w = tl.sum(tl.where(kk == ii, w_all, 0.0))
-        elif PREFETCH:
-            idx = idx_n
-            w = w_n
-            i_n = split + tl.minimum(ii + 1, N_LOOP - 1)
-            idx_n = tl.load(IDX + b * si_b + c * si_c + i_n * si_k)
-            w_n = tl.load(W + b * sw_b + c * sw_c + i_n * sw_k).to(tl.float32)
-        else:
-            idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
-            w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+        idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
+        w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
         w = tl.where(idx >= 0, w, 0.0)
         idx = tl.maximum(idx, 0)
         k = tl.load(
@@ -182,20 +163,11 @@ def _gca_fwd_kernel(
         l = tl.sum(p, 1)
         if SOFTMAX_ONE:
             l += tl.exp2(-m)
-        if SCALE_P:  # fold w / l into P so the PV product accumulates into acc
-            acc = _dot((p * (w / l)[:, None]).to(v.dtype), v, acc, DOT_PREC)
-        else:
-            o = _dot(p.to(v.dtype), v, None, DOT_PREC)
-            acc += o * (w / l)[:, None]
+        o = _dot(p.to(v.dtype), v, None, DOT_PREC)
+        acc += o * (w / l)[:, None]
         if STORE_LSE:
             lse = (m + tl.log2(l)) * 0.6931471805599453  # natural-log logsumexp
-            if DEFER_LSE:  # kept in registers, stored once after the loop
-                lse_all = tl.where(kk2[None, :] == ii, lse[:, None], lse_all)
-            else:
-                tl.store(LSE + pid_bc * (H * K * S) + i * S + (h * (K * S) + s), lse, mask=row_ok)
-    if STORE_LSE and DEFER_LSE:
-        tl.store(LSE + pid_bc * (H * K * S) + (split + kk2[None, :]) * S + (h * (K * S) + s)[:, None], lse_all,
-                 mask=row_ok[:, None] & (kk2[None, :] < N_LOOP))
+            tl.store(LSE + pid_bc * (H * K * S) + i * S + (h * (K * S) + s), lse, mask=row_ok)
     tl.store(
         O + split * so_p + b * so_b + c * so_c + s[:, None] * so_s + h[:, None] * so_h + d[None, :] * so_d,
         acc.to(O.dtype.element_ty), mask=row_ok[:, None],
@@ -214,7 +186,6 @@ def _gca_bwd_dq_kernel(
     Cq, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRELOAD: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -243,26 +214,18 @@ def _gca_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     part = hk * n_rb + pid_r  # this program's column of the dw partial sums
     n_part = n_rb * tl.num_programs(2)
-    if PRELOAD:
-        kk = tl.arange(0, PRELOAD)
-        idx_all = tl.load(IDX + b * si_b + c * si_c + kk * si_k, mask=kk < K, other=-1)
-        w_all = tl.load(W + b * sw_b + c * sw_c + kk * sw_k, mask=kk < K, other=0.0).to(tl.float32)
-    if PREFETCH:
-        idx_n = tl.load(IDX + b * si_b + c * si_c)
-        w_n = tl.load(W + b * sw_b + c * sw_c).to(tl.float32)
+    # slot i + 1's index and weight are loaded during slot i: with no load inside an iteration
+    # feeding that iteration's tile addresses, Triton's pipeliner issues the next slot's tile loads
+    # before this slot's matmuls (with num_stages >= 3); loaded in the iteration itself, the tiles
+    # were fetched at its end and waited for at once (backward 1.33 -> 1.29 ms at the SPEC shape, H200)
+    idx_n = tl.load(IDX + b * si_b + c * si_c)
+    w_n = tl.load(W + b * sw_b + c * sw_c).to(tl.float32)
     for i in range(K):
-        if PRELOAD:
-            idx = tl.sum(tl.where(kk == i, idx_all, 0))
-            w = tl.sum(tl.where(kk == i, w_all, 0.0))
-        elif PREFETCH:
-            idx = idx_n
-            w = w_n
-            i_n = tl.minimum(i + 1, K - 1)
-            idx_n = tl.load(IDX + b * si_b + c * si_c + i_n * si_k)
-            w_n = tl.load(W + b * sw_b + c * sw_c + i_n * sw_k).to(tl.float32)
-        else:
-            idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
-            w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
+        idx = idx_n
+        w = w_n
+        i_n = tl.minimum(i + 1, K - 1)
+        idx_n = tl.load(IDX + b * si_b + c * si_c + i_n * si_k)
+        w_n = tl.load(W + b * sw_b + c * sw_c + i_n * sw_k).to(tl.float32)
         valid = idx >= 0
         w = tl.where(valid, w, 0.0)
         idx = tl.maximum(idx, 0)
@@ -296,20 +259,18 @@ def _gca_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_step(
-    t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+    t, pair, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA,
     sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, pair=None,
+    TRANSPOSED: tl.constexpr,
 ):
     """dK, dV contributions of step t: row block t % NRB of the (t // NRB)-th (query chunk, slot)
-    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop).
-    ``pair`` (the ORDER entry of step t) is loaded here unless the caller prefetched it."""
+    pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop);
+    ``pair`` is that pair's ORDER entry, flattened (b * Cq + c) * K + i."""
     NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
     d = tl.arange(0, BLOCK_D)
-    if pair is None:
-        pair = tl.load(ORDER + t // NRB)  # flattened (b * Cq + c) * K + i
     bc = pair // K
     i = pair % K
     c = bc % Cq
@@ -363,7 +324,7 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, PREFETCH: tl.constexpr = False,
+    TRANSPOSED: tl.constexpr,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
@@ -391,36 +352,33 @@ def _gca_bwd_dkdv_kernel(
     NRB: tl.constexpr = (G * S + BLOCK_M - 1) // BLOCK_M
     start = tl.load(OFFS + pid_bm) * NRB
     end = tl.load(OFFS + pid_bm + 1) * NRB
+    # the ORDER entry of step t + 1 is loaded during step t: with no load inside a step feeding that
+    # step's tile addresses, Triton's pipeliner issues the next step's query / dO tile loads before
+    # this step's matmuls (num_stages >= 3); loaded in the step itself, the tiles were fetched at its
+    # end and waited for at once (backward 1.33 -> 1.22 ms at the SPEC shape, H200)
+    last = tl.maximum(end - 1, start)
+    pair = tl.load(ORDER + start // NRB, mask=start < end, other=0)
     if USE_WHILE:
         # the Triton interpreter (numpy >= 2.3) cannot run `range` over loaded scalars
         t = start
         while t < end:
+            nxt = tl.load(ORDER + tl.minimum(t + 1, last) // NRB)
             dk, dv = _dkdv_step(
-                t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+                t, pair, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
                 Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
+            pair = nxt
             t += 1
-    elif PREFETCH:
-        # the ORDER entry of step t + 1 is loaded during step t, so no load inside a step feeds the
-        # addresses of that step's tile loads
-        last = tl.maximum(end - 1, start)
-        pair = tl.load(ORDER + tl.minimum(start, last) // NRB, mask=start < end, other=0)
+    else:
         for t in range(start, end):
             nxt = tl.load(ORDER + tl.minimum(t + 1, last) // NRB)
             dk, dv = _dkdv_step(
-                t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
-                sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, pair,
-            )
-            pair = nxt
-    else:
-        for t in range(start, end):
-            dk, dv = _dkdv_step(
-                t, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA, ORDER,
+                t, pair, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
                 Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
+            pair = nxt
     dk = dk * scale
     base = pid_bm * (Sm * Hk * BLOCK_D)  # contiguous (B, Cm, Sm, Hk, D)
     out = (n[:, None] * Hk + hk) * BLOCK_D + d[None, :]
@@ -466,13 +424,20 @@ def _config(kind, R, Sm, D, on_cuda):
         cfg = dict(BLOCK_M=bm, num_warps=8 if bm * D >= 128 * 64 else 4, num_stages=2)
     elif kind == "dq":
         cfg = dict(BLOCK_M=_block_m(R, 64), num_warps=8 if D >= 128 else 4, num_stages=2)
+        if D <= 64:
+            # 3 stages (the next slot's tiles load during this one) with registers capped at 168, so
+            # three programs fit an SM: backward 1.33 -> 1.29 ms at the SPEC shape (H200 sweep;
+            # uncapped, 173 registers and two programs, 1.36 ms)
+            cfg.update(num_stages=3, maxnreg=168)
     else:  # dkdv; BLOCK_N: memory positions per program
         # the transposed form took the backward from 1.55 to 1.34 ms at the SPEC shape (D = 64, H200
-        # sweep); D = 128 was not swept, so it keeps the plain form
-        cfg = dict(BLOCK_M=_block_m(R, 64), BLOCK_N=64, TRANSPOSED=D <= 64, num_warps=8 if D >= 128 else 4, num_stages=2)
+        # sweep), 3 stages from 1.33 to 1.22 ms; D = 128 was not swept, so it keeps the plain form
+        small = D <= 64
+        cfg = dict(BLOCK_M=_block_m(R, 64), BLOCK_N=64, TRANSPOSED=small, num_warps=4 if small else 8, num_stages=3 if small else 2)
     cfg.update(CONFIG_OVERRIDES.get(kind, {}))
     if not on_cuda:  # the interpreter ignores warps/stages
         cfg.update(num_warps=1, num_stages=1)
+        cfg.pop("maxnreg", None)
     return cfg
 
 
@@ -642,15 +607,39 @@ def _backward(ctx, do, _dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _GCAFunction(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager calls: the custom op's Python
+    dispatch cost ~0.6 ms of host time per forward + backward (H200 host, torch 2.11), more than the
+    kernels' GPU time at small shapes. torch.compile traces the custom op instead."""
+
+    @staticmethod
+    def forward(ctx, q, mem_k, mem_v, indices, weights, softmax_one, scale):
+        out, lse = gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one, scale)
+        ctx.save_for_backward(q, mem_k, mem_v, indices, weights, lse)
+        ctx.softmax_one = softmax_one
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, mem_k, mem_v, indices, weights, lse = ctx.saved_tensors
+        dq, dk, dv, dw = gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, ctx.softmax_one, ctx.scale)
+        return dq, dk, dv, None, dw, None, None
+
+
+def _decode(q, mem_k, mem_v, indices, weights, softmax_one, scale):
+    q5, idx5, w5 = q.unsqueeze(1), indices.unsqueeze(1), weights.unsqueeze(1)
+    K = indices.shape[-1]
+    out, _ = gca_fwd(q5, mem_k, mem_v, idx5, w5, softmax_one, scale, nsplit=max(K, 1), store_lse=False)
+    return out[:, 0]
+
+
 @torch.library.custom_op("gca::decode", mutates_args=())
 def _decode_op(
     q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
     softmax_one: bool, scale: float,
 ) -> torch.Tensor:
-    q5, idx5, w5 = q.unsqueeze(1), indices.unsqueeze(1), weights.unsqueeze(1)
-    K = indices.shape[-1]
-    out, _ = gca_fwd(q5, mem_k, mem_v, idx5, w5, softmax_one, scale, nsplit=max(K, 1), store_lse=False)
-    return out[:, 0]
+    return _decode(q, mem_k, mem_v, indices, weights, softmax_one, scale)
 
 
 @_decode_op.register_fake
@@ -674,11 +663,13 @@ def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
     if reason is not None:
         warnings.warn(f"gca_triton: unsupported {reason}; using the PyTorch reference", stacklevel=2)
         return gca_reference(q, mem_k, mem_v, indices, weights, softmax_one=softmax_one, scale=scale)
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # inference: launch the forward directly, without the custom op's dispatch or the LSE a backward needs
+    if torch.compiler.is_compiling():
+        out, _ = torch.ops.gca.fwd(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
+        return out
+    if not torch.is_grad_enabled():
+        # inference: launch the forward directly, without the LSE a backward needs
         return gca_fwd(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale, store_lse=False)[0]
-    out, _ = torch.ops.gca.fwd(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
-    return out
+    return _GCAFunction.apply(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
 
 
 def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=None):
@@ -699,7 +690,9 @@ def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
         warnings.warn(f"gca_decode: unsupported {reason}; using the PyTorch reference", stacklevel=2)
         q5, idx5, w5 = q.unsqueeze(1), indices.unsqueeze(1), weights.unsqueeze(1)
         return gca_reference(q5, mem_k, mem_v, idx5, w5, softmax_one=softmax_one, scale=scale)[:, 0]
-    return torch.ops.gca.decode(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.gca.decode(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
+    return _decode(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)  # eager: no op dispatch
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Host (Python) time of one GCA forward + backward against its GPU time, on one CUDA GPU.
+
+    PYTHONPATH=. python benchmarks/host_overhead.py [--k 4,8]
+
+For the SPEC shape with K retrieved chunks (B=4, C=256, S=64, H=Hk=12, D=64), times 50 eager calls of
+``gca_triton(...).backward(g)``: "host enqueue" is the wall time until the last call returns (the GPU
+still busy), "wall" the time until the GPU is done. When host enqueue comes near wall, a timing of
+the op measures Python, not the kernels. Also prints ``triton.testing.do_bench`` of the same call and
+of the launchers alone (``gca_fwd`` + ``gca_bwd``, no autograd).
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+import triton.testing
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_gca import make_inputs  # noqa: E402
+
+from gca.ops import gca_triton as gt  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", default="4,8", help="retrieved chunks per query chunk, comma-separated")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("host_overhead.py needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    for K in (int(k) for k in args.k.split(",")):
+        q, k, v, idx, w = make_inputs(4, 256, 64, 12, 12, 64, K)
+        qg, kg, vg, wg = (t.detach().requires_grad_(True) for t in (q, k, v, w))
+        g = torch.randn_like(q)
+
+        def fb():
+            gt.gca_triton(qg, kg, vg, idx, wg).backward(g)
+            for t in (qg, kg, vg, wg):
+                t.grad = None
+
+        for _ in range(5):
+            fb()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fb()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        ms = triton.testing.do_bench(fb, warmup=25, rep=100, return_mode="median")
+        launchers = triton.testing.do_bench(
+            lambda: gt.gca_bwd(g, q, k, v, idx, w, gt.gca_fwd(q, k, v, idx, w)[1]), warmup=25, rep=100, return_mode="median"
+        )
+        print(f"K={K}: host enqueue {1e3 * (t1 - t0) / 50:.3f} ms/call, wall {1e3 * (t2 - t0) / 50:.3f} ms/call, "
+              f"do_bench fwd+bwd {ms:.3f} ms, launchers fwd+bwd (no autograd) {launchers:.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
