@@ -105,36 +105,6 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _exp2_poly(x):
-    """2^x for x <= 0 on the FMA units: x = n + f, f in [-0.5, 0.5] (round by the 1.5 * 2^23 trick),
-    2^f by a degree-4 polynomial (relative error ~4e-6), n added to the exponent bits."""
-    x = tl.maximum(x, -125.0)
-    j = x + 12582912.0
-    f = x - (j - 12582912.0)
-    p = 1.3333558146e-3
-    p = p * f + 9.6181291076e-3
-    p = p * f + 5.5504108665e-2
-    p = p * f + 2.4022650696e-1
-    p = p * f + 6.9314718056e-1
-    p = p * f + 1.0
-    n = j.to(tl.int32, bitcast=True) - 0x4B400000
-    return (p.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2(x, FAST: tl.constexpr):
-    """2^x; FAST = 1: all on the FMA units (:func:`_exp2_poly`), 2: half the columns there, half on
-    the MUFU (an experiment on whether the forward is bound by MUFU throughput)."""
-    if FAST == 1:
-        return _exp2_poly(x)
-    elif FAST == 2:
-        a, b = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
-        return tl.reshape(tl.join(tl.exp2(a), _exp2_poly(b)), (x.shape[0], x.shape[1]))
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
 def _gca_fwd_kernel(
     Q, MK, MV, IDX, W, O, LSE,
     sq_b, sq_c, sq_s, sq_h, sq_d,
@@ -146,7 +116,7 @@ def _gca_fwd_kernel(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     NSPLIT: tl.constexpr, N_LOOP: tl.constexpr, SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FAST_EXP: tl.constexpr = 0,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -189,7 +159,7 @@ def _gca_fwd_kernel(
         m = tl.max(qk, 1) * qk_scale  # log2 units (qk_scale = scale * log2(e) > 0)
         if SOFTMAX_ONE:
             m = tl.maximum(m, 0.0)
-        p = _exp2(qk * qk_scale - m[:, None], FAST_EXP)  # one FMA + exp2 per element
+        p = tl.exp2(qk * qk_scale - m[:, None])  # one FMA + exp2 per element
         l = tl.sum(p, 1)
         if SOFTMAX_ONE:
             l += tl.exp2(-m)
@@ -215,7 +185,7 @@ def _gca_bwd_dq_kernel(
     sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
     Cq, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FAST_EXP: tl.constexpr = 0,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -272,7 +242,7 @@ def _gca_bwd_dq_kernel(
         qk = _dot(q, tl.trans(k), None, DOT_PREC)
         if Sm % BLOCK_N != 0:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        p = _exp2(qk * qk_scale - lse[:, None], FAST_EXP)  # normalised P_i, (M, N)
+        p = tl.exp2(qk * qk_scale - lse[:, None])  # normalised P_i, (M, N)
         dp = _dot(do, tl.trans(v), None, DOT_PREC)  # dO V_i^T
         # <dO, O_i> = <dO, P_i V_i> = rowsum(P_i * dO V_i^T): no need to recompute O_i
         delta = tl.sum(p * dp, 1)  # 0 on masked rows (dO = 0)
@@ -294,7 +264,7 @@ def _dkdv_step(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, FAST_EXP: tl.constexpr = 0,
+    TRANSPOSED: tl.constexpr,
 ):
     """dK, dV contributions of step t: row block t % NRB of the (t // NRB)-th (query chunk, slot)
     pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop);
@@ -326,7 +296,7 @@ def _dkdv_step(
         qkT = _dot(k, tl.trans(q), None, DOT_PREC)  # (N, M)
         if Sm % BLOCK_N != 0:
             qkT = tl.where(col_ok[:, None], qkT, float("-inf"))
-        pT = _exp2(qkT * qk_scale - lse[None, :], FAST_EXP)  # masked rows give p = 1 but dO = delta = 0 there
+        pT = tl.exp2(qkT * qk_scale - lse[None, :])  # masked rows give p = 1 but dO = delta = 0 there
         dv = _dot((pT * w).to(do.dtype), do, dv, DOT_PREC)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # V dO^T
         dsT = pT * (dpT - delta[None, :]) * w
@@ -335,7 +305,7 @@ def _dkdv_step(
         qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N)
         if Sm % BLOCK_N != 0:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        p = _exp2(qk * qk_scale - lse[:, None], FAST_EXP)
+        p = tl.exp2(qk * qk_scale - lse[:, None])
         dv = _dot(tl.trans((p * w).to(do.dtype)), do, dv, DOT_PREC)
         dp = _dot(do, tl.trans(v), None, DOT_PREC)
         ds = p * (dp - delta[:, None]) * w
@@ -354,7 +324,7 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, FAST_EXP: tl.constexpr = 0,
+    TRANSPOSED: tl.constexpr,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
@@ -396,7 +366,7 @@ def _gca_bwd_dkdv_kernel(
             dk, dv = _dkdv_step(
                 t, pair, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, FAST_EXP,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
             pair = nxt
             t += 1
@@ -406,7 +376,7 @@ def _gca_bwd_dkdv_kernel(
             dk, dv = _dkdv_step(
                 t, pair, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, FAST_EXP,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
             pair = nxt
     dk = dk * scale
