@@ -429,11 +429,14 @@ def _config(kind, R, Sm, D, on_cuda):
             # three programs fit an SM: backward 1.33 -> 1.29 ms at the SPEC shape (H200 sweep;
             # uncapped, 173 registers and two programs, 1.36 ms)
             cfg.update(num_stages=3, maxnreg=168)
+        elif _block_n(Sm) <= 64:
+            # D = 128: backward 2.24 -> 2.14 ms at B=4, C=256, H=6 (H200 sweep); with Sm = 128 the
+            # third stage would need ~230 KB of shared memory
+            cfg.update(num_stages=3)
     else:  # dkdv; BLOCK_N: memory positions per program
         # the transposed form took the backward from 1.55 to 1.34 ms at the SPEC shape (D = 64, H200
-        # sweep), 3 stages from 1.33 to 1.22 ms; D = 128 was not swept, so it keeps the plain form
-        small = D <= 64
-        cfg = dict(BLOCK_M=_block_m(R, 64), BLOCK_N=64, TRANSPOSED=small, num_warps=4 if small else 8, num_stages=3 if small else 2)
+        # sweep), 3 stages from 1.33 to 1.22 ms; at D = 128 (H = 6) the two together 2.23 -> 2.04 ms
+        cfg = dict(BLOCK_M=_block_m(R, 64), BLOCK_N=64, TRANSPOSED=True, num_warps=4 if D <= 64 else 8, num_stages=3)
     cfg.update(CONFIG_OVERRIDES.get(kind, {}))
     if not on_cuda:  # the interpreter ignores warps/stages
         cfg.update(num_warps=1, num_stages=1)
