@@ -231,6 +231,7 @@ def sweep(kinds=tuple(SWEEP), out_path=None, configs=None, repeat=1, shape=(4, 2
     g = torch.randn_like(q)
     print(f"config sweep at B={B} C={C} S={S} H={H} Hk={Hk} D={D} K={K} (ms, median):")
     results = []
+    keys = cfg_keys(configs)
     for kind in kinds:
         gt.CONFIG_OVERRIDES.clear()
         default = gt._config(kind, (H // Hk) * S, S, D, True)
@@ -263,11 +264,11 @@ def sweep(kinds=tuple(SWEEP), out_path=None, configs=None, repeat=1, shape=(4, 2
         ok = [r for r in results if r["kind"] == kind and r["ms"] == r["ms"] and r["diff"] <= 1e-2]
         if ok:
             best = min(ok, key=lambda r: r["ms"])
-            print(f"  {kind} fastest: {({k_: v_ for k_, v_ in best.items() if k_ in cfg_keys(configs)})} {best['ms']:.3f} ms")
+            print(f"  {kind} fastest: {({k_: v_ for k_, v_ in best.items() if k_ in keys})} {best['ms']:.3f} ms")
         if repeat > 1:
             for cfg in configs[kind]:
                 ms = sorted(r["ms"] for r in results if r["kind"] == kind and all(r.get(k_) == v_ for k_, v_ in cfg.items())
-                            and set(cfg) == set(r) & cfg_keys(configs) and r["ms"] == r["ms"])
+                            and set(cfg) == set(r) & keys and r["ms"] == r["ms"])
                 if ms:
                     print(f"  {kind:5s} {cfg}  median of {len(ms)}: {ms[len(ms) // 2]:.3f} ms  (min {ms[0]:.3f}, max {ms[-1]:.3f})")
     gt.CONFIG_OVERRIDES.clear()
@@ -390,7 +391,7 @@ def main():
         for d in dec:
             fh.write(f"| {d['B']} | {d['T']} | {d['K']} | {d['decode_ms'] * 1e3:.1f} | {d['ref_ms'] * 1e3:.1f} | {d['floor_ms'] * 1e3:.1f} |\n")
     if args.sweep:
-        sweep(kinds, sweep_path, configs, args.sweep_repeat)
+        sweep(kinds, sweep_path, configs, args.sweep_repeat, shape)
     print(f"wrote {args.out_dir}/gca_{slug}.json and .md")
     if not ok:
         sys.exit(1)

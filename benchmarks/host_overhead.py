@@ -10,13 +10,14 @@ of the launchers alone (``gca_fwd`` + ``gca_bwd``, no autograd).
 """
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 import triton.testing
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gca import make_inputs  # noqa: E402
 
 from gca.ops import gca_triton as gt  # noqa: E402
