@@ -7,7 +7,9 @@
 Reads ``RUNS/eval/<arch>-ppl/ppl.json`` and ``RUNS/eval/<arch>-tasks-<L>/tasks.json`` and writes
 ``OUT/ppl.json`` (``[{model, train_length, context_length, ppl, tokens, corpus}]``) and
 ``OUT/passkey.json`` (``[{model, task, train_length, context_length, accuracy, trials}]``, the
-depths pooled), replacing the rows of the same models, and a plot of each.
+depths pooled; 2hop rows also say ``hop_answer``: ``"chain"`` (the question asks for ``Y , Z``) or
+``"end"`` (for Z alone, every 2hop row before 2026-12-01)), replacing the rows of the same models, and a
+plot of each.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ def collect(runs: str, corpus: str, task_files: list[str] = ()) -> tuple[list[di
     train_len = {}
     for f in sorted(glob.glob(os.path.join(runs, "eval", "*-tasks-*", "tasks.json"))) + list(task_files):
         for r in json.load(open(f)):
-            key = (r["model"], TASK_NAMES[r["task"]], r["context_length"])
+            # 2hop rows written before the chain form (2026-12-01) carry no hop_answer: they asked for the end point
+            hop = r.get("hop_answer", "end") if r["task"] == "2hop" else ""
+            key = (r["model"], TASK_NAMES[r["task"]], r["context_length"], hop)
             pooled[key][0] += round(r["accuracy"] * r["trials"])
             pooled[key][1] += r["trials"]
             train_len[r["model"]] = r["train_length"]
-    tasks = [dict(model=m, task=t, train_length=train_len[m], context_length=L, accuracy=round(c / n, 4), trials=n)
-             for (m, t, L), (c, n) in sorted(pooled.items())]
+    tasks = [dict(model=m, task=t, train_length=train_len[m], context_length=L, accuracy=round(c / n, 4), trials=n,
+                  **({"hop_answer": hop} if hop else {}))
+             for (m, t, L, hop), (c, n) in sorted(pooled.items())]
     return ppl, tasks
 
 
@@ -113,10 +118,16 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
                 rs = sorted((r for r in tasks if r["model"] == m and r["task"] == t), key=lambda r: r["context_length"])
                 ax.plot([r["context_length"] for r in rs], [100 * r["accuracy"] for r in rs], marker="o", label=m,
                         color=color[m], linestyle=style(m))
+            if t == "2hop":  # the two question forms are different tasks: the chain's lines solid, the end point's dotted
+                for line in ax.get_lines():
+                    rs = [r for r in tasks if r["model"] == line.get_label() and r["task"] == t]
+                    if rs and rs[0].get("hop_answer", "end") == "end":
+                        line.set_linestyle(":")
+                t = "2hop (solid: asks for the chain Y, Z; dotted: the end point Z)"
             ax.set(xscale="log", ylim=(-2, 102), xlabel="context length (tokens)", ylabel="accuracy (%)", title=t)
         # one legend for all panels, beside them: inside, it covers the lines near 100%
         shown = {}
-        for ax in axes[0]:
+        for ax in reversed(axes[0]):  # handles from the single / multikey panels first (their line styles)
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 shown.setdefault(lab, h)
         labels = sorted(shown)

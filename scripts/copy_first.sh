@@ -19,6 +19,10 @@
 #   STAGE=lm COPY_RUN=scratch LM=lm-scratch bash scripts/copy_first.sh
 #   STAGE=lm COPY_RUN=scratch LM=lm-scratch-swa LM_ARGS='--arch swa' bash scripts/copy_first.sh
 #
+# 2hop asking for the chain (the task's default since 2026-12-01), in one device call of 10 minutes:
+#   STAGE=chain COPY_MIN=3 MIN=2.7 EVAL_END=550 bash scripts/copy_first.sh   # c4ka and ch4ka side by side
+#   STAGE=chain CHAIN_RUNS=ch4ka COPY_MIN=2.4 MIN=4.6 EVAL_END=555 bash scripts/copy_first.sh   # ch4ka alone, longer
+#
 # Toward 2hop (the paper reads it with two retrieval groups): the copy stage on the needle mixture,
 #   STAGE=copy-2hop bash scripts/copy_first.sh     # upper_groups [2,2] (mix2g) and [4] (mix1g), side by side
 #   STAGE=copy-eval COPY_RUN=mix2g COPY_NAME=drt-copy-mix2g-small COPY_TASKS=passkey,multikey,2hop bash scripts/copy_first.sh
@@ -44,7 +48,7 @@
 # (passkey,multikey,2hop: lm-eval's needle tasks; empty = perplexity only), COPY_NAME (drt-copy-small)
 # and COPY_TASKS (passkey): copy-eval's model name and tasks, COPY_LONG (1; 0 = copy-eval stops after
 # 4K-1M), LM_STEPS (2600) and COPY_STEPS (6000): the text and copy stages' lengths in steps, HOP_RUNS
-# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens; p2g4k, p1g4k: those from plain1k; p2g4kf: p2g4k with plain1k's retrieval frozen; p2g4ka: p2g4k with the loss on answers only; pk4ka then c2g4ka: passkey answers first, then the mixture; h2g4k, h2g16k: p2g4ka on 2hop-weighted data; h2g4kl: with lead=1; hw504 then hw4kl: 2hop in the window first, then lead=1 at 4032 from HOP_FROM (hw504); hw504h, hw252: hw504 at lr 1e-3, 2hop 0.8, at 504 / 252 tokens; hwc, hw126: HOP_FROM (hw504h) continued at 504 / 189 tokens), EVAL_ARGS (none: more `gca eval tasks` arguments for copy-eval, e.g. '--hop-lead 1') and EVAL_TAG (none: a suffix for copy-eval's output folder), DEVICE (auto), DTYPE (bfloat16, evaluation).
+# (mix2g mix1g: copy-2hop's runs; mix2g4k, mix1g4k: the same at 4032 tokens; p2g4k, p1g4k: those from plain1k; p2g4kf: p2g4k with plain1k's retrieval frozen; p2g4ka: p2g4k with the loss on answers only; pk4ka then c2g4ka: passkey answers first, then the mixture; h2g4k, h2g16k: p2g4ka on 2hop-weighted data; h2g4kl: with lead=1; hw504 then hw4kl: 2hop in the window first, then lead=1 at 4032 from HOP_FROM (hw504); hw504h, hw252: hw504 at lr 1e-3, 2hop 0.8, at 504 / 252 tokens; hwc, hw126: HOP_FROM (hw504h) continued at 504 / 189 tokens), EVAL_ARGS (none: more `gca eval tasks` arguments for copy-eval, e.g. '--hop-lead 1'; '--hop-answer end' for the 2hop form the runs before STAGE=chain were evaluated with) and EVAL_TAG (none: a suffix for copy-eval's output folder), DEVICE (auto), DTYPE (bfloat16, evaluation).
 #
 # Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
 # tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
@@ -84,11 +88,16 @@ FORM="--set gca_softmax_one=true --set retrieval_key=centered --set center_memor
 # the text stage: the baselines' pre-training stream (corpus text; corpus text with repeats from
 # >= 600 back, loss on every token; results/README.md's second run) as 8 of 16 rows a step, and the
 # needle mixture (passkey / multikey / 2hop over corpus text, loss on answers and far repeats) as the other 8
-LM_DATA="$DATA@0.25+synthetic:passkey;filler=$DATA;loss=all;repeat=1.0;repeat_gap=600@0.25+synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08@0.5"
-NEEDLE_DATA="synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08"
+# (hop=end: these stages' 2hop asked for the end point Z alone, the task's form before 2026-12-01)
+LM_DATA="$DATA@0.25+synthetic:passkey;filler=$DATA;loss=all;repeat=1.0;repeat_gap=600@0.25+synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08;hop=end@0.5"
+NEEDLE_DATA="synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08;hop=end"
 # the needle tasks weighted to 2hop, loss on the answers only (h2g4k, h2g16k)
-HOP_DATA="synthetic:passkey=0.2,multikey=0.2,2hop=0.6;filler=$DATA;loss=answer;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08"
-HOP_DATA_HI="synthetic:passkey=0.1,multikey=0.1,2hop=0.8;filler=$DATA;loss=answer;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08"
+HOP_DATA="synthetic:passkey=0.2,multikey=0.2,2hop=0.6;filler=$DATA;loss=answer;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08;hop=end"
+HOP_DATA_HI="synthetic:passkey=0.1,multikey=0.1,2hop=0.8;filler=$DATA;loss=answer;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08;hop=end"
+# 2hop asking for the chain "Y , Z" (SPEC.md, the published task; the default since 2026-12-01): the needle
+# mixture and its 2hop-weighted form, loss on the answers only (STAGE=chain)
+CHAIN_DATA="synthetic:mix;filler=$DATA;loss=answer;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08;hop=chain"
+CHAIN_HOP_DATA="synthetic:passkey=0.2,multikey=0.2,2hop=0.6;filler=$DATA;loss=answer;repeat=1.0;repeat_gap=600;repeat_frac=0.6;digits=0.08;hop=chain"
 common=(--preset small --save-every 250 --log-every 25 --eval-every 200 --eval-batches 4 --no-progress
         --compile --device "$DEVICE" --time-limit "$MIN")
 
@@ -171,6 +180,34 @@ case "$STAGE" in
         hw4kl) copy_run hw4kl 4032 8 plain drt "$HOP_DATA;lead=1" --init-from "$(export_once "copy-${HOP_FROM:-hw504}")" --lr 3e-4 --set "upper_groups=[2,2]" & ;;
         *) echo "unknown HOP_RUNS entry $r (mix2g, mix1g, mix2g4k, mix1g4k, p2g4k, p1g4k, p2g4kf, p2g4ka, pk4ka, c2g4ka, h2g4k, h2g16k, h2g4kl, hw504, hw504h, hw252, hwc, hw126, hw4kl)" >&2; exit 2 ;;
       esac
+    done
+    wait ;;
+  chain)  # one device call: the passkey copy stage (plain1k, COPY_MIN minutes), then from its export the
+    # two-group copy stage on the needle mixture with 2hop asking for the chain (c4ka: the mixture, p2g4ka's
+    # recipe; ch4ka: weighted to 2hop) side by side for MIN minutes, then both evaluated (2hop 4K-1M first,
+    # then passkey and multikey at 4K and 1M) until EVAL_END seconds after the stage started. A rerun resumes
+    # every run; the needle stages start from plain1k's first export (a resumed plain1k is not re-exported)
+    T0=$(date +%s)
+    copy_run plain1k 1008 32 plain drt "$COPY_DATA" --time-limit "${COPY_MIN:-3}"
+    P1=$(export_once copy-plain1k)
+    for r in ${CHAIN_RUNS:-c4ka ch4ka}; do
+      case $r in
+        c4ka) copy_run c4ka 4032 8 plain drt "$CHAIN_DATA" --init-from "$P1" --lr 5e-4 --set "upper_groups=[2,2]" & ;;
+        ch4ka) copy_run ch4ka 4032 8 plain drt "$CHAIN_HOP_DATA" --init-from "$P1" --lr 5e-4 --set "upper_groups=[2,2]" & ;;
+        *) echo "unknown CHAIN_RUNS entry $r (c4ka, ch4ka)" >&2; exit 2 ;;
+      esac
+    done
+    wait
+    left=$(( ${EVAL_END:-580} - ($(date +%s) - T0) ))
+    echo "evaluation: ${left}s left"
+    for r in ${CHAIN_RUNS:-c4ka ch4ka}; do
+      # re-exported here: a rerun resumes the run, and an earlier export would be stale (the twelfth run's
+      # second call evaluated its first call's export that way; results/README.md)
+      rm -rf "$RUNS/export/copy-$r"
+      ( C=$(export_once "copy-$r")
+        timeout "$left" bash -c "$(declare -f tasks gca); DATA='$DATA' DTYPE='$DTYPE' DEVICE='$DEVICE';
+          tasks '$C' drt-copy-$r-small '$RUNS/eval/copy-$r' 9301 4K,16K,64K,256K,1M --tasks 2hop --trials 4;
+          tasks '$C' drt-copy-$r-small '$RUNS/eval/copy-$r-pm' 9302 4K,1M --tasks passkey,multikey --trials 4" ) &
     done
     wait ;;
   copy-eval)

@@ -21,7 +21,8 @@ Builds task samples over the folder's held-out (val) text, runs each prompt with
   copies has ``next_mass`` near ``answer_mass``.
 
 The chunk holding the answer is where the answer's tokens occur in the prompt: the target needle for
-passkey and multikey, the second needle for 2hop. GCA's attention is recomputed from the memory and
+passkey and multikey, the second needle for 2hop (asked here for its end point Z, ``hop_answer="end"``:
+the chain's answer ``Y , Z`` is not one piece of any needle). GCA's attention is recomputed from the memory and
 queries the model used (``chunk_attention``); tests check that it reproduces the layer's output.
 
 ``--oracle`` replaces retrieval at the answer's positions by the answer's chunk alone at weight 1 (in
@@ -234,7 +235,7 @@ def main() -> None:
         return _main_first_window(m, a, rng)
     filler = make_filler(a.data, split="val") if a.data else None
     rows = [inspect_sample(m, make_task_sample(task, context_len=a.length, seed=rng, filler=filler, depth=a.depth,
-                                               text_per_chunk=m.config.text_per_chunk), oracle=a.oracle)
+                                               text_per_chunk=m.config.text_per_chunk, hop_answer="end"), oracle=a.oracle)
             for _ in range(a.trials)]
     summ = summarise(rows)
     print(f"{task} at {a.length} tokens, depth {a.depth}, {a.trials} trials{' (oracle retrieval)' if a.oracle else ''}: accuracy {summ['accuracy']:.0%}, "
@@ -297,7 +298,8 @@ def _main_repeats(m: DRT, a, task: str, rng: np.random.Generator) -> None:
     filler = make_filler(a.data, split="val", digit_frac=a.digits)
     digits = set(digit_ids(filler.tokenizer))
     samples = [make_task_sample(task, context_len=a.length, seed=rng, filler=filler, depth=a.depth, repeat_prob=1.0,
-                                repeat_gap=a.repeat_gap, text_per_chunk=m.config.text_per_chunk) for _ in range(a.trials)]
+                                repeat_gap=a.repeat_gap, text_per_chunk=m.config.text_per_chunk, hop_answer="end")
+               for _ in range(a.trials)]
     res = {}
     for name, off in (("gca", False), ("gca_off", True)):
         pooled: dict[str, list[float]] = {"repeat_digit": [], "repeat_word": [], "other": []}

@@ -77,7 +77,9 @@ common=(--preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --time-limit "
 # window: only retrieval can copy them; ~1100 supervised tokens a sample instead of the answer's 5),
 # with digit runs in the filler (DIGITS) so that copying digit strings is practised: the signal the
 # shipped tiny passkey model needed (results/demo-checkpoint/README.md). NEEDLE_TASKS="...;loss=answer"
-# gives the answer-only mixture of the first corpus run.
+# gives the answer-only mixture of the first corpus run. 2hop asks for the chain "Y , Z" (the default since
+# 2026-12-01); the runs before that asked for the end point: NEEDLE_TASKS="...;hop=end" and
+# `gca eval tasks ... --hop-answer end` give their form.
 REPEAT_GAP=${REPEAT_GAP:-600}
 DIGITS=${DIGITS:-0.05}
 NEEDLE_TASKS=${NEEDLE_TASKS:-synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=$REPEAT_GAP;digits=$DIGITS}

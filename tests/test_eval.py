@@ -73,6 +73,27 @@ def test_score_samples_counts_a_distractor_answer():
     assert correct == [True] and distracted == [gen == s.distractor_answers[0]]
 
 
+def test_2hop_rows_say_which_hop_failed():
+    from gca.data.tasks import make_task_sample
+    from gca.eval.tasks import evaluate_tasks
+
+    torch.manual_seed(0)
+    m = DRT(tiny()).eval()
+    s = make_task_sample("2hop", context_len=400, seed=5)
+    gen = m.generate(torch.tensor([s.prompt]), max_new_tokens=len(s.answer))[0, s.prompt_len:].tolist()
+    # the model's own first two tokens declared as the chain's Y, the rest left as it was
+    own_y = type(s)(**{**s.__dict__, "answer": gen[:2] + s.answer[2:], "input_ids": s.prompt + gen[:2] + s.answer[2:]})
+    correct, _, _, hop1 = score_samples(m, [own_y, s], first_hop=True)
+    assert hop1 == [True, gen[:2] == s.answer[:2]]
+    assert correct == [gen == own_y.answer, gen == s.answer]
+    rows = evaluate_tasks(m, ["2hop", "passkey"], [400], depths=1, trials=2, progress=False)
+    hop = [r for r in rows if r["task"] == "2hop"][0]
+    assert hop["hop_answer"] == "chain" and 0.0 <= hop["first_hop"] <= 1.0 and hop["first_hop"] >= hop["accuracy"]
+    assert "first_hop" not in [r for r in rows if r["task"] == "passkey"][0]
+    (end,) = evaluate_tasks(m, ["2hop"], [400], depths=1, trials=2, progress=False, hop_answer="end")
+    assert end["hop_answer"] == "end" and "first_hop" not in end
+
+
 def test_ppl_command(tmp_path, capsys):
     from gca.data.prepare import prepare
 

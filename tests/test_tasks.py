@@ -19,9 +19,17 @@ def check_sample(s, P=P, aligned=True):
     ids = s.input_ids
     assert len(ids) == s.prompt_len + len(s.answer) and ids[s.prompt_len:] == s.answer
     prompt = ids[:s.prompt_len]
-    # the answer is in the prompt exactly once, inside the target needle (the last needle for 2hop)
+    # the value asked for is in the prompt exactly once, inside the target needle (2hop: the Y -> Z
+    # needle; the chain's answer "Y , Z" names Y, which ends the X -> Y needle and opens Y -> Z)
     tgt = s.needle_spans[1] if s.kind == "2hop" else s.needle_spans[0]
-    assert count(prompt, s.answer) == 1 and count(ids[tgt[0]:tgt[1]], s.answer) == 1
+    value = s.answer[-5:]
+    assert count(prompt, value) == 1 and count(ids[tgt[0]:tgt[1]], value) == 1
+    if s.first_hop_len:
+        y = s.answer[: s.first_hop_len]
+        x_y = ids[s.needle_spans[0][0]:s.needle_spans[0][1]]
+        assert count(x_y, y) == 1 and count(ids[tgt[0]:tgt[1]], y) == 1
+    else:
+        assert s.answer == value
     for (a, b) in s.needle_spans:
         assert count(prompt, ids[a:b]) == 1  # each needle appears exactly once
         assert a // P == (b - 1) // P  # never split across a chunk boundary
@@ -281,3 +289,52 @@ def test_2hop_lead_puts_the_question_key_whole_chunks_before_the_answer(lead):
         make_task_sample("passkey", context_len=600, seed=0).prompt
     src = build_source("synthetic:2hop;lead=1", seq_len=1008, seed=0)
     assert src.task_kwargs["hop_lead"] == 1
+
+
+def test_2hop_asks_for_the_chain_by_default():
+    """SPEC.md: multi-hop "asks for the chain" (the published task's answer is "Y , Z")."""
+    tok = load_tokenizer("embedded")
+    for seed in range(4):
+        s = make_task_sample("2hop", context_len=800, seed=seed)
+        check_sample(s)
+        (a0, b0), (a1, b1) = s.needle_spans[:2]
+        x_y, y_z = tok.decode(s.input_ids[a0:b0]), tok.decode(s.input_ids[a1:b1])
+        y, z = tok.decode(s.answer[:2]), tok.decode(s.answer[-5:])
+        assert x_y.startswith(" |The path from") and x_y.endswith(" leads to" + y + "|")
+        assert y_z == " |The path from" + y + " leads to" + z + "|"
+        assert tok.decode(s.answer) == y + "," + z and s.first_hop_len == 2
+        x = x_y[len(" |The path from"):-len(" leads to" + y + "|")]
+        assert tok.decode(s.prompt).endswith("|Where does the path from" + x + " lead? It leads to")
+        # the distractor is the other chain, answered the same way
+        (d,) = s.distractor_answers
+        assert len(d) == len(s.answer) and d != s.answer and tok.decode(d[2:3]) == ","
+
+
+def test_2hop_end_point_form_is_the_earlier_task():
+    tok = load_tokenizer("embedded")
+    s = make_task_sample("2hop", context_len=800, seed=0, hop_answer="end")
+    check_sample(s)
+    assert len(s.answer) == 5 and s.first_hop_len == 0
+    assert tok.decode(s.prompt).endswith(" lead after two steps? It leads to")
+    a1, b1 = s.needle_spans[1]
+    assert tok.decode(s.input_ids[a1:b1]).endswith(tok.decode(s.answer) + "|")
+    assert all(len(d) == 5 for d in s.distractor_answers)
+    with pytest.raises(ValueError, match="hop_answer"):
+        make_task_sample("2hop", context_len=800, seed=0, hop_answer="both")
+
+
+@pytest.mark.parametrize("hop", ["chain", "end"])
+def test_task_source_fits_the_longer_chain_answer(hop):
+    from gca.data.tasks import answer_length
+
+    src = build_source(f"synthetic:2hop;hop={hop};min_len=300", seq_len=504, seed=1)
+    n = answer_length(src.tokenizer, "2hop", hop_answer=hop)
+    assert n == (8 if hop == "chain" else 5)
+    for gid in range(12):
+        s, T = src.sample_task(gid)
+        assert len(s.answer) == n and len(s.input_ids) <= T <= 504
+        check_sample(s)
+        ids, labels = src.sample(gid)
+        # labels only on the answer (loss=answer is the default), all of it
+        assert (labels != -100).sum() == n
+        assert labels[s.prompt_len:s.prompt_len + n].tolist() == s.answer

@@ -15,8 +15,11 @@ Tasks (the paper's forms; token-level, so any tokenizer works):
               keys and values), then |What is the special magic number for <key>? The special
               magic number for <key> is -> <value of that key>
     2hop      chains |The path from <X> leads to <Y>| and |The path from <Y> leads to <Z>|
-              (plus distractor chains), then |Where does the path from <X> lead after two
-              steps? It leads to -> <Z>
+              (plus distractor chains), then |Where does the path from <X> lead? It leads to
+              -> <Y>, <Z>  (the chain: SPEC.md and the published task ask for it; the model names
+              the first hop, then the second). ``hop_answer="end"``: |Where does the path from
+              <X> lead after two steps? It leads to -> <Z>  (the end point only, the form of
+              this package's results before 2026-12-01)
 
 Keys are ``key_len`` word tokens; values are ``value_len`` digit tokens (``" 0"``..``" 9"`` when
 the tokenizer has them as single tokens, else ``"0"``..``"9"``), each its own token. The answer
@@ -57,6 +60,7 @@ from gca.data.batches import BatchSource, rng_for
 from gca.data.tokenizer import Tokenizer, load_tokenizer
 
 KINDS = ("passkey", "multikey", "2hop")
+HOP_ANSWERS = ("chain", "end")
 KIND_ALIASES = {"multi-key": "multikey", "multi_key": "multikey", "multihop": "2hop", "multi-hop": "2hop",
                 "hop2": "2hop", "two-hop": "2hop"}
 DEFAULT_MIX = {"passkey": 0.5, "multikey": 0.3, "2hop": 0.2}
@@ -91,7 +95,10 @@ class TaskSample:
             filler (from the second token of each piece on; all False without repeats).
         question_len: the question's tokens, the last of the prompt.
         distractor_answers: the values of the distractor needles (multikey: the other keys' numbers;
-            2hop: the other chains' end points), each a possible wrong answer; empty for passkey.
+            2hop: the other chains' answers, chains or end points as the question asks), each a
+            possible wrong answer; empty for passkey.
+        first_hop_len: 2hop with ``hop_answer="chain"``: the answer's first tokens that name the first
+            hop's end <Y> (0 otherwise), so an evaluation can tell which lookup failed.
     """
 
     input_ids: list[int]
@@ -106,6 +113,7 @@ class TaskSample:
     repeat_mask: list[bool] = field(default_factory=list)
     question_len: int = 0
     distractor_answers: list[list[int]] = field(default_factory=list)
+    first_hop_len: int = 0
 
     @property
     def target_chunk(self) -> int:
@@ -279,7 +287,7 @@ def _with_repeats(base: np.ndarray, rng: np.random.Generator, frac: float = 0.3,
 
 # ---------------------------------------------------------------- templates
 def _templates(tok: Tokenizer, kind: str, keys: list[tuple[int, ...]], values: list[tuple[int, ...]],
-               lead_tokens: int = 0):
+               lead_tokens: int = 0, hop_answer: str = "chain"):
     """Needles (target first) and question ids for one instance. ``lead_tokens`` (2hop): the question's
     first key ends at least this many tokens before the question does (its first sentence repeated)."""
     E = lambda s: list(_enc(tok, s))  # noqa: E731
@@ -300,9 +308,10 @@ def _templates(tok: Tokenizer, kind: str, keys: list[tuple[int, ...]], values: l
             x, y = keys[2 * i], keys[2 * i + 1]
             needles.append(E(" |The path from") + list(x) + E(" leads to") + list(y) + bar)
             needles.append(E(" |The path from") + list(y) + E(" leads to") + list(z) + bar)
-        question = E(" |Where does the path from") + list(keys[0]) + E(" lead after two steps? It leads to")
+        ask = " lead?" if hop_answer == "chain" else " lead after two steps?"
+        question = E(" |Where does the path from") + list(keys[0]) + E(ask + " It leads to")
         if lead_tokens > 0:
-            head = E(" |Where does the path from") + list(keys[0]) + E(" lead after two steps?")
+            head = E(" |Where does the path from") + list(keys[0]) + E(ask)
             tail = E(" It leads to")
             x_end = len(E(" |Where does the path from")) + len(keys[0])
             reps = max(1, -(-(lead_tokens + x_end - len(tail)) // len(head)))
@@ -310,6 +319,29 @@ def _templates(tok: Tokenizer, kind: str, keys: list[tuple[int, ...]], values: l
     else:
         raise ValueError(kind)
     return needles, question
+
+
+def _hop_answers(tok: Tokenizer, keys, values, hop_answer: str) -> list[list[int]]:
+    """Each chain's answer, the target's first: ``Y , Z`` (chain) or ``Z`` (end)."""
+    if hop_answer == "end":
+        return [list(v) for v in values]
+    sep = list(_enc(tok, ","))
+    return [list(keys[2 * i + 1]) + sep + list(z) for i, z in enumerate(values)]
+
+
+def answer_length(tokenizer, kind: str, key_len: int = 2, value_len: int = 5, hop_answer: str = "chain") -> int:
+    """Tokens of a ``kind`` sample's answer (``value_len``, or for a 2hop chain ``key_len`` + the
+    separator + ``value_len``)."""
+    kind = canonical_kind(kind)
+    if kind == "2hop" and _check_hop_answer(hop_answer) == "chain":
+        return int(key_len) + len(_enc(load_tokenizer(tokenizer), ",")) + int(value_len)
+    return int(value_len)
+
+
+def _check_hop_answer(hop_answer: str) -> str:
+    if hop_answer not in HOP_ANSWERS:
+        raise ValueError(f"hop_answer must be one of {HOP_ANSWERS}, got {hop_answer!r}")
+    return hop_answer
 
 
 def _count(seq: np.ndarray, pat: list[int]) -> int:
@@ -385,6 +417,7 @@ def make_task_sample(
     repeat_frac: float = 0.3,
     repeat_gap: int = P_DEFAULT,
     hop_lead: int = 0,
+    hop_answer: str = "chain",
     max_tries: int = 100,
 ) -> TaskSample:
     """Build one task instance.
@@ -417,10 +450,15 @@ def make_task_sample(
             question (inside the last chunk) the Y -> Z needle can only be found by retrieving it
             together with X -> Y at the same landmark. With ``hop_lead=1`` the first group can
             fetch X -> Y one landmark earlier and the second group then looks for Y -> Z.
+        hop_answer: 2hop only: ``"chain"`` (default; SPEC.md's and the published task's form) asks
+            for the chain, answer ``Y , Z``: the model names the first hop and then the second,
+            each a one-key lookup; ``"end"`` asks for the end point Z alone ("after two steps"),
+            which needs both lookups composed before the first answer token.
     Raises:
         ValueError if the needles and question cannot fit in ``context_len``.
     """
     kind = canonical_kind(kind)
+    _check_hop_answer(hop_answer)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     if isinstance(filler, (str, os.PathLike)) and filler not in ("words", "embedded"):
         filler = make_filler(filler)
@@ -439,7 +477,8 @@ def make_task_sample(
         n_keys_needed = {"passkey": 0, "multikey": n_vals, "2hop": 2 * n_vals}[kind]
         keys = _distinct(rng, words, key_len, n_keys_needed)
         values = _distinct(rng, digits, value_len, n_vals)
-        needles, question = _templates(tok, kind, keys, values, hop_lead * P + 1 if kind == "2hop" else 0)
+        needles, question = _templates(tok, kind, keys, values, hop_lead * P + 1 if kind == "2hop" else 0,
+                                       hop_answer=hop_answer)
         q = len(question)
         if q > L:
             raise ValueError(f"context_len {context_len} is too short for a {q}-token question")
@@ -482,9 +521,10 @@ def make_task_sample(
         ids[pos:pos + rest] = base[fpos:fpos + rest]
         rmask[pos:pos + rest] = rep[fpos:fpos + rest]
         ids[L - q:] = question
-        answer = list(values[0])
-        # the answer must occur once in the prompt (inside its needle), each needle exactly once
-        if _count(ids, answer) != 1 or any(_count(ids, nd) != 1 for nd in needles):
+        answers = _hop_answers(tok, keys, values, hop_answer) if kind == "2hop" else [list(v) for v in values]
+        answer = answers[0]
+        # the value asked for must occur once in the prompt (inside its needle), each needle exactly once
+        if _count(ids, list(values[0])) != 1 or any(_count(ids, nd) != 1 for nd in needles):
             continue
         full = ids.tolist() + answer
         return TaskSample(
@@ -499,7 +539,8 @@ def make_task_sample(
             depth=float(depths[0]),
             repeat_mask=rmask.tolist() + [False] * len(answer),
             question_len=q,
-            distractor_answers=[list(map(int, v)) for v in values[1:]],
+            distractor_answers=[list(map(int, a)) for a in answers[1:]],
+            first_hop_len=key_len if kind == "2hop" and hop_answer == "chain" else 0,
         )
     raise RuntimeError(f"could not build a {kind} sample without accidental repeats in {max_tries} tries")
 
@@ -535,7 +576,7 @@ class TaskSource(BatchSource):
             training only: they give the copy circuit digit strings to practise on.
         tokenizer: default the filler's tokenizer, else ``"embedded"``.
         **task_kwargs: passed to :func:`make_task_sample` (n_keys, n_chains, key_len, value_len,
-            align_question, text_per_chunk, depth, hop_lead).
+            align_question, text_per_chunk, depth, hop_lead, hop_answer).
     ``get_batch`` returns ``input_ids`` and ``labels`` ``(B, L)`` long; labels equal input_ids where
     a loss is wanted and -100 elsewhere (the model shifts them).
     """
@@ -570,15 +611,18 @@ class TaskSource(BatchSource):
         self.task_kwargs = task_kwargs
         self.pad_id = tok.eos_id if tok.eos_id is not None else 0
         shortest = self.min_len or seq_len
-        if shortest < 2 * self.P + 1 + task_kwargs.get("value_len", 5):
+        self._answer_len = {k: answer_length(tok, k, task_kwargs.get("key_len", 2), task_kwargs.get("value_len", 5),
+                                             task_kwargs.get("hop_answer", "chain")) for k in self._kinds}
+        longest_answer = max(self._answer_len.values())
+        if shortest < 2 * self.P + 1 + longest_answer:
             raise ValueError(f"samples of {shortest} tokens are too short: a task needs a needle chunk, a "
-                             f"question chunk and the answer, >= {2 * self.P + 1 + task_kwargs.get('value_len', 5)} "
+                             f"question chunk and the answer, >= {2 * self.P + 1 + longest_answer} "
                              f"tokens with P={self.P}")
         # make_task_sample drops distractor needles that do not fit before the question: say so once here
         for kind, want in (("multikey", task_kwargs.get("n_keys", 4)), ("2hop", task_kwargs.get("n_chains", 2))):
             if kind not in weights or want <= 1:
                 continue
-            ctx = shortest - task_kwargs.get("value_len", 5)
+            ctx = shortest - self._answer_len[kind]
             got = [len(make_task_sample(kind, context_len=ctx, seed=np.random.default_rng(i), tokenizer=self.tokenizer,
                                         filler=self.filler, **task_kwargs).distractor_answers) + 1 for i in range(4)]
             if min(got) < want:
@@ -596,7 +640,7 @@ class TaskSource(BatchSource):
         else:
             lo, hi = -(-self.min_len // P), -(-L // P)
             T = min(L, int(rng.integers(lo, hi + 1)) * P)
-        a = self.task_kwargs.get("value_len", 5)
+        a = self._answer_len[kind]
         align = self.task_kwargs.get("align_question", True)
         ctx = T - a
         s = make_task_sample(kind, context_len=ctx, seed=rng, tokenizer=self.tokenizer, filler=self.filler,

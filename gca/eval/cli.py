@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
                               tokenizer=tok or "embedded", filler=args.filler, batch_size=args.batch_size,
                               offload=args.offload, prefill_chunk=args.prefill_chunk, on_row=save,
-                              **({"hop_lead": args.hop_lead} if args.hop_lead else {}))
+                              hop_answer=args.hop_answer, **({"hop_lead": args.hop_lead} if args.hop_lead else {}))
         for r in rows:
             r.update(model=name, train_length=train_length)
         _print_table(rows, train_length)
@@ -150,6 +150,9 @@ a trial counts when the greedy continuation is exactly the answer.""",
     p.add_argument("--hop-lead", type=int, default=0,
                    help="2hop: ask the question so that its X ends at least this many chunks before the answer "
                         "(0: the plain question, inside the last chunk; see make_task_sample's hop_lead)")
+    p.add_argument("--hop-answer", choices=["chain", "end"], default="chain",
+                   help="2hop: ask for the chain 'Y , Z' (default; SPEC.md's and the published task's form) "
+                        "or for the end point Z alone ('after two steps'; the form of results before 2026-12-01)")
     p.add_argument("--trials", type=int, default=20, help="trials per length and depth (default 20)")
     p.add_argument("--batch-size", type=int, default=8, help="trials streamed together (default 8)")
     p.add_argument("--filler", default=None, help="filler text: a prepared folder, its val split (default: embedded random words)")

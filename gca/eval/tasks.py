@@ -9,8 +9,10 @@ continuation (as many tokens as the answer has) is exactly the answer. ``retriev
 whether the target needle's chunk is among the chunks retrieved (by any group) at the landmark
 that serves the answer (``TaskSample.query_chunk``).
 ``distractor_answer`` (multikey and 2hop) is how often the greedy answer is a distractor needle's
-value instead: with 2hop's default of two chains, a model that finds the chains' end points but
-not which one the question's chain reaches scores about 50% accuracy and 50% distractor answers.
+value instead (2hop: another chain's answer): with 2hop's default of two chains, a model that finds
+the chains' end points but not which one the question's chain reaches scores about 50% accuracy and
+50% distractor answers. 2hop asks for the chain (``Y , Z``) unless ``hop_answer="end"`` is passed;
+its rows carry ``hop_answer`` and, for the chain, ``first_hop``: how often Y alone was right.
 
 Prompts are aligned so that the question ends where a chunk ends and the answer starts one token
 into the next chunk (see :mod:`gca.data.tasks`); ``context_length`` is the requested prompt
@@ -59,9 +61,11 @@ def default_prefill_chunk(device) -> int:
 
 @torch.no_grad()
 def score_samples(model: DRT, samples: list, *, offload: bool = False, device=None, cache=None,
-                  prefill_chunk: int | None = None) -> tuple[list[bool], list[bool], list[bool]]:
+                  prefill_chunk: int | None = None, first_hop: bool = False) -> tuple[list[bool], ...]:
     """Exact match, retrieval hit and distractor answer (the greedy answer is one of the sample's
     ``distractor_answers``) of task samples that share prompt and answer lengths (one batch).
+    ``first_hop=True`` adds a fourth list: whether the answer's first ``first_hop_len`` tokens (a 2hop
+    chain's first hop, Y) are right.
     ``cache``: a fresh cache to stream through (default: a new one sized for the samples, streaming
     the prompt ``prefill_chunk`` positions at a time, default :func:`default_prefill_chunk`)."""
     device = device or model.embed.weight.device
@@ -90,6 +94,10 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
     pred = torch.stack(greedy, 1)
     correct = (pred == answers).all(-1).tolist()
     distracted = [any(g == d for d in s.distractor_answers) for g, s in zip(pred.tolist(), samples)]
+    if first_hop:
+        n = samples[0].first_hop_len
+        hop1 = (pred[:, :n] == answers[:, :n]).all(-1).tolist() if n else [False] * len(samples)
+        return correct, hits, distracted, hop1
     return correct, hits, distracted
 
 
@@ -127,7 +135,7 @@ def evaluate_tasks(
             partial results of a long evaluation.
     Returns:
         a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
-        retrieval_hit, distractor_answer (None for passkey), trials_beyond_window,
+        retrieval_hit, distractor_answer (None for passkey), [hop_answer, first_hop (2hop)], trials_beyond_window,
         accuracy_beyond_window, seconds}``; the two ``*beyond_window`` keys count
         the trials whose needles lay outside the answer's sliding window (:func:`beyond_window`;
         accuracy None when there were none): where a DRT must retrieve to answer.
@@ -154,19 +162,24 @@ def evaluate_tasks(
                                      text_per_chunk=model.config.text_per_chunk, **task_kwargs)
                     for _ in range(trials)
                 ]
-                correct, hits, distracted = [], [], []
+                correct, hits, distracted, hop1 = [], [], [], []
                 for i in range(0, trials, batch_size):
-                    c, h, o = score_samples(model, samples[i : i + batch_size], offload=offload, prefill_chunk=prefill_chunk)
+                    c, h, o, f = score_samples(model, samples[i : i + batch_size], offload=offload,
+                                               prefill_chunk=prefill_chunk, first_hop=True)
                     correct += c
                     hits += h
                     distracted += o
+                    hop1 += f
                     bar.update(len(c))
+                chain = samples[0].first_hop_len > 0
                 far = [c for c, smp in zip(correct, samples) if beyond_window(smp, model.config)]
                 rows.append(dict(
                     task=task, context_length=L, prompt_length=samples[0].prompt_len, depth=round(d, 4),
                     trials=trials, accuracy=float(np.mean(correct)), retrieval_hit=float(np.mean(hits)),
                     distractor_answer=float(np.mean(distracted)) if task != "passkey" else None,
                     **({"hop_lead": task_kwargs["hop_lead"]} if task == "2hop" and task_kwargs.get("hop_lead") else {}),
+                    **({"hop_answer": "chain" if chain else "end"} if task == "2hop" else {}),
+                    **({"first_hop": float(np.mean(hop1))} if chain else {}),
                     trials_beyond_window=len(far),
                     accuracy_beyond_window=float(np.mean(far)) if far else None,
                     seconds=round(time.time() - t0, 2),
