@@ -65,15 +65,17 @@ def _print_table(rows: list[dict], train_length: int | None) -> None:
 
     acc, hit = summarize(rows, "accuracy"), summarize(rows, "retrieval_hit")
     dis = summarize([r for r in rows if r.get("distractor_answer") is not None], "distractor_answer")
+    hop1 = summarize([r for r in rows if r.get("first_hop") is not None], "first_hop")  # 2hop asked for the chain
     far = summarize_beyond_window(rows)
     print(f"{'task':<10} {'length':>10} {'x train':>8} {'accuracy':>9} {'retrieval hit':>14} {'distractor':>11} "
-          f"{'beyond window':>20}")
+          f"{'beyond window':>20}" + (f" {'first hop':>10}" if hop1 else ""))
     for (task, n), a in acc.items():
         x = f"{n / train_length:.0f}x" if train_length else "-"
         fa, fn = far.get((task, n), (None, 0))
         f = f"{100 * fa:.1f}% of {fn}" if fn else "-"
         d = f"{100 * dis[(task, n)]:.1f}%" if (task, n) in dis else "-"
-        print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {100 * hit[(task, n)]:>13.1f}% {d:>11} {f:>20}")
+        h = (f" {100 * hop1[(task, n)]:>9.1f}%" if (task, n) in hop1 else f" {'-':>10}") if hop1 else ""
+        print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {100 * hit[(task, n)]:>13.1f}% {d:>11} {f:>20}{h}")
 
 
 def _atomic_write(path: Path, text: str) -> None:
