@@ -8,6 +8,10 @@ launching. This catches compile errors and register spills before any GPU time i
     python benchmarks/aot_sm90.py                  # the SPEC shape and a few variants
     python benchmarks/aot_sm90.py --dump /tmp/ptx  # also write the PTX
 
+Each line: shared memory, registers, spills, wgmma and vector-load counts in the PTX, and
+``loop_sass``: the SASS instructions of one iteration of the kernel's main loop (what every warp
+issues per slot / retrieving pair; "-" when the loop was unrolled).
+
 Do not set TRITON_INTERPRET. Triton's bundled ptxas is used.
 """
 
@@ -28,6 +32,24 @@ from gca.ops import gca_triton as gt
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+CUOBJDUMP = os.path.join(os.path.dirname(PTXAS), "cuobjdump")
+
+
+def _loop_instructions(cubin: str) -> str:
+    """SASS instructions between each backward branch and its target (the main loop's body, one
+    iteration), e.g. "344"; "-" when the loop was unrolled away. From the bundled cuobjdump."""
+    sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True).stdout
+    addrs, loops = [], []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if not m:
+            continue
+        a = int(m.group(1), 16)
+        addrs.append(a)
+        t = re.search(r"0x([0-9a-f]+)", m.group(3)) if m.group(2) == "BRA" else None
+        if t and int(t.group(1), 16) < a:
+            loops.append((int(t.group(1), 16), a))
+    return ",".join(str(sum(lo <= a <= hi for a in addrs)) for lo, hi in loops) or "-"
 
 
 class _Stub:
@@ -49,15 +71,19 @@ class _Stub:
             ptx = k.asm["ptx"]
             with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
                 f.write(ptx)
-            out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+            cubin = f.name[:-4] + ".cubin"
+            out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", cubin], capture_output=True, text=True)
             os.unlink(f.name)
+            loop = _loop_instructions(cubin)
+            os.unlink(cubin)
             regs = re.search(r"Used (\d+) registers", out.stderr)
             spill = re.search(r"(\d+) bytes spill stores", out.stderr)
             cfg = {k_: kwargs[k_] for k_ in ("BLOCK_M", "num_warps", "num_stages") if k_ in kwargs}
             print(
                 f"  {self.label:5s} grid={tuple(grid)} {cfg} smem={k.metadata.shared} "
                 f"regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'}B "
-                f"wgmma={ptx.count('wgmma.mma_async')} vec_ld={len(re.findall(r'ld.global[.a-z0-9:]*v[248]', ptx))}"
+                f"wgmma={ptx.count('wgmma.mma_async')} vec_ld={len(re.findall(r'ld.global[.a-z0-9:]*v[248]', ptx))} "
+                f"loop_sass={loop}"
             )
             if self.dump:
                 os.makedirs(self.dump, exist_ok=True)

@@ -63,6 +63,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from gca.ops.gca_ref import gca_reference
 
@@ -89,6 +90,28 @@ INTERPRET = type(_probe).__name__ == "InterpretedFunction"
 # The interpreter's tl.dot gives garbage for bfloat16 operands (Triton 3.6, numpy 2.4): there, dot
 # operands are upcast to float32 after the same rounding (so results match the GPU's bf16 dots).
 _UPCAST_DOTS = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _log2(x):
+    """log2 of positive fp32. On the GPU the MUFU's lg2.approx (relative error < 2^-22) instead of
+    tl.log2's accurate libdevice routine, a ~30-instruction polynomial per call that made the
+    forward's per-slot LSE about 7% of its loop's instructions (sm_90a SASS, SPEC shape); the
+    interpreter has no libdevice, so it keeps tl.log2."""
+    if _UPCAST_DOTS:
+        return tl.log2(x)
+    else:
+        return libdevice.fast_log2f(x)
+
+
+@triton.jit
+def _fdiv(a, b):
+    """a / b in fp32; on the GPU the approximate division (MUFU reciprocal and a multiply, within 2
+    ulp) instead of the full-range sequence; the interpreter divides exactly."""
+    if _UPCAST_DOTS:
+        return a / b
+    else:
+        return libdevice.fast_dividef(a, b)
 
 
 @triton.jit
@@ -139,6 +162,9 @@ def _gca_fwd_kernel(
         mask=row_ok[:, None], other=0.0,
     )
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    # (the tile addresses are left as one expression here: hoisting their loop-invariant part, as the dQ
+    # kernel does, saves 33 of 344 instructions an iteration at the SPEC shape but raises the registers
+    # from 125 to 158-166 where K = 4 unrolls the loop, one program fewer an SM; sm_90a ptxas)
     for ii in range(N_LOOP):
         i = split + ii
         idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
@@ -164,9 +190,9 @@ def _gca_fwd_kernel(
         if SOFTMAX_ONE:
             l += tl.exp2(-m)
         o = _dot(p.to(v.dtype), v, None, DOT_PREC)
-        acc += o * (w / l)[:, None]
+        acc += o * _fdiv(w, l)[:, None]
         if STORE_LSE:
-            lse = (m + tl.log2(l)) * 0.6931471805599453  # natural-log logsumexp
+            lse = (m + _log2(l)) * 0.6931471805599453  # natural-log logsumexp
             tl.store(LSE + pid_bc * (H * K * S) + i * S + (h * (K * S) + s), lse, mask=row_ok)
     tl.store(
         O + split * so_p + b * so_b + c * so_c + s[:, None] * so_s + h[:, None] * so_h + d[None, :] * so_d,
@@ -220,6 +246,11 @@ def _gca_bwd_dq_kernel(
     # were fetched at its end and waited for at once (backward 1.33 -> 1.29 ms at the SPEC shape, H200)
     idx_n = tl.load(IDX + b * si_b + c * si_c)
     w_n = tl.load(W + b * sw_b + c * sw_c).to(tl.float32)
+    # the tile addresses' loop-invariant parts: a slot adds one scalar offset per tile
+    k_base = MK + b * sk_b + hk * sk_h
+    v_base = MV + b * sv_b + hk * sv_h
+    k_off = n[:, None] * sk_s + d[None, :] * sk_d
+    v_off = n[:, None] * sv_s + d[None, :] * sv_d
     for i in range(K):
         idx = idx_n
         w = w_n
@@ -229,14 +260,8 @@ def _gca_bwd_dq_kernel(
         valid = idx >= 0
         w = tl.where(valid, w, 0.0)
         idx = tl.maximum(idx, 0)
-        k = tl.load(
-            MK + b * sk_b + idx * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
-            mask=col_ok[:, None], other=0.0,
-        )
-        v = tl.load(
-            MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
-            mask=col_ok[:, None], other=0.0,
-        )
+        k = tl.load((k_base + idx * sk_c) + k_off, mask=col_ok[:, None], other=0.0)
+        v = tl.load((v_base + idx * sv_c) + v_off, mask=col_ok[:, None], other=0.0)
         stat = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)  # (B, Cq, H, K, S) contiguous
         lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
         qk = _dot(q, tl.trans(k), None, DOT_PREC)
@@ -245,10 +270,11 @@ def _gca_bwd_dq_kernel(
         p = tl.exp2(qk * qk_scale - lse[:, None])  # normalised P_i, (M, N)
         dp = _dot(do, tl.trans(v), None, DOT_PREC)  # dO V_i^T
         # <dO, O_i> = <dO, P_i V_i> = rowsum(P_i * dO V_i^T): no need to recompute O_i
-        delta = tl.sum(p * dp, 1)  # 0 on masked rows (dO = 0)
+        pdp = p * dp
+        delta = tl.sum(pdp, 1)  # 0 on masked rows (dO = 0)
         tl.store(DELTA + stat, delta, mask=row_ok)
         tl.store(DWP + (pid_bc * K + i) * n_part + part, tl.where(valid, tl.sum(delta, 0), 0.0))
-        ds = p * (dp - delta[:, None]) * w
+        ds = (pdp - p * delta[:, None]) * w  # = p (dP - delta) w: one FFMA and one FMUL an element
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC)
     dq = dq * scale
     tl.store(
@@ -297,18 +323,20 @@ def _dkdv_step(
         if Sm % BLOCK_N != 0:
             qkT = tl.where(col_ok[:, None], qkT, float("-inf"))
         pT = tl.exp2(qkT * qk_scale - lse[None, :])  # masked rows give p = 1 but dO = delta = 0 there
-        dv = _dot((pT * w).to(do.dtype), do, dv, DOT_PREC)
+        pwT = pT * w  # formed once for both products
+        dv = _dot(pwT.to(do.dtype), do, dv, DOT_PREC)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # V dO^T
-        dsT = pT * (dpT - delta[None, :]) * w
+        dsT = pwT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC)
     else:
         qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N)
         if Sm % BLOCK_N != 0:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
         p = tl.exp2(qk * qk_scale - lse[:, None])
-        dv = _dot(tl.trans((p * w).to(do.dtype)), do, dv, DOT_PREC)
+        pw = p * w
+        dv = _dot(tl.trans(pw.to(do.dtype)), do, dv, DOT_PREC)
         dp = _dot(do, tl.trans(v), None, DOT_PREC)
-        ds = p * (dp - delta[:, None]) * w
+        ds = pw * (dp - delta[:, None])
         dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PREC)
     return dk, dv
 
