@@ -6,6 +6,7 @@
     PYTHONPATH=. python benchmarks/bench_gca.py --sweep-only    # only the config sweep
     PYTHONPATH=. python benchmarks/bench_gca.py --sweep-only --sweep-kinds dkdv   # dK/dV configs only
     PYTHONPATH=. python benchmarks/bench_gca.py --profile-bwd --override '{"dkdv": {"TRANSPOSED": false}}'
+    PYTHONPATH=. python benchmarks/bench_gca.py --versus old_gca_triton.py   # A/B against another commit's kernels
 
 Steps:
 1. correctness at the SPEC shape: the kernel in fp32 and bf16 against the torch reference in fp32
@@ -275,6 +276,49 @@ def sweep(kinds=tuple(SWEEP), out_path=None, configs=None, repeat=1, shape=(4, 2
     return results
 
 
+def versus(path, shape=(4, 256, 64, 12, 12, 64, 8), repeat=5, out_path=None):
+    """A/B timing against another version of the kernels: ``path`` is a copy of
+    ``gca/ops/gca_triton.py`` from another commit (e.g. ``git show 6b3d1bd:gca/ops/gca_triton.py >
+    old.py``). The forward and the whole backward (``gca_fwd`` / ``gca_bwd``) of both are timed in
+    turn ``repeat`` times at ``shape``, so drift over the run hits them alike; prints the medians and
+    the relative max difference of their results."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gca_triton_versus", path)
+    other = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = other  # Triton's JIT resolves a kernel's globals through its module
+    spec.loader.exec_module(other)
+    B, C, S, H, Hk, D, K = shape
+    q, k, v, idx, w = make_inputs(B, C, S, H, Hk, D, K)
+    g = torch.randn_like(q)
+    mods = {"this": gt, "versus": other}
+    lse = {n: m.gca_fwd(q, k, v, idx, w)[1] for n, m in mods.items()}
+    fns = {(n, kind): (lambda m=m, n=n, kind=kind: m.gca_fwd(q, k, v, idx, w)[:1] if kind == "fwd"
+                       else m.gca_bwd(g, q, k, v, idx, w, lse[n]))
+           for n, m in mods.items() for kind in ("fwd", "bwd")}
+    diff = {kind: max(rel_err(a, b) for a, b in zip(fns[("this", kind)](), fns[("versus", kind)]()))
+            for kind in ("fwd", "bwd")}
+    times = {key: [] for key in fns}
+    for _ in range(repeat):
+        for key, fn in fns.items():
+            times[key].append(bench(fn))
+    print(f"this tree against {path} at B={B} C={C} S={S} H={H} Hk={Hk} D={D} K={K} "
+          f"(ms, median of {repeat} runs taken in turn):")
+    rows = []
+    for kind in ("fwd", "bwd"):
+        med = {n: sorted(times[(n, kind)])[repeat // 2] for n in mods}
+        print(f"  {kind}: this {med['this']:.3f}  versus {med['versus']:.3f}  ({med['this'] / med['versus'] - 1:+.1%})"
+              f"  results differ by {diff[kind]:.1e}")
+        rows.append({"kind": kind, "this_ms": med["this"], "versus_ms": med["versus"], "diff": diff[kind],
+                     "this_all": times[("this", kind)], "versus_all": times[("versus", kind)], "versus_file": path,
+                     "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                     "date": datetime.date.today().isoformat(), "shape": dict(zip("B C S H Hk D K".split(), shape))})
+    if out_path:
+        with open(out_path, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return rows
+
+
 def write_results(rows, out_dir, slug, gpu, date, peak_bw, ok):
     """JSON list + markdown table; rewritten after every case so a timeout keeps what was measured."""
     with open(os.path.join(out_dir, f"gca_{slug}.json"), "w") as fh:
@@ -314,6 +358,9 @@ def main():
     ap.add_argument("--sweep-repeat", type=int, default=1, help="time each kind's configs in turn this many times")
     ap.add_argument("--shape", default="4,256,64,12,12,64,8",
                     help="B,C,S,H,Hk,D,K of the sweep and of --profile-bwd (default: the SPEC shape)")
+    ap.add_argument("--versus", default=None, metavar="FILE",
+                    help="only: time this tree's forward and backward against FILE, a copy of gca/ops/gca_triton.py "
+                         "from another commit, in turn --sweep-repeat times (default 5) at --shape")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
     ap.add_argument("--profile-bwd", action="store_true",
                     help="only: per-kernel GPU time of forward + backward at the SPEC shape (torch.profiler)")
@@ -333,6 +380,10 @@ def main():
     print(f"ceilings: {PEAK_FLOPS / 1e12:.0f} TFLOP/s (bf16 dense, SPEC.md), {peak_bw / 1e12:.2f} TB/s (measured copy)")
 
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.versus:
+        versus(args.versus, shape, max(args.sweep_repeat, 5) if args.sweep_repeat == 1 else args.sweep_repeat,
+               os.path.join(args.out_dir, f"gca_{slug}_versus.json"))
+        return
     if args.profile_bwd:
         if gt.CONFIG_OVERRIDES:
             print(f"config overrides: {gt.CONFIG_OVERRIDES}")
