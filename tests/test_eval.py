@@ -36,6 +36,51 @@ def test_streamed_nll_equals_full_forward_loss():
     torch.testing.assert_close(torch.tensor(nll / n, dtype=torch.float64), m(x, labels=x).loss, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("last,piece", [(50, 100), (100, 100), (163, 100), (7, 64), (389, 128)])
+def test_streamed_nll_of_the_last_tokens(last, piece):
+    """Only the last ``last`` tokens scored: equals the full forward's per-token losses there, for
+    scored regions that start inside a piece, on a piece boundary, and cover all but the first token."""
+    m = DRT(tiny(vocab_size=97)).double().eval()
+    x = torch.randint(0, 97, (2, 63 * 6 + 11))
+    N = x.shape[1]
+    nll, n = stream_nll(m, x, piece=piece, last=last)
+    per_token = torch.nn.functional.cross_entropy(m(x).logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+    k = min(last, N - 1)
+    assert n == 2 * k
+    torch.testing.assert_close(torch.tensor(nll, dtype=torch.float64), per_token[:, -k:].sum(), rtol=1e-9, atol=1e-9)
+
+
+def test_fixed_target_perplexity_scores_the_same_text_at_every_length(tmp_path, monkeypatch):
+    from gca.data.prepare import prepare
+    from gca.eval import perplexity
+
+    src = tmp_path / "txt"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(50)]
+    for d in range(6):
+        (src / f"doc{d}.txt").write_text(" ".join(rng.choice(words, 900)))
+    prepare(str(src), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.5)
+    seen = {}
+    real = perplexity.stream_nll
+
+    def spy(model, ids, **kw):
+        seen[ids.shape[1]] = (ids.clone(), kw["last"])
+        return real(model, ids, **kw)
+
+    monkeypatch.setattr(perplexity, "stream_nll", spy)
+    m = DRT(tiny()).eval()
+    rows = perplexity.perplexity_vs_length(m, str(tmp_path / "data"), [120, 300, 700], windows=3, targets=100,
+                                           progress=False)
+    assert [r["tokens"] for r in rows] == [300, 300, 300] and all(r["targets"] == 100 for r in rows)
+    tails = [seen[N][0][:, -100:] for N in (120, 300, 700)]
+    assert all(torch.equal(tails[0], t) for t in tails[1:]) and all(seen[N][1] == 100 for N in seen)
+    # the context before the targets is the text that precedes them
+    assert torch.equal(seen[700][0][:, -300:], seen[300][0])
+    with pytest.raises(ValueError, match="targets"):
+        perplexity.perplexity_vs_length(m, str(tmp_path / "data"), [120, 300], targets=200, progress=False)
+
+
 def test_needle_score_is_greedy_exact_match():
     from gca.data.tasks import make_task_sample
 
@@ -113,6 +158,11 @@ def test_ppl_command(tmp_path, capsys):
     assert [r["context_length"] for r in rows] == [128, 256]
     assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 and r["tokens"] == 2 * (r["context_length"] - 1) for r in rows)
     assert (out / "ppl_vs_length.png").stat().st_size > 1000
+    # the same text scored at both lengths: the last training length's worth of each window
+    assert main(["eval", "ppl", "--ckpt", str(run), "--data", str(tmp_path / "data"), "--lengths", "1x,2x",
+                 "--windows", "2", "--targets", "1x", "--out", str(tmp_path / "eval_fixed"), "--device", "cpu"]) == 0  # fmt: skip
+    fixed = json.loads((tmp_path / "eval_fixed" / "ppl.json").read_text())
+    assert [(r["tokens"], r["targets"]) for r in fixed] == [(2 * 127, 127), (2 * 127, 127)]
 
     # scripts/gca_off_ppl.py: its "on" numbers are the ppl command's (same windows), GCA off differs
     import sys

@@ -118,11 +118,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         if not args.data:
             raise SystemExit("gca eval ppl needs --data DIR (a folder written by gca prepare)")
-        rows = perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload)
+        targets = parse_lengths(args.targets, train_length)[0] if args.targets else None
+        rows = perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload,
+                                    targets=targets)
         for r in rows:
             r.update(model=name, train_length=train_length, corpus=str(args.data))
             x = f" ({r['context_length'] / train_length:.0f}x)" if train_length else ""
-            print(f"context {r['context_length']:>10}{x}: ppl {r['ppl']:.3f} over {r['tokens']} tokens")
+            what = f"the same {r['tokens']} tokens (the last {targets} of each window)" if targets else f"{r['tokens']} tokens"
+            print(f"context {r['context_length']:>10}{x}: ppl {r['ppl']:.3f} over {what}")
         _atomic_write(out / "ppl.json", json.dumps(rows, indent=1))
         plot_ppl_vs_length(rows, str(out / "ppl_vs_length.png"), train_length=train_length)
     print(f"wrote {out} in {time.time() - t0:.0f}s")
@@ -138,6 +141,7 @@ def add_eval(sub) -> None:
   gca eval tasks --ckpt runs/tiny --lengths 1x,4x,16x,64x --depths 5 --trials 20 --out runs/tiny/eval
   gca eval tasks --ckpt runs/small --tasks passkey,multikey,2hop --lengths 16K,1M,16M --offload --dtype bfloat16
   gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 4
+  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 16 --targets 1x
 
 Needle prompts end one token into a fresh chunk (see the README: where the question ends matters);
 a trial counts when the greedy continuation is exactly the answer.""",
@@ -160,6 +164,9 @@ a trial counts when the greedy continuation is exactly the answer.""",
     p.add_argument("--filler", default=None, help="filler text: a prepared folder, its val split (default: embedded random words)")
     p.add_argument("--data", default=None, help="ppl: a prepared folder; its val split is used")
     p.add_argument("--windows", type=int, default=4, help="ppl: windows per length (default 4)")
+    p.add_argument("--targets", default=None, metavar="T",
+                   help="ppl: hold the text scored fixed: the same windows' last T tokens (e.g. 1x or 4096) at every "
+                        "length, only the context before them growing (default: fresh windows per length, all scored)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation samples (default 1234)")
     p.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU memory")
     p.add_argument("--prefill-chunk", type=int, default=None,

@@ -5,6 +5,14 @@
 For each length N, ``windows`` contiguous N-token windows of the validation split are streamed
 through a cache piece by piece; the perplexity is exp(mean next-token cross-entropy) over every
 predicted token of the windows. A length-generalising model does not get worse as N grows.
+
+Those windows are drawn afresh for every N, so the text scored changes with N as well as the
+context, and a few windows of a varied corpus differ by more than the context does. With
+``targets=T`` the text scored is held fixed: ``windows`` end points are drawn once, and for every N
+the window is the N tokens before its end point, scored only on its last T tokens (the same
+``windows * T`` tokens at every N), so only the context before them grows::
+
+    rows = perplexity_vs_length(model, "data/debian", lengths=[4096, 16384, 65536], windows=8, targets=4096)
 """
 
 from __future__ import annotations
@@ -19,23 +27,33 @@ from gca.model import DRT
 
 
 @torch.no_grad()
-def stream_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool = False) -> tuple[float, int]:
-    """Summed next-token NLL and token count of ``ids`` ``(B, N)``, streamed ``piece`` tokens at a time."""
+def stream_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool = False,
+               last: int | None = None) -> tuple[float, int]:
+    """Summed next-token NLL and token count of ``ids`` ``(B, N)``, streamed ``piece`` tokens at a time.
+    ``last``: score only the last ``last`` tokens of each row (the rest is context; pieces that hold
+    no scored prediction skip the LM head's full output)."""
     device = model.embed.weight.device
-    cache = model.new_cache(ids.shape[0], offload=offload, max_tokens=ids.shape[1])
+    N = ids.shape[1]
+    first = 1 if last is None else max(1, N - int(last))  # the first scored token's position
+    cache = model.new_cache(ids.shape[0], offload=offload, max_tokens=N)
     total, count = 0.0, 0
     prev = None
-    for i in range(0, ids.shape[1], piece):
+    for i in range(0, N, piece):
         x = ids[:, i : i + piece].to(device)
-        logits = model(x, cache=cache).logits
+        L = x.shape[1]
+        # this piece's logits predict tokens i + 1 .. i + L (the last one scored in the next piece); before
+        # the scored region only the last logit can matter
+        keep = 1 if i + L <= first else None
+        logits = model(x, cache=cache, logits_to_keep=keep).logits if keep else model(x, cache=cache).logits
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if prev is not None:  # the last logit of the previous piece predicts this piece's first token
+        if prev is not None and i >= first:  # the last logit of the previous piece predicts this piece's first token
             total += F.cross_entropy(prev, x[:, 0], reduction="sum").item()
             count += x.shape[0]
-        if x.shape[1] > 1:
-            total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+        lo = max(1, first - i)  # this piece's first scored target, by index into x
+        if not keep and L > lo:
+            total += F.cross_entropy(logits[:, lo - 1 : -1].reshape(-1, logits.shape[-1]), x[:, lo:].reshape(-1),
                                      reduction="sum").item()
-            count += x.shape[0] * (x.shape[1] - 1)
+            count += x.shape[0] * (L - lo)
         prev = logits[:, -1]
     return total, count
 
@@ -50,13 +68,18 @@ def perplexity_vs_length(
     piece: int = 4096,
     offload: bool = False,
     progress: bool = True,
+    targets: int | None = None,
 ) -> list[dict]:
     """Args:
         data: a prepared folder (its ``val`` split is used) or a :class:`gca.data.PackedDataset`.
         lengths: context lengths N in tokens.
         windows: windows per length (each one streamed as a batch row).
+        targets: None (every window drawn afresh per N, every token scored) or T <= min(lengths):
+            the same ``windows`` end points for every N, only the last T tokens before each scored
+            (see the module docstring; T = the shortest length scores one token fewer, as its window's
+            first token has no prediction).
     Returns:
-        ``[{context_length, ppl, tokens, windows}]``.
+        ``[{context_length, ppl, tokens, windows}]`` (+ ``targets`` when given).
     """
     from tqdm.auto import tqdm
 
@@ -67,13 +90,21 @@ def perplexity_vs_length(
         raise ValueError(f"the data's vocabulary ({ds.vocab_size}) is larger than the model's ({model.config.vocab_size})")
     tokens = ds.tokens
     rng = np.random.default_rng(seed)
+    lengths = [int(n) for n in lengths]
+    if max(lengths) > len(tokens):
+        raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than the context length {max(lengths)}")
+    if targets is not None:
+        targets = int(targets)
+        if not 1 <= targets <= min(lengths):
+            raise ValueError(f"targets must lie in [1, the shortest length {min(lengths)}], got {targets}")
+        targets = min(targets, min(lengths) - 1)  # a window's first token has no prediction: T = N scores N - 1
+        ends = rng.integers(max(lengths), len(tokens) + 1, size=windows)  # the same text scored at every N
     model.eval()
     rows = []
-    for N in tqdm([int(n) for n in lengths], desc="ppl", disable=not progress):
-        if N > len(tokens):
-            raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than the context length {N}")
-        starts = rng.integers(0, len(tokens) - N + 1, size=windows)
+    for N in tqdm(lengths, desc="ppl", disable=not progress):
+        starts = rng.integers(0, len(tokens) - N + 1, size=windows) if targets is None else ends - N
         ids = torch.from_numpy(np.stack([np.asarray(tokens[s : s + N], dtype=np.int64) for s in starts]))
-        nll, n = stream_nll(model, ids, piece=piece, offload=offload)
-        rows.append(dict(context_length=N, ppl=math.exp(nll / n), tokens=n, windows=windows))
+        nll, n = stream_nll(model, ids, piece=piece, offload=offload, last=targets)
+        rows.append(dict(context_length=N, ppl=math.exp(nll / n), tokens=n, windows=windows,
+                         **({"targets": targets} if targets is not None else {})))
     return rows
