@@ -443,8 +443,9 @@ def make_task_sample(
             source. Beyond the sliding window (e.g. 130 for a window of 128), the copy can only be
             made through retrieval and GCA, which trains exactly what the needle tasks need.
         hop_lead: 2hop only (other kinds ignore it): ask the question's first sentence (``|Where
-            does the path from X lead?``; ``... lead after two steps?`` for the end point) as many times as it takes for its first
-            X to end at least ``hop_lead`` whole chunks before the answer's chunk. Retrieval is made
+            does the path from X lead?``; ``... lead after two steps?`` for the end point) as many
+            times as it takes for its first X to end at least ``hop_lead`` whole chunks before the
+            answer's chunk. Retrieval is made
             once per chunk, at its landmark, for the next chunk, and the second group's query sees
             what the first group retrieved for the *current* chunk; with the default single
             question (inside the last chunk) the Y -> Z needle can only be found by retrieving it
