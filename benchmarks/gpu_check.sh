@@ -4,9 +4,14 @@
 #   2. the benchmark (correctness at the SPEC shape, timings, results JSON + markdown),
 #   3. a launch-config sweep at the SPEC shape (to pick the default configs),
 #   4. the gather floor (what moving the retrieved tiles alone costs, beside the forward's time).
-# Logs and results go under "$OUT" (default benchmarks/results/gpu_check). Budget: < 9 minutes.
+#   5. with VERSUS=FILE (a copy of gca/ops/gca_triton.py from another commit), this tree's forward and
+#      backward timed in turn against it at the SPEC shape and at K = 4 (`bench_gca.py --versus`).
+# Logs and results go under "$OUT" (default benchmarks/results/gpu_check). Budget: < 9 minutes
+# (about 1.5 more with VERSUS).
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
+#   git show 6b3d1bd:gca/ops/gca_triton.py > .cache/old_gca_triton.py   # then, with .cache carried:
+#   OUT=/tmp/out VERSUS=.cache/old_gca_triton.py bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-benchmarks/results/gpu_check}"
 mkdir -p "$OUT/results"
@@ -36,6 +41,14 @@ echo "sweep rc=${PIPESTATUS[0]} in $(( $(date +%s) - start ))s" | tee -a "$OUT/s
 start=$(date +%s)
 timeout 45 python benchmarks/gather_floor.py --out "$OUT/results/gather_floor.json" 2>&1 | tee "$OUT/gather_floor.log"
 echo "gather floor rc=${PIPESTATUS[0]} in $(( $(date +%s) - start ))s" | tee -a "$OUT/gather_floor.log"
+
+if [ -n "${VERSUS:-}" ]; then
+  start=$(date +%s)
+  for shape in 4,256,64,12,12,64,8 4,256,64,12,12,64,4; do
+    timeout 60 python benchmarks/bench_gca.py --versus "$VERSUS" --shape "$shape" --out-dir "$OUT/results/versus_${shape//,/-}" 2>&1
+  done | tee "$OUT/versus.log"
+  echo "versus in $(( $(date +%s) - start ))s" | tee -a "$OUT/versus.log"
+fi
 
 echo "pytest rc=$test_rc bench rc=$bench_rc" | tee "$OUT/summary.txt"
 exit $(( test_rc != 0 || bench_rc != 0 ))
