@@ -210,7 +210,7 @@ def _gca_fwd_kernel(
 
 @triton.jit
 def _gca_bwd_dq_kernel(
-    Q, MK, MV, IDX, W, DO, LSE, DQ, DELTA, DWP,
+    Q, MK, MV, IDX, W, DO, LSE, DQ, DELTA,
     sq_b, sq_c, sq_s, sq_h, sq_d,
     sk_b, sk_c, sk_s, sk_h, sk_d,
     sv_b, sv_c, sv_s, sv_h, sv_d,
@@ -224,7 +224,6 @@ def _gca_bwd_dq_kernel(
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
     hk = tl.program_id(2)
-    n_rb = tl.num_programs(0)
     b = pid_bc // Cq
     c = pid_bc % Cq
 
@@ -246,8 +245,6 @@ def _gca_bwd_dq_kernel(
     )
     do = do.to(q.dtype)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    part = hk * n_rb + pid_r  # this program's column of the dw partial sums
-    n_part = n_rb * tl.num_programs(2)
     # slot i + 1's index and weight are loaded during slot i: with no load inside an iteration
     # feeding that iteration's tile addresses, Triton's pipeliner issues the next slot's tile loads
     # before this slot's matmuls (with num_stages >= 3); loaded in the iteration itself, the tiles
@@ -280,8 +277,7 @@ def _gca_bwd_dq_kernel(
         # <dO, O_i> = <dO, P_i V_i> = rowsum(P_i * dO V_i^T): no need to recompute O_i
         pdp = p * dp
         delta = tl.sum(pdp, 1)  # 0 on masked rows (dO = 0)
-        tl.store(DELTA + stat, delta, mask=row_ok)
-        tl.store(DWP + (pid_bc * K + i) * n_part + part, tl.where(valid, tl.sum(delta, 0), 0.0))
+        tl.store(DELTA + stat, delta, mask=row_ok)  # dw_i = sum of DELTA_i over heads and rows, after the kernel
         ds = (pdp - p * delta[:, None]) * w  # = p (dP - delta) w: one FFMA and one FMUL an element
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC)
     dq = dq * scale
@@ -572,14 +568,15 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     bm = cfg.pop("BLOCK_M")
     n_rb = triton.cdiv(G * S, bm)
     delta = _alloc((B, Cq, H, K, S), torch.float32, dev)
-    dw_part = _alloc((B, Cq, K, Hk * n_rb), torch.float32, dev)
     _gca_bwd_dq_kernel[(n_rb, B * Cq, Hk)](
-        q, mem_k, mem_v, indices, weights, do, lse, dq, delta, dw_part,
+        q, mem_k, mem_v, indices, weights, do, lse, dq, delta,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *indices.stride(), *weights.stride(), *do.stride(),
         Cq, scale * _LOG2E, scale,
         S=S, Sm=Sm, H=H, G=G, K=K, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, **cfg,
     )
-    dw = dw_part.sum(-1).to(weights.dtype)
+    # dw_i = sum_{h, s} DELTA_i (zero for empty slots): summed here rather than across the dQ kernel's
+    # warps in every step, a shared-memory reduction with two barriers an iteration
+    dw = torch.where(indices >= 0, delta.sum((2, 4)), 0.0).to(weights.dtype)
 
     order, offsets = _inverted_index(indices, Cm)
     cfg = _config("dkdv", G * S, Sm, D, q.is_cuda)
