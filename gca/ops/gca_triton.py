@@ -26,8 +26,8 @@ Kernels
                           With NSPLIT = K (decode) each program does one slot and writes w_i O_i to
                           a (K, ...) fp32 buffer that is summed afterwards.
     ``_gca_bwd_dq_kernel``  same grid as the forward: recomputes P_i per slot (from LSE) and gives
-                          dQ, DELTA_i = rowsum(dO * O_i) = rowsum(P_i * dO V_i^T) (B, Cq, H, K, S)
-                          and per-program partial sums of dw_i = sum_{s,h} <dO, O_i>.
+                          dQ and DELTA_i = rowsum(dO * O_i) = rowsum(P_i * dO V_i^T) (B, Cq, H, K, S);
+                          dw_i = sum_{s,h} <dO, O_i> = sum_{s,h} DELTA_i is summed from DELTA after it.
     ``_gca_bwd_dkdv_kernel``  one program per (memory chunk (b, m), memory head hk, block of <= 64
                           memory positions): loops over the (query chunk, slot) pairs that retrieved
                           chunk m, found through an inverted index (stable sort of the flattened
