@@ -96,7 +96,7 @@ _UPCAST_DOTS = tl.constexpr(INTERPRET)
 def _log2(x):
     """log2 of positive fp32. On the GPU the MUFU's lg2.approx (relative error < 2^-22) instead of
     tl.log2's accurate libdevice routine, a ~30-instruction polynomial per call that made the
-    forward's per-slot LSE about 7% of its loop's instructions (sm_90a SASS, SPEC shape); the
+    forward's per-slot LSE about 13% of its loop's instructions (sm_90a SASS, SPEC shape); the
     interpreter has no libdevice, so it keeps tl.log2."""
     if _UPCAST_DOTS:
         return tl.log2(x)
