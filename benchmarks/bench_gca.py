@@ -381,8 +381,8 @@ def main():
 
     os.makedirs(args.out_dir, exist_ok=True)
     if args.versus:
-        versus(args.versus, shape, max(args.sweep_repeat, 5) if args.sweep_repeat == 1 else args.sweep_repeat,
-               os.path.join(args.out_dir, f"gca_{slug}_versus.json"))
+        repeat = args.sweep_repeat if args.sweep_repeat > 1 else 5
+        versus(args.versus, shape, repeat, os.path.join(args.out_dir, f"gca_{slug}_versus.json"))
         return
     if args.profile_bwd:
         if gt.CONFIG_OVERRIDES:

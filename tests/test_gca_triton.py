@@ -194,7 +194,6 @@ VARIANTS = {
     "dkdv-transposed": {"dkdv": {"TRANSPOSED": True}},
     "dkdv-plain": {"dkdv": {"TRANSPOSED": False}},
     "16-row-blocks": {"fwd": {"BLOCK_M": 16}, "dq": {"BLOCK_M": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 16}},
-    "fwd-hoisted-addresses": {"fwd": {"HOIST": True}},
 }
 
 

@@ -44,7 +44,7 @@ def stream_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool =
         # this piece's logits predict tokens i + 1 .. i + L (the last one scored in the next piece); before
         # the scored region only the last logit can matter
         keep = 1 if i + L <= first else None
-        logits = model(x, cache=cache, logits_to_keep=keep).logits if keep else model(x, cache=cache).logits
+        logits = model(x, cache=cache, logits_to_keep=keep).logits
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if prev is not None and i >= first:  # the last logit of the previous piece predicts this piece's first token
             total += F.cross_entropy(prev, x[:, 0], reduction="sum").item()

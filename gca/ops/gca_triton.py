@@ -139,7 +139,7 @@ def _gca_fwd_kernel(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     NSPLIT: tl.constexpr, N_LOOP: tl.constexpr, SOFTMAX_ONE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HOIST: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -162,31 +162,23 @@ def _gca_fwd_kernel(
         mask=row_ok[:, None], other=0.0,
     )
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # HOIST (config option, off): the tile addresses' loop-invariant part computed once, as the dQ kernel
-    # does; it saves 33 of 344 instructions an iteration at the SPEC shape but raises the registers from
-    # 125 to 158-166 where K = 4 unrolls the loop (one program fewer an SM; sm_90a ptxas). Untimed.
-    k_base = MK + b * sk_b + hk * sk_h
-    v_base = MV + b * sv_b + hk * sv_h
-    k_off = n[:, None] * sk_s + d[None, :] * sk_d
-    v_off = n[:, None] * sv_s + d[None, :] * sv_d
+    # (hoisting the tile addresses' loop-invariant part, as the dQ kernel does, saves 33 of 344
+    # instructions an iteration at the SPEC shape but raises the registers from 125 to 158-166 where
+    # K = 4 unrolls the loop, one program fewer an SM; untimed, code at commit 69bdda9 as HOIST)
     for ii in range(N_LOOP):
         i = split + ii
         idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
         w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
         w = tl.where(idx >= 0, w, 0.0)
         idx = tl.maximum(idx, 0)
-        if HOIST:
-            k = tl.load((k_base + idx * sk_c) + k_off, mask=col_ok[:, None], other=0.0)
-            v = tl.load((v_base + idx * sv_c) + v_off, mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(
-                MK + b * sk_b + idx * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
-                mask=col_ok[:, None], other=0.0,
-            )
-            v = tl.load(
-                MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
-                mask=col_ok[:, None], other=0.0,
-            )
+        k = tl.load(
+            MK + b * sk_b + idx * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
+            mask=col_ok[:, None], other=0.0,
+        )
+        v = tl.load(
+            MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
+            mask=col_ok[:, None], other=0.0,
+        )
         qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N), unscaled
         if Sm % BLOCK_N != 0:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
