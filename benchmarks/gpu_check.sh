@@ -7,7 +7,7 @@
 #   5. with VERSUS=FILE (a copy of gca/ops/gca_triton.py from another commit), this tree's forward and
 #      backward timed in turn against it at the SPEC shape and at K = 4 (`bench_gca.py --versus`).
 # Logs and results go under "$OUT" (default benchmarks/results/gpu_check). Budget: < 9 minutes
-# (about 1.5 more with VERSUS).
+# (about 1.5 more with VERSUS; GATHER=0 skips step 4, ~45 s, so that both fit one 10-minute call).
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 #   git show 6b3d1bd:gca/ops/gca_triton.py > .cache/old_gca_triton.py   # then, with .cache carried:
@@ -38,9 +38,11 @@ start=$(date +%s)
 timeout 80 python benchmarks/bench_gca.py --sweep-only --out-dir "$OUT/results" 2>&1 | tee "$OUT/sweep.log"
 echo "sweep rc=${PIPESTATUS[0]} in $(( $(date +%s) - start ))s" | tee -a "$OUT/sweep.log"
 
-start=$(date +%s)
-timeout 45 python benchmarks/gather_floor.py --out "$OUT/results/gather_floor.json" 2>&1 | tee "$OUT/gather_floor.log"
-echo "gather floor rc=${PIPESTATUS[0]} in $(( $(date +%s) - start ))s" | tee -a "$OUT/gather_floor.log"
+if [ "${GATHER:-1}" != 0 ]; then
+  start=$(date +%s)
+  timeout 45 python benchmarks/gather_floor.py --out "$OUT/results/gather_floor.json" 2>&1 | tee "$OUT/gather_floor.log"
+  echo "gather floor rc=${PIPESTATUS[0]} in $(( $(date +%s) - start ))s" | tee -a "$OUT/gather_floor.log"
+fi
 
 if [ -n "${VERSUS:-}" ]; then
   start=$(date +%s)
