@@ -5,7 +5,8 @@
     python scripts/collect_results.py --runs NONE --tasks-files a_tasks.json b_tasks.json  # add these models' rows
 
 Reads ``RUNS/eval/<arch>-ppl/ppl.json`` and ``RUNS/eval/<arch>-tasks-<L>/tasks.json`` and writes
-``OUT/ppl.json`` (``[{model, train_length, context_length, ppl, tokens, corpus}]``) and
+``OUT/ppl.json`` (``[{model, train_length, context_length, ppl, tokens, corpus}]``, plus ``targets`` and
+``windows`` for rows that scored the same text at every length, ``RUNS/eval/<arch>-ppl-fixed/``) and
 ``OUT/passkey.json`` (``[{model, task, train_length, context_length, accuracy, trials}]``, the
 depths pooled; 2hop rows also say ``hop_answer``: ``"chain"`` (the question asks for ``Y , Z``) or
 ``"end"`` (for Z alone, every 2hop row before 2026-12-01)), replacing the rows of the same models, and a
@@ -32,10 +33,14 @@ def _merge(path: str, rows: list[dict]) -> list[dict]:
 
 def collect(runs: str, corpus: str, task_files: list[str] = ()) -> tuple[list[dict], list[dict]]:
     ppl = []
-    for f in sorted(glob.glob(os.path.join(runs, "eval", "*-ppl", "ppl.json"))):
+    # <arch>-ppl: fresh windows per length; <arch>-ppl-fixed (reproduce.sh STAGE=ppl-fixed): the same text
+    # scored at every length, whose rows say so (targets: the tokens scored before each end point; windows)
+    for f in sorted(glob.glob(os.path.join(runs, "eval", "*-ppl", "ppl.json"))
+                    + glob.glob(os.path.join(runs, "eval", "*-ppl-fixed", "ppl.json"))):
         for r in json.load(open(f)):
             ppl.append(dict(model=r["model"], train_length=r["train_length"], context_length=r["context_length"],
-                            ppl=round(r["ppl"], 4), tokens=r["tokens"], corpus=corpus))
+                            ppl=round(r["ppl"], 4), tokens=r["tokens"], corpus=corpus,
+                            **{k: r[k] for k in ("targets", "windows") if "targets" in r}))
     pooled: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     train_len = {}
     for f in sorted(glob.glob(os.path.join(runs, "eval", "*-tasks-*", "tasks.json"))) + list(task_files):
@@ -93,8 +98,9 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
         for m in sorted({r["model"] for r in ppl}):
             rs = sorted((r for r in ppl if r["model"] == m), key=lambda r: r["context_length"])
             for ax in axes:
-                ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o", label=m,
-                        color=color[m], linestyle=style(m))
+                ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs],
+                        marker="s" if "targets" in rs[0] else "o", color=color[m], linestyle=style(m),
+                        label=m + (" (same text at every length)" if "targets" in rs[0] else ""))
         # left, log y: every model, a baseline that breaks beyond its training length too; right: the
         # models that do not break, on a linear scale where a few percent can be seen
         axes[0].set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",

@@ -9,6 +9,8 @@
 #   STAGE=needles  bash scripts/reproduce.sh    # repeat until all three reach FT_STEPS
 #   STAGE=eval     bash scripts/reproduce.sh    # perplexity and needle tasks -> results/*.json
 #   STAGE=eval-long bash scripts/reproduce.sh   # DRT alone at LENGTHS_LONG (TRIALS_LONG per depth)
+#   STAGE=ppl-fixed bash scripts/reproduce.sh   # perplexity of the pre-trained models on the same text at
+#                                               # every length (--targets 1x, PPL_WINDOWS end points)
 #   STAGE=diagnose bash scripts/reproduce.sh    # DRT: needle retrieved? read? (scripts/needle_attention.py)
 #   STAGE=export   bash scripts/reproduce.sh    # bf16 weights of every run in RUNS/export/ (36 MB each
 #                                               # for the small preset): the later stages start from
@@ -36,7 +38,7 @@
 # and carry only RUNS/export to the next sitting (fine-tuning starts a fresh optimizer anyway).
 set -euo pipefail
 shopt -s inherit_errexit
-STAGE=${STAGE:?set STAGE=pretrain, needles, eval, eval-long, diagnose or export}
+STAGE=${STAGE:?set STAGE=pretrain, needles, eval, ppl-fixed, eval-long, diagnose or export}
 RUNS=${RUNS:-runs/repro}
 DATA=${DATA:-data/debian-docs}
 PRESET=${PRESET:-small}
@@ -129,6 +131,17 @@ case $STAGE in
     wait
     for a in $ARCHS; do tail -n 30 "$RUNS/eval/$a.log"; done
     python scripts/collect_results.py --runs "$RUNS" --data "$DATA" --out "$RESULTS" ;;
+  ppl-fixed)  # the pre-trained models' perplexity on the same text at every length: PPL_WINDOWS fixed end
+    # points, the last training length of tokens before each scored, only the context before them growing
+    # (gca eval ppl --targets 1x); side by side, each stopped PPL_LIMIT seconds after it starts
+    mkdir -p "$RUNS/eval"
+    for a in $ARCHS; do
+      timeout "${PPL_LIMIT:-600}" python -m gca.cli eval ppl --ckpt "$(src "$a")" --data "$DATA" --lengths "$LENGTHS_PPL" \
+        --windows "${PPL_WINDOWS:-16}" --targets 1x --device "$DEVICE" --dtype "$DTYPE" --name "$a${NAME_TAG:-}-$PRESET" \
+        --out "$RUNS/eval/$a-ppl-fixed" > "$RUNS/eval/$a-ppl-fixed.log" 2>&1 || echo "$a: ppl stopped or failed" &
+    done
+    wait
+    for a in $ARCHS; do tail -n 8 "$RUNS/eval/$a-ppl-fixed.log"; done ;;
   eval-long)  # DRT alone at LENGTHS_LONG, the chunk memory in CPU memory; one process per length (each
     # length's trials are then the same whichever other lengths are asked for)
     for L in ${LENGTHS_LONG//,/ }; do

@@ -70,9 +70,12 @@ def test_fixed_target_perplexity_scores_the_same_text_at_every_length(tmp_path, 
 
     monkeypatch.setattr(perplexity, "stream_nll", spy)
     m = DRT(tiny()).eval()
+    partial = []
     rows = perplexity.perplexity_vs_length(m, str(tmp_path / "data"), [120, 300, 700], windows=3, targets=100,
-                                           progress=False)
+                                           progress=False, on_row=lambda rs: partial.append([dict(r) for r in rs]))
     assert [r["tokens"] for r in rows] == [300, 300, 300] and all(r["targets"] == 100 for r in rows)
+    # on_row sees the rows so far after each length
+    assert [len(p) for p in partial] == [1, 2, 3] and partial[0] == rows[:1] and partial[-1] == rows
     tails = [seen[N][0][:, -100:] for N in (120, 300, 700)]
     assert all(torch.equal(tails[0], t) for t in tails[1:]) and all(seen[N][1] == 100 for N in seen)
     # the context before the targets is the text that precedes them

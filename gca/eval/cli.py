@@ -119,10 +119,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not args.data:
             raise SystemExit("gca eval ppl needs --data DIR (a folder written by gca prepare)")
         targets = parse_lengths(args.targets, train_length)[0] if args.targets else None
+        def tag(rows):
+            return [dict(r, model=name, train_length=train_length, corpus=str(args.data)) for r in rows]
+
+        # the rows so far are written after each length, so a stopped evaluation keeps its shorter lengths
         rows = perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload,
-                                    targets=targets)
+                                    targets=targets, on_row=lambda rows: _atomic_write(out / "ppl.json", json.dumps(tag(rows), indent=1)))
+        rows = tag(rows)
         for r in rows:
-            r.update(model=name, train_length=train_length, corpus=str(args.data))
             x = f" ({r['context_length'] / train_length:.0f}x)" if train_length else ""
             what = f"the same {r['tokens']} tokens (the last {targets} of each window)" if targets else f"{r['tokens']} tokens"
             print(f"context {r['context_length']:>10}{x}: ppl {r['ppl']:.3f} over {what}")

@@ -69,6 +69,7 @@ def perplexity_vs_length(
     offload: bool = False,
     progress: bool = True,
     targets: int | None = None,
+    on_row=None,
 ) -> list[dict]:
     """Args:
         data: a prepared folder (its ``val`` split is used) or a :class:`gca.data.PackedDataset`.
@@ -78,6 +79,7 @@ def perplexity_vs_length(
             the same ``windows`` end points for every N, only the last T tokens before each scored
             (see the module docstring; T = the shortest length scores one token fewer, as its window's
             first token has no prediction).
+        on_row: called with the list of rows so far after each length, e.g. to save partial results.
     Returns:
         ``[{context_length, ppl, tokens, windows}]`` (+ ``targets`` when given).
     """
@@ -107,4 +109,6 @@ def perplexity_vs_length(
         nll, n = stream_nll(model, ids, piece=piece, offload=offload, last=targets)
         rows.append(dict(context_length=N, ppl=math.exp(nll / n), tokens=n, windows=windows,
                          **({"targets": targets} if targets is not None else {})))
+        if on_row is not None:
+            on_row(rows)
     return rows
