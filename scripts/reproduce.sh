@@ -6,6 +6,7 @@
 #
 #   make corpus && make data                    # data/debian-docs: 21.9M train / 2.5M val tokens
 #   STAGE=pretrain bash scripts/reproduce.sh    # repeat until all three runs reach STEPS
+#   STAGE=pretrain-seeds SEEDS='1 2' bash scripts/reproduce.sh   # ARCHS x SEEDS side by side, RUNS/ARCH-sSEED
 #   STAGE=needles  bash scripts/reproduce.sh    # repeat until all three reach FT_STEPS
 #   STAGE=eval     bash scripts/reproduce.sh    # perplexity and needle tasks -> results/*.json
 #   STAGE=eval-long bash scripts/reproduce.sh   # DRT alone at LENGTHS_LONG (TRIALS_LONG per depth)
@@ -25,7 +26,9 @@
 # x 5 depths = 20 per length), BATCH_LONG (1: trials streamed together in eval-long), ARCHS (drt swa
 # full), NEEDLE_TASKS / REPEAT_GAP / DIGITS (the task half of the needle mixture, below), DRT_SET
 # (DRT's --set options in pre-training), DEVICE (auto), DTYPE (bfloat16, for
-# evaluation), RESULTS (results: where ppl.json and passkey.json are merged).
+# evaluation), RESULTS (results: where ppl.json and passkey.json are merged), SEED (1: pre-training's
+# seed) and SEEDS (pretrain-seeds), PPL_WINDOWS (16), PPL_LIMIT (600 s), RUN_NAMES (ARCHS) and NAME_TAG
+# (none: inserted before -PRESET in the model names) for ppl-fixed.
 #
 # Timing on one H200 with the three models side by side: pre-training ~122 ms a step (2600 steps in
 # 5.3 minutes; ~169 ms with a fourth, DRT, run beside them), needle fine-tuning ~126 ms (3400 in 7.1
@@ -38,7 +41,7 @@
 # and carry only RUNS/export to the next sitting (fine-tuning starts a fresh optimizer anyway).
 set -euo pipefail
 shopt -s inherit_errexit
-STAGE=${STAGE:?set STAGE=pretrain, needles, eval, ppl-fixed, eval-long, diagnose or export}
+STAGE=${STAGE:?set STAGE=pretrain, pretrain-seeds, needles, eval, ppl-fixed, eval-long, diagnose or export}
 RUNS=${RUNS:-runs/repro}
 DATA=${DATA:-data/debian-docs}
 PRESET=${PRESET:-small}
@@ -94,7 +97,7 @@ src() { if [ -d "$RUNS/$1/ckpt" ]; then echo "$RUNS/$1"; else echo "$RUNS/export
 # pre-trained run, with softmax-off-by-one off as the paper fine-tunes)
 run_args() {
   case $1 in
-    pretrain) echo --arch "$2" --data "$PRE_DATA" --lr "$( [ "$2" = drt ] && echo "$DRT_LR" || echo "$LR" )" --seed 1 \
+    pretrain) echo --arch "$2" --data "$PRE_DATA" --lr "$( [ "$2" = drt ] && echo "$DRT_LR" || echo "$LR" )" --seed "${SEED:-1}" \
                 $( [ "$2" = drt ] && echo "$DRT_SET" ) ;;
     needles) echo --init-from "$(src "$2")" --data "$needles" --lr 5e-4 --seed 2 --set gca_softmax_one=false ;;
   esac
@@ -108,6 +111,19 @@ case $STAGE in
     done
     wait
     for a in $ARCHS; do tail -n 1 "$RUNS/$a.log"; done ;;
+  pretrain-seeds)  # every arch of ARCHS from every seed of SEEDS, side by side, as RUNS/ARCH-sSEED: how far
+    # one pre-training of a model is from another that differs only in its seed (results/README.md,
+    # fourteenth run: two DRT runs apart by rounding alone ended 0.15 nats apart). Then, e.g.,
+    # STAGE=ppl-fixed RUN_NAMES='drt-s1 drt-s2 swa-s1 swa-s2' NAME_TAG=-TAG
+    for a in $ARCHS; do
+      for s in ${SEEDS:?set SEEDS, e.g. '1 2'}; do
+        # shellcheck disable=SC2046
+        gca train "${common[@]}" $(SEED=$s run_args pretrain "$a") --max-steps "$STEPS" --out "$RUNS/$a-s$s" \
+          >> "$RUNS/$a-s$s.log" 2>&1 &
+      done
+    done
+    wait
+    for a in $ARCHS; do for s in $SEEDS; do tail -n 1 "$RUNS/$a-s$s.log"; done; done ;;
   needles)
     for a in $ARCHS; do
       # shellcheck disable=SC2046
@@ -131,17 +147,17 @@ case $STAGE in
     wait
     for a in $ARCHS; do tail -n 30 "$RUNS/eval/$a.log"; done
     python scripts/collect_results.py --runs "$RUNS" --data "$DATA" --out "$RESULTS" ;;
-  ppl-fixed)  # the pre-trained models' perplexity on the same text at every length: PPL_WINDOWS fixed end
+  ppl-fixed)  # the pre-trained models' (RUN_NAMES, default ARCHS) perplexity on the same text at every length: PPL_WINDOWS fixed end
     # points, the last training length of tokens before each scored, only the context before them growing
     # (gca eval ppl --targets 1x); side by side, each stopped PPL_LIMIT seconds after it starts
     mkdir -p "$RUNS/eval"
-    for a in $ARCHS; do
+    for a in ${RUN_NAMES:-$ARCHS}; do
       timeout "${PPL_LIMIT:-600}" python -m gca.cli eval ppl --ckpt "$(src "$a")" --data "$DATA" --lengths "$LENGTHS_PPL" \
         --windows "${PPL_WINDOWS:-16}" --targets 1x --device "$DEVICE" --dtype "$DTYPE" --name "$a${NAME_TAG:-}-$PRESET" \
         --out "$RUNS/eval/$a-ppl-fixed" > "$RUNS/eval/$a-ppl-fixed.log" 2>&1 || echo "$a: ppl stopped or failed" &
     done
     wait
-    for a in $ARCHS; do tail -n 8 "$RUNS/eval/$a-ppl-fixed.log"; done ;;
+    for a in ${RUN_NAMES:-$ARCHS}; do tail -n 8 "$RUNS/eval/$a-ppl-fixed.log"; done ;;
   eval-long)  # DRT alone at LENGTHS_LONG, the chunk memory in CPU memory; one process per length (each
     # length's trials are then the same whichever other lengths are asked for)
     for L in ${LENGTHS_LONG//,/ }; do

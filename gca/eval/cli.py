@@ -128,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = tag(rows)
         for r in rows:
             x = f" ({r['context_length'] / train_length:.0f}x)" if train_length else ""
-            what = f"the same {r['tokens']} tokens (the last {targets} of each window)" if targets else f"{r['tokens']} tokens"
+            what = f"the same {r['tokens']} tokens (the last {r['targets']} of each window)" if targets else f"{r['tokens']} tokens"
             print(f"context {r['context_length']:>10}{x}: ppl {r['ppl']:.3f} over {what}")
         _atomic_write(out / "ppl.json", json.dumps(rows, indent=1))
         plot_ppl_vs_length(rows, str(out / "ppl_vs_length.png"), train_length=train_length)
