@@ -1,0 +1,311 @@
+"""Experimental: the GCA forward written in Gluon, so that the tensor cores work during the softmax.
+
+Not part of the package. Triton 3.6 waits for every `tl.dot` whose result is not its own loop-carried
+accumulator at once, and its Hopper warp specialisation does not take our loop
+(`benchmarks/KERNEL_NOTES.md`, "What Triton 3.6 will not do"); Gluon (`triton.experimental.gluon`)
+lets a kernel issue wgmma asynchronously and wait where it chooses. This forward, for S = Sm = 64,
+D in {64, 128}, bf16 / fp16, contiguous inputs, one program per (query chunk, query head):
+
+- the query tile and the retrieved key / value tiles arrive by TMA (one 64 x D box of the memory viewed
+  as a (B * Cm * Sm, Hk * D) matrix per retrieved chunk) into rings of NBUF buffers, each with its
+  mbarrier, issued NBUF slots ahead (values: one slot ahead, once the wgmma that read the buffer is
+  known to be done);
+- slot i + 1's scores Q K^T are issued (async) before slot i's softmax, and slot i's P V accumulates
+  into the output asynchronously (P scaled by w_i / l_i first, so every slot adds into one
+  accumulator with no register work after the matmul), so the softmax of one slot runs while the
+  tensor cores do the next slot's Q K^T and the previous slot's P V (FlashAttention-3's
+  intra-warpgroup overlap);
+- per-slot log-sum-exps are stored as `gca_fwd` stores them (natural log), so the package's
+  backward can follow it unchanged.
+
+    python benchmarks/gluon_fwd.py --aot        # compile for sm_90a here (no GPU): registers, SASS per iteration
+    python benchmarks/gluon_fwd.py              # on a Hopper GPU: check against gca_fwd and the reference, time both
+
+Status: written and compiled for sm_90a without a GPU (2026-12-01); not yet run on one.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+
+@gluon.jit
+def _load_slot(desc, IDX, i, b, hk, Cm, bars, smem, S: gl.constexpr, D: gl.constexpr, NBUF: gl.constexpr):
+    """Start the TMA copy of slot i's tile (key or value) of retrieved chunk IDX[i] into buffer i % NBUF."""
+    idx = gl.maximum(gl.load(IDX + i), 0)  # an empty slot (-1) reads chunk 0, weighted 0
+    buf = i % NBUF
+    mbarrier.expect(bars.index(buf), desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [((b * Cm + idx) * S).to(gl.int32), hk * D], bars.index(buf), smem.index(buf))
+
+
+@gluon.jit
+def _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, SOFTMAX_ONE: gl.constexpr, dtype: gl.constexpr):
+    """Slot i's softmax of the raw scores s (fp32, S x S): stores its log-sum-exp and returns
+    P * w_i / l_i in the inputs' dtype."""
+    m = gl.max(s, axis=1) * qk_scale  # base-2 units (qk_scale = scale * log2 e)
+    if SOFTMAX_ONE:
+        m = gl.maximum(m, 0.0)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m, 1))
+    l = gl.sum(p, axis=1)
+    if SOFTMAX_ONE:
+        l += gl.exp2(-m)
+    idx = gl.load(IDX + i)
+    w = gl.load(W + i).to(gl.float32)
+    w = gl.where(idx >= 0, w, 0.0)
+    gl.store(LSE + i * S + rows, (m + gl.log2(l)) * 0.6931471805599453)
+    p = p * gl.expand_dims(w / l, 1)
+    return p.to(dtype)
+
+
+@gluon.jit
+def _gca_fwd_gluon(
+    q_desc, k_desc, v_desc, IDX, W, O, LSE, Cq, Cm, qk_scale,
+    H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
+    SOFTMAX_ONE: gl.constexpr, NBUF: gl.constexpr, num_warps: gl.constexpr,
+):
+    pid_bc = gl.program_id(0)  # b * Cq + c
+    h = gl.program_id(1)  # query head
+    hk = h // G
+    b = pid_bc // Cq
+    dtype: gl.constexpr = q_desc.dtype
+    IDX += pid_bc * K
+    W += pid_bc * K
+    LSE += (pid_bc * H + h) * (K * S)  # (B, Cq, H, K, S) contiguous
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, S, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
+    rows = gl.arange(0, S, layout=gl.SliceLayout(1, s_layout))
+
+    q_smem = gl.allocate_shared_memory(dtype, [S, D], q_desc.layout)
+    # P goes to the P V matmul through shared memory: from registers (wgmma's A operand) ptxas
+    # serialises every wgmma of the kernel (C7513: the softmax defines the operand's registers
+    # inside an open wgmma pipeline stage)
+    p_smem = gl.allocate_shared_memory(dtype, [S, S], gl.NVMMASharedLayout.get_default_for([S, S], dtype))
+    k_smem = gl.allocate_shared_memory(dtype, [NBUF, S, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NBUF, S, D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for j in gl.static_range(NBUF):
+        mbarrier.init(k_bar.index(j), count=1)
+        mbarrier.init(v_bar.index(j), count=1)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [pid_bc * S, h * D], q_bar, q_smem)
+    for j in gl.static_range(NBUF):
+        if j < K:
+            _load_slot(k_desc, IDX, j, b, hk, Cm, k_bar, k_smem, S, D, NBUF)
+            _load_slot(v_desc, IDX, j, b, hk, Cm, v_bar, v_smem, S, D, NBUF)
+
+    # slot 0's scores, issued before the loop
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bar.index(0), 0)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([S, S], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+    acc = warpgroup_mma_init(gl.zeros([S, D], gl.float32, o_layout))
+
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+
+    # At the top of iteration i slot i's scores s are ready, and what read the key buffer of slot i and
+    # the value buffer of slot i - 2 has finished (the waits of the iteration before).
+    for i in range(K - 1):
+        if i + NBUF < K:  # the key NBUF slots ahead, into the buffer slot i's scores have finished reading
+            _load_slot(k_desc, IDX, i + NBUF, b, hk, Cm, k_bar, k_smem, S, D, NBUF)
+        if (i >= 2) & (i + NBUF - 2 < K):  # the value NBUF - 2 slots ahead, into slot i - 2's buffer
+            _load_slot(v_desc, IDX, i + NBUF - 2, b, hk, Cm, v_bar, v_smem, S, D, NBUF)
+        # slot i + 1's scores, computed while this slot's softmax runs
+        nb = (i + 1) % NBUF
+        mbarrier.wait(k_bar.index(nb), ((i + 1) // NBUF) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(nb).permute((1, 0)), gl.zeros([S, S], gl.float32, s_layout),
+                              use_acc=False, is_async=True)
+        p = _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S, SOFTMAX_ONE, dtype)
+        # in flight: [P V of slot i - 1], Q K^T of slot i + 1; one left means the first, which reads p_smem, is done
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        p_smem.store(p)
+        fence_async_shared()
+        cb = i % NBUF
+        mbarrier.wait(v_bar.index(cb), (i // NBUF) & 1)
+        acc = warpgroup_mma(p_smem, v_smem.index(cb), acc, is_async=True)
+        # in flight: Q K^T of slot i + 1, P V of slot i; one left means slot i + 1's scores are ready
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+
+    # the last slot
+    p = _softmax_slot(s, IDX, W, LSE, K - 1, rows, qk_scale, S, SOFTMAX_ONE, dtype)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    p_smem.store(p)
+    fence_async_shared()
+    lb = (K - 1) % NBUF
+    mbarrier.wait(v_bar.index(lb), ((K - 1) // NBUF) & 1)
+    acc = warpgroup_mma(p_smem, v_smem.index(lb), acc, is_async=True)
+    out = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    mbarrier.invalidate(q_bar)
+    for j in gl.static_range(NBUF):
+        mbarrier.invalidate(k_bar.index(j))
+        mbarrier.invalidate(v_bar.index(j))
+    orow = gl.arange(0, S, layout=gl.SliceLayout(1, o_layout))
+    ocol = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    offs = ((pid_bc * S + gl.expand_dims(orow, 1)) * H + h) * D + gl.expand_dims(ocol, 0)  # (B, Cq, S, H, D)
+    gl.store(O + offs, out.to(dtype))
+
+
+def gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nbuf=2, num_warps=4):
+    """The forward of `gca.ops.gca_triton.gca_fwd` for S = Sm = 64 and contiguous inputs:
+    ``(out (B, Cq, S, H, D), lse (B, Cq, H, K, S) fp32)``."""
+    B, Cq, S, H, D = q.shape
+    _, Cm, Sm, Hk, _ = mem_k.shape
+    K = indices.shape[-1]
+    assert S == Sm == 64 and D in (64, 128) and q.dtype in (torch.bfloat16, torch.float16) and K >= 1
+    assert all(t.is_contiguous() for t in (q, mem_k, mem_v, indices, weights))
+    scale = D**-0.5 if scale is None else float(scale)
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    lay = gl.NVMMASharedLayout.get_default_for([S, D], gdt)
+    q2, k2, v2 = q.view(B * Cq * S, H * D), mem_k.view(B * Cm * Sm, Hk * D), mem_v.view(B * Cm * Sm, Hk * D)
+    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [S, D], lay)
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [S, D], lay)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [S, D], lay)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Cq, H, K, S), dtype=torch.float32, device=q.device)
+    _gca_fwd_gluon[(B * Cq, H)](
+        q_desc, k_desc, v_desc, indices, weights, out, lse, Cq, Cm, scale * 1.4426950408889634,
+        H=H, G=H // Hk, K=K, S=S, D=D, SOFTMAX_ONE=bool(softmax_one), NBUF=nbuf, num_warps=num_warps,
+    )
+    return out, lse
+
+
+def _aot(shapes, nbuf, dump):
+    """Compile for sm_90a without a GPU and print shared memory, registers, spills, loop SASS."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile, make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from aot_sm90 import PTXAS, _loop_instructions
+
+    global _gca_fwd_gluon
+    target = GPUTarget("cuda", 90, 32)
+    fn = _gca_fwd_gluon
+
+    class _Launch:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                backend = make_backend(target)
+                binder = create_function_from_signature(fn.signature, fn.params, backend)
+                bound, spec, options = binder(*args, **kwargs)
+                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+                k = compile(GluonASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+                ptx = k.asm["ptx"]
+                with tempfile.TemporaryDirectory() as tmp:
+                    src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+                    open(src, "w").write(ptx)
+                    res = subprocess.run([PTXAS, "-arch=sm_90a", "-v", src, "-o", cubin], capture_output=True, text=True)
+                    loop = _loop_instructions(cubin)
+                regs = re.search(r"Used (\d+) registers", res.stderr)
+                spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+                waits = re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)
+                print(f"  grid={tuple(grid)} smem={k.metadata.shared} regs={regs.group(1) if regs else '?'} "
+                      f"spill={spill.group(1) if spill else '?'}B wgmma={ptx.count('wgmma.mma_async')} "
+                      f"wait_group={','.join(waits)} loop_sass={loop}"
+                      + ("  WGMMA SERIALIZED (ptxas " + ", ".join(sorted(set(re.findall(r"C75\d\d", res.stderr)))) + ")" if "C75" in res.stderr else ""))
+                if dump:
+                    os.makedirs(dump, exist_ok=True)
+                    open(os.path.join(dump, f"gluon_fwd_D{kwargs['D']}_K{kwargs['K']}.ptx"), "w").write(ptx)
+            return launch
+
+    real = _gca_fwd_gluon
+    _gca_fwd_gluon = _Launch()
+    try:
+        for B, C, H, Hk, D, K in shapes:
+            print(f"B={B} C={C} H={H} Hk={Hk} D={D} K={K} bf16 nbuf={nbuf}")
+            q = torch.randn(B, C, 64, H, D, dtype=torch.bfloat16)
+            kv = torch.randn(B, C, 64, Hk, D, dtype=torch.bfloat16)
+            idx = torch.zeros(B, C, K, dtype=torch.long)
+            w = torch.rand(B, C, K)
+            gca_fwd_gluon(q, kv, kv, idx, w, nbuf=nbuf)
+    finally:
+        _gca_fwd_gluon = real
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--aot", action="store_true", help="compile for sm_90a only (no GPU needed)")
+    ap.add_argument("--dump", default=None, help="with --aot: folder for the PTX")
+    ap.add_argument("--nbuf", type=int, default=2, help="key / value buffers (2: 49 KB of shared memory, 4 programs an SM; 3: 66 KB, 3)")
+    args = ap.parse_args()
+    shapes = [(4, 256, 12, 12, 64, 8), (4, 256, 12, 12, 64, 4), (4, 256, 6, 6, 128, 8), (4, 256, 12, 4, 64, 8)]
+    if args.aot:
+        _aot(shapes, args.nbuf, args.dump)
+        return
+
+    from gca.ops import gca_triton as gt
+    from gca.ops.gca_ref import gca_reference
+
+    dev = "cuda"
+    print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__, "| nbuf", args.nbuf)
+
+    def inputs(B, C, H, Hk, D, K, seed):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        q = torch.randn(B, C, 64, H, D, device=dev, dtype=torch.bfloat16, generator=g)
+        mk = torch.randn(B, C, 64, Hk, D, device=dev, dtype=torch.bfloat16, generator=g)
+        mv = torch.randn(B, C, 64, Hk, D, device=dev, dtype=torch.bfloat16, generator=g)
+        idx = torch.randint(0, C, (B, C, K), device=dev, generator=g)
+        if K > 1:
+            idx[:, ::3, -1] = -1  # empty slots
+        w = torch.softmax(torch.randn(B, C, K, device=dev, generator=g), -1)
+        return q, mk, mv, idx, w
+
+    bad = 0
+    # small shapes against the float64 reference (K not a multiple of the ring, K = 1, grouped heads, D = 128)
+    for B, C, H, Hk, D, K in [(1, 16, 4, 2, 64, 5), (2, 8, 2, 2, 128, 3), (1, 16, 4, 4, 64, 1), (1, 32, 2, 1, 64, 16)]:
+        q, mk, mv, idx, w = inputs(B, C, H, Hk, D, K, seed=B * 1000 + C + K)
+        for so in (False, True):
+            o, lse = gca_fwd_gluon(q, mk, mv, idx, w, softmax_one=so, nbuf=args.nbuf)
+            ref = gca_reference(q.double(), mk.double(), mv.double(), idx, w.double(), softmax_one=so)
+            err = ((o.double() - ref).abs().max() / ref.abs().max()).item()
+            _, lse_t = gt.gca_fwd(q, mk, mv, idx, w, softmax_one=so)
+            ok = (idx >= 0)[:, :, None, :, None]
+            lse_err = ((lse - lse_t).abs() * ok).max().item()
+            flag = "" if err < 1e-2 and lse_err < 1e-3 else "  MISMATCH"
+            bad += bool(flag)
+            print(f"  check B={B} C={C} H={H} Hk={Hk} D={D} K={K} softmax_one={so}: out rel err {err:.1e} "
+                  f"(float64 reference), lse err {lse_err:.1e} (gca_fwd){flag}")
+    # the benchmark's shapes: against gca_fwd, then timed
+    for B, C, H, Hk, D, K in shapes:
+        q, mk, mv, idx, w = inputs(B, C, H, Hk, D, K, seed=7)
+        o, lse = gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf)
+        o_t, lse_t = gt.gca_fwd(q, mk, mv, idx, w)
+        err = ((o.float() - o_t.float()).abs().max() / o_t.float().abs().max()).item()
+        flag = "" if err < 1e-2 else "  MISMATCH"
+        bad += bool(flag)
+        tg = triton.testing.do_bench(lambda: gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf), warmup=50, rep=400)
+        tt = triton.testing.do_bench(lambda: gt.gca_fwd(q, mk, mv, idx, w), warmup=50, rep=400)
+        tg2 = triton.testing.do_bench(lambda: gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf), warmup=50, rep=400)
+        print(f"  B={B} C={C} H={H} Hk={Hk} D={D} K={K}: gluon {tg:.3f} / {tg2:.3f} ms, triton gca_fwd {tt:.3f} ms "
+              f"(median of do_bench), out rel err vs gca_fwd {err:.1e}{flag}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
