@@ -1,25 +1,28 @@
-"""Experimental: the GCA forward written in Gluon, so that the tensor cores work during the softmax.
+"""Experimental: the GCA forward and dq kernels written in Gluon, so that the tensor cores work during
+the elementwise work.
 
 Not part of the package. Triton 3.6 waits for every `tl.dot` whose result is not its own loop-carried
-accumulator at once, and its Hopper warp specialisation does not take our loop
+accumulator at once, and its Hopper warp specialisation does not take our loops
 (`benchmarks/KERNEL_NOTES.md`, "What Triton 3.6 will not do"); Gluon (`triton.experimental.gluon`)
-lets a kernel issue wgmma asynchronously and wait where it chooses. This forward, for S = Sm = 64,
-D in {64, 128}, bf16 / fp16, contiguous inputs, one program per (query chunk, query head):
+lets a kernel issue wgmma asynchronously and wait where it chooses. For S = Sm = 64, D in {64, 128},
+bf16 / fp16, contiguous inputs, one program per (query chunk, query head):
 
-- the query tile and the retrieved key / value tiles arrive by TMA (one 64 x D box of the memory viewed
-  as a (B * Cm * Sm, Hk * D) matrix per retrieved chunk) into rings of NBUF buffers, each with its
-  mbarrier, issued NBUF slots ahead (values: one slot ahead, once the wgmma that read the buffer is
-  known to be done);
-- slot i + 1's scores Q K^T are issued (async) before slot i's softmax, and slot i's P V accumulates
-  into the output asynchronously (P scaled by w_i / l_i first, so every slot adds into one
-  accumulator with no register work after the matmul), so the softmax of one slot runs while the
-  tensor cores do the next slot's Q K^T and the previous slot's P V (FlashAttention-3's
-  intra-warpgroup overlap);
-- per-slot log-sum-exps are stored as `gca_fwd` stores them (natural log), so the package's
-  backward can follow it unchanged.
+- the query tile (and dO's) and the retrieved key / value tiles arrive by TMA (one 64 x D box of the
+  memory viewed as a (B * Cm * Sm, Hk * D) matrix per retrieved chunk) into rings of buffers, each with
+  its mbarrier, issued ahead of use;
+- forward: slot i + 1's scores Q K^T are issued (async) before slot i's softmax, and slot i's P V
+  accumulates into the output asynchronously (P scaled by w_i / l_i first, so every slot adds into one
+  accumulator), FlashAttention-3's intra-warpgroup overlap; per-slot log-sum-exps stored as `gca_fwd`
+  stores them, so the package's backward can follow it;
+- dq: slot i + 1's S = Q K^T and dP = dO V^T are issued before slot i's dS = P (dP - DELTA) w, and
+  dq += dS K runs asynchronously; DELTA is stored and dweights summed from it, as the Triton dq kernel
+  does; the memory's gradients stay with the Triton dK/dV kernel;
+- P and dS reach their wgmma through shared memory: from registers ptxas serialises every wgmma of
+  the kernel (C7513).
 
-    python benchmarks/gluon_fwd.py --aot        # compile for sm_90a here (no GPU): registers, SASS per iteration
-    python benchmarks/gluon_fwd.py              # on a Hopper GPU: check against gca_fwd and the reference, time both
+    python benchmarks/gluon_kernels.py --aot    # compile for sm_90a here (no GPU): registers, spills, serialisation
+    python benchmarks/gluon_kernels.py          # on a Hopper GPU: check against the float64 reference and the
+                                                # Triton kernels, time both (about a minute)
 
 Status: written and compiled for sm_90a without a GPU (2026-12-01); not yet run on one.
 """
@@ -170,6 +173,149 @@ def _gca_fwd_gluon(
     gl.store(O + offs, out.to(dtype))
 
 
+@gluon.jit
+def _ds_slot(s, dp, IDX, W, LSE, DELTA, i, rows, qk_scale, S: gl.constexpr, dtype: gl.constexpr):
+    """Slot i's dS = P (dP - DELTA) w from the raw scores s and dP = dO V^T (fp32, S x S); stores DELTA."""
+    lse = gl.load(LSE + i * S + rows) * 1.4426950408889634  # base 2
+    p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))  # normalised P
+    pdp = p * dp
+    delta = gl.sum(pdp, axis=1)
+    gl.store(DELTA + i * S + rows, delta)  # dw_i = its sum over heads and rows, after the kernel
+    idx = gl.load(IDX + i)
+    w = gl.where(idx >= 0, gl.load(W + i).to(gl.float32), 0.0)
+    return ((pdp - p * gl.expand_dims(delta, 1)) * w).to(dtype)
+
+
+@gluon.jit
+def _gca_bwd_dq_gluon(
+    q_desc, do_desc, k_desc, v_desc, IDX, W, LSE, DELTA, DQ, Cq, Cm, qk_scale, scale,
+    H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
+    NK: gl.constexpr, NV: gl.constexpr, num_warps: gl.constexpr,
+):
+    """dq (and DELTA, from which dweights follow) of one (query chunk, query head), as the Triton dq
+    kernel computes them: per slot S = Q K^T and dP = dO V^T (both issued before the previous slot's
+    elementwise work), dS = P (dP - DELTA) w, dq += dS K (async, dS through shared memory). Keys in a
+    ring of NK buffers (a key is read by its slot's Q K^T and dS K), values in a ring of NV."""
+    pid_bc = gl.program_id(0)
+    h = gl.program_id(1)
+    hk = h // G
+    b = pid_bc // Cq
+    dtype: gl.constexpr = q_desc.dtype
+    IDX += pid_bc * K
+    W += pid_bc * K
+    LSE += (pid_bc * H + h) * (K * S)
+    DELTA += (pid_bc * H + h) * (K * S)
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, S, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
+    rows = gl.arange(0, S, layout=gl.SliceLayout(1, s_layout))
+
+    q_smem = gl.allocate_shared_memory(dtype, [S, D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [S, D], do_desc.layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [S, S], gl.NVMMASharedLayout.get_default_for([S, S], dtype))
+    k_smem = gl.allocate_shared_memory(dtype, [NK, S, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NV, S, D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [NK, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [NV, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for j in gl.static_range(NK):
+        mbarrier.init(k_bar.index(j), count=1)
+    for j in gl.static_range(NV):
+        mbarrier.init(v_bar.index(j), count=1)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [pid_bc * S, h * D], q_bar, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [pid_bc * S, h * D], q_bar, do_smem)
+    for j in gl.static_range(NK):
+        if j < K:
+            _load_slot(k_desc, IDX, j, b, hk, Cm, k_bar, k_smem, S, D, NK)
+    for j in gl.static_range(NV):
+        if j < K:
+            _load_slot(v_desc, IDX, j, b, hk, Cm, v_bar, v_smem, S, D, NV)
+
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bar.index(0), 0)
+    mbarrier.wait(v_bar.index(0), 0)
+    zeros = gl.zeros([S, S], gl.float32, s_layout)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zeros, use_acc=False, is_async=True)
+    dp_tok = warpgroup_mma(do_smem, v_smem.index(0).permute((1, 0)), zeros, use_acc=False, is_async=True)
+    dq = warpgroup_mma_init(gl.zeros([S, D], gl.float32, o_layout))
+    s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, dp_tok))
+
+    # At the top of iteration i slot i's S and dP are ready (so its value buffer is free), and dq of
+    # slot i - 1 may be in flight.
+    for i in range(K - 1):
+        if i + NV < K:
+            _load_slot(v_desc, IDX, i + NV, b, hk, Cm, v_bar, v_smem, S, D, NV)
+        kb = (i + 1) % NK
+        vb = (i + 1) % NV
+        mbarrier.wait(k_bar.index(kb), ((i + 1) // NK) & 1)
+        mbarrier.wait(v_bar.index(vb), ((i + 1) // NV) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(kb).permute((1, 0)), zeros, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do_smem, v_smem.index(vb).permute((1, 0)), zeros, use_acc=False, is_async=True)
+        ds = _ds_slot(s, dp, IDX, W, LSE, DELTA, i, rows, qk_scale, S, dtype)
+        # in flight: [dS K of slot i - 1], S and dP of slot i + 1; two left means the first is done:
+        # ds_smem and slot i - 1's key buffer are free
+        dq = warpgroup_mma_wait(num_outstanding=2, deps=(dq,))
+        if (i >= 1) & (i - 1 + NK < K):
+            _load_slot(k_desc, IDX, i - 1 + NK, b, hk, Cm, k_bar, k_smem, S, D, NK)
+        ds_smem.store(ds)
+        fence_async_shared()
+        dq = warpgroup_mma(ds_smem, k_smem.index(i % NK), dq, is_async=True)
+        # in flight: S and dP of slot i + 1, dS K of slot i; one left means slot i + 1's S and dP are ready
+        s, dp = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, dp_tok))
+
+    ds = _ds_slot(s, dp, IDX, W, LSE, DELTA, K - 1, rows, qk_scale, S, dtype)
+    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+    ds_smem.store(ds)
+    fence_async_shared()
+    dq = warpgroup_mma(ds_smem, k_smem.index((K - 1) % NK), dq, is_async=True)
+    out = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+
+    mbarrier.invalidate(q_bar)
+    for j in gl.static_range(NK):
+        mbarrier.invalidate(k_bar.index(j))
+    for j in gl.static_range(NV):
+        mbarrier.invalidate(v_bar.index(j))
+    orow = gl.arange(0, S, layout=gl.SliceLayout(1, o_layout))
+    ocol = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    offs = ((pid_bc * S + gl.expand_dims(orow, 1)) * H + h) * D + gl.expand_dims(ocol, 0)
+    gl.store(DQ + offs, (out * scale).to(dtype))
+
+
+def gca_bwd_dq_gluon(do, q, mem_k, mem_v, indices, weights, lse, scale=None, nk=3, nv=2, num_warps=4, maxnreg=None):
+    """dq and dweights of `gca.ops.gca_triton.gca_bwd` (S = Sm = 64, contiguous inputs); the memory's
+    gradients are the Triton dK/dV kernel's. Returns ``(dq, dweights)``."""
+    B, Cq, S, H, D = q.shape
+    _, Cm, Sm, Hk, _ = mem_k.shape
+    K = indices.shape[-1]
+    assert S == Sm == 64 and D in (64, 128) and q.dtype in (torch.bfloat16, torch.float16) and K >= 1
+    assert all(t.is_contiguous() for t in (do, q, mem_k, mem_v, indices, weights, lse))
+    scale = D**-0.5 if scale is None else float(scale)
+    q_desc, k_desc, v_desc = _descs(q, mem_k, mem_v)
+    do_desc = _descs(do, mem_k, mem_v)[0]
+    dq = torch.empty_like(q)
+    delta = torch.empty((B, Cq, H, K, S), dtype=torch.float32, device=q.device)
+    _gca_bwd_dq_gluon[(B * Cq, H)](
+        q_desc, do_desc, k_desc, v_desc, indices, weights, lse, delta, dq, Cq, Cm, scale * 1.4426950408889634, scale,
+        H=H, G=H // Hk, K=K, S=S, D=D, NK=nk, NV=nv, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}),
+    )
+    dw = torch.where(indices >= 0, delta.sum((2, 4)), 0.0).to(weights.dtype)
+    return dq, dw
+
+
+def _descs(q, mem_k, mem_v):
+    """TMA descriptors of q (rows: tokens, columns: heads x D) and of the memory's keys and values
+    (rows: the chunks' positions), one 64 x D box each."""
+    B, Cq, S, H, D = q.shape
+    _, Cm, Sm, Hk, _ = mem_k.shape
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    lay = gl.NVMMASharedLayout.get_default_for([S, D], gdt)
+    mats = (q.view(B * Cq * S, H * D), mem_k.view(B * Cm * Sm, Hk * D), mem_v.view(B * Cm * Sm, Hk * D))
+    return [TensorDescriptor(m, list(m.shape), list(m.stride()), [S, D], lay) for m in mats]
+
+
 def gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nbuf=2, num_warps=4):
     """The forward of `gca.ops.gca_triton.gca_fwd` for S = Sm = 64 and contiguous inputs:
     ``(out (B, Cq, S, H, D), lse (B, Cq, H, K, S) fp32)``."""
@@ -179,12 +325,7 @@ def gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=No
     assert S == Sm == 64 and D in (64, 128) and q.dtype in (torch.bfloat16, torch.float16) and K >= 1
     assert all(t.is_contiguous() for t in (q, mem_k, mem_v, indices, weights))
     scale = D**-0.5 if scale is None else float(scale)
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    lay = gl.NVMMASharedLayout.get_default_for([S, D], gdt)
-    q2, k2, v2 = q.view(B * Cq * S, H * D), mem_k.view(B * Cm * Sm, Hk * D), mem_v.view(B * Cm * Sm, Hk * D)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [S, D], lay)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [S, D], lay)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [S, D], lay)
+    q_desc, k_desc, v_desc = _descs(q, mem_k, mem_v)
     out = torch.empty_like(q)
     lse = torch.empty((B, Cq, H, K, S), dtype=torch.float32, device=q.device)
     _gca_fwd_gluon[(B * Cq, H)](
@@ -204,13 +345,16 @@ def _aot(shapes, nbuf, dump):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from aot_sm90 import PTXAS, _loop_instructions
 
-    global _gca_fwd_gluon
+    global _gca_fwd_gluon, _gca_bwd_dq_gluon
     target = GPUTarget("cuda", 90, 32)
-    fn = _gca_fwd_gluon
 
-    class _Launch:
+    class _Stub:
+        def __init__(self, fn, label):
+            self.fn, self.label = fn, label
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
+                fn = self.fn
                 backend = make_backend(target)
                 binder = create_function_from_signature(fn.signature, fn.params, backend)
                 bound, spec, options = binder(*args, **kwargs)
@@ -225,17 +369,18 @@ def _aot(shapes, nbuf, dump):
                 regs = re.search(r"Used (\d+) registers", res.stderr)
                 spill = re.search(r"(\d+) bytes spill stores", res.stderr)
                 waits = re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)
-                print(f"  grid={tuple(grid)} smem={k.metadata.shared} regs={regs.group(1) if regs else '?'} "
+                codes = sorted(set(re.findall(r"C75\d\d", res.stderr)))
+                print(f"  {self.label:3s} grid={tuple(grid)} smem={k.metadata.shared} regs={regs.group(1) if regs else '?'} "
                       f"spill={spill.group(1) if spill else '?'}B wgmma={ptx.count('wgmma.mma_async')} "
                       f"wait_group={','.join(waits)} loop_sass={loop}"
-                      + ("  WGMMA SERIALIZED (ptxas " + ", ".join(sorted(set(re.findall(r"C75\d\d", res.stderr)))) + ")" if "C75" in res.stderr else ""))
+                      + (f"  WGMMA SERIALIZED (ptxas {', '.join(codes)})" if codes else ""))
                 if dump:
                     os.makedirs(dump, exist_ok=True)
-                    open(os.path.join(dump, f"gluon_fwd_D{kwargs['D']}_K{kwargs['K']}.ptx"), "w").write(ptx)
+                    open(os.path.join(dump, f"gluon_{self.label}_D{kwargs['D']}_K{kwargs['K']}.ptx"), "w").write(ptx)
             return launch
 
-    real = _gca_fwd_gluon
-    _gca_fwd_gluon = _Launch()
+    real = _gca_fwd_gluon, _gca_bwd_dq_gluon
+    _gca_fwd_gluon, _gca_bwd_dq_gluon = _Stub(real[0], "fwd"), _Stub(real[1], "dq")
     try:
         for B, C, H, Hk, D, K in shapes:
             print(f"B={B} C={C} H={H} Hk={Hk} D={D} K={K} bf16 nbuf={nbuf}")
@@ -244,8 +389,11 @@ def _aot(shapes, nbuf, dump):
             idx = torch.zeros(B, C, K, dtype=torch.long)
             w = torch.rand(B, C, K)
             gca_fwd_gluon(q, kv, kv, idx, w, nbuf=nbuf)
+            gca_bwd_dq_gluon(q, q, kv, kv, idx, w, torch.zeros(B, C, H, K, 64))
+            if D == 64:
+                gca_bwd_dq_gluon(q, q, kv, kv, idx, w, torch.zeros(B, C, H, K, 64), maxnreg=168)
     finally:
-        _gca_fwd_gluon = real
+        _gca_fwd_gluon, _gca_bwd_dq_gluon = real
 
 
 def main():
@@ -291,19 +439,60 @@ def main():
             bad += bool(flag)
             print(f"  check B={B} C={C} H={H} Hk={Hk} D={D} K={K} softmax_one={so}: out rel err {err:.1e} "
                   f"(float64 reference), lse err {lse_err:.1e} (gca_fwd){flag}")
-    # the benchmark's shapes: against gca_fwd, then timed
+    # dq / dweights at small shapes against the float64 reference's autograd
+    for B, C, H, Hk, D, K in [(1, 16, 4, 2, 64, 5), (2, 8, 2, 2, 128, 3), (1, 16, 4, 4, 64, 1), (1, 32, 2, 1, 64, 16)]:
+        q, mk, mv, idx, w = inputs(B, C, H, Hk, D, K, seed=B * 1000 + C + K + 1)
+        for so in (False, True):
+            _, lse = gt.gca_fwd(q, mk, mv, idx, w, softmax_one=so)
+            do = torch.randn_like(q)
+            dq, dw = gca_bwd_dq_gluon(do, q, mk, mv, idx, w, lse)
+            qd, wd = q.double().requires_grad_(), w.double().requires_grad_()
+            gca_reference(qd, mk.double(), mv.double(), idx, wd, softmax_one=so).backward(do.double())
+            e_q = ((dq.double() - qd.grad).abs().max() / qd.grad.abs().max()).item()
+            e_w = ((dw.double() - wd.grad).abs().max() / wd.grad.abs().max()).item()
+            flag = "" if e_q < 2e-2 and e_w < 2e-2 else "  MISMATCH"
+            bad += bool(flag)
+            print(f"  check dq B={B} C={C} H={H} Hk={Hk} D={D} K={K} softmax_one={so}: dq rel err {e_q:.1e}, "
+                  f"dweights rel err {e_w:.1e} (float64 reference){flag}")
+
+    def kernel_ms(fn, name, n=20):
+        """Mean GPU time of the kernels whose names contain `name`, per call of fn (torch.profiler)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        us = sum(e.device_time_total for e in prof.key_averages() if name in e.key)
+        return us / n / 1000
+
+    # the benchmark's shapes: against gca_fwd / gca_bwd, then timed
     for B, C, H, Hk, D, K in shapes:
         q, mk, mv, idx, w = inputs(B, C, H, Hk, D, K, seed=7)
         o, lse = gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf)
         o_t, lse_t = gt.gca_fwd(q, mk, mv, idx, w)
         err = ((o.float() - o_t.float()).abs().max() / o_t.float().abs().max()).item()
-        flag = "" if err < 1e-2 else "  MISMATCH"
+        do = torch.randn_like(q)
+        dq, dw = gca_bwd_dq_gluon(do, q, mk, mv, idx, w, lse_t)
+        dq_t, _, _, dw_t = gt.gca_bwd(do, q, mk, mv, idx, w, lse_t)
+        e_q = ((dq.float() - dq_t.float()).abs().max() / dq_t.float().abs().max()).item()
+        e_w = ((dw.float() - dw_t.float()).abs().max() / dw_t.float().abs().max()).item()
+        flag = "" if err < 1e-2 and e_q < 2e-2 and e_w < 2e-2 else "  MISMATCH"
         bad += bool(flag)
         tg = triton.testing.do_bench(lambda: gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf), warmup=50, rep=400)
         tt = triton.testing.do_bench(lambda: gt.gca_fwd(q, mk, mv, idx, w), warmup=50, rep=400)
         tg2 = triton.testing.do_bench(lambda: gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf), warmup=50, rep=400)
-        print(f"  B={B} C={C} H={H} Hk={Hk} D={D} K={K}: gluon {tg:.3f} / {tg2:.3f} ms, triton gca_fwd {tt:.3f} ms "
-              f"(median of do_bench), out rel err vs gca_fwd {err:.1e}{flag}")
+        print(f"  B={B} C={C} H={H} Hk={Hk} D={D} K={K}: forward gluon {tg:.3f} / {tg2:.3f} ms, triton gca_fwd {tt:.3f} ms "
+              f"(median of do_bench); errors vs triton: out {err:.1e}, dq {e_q:.1e}, dweights {e_w:.1e}{flag}")
+        kq_t = kernel_ms(lambda: gt.gca_bwd(do, q, mk, mv, idx, w, lse_t), "_gca_bwd_dq_kernel")
+        kq_g = kernel_ms(lambda: gca_bwd_dq_gluon(do, q, mk, mv, idx, w, lse_t), "_gca_bwd_dq_gluon")
+        extra = ""
+        if D == 64:
+            kq_g2 = kernel_ms(lambda: gca_bwd_dq_gluon(do, q, mk, mv, idx, w, lse_t, maxnreg=168), "_gca_bwd_dq_gluon")
+            extra = f", gluon capped at 168 registers {kq_g2:.3f} ms"
+        print(f"    dq kernel (torch.profiler, mean of 20): gluon {kq_g:.3f} ms, triton {kq_t:.3f} ms{extra}")
     sys.exit(1 if bad else 0)
 
 
