@@ -21,6 +21,7 @@ bf16 / fp16, contiguous inputs, one program per (query chunk, query head):
   the kernel (C7513).
 
     python benchmarks/gluon_kernels.py --aot    # compile for sm_90a here (no GPU): registers, spills, serialisation
+    python benchmarks/gluon_kernels.py --schedule   # check the model of the buffer / wgmma order (no GPU)
     python benchmarks/gluon_kernels.py          # on a Hopper GPU: check against the float64 reference and the
                                                 # Triton kernels, time both (about a minute)
 
@@ -153,7 +154,9 @@ def _gca_fwd_gluon(
         # in flight: Q K^T of slot i + 1, P V of slot i; one left means slot i + 1's scores are ready
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
 
-    # the last slot
+    # the last slot (with NBUF = 2 its value is loaded only now: the loop's rule, at i = K - 1)
+    if (K - 1 >= 2) & (K - 1 + NBUF - 2 < K):
+        _load_slot(v_desc, IDX, K - 1 + NBUF - 2, b, hk, Cm, v_bar, v_smem, S, D, NBUF)
     p = _softmax_slot(s, IDX, W, LSE, K - 1, rows, qk_scale, S, SOFTMAX_ONE, dtype)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     p_smem.store(p)
@@ -335,6 +338,81 @@ def gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=No
     return out, lse
 
 
+class _Schedule:
+    """A model of the kernels' buffer and wgmma order, kept in step with them by hand: TMA fills of
+    ring buffers, mbarrier waits (which fill, which phase), wgmma issue (FIFO) and
+    `warpgroup_mma_wait(n)` (all but the last n complete), stores to the P / dS buffer. It raises
+    where a buffer is refilled or stored to while an issued wgmma may still read it, or a wgmma would
+    read a buffer that does not hold its slot. `python benchmarks/gluon_kernels.py --schedule` runs it
+    for K = 1..19 and the ring sizes used (it found the NBUF = 2 forward missing its last value)."""
+
+    def __init__(self):
+        self.inflight, self.fills, self.holds = [], {}, {}
+
+    def tma(self, ring, slot, n):
+        buf = (ring, slot % n)
+        for name, reads in self.inflight:
+            assert buf not in reads, f"TMA of slot {slot} into {buf} while {name} may read it"
+        self.fills.setdefault(buf, []).append(slot)
+        self.holds[buf] = slot
+
+    def bar_wait(self, ring, slot, n):
+        buf = (ring, slot % n)
+        assert self.holds.get(buf) == slot, f"{buf} holds slot {self.holds.get(buf)}, wanted {slot}"
+        assert self.fills[buf].index(slot) % 2 == (slot // n) & 1, f"wrong phase for slot {slot} in {buf}"
+
+    def mma(self, name, *reads):
+        self.inflight.append((name, set(reads)))
+
+    def wait(self, n):
+        del self.inflight[: max(len(self.inflight) - n, 0)]
+
+    def store(self, buf):
+        for name, reads in self.inflight:
+            assert buf not in reads, f"store to {buf} while {name} may read it"
+
+
+def _schedule_fwd(K, NB):
+    s = _Schedule()
+    for j in range(min(NB, K)):
+        s.tma("k", j, NB), s.tma("v", j, NB)
+    s.bar_wait("k", 0, NB), s.mma("S0", ("k", 0)), s.wait(0)
+    for i in range(K):
+        if i < K - 1:
+            if i + NB < K:
+                s.tma("k", i + NB, NB)
+        if i >= 2 and i + NB - 2 < K:
+            s.tma("v", i + NB - 2, NB)
+        if i < K - 1:
+            s.bar_wait("k", i + 1, NB), s.mma(f"S{i + 1}", ("k", (i + 1) % NB))
+        s.wait(1 if i < K - 1 else 0)
+        s.store("p")
+        s.bar_wait("v", i, NB), s.mma(f"PV{i}", ("v", i % NB), "p")
+        s.wait(1 if i < K - 1 else 0)
+
+
+def _schedule_dq(K, NK, NV):
+    s = _Schedule()
+    for j in range(min(NK, K)):
+        s.tma("k", j, NK)
+    for j in range(min(NV, K)):
+        s.tma("v", j, NV)
+    s.bar_wait("k", 0, NK), s.bar_wait("v", 0, NV)
+    s.mma("S0", ("k", 0)), s.mma("dP0", ("v", 0)), s.wait(0)
+    for i in range(K - 1):
+        if i + NV < K:
+            s.tma("v", i + NV, NV)
+        s.bar_wait("k", i + 1, NK), s.bar_wait("v", i + 1, NV)
+        s.mma(f"S{i + 1}", ("k", (i + 1) % NK)), s.mma(f"dP{i + 1}", ("v", (i + 1) % NV))
+        s.wait(2)
+        if i >= 1 and i - 1 + NK < K:
+            s.tma("k", i - 1 + NK, NK)
+        s.store("ds")
+        s.mma(f"dq{i}", ("k", i % NK), "ds")
+        s.wait(1)
+    s.wait(0), s.store("ds"), s.mma(f"dq{K - 1}", ("k", (K - 1) % NK), "ds"), s.wait(0)
+
+
 def _aot(shapes, nbuf, dump):
     """Compile for sm_90a without a GPU and print shared memory, registers, spills, loop SASS."""
     from triton.backends.compiler import GPUTarget
@@ -400,9 +478,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--aot", action="store_true", help="compile for sm_90a only (no GPU needed)")
     ap.add_argument("--dump", default=None, help="with --aot: folder for the PTX")
+    ap.add_argument("--schedule", action="store_true", help="check the model of the kernels' buffer / wgmma order (no GPU)")
     ap.add_argument("--nbuf", type=int, default=2, help="key / value buffers (2: 49 KB of shared memory, 4 programs an SM; 3: 66 KB, 3)")
     args = ap.parse_args()
     shapes = [(4, 256, 12, 12, 64, 8), (4, 256, 12, 12, 64, 4), (4, 256, 6, 6, 128, 8), (4, 256, 12, 4, 64, 8)]
+    if args.schedule:
+        for K in range(1, 20):
+            for nb in (2, 3, 4):
+                _schedule_fwd(K, nb)
+            for nk, nv in ((3, 2), (3, 3), (4, 2)):
+                _schedule_dq(K, nk, nv)
+        print("schedules: no buffer hazard for K = 1..19 (forward NBUF 2-4; dq key / value rings 3/2, 3/3, 4/2)")
+        return
     if args.aot:
         _aot(shapes, args.nbuf, args.dump)
         return
