@@ -1,5 +1,5 @@
-"""Experimental: the GCA forward and dq kernels written in Gluon, so that the tensor cores work during
-the elementwise work.
+"""Experimental: the GCA forward and backward kernels written in Gluon, so that the tensor cores work
+during the elementwise work.
 
 Not part of the package. Triton 3.6 waits for every `tl.dot` whose result is not its own loop-carried
 accumulator at once, and its Hopper warp specialisation does not take our loops
@@ -16,14 +16,19 @@ bf16 / fp16, contiguous inputs, one program per (query chunk, query head):
   stores them, so the package's backward can follow it;
 - dq: slot i + 1's S = Q K^T and dP = dO V^T are issued before slot i's dS = P (dP - DELTA) w, and
   dq += dS K runs asynchronously; DELTA is stored and dweights summed from it, as the Triton dq kernel
-  does; the memory's gradients stay with the Triton dK/dV kernel;
+  does;
+- dK / dV (one program per memory chunk and memory head, over the (query chunk, slot) pairs that
+  retrieved it, from the same sorted inverted index as the Triton kernel): the next step's S^T = K Q^T
+  and dP^T = V dO^T issued before this step's P^T w and dS^T, then dV += (P^T w) dO and dK += dS^T Q
+  asynchronously; 4 warps (one warpgroup, 255 registers) or 8 (two warpgroups splitting the columns,
+  140 registers);
 - P and dS reach their wgmma through shared memory: from registers ptxas serialises every wgmma of
   the kernel (C7513).
 
     python benchmarks/gluon_kernels.py --aot    # compile for sm_90a here (no GPU): registers, spills, serialisation
     python benchmarks/gluon_kernels.py --schedule   # check the model of the buffer / wgmma order (no GPU)
     python benchmarks/gluon_kernels.py          # on a Hopper GPU: check against the float64 reference and the
-                                                # Triton kernels, time both (about a minute)
+                                                # Triton kernels, time both (one to two minutes)
 
 Status: written and compiled for sm_90a without a GPU (2026-12-01); not yet run on one.
 """
@@ -305,7 +310,149 @@ def gca_bwd_dq_gluon(do, q, mem_k, mem_v, indices, weights, lse, scale=None, nk=
         H=H, G=H // Hk, K=K, S=S, D=D, NK=nk, NV=nv, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     dw = torch.where(indices >= 0, delta.sum((2, 4)), 0.0).to(weights.dtype)
-    return dq, dw
+    return dq, dw, delta
+
+
+@gluon.jit
+def _load_pair(q_desc, do_desc, ORDER, t, G: gl.constexpr, K: gl.constexpr, hk, bars, q_smem, do_smem,
+               S: gl.constexpr, D: gl.constexpr, NQ: gl.constexpr, j):
+    """Start the TMA copies of step t's query and dO tiles (the pair ORDER[t // G], query head
+    hk * G + t % G) into buffer j % NQ, one mbarrier for both."""
+    bc = gl.load(ORDER + t // G) // K  # b * Cq + c
+    h = (hk * G + t % G).to(gl.int32)
+    buf = j % NQ
+    mbarrier.expect(bars.index(buf), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [(bc * S).to(gl.int32), h * D], bars.index(buf), q_smem.index(buf))
+    tma.async_copy_global_to_shared(do_desc, [(bc * S).to(gl.int32), h * D], bars.index(buf), do_smem.index(buf))
+
+
+@gluon.jit
+def _dkdv_elementwise(sT, dpT, ORDER, W, LSE, DELTA, t, hk, cols, qk_scale,
+                      H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, dtype: gl.constexpr):
+    """Step t's P^T w and dS^T = P^T w (dP^T - DELTA) (memory positions x query rows)."""
+    pair = gl.load(ORDER + t // G)
+    bc = pair // K
+    i = pair % K
+    h = hk * G + t % G
+    stat = bc * (H * K * S) + h * (K * S) + i * S + cols  # (B, Cq, H, K, S) contiguous
+    lse = gl.load(LSE + stat) * 1.4426950408889634
+    delta = gl.load(DELTA + stat)
+    w = gl.load(W + pair).to(gl.float32)  # weights (B, Cq, K) contiguous: pair = (b * Cq + c) * K + i
+    pwT = gl.exp2(sT * qk_scale - gl.expand_dims(lse, 0)) * w
+    dsT = pwT * (dpT - gl.expand_dims(delta, 0))
+    return pwT.to(dtype), dsT.to(dtype)
+
+
+@gluon.jit
+def _gca_bwd_dkdv_gluon(
+    q_desc, do_desc, k_desc, v_desc, W, LSE, DELTA, ORDER, OFFS, DK, DV, Cm, qk_scale, scale,
+    H: gl.constexpr, Hk: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
+    NQ: gl.constexpr, num_warps: gl.constexpr,
+):
+    """dK, dV of one (memory chunk, memory head), as the Triton dK/dV kernel's transposed form computes
+    them: for every step (a pair (query chunk, slot) that retrieved the chunk, times the G query heads of
+    the group) S^T = K Q^T and dP^T = V dO^T (issued before the previous step's elementwise work), then
+    dV += (P^T w) dO and dK += dS^T Q (async, both operands through shared memory). The query and dO
+    tiles arrive by TMA into a ring of NQ >= 3 buffers (a step's tiles are read by all four matmuls)."""
+    pid_bm = gl.program_id(0)  # b * Cm + memory chunk
+    hk = gl.program_id(1)
+    dtype: gl.constexpr = q_desc.dtype
+    # 4 warps: one warpgroup owns every tile; 8: two warpgroups split the columns (no row reductions here)
+    WN: gl.constexpr = num_warps // 4
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WN], instr_shape=[16, S // WN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WN], instr_shape=[16, D // WN, 16])
+    cols = gl.arange(0, S, layout=gl.SliceLayout(0, s_layout))  # query rows, along the tiles' columns
+    nrow = gl.arange(0, S, layout=gl.SliceLayout(1, o_layout))
+    dcol = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    offs = ((pid_bm * S + gl.expand_dims(nrow, 1)) * Hk + hk) * D + gl.expand_dims(dcol, 0)  # (B, Cm, Sm, Hk, D)
+    t0 = (gl.load(OFFS + pid_bm) * G).to(gl.int32)
+    n = (gl.load(OFFS + pid_bm + 1) * G).to(gl.int32) - t0
+    if n == 0:  # never retrieved
+        zero = gl.zeros([S, D], gl.float32, o_layout).to(dtype)
+        gl.store(DK + offs, zero)
+        gl.store(DV + offs, zero)
+    else:
+        kv_smem = gl.allocate_shared_memory(dtype, [2, S, D], k_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NQ, S, D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [NQ, S, D], do_desc.layout)
+        pw_smem = gl.allocate_shared_memory(dtype, [S, S], gl.NVMMASharedLayout.get_default_for([S, S], dtype))
+        ds_smem = gl.allocate_shared_memory(dtype, [S, S], gl.NVMMASharedLayout.get_default_for([S, S], dtype))
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [NQ, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for j in gl.static_range(NQ):
+            mbarrier.init(q_bar.index(j), count=1)
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [pid_bm * S, hk * D], kv_bar, kv_smem.index(0))
+        tma.async_copy_global_to_shared(v_desc, [pid_bm * S, hk * D], kv_bar, kv_smem.index(1))
+        for j in gl.static_range(NQ):
+            if j < n:
+                _load_pair(q_desc, do_desc, ORDER, t0 + j, G, K, hk, q_bar, q_smem, do_smem, S, D, NQ, j)
+
+        mbarrier.wait(kv_bar, 0)
+        mbarrier.wait(q_bar.index(0), 0)
+        zeros = gl.zeros([S, S], gl.float32, s_layout)
+        s_tok = warpgroup_mma(kv_smem.index(0), q_smem.index(0).permute((1, 0)), zeros, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(kv_smem.index(1), do_smem.index(0).permute((1, 0)), zeros, use_acc=False, is_async=True)
+        dk = warpgroup_mma_init(gl.zeros([S, D], gl.float32, o_layout))
+        dv = warpgroup_mma_init(gl.zeros([S, D], gl.float32, o_layout))
+        sT, dpT = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, dp_tok))
+        # at the top of step j: its S^T and dP^T are ready; dV and dK of step j - 1 may be in flight
+        for j in range(n - 1):
+            nb = (j + 1) % NQ
+            mbarrier.wait(q_bar.index(nb), ((j + 1) // NQ) & 1)
+            s_tok = warpgroup_mma(kv_smem.index(0), q_smem.index(nb).permute((1, 0)), zeros, use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(kv_smem.index(1), do_smem.index(nb).permute((1, 0)), zeros, use_acc=False, is_async=True)
+            pwT, dsT = _dkdv_elementwise(sT, dpT, ORDER, W, LSE, DELTA, t0 + j, hk, cols, qk_scale, H, G, K, S, dtype)
+            # in flight: [dV, dK of step j - 1], S^T, dP^T of step j + 1; two left: step j - 1's are done, so
+            # pw_smem, ds_smem and step j - 1's tile buffer are free
+            dk, dv = warpgroup_mma_wait(num_outstanding=2, deps=(dk, dv))
+            if (j >= 1) & (j - 1 + NQ < n):
+                _load_pair(q_desc, do_desc, ORDER, t0 + j - 1 + NQ, G, K, hk, q_bar, q_smem, do_smem, S, D, NQ, j - 1 + NQ)
+            pw_smem.store(pwT)
+            ds_smem.store(dsT)
+            fence_async_shared()
+            cb = j % NQ
+            dv = warpgroup_mma(pw_smem, do_smem.index(cb), dv, is_async=True)
+            dk = warpgroup_mma(ds_smem, q_smem.index(cb), dk, is_async=True)
+            # in flight: S^T, dP^T of step j + 1, dV, dK of step j; two left: step j + 1's scores are ready
+            sT, dpT = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, dp_tok))
+        pwT, dsT = _dkdv_elementwise(sT, dpT, ORDER, W, LSE, DELTA, t0 + n - 1, hk, cols, qk_scale, H, G, K, S, dtype)
+        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+        pw_smem.store(pwT)
+        ds_smem.store(dsT)
+        fence_async_shared()
+        cb = (n - 1) % NQ
+        dv = warpgroup_mma(pw_smem, do_smem.index(cb), dv, is_async=True)
+        dk = warpgroup_mma(ds_smem, q_smem.index(cb), dk, is_async=True)
+        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+        mbarrier.invalidate(kv_bar)
+        for j in gl.static_range(NQ):
+            mbarrier.invalidate(q_bar.index(j))
+        gl.store(DK + offs, (dk * scale).to(dtype))
+        gl.store(DV + offs, dv.to(dtype))
+
+
+def gca_bwd_dkdv_gluon(do, q, mem_k, mem_v, indices, weights, lse, delta, scale=None, nq=3, num_warps=4, maxnreg=None):
+    """dmem_k, dmem_v of `gca.ops.gca_triton.gca_bwd` (S = Sm = 64, contiguous inputs), given the
+    forward's ``lse`` and the dq kernel's ``delta`` (B, Cq, H, K, S)."""
+    from gca.ops.gca_triton import _inverted_index
+
+    B, Cq, S, H, D = q.shape
+    _, Cm, Sm, Hk, _ = mem_k.shape
+    K = indices.shape[-1]
+    assert S == Sm == 64 and D in (64, 128) and q.dtype in (torch.bfloat16, torch.float16) and K >= 1 and nq >= 3
+    assert all(t.is_contiguous() for t in (do, q, mem_k, mem_v, indices, weights, lse, delta))
+    scale = D**-0.5 if scale is None else float(scale)
+    q_desc, k_desc, v_desc = _descs(q, mem_k, mem_v)
+    do_desc = _descs(do, mem_k, mem_v)[0]
+    order, offsets = _inverted_index(indices, Cm)
+    dk, dv = torch.empty_like(mem_k), torch.empty_like(mem_v)
+    _gca_bwd_dkdv_gluon[(B * Cm, Hk)](
+        q_desc, do_desc, k_desc, v_desc, weights, lse, delta, order, offsets, dk, dv, Cm, scale * 1.4426950408889634, scale,
+        H=H, Hk=Hk, G=H // Hk, K=K, S=S, D=D, NQ=nq, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}),
+    )
+    return dk, dv
 
 
 def _descs(q, mem_k, mem_v):
@@ -413,6 +560,24 @@ def _schedule_dq(K, NK, NV):
     s.wait(0), s.store("ds"), s.mma(f"dq{K - 1}", ("k", (K - 1) % NK), "ds"), s.wait(0)
 
 
+def _schedule_dkdv(n, NQ):
+    s = _Schedule()
+    for j in range(min(NQ, n)):
+        s.tma("q", j, NQ)
+    s.bar_wait("q", 0, NQ), s.mma("S0", ("q", 0)), s.mma("dP0", ("q", 0)), s.wait(0)
+    for j in range(n - 1):
+        s.bar_wait("q", j + 1, NQ)
+        s.mma(f"S{j + 1}", ("q", (j + 1) % NQ)), s.mma(f"dP{j + 1}", ("q", (j + 1) % NQ))
+        s.wait(2)
+        if j >= 1 and j - 1 + NQ < n:
+            s.tma("q", j - 1 + NQ, NQ)
+        s.store("pw"), s.store("ds")
+        s.mma(f"dV{j}", ("q", j % NQ), "pw"), s.mma(f"dK{j}", ("q", j % NQ), "ds")
+        s.wait(2)
+    s.wait(0), s.store("pw"), s.store("ds")
+    s.mma(f"dV{n - 1}", ("q", (n - 1) % NQ), "pw"), s.mma(f"dK{n - 1}", ("q", (n - 1) % NQ), "ds"), s.wait(0)
+
+
 def _aot(shapes, nbuf, dump):
     """Compile for sm_90a without a GPU and print shared memory, registers, spills, loop SASS."""
     from triton.backends.compiler import GPUTarget
@@ -423,7 +588,7 @@ def _aot(shapes, nbuf, dump):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from aot_sm90 import PTXAS, _loop_instructions
 
-    global _gca_fwd_gluon, _gca_bwd_dq_gluon
+    global _gca_fwd_gluon, _gca_bwd_dq_gluon, _gca_bwd_dkdv_gluon
     target = GPUTarget("cuda", 90, 32)
 
     class _Stub:
@@ -457,8 +622,8 @@ def _aot(shapes, nbuf, dump):
                     open(os.path.join(dump, f"gluon_{self.label}_D{kwargs['D']}_K{kwargs['K']}.ptx"), "w").write(ptx)
             return launch
 
-    real = _gca_fwd_gluon, _gca_bwd_dq_gluon
-    _gca_fwd_gluon, _gca_bwd_dq_gluon = _Stub(real[0], "fwd"), _Stub(real[1], "dq")
+    real = _gca_fwd_gluon, _gca_bwd_dq_gluon, _gca_bwd_dkdv_gluon
+    _gca_fwd_gluon, _gca_bwd_dq_gluon, _gca_bwd_dkdv_gluon = _Stub(real[0], "fwd"), _Stub(real[1], "dq"), _Stub(real[2], "dkdv")
     try:
         for B, C, H, Hk, D, K in shapes:
             print(f"B={B} C={C} H={H} Hk={Hk} D={D} K={K} bf16 nbuf={nbuf}")
@@ -470,8 +635,10 @@ def _aot(shapes, nbuf, dump):
             gca_bwd_dq_gluon(q, q, kv, kv, idx, w, torch.zeros(B, C, H, K, 64))
             if D == 64:
                 gca_bwd_dq_gluon(q, q, kv, kv, idx, w, torch.zeros(B, C, H, K, 64), maxnreg=168)
+            gca_bwd_dkdv_gluon(q, q, kv, kv, idx, w, torch.zeros(B, C, H, K, 64), torch.zeros(B, C, H, K, 64))
+            gca_bwd_dkdv_gluon(q, q, kv, kv, idx, w, torch.zeros(B, C, H, K, 64), torch.zeros(B, C, H, K, 64), num_warps=8)
     finally:
-        _gca_fwd_gluon, _gca_bwd_dq_gluon = real
+        _gca_fwd_gluon, _gca_bwd_dq_gluon, _gca_bwd_dkdv_gluon = real
 
 
 def main():
@@ -488,7 +655,10 @@ def main():
                 _schedule_fwd(K, nb)
             for nk, nv in ((3, 2), (3, 3), (4, 2)):
                 _schedule_dq(K, nk, nv)
-        print("schedules: no buffer hazard for K = 1..19 (forward NBUF 2-4; dq key / value rings 3/2, 3/3, 4/2)")
+            for nq in (3, 4):
+                _schedule_dkdv(K, nq)
+        print("schedules: no buffer hazard for K (dK/dV: steps) = 1..19 (forward NBUF 2-4; dq key / value rings "
+              "3/2, 3/3, 4/2; dK/dV query / dO ring 3, 4)")
         return
     if args.aot:
         _aot(shapes, args.nbuf, args.dump)
@@ -532,7 +702,7 @@ def main():
         for so in (False, True):
             _, lse = gt.gca_fwd(q, mk, mv, idx, w, softmax_one=so)
             do = torch.randn_like(q)
-            dq, dw = gca_bwd_dq_gluon(do, q, mk, mv, idx, w, lse)
+            dq, dw, delta = gca_bwd_dq_gluon(do, q, mk, mv, idx, w, lse)
             qd, wd = q.double().requires_grad_(), w.double().requires_grad_()
             gca_reference(qd, mk.double(), mv.double(), idx, wd, softmax_one=so).backward(do.double())
             e_q = ((dq.double() - qd.grad).abs().max() / qd.grad.abs().max()).item()
@@ -541,6 +711,15 @@ def main():
             bad += bool(flag)
             print(f"  check dq B={B} C={C} H={H} Hk={Hk} D={D} K={K} softmax_one={so}: dq rel err {e_q:.1e}, "
                   f"dweights rel err {e_w:.1e} (float64 reference){flag}")
+            for nw in (4, 8):
+                mkd, mvd = mk.double().requires_grad_(), mv.double().requires_grad_()
+                gca_reference(q.double(), mkd, mvd, idx, w.double(), softmax_one=so).backward(do.double())
+                dk, dv = gca_bwd_dkdv_gluon(do, q, mk, mv, idx, w, lse, delta, num_warps=nw)
+                e_k = ((dk.double() - mkd.grad).abs().max() / mkd.grad.abs().max()).item()
+                e_v = ((dv.double() - mvd.grad).abs().max() / mvd.grad.abs().max()).item()
+                flag = "" if e_k < 2e-2 and e_v < 2e-2 else "  MISMATCH"
+                bad += bool(flag)
+                print(f"    dK/dV ({nw} warps): dmem_k rel err {e_k:.1e}, dmem_v rel err {e_v:.1e}{flag}")
 
     def kernel_ms(fn, name, n=20):
         """Mean GPU time of the kernels whose names contain `name`, per call of fn (torch.profiler)."""
@@ -562,7 +741,7 @@ def main():
         o_t, lse_t = gt.gca_fwd(q, mk, mv, idx, w)
         err = ((o.float() - o_t.float()).abs().max() / o_t.float().abs().max()).item()
         do = torch.randn_like(q)
-        dq, dw = gca_bwd_dq_gluon(do, q, mk, mv, idx, w, lse_t)
+        dq, dw, delta = gca_bwd_dq_gluon(do, q, mk, mv, idx, w, lse_t)
         dq_t, _, _, dw_t = gt.gca_bwd(do, q, mk, mv, idx, w, lse_t)
         e_q = ((dq.float() - dq_t.float()).abs().max() / dq_t.float().abs().max()).item()
         e_w = ((dw.float() - dw_t.float()).abs().max() / dw_t.float().abs().max()).item()
@@ -580,6 +759,27 @@ def main():
             kq_g2 = kernel_ms(lambda: gca_bwd_dq_gluon(do, q, mk, mv, idx, w, lse_t, maxnreg=168), "_gca_bwd_dq_gluon")
             extra = f", gluon capped at 168 registers {kq_g2:.3f} ms"
         print(f"    dq kernel (torch.profiler, mean of 20): gluon {kq_g:.3f} ms, triton {kq_t:.3f} ms{extra}")
+        _, dk_t, dv_t, _ = gt.gca_bwd(do, q, mk, mv, idx, w, lse_t)
+        kk_t = kernel_ms(lambda: gt.gca_bwd(do, q, mk, mv, idx, w, lse_t), "_gca_bwd_dkdv_kernel")
+        for nw in (4, 8):
+            dk, dv = gca_bwd_dkdv_gluon(do, q, mk, mv, idx, w, lse_t, delta, num_warps=nw)
+            e_k = ((dk.float() - dk_t.float()).abs().max() / dk_t.float().abs().max()).item()
+            e_v = ((dv.float() - dv_t.float()).abs().max() / dv_t.float().abs().max()).item()
+            flag = "" if e_k < 2e-2 and e_v < 2e-2 else "  MISMATCH"
+            bad += bool(flag)
+            kk_g = kernel_ms(lambda: gca_bwd_dkdv_gluon(do, q, mk, mv, idx, w, lse_t, delta, num_warps=nw), "_gca_bwd_dkdv_gluon")
+            print(f"    dK/dV kernel ({nw} warps): gluon {kk_g:.3f} ms, triton {kk_t:.3f} ms; errors vs triton "
+                  f"dmem_k {e_k:.1e}, dmem_v {e_v:.1e}{flag}")
+
+        def bwd_gluon(nw=8):
+            dq_, dw_, delta_ = gca_bwd_dq_gluon(do, q, mk, mv, idx, w, lse_t)
+            return dq_, *gca_bwd_dkdv_gluon(do, q, mk, mv, idx, w, lse_t, delta_, num_warps=nw), dw_
+
+        for nw in (4, 8):
+            tb_g = triton.testing.do_bench(lambda: bwd_gluon(nw), warmup=50, rep=400)
+            tb_t = triton.testing.do_bench(lambda: gt.gca_bwd(do, q, mk, mv, idx, w, lse_t), warmup=50, rep=400)
+            print(f"    whole backward (do_bench): gluon dq + dK/dV ({nw} warps) {tb_g:.3f} ms, triton gca_bwd {tb_t:.3f} ms; "
+                  f"forward + backward: gluon {tg + tb_g:.3f} ms, triton {tt + tb_t:.3f} ms")
     sys.exit(1 if bad else 0)
 
 
