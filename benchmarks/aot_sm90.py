@@ -11,8 +11,9 @@ launching. This catches compile errors and register spills before any GPU time i
 Each line: shared memory, registers, spills, wgmma and vector-load counts in the PTX, and
 ``loop_sass``: the SASS instructions of one iteration of the kernel's main loop (what every warp
 issues per slot / retrieving pair; "-" when the loop was unrolled), and a warning when ptxas
-serialises the wgmma instructions (C7515: other instructions write accumulator registers inside a
-wgmma pipeline stage), which costs far more than it saves.
+serialises the wgmma instructions (C75xx, e.g. C7515: other instructions write accumulator registers
+inside a wgmma pipeline stage; C7513: they define a wgmma's input registers there), which costs far
+more than it saves.
 
 Do not set TRITON_INTERPRET. Triton's bundled ptxas is used.
 """
@@ -85,7 +86,8 @@ class _Stub:
                 f"  {self.label:5s} grid={tuple(grid)} {cfg} smem={k.metadata.shared} "
                 f"regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'}B "
                 f"wgmma={ptx.count('wgmma.mma_async')} vec_ld={len(re.findall(r'ld.global[.a-z0-9:]*v[248]', ptx))} "
-                f"loop_sass={loop}" + ("  WGMMA SERIALIZED (ptxas C7515)" if "C7515" in out.stderr else "")
+                f"loop_sass={loop}"
+                + (f"  WGMMA SERIALIZED (ptxas {', '.join(codes)})" if (codes := sorted(set(re.findall(r"C75\d\d", out.stderr)))) else "")
             )
             if self.dump:
                 os.makedirs(self.dump, exist_ok=True)
