@@ -234,8 +234,15 @@ def test_collect_results_pools_depths_and_merges_by_model(tmp_path):
     out.mkdir()
     (out / "passkey.json").write_text(json.dumps([{"model": "other", "task": "single", "train_length": 1,
                                                     "context_length": 2, "accuracy": 1.0, "trials": 20}]))
+    # a ppl-fixed folder (the same text at every length): its rows keep targets and windows
+    (runs / "eval" / "swa-ppl-fixed").mkdir(parents=True)
+    (runs / "eval" / "swa-ppl-fixed" / "ppl.json").write_text(json.dumps(
+        [{"model": "swa-s", "train_length": 100, "context_length": 400, "ppl": 5.0, "tokens": 396, "windows": 4,
+          "targets": 99}]))
     ppl, tasks = cr.collect(str(runs), "corpus-x")
-    assert ppl == [{"model": "drt-s", "train_length": 100, "context_length": 100, "ppl": 9.8765, "tokens": 400, "corpus": "corpus-x"}]
+    assert ppl == [{"model": "drt-s", "train_length": 100, "context_length": 100, "ppl": 9.8765, "tokens": 400, "corpus": "corpus-x"},
+                   {"model": "swa-s", "train_length": 100, "context_length": 400, "ppl": 5.0, "tokens": 396, "corpus": "corpus-x",
+                    "targets": 99, "windows": 4}]
     assert tasks == [{"model": "drt-s", "task": "single", "train_length": 100, "context_length": 400,
                       "accuracy": round(7 / 12, 4), "trials": 12}]
     merged = cr._merge(str(out / "passkey.json"), tasks)
