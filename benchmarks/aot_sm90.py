@@ -56,7 +56,8 @@ def _loop_instructions(cubin: str) -> str:
 
 
 class _Stub:
-    """Stands in for a JITFunction: `stub[grid](*args, **kw)` compiles for TARGET and reports."""
+    """Stands in for a JITFunction (Triton or Gluon): `stub[grid](*args, **kw)` compiles for TARGET and
+    reports (`wait_group`: the PTX's wgmma waits in order, how many groups each leaves in flight)."""
 
     count = 0
 
@@ -70,7 +71,10 @@ class _Stub:
             binder = create_function_from_signature(fn.signature, fn.params, backend)
             bound, spec, options = binder(*args, **kwargs)
             options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
-            k = compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+            source = ASTSource
+            if getattr(fn, "is_gluon", lambda: False)():
+                from triton.experimental.gluon._runtime import GluonASTSource as source
+            k = compile(source(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
             ptx = k.asm["ptx"]
             with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
                 f.write(ptx)
@@ -82,12 +86,14 @@ class _Stub:
             regs = re.search(r"Used (\d+) registers", out.stderr)
             spill = re.search(r"(\d+) bytes spill stores", out.stderr)
             cfg = {k_: kwargs[k_] for k_ in ("BLOCK_M", "num_warps", "num_stages") if k_ in kwargs}
+            waits = re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)
+            codes = sorted(set(re.findall(r"C75\d\d", out.stderr)))
             print(
                 f"  {self.label:5s} grid={tuple(grid)} {cfg} smem={k.metadata.shared} "
                 f"regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'}B "
                 f"wgmma={ptx.count('wgmma.mma_async')} vec_ld={len(re.findall(r'ld.global[.a-z0-9:]*v[248]', ptx))} "
-                f"loop_sass={loop}"
-                + (f"  WGMMA SERIALIZED (ptxas {', '.join(codes)})" if (codes := sorted(set(re.findall(r"C75\d\d", out.stderr)))) else "")
+                f"wait_group={','.join(waits) or '-'} loop_sass={loop}"
+                + (f"  WGMMA SERIALIZED (ptxas {', '.join(codes)})" if codes else "")
             )
             if self.dump:
                 os.makedirs(self.dump, exist_ok=True)

@@ -155,11 +155,25 @@ def run_case(name, B, C, S, H, Hk, D, K, peak_bw, with_ref=True, with_sdpa=True)
     return row
 
 
+def kernel_times(fn, reps=20, warmup=5):
+    """GPU time of every kernel one call of ``fn`` launches (torch.profiler, mean of ``reps`` calls after
+    ``warmup``): ``[(ms per call, launches per call, kernel name)]``, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.device_time_total / reps / 1e3, e.count // reps, e.key) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, reverse=True)
+
+
 def profile_kernels(shape, reps: int = 20):
     """GPU time per kernel of forward + backward (the dq/dweights kernel, the dK/dV kernel, the
     inverted-index sort, ...), averaged over ``reps`` runs after a warm-up."""
-    from torch.profiler import ProfilerActivity, profile
-
     B, C, S, H, Hk, D, K = shape
     q, k, v, idx, w = make_inputs(B, C, S, H, Hk, D, K)
     qg, kg, vg, wg = (t.detach().requires_grad_(True) for t in (q, k, v, w))
@@ -168,15 +182,7 @@ def profile_kernels(shape, reps: int = 20):
     def fb():
         gt.gca_triton(qg, kg, vg, idx, wg).backward(g)
 
-    for _ in range(5):
-        fb()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fb()
-        torch.cuda.synchronize()
-    rows = [(e.device_time_total / reps / 1e3, e.count // reps, e.key) for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(reverse=True)
+    rows = kernel_times(fb, reps)
     total = sum(r[0] for r in rows)
     print(f"per-kernel GPU time of one forward + backward at B={B} C={C} S={S} H={H} Hk={Hk} D={D} K={K} (mean of {reps}):")
     for ms, n, name in rows[:15]:

@@ -35,10 +35,7 @@ Status: written and compiled for sm_90a without a GPU (2026-12-01); not yet run 
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
@@ -56,6 +53,38 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+
+@triton.constexpr_function
+def _mma_layout(num_warps, n):
+    """wgmma accumulator layout of an (S, n) tile: 4 warps (one warpgroup) own whole rows; 8 (two
+    warpgroups) split the columns."""
+    wn = num_warps // 4
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, wn], instr_shape=[16, n // wn, 16])
+
+
+@gluon.jit
+def _barriers(N: gl.constexpr):
+    """N initialised mbarriers (one per ring buffer), each completed by one arrival with its bytes."""
+    bars = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(N):
+        mbarrier.init(bars.index(j), count=1)
+    return bars
+
+
+@gluon.jit
+def _invalidate(bars, N: gl.constexpr):
+    for j in gl.static_range(N):
+        mbarrier.invalidate(bars.index(j))
+
+
+@gluon.jit
+def _tile_offsets(row0, heads, head, S: gl.constexpr, D: gl.constexpr, layout: gl.constexpr):
+    """Element offsets of rows row0 .. row0 + S - 1 of head ``head`` in a contiguous (rows, heads, D)
+    tensor, in ``layout``."""
+    r = gl.arange(0, S, layout=gl.SliceLayout(1, layout))
+    c = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    return ((row0 + gl.expand_dims(r, 1)) * heads + head) * D + gl.expand_dims(c, 0)
 
 
 @gluon.jit
@@ -101,8 +130,8 @@ def _gca_fwd_gluon(
     W += pid_bc * K
     LSE += (pid_bc * H + h) * (K * S)  # (B, Cq, H, K, S) contiguous
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, S, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = _mma_layout(num_warps, S)
+    o_layout: gl.constexpr = _mma_layout(num_warps, D)
     rows = gl.arange(0, S, layout=gl.SliceLayout(1, s_layout))
 
     q_smem = gl.allocate_shared_memory(dtype, [S, D], q_desc.layout)
@@ -112,13 +141,9 @@ def _gca_fwd_gluon(
     p_smem = gl.allocate_shared_memory(dtype, [S, S], gl.NVMMASharedLayout.get_default_for([S, S], dtype))
     k_smem = gl.allocate_shared_memory(dtype, [NBUF, S, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NBUF, S, D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for j in gl.static_range(NBUF):
-        mbarrier.init(k_bar.index(j), count=1)
-        mbarrier.init(v_bar.index(j), count=1)
+    q_bar = _barriers(1).index(0)
+    k_bar = _barriers(NBUF)
+    v_bar = _barriers(NBUF)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [pid_bc * S, h * D], q_bar, q_smem)
@@ -172,12 +197,9 @@ def _gca_fwd_gluon(
     out = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
     mbarrier.invalidate(q_bar)
-    for j in gl.static_range(NBUF):
-        mbarrier.invalidate(k_bar.index(j))
-        mbarrier.invalidate(v_bar.index(j))
-    orow = gl.arange(0, S, layout=gl.SliceLayout(1, o_layout))
-    ocol = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    offs = ((pid_bc * S + gl.expand_dims(orow, 1)) * H + h) * D + gl.expand_dims(ocol, 0)  # (B, Cq, S, H, D)
+    _invalidate(k_bar, NBUF)
+    _invalidate(v_bar, NBUF)
+    offs = _tile_offsets(pid_bc * S, H, h, S, D, o_layout)  # (B, Cq, S, H, D)
     gl.store(O + offs, out.to(dtype))
 
 
@@ -214,8 +236,8 @@ def _gca_bwd_dq_gluon(
     LSE += (pid_bc * H + h) * (K * S)
     DELTA += (pid_bc * H + h) * (K * S)
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, S, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = _mma_layout(num_warps, S)
+    o_layout: gl.constexpr = _mma_layout(num_warps, D)
     rows = gl.arange(0, S, layout=gl.SliceLayout(1, s_layout))
 
     q_smem = gl.allocate_shared_memory(dtype, [S, D], q_desc.layout)
@@ -223,14 +245,9 @@ def _gca_bwd_dq_gluon(
     ds_smem = gl.allocate_shared_memory(dtype, [S, S], gl.NVMMASharedLayout.get_default_for([S, S], dtype))
     k_smem = gl.allocate_shared_memory(dtype, [NK, S, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NV, S, D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [NK, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [NV, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for j in gl.static_range(NK):
-        mbarrier.init(k_bar.index(j), count=1)
-    for j in gl.static_range(NV):
-        mbarrier.init(v_bar.index(j), count=1)
+    q_bar = _barriers(1).index(0)
+    k_bar = _barriers(NK)
+    v_bar = _barriers(NV)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [pid_bc * S, h * D], q_bar, q_smem)
@@ -282,13 +299,9 @@ def _gca_bwd_dq_gluon(
     out = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
 
     mbarrier.invalidate(q_bar)
-    for j in gl.static_range(NK):
-        mbarrier.invalidate(k_bar.index(j))
-    for j in gl.static_range(NV):
-        mbarrier.invalidate(v_bar.index(j))
-    orow = gl.arange(0, S, layout=gl.SliceLayout(1, o_layout))
-    ocol = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    offs = ((pid_bc * S + gl.expand_dims(orow, 1)) * H + h) * D + gl.expand_dims(ocol, 0)
+    _invalidate(k_bar, NK)
+    _invalidate(v_bar, NV)
+    offs = _tile_offsets(pid_bc * S, H, h, S, D, o_layout)  # (B, Cq, S, H, D)
     gl.store(DQ + offs, (out * scale).to(dtype))
 
 
@@ -358,13 +371,10 @@ def _gca_bwd_dkdv_gluon(
     hk = gl.program_id(1)
     dtype: gl.constexpr = q_desc.dtype
     # 4 warps: one warpgroup owns every tile; 8: two warpgroups split the columns (no row reductions here)
-    WN: gl.constexpr = num_warps // 4
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WN], instr_shape=[16, S // WN, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WN], instr_shape=[16, D // WN, 16])
+    s_layout: gl.constexpr = _mma_layout(num_warps, S)
+    o_layout: gl.constexpr = _mma_layout(num_warps, D)
     cols = gl.arange(0, S, layout=gl.SliceLayout(0, s_layout))  # query rows, along the tiles' columns
-    nrow = gl.arange(0, S, layout=gl.SliceLayout(1, o_layout))
-    dcol = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    offs = ((pid_bm * S + gl.expand_dims(nrow, 1)) * Hk + hk) * D + gl.expand_dims(dcol, 0)  # (B, Cm, Sm, Hk, D)
+    offs = _tile_offsets(pid_bm * S, Hk, hk, S, D, o_layout)  # (B, Cm, Sm, Hk, D)
     t0 = (gl.load(OFFS + pid_bm) * G).to(gl.int32)
     n = (gl.load(OFFS + pid_bm + 1) * G).to(gl.int32) - t0
     if n == 0:  # never retrieved
@@ -377,11 +387,8 @@ def _gca_bwd_dkdv_gluon(
         do_smem = gl.allocate_shared_memory(dtype, [NQ, S, D], do_desc.layout)
         pw_smem = gl.allocate_shared_memory(dtype, [S, S], gl.NVMMASharedLayout.get_default_for([S, S], dtype))
         ds_smem = gl.allocate_shared_memory(dtype, [S, S], gl.NVMMASharedLayout.get_default_for([S, S], dtype))
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_bar = gl.allocate_shared_memory(gl.int64, [NQ, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for j in gl.static_range(NQ):
-            mbarrier.init(q_bar.index(j), count=1)
+        kv_bar = _barriers(1).index(0)
+        q_bar = _barriers(NQ)
         mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [pid_bm * S, hk * D], kv_bar, kv_smem.index(0))
         tma.async_copy_global_to_shared(v_desc, [pid_bm * S, hk * D], kv_bar, kv_smem.index(1))
@@ -427,8 +434,7 @@ def _gca_bwd_dkdv_gluon(
         dk = warpgroup_mma(ds_smem, q_smem.index(cb), dk, is_async=True)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
         mbarrier.invalidate(kv_bar)
-        for j in gl.static_range(NQ):
-            mbarrier.invalidate(q_bar.index(j))
+        _invalidate(q_bar, NQ)
         gl.store(DK + offs, (dk * scale).to(dtype))
         gl.store(DV + offs, dv.to(dtype))
 
@@ -579,51 +585,14 @@ def _schedule_dkdv(n, NQ):
 
 
 def _aot(shapes, nbuf, dump):
-    """Compile for sm_90a without a GPU and print shared memory, registers, spills, loop SASS."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import compile, make_backend
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-
+    """Compile for sm_90a without a GPU and print shared memory, registers, spills, wgmma waits, loop SASS
+    (`aot_sm90._Stub`)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from aot_sm90 import PTXAS, _loop_instructions
+    from aot_sm90 import _Stub
 
     global _gca_fwd_gluon, _gca_bwd_dq_gluon, _gca_bwd_dkdv_gluon
-    target = GPUTarget("cuda", 90, 32)
-
-    class _Stub:
-        def __init__(self, fn, label):
-            self.fn, self.label = fn, label
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                fn = self.fn
-                backend = make_backend(target)
-                binder = create_function_from_signature(fn.signature, fn.params, backend)
-                bound, spec, options = binder(*args, **kwargs)
-                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
-                k = compile(GluonASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-                ptx = k.asm["ptx"]
-                with tempfile.TemporaryDirectory() as tmp:
-                    src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-                    open(src, "w").write(ptx)
-                    res = subprocess.run([PTXAS, "-arch=sm_90a", "-v", src, "-o", cubin], capture_output=True, text=True)
-                    loop = _loop_instructions(cubin)
-                regs = re.search(r"Used (\d+) registers", res.stderr)
-                spill = re.search(r"(\d+) bytes spill stores", res.stderr)
-                waits = re.findall(r"wgmma.wait_group.sync.aligned (\d+)", ptx)
-                codes = sorted(set(re.findall(r"C75\d\d", res.stderr)))
-                print(f"  {self.label:3s} grid={tuple(grid)} smem={k.metadata.shared} regs={regs.group(1) if regs else '?'} "
-                      f"spill={spill.group(1) if spill else '?'}B wgmma={ptx.count('wgmma.mma_async')} "
-                      f"wait_group={','.join(waits)} loop_sass={loop}"
-                      + (f"  WGMMA SERIALIZED (ptxas {', '.join(codes)})" if codes else ""))
-                if dump:
-                    os.makedirs(dump, exist_ok=True)
-                    open(os.path.join(dump, f"gluon_{self.label}_D{kwargs['D']}_K{kwargs['K']}.ptx"), "w").write(ptx)
-            return launch
-
     real = _gca_fwd_gluon, _gca_bwd_dq_gluon, _gca_bwd_dkdv_gluon
-    _gca_fwd_gluon, _gca_bwd_dq_gluon, _gca_bwd_dkdv_gluon = _Stub(real[0], "fwd"), _Stub(real[1], "dq"), _Stub(real[2], "dkdv")
+    _gca_fwd_gluon, _gca_bwd_dq_gluon, _gca_bwd_dkdv_gluon = (_Stub(f, n, dump) for f, n in zip(real, ("fwd", "dq", "dkdv")))
     try:
         for B, C, H, Hk, D, K in shapes:
             print(f"B={B} C={C} H={H} Hk={Hk} D={D} K={K} bf16 nbuf={nbuf}")
@@ -721,18 +690,12 @@ def main():
                 bad += bool(flag)
                 print(f"    dK/dV ({nw} warps): dmem_k rel err {e_k:.1e}, dmem_v rel err {e_v:.1e}{flag}")
 
-    def kernel_ms(fn, name, n=20):
-        """Mean GPU time of the kernels whose names contain `name`, per call of fn (torch.profiler)."""
-        from torch.profiler import ProfilerActivity, profile
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_gca import kernel_times
 
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-        us = sum(e.device_time_total for e in prof.key_averages() if name in e.key)
-        return us / n / 1000
+    def kernel_ms(fn, name):
+        """GPU time per call of fn of the kernels whose names contain `name` (mean of 20, torch.profiler)."""
+        return sum(ms for ms, _, key in kernel_times(fn, 20, warmup=1) if name in key)
 
     # the benchmark's shapes: against gca_fwd / gca_bwd, then timed
     for B, C, H, Hk, D, K in shapes:
