@@ -23,9 +23,8 @@
 #   STAGE=chain COPY_MIN=3 MIN=2.7 EVAL_END=550 bash scripts/copy_first.sh   # c4ka and ch4ka side by side
 #   STAGE=chain CHAIN_RUNS=ch4ka COPY_MIN=2.4 MIN=4.6 EVAL_END=555 bash scripts/copy_first.sh   # ch4ka alone, longer
 #
-# Single passkey to 16M from a needle stage at 16128 tokens (two device calls on one warm machine):
+# Single passkey to 16M from a needle stage at 16128 tokens (one device call; it flattened retrieval):
 #   STAGE=long16k COPY_MIN=3 MIN=4.5 EVAL_END=560 bash scripts/copy_first.sh   # pk16ka and ch16ka side by side
-#   STAGE=long16k-eval LONG_RUN=pk16ka bash scripts/copy_first.sh             # the chosen one on fresh seeds
 #
 # Toward 2hop (the paper reads it with two retrieval groups): the copy stage on the needle mixture,
 #   STAGE=copy-2hop bash scripts/copy_first.sh     # upper_groups [2,2] (mix2g) and [4] (mix1g), side by side
@@ -122,6 +121,13 @@ tasks() {  # ckpt name out seed lengths [more eval args]
     --seed "$seed" --name "$name" --out "$out" "$@"
 }
 
+tasks_until() {  # END (seconds since the epoch), then tasks's arguments: tasks, stopped at END (skipped once it has passed)
+  local end=$1 left; shift
+  left=$(( end - $(date +%s) ))
+  if [ "$left" -le 0 ]; then echo "no time left for $3" >&2; return 0; fi
+  timeout "$left" bash -c "$(declare -f tasks gca); $(declare -p DATA DTYPE DEVICE); tasks \"\$@\"" tasks "$@" || true
+}
+
 lm_init() {  # the text stage's start: the copy run's export, or (COPY_RUN=scratch) a fresh model of the copy stage's form
   if [ "$COPY_RUN" = scratch ]; then echo "$FORM --set residual=plain"; else echo "--init-from $(export_once "copy-$COPY_RUN")"; fi
 }
@@ -202,16 +208,15 @@ case "$STAGE" in
       esac
     done
     wait
-    left=$(( ${EVAL_END:-580} - ($(date +%s) - T0) ))
-    echo "evaluation: ${left}s left"
+    END=$(( T0 + ${EVAL_END:-580} ))
+    echo "evaluation: $(( END - $(date +%s) ))s left"
     for r in ${CHAIN_RUNS:-c4ka ch4ka}; do
       # re-exported here: a rerun resumes the run, and an earlier export would be stale (the twelfth run's
       # second call evaluated its first call's export that way; results/README.md)
       rm -rf "$RUNS/export/copy-$r"
       ( C=$(export_once "copy-$r")
-        timeout "$left" bash -c "$(declare -f tasks gca); DATA='$DATA' DTYPE='$DTYPE' DEVICE='$DEVICE';
-          tasks '$C' drt-copy-$r-small '$RUNS/eval/copy-$r' 9301 4K,16K,64K,256K,1M --tasks 2hop --trials 4;
-          tasks '$C' drt-copy-$r-small '$RUNS/eval/copy-$r-pm' 9302 4K,1M --tasks passkey,multikey --trials 4" ) &
+        tasks_until "$END" "$C" "drt-copy-$r-small" "$RUNS/eval/copy-$r" 9301 4K,16K,64K,256K,1M --tasks 2hop --trials 4
+        tasks_until "$END" "$C" "drt-copy-$r-small" "$RUNS/eval/copy-$r-pm" 9302 4K,1M --tasks passkey,multikey --trials 4 ) &
     done
     wait ;;
   long16k)  # one device call: the passkey copy stage (plain1k, COPY_MIN minutes), then from its export two
@@ -219,8 +224,8 @@ case "$STAGE" in
     # earlier needle stage; 2 rows a step), loss on the answers only, lr 5e-4, side by side for MIN minutes:
     # pk16ka (passkey data, plain1k's one retrieval group) and ch16ka (ch4ka's 2hop-weighted chain mixture,
     # groups [2,2]); then each read on a selection seed (9401: passkey at 4K, 64K and 1M, 10 trials each;
-    # 2hop at 4K and 64K for ch16ka) until EVAL_END seconds after the stage started. The reported numbers
-    # come from other seeds (STAGE=long16k-eval)
+    # 2hop at 4K and 64K for ch16ka) until EVAL_END seconds after the stage started (neither run was
+    # better than ch4ka there, so neither was read on fresh seeds; results/README.md, thirteenth run)
     T0=$(date +%s)
     copy_run plain1k 1008 32 plain drt "$COPY_DATA" --time-limit "${COPY_MIN:-3}"
     P1=$(export_once copy-plain1k)
@@ -232,28 +237,17 @@ case "$STAGE" in
       esac
     done
     wait
-    left=$(( ${EVAL_END:-580} - ($(date +%s) - T0) ))
-    echo "selection evaluation: ${left}s left"
+    END=$(( T0 + ${EVAL_END:-580} ))
+    echo "selection evaluation: $(( END - $(date +%s) ))s left"
     for r in ${LONG_RUNS:-pk16ka ch16ka}; do
       rm -rf "$RUNS/export/copy-$r"
       ( C=$(export_once "copy-$r")
-        timeout "$left" bash -c "$(declare -f tasks gca); DATA='$DATA' DTYPE='$DTYPE' DEVICE='$DEVICE';
-          tasks '$C' drt-copy-$r-small '$RUNS/eval/select-$r' 9401 4K,64K,1M --tasks passkey --trials 2;
-          [ $r = ch16ka ] && tasks '$C' drt-copy-$r-small '$RUNS/eval/select-$r-2hop' 9401 4K,64K --tasks 2hop --trials 2" ) &
+        tasks_until "$END" "$C" "drt-copy-$r-small" "$RUNS/eval/select-$r" 9401 4K,64K,1M --tasks passkey --trials 2
+        if [ "$r" = ch16ka ]; then
+          tasks_until "$END" "$C" "drt-copy-$r-small" "$RUNS/eval/select-$r-2hop" 9401 4K,64K --tasks 2hop --trials 2
+        fi ) &
     done
     wait ;;
-  long16k-eval)  # the chosen long16k run (LONG_RUN) on fresh seeds: passkey at 4K-1M (20 trials each, seed
-    # 9411), 16M (20, seed 9413), then 4M (20, seed 9412), each stopped by EVAL_END seconds after the start
-    T0=$(date +%s)
-    C=$(export_once "copy-${LONG_RUN:?set LONG_RUN=pk16ka or ch16ka}")
-    N=drt-copy-$LONG_RUN-small
-    left() { echo $(( ${EVAL_END:-570} - ($(date +%s) - T0) )); }
-    timeout "$(left)" bash -c "$(declare -f tasks gca); DATA='$DATA' DTYPE='$DTYPE' DEVICE='$DEVICE';
-      tasks '$C' $N '$RUNS/eval/$LONG_RUN-1M' 9411 4K,16K,64K,256K,1M --tasks passkey --trials 4" || true
-    timeout "$(left)" bash -c "$(declare -f tasks gca); DATA='$DATA' DTYPE='$DTYPE' DEVICE='$DEVICE';
-      tasks '$C' $N '$RUNS/eval/$LONG_RUN-16M' 9413 16M --tasks passkey --trials 4 --batch-size 1" || true
-    timeout "$(left)" bash -c "$(declare -f tasks gca); DATA='$DATA' DTYPE='$DTYPE' DEVICE='$DEVICE';
-      tasks '$C' $N '$RUNS/eval/$LONG_RUN-4M' 9412 4M --tasks passkey --trials 4 --batch-size 4" || true ;;
   copy-eval)
     C=$(export_once "copy-$COPY_RUN")
     tasks "$C" "$COPY_NAME" "$RUNS/eval/copy-$COPY_RUN${EVAL_TAG:-}" 9001 4K,16K,64K,256K,1M --tasks "$COPY_TASKS" --trials 4 $EVAL_ARGS
