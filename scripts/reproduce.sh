@@ -6,7 +6,7 @@
 #
 #   make corpus && make data                    # data/debian-docs: 21.9M train / 2.5M val tokens
 #   STAGE=pretrain bash scripts/reproduce.sh    # repeat until all three runs reach STEPS
-#   STAGE=pretrain-seeds SEEDS='1 2' bash scripts/reproduce.sh   # ARCHS x SEEDS side by side, RUNS/ARCH-sSEED
+#   STAGE=pretrain SEEDS='1 2' bash scripts/reproduce.sh   # ARCHS x SEEDS side by side, as RUNS/ARCH-sSEED
 #   STAGE=needles  bash scripts/reproduce.sh    # repeat until all three reach FT_STEPS
 #   STAGE=eval     bash scripts/reproduce.sh    # perplexity and needle tasks -> results/*.json
 #   STAGE=eval-long bash scripts/reproduce.sh   # DRT alone at LENGTHS_LONG (TRIALS_LONG per depth)
@@ -26,8 +26,8 @@
 # x 5 depths = 20 per length), BATCH_LONG (1: trials streamed together in eval-long), ARCHS (drt swa
 # full), NEEDLE_TASKS / REPEAT_GAP / DIGITS (the task half of the needle mixture, below), DRT_SET
 # (DRT's --set options in pre-training), DEVICE (auto), DTYPE (bfloat16, for
-# evaluation), RESULTS (results: where ppl.json and passkey.json are merged), SEED (1: pre-training's
-# seed) and SEEDS (pretrain-seeds), PPL_WINDOWS (16), PPL_LIMIT (600 s), RUN_NAMES (ARCHS) and NAME_TAG
+# evaluation), RESULTS (results: where ppl.json and passkey.json are merged), SEEDS (pretrain: seeds, each
+# arch once per seed; default one run per arch, seed 1), PPL_WINDOWS (16), PPL_LIMIT (600 s), RUN_NAMES (ARCHS) and NAME_TAG
 # (none: inserted before -PRESET in the model names) for ppl-fixed.
 #
 # Timing on one H200 with the three models side by side: pre-training ~122 ms a step (2600 steps in
@@ -41,7 +41,7 @@
 # and carry only RUNS/export to the next sitting (fine-tuning starts a fresh optimizer anyway).
 set -euo pipefail
 shopt -s inherit_errexit
-STAGE=${STAGE:?set STAGE=pretrain, pretrain-seeds, needles, eval, ppl-fixed, eval-long, diagnose or export}
+STAGE=${STAGE:?set STAGE=pretrain, needles, eval, ppl-fixed, eval-long, diagnose or export}
 RUNS=${RUNS:-runs/repro}
 DATA=${DATA:-data/debian-docs}
 PRESET=${PRESET:-small}
@@ -104,26 +104,21 @@ run_args() {
 }
 
 case $STAGE in
-  pretrain)  # the three models side by side (one GPU is mostly idle with one small model)
+  pretrain)  # the three models side by side (one GPU is mostly idle with one small model); with SEEDS, every
+    # arch from every seed, as RUNS/ARCH-sSEED: how far one pre-training is from another that differs only in
+    # its seed (results/README.md, fourteenth run: two DRT runs apart by rounding alone ended 0.15 nats
+    # apart); then, e.g., STAGE=ppl-fixed RUN_NAMES='drt-s1 drt-s2 swa-s1 swa-s2'
+    names=()
     for a in $ARCHS; do
-      # shellcheck disable=SC2046
-      gca train "${common[@]}" $(run_args pretrain "$a") --max-steps "$STEPS" --out "$RUNS/$a" >> "$RUNS/$a.log" 2>&1 &
-    done
-    wait
-    for a in $ARCHS; do tail -n 1 "$RUNS/$a.log"; done ;;
-  pretrain-seeds)  # every arch of ARCHS from every seed of SEEDS, side by side, as RUNS/ARCH-sSEED: how far
-    # one pre-training of a model is from another that differs only in its seed (results/README.md,
-    # fourteenth run: two DRT runs apart by rounding alone ended 0.15 nats apart). Then, e.g.,
-    # STAGE=ppl-fixed RUN_NAMES='drt-s1 drt-s2 swa-s1 swa-s2' NAME_TAG=-TAG
-    for a in $ARCHS; do
-      for s in ${SEEDS:?set SEEDS, e.g. '1 2'}; do
+      for s in ${SEEDS:-1}; do
+        n=$a${SEEDS:+-s$s}
+        names+=("$n")
         # shellcheck disable=SC2046
-        gca train "${common[@]}" $(SEED=$s run_args pretrain "$a") --max-steps "$STEPS" --out "$RUNS/$a-s$s" \
-          >> "$RUNS/$a-s$s.log" 2>&1 &
+        gca train "${common[@]}" $(SEED=$s run_args pretrain "$a") --max-steps "$STEPS" --out "$RUNS/$n" >> "$RUNS/$n.log" 2>&1 &
       done
     done
     wait
-    for a in $ARCHS; do for s in $SEEDS; do tail -n 1 "$RUNS/$a-s$s.log"; done; done ;;
+    for n in "${names[@]}"; do tail -n 1 "$RUNS/$n.log"; done ;;
   needles)
     for a in $ARCHS; do
       # shellcheck disable=SC2046

@@ -119,18 +119,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not args.data:
             raise SystemExit("gca eval ppl needs --data DIR (a folder written by gca prepare)")
         targets = parse_lengths(args.targets, train_length)[0] if args.targets else None
+
         def tag(rows):
             return [dict(r, model=name, train_length=train_length, corpus=str(args.data)) for r in rows]
 
-        # the rows so far are written after each length, so a stopped evaluation keeps its shorter lengths
-        rows = perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload,
-                                    targets=targets, on_row=lambda rows: _atomic_write(out / "ppl.json", json.dumps(tag(rows), indent=1)))
-        rows = tag(rows)
+        def save_rows(rows):  # after each length, so a stopped evaluation keeps its shorter lengths
+            _atomic_write(out / "ppl.json", json.dumps(tag(rows), indent=1))
+
+        rows = tag(perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload,
+                                        targets=targets, on_row=save_rows))
         for r in rows:
             x = f" ({r['context_length'] / train_length:.0f}x)" if train_length else ""
             what = f"the same {r['tokens']} tokens (the last {r['targets']} of each window)" if targets else f"{r['tokens']} tokens"
             print(f"context {r['context_length']:>10}{x}: ppl {r['ppl']:.3f} over {what}")
-        _atomic_write(out / "ppl.json", json.dumps(rows, indent=1))
         plot_ppl_vs_length(rows, str(out / "ppl_vs_length.png"), train_length=train_length)
     print(f"wrote {out} in {time.time() - t0:.0f}s")
     return 0
