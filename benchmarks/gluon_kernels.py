@@ -97,6 +97,12 @@ def _load_slot(desc, IDX, i, b, hk, Cm, bars, smem, S: gl.constexpr, D: gl.const
 
 
 @gluon.jit
+def _slot_weight(IDX, W, i):
+    """Slot i's retrieval weight in fp32, 0 for an empty slot (index -1)."""
+    return gl.where(gl.load(IDX + i) >= 0, gl.load(W + i).to(gl.float32), 0.0)
+
+
+@gluon.jit
 def _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, SOFTMAX_ONE: gl.constexpr, dtype: gl.constexpr):
     """Slot i's softmax of the raw scores s (fp32, S x S): stores its log-sum-exp and returns
     P * w_i / l_i in the inputs' dtype."""
@@ -107,9 +113,7 @@ def _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, SOFTMAX_ON
     l = gl.sum(p, axis=1)
     if SOFTMAX_ONE:
         l += gl.exp2(-m)
-    idx = gl.load(IDX + i)
-    w = gl.load(W + i).to(gl.float32)
-    w = gl.where(idx >= 0, w, 0.0)
+    w = _slot_weight(IDX, W, i)
     gl.store(LSE + i * S + rows, (m + gl.log2(l)) * 0.6931471805599453)
     p = p * gl.expand_dims(w / l, 1)
     return p.to(dtype)
@@ -211,8 +215,7 @@ def _ds_slot(s, dp, IDX, W, LSE, DELTA, i, rows, qk_scale, S: gl.constexpr, dtyp
     pdp = p * dp
     delta = gl.sum(pdp, axis=1)
     gl.store(DELTA + i * S + rows, delta)  # dw_i = its sum over heads and rows, after the kernel
-    idx = gl.load(IDX + i)
-    w = gl.where(idx >= 0, gl.load(W + i).to(gl.float32), 0.0)
+    w = _slot_weight(IDX, W, i)
     return ((pdp - p * gl.expand_dims(delta, 1)) * w).to(dtype)
 
 
