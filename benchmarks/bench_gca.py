@@ -107,7 +107,7 @@ def correctness_check(shape):
 
 def run_case(name, B, C, S, H, Hk, D, K, peak_bw, with_ref=True, with_sdpa=True):
     q, k, v, idx, w = make_inputs(B, C, S, H, Hk, D, K)
-    row = {"name": name}
+    row = {"name": name, "kernel": "gluon" if gt._gluon(q, k, v, idx, w) is not None else "triton"}
     # ours, forward
     row["fwd_ms"] = bench(lambda: gt.gca_triton(q, k, v, idx, w))
     # ours, forward + backward
@@ -331,20 +331,20 @@ def write_results(rows, out_dir, slug, gpu, date, peak_bw, ok):
         json.dump(rows, fh, indent=1)
     cmd = "PYTHONPATH=. python benchmarks/bench_gca.py " + " ".join(sys.argv[1:])
     md = [
-        f"# GCA Triton kernels on {gpu}, {date}",
+        f"# GCA kernels on {gpu}, {date}",
         "",
         f"torch {torch.__version__}, Triton {triton.__version__}, bf16, S = Sm = 64, C = Cq = Cm chunks per sequence.",
         f"Command: `{cmd.strip()}`. Median of `triton.testing.do_bench`. Floor = max(FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s,"
         f" bytes / {peak_bw / 1e12:.2f} TB/s measured copy bandwidth). Correctness check: {'OK' if ok else 'FAILED'}.",
         "",
-        "| case | B | C | H | Hk | D | K | fwd ms | fwd+bwd ms | floor fwd ms | fwd TFLOP/s | ref fwd ms | ref fwd+bwd ms | SDPA causal fwd ms | SDPA fwd+bwd ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | kernels | B | C | H | Hk | D | K | fwd ms | fwd+bwd ms | floor fwd ms | fwd TFLOP/s | ref fwd ms | ref fwd+bwd ms | SDPA causal fwd ms | SDPA fwd+bwd ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["shape"]
         g = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         md.append(
-            f"| {r['name']} | {s['B']} | {s['C']} | {s['H']} | {r['Hk']} | {s['D']} | {s['K']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
+            f"| {r['name']} | {r.get('kernel', 'triton')} | {s['B']} | {s['C']} | {s['H']} | {r['Hk']} | {s['D']} | {s['K']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
             f"{r['floor_fwd_ms']:.3f} | {r['tflops_fwd']:.0f} | {g('ref_fwd_ms')} | {g('ref_fwdbwd_ms')} | {g('sdpa_fwd_ms')} | {g('sdpa_fwdbwd_ms')} |"
         )
     with open(os.path.join(out_dir, f"gca_{slug}.md"), "w") as fh:
@@ -367,6 +367,7 @@ def main():
     ap.add_argument("--versus", default=None, metavar="FILE",
                     help="only: time this tree's forward and backward against FILE, a copy of gca/ops/gca_triton.py "
                          "from another commit, in turn --sweep-repeat times (default 5) at --shape")
+    ap.add_argument("--cases", default=None, help="comma-separated names of the table's cases to run (default all)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
     ap.add_argument("--profile-bwd", action="store_true",
                     help="only: per-kernel GPU time of forward + backward at the SPEC shape (torch.profiler)")
@@ -417,6 +418,12 @@ def main():
     ]
     if args.quick:
         cases = cases[:1]
+    if args.cases:
+        want = args.cases.split(",")
+        unknown = set(want) - {c[0] for c in cases}
+        if unknown:
+            sys.exit(f"--cases: unknown {sorted(unknown)} (known: {', '.join(c[0] for c in cases)})")
+        cases = [c for c in cases if c[0] in want]
     rows = []
     date = datetime.date.today().isoformat()
     hdr = f"{'case':16s} {'B':>2} {'C':>5} {'H':>3} {'Hk':>3} {'D':>4} {'K':>3} | {'fwd':>7} {'fwd+bwd':>8} {'floor':>7} {'TFLOP/s':>7} | {'ref fwd':>8} {'ref f+b':>8} | {'sdpa fwd':>8} {'sdpa f+b':>8}"

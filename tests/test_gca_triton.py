@@ -106,11 +106,14 @@ def _indices(B, Cq, Cm, K, pattern):
     return idx
 
 
-def _inputs(B, Cq, Cm, S, Sm, H, Hk, D, K, dtype, pattern="random", device=DEVICE):
+def _inputs(B, Cq, Cm, S, Sm, H, Hk, D, K, dtype, pattern="random", device=DEVICE, contiguous=False):
     # q and the memory are strided views, like q = linear(x).view(...) and a packed k/v projection
+    # (contiguous=True: separate tensors, as the DRT model has them, which the Gluon path needs)
     q = torch.randn(B, Cq, S, H, D + 8, dtype=dtype, device=device)[..., :D]
     kv = torch.randn(B, Cm, Sm, 2, Hk, D, dtype=dtype, device=device)
     mem_k, mem_v = kv[:, :, :, 0], kv[:, :, :, 1]
+    if contiguous:
+        q, mem_k, mem_v = q.contiguous(), mem_k.contiguous(), mem_v.contiguous()
     idx = _indices(B, Cq, Cm, K, pattern).to(device)
     w = torch.softmax(torch.randn(B, Cq, K, device=device), -1)  # weights stay fp32 for bf16 q
     if dtype == torch.float32:
@@ -125,8 +128,8 @@ def _run(fn, q, k, v, idx, w, g, softmax_one):
     return (out,) + grads
 
 
-def _check_against_reference(shape, dtype, softmax_one, pattern, indices=None):
-    q, k, v, idx, w = _inputs(**shape, dtype=dtype, pattern=pattern)
+def _check_against_reference(shape, dtype, softmax_one, pattern, indices=None, contiguous=False):
+    q, k, v, idx, w = _inputs(**shape, dtype=dtype, pattern=pattern, contiguous=contiguous)
     if indices is not None:
         idx = indices.to(idx.device)
     g = torch.randn(q.shape, dtype=dtype, device=q.device)
@@ -332,6 +335,72 @@ def test_auto_dispatch_uses_triton_on_cuda():
     assert torch.equal(grouped_cross_attention(q, k, v, idx, w), gt.gca_triton(q, k, v, idx, w))
 
 
+# the Gluon kernels (gca.ops.gca_gluon), which gca_fwd / gca_bwd launch on Hopper for S = Sm = 64,
+# D = 128; Gluon does not run in the interpreter, so on the CPU only the dispatch rule is tested
+try:
+    from gca.ops import gca_gluon
+except ImportError:  # a Triton without Gluon
+    gca_gluon = None
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+needs_gluon = pytest.mark.skipif(gca_gluon is None, reason="Triton without Gluon")
+hopper_only = pytest.mark.skipif(gca_gluon is None or not HOPPER, reason="Gluon kernels need an sm_90 GPU")
+
+
+@needs_gluon
+def test_gluon_dispatch_rule(monkeypatch):
+    def why(S=64, Sm=64, D=128, H=4, Hk=2, K=3, dtype=torch.bfloat16, cap=(9, 0), idx_dtype=torch.int64, strided=False):
+        q = torch.empty(1, 2, S, H, D + 8 * strided, dtype=dtype)[..., :D]
+        k = torch.empty(1, 3, Sm, Hk, D, dtype=dtype)
+        idx = torch.zeros(1, 2, K, dtype=idx_dtype)
+        return gca_gluon.supports(q, k, k, idx, torch.ones(1, 2, K), capability=cap)
+
+    assert why() is None and why(dtype=torch.float16) is None and why(K=1, H=8, Hk=1) is None
+    assert "head size D=64" in why(D=64)  # the Triton kernels are faster there
+    assert "capability (8, 0)" in why(cap=(8, 0)) and "capability (10, 0)" in why(cap=(10, 0))
+    assert "S=48" in why(S=48) and "Sm=32" in why(Sm=32)
+    assert "float32" in why(dtype=torch.float32)
+    assert "int32" in why(idx_dtype=torch.int32)
+    assert "non-contiguous" in why(strided=True)
+    assert "nothing to attend to" in why(K=0)
+    monkeypatch.setenv("GCA_GLUON", "0")
+    assert why() == "GCA_GLUON=0"
+
+
+GLUON_SHAPES = {
+    "H4-Hk2-K5": dict(B=2, Cq=12, Cm=12, S=64, Sm=64, H=4, Hk=2, D=128, K=5),
+    "H2-Hk2-K1": dict(B=1, Cq=9, Cm=9, S=64, Sm=64, H=2, Hk=2, D=128, K=1),
+    "H8-Hk1-K16": dict(B=1, Cq=40, Cm=40, S=64, Sm=64, H=8, Hk=1, D=128, K=16),
+}
+
+
+@hopper_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("pattern", ["random", "repeated", "causal"])
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("shape", list(GLUON_SHAPES))
+def test_gluon_path_cuda(shape, softmax_one, pattern, dtype, monkeypatch):
+    calls = []
+    for name in ("gca_fwd_gluon", "gca_bwd_gluon"):
+        real = getattr(gca_gluon, name)
+        monkeypatch.setattr(gca_gluon, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    _check_against_reference(GLUON_SHAPES[shape], dtype, softmax_one, pattern, contiguous=True)
+    assert calls == ["gca_fwd_gluon", "gca_bwd_gluon"], calls
+
+
+@hopper_only
+def test_gluon_matches_triton_cuda(monkeypatch):
+    """The Gluon and Triton kernels on one input: same output, same four gradients to bf16 rounding."""
+    q, k, v, idx, w = _inputs(**GLUON_SHAPES["H4-Hk2-K5"], dtype=torch.bfloat16, pattern="causal", contiguous=True)
+    g = torch.randn_like(q)
+    res = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("GCA_GLUON", flag)
+        res[flag] = _run(gt.gca_triton, q, k, v, idx, w, g, True)
+    for name, a, b in zip(("out", "dq", "dmem_k", "dmem_v", "dweights"), res["1"], res["0"]):
+        err = (a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
+        assert err < 1.5e-2, f"{name}: Gluon vs Triton rel err {err:.2e}"
+
+
 def test_torch_compile_aot_eager():
     # traces through the custom ops' fake kernels and autograd; runs on CPU under the interpreter
     q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=3, S=16, Sm=16, H=2, Hk=1, D=16, K=2, dtype=torch.float32)
@@ -369,8 +438,10 @@ def test_torch_compile_inductor_cuda():
 
 
 @cuda_only
-def test_backward_is_deterministic_cuda():
-    q, k, v, idx, w = _inputs(B=2, Cq=32, Cm=32, S=64, Sm=64, H=4, Hk=2, D=64, K=8, dtype=torch.bfloat16, pattern="causal")
+@pytest.mark.parametrize("D", [64, 128])  # 128 on Hopper: the Gluon kernels
+def test_backward_is_deterministic_cuda(D):
+    q, k, v, idx, w = _inputs(B=2, Cq=32, Cm=32, S=64, Sm=64, H=4, Hk=2, D=D, K=8, dtype=torch.bfloat16, pattern="causal",
+                              contiguous=True)
     g = torch.randn(q.shape, dtype=q.dtype, device=q.device)
     first = _run(gt.gca_triton, q, k, v, idx, w, g, False)
     second = _run(gt.gca_triton, q, k, v, idx, w, g, False)

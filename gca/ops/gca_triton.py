@@ -484,8 +484,20 @@ def supports(q, mem_k, scale=1.0):
     return None
 
 
+def _gluon(q, mem_k, mem_v, indices, weights):
+    """`gca.ops.gca_gluon` when it takes these inputs (Hopper, S = Sm = 64, D = 128, ...), else None."""
+    if INTERPRET or not q.is_cuda:
+        return None
+    try:
+        from gca.ops import gca_gluon
+    except ImportError:  # a Triton without Gluon
+        return None
+    return gca_gluon if gca_gluon.supports(q, mem_k, mem_v, indices, weights) is None else None
+
+
 def gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nsplit=1, store_lse=True):
     """Launch the forward. Returns ``(out (B, Cq, S, H, D) in q's dtype, lse (B, Cq, H, K, S) fp32)``.
+    On Hopper at S = Sm = 64, D = 128 the Gluon kernel runs instead (`gca.ops.gca_gluon`).
 
     With ``nsplit = K`` each program does one slot (decode): the slots' ``w_i O_i`` land in an fp32
     buffer (K, B, Cq, S, H, D) that is summed here; ``lse`` is then not stored (empty tensor)."""
@@ -507,6 +519,9 @@ def gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, ns
         if store_lse:
             lse.zero_()
         return out, lse
+    if nsplit == 1 and (gg := _gluon(q, mem_k, mem_v, indices, weights)) is not None:
+        out, lse = gg.gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=softmax_one, scale=scale)
+        return out, (lse if store_lse else lse.new_empty(0))
     cfg = _config("fwd", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
     grid = (triton.cdiv(G * S, bm), B * Cq, Hk * nsplit)
@@ -540,7 +555,8 @@ def _inverted_index(indices, Cm):
 
 
 def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale=None):
-    """Launch the backward. Returns ``(dq, dmem_k, dmem_v, dweights)`` in the inputs' dtypes."""
+    """Launch the backward. Returns ``(dq, dmem_k, dmem_v, dweights)`` in the inputs' dtypes (the Gluon
+    kernels on Hopper at S = Sm = 64, D = 128, as for the forward)."""
     B, Cq, S, H, D = q.shape
     _, Cm, Sm, Hk, _ = mem_k.shape
     K = indices.shape[-1]
@@ -548,6 +564,8 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     scale = D**-0.5 if scale is None else float(scale)
     dev = q.device
     lse = lse.contiguous()  # indexed as (B, Cq, H, K, S) contiguous
+    if do.is_contiguous() and (gg := _gluon(q, mem_k, mem_v, indices, weights)) is not None:
+        return gg.gca_bwd_gluon(do, q, mem_k, mem_v, indices, weights, lse, scale=scale)
     dq = _alloc((B, Cq, S, H, D), q.dtype, dev)
     dk = _alloc((B, Cm, Sm, Hk, D), mem_k.dtype, dev)
     dv = _alloc((B, Cm, Sm, Hk, D), mem_v.dtype, dev)
