@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
+import re
+import statistics
 from collections import defaultdict
 
 TASK_NAMES = {"passkey": "single", "multikey": "multikey", "2hop": "2hop"}
@@ -83,6 +86,58 @@ def main() -> None:
         _plots(merged["ppl.json"], merged["passkey.json"], a.out)  # every model in the files
 
 
+def seed_groups(ppl: list[dict]) -> dict[tuple[str, str], dict[int, dict[int, float]]]:
+    """Models named ARCH-sSEED-TAG (`reproduce.sh STAGE=pretrain SEEDS=...`, then `ppl-fixed` with
+    NAME_TAG): {(arch, tag): {seed: {context_length: ppl}}}, groups of two seeds or more only."""
+    groups: dict = {}
+    for r in ppl:
+        m = re.fullmatch(r"([a-z]+)-s(\d+)-(.+)", r["model"])
+        if m:
+            groups.setdefault((m[1], m[3]), {}).setdefault(int(m[2]), {})[r["context_length"]] = r["ppl"]
+    return {k: v for k, v in groups.items() if len(v) >= 2}
+
+
+def _seed_plot(ppl: list[dict], out: str, plt) -> None:
+    """ppl_seeds.png: each seed's perplexity (thin) and the geometric mean over seeds (thick) per
+    architecture; right, DRT over the sliding window (ratio of the geometric means, +- one standard
+    error of the difference of mean log-perplexities), for every tag that has both."""
+    groups = seed_groups(ppl)
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {"drt": "tab:blue", "swa": "tab:orange", "full": "tab:gray"}
+    logs = {}
+    for (arch, tag), seeds in sorted(groups.items()):
+        lengths = sorted(set.intersection(*(set(v) for v in seeds.values())))
+        ls = "--" if arch != "drt" else "-"
+        for v in seeds.values():
+            axes[0].plot(lengths, [v[n] for n in lengths], color=colors.get(arch, "k"), linestyle=ls, lw=0.8, alpha=0.5)
+        lg = {n: [math.log(v[n]) for v in seeds.values()] for n in lengths}
+        logs[(arch, tag)] = lg
+        axes[0].plot(lengths, [math.exp(statistics.mean(lg[n])) for n in lengths], color=colors.get(arch, "k"),
+                     linestyle=ls, lw=2.5, marker="o", label=f"{arch}-{tag}: geometric mean of {len(seeds)} seeds")
+    axes[0].set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity", title="perplexity by seed")
+    axes[0].legend(fontsize=8)
+    for (arch, tag), lg in logs.items():
+        base = logs.get(("swa", tag))
+        if arch != "drt" or base is None:
+            continue
+        lengths = sorted(set(lg) & set(base))
+        d = [statistics.mean(lg[n]) - statistics.mean(base[n]) for n in lengths]
+        se = [math.sqrt(statistics.variance(lg[n]) / len(lg[n]) + statistics.variance(base[n]) / len(base[n])) for n in lengths]
+        axes[1].plot(lengths, [100 * (math.exp(x) - 1) for x in d], marker="o", color="tab:blue", label=f"drt / swa - 1 ({tag})")
+        axes[1].fill_between(lengths, [100 * (math.exp(x - e) - 1) for x, e in zip(d, se)],
+                             [100 * (math.exp(x + e) - 1) for x, e in zip(d, se)], color="tab:blue", alpha=0.2)
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].axhline(-4, color="tab:red", lw=0.8, linestyle=":", label="goal: 4% below")
+    axes[1].set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity difference (%)",
+                title="DRT vs sliding window, band: +- 1 standard error")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "ppl_seeds.png"), dpi=120)
+    plt.close(fig)
+
+
 def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
     import matplotlib
 
@@ -116,6 +171,7 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, "ppl_vs_length.png"), dpi=120)
         plt.close(fig)
+        _seed_plot(ppl, out, plt)
     if tasks:
         kinds = sorted({r["task"] for r in tasks})
         fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)

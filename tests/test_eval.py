@@ -249,6 +249,20 @@ def test_collect_results_pools_depths_and_merges_by_model(tmp_path):
     assert [r["model"] for r in merged] == ["other", "drt-s"]
 
 
+def test_collect_results_groups_seeds_and_plots_them(tmp_path):
+    """Models named ARCH-sSEED-TAG form seed groups (two seeds or more), drawn in ppl_seeds.png."""
+    cr = _script("collect_results")
+    rows = [{"model": f"{a}-s{s}-x-small", "train_length": 10, "context_length": n, "ppl": p * (1 + s / 10), "tokens": 5}
+            for a, p in (("drt", 10.0), ("swa", 11.0)) for s in (1, 2, 3) for n in (10, 40)]
+    rows.append({"model": "full-s1-x-small", "train_length": 10, "context_length": 10, "ppl": 9.0, "tokens": 5})  # one seed
+    rows.append({"model": "drt-small", "train_length": 10, "context_length": 10, "ppl": 9.0, "tokens": 5})  # no seed
+    groups = cr.seed_groups(rows)
+    assert sorted(groups) == [("drt", "x-small"), ("swa", "x-small")]
+    assert groups[("drt", "x-small")][2] == {10: 12.0, 40: 12.0}
+    cr._plots(rows, [], str(tmp_path))
+    assert (tmp_path / "ppl_seeds.png").stat().st_size > 0 and (tmp_path / "ppl_vs_length.png").exists()
+
+
 
 def test_needle_attention_reproduces_the_gca_output():
     """The diagnostic's attention, weighted by retrieval and applied to the memory values, is what the
