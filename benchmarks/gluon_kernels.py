@@ -116,7 +116,7 @@ def _schedule_dkdv(n, NQ):
     s.mma(f"dV{n - 1}", ("q", (n - 1) % NQ), "pw"), s.mma(f"dK{n - 1}", ("q", (n - 1) % NQ), "ds"), s.wait(0)
 
 
-def _aot(shapes, nbuf, dump):
+def _aot(shapes, nbuf, dump, fast_math=False):
     """Compile for sm_90a without a GPU and print shared memory, registers, spills, wgmma waits, loop SASS
     (`aot_sm90._Stub`)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -128,12 +128,12 @@ def _aot(shapes, nbuf, dump):
         setattr(gca_gluon, n, _Stub(f, short, dump))  # the wrappers look their kernels up in the module
     try:
         for B, C, H, Hk, D, K in shapes:
-            print(f"B={B} C={C} H={H} Hk={Hk} D={D} K={K} bf16 nbuf={nbuf}")
+            print(f"B={B} C={C} H={H} Hk={Hk} D={D} K={K} bf16 nbuf={nbuf} fast_math={fast_math}")
             q = torch.randn(B, C, 64, H, D, dtype=torch.bfloat16)
             kv = torch.randn(B, C, 64, Hk, D, dtype=torch.bfloat16)
             idx = torch.zeros(B, C, K, dtype=torch.long)
             w = torch.rand(B, C, K)
-            gca_fwd_gluon(q, kv, kv, idx, w, nbuf=nbuf)
+            gca_fwd_gluon(q, kv, kv, idx, w, nbuf=nbuf, fast_math=fast_math)
             gca_bwd_dq_gluon(q, q, kv, kv, idx, w, torch.zeros(B, C, H, K, 64))
             if D == 64:
                 gca_bwd_dq_gluon(q, q, kv, kv, idx, w, torch.zeros(B, C, H, K, 64), maxnreg=168)
@@ -149,6 +149,8 @@ def main():
     ap.add_argument("--aot", action="store_true", help="compile for sm_90a only (no GPU needed)")
     ap.add_argument("--dump", default=None, help="with --aot: folder for the PTX")
     ap.add_argument("--schedule", action="store_true", help="check the model of the kernels' buffer / wgmma order (no GPU)")
+    ap.add_argument("--fast-math", action="store_true",
+                    help="the forward with the MUFU log2 and approximate division (gca_fwd_gluon(fast_math=True))")
     ap.add_argument("--nbuf", type=int, default=2, help="key / value buffers (2: 49 KB of shared memory, 4 programs an SM; 3: 66 KB, 3)")
     args = ap.parse_args()
     shapes = [(4, 256, 12, 12, 64, 8), (4, 256, 12, 12, 64, 4), (4, 256, 6, 6, 128, 8), (4, 256, 12, 4, 64, 8)]
@@ -164,7 +166,7 @@ def main():
               "3/2, 3/3, 4/2; dK/dV query / dO ring 3, 4)")
         return
     if args.aot:
-        _aot(shapes, args.nbuf, args.dump)
+        _aot(shapes, args.nbuf, args.dump, args.fast_math)
         return
 
     os.environ["GCA_GLUON"] = "0"  # gt.gca_fwd / gca_bwd below are the Triton kernels, whatever the shape
@@ -172,7 +174,7 @@ def main():
     from gca.ops.gca_ref import gca_reference
 
     dev = "cuda"
-    print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__, "| nbuf", args.nbuf)
+    print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__, "| nbuf", args.nbuf, "| fast_math", args.fast_math)
 
     def inputs(B, C, H, Hk, D, K, seed):
         g = torch.Generator(device=dev).manual_seed(seed)
@@ -190,7 +192,7 @@ def main():
     for B, C, H, Hk, D, K in [(1, 16, 4, 2, 64, 5), (2, 8, 2, 2, 128, 3), (1, 16, 4, 4, 64, 1), (1, 32, 2, 1, 64, 16)]:
         q, mk, mv, idx, w = inputs(B, C, H, Hk, D, K, seed=B * 1000 + C + K)
         for so in (False, True):
-            o, lse = gca_fwd_gluon(q, mk, mv, idx, w, softmax_one=so, nbuf=args.nbuf)
+            o, lse = gca_fwd_gluon(q, mk, mv, idx, w, softmax_one=so, nbuf=args.nbuf, fast_math=args.fast_math)
             ref = gca_reference(q.double(), mk.double(), mv.double(), idx, w.double(), softmax_one=so)
             err = ((o.double() - ref).abs().max() / ref.abs().max()).item()
             _, lse_t = gt.gca_fwd(q, mk, mv, idx, w, softmax_one=so)
@@ -235,7 +237,7 @@ def main():
     # the benchmark's shapes: against gca_fwd / gca_bwd, then timed
     for B, C, H, Hk, D, K in shapes:
         q, mk, mv, idx, w = inputs(B, C, H, Hk, D, K, seed=7)
-        o, lse = gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf)
+        o, lse = gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf, fast_math=args.fast_math)
         o_t, lse_t = gt.gca_fwd(q, mk, mv, idx, w)
         err = ((o.float() - o_t.float()).abs().max() / o_t.float().abs().max()).item()
         do = torch.randn_like(q)
@@ -245,9 +247,9 @@ def main():
         e_w = ((dw.float() - dw_t.float()).abs().max() / dw_t.float().abs().max()).item()
         flag = "" if err < 1e-2 and e_q < 2e-2 and e_w < 2e-2 else "  MISMATCH"
         bad += bool(flag)
-        tg = triton.testing.do_bench(lambda: gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf), warmup=50, rep=400)
+        tg = triton.testing.do_bench(lambda: gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf, fast_math=args.fast_math), warmup=50, rep=400)
         tt = triton.testing.do_bench(lambda: gt.gca_fwd(q, mk, mv, idx, w), warmup=50, rep=400)
-        tg2 = triton.testing.do_bench(lambda: gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf), warmup=50, rep=400)
+        tg2 = triton.testing.do_bench(lambda: gca_fwd_gluon(q, mk, mv, idx, w, nbuf=args.nbuf, fast_math=args.fast_math), warmup=50, rep=400)
         print(f"  B={B} C={C} H={H} Hk={Hk} D={D} K={K}: forward gluon {tg:.3f} / {tg2:.3f} ms, triton gca_fwd {tt:.3f} ms "
               f"(median of do_bench); errors vs triton: out {err:.1e}, dq {e_q:.1e}, dweights {e_w:.1e}{flag}")
         kq_t = kernel_ms(lambda: gt.gca_bwd(do, q, mk, mv, idx, w, lse_t), "_gca_bwd_dq_kernel")

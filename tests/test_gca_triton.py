@@ -364,6 +364,12 @@ def test_gluon_dispatch_rule(monkeypatch):
     assert "nothing to attend to" in why(K=0)
     monkeypatch.setenv("GCA_GLUON", "0")
     assert why() == "GCA_GLUON=0"
+    # an untested Triton release: off unless GCA_GLUON=1
+    monkeypatch.setattr(gca_gluon.triton, "__version__", "9.1.0")
+    monkeypatch.delenv("GCA_GLUON")
+    assert "Triton 9.1.0" in why()
+    monkeypatch.setenv("GCA_GLUON", "1")
+    assert why() is None
 
 
 GLUON_SHAPES = {
@@ -393,10 +399,10 @@ def test_gluon_matches_triton_cuda(monkeypatch):
     q, k, v, idx, w = _inputs(**GLUON_SHAPES["H4-Hk2-K5"], dtype=torch.bfloat16, pattern="causal", contiguous=True)
     g = torch.randn_like(q)
     res = {}
-    for flag in ("1", "0"):
+    for flag in ("", "0"):  # default, then off
         monkeypatch.setenv("GCA_GLUON", flag)
         res[flag] = _run(gt.gca_triton, q, k, v, idx, w, g, True)
-    for name, a, b in zip(("out", "dq", "dmem_k", "dmem_v", "dweights"), res["1"], res["0"]):
+    for name, a, b in zip(("out", "dq", "dmem_k", "dmem_v", "dweights"), res[""], res["0"]):
         err = (a.float() - b.float()).abs().max().item() / b.float().abs().max().item()
         assert err < 1.5e-2, f"{name}: Gluon vs Triton rel err {err:.2e}"
 

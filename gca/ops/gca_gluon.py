@@ -63,12 +63,22 @@ def _alloc(shape, dtype, device):
     return _alloc(shape, dtype, device)
 
 
+# Gluon is experimental and its API moves between Triton releases: the path runs by default only on the
+# releases it was tested with (GCA_GLUON=1 tries it on any other)
+TESTED_TRITON = ("3.6",)
+
+
 def supports(q, mem_k, mem_v, indices, weights, capability=None):
     """None if the Gluon kernels take these inputs on this device, else the reason they do not.
-    ``capability`` (major, minor) defaults to q's device's; ``GCA_GLUON=0`` in the environment turns
-    the path off (the benchmarks compare both)."""
-    if os.environ.get("GCA_GLUON", "1") == "0":
+    ``capability`` (major, minor) defaults to q's device's. ``GCA_GLUON`` in the environment: unset,
+    the path runs where it applies on the Triton releases in ``TESTED_TRITON``; ``0`` turns it off
+    (the benchmarks compare both); ``1`` allows any Triton release."""
+    flag = os.environ.get("GCA_GLUON", "")
+    if flag == "0":
         return "GCA_GLUON=0"
+    version = ".".join(triton.__version__.split(".")[:2])
+    if flag != "1" and version not in TESTED_TRITON:
+        return f"Triton {triton.__version__} (the Gluon kernels are tested with {', '.join(TESTED_TRITON)}; GCA_GLUON=1 tries them)"
     if capability is None:
         if not q.is_cuda:
             return "not a CUDA tensor"
@@ -145,7 +155,15 @@ def _slot_weight(IDX, W, i):
 
 
 @gluon.jit
-def _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, SOFTMAX_ONE: gl.constexpr, dtype: gl.constexpr):
+def _lg2_approx(x):
+    """log2 of positive fp32 by the MUFU (lg2.approx, relative error < 2^-22): `gl.log2` is libdevice's
+    accurate routine, ~30 instructions for each of a thread's rows (as in `gca_triton._log2`)."""
+    return gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, SOFTMAX_ONE: gl.constexpr, dtype: gl.constexpr,
+                  FAST_MATH: gl.constexpr):
     """Slot i's softmax of the raw scores s (fp32, S x S): stores its log-sum-exp and returns
     P * w_i / l_i in the inputs' dtype."""
     m = gl.max(s, axis=1) * qk_scale  # base-2 units (qk_scale = scale * log2 e)
@@ -156,8 +174,12 @@ def _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, SOFTMAX_ON
     if SOFTMAX_ONE:
         l += gl.exp2(-m)
     w = _slot_weight(IDX, W, i)
-    gl.store(LSE + i * S + rows, (m + gl.log2(l)) * 0.6931471805599453)
-    p = p * gl.expand_dims(w / l, 1)
+    if FAST_MATH:  # MUFU log2 and approximate division (l lies in [1, S + 1]), as the Triton forward does
+        gl.store(LSE + i * S + rows, (m + _lg2_approx(l)) * 0.6931471805599453)
+        p = p * gl.expand_dims(gl.fdiv(w, l), 1)
+    else:
+        gl.store(LSE + i * S + rows, (m + gl.log2(l)) * 0.6931471805599453)
+        p = p * gl.expand_dims(w / l, 1)
     return p.to(dtype)
 
 
@@ -165,7 +187,7 @@ def _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, SOFTMAX_ON
 def _gca_fwd_gluon(
     q_desc, k_desc, v_desc, IDX, W, O, LSE, Cq, Cm, qk_scale,
     H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-    SOFTMAX_ONE: gl.constexpr, NBUF: gl.constexpr, num_warps: gl.constexpr,
+    SOFTMAX_ONE: gl.constexpr, NBUF: gl.constexpr, FAST_MATH: gl.constexpr, num_warps: gl.constexpr,
 ):
     pid_bc = gl.program_id(0)  # b * Cq + c
     h = gl.program_id(1)  # query head
@@ -219,7 +241,7 @@ def _gca_fwd_gluon(
         mbarrier.wait(k_bar.index(nb), ((i + 1) // NBUF) & 1)
         s_tok = warpgroup_mma(q_smem, k_smem.index(nb).permute((1, 0)), gl.zeros([S, S], gl.float32, s_layout),
                               use_acc=False, is_async=True)
-        p = _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S, SOFTMAX_ONE, dtype)
+        p = _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S, SOFTMAX_ONE, dtype, FAST_MATH)
         # in flight: [P V of slot i - 1], Q K^T of slot i + 1; one left means the first, which reads p_smem, is done
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         p_smem.store(p)
@@ -233,7 +255,7 @@ def _gca_fwd_gluon(
     # the last slot (with NBUF = 2 its value is loaded only now: the loop's rule, at i = K - 1)
     if (K - 1 >= 2) & (K - 1 + NBUF - 2 < K):
         _load_slot(v_desc, IDX, K - 1 + NBUF - 2, b, hk, Cm, v_bar, v_smem, S, D, NBUF)
-    p = _softmax_slot(s, IDX, W, LSE, K - 1, rows, qk_scale, S, SOFTMAX_ONE, dtype)
+    p = _softmax_slot(s, IDX, W, LSE, K - 1, rows, qk_scale, S, SOFTMAX_ONE, dtype, FAST_MATH)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     p_smem.store(p)
     fence_async_shared()
@@ -517,9 +539,12 @@ def _descs(q, mem_k, mem_v):
     return [TensorDescriptor(m, list(m.shape), list(m.stride()), [S, D], lay) for m in mats]
 
 
-def gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nbuf=2, num_warps=4):
+def gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nbuf=2, num_warps=4, fast_math=False):
     """The forward of `gca.ops.gca_triton.gca_fwd` for S = Sm = 64 and contiguous inputs:
-    ``(out (B, Cq, S, H, D), lse (B, Cq, H, K, S) fp32)``."""
+    ``(out (B, Cq, S, H, D), lse (B, Cq, H, K, S) fp32)``. ``fast_math``: the per-slot log-sum-exp's
+    log2 by the MUFU and w / l by approximate division, as the Triton forward has them (422 -> 369 SASS
+    instructions a slot at the SPEC shape, compiled for sm_90a; not yet checked or timed on a GPU,
+    `benchmarks/gluon_kernels.py --fast-math`, so off in the package)."""
     B, Cq, S, H, D = q.shape
     _, Cm, Sm, Hk, _ = mem_k.shape
     K = indices.shape[-1]
@@ -531,7 +556,7 @@ def gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=No
     lse = _alloc((B, Cq, H, K, S), torch.float32, q.device)
     _gca_fwd_gluon[(B * Cq, H)](
         q_desc, k_desc, v_desc, indices, weights, out, lse, Cq, Cm, scale * 1.4426950408889634,
-        H=H, G=H // Hk, K=K, S=S, D=D, SOFTMAX_ONE=bool(softmax_one), NBUF=nbuf, num_warps=num_warps,
+        H=H, G=H // Hk, K=K, S=S, D=D, SOFTMAX_ONE=bool(softmax_one), NBUF=nbuf, FAST_MATH=bool(fast_math), num_warps=num_warps,
     )
     return out, lse
 
