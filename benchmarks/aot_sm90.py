@@ -39,18 +39,20 @@ CUOBJDUMP = os.path.join(os.path.dirname(PTXAS), "cuobjdump")
 
 
 def _loop_instructions(cubin: str) -> str:
-    """SASS instructions between each backward branch and its target (the main loop's body, one
-    iteration), e.g. "344"; "-" when the loop was unrolled away. From the bundled cuobjdump."""
+    """SASS instructions between each conditional backward branch and its target (the main loop's
+    body, one iteration), e.g. "344"; "-" when the loop was unrolled away. From the bundled cuobjdump.
+    Not counted: mbarrier wait spins (a branch back over one or two instructions) and the unconditional
+    branches by which out-of-line wait stubs return into the body (Gluon kernels have both)."""
     sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True).stdout
     addrs, loops = [], []
     for line in sass.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
         if not m:
             continue
         a = int(m.group(1), 16)
         addrs.append(a)
-        t = re.search(r"0x([0-9a-f]+)", m.group(3)) if m.group(2) == "BRA" else None
-        if t and int(t.group(1), 16) < a:
+        t = re.search(r"0x([0-9a-f]+)", m.group(4)) if m.group(3) == "BRA" else None
+        if t and m.group(2) and int(t.group(1), 16) < a - 0x10:
             loops.append((int(t.group(1), 16), a))
     return ",".join(str(sum(lo <= a <= hi for a in addrs)) for lo, hi in loops) or "-"
 

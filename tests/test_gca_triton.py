@@ -347,6 +347,32 @@ hopper_only = pytest.mark.skipif(gca_gluon is None or not HOPPER, reason="Gluon 
 
 
 @needs_gluon
+def test_gluon_schedule_model():
+    """benchmarks/gluon_kernels.py's model of the Gluon kernels' buffer / wgmma order finds no hazard at
+    the ring sizes they use, and does find one where a ring is too small."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    bench_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("gluon_kernels", bench_dir / "gluon_kernels.py")
+        gk = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gk)
+    finally:
+        sys.path.remove(str(bench_dir))
+    for K in range(1, 13):
+        gk._schedule_fwd(K, 2)
+        gk._schedule_dq(K, 3, 2)
+        gk._schedule_dkdv(K, 3)
+    with pytest.raises(AssertionError, match="holds slot"):
+        gk._schedule_fwd(3, 1)  # one buffer: the load rule never brings slot 1's value, which the model sees
+    with pytest.raises(AssertionError, match="holds slot"):
+        gk._schedule_dq(5, 1, 2)
+
+
+@needs_gluon
 def test_gluon_dispatch_rule(monkeypatch):
     def why(S=64, Sm=64, D=128, H=4, Hk=2, K=3, dtype=torch.bfloat16, cap=(9, 0), idx_dtype=torch.int64, strided=False):
         q = torch.empty(1, 2, S, H, D + 8 * strided, dtype=dtype)[..., :D]
