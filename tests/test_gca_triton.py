@@ -346,6 +346,29 @@ needs_gluon = pytest.mark.skipif(gca_gluon is None, reason="Triton without Gluon
 hopper_only = pytest.mark.skipif(gca_gluon is None or not HOPPER, reason="Gluon kernels need an sm_90 GPU")
 
 
+def test_kernel_for_reports_the_dispatch():
+    from gca.ops import kernel_for
+
+    q, k, v, idx, w = _inputs(**SMALL["S16-D32-H4-Hk2-K3"], dtype=torch.float32)
+    assert kernel_for(q, k, v, idx, w, impl="torch") == ("torch", "impl='torch'")
+    name, why = kernel_for(q, k, v, idx, w, impl="triton")
+    assert name == "triton" and ("Gluon" in why)  # fp32, D = 32: never the Gluon kernels
+    q12 = torch.randn(1, 2, 4, 2, 12, device=DEVICE)
+    args12 = (q12, q12, q12, torch.zeros(1, 2, 1, dtype=torch.long, device=DEVICE), torch.ones(1, 2, 1, device=DEVICE))
+    with pytest.raises(ValueError, match="head size D=12"):  # as grouped_cross_attention(impl="triton") raises
+        kernel_for(*args12, impl="triton")
+    if HAS_CUDA:  # "auto" falls back to the reference, as gca_triton does with a warning
+        name, why = kernel_for(*args12)
+        assert name == "torch" and "head size D=12" in why
+    else:
+        assert kernel_for(*args12)[0] == "torch"  # no CUDA: "auto" is the reference
+    with pytest.raises(ValueError, match="impl must be"):
+        kernel_for(q, k, v, idx, w, impl="cuda")
+    if HOPPER and gca_gluon is not None:
+        qc, kc, vc, ic, wc = _inputs(**GLUON_SHAPES["H4-Hk2-K5"], dtype=torch.bfloat16, contiguous=True)
+        assert kernel_for(qc, kc, vc, ic, wc)[0] == "gluon"
+
+
 @needs_gluon
 def test_gluon_schedule_model():
     """benchmarks/gluon_kernels.py's model of the Gluon kernels' buffer / wgmma order finds no hazard at

@@ -12,7 +12,7 @@ import torch
 from gca.ops.gca_ref import gca_reference
 from gca.ops.sliding_window import sliding_window_attention
 
-__all__ = ["grouped_cross_attention", "gca_reference", "sliding_window_attention", "triton_available"]
+__all__ = ["grouped_cross_attention", "gca_reference", "kernel_for", "sliding_window_attention", "triton_available"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -28,6 +28,40 @@ def triton_available(device: torch.device | None = None) -> bool:
     except ImportError:
         return False
     return True
+
+
+def kernel_for(q, mem_k, mem_v, indices, weights, *, scale: float | None = None, impl: str = "auto") -> tuple[str, str]:
+    """Which implementation :func:`grouped_cross_attention` runs on these inputs, and why:
+    ``("gluon" | "triton" | "torch", reason)``. Launches nothing; with ``impl="triton"`` it raises the
+    ``ValueError`` that call would.
+
+    Example:
+        >>> q = torch.randn(1, 2, 64, 4, 32)
+        >>> kernel_for(q, q, q, torch.zeros(1, 2, 1, dtype=torch.long), torch.ones(1, 2, 1))[0]
+        'torch'
+    """
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "torch":
+        return "torch", "impl='torch'"
+    if impl == "auto" and not triton_available(q.device):
+        return "torch", "the fused kernels need a CUDA device and Triton (impl='auto' uses the reference here)"
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if impl == "triton":
+        _check_triton_usable(q, mem_k, scale)  # raises as grouped_cross_attention would
+    from gca.ops import gca_triton
+
+    reason = gca_triton.supports(q, mem_k, scale)
+    if reason is not None:
+        return "torch", f"the Triton kernels do not take {reason}"
+    try:
+        from gca.ops import gca_gluon
+    except ImportError:
+        return "triton", "this Triton has no Gluon"
+    why_not = gca_gluon.supports(q, mem_k, mem_v, indices.long(), weights) if q.is_cuda else "not a CUDA tensor"
+    if why_not is None:
+        return "gluon", "Hopper, chunks of 64, heads of 128, bf16/fp16, contiguous inputs (GCA_GLUON=0 turns it off)"
+    return "triton", f"the Gluon kernels do not take these inputs: {why_not}"
 
 
 def _check_triton_usable(q, mem_k, scale) -> None:
