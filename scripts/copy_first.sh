@@ -128,6 +128,28 @@ tasks_until() {  # END (seconds since the epoch), then tasks's arguments: tasks,
   timeout "$left" bash -c "$(declare -f tasks gca); $(declare -p DATA DTYPE DEVICE); tasks \"\$@\"" tasks "$@" || true
 }
 
+from_plain1k() {  # RUNS KNOWN LAUNCH EVALUATE: the passkey copy stage (plain1k, COPY_MIN minutes); then
+  # `LAUNCH run plain1k-export` for every run side by side; then, until EVAL_END seconds after the start,
+  # `EVALUATE run export END` for every run side by side, each from a fresh export (a rerun resumes a run,
+  # and an earlier export would be stale: the twelfth run's second call evaluated its first call's that way)
+  local runs=$1 known=$2 launch=$3 evaluate=$4 t0 p1 end r
+  for r in $runs; do
+    [[ " $known " == *" $r "* ]] || { echo "unknown run $r (known: $known)" >&2; exit 2; }
+  done
+  t0=$(date +%s)
+  copy_run plain1k 1008 32 plain drt "$COPY_DATA" --time-limit "${COPY_MIN:-3}"
+  p1=$(export_once copy-plain1k)
+  for r in $runs; do "$launch" "$r" "$p1" & done
+  wait
+  end=$(( t0 + ${EVAL_END:-580} ))
+  echo "evaluation: $(( end - $(date +%s) ))s left"
+  for r in $runs; do
+    rm -rf "$RUNS/export/copy-$r"
+    ( "$evaluate" "$r" "$(export_once "copy-$r")" "$end" ) &
+  done
+  wait
+}
+
 lm_init() {  # the text stage's start: the copy run's export, or (COPY_RUN=scratch) a fresh model of the copy stage's form
   if [ "$COPY_RUN" = scratch ]; then echo "$FORM --set residual=plain"; else echo "--init-from $(export_once "copy-$COPY_RUN")"; fi
 }
@@ -197,28 +219,17 @@ case "$STAGE" in
     # recipe; ch4ka: weighted to 2hop) side by side for MIN minutes, then both evaluated (2hop 4K-1M first,
     # then passkey and multikey at 4K and 1M) until EVAL_END seconds after the stage started. A rerun resumes
     # every run; the needle stages start from plain1k's first export (a resumed plain1k is not re-exported)
-    T0=$(date +%s)
-    copy_run plain1k 1008 32 plain drt "$COPY_DATA" --time-limit "${COPY_MIN:-3}"
-    P1=$(export_once copy-plain1k)
-    for r in ${CHAIN_RUNS:-c4ka ch4ka}; do
-      case $r in
-        c4ka) copy_run c4ka 4032 8 plain drt "$CHAIN_DATA" --init-from "$P1" --lr 5e-4 --set "upper_groups=[2,2]" & ;;
-        ch4ka) copy_run ch4ka 4032 8 plain drt "$CHAIN_HOP_DATA" --init-from "$P1" --lr 5e-4 --set "upper_groups=[2,2]" & ;;
-        *) echo "unknown CHAIN_RUNS entry $r (c4ka, ch4ka)" >&2; exit 2 ;;
+    chain_run() {  # run plain1k's export
+      case $1 in
+        c4ka) copy_run c4ka 4032 8 plain drt "$CHAIN_DATA" --init-from "$2" --lr 5e-4 --set "upper_groups=[2,2]" ;;
+        ch4ka) copy_run ch4ka 4032 8 plain drt "$CHAIN_HOP_DATA" --init-from "$2" --lr 5e-4 --set "upper_groups=[2,2]" ;;
       esac
-    done
-    wait
-    END=$(( T0 + ${EVAL_END:-580} ))
-    echo "evaluation: $(( END - $(date +%s) ))s left"
-    for r in ${CHAIN_RUNS:-c4ka ch4ka}; do
-      # re-exported here: a rerun resumes the run, and an earlier export would be stale (the twelfth run's
-      # second call evaluated its first call's export that way; results/README.md)
-      rm -rf "$RUNS/export/copy-$r"
-      ( C=$(export_once "copy-$r")
-        tasks_until "$END" "$C" "drt-copy-$r-small" "$RUNS/eval/copy-$r" 9301 4K,16K,64K,256K,1M --tasks 2hop --trials 4
-        tasks_until "$END" "$C" "drt-copy-$r-small" "$RUNS/eval/copy-$r-pm" 9302 4K,1M --tasks passkey,multikey --trials 4 ) &
-    done
-    wait ;;
+    }
+    chain_eval() {  # run export END
+      tasks_until "$3" "$2" "drt-copy-$1-small" "$RUNS/eval/copy-$1" 9301 4K,16K,64K,256K,1M --tasks 2hop --trials 4
+      tasks_until "$3" "$2" "drt-copy-$1-small" "$RUNS/eval/copy-$1-pm" 9302 4K,1M --tasks passkey,multikey --trials 4
+    }
+    from_plain1k "${CHAIN_RUNS:-c4ka ch4ka}" "c4ka ch4ka" chain_run chain_eval ;;
   long16k)  # one device call: the passkey copy stage (plain1k, COPY_MIN minutes), then from its export two
     # needle stages at 16128 tokens (252 chunks a sample to rank the needle among, 4x the 4032 of every
     # earlier needle stage; 2 rows a step), loss on the answers only, lr 5e-4, side by side for MIN minutes:
@@ -226,28 +237,19 @@ case "$STAGE" in
     # groups [2,2]); then each read on a selection seed (9401: passkey at 4K, 64K and 1M, 10 trials each;
     # 2hop at 4K and 64K for ch16ka) until EVAL_END seconds after the stage started (neither run was
     # better than ch4ka there, so neither was read on fresh seeds; results/README.md, thirteenth run)
-    T0=$(date +%s)
-    copy_run plain1k 1008 32 plain drt "$COPY_DATA" --time-limit "${COPY_MIN:-3}"
-    P1=$(export_once copy-plain1k)
-    for r in ${LONG_RUNS:-pk16ka ch16ka}; do
-      case $r in
-        pk16ka) copy_run pk16ka 16128 2 plain drt "${COPY_DATA/loss=answer_repeats/loss=answer}" --init-from "$P1" --lr 5e-4 & ;;
-        ch16ka) copy_run ch16ka 16128 2 plain drt "$CHAIN_HOP_DATA" --init-from "$P1" --lr 5e-4 --set "upper_groups=[2,2]" & ;;
-        *) echo "unknown LONG_RUNS entry $r (pk16ka, ch16ka)" >&2; exit 2 ;;
+    long_run() {  # run plain1k's export
+      case $1 in
+        pk16ka) copy_run pk16ka 16128 2 plain drt "${COPY_DATA/loss=answer_repeats/loss=answer}" --init-from "$2" --lr 5e-4 ;;
+        ch16ka) copy_run ch16ka 16128 2 plain drt "$CHAIN_HOP_DATA" --init-from "$2" --lr 5e-4 --set "upper_groups=[2,2]" ;;
       esac
-    done
-    wait
-    END=$(( T0 + ${EVAL_END:-580} ))
-    echo "selection evaluation: $(( END - $(date +%s) ))s left"
-    for r in ${LONG_RUNS:-pk16ka ch16ka}; do
-      rm -rf "$RUNS/export/copy-$r"
-      ( C=$(export_once "copy-$r")
-        tasks_until "$END" "$C" "drt-copy-$r-small" "$RUNS/eval/select-$r" 9401 4K,64K,1M --tasks passkey --trials 2
-        if [ "$r" = ch16ka ]; then
-          tasks_until "$END" "$C" "drt-copy-$r-small" "$RUNS/eval/select-$r-2hop" 9401 4K,64K --tasks 2hop --trials 2
-        fi ) &
-    done
-    wait ;;
+    }
+    long_eval() {  # run export END
+      tasks_until "$3" "$2" "drt-copy-$1-small" "$RUNS/eval/select-$1" 9401 4K,64K,1M --tasks passkey --trials 2
+      if [ "$1" = ch16ka ]; then
+        tasks_until "$3" "$2" "drt-copy-$1-small" "$RUNS/eval/select-$1-2hop" 9401 4K,64K --tasks 2hop --trials 2
+      fi
+    }
+    from_plain1k "${LONG_RUNS:-pk16ka ch16ka}" "pk16ka ch16ka" long_run long_eval ;;
   copy-eval)
     C=$(export_once "copy-$COPY_RUN")
     tasks "$C" "$COPY_NAME" "$RUNS/eval/copy-$COPY_RUN${EVAL_TAG:-}" 9001 4K,16K,64K,256K,1M --tasks "$COPY_TASKS" --trials 4 $EVAL_ARGS
