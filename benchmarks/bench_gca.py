@@ -107,7 +107,7 @@ def correctness_check(shape):
 
 def run_case(name, B, C, S, H, Hk, D, K, peak_bw, with_ref=True, with_sdpa=True):
     q, k, v, idx, w = make_inputs(B, C, S, H, Hk, D, K)
-    row = {"name": name, "kernel": "gluon" if gt._gluon(q, k, v, idx, w) is not None else "triton"}
+    row = {"name": name, "kernel": "gluon" if gt.gluon_reason(q, k, v, idx, w) is None else "triton"}
     # ours, forward
     row["fwd_ms"] = bench(lambda: gt.gca_triton(q, k, v, idx, w))
     # ours, forward + backward

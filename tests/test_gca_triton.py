@@ -369,10 +369,8 @@ def test_kernel_for_reports_the_dispatch():
         assert kernel_for(qc, kc, vc, ic, wc)[0] == "gluon"
 
 
-@needs_gluon
-def test_gluon_schedule_model():
-    """benchmarks/gluon_kernels.py's model of the Gluon kernels' buffer / wgmma order finds no hazard at
-    the ring sizes they use, and does find one where a ring is too small."""
+def _benchmark_module(name):
+    """Import benchmarks/NAME.py (with benchmarks/ on the path while it loads, for its own imports)."""
     import importlib.util
     import pathlib
     import sys
@@ -380,11 +378,19 @@ def test_gluon_schedule_model():
     bench_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
     sys.path.insert(0, str(bench_dir))
     try:
-        spec = importlib.util.spec_from_file_location("gluon_kernels", bench_dir / "gluon_kernels.py")
-        gk = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(gk)
+        spec = importlib.util.spec_from_file_location(name, bench_dir / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(bench_dir))
+    return module
+
+
+@needs_gluon
+def test_gluon_schedule_model():
+    """benchmarks/gluon_kernels.py's model of the Gluon kernels' buffer / wgmma order finds no hazard at
+    the ring sizes they use, and does find one where a ring is too small."""
+    gk = _benchmark_module("gluon_kernels")
     for K in range(1, 13):
         gk._schedule_fwd(K, 2)
         gk._schedule_dq(K, 3, 2)
@@ -506,18 +512,7 @@ def test_backward_is_deterministic_cuda(D):
 
 def test_gather_floor_kernel():
     """benchmarks/gather_floor.py's gather (the traffic floor of the GCA kernels) reads the retrieved tiles."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    bench_dir = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench_dir))
-    try:
-        spec = importlib.util.spec_from_file_location("gather_floor", bench_dir / "gather_floor.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(bench_dir))
+    mod = _benchmark_module("gather_floor")
     B, Cq, Cm, Sm, Hk, D, K = 2, 3, 4, 24, 2, 16, 3
     kv = torch.randn(B, Cm, Sm, 2, Hk, D, device=DEVICE)
     mem_k, mem_v = kv[:, :, :, 0], kv[:, :, :, 1]

@@ -54,11 +54,7 @@ def kernel_for(q, mem_k, mem_v, indices, weights, *, scale: float | None = None,
     reason = gca_triton.supports(q, mem_k, scale)
     if reason is not None:
         return "torch", f"the Triton kernels do not take {reason}"
-    try:
-        from gca.ops import gca_gluon
-    except ImportError:
-        return "triton", "this Triton has no Gluon"
-    why_not = gca_gluon.supports(q, mem_k, mem_v, indices.long(), weights) if q.is_cuda else "not a CUDA tensor"
+    why_not = gca_triton.gluon_reason(q, mem_k, mem_v, indices.long(), weights)
     if why_not is None:
         return "gluon", "Hopper, chunks of 64, heads of 128, bf16/fp16, contiguous inputs (GCA_GLUON=0 turns it off)"
     return "triton", f"the Gluon kernels do not take these inputs: {why_not}"

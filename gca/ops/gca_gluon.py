@@ -50,17 +50,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from gca.ops.gca_triton import _alloc  # NaN-filled while the tests set gca_triton.POISON_OUTPUTS
+
 __all__ = ["supports", "gca_fwd_gluon", "gca_bwd_gluon", "gca_bwd_dq_gluon", "gca_bwd_dkdv_gluon"]
 
 # head sizes this path takes (the Triton kernels are faster at D = 64, see above)
 HEAD_DIMS = (128,)
-
-
-def _alloc(shape, dtype, device):
-    """`gca_triton._alloc`: NaN-filled while the tests set its POISON_OUTPUTS."""
-    from gca.ops.gca_triton import _alloc
-
-    return _alloc(shape, dtype, device)
 
 
 # Gluon is experimental and its API moves between Triton releases: the path runs by default only on the

@@ -67,7 +67,7 @@ from triton.language.extra import libdevice
 
 from gca.ops.gca_ref import gca_reference
 
-__all__ = ["gca_triton", "gca_decode", "gca_fwd", "gca_bwd", "supports", "flops", "bytes_moved"]
+__all__ = ["gca_triton", "gca_decode", "gca_fwd", "gca_bwd", "supports", "gluon_reason", "flops", "bytes_moved"]
 
 # Tests set this to fill every buffer the launchers allocate with NaN, so an element a kernel
 # forgets to write shows up as NaN instead of a plausible stale value.
@@ -484,15 +484,27 @@ def supports(q, mem_k, scale=1.0):
     return None
 
 
-def _gluon(q, mem_k, mem_v, indices, weights):
-    """`gca.ops.gca_gluon` when it takes these inputs (Hopper, S = Sm = 64, D = 128, ...), else None."""
-    if INTERPRET or not q.is_cuda:
-        return None
+def gluon_reason(q, mem_k, mem_v, indices, weights):
+    """None when `gca_fwd` / `gca_bwd` launch the Gluon kernels (`gca.ops.gca_gluon`: Hopper, S = Sm = 64,
+    D = 128, ...) on these inputs, else why they do not."""
+    if INTERPRET:
+        return "the Triton interpreter (it does not run Gluon)"
+    if not q.is_cuda:
+        return "not a CUDA tensor"
     try:
         from gca.ops import gca_gluon
-    except ImportError:  # a Triton without Gluon
+    except ImportError:
+        return "this Triton has no Gluon"
+    return gca_gluon.supports(q, mem_k, mem_v, indices, weights)
+
+
+def _gluon(q, mem_k, mem_v, indices, weights):
+    """`gca.ops.gca_gluon` when it takes these inputs, else None."""
+    if gluon_reason(q, mem_k, mem_v, indices, weights) is not None:
         return None
-    return gca_gluon if gca_gluon.supports(q, mem_k, mem_v, indices, weights) is None else None
+    from gca.ops import gca_gluon
+
+    return gca_gluon
 
 
 def gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nsplit=1, store_lse=True):
