@@ -502,7 +502,7 @@ def test_torch_compile_inductor_cuda():
 @pytest.mark.parametrize("D", [64, 128])  # 128 on Hopper: the Gluon kernels
 def test_backward_is_deterministic_cuda(D):
     q, k, v, idx, w = _inputs(B=2, Cq=32, Cm=32, S=64, Sm=64, H=4, Hk=2, D=D, K=8, dtype=torch.bfloat16, pattern="causal",
-                              contiguous=True)
+                              contiguous=D == 128)  # D = 64 keeps the strided views it always had
     g = torch.randn(q.shape, dtype=q.dtype, device=q.device)
     first = _run(gt.gca_triton, q, k, v, idx, w, g, False)
     second = _run(gt.gca_triton, q, k, v, idx, w, g, False)
