@@ -538,8 +538,8 @@ def gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=No
     """The forward of `gca.ops.gca_triton.gca_fwd` for S = Sm = 64 and contiguous inputs:
     ``(out (B, Cq, S, H, D), lse (B, Cq, H, K, S) fp32)``. ``fast_math``: the per-slot log-sum-exp's
     log2 by the MUFU and w / l by approximate division, as the Triton forward has them (422 -> 369 SASS
-    instructions a slot at the SPEC shape, compiled for sm_90a; not yet checked or timed on a GPU,
-    `benchmarks/gluon_kernels.py --fast-math`, so off in the package)."""
+    instructions a slot at the SPEC shape). Right on an H200 but no faster at D = 128 (0.322 against
+    0.325 ms; `benchmarks/gluon_kernels.py --fast-math`), so off in the package."""
     B, Cq, S, H, D = q.shape
     _, Cm, Sm, Hk, _ = mem_k.shape
     K = indices.shape[-1]
