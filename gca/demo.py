@@ -5,7 +5,7 @@
    16x and 64x the training length, before and after training (table + plot). Learning *which*
    chunk to retrieve is fast; learning to *copy* the passkey out of it takes thousands of steps.
 2. Evaluate the small pretrained checkpoint shipped in ``checkpoints/passkey-tiny`` (rebuilt by
-   ``scripts/train_demo_checkpoint.sh``) on passkey retrieval at 1x to 64x its training length:
+   ``scripts/rebuild_passkey_tiny.sh``) on passkey retrieval at 1x to 64x its training length:
    a table, accuracy against length and a depth x length heatmap (PNG).
 3. End with ``demo: passkey accuracy <P>% at <N>x the training length (<T> tokens)``.
 """

@@ -90,8 +90,8 @@ def shift_to_queries(r: Retrieval) -> tuple[torch.Tensor, torch.Tensor]:
 
 # Below this spread of a row's picked scores (:func:`retrieval_health`) the weights are uniform to
 # 1%: retrieval has collapsed (the corpus runs in results/README.md fell below it within 500 steps at
-# lr 2e-3); a selective retriever scores far above it (checkpoints/passkey-tiny: 2.5, top weight 0.69,
-# on 2016-token passkey samples).
+# lr 2e-3); a selective retriever scores far above it (checkpoints/passkey-tiny: 3.5, top weight 0.87,
+# on its 504-token validation batches at the end of training, results/demo-checkpoint/stage3_train_log_j.jsonl).
 COLLAPSED_SPREAD = 0.01
 
 
