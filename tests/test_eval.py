@@ -490,3 +490,39 @@ def test_retrieval_margin_scores_are_the_forward_pass_retrieval():
         row = rm.question_scores(m, torch.tensor([s.prompt]))[s.query_chunk, : s.query_chunk]
         t = s.target_chunk
         assert int(row.argmax()) == t and row[t] > torch.cat([row[:t], row[t + 1 :]]).max()
+
+
+def test_passkey_digit_runs_probes(monkeypatch):
+    """scripts/passkey_digit_runs.py: the run length and prompt shortening it relies on, that `trial`
+    rebuilds exactly the samples `evaluate_tasks` scores, and that `runs` keeps only keys with a run
+    and scores the shipped model's answers as the evaluation does."""
+    from gca.data.tasks import make_task_sample
+    from gca.eval.tasks import evaluate_tasks
+    from gca.train import load_model
+
+    pr = _script("passkey_digit_runs")
+    assert [pr.longest_run(k) for k in ([1, 2, 3], [4, 4, 5, 4], [7, 7, 7, 1, 7], [9] * 5)] == [1, 2, 3, 5]
+    P = 63
+    prompt = list(range(P * 20 + 5))
+    short = pr.shortened(prompt, P, head=2, keep=3)
+    assert short[: 2 * P] == prompt[: 2 * P] and short[2 * P :] == prompt[P * 17 :]  # whole chunks, grid kept
+    assert len(short) % P == len(prompt) % P
+    assert pr.shortened(prompt, P, head=2, keep=30) == prompt  # nothing to cut
+    m = load_model(Path(__file__).parents[1] / "checkpoints" / "passkey-tiny").float().eval()
+    # the samples of depth index 1 at the second length are those evaluate_tasks scored there
+    import gca.eval.tasks as et
+
+    real, seen = et.score_samples, []
+    with monkeypatch.context() as mp:
+        mp.setattr(et, "score_samples", lambda model, samples, **kw: (seen.extend(samples), ([True] * len(samples),) * 4)[1])
+        evaluate_tasks(m, lengths=[504, 1008], depths=3, trials=2, seed=77, batch_size=2, progress=False)
+    got = pr.eval_trials(m, 1008, seed=77, depth_index=1, depths=3, trials=2, length_index=1)
+    want = seen[(1 * 3 + 1) * 2 : (1 * 3 + 1) * 2 + 2]
+    assert [list(s.prompt) for s in got] == [list(s.prompt) for s in want] and [s.answer for s in got] == [s.answer for s in want]
+    res = pr.digit_runs(m, 504, samples=2, min_run=2, seed=5)
+    assert res["samples"] == 2 and all(pr.longest_run(r["answer"]) >= 2 for r in res["rows"])
+    assert res["drawn"] >= 2 and 0.0 <= res["weakest_median"] <= 1.0
+    s = make_task_sample("passkey", context_len=504, seed=np.random.default_rng(8), depth=0.5)
+    pred, probs = pr.answer_probs(m, s.prompt, s.answer, greedy=True)
+    correct, _, _ = real(m, [s])
+    assert (pred == list(s.answer)) == correct[0] and len(probs) == len(s.answer)
