@@ -3,12 +3,13 @@
 # project's own `gca train`, on one GPU. Several runs train side by side (the tiny model leaves most
 # of the GPU idle), each for MIN minutes; rerunning the same command on the same OUT resumes every
 # run from its checkpoint (the cosine schedule spans STEPS steps over all sessions). Afterwards each
-# run is scored on a *validation* set of passkey trials (seed 777, lengths 1x-16x); the best one is
+# run is scored on a *validation* set of passkey trials (VAL_SEED, default 777, at VAL_LENGTHS, default
+# 1x-16x); the best one is
 # exported in bf16 and that exported copy is tested on fresh trials (TEST_SEED, default 2024) from 1x to 128x.
 #
 #   OUT=runs/demo-ckpt RUNS="a b c d e" MIN=7.2 bash scripts/train_demo_checkpoint.sh   # stage 1
 #   OUT=runs/demo-ckpt RUNS="a f h i g" MIN=7.5 bash scripts/train_demo_checkpoint.sh   # resume a; stage 2 from a, b
-#   OUT=runs/pk-s3 RUNS="j k l" MIN=4 S3_STEPS=3000 S3_FROM=runs/passkey-tiny/stage2-export \
+#   OUT=runs/pk-s3 RUNS="j k l" MIN=4 S3_FROM=runs/passkey-tiny/stage2-export \
 #     VAL_LENGTHS=4x,16x,64x,128x VAL_DEPTHS=5 VAL_TRIALS=20 TEST_SEED=3031 bash scripts/train_demo_checkpoint.sh  # stage 3
 # (a later --max-steps given on the command line of a run overrides STEPS: the last flag wins)
 set -euo pipefail
@@ -23,7 +24,7 @@ common=(--preset tiny --seq-len 504 --max-steps "$STEPS" --save-every 500 --log-
 # 3-8 chunk samples; the filler repeats 8-24-token pieces of itself (loss on those and on the answer)
 task="synthetic:passkey;min_len=189;loss=answer_repeats;repeat=1.0"
 FT_STEPS=${FT_STEPS:-9000}  # schedule of the second-stage runs (fine-tuning a first-stage run)
-S3_STEPS=${S3_STEPS:-4000}  # schedule of the third-stage runs (fine-tuning the shipped checkpoint)
+S3_STEPS=${S3_STEPS:-3000}  # schedule of the third-stage runs (fine-tuning stage 2's exported run i)
 # S3_FROM: the stage-2 model the third-stage runs start from (the shipped one was stage 2's run i,
 # exported: runs/passkey-tiny/stage2-export after scripts/rebuild_passkey_tiny.sh)
 # validation (model selection) and test (reported) trials; the two seeds must differ
@@ -43,7 +44,7 @@ args_of() {
     f) echo "--init-from $OUT/a --max-steps $FT_STEPS --lr 1.5e-3 --batch-size 32 --seed 21 --data $task;repeat_gap=130;digits=0.08" ;;
     h) echo "--init-from $OUT/a --max-steps $FT_STEPS --lr 1e-3 --batch-size 32 --seed 22 --data $task;repeat_gap=130;digits=0.08;repeat_frac=0.15" ;;
     i) echo "--init-from $OUT/b --max-steps $FT_STEPS --lr 1e-3 --batch-size 32 --seed 23 --data $task;repeat_gap=130;digits=0.08" ;;
-    # stage 3: continue the shipped checkpoint (stage 2's run i) on the same data at a lower peak lr
+    # stage 3: continue stage 2's run i (its bf16 export) on the same data at a lower peak lr
     j) echo "--init-from ${S3_FROM:?set S3_FROM to the stage-2 export} --max-steps $S3_STEPS --lr 3e-4 --batch-size 32 --seed 31 --data $task;repeat_gap=130;digits=0.08" ;;
     k) echo "--init-from ${S3_FROM:?set S3_FROM to the stage-2 export} --max-steps $S3_STEPS --lr 3e-4 --batch-size 64 --seed 32 --data $task;repeat_gap=130;digits=0.08" ;;
     l) echo "--init-from ${S3_FROM:?set S3_FROM to the stage-2 export} --max-steps $S3_STEPS --lr 1e-4 --batch-size 64 --seed 33 --data $task;repeat_gap=130;digits=0.08" ;;
