@@ -4,8 +4,8 @@
 # of the GPU idle), each for MIN minutes; rerunning the same command on the same OUT resumes every
 # run from its checkpoint (the cosine schedule spans STEPS steps over all sessions). Afterwards each
 # run is scored on a *validation* set of passkey trials (VAL_SEED, default 777, at VAL_LENGTHS, default
-# 1x-16x); the best one is
-# exported in bf16 and that exported copy is tested on fresh trials (TEST_SEED, default 2024) from 1x to 128x.
+# 1x-16x); the best one is exported in bf16 and that exported copy is tested on fresh trials (TEST_SEED,
+# default 2024) from 1x to 128x.
 #
 #   OUT=runs/demo-ckpt RUNS="a b c d e" MIN=7.2 bash scripts/train_demo_checkpoint.sh   # stage 1
 #   OUT=runs/demo-ckpt RUNS="a f h i g" MIN=7.5 bash scripts/train_demo_checkpoint.sh   # resume a; stage 2 from a, b
