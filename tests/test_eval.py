@@ -403,6 +403,37 @@ def test_task_rows_count_trials_beyond_the_window():
     assert summarize_beyond_window(rows) == {("passkey", 600): (far["accuracy"], 3)}
 
 
+def test_task_rows_list_every_miss_with_what_the_model_wrote(capsys):
+    """An untrained model misses: each wrong trial is listed once, with the sample's answer and the
+    greedy output decoded (the trial index rebuilds the sample), right trials never; the CLI table
+    prints them under the rows."""
+    from gca.data.tasks import make_task_sample
+    from gca.data.tokenizer import load_tokenizer
+    from gca.eval.cli import _print_table
+    from gca.eval.tasks import evaluate_tasks, score_samples
+
+    torch.manual_seed(0)
+    m = DRT(tiny()).eval()
+    tok = load_tokenizer("embedded")
+    rows = evaluate_tasks(m, ["passkey"], [300, 400], depths=2, trials=3, seed=21, batch_size=2, progress=False)
+    for li, L in enumerate((300, 400)):
+        for di, r in enumerate(rows[2 * li : 2 * li + 2]):
+            rng = np.random.default_rng([21, 0, li, di])
+            samples = [make_task_sample("passkey", context_len=L, seed=rng, depth=r["depth"]) for _ in range(3)]
+            preds = []
+            correct, hits, _ = score_samples(m, samples, predictions=preds)
+            assert len(preds) == 3 and all(len(p) == len(s.answer) for p, s in zip(preds, samples))
+            want = [dict(trial=j, answer=tok.decode(s.answer), output=tok.decode(p), needle_retrieved=h)
+                    for j, (s, p, ok, h) in enumerate(zip(samples, preds, correct, hits)) if not ok]
+            assert r["misses"] == want and len(want) == round(3 * (1 - r["accuracy"]))
+    assert sum(len(r["misses"]) for r in rows) > 0  # the untrained model does miss
+    assert all(x["answer"] != x["output"] for r in rows for x in r["misses"])
+    _print_table(rows, 100)
+    out = capsys.readouterr().out
+    first = next(x for r in rows for x in r["misses"])
+    assert f"answer {first['answer']!r}, wrote {first['output']!r}" in out
+
+
 def test_task_rows_do_not_depend_on_the_prefill_piece(monkeypatch):
     from gca.eval.tasks import evaluate_tasks
 

@@ -60,6 +60,9 @@ def load_for_eval(ckpt: str, device: str, dtype: str):
     return model.eval(), train_length, tok
 
 
+MISSES_SHOWN = 10  # wrong trials printed under the table (tasks.json has every one)
+
+
 def _print_table(rows: list[dict], train_length: int | None) -> None:
     from gca.eval.tasks import summarize, summarize_beyond_window
 
@@ -76,6 +79,12 @@ def _print_table(rows: list[dict], train_length: int | None) -> None:
         d = f"{100 * dis[(task, n)]:.1f}%" if (task, n) in dis else "-"
         h = (f" {100 * hop1[(task, n)]:>9.1f}%" if (task, n) in hop1 else f" {'-':>10}") if hop1 else ""
         print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {100 * hit[(task, n)]:>13.1f}% {d:>11} {f:>20}{h}")
+    misses = [(r, m) for r in rows for m in r.get("misses", [])]
+    for r, m in misses[:MISSES_SHOWN]:
+        print(f"miss: {r['task']} {r['context_length']} depth {r['depth']} trial {m['trial']}: answer {m['answer']!r}, "
+              f"wrote {m['output']!r} (needle {'retrieved' if m['needle_retrieved'] else 'not retrieved'})")
+    if len(misses) > MISSES_SHOWN:
+        print(f"... and {len(misses) - MISSES_SHOWN} more misses (all in tasks.json)")
 
 
 def _atomic_write(path: Path, text: str) -> None:

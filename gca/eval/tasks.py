@@ -61,11 +61,13 @@ def default_prefill_chunk(device) -> int:
 
 @torch.no_grad()
 def score_samples(model: DRT, samples: list, *, offload: bool = False, device=None, cache=None,
-                  prefill_chunk: int | None = None, first_hop: bool = False) -> tuple[list[bool], ...]:
+                  prefill_chunk: int | None = None, first_hop: bool = False,
+                  predictions: list | None = None) -> tuple[list[bool], ...]:
     """Exact match, retrieval hit and distractor answer (the greedy answer is one of the sample's
     ``distractor_answers``) of task samples that share prompt and answer lengths (one batch).
     ``first_hop=True`` adds a fourth list: whether the answer's first ``first_hop_len`` tokens (a 2hop
-    chain's first hop, Y) are right.
+    chain's first hop, Y) are right. ``predictions``: a list that gets each sample's greedy answer
+    (token ids), in order.
     ``cache``: a fresh cache to stream through (default: a new one sized for the samples, streaming
     the prompt ``prefill_chunk`` positions at a time, default :func:`default_prefill_chunk`)."""
     device = device or model.embed.weight.device
@@ -93,6 +95,8 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
         greedy.append(tok)
     pred = torch.stack(greedy, 1)
     correct = (pred == answers).all(-1).tolist()
+    if predictions is not None:
+        predictions.extend(pred.tolist())
     distracted = [any(g == d for d in s.distractor_answers) for g, s in zip(pred.tolist(), samples)]
     if first_hop:
         n = samples[0].first_hop_len
@@ -136,17 +140,22 @@ def evaluate_tasks(
     Returns:
         a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
         retrieval_hit, distractor_answer (None for passkey), [hop_answer, first_hop (2hop)], trials_beyond_window,
-        accuracy_beyond_window, seconds}``; the two ``*beyond_window`` keys count
+        accuracy_beyond_window, misses, seconds}``; the two ``*beyond_window`` keys count
         the trials whose needles lay outside the answer's sliding window (:func:`beyond_window`;
-        accuracy None when there were none): where a DRT must retrieve to answer.
+        accuracy None when there were none): where a DRT must retrieve to answer. ``misses``: one
+        ``{trial, answer, output, needle_retrieved}`` per wrong trial (text decoded; ``trial`` its index
+        among the (task, length, depth)'s trials, which rebuild from ``[seed, task index, length index,
+        depth index]``).
     """
     from gca.data.tasks import make_filler, make_task_sample
+    from gca.data.tokenizer import load_tokenizer
 
     from tqdm.auto import tqdm
 
     if filler is not None and not hasattr(filler, "tokens"):
         filler = make_filler(filler, tokenizer, split="val")  # a prepared folder: its held-out split, opened once
 
+    tok = load_tokenizer(tokenizer if tokenizer is not None else getattr(filler, "tokenizer", None) or "embedded")
     tasks, lengths, dl = list(tasks), [int(n) for n in lengths], _depth_list(depths)
     model.eval()
     rows = []
@@ -162,10 +171,10 @@ def evaluate_tasks(
                                      text_per_chunk=model.config.text_per_chunk, **task_kwargs)
                     for _ in range(trials)
                 ]
-                correct, hits, distracted, hop1 = [], [], [], []
+                correct, hits, distracted, hop1, preds = [], [], [], [], []
                 for i in range(0, trials, batch_size):
                     c, h, o, f = score_samples(model, samples[i : i + batch_size], offload=offload,
-                                               prefill_chunk=prefill_chunk, first_hop=True)
+                                               prefill_chunk=prefill_chunk, first_hop=True, predictions=preds)
                     correct += c
                     hits += h
                     distracted += o
@@ -182,6 +191,8 @@ def evaluate_tasks(
                     **({"first_hop": float(np.mean(hop1))} if chain else {}),
                     trials_beyond_window=len(far),
                     accuracy_beyond_window=float(np.mean(far)) if far else None,
+                    misses=[dict(trial=j, answer=tok.decode(smp.answer), output=tok.decode(p), needle_retrieved=hit)
+                            for j, (smp, p, ok, hit) in enumerate(zip(samples, preds, correct, hits)) if not ok],
                     seconds=round(time.time() - t0, 2),
                 ))
                 if on_row is not None:
