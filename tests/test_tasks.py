@@ -242,6 +242,41 @@ def test_repeats_come_from_beyond_the_gap():
     assert mask[copied].mean() > 0.8  # all but each piece's first token carry the loss
 
 
+def test_digit_repeat_makes_runs_of_equal_digits():
+    """digit_repeat = q: each digit after a run's first equals the one before it with probability q
+    (plus 1/10 by chance), so runs of three equal digits go from ~2% of runs to common; q = 0 keeps the
+    old random stream exactly; bad values and digit_repeat without digits are refused."""
+    from gca.data.tasks import WordFiller, _digit_runs, digit_ids
+
+    digits = np.asarray(digit_ids("embedded"))
+    seed = int(np.random.default_rng().integers(1 << 30))
+    base = WordFiller().tokens(20000, np.random.default_rng(seed))
+
+    def equal_next(q, frac=0.2):
+        out = _digit_runs(base.copy(), digits, frac, np.random.default_rng(seed), repeat=q)
+        is_d = np.isin(out, digits)
+        pairs = is_d[:-1] & is_d[1:]  # neighbours inside a run (two runs may touch: a little noise)
+        return (out[:-1][pairs] == out[1:][pairs]).mean()
+
+    assert 0.06 < equal_next(0.0) < 0.14
+    assert 0.45 < equal_next(0.5) < 0.6  # 0.55 inside runs; overlapping runs pull it a little lower
+    # repeat = 0 is the stream it always was: the same calls on the generator as before the option
+    rng_a, rng_b = np.random.default_rng(seed), np.random.default_rng(seed)
+    a = _digit_runs(base.copy(), digits, 0.1, rng_a)
+    n = len(base)
+    runs = rng_b.binomial(n, 0.1 / 4.0)
+    b = base.copy()
+    for start, ln in zip(rng_b.integers(0, n - 6, size=runs), rng_b.integers(2, 7, size=runs)):
+        b[start:start + ln] = digits[rng_b.integers(0, 10, size=ln)]
+    assert np.array_equal(a, b)
+    src = build_source("synthetic:passkey;min_len=189;digits=0.1;digit_repeat=0.5", seq_len=504, seed=seed)
+    assert src.filler.digit_repeat == 0.5 and "repeat 0.5" in src.filler.describe()
+    with pytest.raises(ValueError, match="digit_repeat"):
+        WordFiller(digit_frac=0.1, digit_repeat=1.0)
+    with pytest.raises(ValueError, match="digits"):
+        build_source("synthetic:passkey;digit_repeat=0.3", seq_len=504, seed=0)
+
+
 def test_digit_runs_in_filler_only_when_asked():
     from gca.data.tasks import WordFiller, digit_ids
 

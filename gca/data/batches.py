@@ -168,7 +168,8 @@ class MixtureSource(BatchSource):
 
 # ---------------------------------------------------------------- spec parsing
 _OPT_NAMES = {"filler": ("filler", str), "loss": ("loss_on", str), "min_len": ("min_len", int),
-              "repeat": ("repeat_prob", float), "repeat_frac": ("repeat_frac", float), "repeat_gap": ("repeat_gap", int), "digits": ("digit_frac", float), "keys": ("n_keys", int),
+              "repeat": ("repeat_prob", float), "repeat_frac": ("repeat_frac", float), "repeat_gap": ("repeat_gap", int), "digits": ("digit_frac", float),
+              "digit_repeat": ("digit_repeat", float), "keys": ("n_keys", int),
               "chains": ("n_chains", int), "lead": ("hop_lead", int), "hop": ("hop_answer", str), "key_len": ("key_len", int), "value_len": ("value_len", int),
               "align": ("align_question", lambda v: v.lower() not in ("0", "false", "no")),
               "P": ("text_per_chunk", int)}

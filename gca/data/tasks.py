@@ -178,13 +178,31 @@ def _check_digit_frac(digit_frac: float) -> float:
     return float(digit_frac)
 
 
-def _digit_runs(out: np.ndarray, digits: np.ndarray, frac: float, rng: np.random.Generator) -> np.ndarray:
-    """Overwrite about a fraction ``frac`` of ``out`` (in place) with runs of 2-6 random digits."""
+def _check_digit_repeat(digit_repeat: float, digit_frac: float) -> float:
+    if not 0.0 <= digit_repeat < 1.0:
+        raise ValueError(f"digit_repeat must lie in [0, 1), got {digit_repeat}")
+    if digit_repeat and not digit_frac:
+        raise ValueError("digit_repeat shapes the filler's digit runs: give digits (digit_frac) > 0 too")
+    return float(digit_repeat)
+
+
+def _digit_runs(out: np.ndarray, digits: np.ndarray, frac: float, rng: np.random.Generator,
+                repeat: float = 0.0) -> np.ndarray:
+    """Overwrite about a fraction ``frac`` of ``out`` (in place) with runs of 2-6 random digits. With
+    ``repeat`` > 0 each digit after a run's first is the one before it with that probability (else
+    uniform): runs of equal digits, rare among independent digits, become common. ``repeat = 0`` draws
+    exactly what it always did (the same random stream)."""
     n = len(out)
     if frac > 0 and n >= 6:
         runs = rng.binomial(n, frac / 4.0)  # runs of 4 digits on average
         for start, ln in zip(rng.integers(0, n - 6, size=runs), rng.integers(2, 7, size=runs)):
-            out[start:start + ln] = digits[rng.integers(0, 10, size=ln)]
+            d = rng.integers(0, 10, size=ln)
+            if repeat:
+                same = rng.random(ln) < repeat
+                for i in range(1, ln):
+                    if same[i]:
+                        d[i] = d[i - 1]
+            out[start:start + ln] = digits[d]
     return out
 
 
@@ -194,11 +212,13 @@ class WordFiller:
     Words are the tokenizer's own whole-word tokens (``" [a-z]{3,12}"``), so each word is one token.
     With ``digit_frac = 0`` (the default, and what evaluation uses) the filler never contains a digit;
     ``digit_frac = f`` overwrites about a fraction f of the tokens with runs of 2-6 random digits
-    (training data in which copying digit strings can be practised, e.g. through repeats).
+    (training data in which copying digit strings can be practised, e.g. through repeats);
+    ``digit_repeat = q`` makes each digit of a run repeat the one before it with probability q.
     """
 
-    def __init__(self, tokenizer="embedded", digit_frac: float = 0.0):
+    def __init__(self, tokenizer="embedded", digit_frac: float = 0.0, digit_repeat: float = 0.0):
         self.digit_frac = _check_digit_frac(digit_frac)
+        self.digit_repeat = _check_digit_repeat(digit_repeat, digit_frac)
         self.tokenizer = load_tokenizer(tokenizer)
         self.words, self.digits, self.period = _vocab_info(self.tokenizer)
 
@@ -207,46 +227,52 @@ class WordFiller:
         out = self.words[rng.integers(0, len(self.words), size=n)]
         ends = np.cumsum(rng.integers(7, 18, size=n // 7 + 1)) - 1
         out[ends[ends < n]] = self.period
-        return _digit_runs(out, self.digits, self.digit_frac, rng)
+        return _digit_runs(out, self.digits, self.digit_frac, rng, self.digit_repeat)
 
     def describe(self) -> str:
-        return f"words({self.tokenizer.name})" + (f", digits {self.digit_frac}" if self.digit_frac else "")
+        return f"words({self.tokenizer.name})" + _describe_digits(self.digit_frac, self.digit_repeat)
+
+
+def _describe_digits(frac: float, repeat: float) -> str:
+    return (f", digits {frac}" if frac else "") + (f" (repeat {repeat})" if repeat else "")
 
 
 class StreamFiller:
     """Filler cut from a token stream: a random window of a :class:`PackedDataset` split, with
     ``digit_frac`` of it overwritten by digit runs as :class:`WordFiller` does (training only)."""
 
-    def __init__(self, dataset, digit_frac: float = 0.0):
+    def __init__(self, dataset, digit_frac: float = 0.0, digit_repeat: float = 0.0):
         self.digit_frac = _check_digit_frac(digit_frac)
+        self.digit_repeat = _check_digit_repeat(digit_repeat, digit_frac)
         self.dataset = dataset
         self.tokenizer = dataset.tokenizer
         self.digits = _vocab_info(self.tokenizer)[1] if self.digit_frac else None
 
     def tokens(self, n: int, rng: np.random.Generator) -> np.ndarray:
         out = np.array(self.dataset.window(int(rng.integers(0, len(self.dataset))), n), dtype=np.int64)
-        return _digit_runs(out, self.digits, self.digit_frac, rng) if self.digit_frac else out
+        return _digit_runs(out, self.digits, self.digit_frac, rng, self.digit_repeat) if self.digit_frac else out
 
     def describe(self) -> str:
-        return f"stream({self.dataset.path}:{self.dataset.split})" + (
-            f", digits {self.digit_frac}" if self.digit_frac else "")
+        return f"stream({self.dataset.path}:{self.dataset.split})" + _describe_digits(self.digit_frac, self.digit_repeat)
 
 
-def make_filler(filler=None, tokenizer=None, split: str = "train", digit_frac: float = 0.0):
+def make_filler(filler=None, tokenizer=None, split: str = "train", digit_frac: float = 0.0,
+                digit_repeat: float = 0.0):
     """``None``/``"words"`` -> :class:`WordFiller`; a prepared folder path or a PackedDataset ->
-    :class:`StreamFiller` of its ``split`` (both with ``digit_frac``); anything with
-    ``.tokens(n, rng)`` as is."""
+    :class:`StreamFiller` of its ``split`` (both with ``digit_frac`` and ``digit_repeat``); anything
+    with ``.tokens(n, rng)`` as is."""
     if filler is None or filler in ("words", "embedded"):
-        return WordFiller(tokenizer if tokenizer is not None else "embedded", digit_frac=digit_frac)
+        return WordFiller(tokenizer if tokenizer is not None else "embedded", digit_frac=digit_frac,
+                          digit_repeat=digit_repeat)
     if hasattr(filler, "tokens"):
-        if digit_frac:
+        if digit_frac or digit_repeat:
             raise ValueError("digit_frac needs the embedded word filler or a prepared folder, not a custom filler")
         return filler
     from gca.data.prepare import PackedDataset
 
     if not isinstance(filler, PackedDataset):
         filler = PackedDataset(filler, split)
-    return StreamFiller(filler, digit_frac=digit_frac)
+    return StreamFiller(filler, digit_frac=digit_frac, digit_repeat=digit_repeat)
 
 
 def _check_same_vocab(tok: Tokenizer, fill) -> None:
@@ -575,6 +601,8 @@ class TaskSource(BatchSource):
         repeat_prob / repeat_frac: filler that repeats pieces of itself, see :func:`make_task_sample`.
         digit_frac: runs of random digits in the filler (about this fraction of its tokens);
             training only: they give the copy circuit digit strings to practise on.
+        digit_repeat: each digit of such a run repeats the one before it with this probability
+            (runs of equal digits to practise copying; 0: independent digits).
         tokenizer: default the filler's tokenizer, else ``"embedded"``.
         **task_kwargs: passed to :func:`make_task_sample` (n_keys, n_chains, key_len, value_len,
             align_question, text_per_chunk, depth, hop_lead, hop_answer).
@@ -584,7 +612,8 @@ class TaskSource(BatchSource):
 
     def __init__(self, kind="passkey", seq_len: int = 504, *, min_len: int | None = None, filler=None,
                  seed: int = 0, split: str = "train", loss_on: str = "answer", repeat_prob: float = 0.0,
-                 repeat_frac: float = 0.3, tokenizer=None, digit_frac: float = 0.0, **task_kwargs):
+                 repeat_frac: float = 0.3, tokenizer=None, digit_frac: float = 0.0, digit_repeat: float = 0.0,
+                 **task_kwargs):
         if isinstance(kind, str):
             weights = dict(DEFAULT_MIX) if kind == "mix" else {canonical_kind(kind): 1.0}
         elif isinstance(kind, Mapping):
@@ -595,7 +624,7 @@ class TaskSource(BatchSource):
             raise ValueError(f"task weights must be non-negative with a positive sum, got {weights}")
         if loss_on not in LOSS_MODES:
             raise ValueError(f"loss_on must be one of {LOSS_MODES}, got {loss_on!r}")
-        self.filler = make_filler(filler, tokenizer, split, digit_frac=digit_frac)
+        self.filler = make_filler(filler, tokenizer, split, digit_frac=digit_frac, digit_repeat=digit_repeat)
         tok = load_tokenizer(tokenizer if tokenizer is not None else getattr(self.filler, "tokenizer", "embedded"))
         _check_same_vocab(tok, self.filler)
         super().__init__(seq_len=seq_len, seed=seed, split=split, tokenizer=tok)
