@@ -11,6 +11,8 @@
 #   OUT=runs/demo-ckpt RUNS="a f h i g" MIN=7.5 bash scripts/train_demo_checkpoint.sh   # resume a; stage 2 from a, b
 #   OUT=runs/pk-s3 RUNS="j k l" MIN=4 S3_FROM=runs/passkey-tiny/stage2-export \
 #     VAL_LENGTHS=4x,16x,64x,128x VAL_DEPTHS=5 VAL_TRIALS=20 TEST_SEED=3031 bash scripts/train_demo_checkpoint.sh  # stage 3
+#   OUT=runs/pk-s4 RUNS="m n" MIN=3 VAL_LENGTHS=4x,16x,64x,128x VAL_DEPTHS=5 VAL_TRIALS=20 TEST_SEED=<fresh> \
+#     bash scripts/train_demo_checkpoint.sh                                          # stage 4 (not yet run)
 # (a later --max-steps given on the command line of a run overrides STEPS: the last flag wins)
 set -euo pipefail
 OUT=${OUT:-runs/demo-ckpt}
@@ -25,6 +27,8 @@ common=(--preset tiny --seq-len 504 --max-steps "$STEPS" --save-every 500 --log-
 task="synthetic:passkey;min_len=189;loss=answer_repeats;repeat=1.0"
 FT_STEPS=${FT_STEPS:-9000}  # schedule of the second-stage runs (fine-tuning a first-stage run)
 S3_STEPS=${S3_STEPS:-3000}  # schedule of the third-stage runs (fine-tuning stage 2's exported run i)
+S4_STEPS=${S4_STEPS:-2000}  # schedule of the fourth-stage runs
+S4_FROM=${S4_FROM:-checkpoints/passkey-tiny}  # the shipped (stage-3) model
 # S3_FROM: the stage-2 model the third-stage runs start from (the shipped one was stage 2's run i,
 # exported: runs/passkey-tiny/stage2-export after scripts/rebuild_passkey_tiny.sh)
 # validation (model selection) and test (reported) trials; the two seeds must differ
@@ -48,6 +52,10 @@ args_of() {
     j) echo "--init-from ${S3_FROM:?set S3_FROM to the stage-2 export} --max-steps $S3_STEPS --lr 3e-4 --batch-size 32 --seed 31 --data $task;repeat_gap=130;digits=0.08" ;;
     k) echo "--init-from ${S3_FROM:?set S3_FROM to the stage-2 export} --max-steps $S3_STEPS --lr 3e-4 --batch-size 64 --seed 32 --data $task;repeat_gap=130;digits=0.08" ;;
     l) echo "--init-from ${S3_FROM:?set S3_FROM to the stage-2 export} --max-steps $S3_STEPS --lr 1e-4 --batch-size 64 --seed 33 --data $task;repeat_gap=130;digits=0.08" ;;
+    # stage 4 (defined, not yet run): continue the shipped stage-3 model with runs of equal digits in
+    # the filler (its residual misses are keys like 5 5 5 1 7; results/demo-checkpoint/README.md)
+    m) echo "--init-from $S4_FROM --max-steps $S4_STEPS --lr 3e-4 --batch-size 32 --seed 41 --data $task;repeat_gap=130;digits=0.08;digit_repeat=0.3" ;;
+    n) echo "--init-from $S4_FROM --max-steps $S4_STEPS --lr 3e-4 --batch-size 32 --seed 42 --data $task;repeat_gap=130;digits=0.08;digit_repeat=0.5" ;;
     *) echo "unknown run $1" >&2; exit 2 ;;
   esac
 }
