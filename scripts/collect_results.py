@@ -72,6 +72,7 @@ def main() -> None:
     if a.plots_only:
         load = lambda name: json.load(open(os.path.join(a.out, name))) if os.path.exists(os.path.join(a.out, name)) else []
         _plots(load("ppl.json"), load("passkey.json"), a.out)
+        _print_seed_comparison(load("ppl.json"))
         return
     ppl, tasks = collect(a.runs, os.path.basename(os.path.normpath(a.data)), a.tasks_files)
     os.makedirs(a.out, exist_ok=True)
@@ -84,6 +85,14 @@ def main() -> None:
             print(f"{name}: {len(rows)} rows from {a.runs}, {len(merged[name])} in all")
     if ppl or tasks:
         _plots(merged["ppl.json"], merged["passkey.json"], a.out)  # every model in the files
+    _print_seed_comparison(merged.get("ppl.json") or [])
+
+
+def _print_seed_comparison(ppl: list[dict]) -> None:
+    for r in seed_comparison(seed_groups(ppl)):
+        print(f"{r['tag']} {r['context_length']:>8}: DRT {r['drt']:.2f}, sliding window {r['swa']:.2f} (geometric means "
+              f"of {r['seeds'][0]} / {r['seeds'][1]} seeds): {100 * r['diff']:+.1f}% +- {100 * r['se']:.1f}% (log scale, "
+              f"one standard error), medians {100 * r['median_diff']:+.1f}%")
 
 
 def seed_groups(ppl: list[dict]) -> dict[tuple[str, str], dict[int, dict[int, float]]]:
@@ -97,6 +106,24 @@ def seed_groups(ppl: list[dict]) -> dict[tuple[str, str], dict[int, dict[int, fl
     return {k: v for k, v in groups.items() if len(v) >= 2}
 
 
+def seed_comparison(groups: dict) -> list[dict]:
+    """DRT against the sliding window per tag and length, from :func:`seed_groups`: the geometric means
+    of both, ``diff`` = their ratio - 1, ``se``: one standard error of the difference of the mean
+    log-perplexities (seeds independent), ``median_diff``: the ratio of the medians - 1."""
+    rows = []
+    for (arch, tag), drt in sorted(groups.items()):
+        swa = groups.get(("swa", tag))
+        if arch != "drt" or swa is None:
+            continue
+        for n in sorted(set.intersection(*(set(v) for v in (*drt.values(), *swa.values())))):
+            a, b = [math.log(v[n]) for v in drt.values()], [math.log(v[n]) for v in swa.values()]
+            se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+            rows.append(dict(tag=tag, context_length=n, seeds=(len(a), len(b)), drt=math.exp(statistics.mean(a)),
+                             swa=math.exp(statistics.mean(b)), diff=math.exp(statistics.mean(a) - statistics.mean(b)) - 1,
+                             se=se, median_diff=math.exp(statistics.median(a) - statistics.median(b)) - 1))
+    return rows
+
+
 def _seed_plot(ppl: list[dict], out: str, plt) -> None:
     """ppl_seeds.png: each seed's perplexity (thin) and the geometric mean over seeds (thick) per
     architecture; right, DRT over the sliding window (ratio of the geometric means, +- one standard
@@ -106,28 +133,23 @@ def _seed_plot(ppl: list[dict], out: str, plt) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"drt": "tab:blue", "swa": "tab:orange", "full": "tab:gray"}
-    logs = {}
     for (arch, tag), seeds in sorted(groups.items()):
         lengths = sorted(set.intersection(*(set(v) for v in seeds.values())))
         ls = "--" if arch != "drt" else "-"
         for v in seeds.values():
             axes[0].plot(lengths, [v[n] for n in lengths], color=colors.get(arch, "k"), linestyle=ls, lw=0.8, alpha=0.5)
         lg = {n: [math.log(v[n]) for v in seeds.values()] for n in lengths}
-        logs[(arch, tag)] = lg
         axes[0].plot(lengths, [math.exp(statistics.mean(lg[n])) for n in lengths], color=colors.get(arch, "k"),
                      linestyle=ls, lw=2.5, marker="o", label=f"{arch}-{tag}: geometric mean of {len(seeds)} seeds")
     axes[0].set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity", title="perplexity by seed")
     axes[0].legend(fontsize=8)
-    for (arch, tag), lg in logs.items():
-        base = logs.get(("swa", tag))
-        if arch != "drt" or base is None:
-            continue
-        lengths = sorted(set(lg) & set(base))
-        d = [statistics.mean(lg[n]) - statistics.mean(base[n]) for n in lengths]
-        se = [math.sqrt(statistics.variance(lg[n]) / len(lg[n]) + statistics.variance(base[n]) / len(base[n])) for n in lengths]
-        axes[1].plot(lengths, [100 * (math.exp(x) - 1) for x in d], marker="o", color="tab:blue", label=f"drt / swa - 1 ({tag})")
-        axes[1].fill_between(lengths, [100 * (math.exp(x - e) - 1) for x, e in zip(d, se)],
-                             [100 * (math.exp(x + e) - 1) for x, e in zip(d, se)], color="tab:blue", alpha=0.2)
+    comparison = seed_comparison(groups)
+    for tag in sorted({r["tag"] for r in comparison}):
+        rs = [r for r in comparison if r["tag"] == tag]
+        lengths, d = [r["context_length"] for r in rs], [math.log1p(r["diff"]) for r in rs]
+        axes[1].plot(lengths, [100 * r["diff"] for r in rs], marker="o", color="tab:blue", label=f"drt / swa - 1 ({tag})")
+        axes[1].fill_between(lengths, [100 * (math.exp(x - r["se"]) - 1) for x, r in zip(d, rs)],
+                             [100 * (math.exp(x + r["se"]) - 1) for x, r in zip(d, rs)], color="tab:blue", alpha=0.2)
     axes[1].axhline(0, color="k", lw=0.8)
     axes[1].axhline(-4, color="tab:red", lw=0.8, linestyle=":", label="goal: 4% below")
     axes[1].set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity difference (%)",

@@ -3,6 +3,7 @@ generation, and the ppl command works on a prepared dataset."""
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,15 @@ def test_collect_results_groups_seeds_and_plots_them(tmp_path):
     groups = cr.seed_groups(rows)
     assert sorted(groups) == [("drt", "x-small"), ("swa", "x-small")]
     assert groups[("drt", "x-small")][2] == {10: 12.0, 40: 12.0}
+    # DRT over the window: 10/11 - 1 at both lengths (each seed scales both archs alike), its standard error
+    # that of two groups of log(1 + s/10)
+    cmp = cr.seed_comparison(groups)
+    se = math.sqrt(2 * statistics.variance([math.log(1 + s / 10) for s in (1, 2, 3)]) / 3)
+    assert [r["context_length"] for r in cmp] == [10, 40] and all(r["seeds"] == (3, 3) for r in cmp)
+    for r in cmp:
+        assert r["diff"] == pytest.approx(10 / 11 - 1) and r["median_diff"] == pytest.approx(10 / 11 - 1)
+        assert r["se"] == pytest.approx(se) and r["drt"] == pytest.approx(10 * math.exp(statistics.mean(
+            [math.log(1 + s / 10) for s in (1, 2, 3)])))
     cr._plots(rows, [], str(tmp_path))
     assert (tmp_path / "ppl_seeds.png").stat().st_size > 0 and (tmp_path / "ppl_vs_length.png").exists()
 
