@@ -95,9 +95,10 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
         greedy.append(tok)
     pred = torch.stack(greedy, 1)
     correct = (pred == answers).all(-1).tolist()
+    greedy_ids = pred.tolist()
     if predictions is not None:
-        predictions.extend(pred.tolist())
-    distracted = [any(g == d for d in s.distractor_answers) for g, s in zip(pred.tolist(), samples)]
+        predictions.extend(greedy_ids)
+    distracted = [any(g == d for d in s.distractor_answers) for g, s in zip(greedy_ids, samples)]
     if first_hop:
         n = samples[0].first_hop_len
         hop1 = (pred[:, :n] == answers[:, :n]).all(-1).tolist() if n else [False] * len(samples)
