@@ -567,3 +567,73 @@ def test_passkey_digit_runs_probes(monkeypatch):
     pred, probs = pr.answer_probs(m, s.prompt, s.answer, greedy=True)
     correct, _, _ = real(m, [s])
     assert (pred == list(s.answer)) == correct[0] and len(probs) == len(s.answer)
+
+
+def test_retrieval_documents_script(tmp_path, monkeypatch):
+    """scripts/retrieval_documents.py: chunk documents from separators; in ``all`` mode its perplexity
+    is the ppl command's and the hook changes nothing; in ``doc`` mode no retrieval weight leaves the
+    row's own document and rows with none of it to pick get empty slots."""
+    import sys
+
+    from gca.data.prepare import prepare
+    from gca.eval.perplexity import perplexity_vs_length
+    from gca.retrieval import causal_topk
+    from safetensors.torch import save_model
+
+    rd = _script("retrieval_documents")
+    ids = np.array([[5, 6, 0, 7, 8, 9, 0, 4, 4, 4]])
+    assert rd.chunk_documents(ids, 3, 0).tolist() == [[0, 1, 2, 2]]  # chunks end at 2, 5, 8, 9; the separator at 2 closes doc 0
+    # a retriever blind to documents: rows 1, 2, 3 have 1 / 1, 0 / 2 and 1 / 3 candidates of their document
+    assert rd.uniform_share(torch.tensor([[0, 0, 1, 1]]), 0) == pytest.approx((1 + 0 + 1 / 3) / 3)
+    assert rd.uniform_share(torch.tensor([[0, 0, 1, 1]]), 3) == pytest.approx(1 / 3)
+    # the hook against the plain top-k: same picks with restrict off; own document only with it on
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 6, 9, generator=g)
+    doc = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1]])
+    plain = causal_topk(scores, 3, row_offset=3)
+    same = rd.DocumentRetrieval(doc, first_row=0, far=4, restrict=False)(scores, 3, row_offset=3)
+    assert torch.equal(plain.indices, same.indices) and torch.equal(plain.weights, same.weights)
+    hook = rd.DocumentRetrieval(doc, first_row=0, far=4, restrict=True)
+    r = hook(scores, 3, row_offset=3)
+    rows = torch.arange(6) + 3
+    for b in range(2):
+        for c in range(6):
+            picked = [int(j) for j, w in zip(r.indices[b, c], r.weights[b, c]) if j >= 0]
+            own = [j for j in range(int(rows[c])) if doc[b, j] == doc[b, rows[c]]]
+            best = sorted(own, key=lambda j: -float(scores[b, c, j]))[:3]  # the best-scoring chunks of its document
+            assert sorted(picked) == sorted(best)
+            if own:
+                assert float(r.weights[b, c].sum()) == pytest.approx(1.0)
+            else:
+                assert float(r.weights[b, c].abs().sum()) == 0.0
+    assert hook.same == pytest.approx(hook.total) and hook.rows == 12
+
+    # end to end on a prepared corpus of short documents
+    src = tmp_path / "txt"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" for i in range(40)]
+    for d in range(24):
+        (src / f"doc{d:02d}.txt").write_text(" ".join(rng.choice(words, int(rng.integers(60, 250)))))
+    prepare(str(src), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.6)
+    torch.manual_seed(0)
+    m = DRT(tiny(top_k=2)).eval()
+    (tmp_path / "model").mkdir()
+    save_model(m, str(tmp_path / "model" / "model.safetensors"))
+    (tmp_path / "model" / "config.json").write_text(m.config.to_json())
+    out = tmp_path / "docs.json"
+    monkeypatch.setattr(sys, "argv", ["retrieval_documents", "--ckpt", str(tmp_path / "model"), "--data",
+                                      str(tmp_path / "data"), "--lengths", "200,600", "--windows", "2", "--far", "2",
+                                      "--out", str(out)])  # fmt: skip
+    rd.main()
+    res = json.loads(out.read_text())
+    ref = perplexity_vs_length(m, str(tmp_path / "data"), [200, 600], windows=2, targets=200, seed=1234, progress=False)
+    got = {(r["context_length"], r["mode"]): r for r in res["rows"]}
+    for r in ref:
+        assert got[(r["context_length"], "all")]["ppl"] == pytest.approx(r["ppl"], rel=1e-6)
+    assert all(got[(n, "doc")]["same_doc_weight"] == pytest.approx(1.0) for n in (200, 600))
+    assert got[(600, "all")]["same_doc_weight"] < 1.0  # 600 tokens span several documents here
+    assert got[(600, "doc")]["ppl"] != got[(600, "all")]["ppl"] and res["longest_document"] > 0
+    assert all(0.0 < r["same_doc_uniform"] <= 1.0 for r in res["rows"]) and res["text_per_chunk"] == 63
+    rd.plot([str(out)], str(tmp_path / "docs.png"))
+    assert (tmp_path / "docs.png").stat().st_size > 1000
