@@ -59,6 +59,13 @@ class DRTConfig:
     # given rather than learned. Values are unchanged. Experimental, results/README.md "Fourth run".
     memory_key_shift: bool = False
     gumbel: bool = True  # Gumbel noise on retrieval scores in training (exploration)
+    # in training only: every retrieval row may also pick the chunks of this many other sequences of the
+    # batch (rows b + 1 .. b + n, cyclically), as if they came before its own: unrelated text to learn
+    # to rank below its own, as a long context is full of. At the training length a row otherwise
+    # sees only its own few dozen chunks (results/README.md, "Where the rise past 16x comes from").
+    # Needs a batch of more than n sequences; the other rows must not hold this row's text (random
+    # windows of a large corpus rarely overlap). Evaluation and generation never add them.
+    retrieval_distractors: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -95,7 +102,7 @@ class DRTConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "must be a positive integer")
-        for name in ("num_lower_layers", "encoder_layers"):
+        for name in ("num_lower_layers", "encoder_layers", "retrieval_distractors"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 bad(name, "must be a non-negative integer")

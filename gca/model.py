@@ -216,12 +216,16 @@ class DRT(nn.Module):
             h = self._layer(layer, h, cos, sin)
         lmk, mem_k, mem_v = self._layer(self.encoder, h.view(B, C, S, -1))  # (B,C,d), (B,C,S,Hk,D) x2
         has_landmark = torch.arange(C, device=h.device) < L // cfg.text_per_chunk  # partial chunk: none
+        n_other = cfg.retrieval_distractors if self.training else 0
+        if n_other:
+            lmk, mem_k, mem_v = self._with_distractors(lmk, mem_k, mem_v, n_other)
         retrieval = []
         for norm, group in zip(self.retr_norms, self.groups):
             query = norm(h.view(B, C, S, -1)[:, :, -1])  # (B, C, d) hidden state at each landmark
             r = causal_topk(
                 retrieval_scores(query, lmk),
                 cfg.top_k,
+                row_offset=n_other * C,  # the other sequences' chunks come first: every row may pick them
                 valid_rows=has_landmark,
                 gumbel=self.training and cfg.gumbel,
             )
@@ -230,6 +234,16 @@ class DRT(nn.Module):
             for layer in group:
                 h = self._layer(layer, h, cos, sin, mem_k, mem_v, idx, w)
         return h[:, out_pos], retrieval
+
+    @staticmethod
+    def _with_distractors(lmk, mem_k, mem_v, n: int):
+        """The chunk memory of each sequence b with those of sequences b + 1 .. b + n (cyclically)
+        placed before its own, (B, (n + 1) C, ...): retrieval indices then address the longer memory."""
+        B = lmk.shape[0]
+        if B <= n:
+            raise ValueError(f"retrieval_distractors={n} needs a training batch of more than {n} sequences, got {B}")
+        cat = lambda t: torch.cat([t.roll(-i, 0) for i in range(n, 0, -1)] + [t], dim=1)  # noqa: E731
+        return cat(lmk), cat(mem_k), cat(mem_v)
 
     # ---- streaming ----
     def new_cache(

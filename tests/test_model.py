@@ -123,11 +123,53 @@ def test_bad_inputs():
 @pytest.mark.parametrize(
     "field, value",
     [("hidden_size", 30), ("num_kv_heads", 3), ("arch", "rnn"), ("upper_groups", [0]), ("window", 0), ("chunk_size", 1),
-     ("landmark_memory", "drop"), ("retrieval_key", "mean"), ("center_memory", "yes"), ("memory_key_shift", "on"), ("gumbel", 1)],
+     ("landmark_memory", "drop"), ("retrieval_key", "mean"), ("center_memory", "yes"), ("memory_key_shift", "on"), ("gumbel", 1),
+     ("retrieval_distractors", -1)],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"DRTConfig.{field}"):
         tiny(**{field: value})
+
+
+def test_retrieval_distractors_are_other_sequences_chunks_in_training_only():
+    """retrieval_distractors=n: in training each row may also pick the chunks of sequences b + 1 ..
+    b + n, placed before its own; its text stays causal; sequences beyond n do not reach it; evaluation
+    is the plain model."""
+    torch.manual_seed(3)
+    n, B, C = 1, 3, 6
+    m = DRT(tiny(upper_groups=[1, 1], retrieval_distractors=n, gumbel=False)).double()
+    plain = DRT(tiny(upper_groups=[1, 1], gumbel=False)).double()
+    plain.load_state_dict(m.state_dict())
+    x = torch.randint(0, 97, (B, 63 * C))
+    m.eval(), plain.eval()
+    torch.testing.assert_close(m(x).logits, plain(x).logits, rtol=0, atol=0)  # evaluation: no distractors
+    m.train()
+    out = m(x, output_retrieval=True)
+    for r in out.retrieval:
+        assert r.indices.shape == (B, C, 3)
+        c = torch.arange(C)[None, :, None]
+        # columns 0 .. nC - 1 are the other sequence's chunks (any row may pick them), then its own (j < c)
+        assert ((r.indices < n * C + c) & (r.indices >= 0)).all()  # row 0 too: it has the other's chunks
+        assert (r.indices < n * C).any() and (r.indices >= n * C).any()  # both kinds get picked
+        torch.testing.assert_close(r.weights.sum(-1), torch.ones(B, C, dtype=r.weights.dtype))
+    # what sequence 0 reads: sequence 1's chunks, never sequence 2's; its own text causally
+    y = x.clone()
+    y[2] = torch.randint(0, 97, (63 * C,))
+    torch.testing.assert_close(m(y).logits[0], out.logits[0], rtol=0, atol=0)
+    y = x.clone()
+    y[1] = torch.randint(0, 97, (63 * C,))
+    assert (m(y).logits[0] - out.logits[0]).abs().max() > 1e-6
+    t = 63 * 3 + 10
+    y = x.clone()
+    y[0, t] = (x[0, t] + 1) % 97
+    a = m(y).logits[0]
+    torch.testing.assert_close(a[:t], out.logits[0, :t], rtol=0, atol=1e-10)
+    # the loss trains the retriever against them: gradients reach the distractors' landmark keys
+    out = m(x, labels=x)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="batch of more than 1"):
+        m(x[:1])
 
 
 def test_config_roundtrip_and_unknown_field():
@@ -275,14 +317,16 @@ def test_gca_disabled_is_gca_adding_nothing(residual):
             pass
 
 
-def test_model_trains_under_torch_compile():
-    """The whole DRT (retrieval, GCA op, sliding windows) traces under torch.compile (aot_eager: no C
-    compiler needed) with the eager loss and gradients; the trainer's --compile and the throughput
-    benchmark's rely on it. Gumbel noise off: compiled code draws other random numbers."""
+@pytest.mark.parametrize("distractors", [0, 1])
+def test_model_trains_under_torch_compile(distractors):
+    """The whole DRT (retrieval, GCA op, sliding windows; with retrieval distractors too) traces under
+    torch.compile (aot_eager: no C compiler needed) with the eager loss and gradients; the trainer's
+    --compile and the throughput benchmark's rely on it. Gumbel noise off: compiled code draws other
+    random numbers."""
     import copy
 
     torch.manual_seed(0)
-    m = DRT(tiny(gumbel=False, residual="published", gca_softmax_one=True)).double().train()
+    m = DRT(tiny(gumbel=False, residual="published", gca_softmax_one=True, retrieval_distractors=distractors)).double().train()
     c = copy.deepcopy(m)
     x = torch.randint(0, 97, (2, 63 * 5 + 7))
     ref = m(x, labels=x).loss
