@@ -68,11 +68,20 @@ def main() -> None:
     ap.add_argument("--tasks-files", nargs="*", default=[],
                     help="more `gca eval tasks` outputs (tasks.json rows) to pool into passkey.json, by model")
     ap.add_argument("--plots-only", action="store_true", help="only redraw the plots from OUT's ppl.json and passkey.json")
+    ap.add_argument("--versus", action="append", default=[], metavar="DRT_TAG=SWA_TAG",
+                    help="compare the DRT seeds of DRT_TAG with the sliding window's of SWA_TAG (default: the same "
+                         "tag), e.g. dis-small=seeds-small for DRTs pre-trained again beside the window's earlier seeds")
     a = ap.parse_args()
+    versus = {}
+    for v in a.versus:
+        if v.count("=") != 1:
+            ap.error(f"--versus takes DRT_TAG=SWA_TAG, got {v!r}")
+        k, w = v.split("=")
+        versus[k] = w
     if a.plots_only:
         load = lambda name: json.load(open(os.path.join(a.out, name))) if os.path.exists(os.path.join(a.out, name)) else []
-        _plots(load("ppl.json"), load("passkey.json"), a.out)
-        _print_seed_comparison(load("ppl.json"))
+        _plots(load("ppl.json"), load("passkey.json"), a.out, versus)
+        _print_seed_comparison(load("ppl.json"), versus)
         return
     ppl, tasks = collect(a.runs, os.path.basename(os.path.normpath(a.data)), a.tasks_files)
     os.makedirs(a.out, exist_ok=True)
@@ -84,13 +93,14 @@ def main() -> None:
                 json.dump(merged[name], f, indent=1)
             print(f"{name}: {len(rows)} rows from {a.runs}, {len(merged[name])} in all")
     if ppl or tasks:
-        _plots(merged["ppl.json"], merged["passkey.json"], a.out)  # every model in the files
-    _print_seed_comparison(merged.get("ppl.json") or [])
+        _plots(merged["ppl.json"], merged["passkey.json"], a.out, versus)  # every model in the files
+    _print_seed_comparison(merged.get("ppl.json") or [], versus)
 
 
-def _print_seed_comparison(ppl: list[dict]) -> None:
-    for r in seed_comparison(seed_groups(ppl)):
-        print(f"{r['tag']} {r['context_length']:>8}: DRT {r['drt']:.2f}, sliding window {r['swa']:.2f} (geometric means "
+def _print_seed_comparison(ppl: list[dict], versus: dict | None = None) -> None:
+    for r in seed_comparison(seed_groups(ppl), versus):
+        vs = f" vs {r['swa_tag']}" if r["swa_tag"] != r["tag"] else ""
+        print(f"{r['tag']}{vs} {r['context_length']:>8}: DRT {r['drt']:.2f}, sliding window {r['swa']:.2f} (geometric means "
               f"of {r['seeds'][0]} / {r['seeds'][1]} seeds): {100 * r['diff']:+.1f}% +- {100 * r['se']:.1f}% (log scale, "
               f"one standard error), medians {100 * r['median_diff']:+.1f}%")
 
@@ -106,25 +116,28 @@ def seed_groups(ppl: list[dict]) -> dict[tuple[str, str], dict[int, dict[int, fl
     return {k: v for k, v in groups.items() if len(v) >= 2}
 
 
-def seed_comparison(groups: dict) -> list[dict]:
+def seed_comparison(groups: dict, versus: dict | None = None) -> list[dict]:
     """DRT against the sliding window per tag and length, from :func:`seed_groups`: the geometric means
     of both, ``diff`` = their ratio - 1, ``se``: one standard error of the difference of the mean
-    log-perplexities (seeds independent), ``median_diff``: the ratio of the medians - 1."""
+    log-perplexities (seeds independent), ``median_diff``: the ratio of the medians - 1. ``versus``
+    maps a DRT tag to the sliding window's tag to compare it with (default: the same tag)."""
+    versus = versus or {}
     rows = []
     for (arch, tag), drt in sorted(groups.items()):
-        swa = groups.get(("swa", tag))
+        swa_tag = versus.get(tag, tag)
+        swa = groups.get(("swa", swa_tag))
         if arch != "drt" or swa is None:
             continue
         for n in sorted(set.intersection(*(set(v) for v in (*drt.values(), *swa.values())))):
             a, b = [math.log(v[n]) for v in drt.values()], [math.log(v[n]) for v in swa.values()]
             se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-            rows.append(dict(tag=tag, context_length=n, seeds=(len(a), len(b)), drt=math.exp(statistics.mean(a)),
+            rows.append(dict(tag=tag, swa_tag=swa_tag, context_length=n, seeds=(len(a), len(b)), drt=math.exp(statistics.mean(a)),
                              swa=math.exp(statistics.mean(b)), diff=math.exp(statistics.mean(a) - statistics.mean(b)) - 1,
                              se=se, median_diff=math.exp(statistics.median(a) - statistics.median(b)) - 1))
     return rows
 
 
-def _seed_plot(ppl: list[dict], out: str, plt) -> None:
+def _seed_plot(ppl: list[dict], out: str, plt, versus: dict | None = None) -> None:
     """ppl_seeds.png: each seed's perplexity (thin) and the geometric mean over seeds (thick) per
     architecture; right, DRT over the sliding window (ratio of the geometric means, +- one standard
     error of the difference of mean log-perplexities), for every tag that has both."""
@@ -143,13 +156,15 @@ def _seed_plot(ppl: list[dict], out: str, plt) -> None:
                      linestyle=ls, lw=2.5, marker="o", label=f"{arch}-{tag}: geometric mean of {len(seeds)} seeds")
     axes[0].set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity", title="perplexity by seed")
     axes[0].legend(fontsize=8)
-    comparison = seed_comparison(groups)
-    for tag in sorted({r["tag"] for r in comparison}):
+    comparison = seed_comparison(groups, versus)
+    for i, tag in enumerate(sorted({r["tag"] for r in comparison})):
         rs = [r for r in comparison if r["tag"] == tag]
         lengths, d = [r["context_length"] for r in rs], [math.log1p(r["diff"]) for r in rs]
-        axes[1].plot(lengths, [100 * r["diff"] for r in rs], marker="o", color="tab:blue", label=f"drt / swa - 1 ({tag})")
+        vs = f" vs {rs[0]['swa_tag']}" if rs[0]["swa_tag"] != tag else ""
+        color = "tab:blue" if i == 0 else f"C{i + 2}"
+        axes[1].plot(lengths, [100 * r["diff"] for r in rs], marker="o", color=color, label=f"drt / swa - 1 ({tag}{vs})")
         axes[1].fill_between(lengths, [100 * (math.exp(x - r["se"]) - 1) for x, r in zip(d, rs)],
-                             [100 * (math.exp(x + r["se"]) - 1) for x, r in zip(d, rs)], color="tab:blue", alpha=0.2)
+                             [100 * (math.exp(x + r["se"]) - 1) for x, r in zip(d, rs)], color=color, alpha=0.2)
     axes[1].axhline(0, color="k", lw=0.8)
     axes[1].axhline(-4, color="tab:red", lw=0.8, linestyle=":", label="goal: 4% below")
     axes[1].set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity difference (%)",
@@ -160,7 +175,7 @@ def _seed_plot(ppl: list[dict], out: str, plt) -> None:
     plt.close(fig)
 
 
-def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
+def _plots(ppl: list[dict], tasks: list[dict], out: str, versus: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +208,7 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, "ppl_vs_length.png"), dpi=120)
         plt.close(fig)
-        _seed_plot(ppl, out, plt)
+        _seed_plot(ppl, out, plt, versus)
     if tasks:
         kinds = sorted({r["task"] for r in tasks})
         fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)

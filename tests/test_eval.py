@@ -271,6 +271,16 @@ def test_collect_results_groups_seeds_and_plots_them(tmp_path):
             [math.log(1 + s / 10) for s in (1, 2, 3)])))
     cr._plots(rows, [], str(tmp_path))
     assert (tmp_path / "ppl_seeds.png").stat().st_size > 0 and (tmp_path / "ppl_vs_length.png").exists()
+    # DRTs of another tag against the window's seeds of this one (--versus y-small=x-small)
+    rows += [{"model": f"drt-s{s}-y-small", "train_length": 10, "context_length": n, "ppl": 9.0 * (1 + s / 10), "tokens": 5}
+             for s in (1, 2) for n in (10, 40)]
+    groups = cr.seed_groups(rows)
+    assert [r["tag"] for r in cr.seed_comparison(groups)] == ["x-small", "x-small"]  # no window seeds tagged y
+    cmp = [r for r in cr.seed_comparison(groups, {"y-small": "x-small"}) if r["tag"] == "y-small"]
+    assert [(r["swa_tag"], r["seeds"]) for r in cmp] == [("x-small", (2, 3))] * 2
+    assert cmp[0]["diff"] == pytest.approx(math.exp(statistics.mean([math.log(9 * (1 + s / 10)) for s in (1, 2)])
+                                                    - statistics.mean([math.log(11 * (1 + s / 10)) for s in (1, 2, 3)])) - 1)
+    cr._plots(rows, [], str(tmp_path), {"y-small": "x-small"})
 
 
 
