@@ -60,8 +60,8 @@ class DRTConfig:
     memory_key_shift: bool = False
     gumbel: bool = True  # Gumbel noise on retrieval scores in training (exploration)
     # in training only: every retrieval row may also pick the chunks of this many other sequences of the
-    # batch (rows b + 1 .. b + n, cyclically), as if they came before its own: unrelated text to learn
-    # to rank below its own, as a long context is full of. At the training length a row otherwise
+    # batch (rows b + 1 .. b + n, cyclically), as if they came before its own: unrelated text, which a
+    # long context is full of, to learn to rank below its own. At the training length a row otherwise
     # sees only its own few dozen chunks (results/README.md, "Where the rise past 16x comes from").
     # Needs a batch of more than n sequences; the other rows must not hold this row's text (random
     # windows of a large corpus rarely overlap). Evaluation and generation never add them.
