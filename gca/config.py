@@ -64,7 +64,8 @@ class DRTConfig:
     # long context is full of, to learn to rank below its own. At the training length a row otherwise
     # sees only its own few dozen chunks (results/README.md, "Where the rise past 16x comes from").
     # Needs a batch of more than n sequences; the other rows must not hold this row's text (random
-    # windows of a large corpus rarely overlap). Evaluation and generation never add them.
+    # windows of a large corpus rarely overlap). Evaluation and generation never add them. Keep it 0 for
+    # needle tasks: another sample's needle would answer the question as well as the row's own.
     retrieval_distractors: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5

@@ -99,7 +99,9 @@ run_args() {
   case $1 in
     pretrain) echo --arch "$2" --data "$PRE_DATA" --lr "$( [ "$2" = drt ] && echo "$DRT_LR" || echo "$LR" )" --seed "${SEED:-1}" \
                 $( [ "$2" = drt ] && echo "$DRT_SET" ) ;;
-    needles) echo --init-from "$(src "$2")" --data "$needles" --lr 5e-4 --seed 2 --set gca_softmax_one=false ;;
+    # (retrieval distractors off: another sample's needle would answer the question as well as its own)
+    needles) echo --init-from "$(src "$2")" --data "$needles" --lr 5e-4 --seed 2 --set gca_softmax_one=false \
+                  --set retrieval_distractors=0 ;;
   esac
 }
 
