@@ -20,8 +20,10 @@ chunks cost or give.
 
 Statistics over the retrieval rows that serve a scored token, every group: ``same_doc_weight`` (the
 share of the retrieval weight on chunks of the row's own document), ``rows_with_same_doc`` (rows
-that had at least one earlier chunk of their document to pick), ``far_weight`` (the share on chunks
-more than ``--far`` chunks back; default 16 training lengths).
+that had at least one earlier chunk of their document to pick), ``same_doc_uniform`` (the share
+picks blind to documents would get: each row's fraction of candidates in its document),
+``far_weight`` (the share on chunks more than ``--far`` training lengths back; default 16).
+``--plot`` draws the perplexity of both modes and the shares against the context.
 """
 
 from __future__ import annotations
