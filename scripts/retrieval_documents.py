@@ -189,7 +189,7 @@ def main() -> None:
     sep = ds.separator_id
     P = cfg.text_per_chunk
     far_chunks = int(a.far * (train_length or T + 1) / P)
-    doc_len = np.diff(np.append(np.flatnonzero(np.asarray(tokens) == sep), len(tokens)))
+    doc_len = np.diff(np.append(np.asarray(ds.doc_offsets, dtype=np.int64), len(tokens)))  # separators included
     rows_out = []
     real = gca_model.causal_topk
     try:

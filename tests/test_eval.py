@@ -579,7 +579,7 @@ def test_passkey_digit_runs_probes(monkeypatch):
     assert (pred == list(s.answer)) == correct[0] and len(probs) == len(s.answer)
 
 
-def test_retrieval_documents_script(tmp_path, monkeypatch):
+def test_retrieval_documents_script(tmp_path, monkeypatch, capsys):
     """scripts/retrieval_documents.py: chunk documents from separators; in ``all`` mode its perplexity
     is the ppl command's and the hook changes nothing; in ``doc`` mode no retrieval weight leaves the
     row's own document and rows with none of it to pick get empty slots."""
@@ -647,3 +647,16 @@ def test_retrieval_documents_script(tmp_path, monkeypatch):
     assert all(0.0 < r["same_doc_uniform"] <= 1.0 for r in res["rows"]) and res["text_per_chunk"] == 63
     rd.plot([str(out)], str(tmp_path / "docs.png"))
     assert (tmp_path / "docs.png").stat().st_size > 1000
+
+    # gca eval ppl says when the contexts outgrow the held-out documents (here: at most ~250 words)
+    from gca.data import PackedDataset
+    from gca.eval.perplexity import longest_document
+
+    ds = PackedDataset(str(tmp_path / "data"), "val")
+    longest = longest_document(ds)
+    assert longest == max(len(ds.document(i)) + 1 for i in range(ds.num_documents)) == res["longest_document"]
+    capsys.readouterr()
+    for lengths, noted in (("600", True), (str(longest), False)):
+        assert main(["eval", "ppl", "--ckpt", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--lengths",
+                     lengths, "--windows", "1", "--out", str(tmp_path / "ppl"), "--device", "cpu"]) == 0  # fmt: skip
+        assert (f"the longest held-out document has {longest} tokens" in capsys.readouterr().out) == noted

@@ -123,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for task in tasks:
             plot_heatmap(rows, str(out / f"heatmap_{task}.png"), task=task)
     else:
-        from gca.eval.perplexity import perplexity_vs_length
+        from gca.eval.perplexity import longest_document, perplexity_vs_length
 
         if not args.data:
             raise SystemExit("gca eval ppl needs --data DIR (a folder written by gca prepare)")
@@ -142,6 +142,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             what = f"the same {r['tokens']} tokens (the last {r['targets']} of each window)" if targets else f"{r['tokens']} tokens"
             print(f"context {r['context_length']:>10}{x}: ppl {r['ppl']:.3f} over {what}")
         plot_ppl_vs_length(rows, str(out / "ppl_vs_length.png"), train_length=train_length)
+        longest = longest_document(args.data)
+        if longest and max(lengths) > longest:
+            print(f"note: the longest held-out document has {longest} tokens, so contexts longer than that hold other "
+                  f"documents too: beyond it, perplexity measures what reading unrelated text costs, not length alone "
+                  f"(scripts/retrieval_documents.py shows where retrieval goes)")
     print(f"wrote {out} in {time.time() - t0:.0f}s")
     return 0
 

@@ -58,6 +58,17 @@ def stream_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool =
     return total, count
 
 
+def longest_document(data) -> int:
+    """Tokens in the longest document of a prepared folder's (or :class:`gca.data.PackedDataset`'s)
+    ``val`` split, its separator included; 0 when the split has no document index."""
+    from gca.data import PackedDataset
+
+    ds = data if isinstance(data, PackedDataset) else PackedDataset(data, "val")
+    if not (ds.path / f"{ds.split}.idx.npy").exists():
+        return 0
+    return int(np.diff(np.append(np.asarray(ds.doc_offsets, dtype=np.int64), len(ds))).max())
+
+
 def perplexity_vs_length(
     model: DRT,
     data,
