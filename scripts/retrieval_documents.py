@@ -39,7 +39,7 @@ import torch
 
 import gca.model as gca_model
 from gca.eval.cli import load_for_eval, parse_lengths
-from gca.eval.perplexity import stream_nll
+from gca.eval.perplexity import document_lengths, fixed_end_points, stream_nll
 from gca.retrieval import Retrieval, causal_topk
 
 _NEG = -1e30
@@ -184,12 +184,11 @@ def main() -> None:
     T = min(lengths) - 1  # as perplexity_vs_length(targets=min(lengths))
     ds = PackedDataset(a.data, "val")
     tokens = ds.tokens
-    rng = np.random.default_rng(a.seed)
-    ends = rng.integers(max(lengths), len(tokens) + 1, size=a.windows)  # perplexity_vs_length's draw
+    ends = fixed_end_points(len(tokens), lengths, a.windows, np.random.default_rng(a.seed))
     sep = ds.separator_id
     P = cfg.text_per_chunk
     far_chunks = int(a.far * (train_length or T + 1) / P)
-    doc_len = np.diff(np.append(np.asarray(ds.doc_offsets, dtype=np.int64), len(tokens)))  # separators included
+    doc_len = document_lengths(ds)
     rows_out = []
     real = gca_model.causal_topk
     try:
@@ -197,6 +196,7 @@ def main() -> None:
             ids = np.stack([np.asarray(tokens[e - N : e], dtype=np.int64) for e in ends])
             chunk_doc = chunk_documents(ids, P, sep)
             first_row = (N - T) // P - 1  # the row that serves the chunk of the first scored token
+            blind = uniform_share(chunk_doc, first_row)
             for mode in a.modes.split(","):
                 hook = DocumentRetrieval(chunk_doc, first_row, far_chunks, restrict=mode == "doc")
                 gca_model.causal_topk = hook
@@ -204,7 +204,7 @@ def main() -> None:
                 nll, n = stream_nll(model, torch.from_numpy(ids), last=T)
                 row = dict(model=a.name or a.ckpt, context_length=N, mode=mode, ppl=math.exp(nll / n), tokens=n,
                            windows=a.windows, targets=T, same_doc_weight=hook.same / max(hook.total, 1e-9),
-                           same_doc_uniform=uniform_share(chunk_doc, first_row),
+                           same_doc_uniform=blind,
                            far_weight=hook.far_w / max(hook.total, 1e-9), far_chunks=far_chunks,
                            rows=hook.rows, rows_with_same_doc=hook.rows_same, seconds=round(time.time() - t0, 1))
                 rows_out.append(row)
@@ -213,7 +213,8 @@ def main() -> None:
                       f"{hook.rows_same}/{hook.rows}", flush=True)
                 with open(a.out, "w") as f:
                     json.dump(dict(rows=rows_out, seed=a.seed, ends=[int(e) for e in ends], text_per_chunk=P,
-                                   longest_document=int(doc_len.max()), median_document=float(np.median(doc_len))), f, indent=1)
+                                   longest_document=int(doc_len.max()) if len(doc_len) else None,
+                                   median_document=float(np.median(doc_len)) if len(doc_len) else None), f, indent=1)
     finally:
         gca_model.causal_topk = real
 

@@ -58,15 +58,27 @@ def stream_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool =
     return total, count
 
 
-def longest_document(data) -> int:
-    """Tokens in the longest document of a prepared folder's (or :class:`gca.data.PackedDataset`'s)
-    ``val`` split, its separator included; 0 when the split has no document index."""
+def document_lengths(data) -> np.ndarray:
+    """Tokens in each document of a prepared folder's (or :class:`gca.data.PackedDataset`'s) ``val``
+    split, separators included; empty when the split has no document index."""
     from gca.data import PackedDataset
 
     ds = data if isinstance(data, PackedDataset) else PackedDataset(data, "val")
     if not (ds.path / f"{ds.split}.idx.npy").exists():
-        return 0
-    return int(np.diff(np.append(np.asarray(ds.doc_offsets, dtype=np.int64), len(ds))).max())
+        return np.zeros(0, dtype=np.int64)
+    return np.diff(np.append(np.asarray(ds.doc_offsets, dtype=np.int64), len(ds)))
+
+
+def longest_document(data) -> int:
+    """Tokens in the longest held-out document (:func:`document_lengths`); 0 without a document index."""
+    lengths = document_lengths(data)
+    return int(lengths.max()) if len(lengths) else 0
+
+
+def fixed_end_points(n_tokens: int, lengths, windows: int, rng: np.random.Generator) -> np.ndarray:
+    """The ``windows`` end points that ``perplexity_vs_length(targets=...)`` scores before, drawn from
+    ``rng`` (``np.random.default_rng(seed)`` fresh): each leaves room for the longest context."""
+    return rng.integers(max(lengths), n_tokens + 1, size=windows)
 
 
 def perplexity_vs_length(
@@ -111,7 +123,7 @@ def perplexity_vs_length(
         if not 1 <= targets <= min(lengths):
             raise ValueError(f"targets must lie in [1, the shortest length {min(lengths)}], got {targets}")
         targets = min(targets, min(lengths) - 1)  # a window's first token has no prediction: T = N scores N - 1
-        ends = rng.integers(max(lengths), len(tokens) + 1, size=windows)  # the same text scored at every N
+        ends = fixed_end_points(len(tokens), lengths, windows, rng)  # the same text scored at every N
     model.eval()
     rows = []
     for N in tqdm(lengths, desc="ppl", disable=not progress):
