@@ -127,6 +127,8 @@ def plot(files: list[str], out: str, data: str | None = None) -> None:
             P = first.get("text_per_chunk", 63)  # files written before the field: the presets' 64-position chunks
             r["same_doc_uniform"] = uniform_share(chunk_documents(ids, P, ds.separator_id), (N - T) // P - 1)
     if "same_doc_uniform" in rs[0]:
+        print("picks blind to documents, share on the own document: " + ", ".join(
+            f"{r['context_length']}: {100 * r['same_doc_uniform']:.1f}%" for r in rs))
         a2.plot([r["context_length"] for r in rs], [100 * r["same_doc_uniform"] for r in rs], ":", color="gray", lw=2,
                 label="picks blind to documents")
     for ax in (a1, a2):
