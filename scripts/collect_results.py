@@ -71,17 +71,24 @@ def main() -> None:
     ap.add_argument("--versus", action="append", default=[], metavar="DRT_TAG=SWA_TAG",
                     help="compare the DRT seeds of DRT_TAG with the sliding window's of SWA_TAG (default: the same "
                          "tag), e.g. dis-small=seeds-small for DRTs pre-trained again beside the window's earlier seeds")
+    ap.add_argument("--paired", action="append", default=[], metavar="ARCH-TAG=ARCH-TAG",
+                    help="compare two seed groups seed by seed (the seeds both have), e.g. drt-dis-small=drt-seeds-small")
     a = ap.parse_args()
-    versus = {}
+    versus, paired = {}, []
     for v in a.versus:
         if v.count("=") != 1:
             ap.error(f"--versus takes DRT_TAG=SWA_TAG, got {v!r}")
         k, w = v.split("=")
         versus[k] = w
+    for v in a.paired:
+        sides = v.split("=")
+        if len(sides) != 2 or not all(re.fullmatch(r"[a-z]+-.+", x) for x in sides):
+            ap.error(f"--paired takes ARCH-TAG=ARCH-TAG (e.g. drt-dis-small=drt-seeds-small), got {v!r}")
+        paired.append(tuple(tuple(x.split("-", 1)) for x in sides))
     if a.plots_only:
         load = lambda name: json.load(open(os.path.join(a.out, name))) if os.path.exists(os.path.join(a.out, name)) else []
         _plots(load("ppl.json"), load("passkey.json"), a.out, versus)
-        _print_seed_comparison(load("ppl.json"), versus)
+        _print_seed_comparison(load("ppl.json"), versus, paired)
         return
     ppl, tasks = collect(a.runs, os.path.basename(os.path.normpath(a.data)), a.tasks_files)
     os.makedirs(a.out, exist_ok=True)
@@ -94,15 +101,54 @@ def main() -> None:
             print(f"{name}: {len(rows)} rows from {a.runs}, {len(merged[name])} in all")
     if ppl or tasks:
         _plots(merged["ppl.json"], merged["passkey.json"], a.out, versus)  # every model in the files
-    _print_seed_comparison(merged.get("ppl.json") or [], versus)
+    _print_seed_comparison(merged.get("ppl.json") or [], versus, paired)
 
 
-def _print_seed_comparison(ppl: list[dict], versus: dict | None = None) -> None:
-    for r in seed_comparison(seed_groups(ppl), versus):
+def _print_seed_comparison(ppl: list[dict], versus: dict | None = None, paired: list | None = None) -> None:
+    groups = seed_groups(ppl)
+    for r in seed_comparison(groups, versus):
         vs = f" vs {r['swa_tag']}" if r["swa_tag"] != r["tag"] else ""
         print(f"{r['tag']}{vs} {r['context_length']:>8}: DRT {r['drt']:.2f}, sliding window {r['swa']:.2f} (geometric means "
               f"of {r['seeds'][0]} / {r['seeds'][1]} seeds): {100 * r['diff']:+.1f}% +- {100 * r['se']:.1f}% (log scale, "
               f"one standard error), medians {100 * r['median_diff']:+.1f}%")
+    for (arch, tag), seeds in sorted(groups.items()):
+        lo, hi, change = last_step_change(seeds)
+        if change:
+            print(f"{arch}-{tag}: {lo} -> {hi} tokens, per seed {min(change):+.2%} to {max(change):+.2%} "
+                  f"({sum(c > 0 for c in change)} of {len(change)} rise)")
+    for a, b in paired or []:
+        if a not in groups or b not in groups:
+            print(f"--paired: no seed group {'-'.join(a if a not in groups else b)} in ppl.json")
+            continue
+        for r in paired_comparison(groups[a], groups[b]):
+            print(f"{'-'.join(a)} vs {'-'.join(b)} {r['context_length']:>8}, seed by seed ({r['seeds']} seeds): "
+                  f"{100 * r['diff']:+.1f}% +- {100 * r['se']:.1f}% (one standard error), median {100 * r['median_diff']:+.1f}%")
+
+
+def last_step_change(seeds: dict[int, dict[int, float]]) -> tuple[int, int, list[float]]:
+    """The two longest context lengths every seed has and each seed's perplexity change between them
+    (ppl at the longest / at the one before - 1): does a group rise at the end, and do all its seeds?"""
+    lengths = sorted(set.intersection(*(set(v) for v in seeds.values())))
+    if len(lengths) < 2:
+        return 0, 0, []
+    lo, hi = lengths[-2:]
+    return lo, hi, [v[hi] / v[lo] - 1 for _, v in sorted(seeds.items())]
+
+
+def paired_comparison(a: dict[int, dict[int, float]], b: dict[int, dict[int, float]]) -> list[dict]:
+    """Seed group ``a`` against ``b`` seed by seed ({seed: {context_length: ppl}}, from :func:`seed_groups`),
+    over the seeds and lengths both have: ``diff`` = exp(mean log(a / b)) - 1, ``se`` its standard error
+    (of the mean of the per-seed log ratios), ``median_diff``. Pairing removes what a seed does to both
+    (its data order), which matters when the seed-to-seed spread is wider than the effect."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return []
+    rows = []
+    for n in sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds))):
+        d = [math.log(a[s][n] / b[s][n]) for s in seeds]
+        rows.append(dict(context_length=n, seeds=len(seeds), diff=math.exp(statistics.mean(d)) - 1,
+                         se=statistics.stdev(d) / math.sqrt(len(d)), median_diff=math.exp(statistics.median(d)) - 1))
+    return rows
 
 
 def seed_groups(ppl: list[dict]) -> dict[tuple[str, str], dict[int, dict[int, float]]]:
@@ -145,23 +191,27 @@ def _seed_plot(ppl: list[dict], out: str, plt, versus: dict | None = None) -> No
     if not groups:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"drt": "tab:blue", "swa": "tab:orange", "full": "tab:gray"}
+    # one colour per group: the window's tags orange / gray, each DRT tag its own (the same in both panels)
+    colors = {"swa": "tab:orange", "full": "tab:gray"}
+    drt_tags = sorted(tag for arch, tag in groups if arch == "drt")
+    color_of = lambda arch, tag: ("tab:blue" if drt_tags.index(tag) == 0 else f"C{drt_tags.index(tag) + 2}"
+                                  ) if arch == "drt" else colors.get(arch, "k")
     for (arch, tag), seeds in sorted(groups.items()):
         lengths = sorted(set.intersection(*(set(v) for v in seeds.values())))
         ls = "--" if arch != "drt" else "-"
         for v in seeds.values():
-            axes[0].plot(lengths, [v[n] for n in lengths], color=colors.get(arch, "k"), linestyle=ls, lw=0.8, alpha=0.5)
+            axes[0].plot(lengths, [v[n] for n in lengths], color=color_of(arch, tag), linestyle=ls, lw=0.8, alpha=0.5)
         lg = {n: [math.log(v[n]) for v in seeds.values()] for n in lengths}
-        axes[0].plot(lengths, [math.exp(statistics.mean(lg[n])) for n in lengths], color=colors.get(arch, "k"),
+        axes[0].plot(lengths, [math.exp(statistics.mean(lg[n])) for n in lengths], color=color_of(arch, tag),
                      linestyle=ls, lw=2.5, marker="o", label=f"{arch}-{tag}: geometric mean of {len(seeds)} seeds")
     axes[0].set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity", title="perplexity by seed")
     axes[0].legend(fontsize=8)
     comparison = seed_comparison(groups, versus)
-    for i, tag in enumerate(sorted({r["tag"] for r in comparison})):
+    for tag in sorted({r["tag"] for r in comparison}):
         rs = [r for r in comparison if r["tag"] == tag]
         lengths, d = [r["context_length"] for r in rs], [math.log1p(r["diff"]) for r in rs]
         vs = f" vs {rs[0]['swa_tag']}" if rs[0]["swa_tag"] != tag else ""
-        color = "tab:blue" if i == 0 else f"C{i + 2}"
+        color = color_of("drt", tag)
         axes[1].plot(lengths, [100 * r["diff"] for r in rs], marker="o", color=color, label=f"drt / swa - 1 ({tag}{vs})")
         axes[1].fill_between(lengths, [100 * (math.exp(x - r["se"]) - 1) for x, r in zip(d, rs)],
                              [100 * (math.exp(x + r["se"]) - 1) for x, r in zip(d, rs)], color=color, alpha=0.2)

@@ -4,6 +4,7 @@ generation, and the ppl command works on a prepared dataset."""
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,44 @@ def test_collect_results_groups_seeds_and_plots_them(tmp_path):
     assert cmp[0]["diff"] == pytest.approx(math.exp(statistics.mean([math.log(9 * (1 + s / 10)) for s in (1, 2)])
                                                     - statistics.mean([math.log(11 * (1 + s / 10)) for s in (1, 2, 3)])) - 1)
     cr._plots(rows, [], str(tmp_path), {"y-small": "x-small"})
+
+
+def test_collect_results_pairs_seeds_and_finds_the_last_rise(tmp_path, monkeypatch, capsys):
+    """--paired compares two seed groups seed by seed; last_step_change gives each seed's change between
+    the two longest lengths."""
+    cr = _script("collect_results")
+    ratio = {1: 1.02, 2: 1.06, 3: 0.98}  # group a over group b, per seed
+    b = {s: {10: 10.0 + s, 40: 9.0 + s, 160: 9.0 + s} for s in (1, 2, 3, 4)}  # seed 4 only in b: left out
+    a = {s: {n: v * ratio[s] * (1.01 if n == 160 else 1) for n, v in b[s].items()} for s in (1, 2, 3)}
+    rows = cr.paired_comparison(a, b)
+    d = [math.log(r) for r in ratio.values()]
+    assert [(r["context_length"], r["seeds"]) for r in rows] == [(10, 3), (40, 3), (160, 3)]
+    assert rows[0]["diff"] == pytest.approx(math.exp(statistics.mean(d)) - 1)
+    assert rows[0]["se"] == pytest.approx(statistics.stdev(d) / math.sqrt(3))
+    assert rows[0]["median_diff"] == pytest.approx(0.02)
+    assert rows[2]["diff"] == pytest.approx(1.01 * math.exp(statistics.mean(d)) - 1)
+    assert cr.paired_comparison(a, {1: b[1]}) == []  # one common seed: no spread to speak of
+    lo, hi, change = cr.last_step_change(a)
+    assert (lo, hi) == (40, 160) and change == pytest.approx([0.01] * 3)
+    assert cr.last_step_change({1: {10: 1.0}, 2: {10: 2.0}}) == (0, 0, [])
+
+    # the command line: a malformed --paired is refused with the form it takes; a group not in ppl.json is named
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "ppl.json").write_text(json.dumps(
+        [{"model": f"{g}-s{s}-x-small", "train_length": 10, "context_length": n, "ppl": v, "tokens": 5}
+         for g, grp in (("drt", a), ("swa", b)) for s, vs in grp.items() for n, v in vs.items()]))
+    for bad in ("drt-x-small", "drt=swa-x-small"):
+        monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out), "--paired", bad])
+        with pytest.raises(SystemExit):
+            cr.main()
+        assert "--paired takes ARCH-TAG=ARCH-TAG" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out),
+                                      "--paired", "drt-x-small=swa-x-small", "--paired", "drt-y-small=swa-x-small"])
+    cr.main()
+    printed = capsys.readouterr().out
+    assert "drt-x-small vs swa-x-small       10, seed by seed (3 seeds): +1.9%" in printed
+    assert "no seed group drt-y-small" in printed and "drt-x-small: 40 -> 160 tokens, per seed +1.00% to +1.00% (3 of 3 rise)" in printed
 
 
 
