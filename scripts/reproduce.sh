@@ -12,6 +12,8 @@
 #   STAGE=eval-long bash scripts/reproduce.sh   # DRT alone at LENGTHS_LONG (TRIALS_LONG per depth)
 #   STAGE=ppl-fixed bash scripts/reproduce.sh   # perplexity of the pre-trained models on the same text at
 #                                               # every length (--targets 1x, PPL_WINDOWS end points)
+#   STAGE=distract bash scripts/reproduce.sh    # RUN_NAMES (pre-trained DRTs) continued DIS_STEPS steps with
+#                                               # retrieval distractors (NAME-dis) and without (NAME-ctl)
 #   STAGE=diagnose bash scripts/reproduce.sh    # DRT: needle retrieved? read? (scripts/needle_attention.py)
 #   STAGE=export   bash scripts/reproduce.sh    # bf16 weights of every run in RUNS/export/ (36 MB each
 #                                               # for the small preset): the later stages start from
@@ -28,7 +30,8 @@
 # (DRT's --set options in pre-training), DEVICE (auto), DTYPE (bfloat16, for
 # evaluation), RESULTS (results: where ppl.json and passkey.json are merged), SEEDS (pretrain: seeds, each
 # arch once per seed; default one run per arch, seed 1), PPL_WINDOWS (16), PPL_LIMIT (600 s), RUN_NAMES (ARCHS) and NAME_TAG
-# (none: inserted before -PRESET in the model names) for ppl-fixed.
+# (none: inserted before -PRESET in the model names) for ppl-fixed and distract; DIS_STEPS (400), DIS_LR (1e-4,
+# constant) and DIS_SEED (17: the data order, the same for both arms) for distract.
 #
 # Timing on one H200 with the three models side by side: pre-training ~122 ms a step (2600 steps in
 # 5.3 minutes; ~169 ms with a fourth, DRT, run beside them), needle fine-tuning ~126 ms (3400 in 7.1
@@ -41,7 +44,7 @@
 # and carry only RUNS/export to the next sitting (fine-tuning starts a fresh optimizer anyway).
 set -euo pipefail
 shopt -s inherit_errexit
-STAGE=${STAGE:?set STAGE=pretrain, needles, eval, ppl-fixed, eval-long, diagnose or export}
+STAGE=${STAGE:?set STAGE=pretrain, needles, eval, ppl-fixed, distract, eval-long, diagnose or export}
 RUNS=${RUNS:-runs/repro}
 DATA=${DATA:-data/debian-docs}
 PRESET=${PRESET:-small}
@@ -155,6 +158,23 @@ case $STAGE in
     done
     wait
     for a in ${RUN_NAMES:-$ARCHS}; do tail -n 8 "$RUNS/eval/$a-ppl-fixed.log"; done ;;
+  distract)  # a short second stage after plain pre-training (results/README.md, "Retrieval distractors over ten
+    # seeds", the pilot): each pre-trained DRT of RUN_NAMES (default drt) continued DIS_STEPS steps on PRE_DATA at a
+    # constant DIS_LR with retrieval_distractors=1 (RUNS/NAME-dis) and, as its control, the same steps on the same
+    # batches without (RUNS/NAME-ctl), all side by side; then e.g. STAGE=ppl-fixed RUN_NAMES='drt-s1-dis drt-s1-ctl'
+    # NAME_TAG=-stage and collect_results.py --paired drt-dis-stage-small=drt-ctl-stage-small
+    names=()
+    for a in ${RUN_NAMES:-drt}; do
+      for n in 1 0; do
+        o=$a-$( [ "$n" = 1 ] && echo dis || echo ctl )
+        names+=("$o")
+        gca train "${common[@]}" --init-from "$(src "$a")" --data "$PRE_DATA" --lr "${DIS_LR:-1e-4}" --min-lr "${DIS_LR:-1e-4}" \
+          --warmup 0 --seed "${DIS_SEED:-17}" --set retrieval_distractors=$n --max-steps "${DIS_STEPS:-400}" --out "$RUNS/$o" \
+          >> "$RUNS/$o.log" 2>&1 &
+      done
+    done
+    wait
+    for n in "${names[@]}"; do tail -n 1 "$RUNS/$n.log"; done ;;
   eval-long)  # DRT alone at LENGTHS_LONG, the chunk memory in CPU memory; one process per length (each
     # length's trials are then the same whichever other lengths are asked for)
     for L in ${LENGTHS_LONG//,/ }; do

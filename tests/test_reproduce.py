@@ -1,0 +1,46 @@
+"""scripts/reproduce.sh end to end on a CPU at toy size: pre-training two seeds, the distractor stage with
+its control, and the perplexity stage, as a GPU run chains them (results/README.md has the real commands)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reproduce_pretrain_distract_ppl(tmp_path):
+    from gca.data.prepare import prepare
+
+    src = tmp_path / "txt"
+    src.mkdir()
+    for i in range(8):
+        (src / f"d{i}.txt").write_text(f"document {i}. " + f"the {i} quick brown fox jumps over the lazy dog; " * 80)
+    prepare([str(src)], tmp_path / "data", tokenizer="embedded", val_fraction=0.5, progress=False)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "RUNS": str(runs), "DATA": str(tmp_path / "data"), "PRE_DATA": str(tmp_path / "data"), "PRESET": "tiny",
+           "SEQ": "252", "BATCH": "2", "DEVICE": "cpu", "DTYPE": "float32", "ARCHS": "drt", "LR": "1e-3"}
+
+    def stage(name, **kw):
+        p = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh")], cwd=ROOT, env={**env, "STAGE": name, **kw},
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    out = stage("pretrain", SEEDS="1 2", STEPS="2", DRT_SET="--set hidden_size=32 --set num_heads=2 --set intermediate_size=64")
+    assert out.count("done: step 2") == 2, out
+    out = stage("distract", RUN_NAMES="drt-s1 drt-s2", DIS_STEPS="3")
+    assert out.count("done: step 3") == 4, out
+    for name in ("drt-s1-dis", "drt-s1-ctl", "drt-s2-dis", "drt-s2-ctl"):
+        cfg = json.loads((runs / name / "ckpt" / "train_config.json").read_text())
+        assert cfg["init_from"] == str(runs / name[:6]) and cfg["seed"] == 17 and cfg["lr"] == cfg["min_lr"] == 1e-4
+        model = json.loads((runs / name / "ckpt" / "config.json").read_text())
+        assert model["retrieval_distractors"] == (1 if name.endswith("dis") else 0)
+        assert model["hidden_size"] == 32  # the pre-trained model's config, kept
+    stage("ppl-fixed", RUN_NAMES="drt-s1-dis drt-s1-ctl drt-s2-dis drt-s2-ctl", NAME_TAG="-stage", LENGTHS_PPL="1x,2x",
+          PPL_WINDOWS="2")
+    models = {json.loads((runs / "eval" / f"{n}-ppl-fixed" / "ppl.json").read_text())[0]["model"]
+              for n in ("drt-s1-dis", "drt-s2-ctl")}
+    assert models == {"drt-s1-dis-stage-tiny", "drt-s2-ctl-stage-tiny"}
