@@ -91,11 +91,14 @@ def chunk_documents(ids: np.ndarray, per_chunk: int, sep: int) -> torch.Tensor:
     return torch.from_numpy(doc[:, last])
 
 
-def plot(files: list[str], out: str, data: str | None = None) -> None:
+def plot(files: list[str], out: str, data: str | None = None, labels: list[str] | None = None) -> None:
     """Two panels from this script's JSON files: perplexity against context, as the model is and with
     retrieval kept to the row's document (relative to the first length's ``all``), and the share of
     the retrieval weight on the row's own document, beside the share a retriever blind to documents
-    would get (the files' ``same_doc_uniform``, or computed from ``data`` for files without it)."""
+    would get (the files' ``same_doc_uniform``, or computed from ``data`` for files without it).
+    ``labels``: one legend name per file (default: the model names in the files)."""
+    if labels is not None and len(labels) != len(files):
+        raise ValueError(f"{len(labels)} labels for {len(files)} files: give one per file, in order")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +107,7 @@ def plot(files: list[str], out: str, data: str | None = None) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for i, f in enumerate(files):
         rows = json.load(open(f))["rows"]
-        name = rows[0]["model"]
+        name = labels[i] if labels else rows[0]["model"]
         color = f"C{i}"
         base = next(r["ppl"] for r in rows if r["mode"] == "all")
         for mode, style in (("all", "-o"), ("doc", "--s")):
@@ -169,10 +172,14 @@ def main() -> None:
     ap.add_argument("--far", type=float, default=16.0, help="'far' = more than this many training lengths back")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--labels", help="with --plot: the files' legend names, comma-separated, one per file")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.plot:
-        return plot(a.plot, a.out, a.data if Path(a.data).exists() else None)
+        labels = a.labels.split(",") if a.labels else None
+        if labels is not None and len(labels) != len(a.plot):
+            ap.error(f"--labels has {len(labels)} names for {len(a.plot)} files: give one per file, in order")
+        return plot(a.plot, a.out, a.data if Path(a.data).exists() else None, labels)
     if not a.ckpt:
         ap.error("--ckpt is required (or --plot)")
 

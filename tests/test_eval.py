@@ -686,6 +686,14 @@ def test_retrieval_documents_script(tmp_path, monkeypatch, capsys):
     assert all(0.0 < r["same_doc_uniform"] <= 1.0 for r in res["rows"]) and res["text_per_chunk"] == 63
     rd.plot([str(out)], str(tmp_path / "docs.png"))
     assert (tmp_path / "docs.png").stat().st_size > 1000
+    rd.plot([str(out), str(out)], str(tmp_path / "docs2.png"), labels=["before", "after"])
+    assert (tmp_path / "docs2.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="1 labels for 2 files"):
+        rd.plot([str(out), str(out)], str(tmp_path / "docs3.png"), labels=["one"])
+    monkeypatch.setattr(sys, "argv", ["retrieval_documents", "--plot", str(out), "--labels", "a,b", "--out", "x.png"])
+    with pytest.raises(SystemExit):
+        rd.main()
+    assert "--labels has 2 names for 1 files" in capsys.readouterr().err
 
     # gca eval ppl says when the contexts outgrow the held-out documents (here: at most ~250 words)
     from gca.data import PackedDataset
