@@ -66,6 +66,9 @@ class DRTConfig:
     # Needs a batch of more than n sequences; the other rows must not hold this row's text (random
     # windows of a large corpus rarely overlap). Evaluation and generation never add them. Keep it 0 for
     # needle tasks: another sample's needle would answer the question as well as the row's own.
+    # Measured over ten seeds of the small preset (results/README.md, "Retrieval distractors over ten
+    # seeds"): perplexity flat from 4x to 64x the training length in every seed, but ~3.7% higher at
+    # the training length than without.
     retrieval_distractors: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
