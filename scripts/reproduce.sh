@@ -29,9 +29,10 @@
 # full), NEEDLE_TASKS / REPEAT_GAP / DIGITS (the task half of the needle mixture, below), DRT_SET
 # (DRT's --set options in pre-training), DEVICE (auto), DTYPE (bfloat16, for
 # evaluation), RESULTS (results: where ppl.json and passkey.json are merged), SEEDS (pretrain: seeds, each
-# arch once per seed; default one run per arch, seed 1), PPL_WINDOWS (16), PPL_LIMIT (600 s), RUN_NAMES (ARCHS) and NAME_TAG
-# (none: inserted before -PRESET in the model names) for ppl-fixed and distract; DIS_STEPS (400), DIS_LR (1e-4,
-# constant) and DIS_SEED (17: the data order, the same for both arms) for distract.
+# arch once per seed; default one run per arch, seed 1), PPL_WINDOWS (16), PPL_LIMIT (600 s), RUN_NAMES (the runs
+# ppl-fixed scores, default ARCHS; the pre-trained DRTs distract continues, default drt), NAME_TAG (ppl-fixed; none:
+# inserted before -PRESET in the model names); DIS_STEPS (400), DIS_LR (1e-4, constant) and DIS_SEED (17: the data
+# order, the same for both arms) for distract.
 #
 # Timing on one H200 with the three models side by side: pre-training ~122 ms a step (2600 steps in
 # 5.3 minutes; ~169 ms with a fourth, DRT, run beside them), needle fine-tuning ~126 ms (3400 in 7.1
