@@ -199,9 +199,9 @@ def _digit_runs(out: np.ndarray, digits: np.ndarray, frac: float, rng: np.random
             d = rng.integers(0, 10, size=ln)
             if repeat:
                 same = rng.random(ln) < repeat
-                for i in range(1, ln):
-                    if same[i]:
-                        d[i] = d[i - 1]
+                same[0] = False
+                # each digit takes the value of the last position before it (or itself) that drew its own
+                d = d[np.maximum.accumulate(np.where(same, 0, np.arange(ln)))]
             out[start:start + ln] = digits[d]
     return out
 
