@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -220,10 +221,11 @@ def main() -> None:
                 print(f"{N:>9} {mode:>4}: ppl {row['ppl']:.3f}  weight on own document {100 * row['same_doc_weight']:.1f}%"
                       f"  beyond {a.far:g}x {100 * row['far_weight']:.1f}%  rows with own-document chunks "
                       f"{hook.rows_same}/{hook.rows}", flush=True)
-                with open(a.out, "w") as f:
+                with open(a.out + ".tmp", "w") as f:  # rewritten after every row; atomic, so a stop keeps the last
                     json.dump(dict(rows=rows_out, seed=a.seed, ends=[int(e) for e in ends], text_per_chunk=P,
                                    longest_document=int(doc_len.max()) if len(doc_len) else None,
                                    median_document=float(np.median(doc_len)) if len(doc_len) else None), f, indent=1)
+                os.replace(a.out + ".tmp", a.out)
     finally:
         gca_model.causal_topk = real
 
