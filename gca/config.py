@@ -67,8 +67,10 @@ class DRTConfig:
     # windows of a large corpus rarely overlap). Evaluation and generation never add them. Keep it 0 for
     # needle tasks: another sample's needle would answer the question as well as the row's own.
     # Measured over ten seeds of the small preset (results/README.md, "Retrieval distractors over ten
-    # seeds"): perplexity flat from 4x to 64x the training length in every seed, but ~3.7% higher at
-    # the training length than without.
+    # seeds"): on from the start, perplexity flat from 4x to 64x the training length in every seed, but
+    # ~3.7% higher at the training length than without. Used instead in a short stage after plain
+    # pre-training (400 steps at lr 1e-4, `scripts/reproduce.sh STAGE=distract`; four seeds, "A distractor
+    # stage after pre-training"): as flat, and as low at the training length as the same stage without.
     retrieval_distractors: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5

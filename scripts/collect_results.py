@@ -3,6 +3,7 @@
     python scripts/collect_results.py --runs runs/repro --data data/debian-docs --out results
     python scripts/collect_results.py --plots-only      # redraw the plots of results/*.json
     python scripts/collect_results.py --runs NONE --tasks-files a_tasks.json b_tasks.json  # add these models' rows
+    python scripts/collect_results.py --plots-only --seed-plot ppl_seeds.png=seeds-small,dis-small  # one figure per set of tags
 
 Reads ``RUNS/eval/<arch>-ppl/ppl.json`` and ``RUNS/eval/<arch>-tasks-<L>/tasks.json`` and writes
 ``OUT/ppl.json`` (``[{model, train_length, context_length, ppl, tokens, corpus}]``, plus ``targets`` and
@@ -10,7 +11,8 @@ Reads ``RUNS/eval/<arch>-ppl/ppl.json`` and ``RUNS/eval/<arch>-tasks-<L>/tasks.j
 ``OUT/passkey.json`` (``[{model, task, train_length, context_length, accuracy, trials}]``, the
 depths pooled; 2hop rows also say ``hop_answer``: ``"chain"`` (the question asks for ``Y , Z``) or
 ``"end"`` (for Z alone, every 2hop row before 2026-12-01)), replacing the rows of the same models, and a
-plot of each.
+plot of each: ``ppl_vs_length.png`` (every model but those trained with several seeds), ``passkey_vs_length.png``
+and, for the seed groups (models named ARCH-sSEED-TAG), ``ppl_seeds.png`` or the figures ``--seed-plot`` names.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def main() -> None:
                          "tag), e.g. dis-small=seeds-small for DRTs pre-trained again beside the window's earlier seeds")
     ap.add_argument("--paired", action="append", default=[], metavar="ARCH-TAG=ARCH-TAG",
                     help="compare two seed groups seed by seed (the seeds both have), e.g. drt-dis-small=drt-seeds-small")
+    ap.add_argument("--seed-plot", action="append", default=[], metavar="FILE=TAG[,TAG...]",
+                    help="draw the seed groups of these tags (every arch) in OUT/FILE; repeat for several figures "
+                         "(default: every tag in ppl_seeds.png)")
     a = ap.parse_args()
     versus, paired = {}, []
     for v in a.versus:
@@ -85,9 +90,15 @@ def main() -> None:
         if len(sides) != 2 or not all(re.fullmatch(r"[a-z]+-.+", x) for x in sides):
             ap.error(f"--paired takes ARCH-TAG=ARCH-TAG (e.g. drt-dis-small=drt-seeds-small), got {v!r}")
         paired.append(tuple(tuple(x.split("-", 1)) for x in sides))
+    seed_plots = {}
+    for v in a.seed_plot:
+        name, _, tags = v.partition("=")
+        if not name.endswith(".png") or not tags or "/" in name:
+            ap.error(f"--seed-plot takes FILE.png=TAG[,TAG...] (a file name in OUT), got {v!r}")
+        seed_plots[name] = tags.split(",")
     if a.plots_only:
         load = lambda name: json.load(open(os.path.join(a.out, name))) if os.path.exists(os.path.join(a.out, name)) else []
-        _plots(load("ppl.json"), load("passkey.json"), a.out, versus)
+        _plots(load("ppl.json"), load("passkey.json"), a.out, versus, seed_plots)
         _print_seed_comparison(load("ppl.json"), versus, paired)
         return
     ppl, tasks = collect(a.runs, os.path.basename(os.path.normpath(a.data)), a.tasks_files)
@@ -100,7 +111,7 @@ def main() -> None:
                 json.dump(merged[name], f, indent=1)
             print(f"{name}: {len(rows)} rows from {a.runs}, {len(merged[name])} in all")
     if ppl or tasks:
-        _plots(merged["ppl.json"], merged["passkey.json"], a.out, versus)  # every model in the files
+        _plots(merged["ppl.json"], merged["passkey.json"], a.out, versus, seed_plots)  # every model in the files
     _print_seed_comparison(merged.get("ppl.json") or [], versus, paired)
 
 
@@ -183,19 +194,24 @@ def seed_comparison(groups: dict, versus: dict | None = None) -> list[dict]:
     return rows
 
 
-def _seed_plot(ppl: list[dict], out: str, plt, versus: dict | None = None) -> None:
-    """ppl_seeds.png: each seed's perplexity (thin) and the geometric mean over seeds (thick) per
-    architecture; right, DRT over the sliding window (ratio of the geometric means, +- one standard
-    error of the difference of mean log-perplexities), for every tag that has both."""
-    groups = seed_groups(ppl)
+def _seed_plot(ppl: list[dict], out: str, plt, versus: dict | None = None, name: str = "ppl_seeds.png",
+               tags: list[str] | None = None) -> None:
+    """OUT/NAME: each seed's perplexity (thin) and the geometric mean over seeds (thick) per group
+    (the groups of ``tags``, default all); right, DRT over the sliding window (ratio of the geometric
+    means, +- one standard error of the difference of mean log-perplexities), for every tag that has both."""
+    groups = {k: v for k, v in seed_groups(ppl).items() if tags is None or k[1] in tags or (
+        k[0] == "swa" and any((versus or {}).get(t) == k[1] for t in tags))}  # and the windows they are compared with
     if not groups:
+        print(f"{name}: no seed group tagged {', '.join(tags or [])} in ppl.json")
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    # one colour per group: the window's tags orange / gray, each DRT tag its own (the same in both panels)
-    colors = {"swa": "tab:orange", "full": "tab:gray"}
-    drt_tags = sorted(tag for arch, tag in groups if arch == "drt")
-    color_of = lambda arch, tag: ("tab:blue" if drt_tags.index(tag) == 0 else f"C{drt_tags.index(tag) + 2}"
-                                  ) if arch == "drt" else colors.get(arch, "k")
+    # one colour per group, the same in both panels: DRT tags blue, green, red, ...; the window's tags
+    # orange, olive, brown; full attention gray
+    order = {arch: sorted(t for a, t in groups if a == arch) for arch in ("drt", "swa")}
+    palette = {"drt": ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:pink", "tab:cyan"],
+               "swa": ["tab:orange", "tab:olive", "tab:brown", "goldenrod"]}
+    color_of = lambda arch, tag: (palette[arch][order[arch].index(tag) % len(palette[arch])]
+                                  if arch in palette else "tab:gray")
     for (arch, tag), seeds in sorted(groups.items()):
         lengths = sorted(set.intersection(*(set(v) for v in seeds.values())))
         ls = "--" if arch != "drt" else "-"
@@ -221,24 +237,28 @@ def _seed_plot(ppl: list[dict], out: str, plt, versus: dict | None = None) -> No
                 title="DRT vs sliding window, band: +- 1 standard error")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "ppl_seeds.png"), dpi=120)
+    fig.savefig(os.path.join(out, name), dpi=120)
     plt.close(fig)
 
 
-def _plots(ppl: list[dict], tasks: list[dict], out: str, versus: dict | None = None) -> None:
+def _plots(ppl: list[dict], tasks: list[dict], out: str, versus: dict | None = None,
+           seed_plots: dict[str, list[str]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r["model"] for r in ppl + tasks})
+    # the models trained with several seeds have their own figures (seed_plots); the others share one
+    in_groups = {f"{arch}-s{s}-{tag}" for (arch, tag), seeds in seed_groups(ppl).items() for s in seeds}
+    single = [r for r in ppl if r["model"] not in in_groups]
+    models = sorted({r["model"] for r in single + tasks})
     cmap = plt.get_cmap("tab20")
     color = {m: cmap(i % 20) for i, m in enumerate(models)}  # one colour per model in every panel
     style = lambda m: "--" if m.startswith(("swa", "full")) else "-"  # baselines dashed
-    if ppl:
+    if single:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for m in sorted({r["model"] for r in ppl}):
-            rs = sorted((r for r in ppl if r["model"] == m), key=lambda r: r["context_length"])
+        for m in sorted({r["model"] for r in single}):
+            rs = sorted((r for r in single if r["model"] == m), key=lambda r: r["context_length"])
             for ax in axes:
                 ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs],
                         marker="s" if "targets" in rs[0] else "o", color=color[m], linestyle=style(m),
@@ -248,17 +268,18 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str, versus: dict | None = N
         axes[0].set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",
                     title="perplexity vs context length")
         worst: dict[str, float] = {}
-        for r in ppl:
+        for r in single:
             worst[r["model"]] = max(worst.get(r["model"], 0.0), r["ppl"])
-        top = 3.0 * min(r["ppl"] for r in ppl)
-        kept = [r["ppl"] for r in ppl if worst[r["model"]] <= top]
+        top = 3.0 * min(r["ppl"] for r in single)
+        kept = [r["ppl"] for r in single if worst[r["model"]] <= top]
         axes[1].set(xscale="log", ylim=(min(kept) * 0.95, max(kept) * 1.03), xlabel="context length (tokens)",
                     ylabel="perplexity", title="zoom: the models that do not break")
         axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "ppl_vs_length.png"), dpi=120)
+        fig.savefig(os.path.join(out, "ppl_vs_length.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
-        _seed_plot(ppl, out, plt, versus)
+    for name, tags in (seed_plots or {"ppl_seeds.png": None}).items():
+        _seed_plot(ppl, out, plt, versus, name, tags)
     if tasks:
         kinds = sorted({r["task"] for r in tasks})
         fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)

@@ -13,7 +13,8 @@
 #   STAGE=ppl-fixed bash scripts/reproduce.sh   # perplexity of the pre-trained models on the same text at
 #                                               # every length (--targets 1x, PPL_WINDOWS end points)
 #   STAGE=distract bash scripts/reproduce.sh    # RUN_NAMES (pre-trained DRTs) continued DIS_STEPS steps with
-#                                               # retrieval distractors (NAME-dis) and without (NAME-ctl)
+#                                               # retrieval distractors (NAME-dis) and without (NAME-ctl);
+#                                               # a swa*/full* run: NAME-ctl alone (equal tokens)
 #   STAGE=diagnose bash scripts/reproduce.sh    # DRT: needle retrieved? read? (scripts/needle_attention.py)
 #   STAGE=export   bash scripts/reproduce.sh    # bf16 weights of every run in RUNS/export/ (36 MB each
 #                                               # for the small preset): the later stages start from
@@ -164,14 +165,17 @@ case $STAGE in
     # constant DIS_LR with retrieval_distractors=1 (RUNS/NAME-dis) and, as its control, the same steps on the same
     # batches without (RUNS/NAME-ctl), all side by side; then e.g. STAGE=ppl-fixed RUN_NAMES='drt-s1-dis drt-s1-ctl'
     # NAME_TAG=-stage and collect_results.py --paired drt-dis-stage-small=drt-ctl-stage-small
+    # A run that is not a DRT (named swa* or full*) gets the control arm alone: the baseline at the same tokens.
     names=()
     for a in ${RUN_NAMES:-drt}; do
-      for n in 1 0; do
-        o=$a-$( [ "$n" = 1 ] && echo dis || echo ctl )
+      case $a in swa*|full*) arms=ctl ;; *) arms="dis ctl" ;; esac
+      for arm in $arms; do
+        o=$a-$arm
         names+=("$o")
+        # shellcheck disable=SC2046
         gca train "${common[@]}" --init-from "$(src "$a")" --data "$PRE_DATA" --lr "${DIS_LR:-1e-4}" --min-lr "${DIS_LR:-1e-4}" \
-          --warmup 0 --seed "${DIS_SEED:-17}" --set retrieval_distractors=$n --max-steps "${DIS_STEPS:-400}" --out "$RUNS/$o" \
-          >> "$RUNS/$o.log" 2>&1 &
+          --warmup 0 --seed "${DIS_SEED:-17}" $( [ "$arms" = ctl ] || echo --set retrieval_distractors=$( [ $arm = dis ] && echo 1 || echo 0 ) ) \
+          --max-steps "${DIS_STEPS:-400}" --out "$RUNS/$o" >> "$RUNS/$o.log" 2>&1 &
       done
     done
     wait

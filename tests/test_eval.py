@@ -321,6 +321,22 @@ def test_collect_results_pairs_seeds_and_finds_the_last_rise(tmp_path, monkeypat
     assert "drt-x-small vs swa-x-small       10, seed by seed (3 seeds): +1.9%" in printed
     assert "no seed group drt-y-small" in printed and "drt-x-small: 40 -> 160 tokens, per seed +1.00% to +1.00% (3 of 3 rise)" in printed
 
+    # --seed-plot: one figure per set of tags, in OUT; a malformed one is refused with its form
+    for bad in ("x-small", "a.png=", "../a.png=x-small"):
+        monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out), "--seed-plot", bad])
+        with pytest.raises(SystemExit):
+            cr.main()
+        assert "--seed-plot takes FILE.png=TAG" in capsys.readouterr().err
+    for f in out.glob("*.png"):  # drawn by the calls above
+        f.unlink()
+    monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out), "--seed-plot", "a.png=x-small",
+                                      "--seed-plot", "b.png=z-small"])
+    cr.main()
+    assert (out / "a.png").stat().st_size > 0 and not (out / "b.png").exists() and not (out / "ppl_seeds.png").exists()
+    assert "b.png: no seed group tagged z-small" in capsys.readouterr().out
+    # the seed groups' models are left out of ppl_vs_length.png: with only those, it is not drawn
+    assert not (out / "ppl_vs_length.png").exists()
+
 
 
 def test_needle_attention_reproduces_the_gca_output():

@@ -1,5 +1,5 @@
 """scripts/reproduce.sh end to end on a CPU at toy size: pre-training two seeds, the distractor stage with
-its control, and the perplexity stage, as a GPU run chains them (results/README.md has the real commands)."""
+its control (and a sliding window's control arm), and the perplexity stage, as a GPU run chains them (results/README.md has the real commands)."""
 
 import json
 import os
@@ -31,8 +31,13 @@ def test_reproduce_pretrain_distract_ppl(tmp_path):
 
     out = stage("pretrain", SEEDS="1 2", STEPS="2", DRT_SET="--set hidden_size=32 --set num_heads=2 --set intermediate_size=64")
     assert out.count("done: step 2") == 2, out
-    out = stage("distract", RUN_NAMES="drt-s1 drt-s2", DIS_STEPS="3")
-    assert out.count("done: step 3") == 4, out
+    stage("pretrain", ARCHS="swa", SEEDS="1", STEPS="2")
+    # a sliding-window run gets the control arm alone: the baseline at the same tokens
+    out = stage("distract", RUN_NAMES="drt-s1 drt-s2 swa-s1", DIS_STEPS="3")
+    assert out.count("done: step 3") == 5, out
+    assert (runs / "swa-s1-ctl" / "ckpt").is_dir() and not (runs / "swa-s1-dis").exists()
+    cfg = json.loads((runs / "swa-s1-ctl" / "ckpt" / "train_config.json").read_text())
+    assert cfg["init_from"] == str(runs / "swa-s1") and cfg["seed"] == 17 and cfg["lr"] == cfg["min_lr"] == 1e-4
     for name in ("drt-s1-dis", "drt-s1-ctl", "drt-s2-dis", "drt-s2-ctl"):
         cfg = json.loads((runs / name / "ckpt" / "train_config.json").read_text())
         assert cfg["init_from"] == str(runs / name[:6]) and cfg["seed"] == 17 and cfg["lr"] == cfg["min_lr"] == 1e-4
