@@ -30,7 +30,7 @@
 # full), NEEDLE_TASKS / REPEAT_GAP / DIGITS (the task half of the needle mixture, below), DRT_SET
 # (DRT's --set options in pre-training), DEVICE (auto), DTYPE (bfloat16, for
 # evaluation), RESULTS (results: where ppl.json and passkey.json are merged), SEEDS (pretrain: seeds, each
-# arch once per seed; default one run per arch, seed 1), PPL_WINDOWS (16), PPL_LIMIT (600 s), RUN_NAMES (the runs
+# arch once per seed; default one run per arch, seed 1), PPL_WINDOWS (16), PPL_LIMIT (600 s), PPL_JOBS (8), RUN_NAMES (the runs
 # ppl-fixed scores, default ARCHS; the pre-trained DRTs distract continues, default drt), NAME_TAG (ppl-fixed; none:
 # inserted before -PRESET in the model names); DIS_STEPS (400), DIS_LR (1e-4, constant) and DIS_SEED (17: the data
 # order, the same for both arms) for distract.
@@ -151,9 +151,11 @@ case $STAGE in
     python scripts/collect_results.py --runs "$RUNS" --data "$DATA" --out "$RESULTS" ;;
   ppl-fixed)  # the pre-trained models' (RUN_NAMES, default ARCHS) perplexity on the same text at every length: PPL_WINDOWS fixed end
     # points, the last training length of tokens before each scored, only the context before them growing
-    # (gca eval ppl --targets 1x); side by side, each stopped PPL_LIMIT seconds after it starts
+    # (gca eval ppl --targets 1x); side by side, PPL_JOBS (8) at a time (twelve small DRTs at once ran out of an H200's
+    # memory at 64x), each stopped PPL_LIMIT seconds after it starts
     mkdir -p "$RUNS/eval"
     for a in ${RUN_NAMES:-$ARCHS}; do
+      while [ "$(jobs -rp | wc -l)" -ge "${PPL_JOBS:-8}" ]; do wait -n || true; done
       timeout "${PPL_LIMIT:-600}" python -m gca.cli eval ppl --ckpt "$(src "$a")" --data "$DATA" --lengths "$LENGTHS_PPL" \
         --windows "${PPL_WINDOWS:-16}" --targets 1x --device "$DEVICE" --dtype "$DTYPE" --name "$a${NAME_TAG:-}-$PRESET" \
         --out "$RUNS/eval/$a-ppl-fixed" > "$RUNS/eval/$a-ppl-fixed.log" 2>&1 || echo "$a: ppl stopped or failed" &

@@ -44,8 +44,8 @@ def test_reproduce_pretrain_distract_ppl(tmp_path):
         model = json.loads((runs / name / "ckpt" / "config.json").read_text())
         assert model["retrieval_distractors"] == (1 if name.endswith("dis") else 0)
         assert model["hidden_size"] == 32  # the pre-trained model's config, kept
-    stage("ppl-fixed", RUN_NAMES="drt-s1-dis drt-s1-ctl drt-s2-dis drt-s2-ctl", NAME_TAG="-stage", LENGTHS_PPL="1x,2x",
-          PPL_WINDOWS="2")
-    models = {json.loads((runs / "eval" / f"{n}-ppl-fixed" / "ppl.json").read_text())[0]["model"]
-              for n in ("drt-s1-dis", "drt-s2-ctl")}
-    assert models == {"drt-s1-dis-stage-tiny", "drt-s2-ctl-stage-tiny"}
+    # five models, two at a time (PPL_JOBS): every one scored
+    names = ("drt-s1-dis", "drt-s1-ctl", "drt-s2-dis", "drt-s2-ctl", "swa-s1-ctl")
+    stage("ppl-fixed", RUN_NAMES=" ".join(names), NAME_TAG="-stage", LENGTHS_PPL="1x,2x", PPL_WINDOWS="2", PPL_JOBS="2")
+    models = {json.loads((runs / "eval" / f"{n}-ppl-fixed" / "ppl.json").read_text())[0]["model"] for n in names}
+    assert models == {f"{n}-stage-tiny" for n in names}
