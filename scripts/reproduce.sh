@@ -174,10 +174,9 @@ case $STAGE in
       for arm in $arms; do
         o=$a-$arm
         names+=("$o")
-        # shellcheck disable=SC2046
+        case $a:$arm in swa*|full*) opt=() ;; *:dis) opt=(--set retrieval_distractors=1) ;; *) opt=(--set retrieval_distractors=0) ;; esac
         gca train "${common[@]}" --init-from "$(src "$a")" --data "$PRE_DATA" --lr "${DIS_LR:-1e-4}" --min-lr "${DIS_LR:-1e-4}" \
-          --warmup 0 --seed "${DIS_SEED:-17}" $( [ "$arms" = ctl ] || echo --set retrieval_distractors=$( [ $arm = dis ] && echo 1 || echo 0 ) ) \
-          --max-steps "${DIS_STEPS:-400}" --out "$RUNS/$o" >> "$RUNS/$o.log" 2>&1 &
+          --warmup 0 --seed "${DIS_SEED:-17}" "${opt[@]}" --max-steps "${DIS_STEPS:-400}" --out "$RUNS/$o" >> "$RUNS/$o.log" 2>&1 &
       done
     done
     wait
