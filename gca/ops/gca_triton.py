@@ -561,9 +561,23 @@ def _inverted_index(indices, Cm):
     flat = indices.reshape(-1)
     batch = torch.arange(flat.numel(), device=flat.device) // (Cq * K)
     key = torch.where(flat >= 0, batch * Cm + flat, B * Cm)
+    if B * Cm < 2**31:  # 32-bit keys: a radix sort over half the bits on CUDA
+        key = key.to(torch.int32)
     sorted_key, order = torch.sort(key, stable=True)
-    offsets = torch.searchsorted(sorted_key, torch.arange(B * Cm + 1, device=flat.device))
+    offsets = torch.searchsorted(sorted_key, torch.arange(B * Cm + 1, device=flat.device, dtype=key.dtype))
     return order, offsets
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device):
+    """A second CUDA stream per device, high priority so its few small kernels are scheduled as soon
+    as the main stream's kernel frees an SM."""
+    device = torch.device(device)
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
+    return _SIDE_STREAMS[device]
 
 
 def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale=None):
@@ -587,6 +601,18 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     prec = _dot_prec(q.dtype)
     bn = _block_n(Sm)
 
+    cfg_kv = _config("dkdv", G * S, Sm, D, q.is_cuda)
+    # SIDE_STREAM (opt-in, CONFIG_OVERRIDES["dkdv"]): the inverted index's sort, which depends on the
+    # indices alone, runs on a second stream while the dQ kernel runs, and the dweights sum while the
+    # dK/dV kernel runs; the main stream waits for each before it needs the result. Same results.
+    side = _side_stream(dev) if cfg_kv.pop("SIDE_STREAM", False) and q.is_cuda else None
+    if side is not None:
+        main = torch.cuda.current_stream(dev)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            order, offsets = _inverted_index(indices, Cm)
+            sorted_ev = side.record_event()
+
     cfg = _config("dq", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
     n_rb = triton.cdiv(G * S, bm)
@@ -599,10 +625,17 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     )
     # dw_i = sum_{h, s} DELTA_i (zero for empty slots): summed here rather than across the dQ kernel's
     # warps in every step, a shared-memory reduction with two barriers an iteration
-    dw = torch.where(indices >= 0, delta.sum((2, 4)), 0.0).to(weights.dtype)
-
-    order, offsets = _inverted_index(indices, Cm)
-    cfg = _config("dkdv", G * S, Sm, D, q.is_cuda)
+    if side is None:
+        dw = torch.where(indices >= 0, delta.sum((2, 4)), 0.0).to(weights.dtype)
+        order, offsets = _inverted_index(indices, Cm)
+    else:
+        side.wait_stream(main)  # DELTA written
+        with torch.cuda.stream(side):
+            dw = torch.where(indices >= 0, delta.sum((2, 4)), 0.0).to(weights.dtype)
+        main.wait_event(sorted_ev)
+        for t in (order, offsets, dw):
+            t.record_stream(main)
+    cfg = cfg_kv
     bm = cfg.pop("BLOCK_M")
     bn_kv = min(bn, cfg.pop("BLOCK_N"))
     _gca_bwd_dkdv_kernel[(B * Cm, Hk, triton.cdiv(Sm, bn_kv))](
@@ -611,6 +644,8 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
         Cq, Cm, scale * _LOG2E, scale,
         S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D, **cfg,
     )
+    if side is not None:
+        main.wait_stream(side)  # dw summed
     return dq, dk, dv, dw
 
 
