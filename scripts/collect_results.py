@@ -4,6 +4,7 @@
     python scripts/collect_results.py --plots-only      # redraw the plots of results/*.json
     python scripts/collect_results.py --runs NONE --tasks-files a_tasks.json b_tasks.json  # add these models' rows
     python scripts/collect_results.py --plots-only --seed-plot ppl_seeds.png=seeds-small,dis-small  # one figure per set of tags
+    python scripts/collect_results.py --plots-only --seed-table drt-seeds-small,swa-seeds-small  # seed by seed, markdown
 
 Reads ``RUNS/eval/<arch>-ppl/ppl.json`` and ``RUNS/eval/<arch>-tasks-<L>/tasks.json`` and writes
 ``OUT/ppl.json`` (``[{model, train_length, context_length, ppl, tokens, corpus}]``, plus ``targets`` and
@@ -78,6 +79,10 @@ def main() -> None:
     ap.add_argument("--seed-plot", action="append", default=[], metavar="FILE=TAG[,TAG...]",
                     help="draw the seed groups of these tags (every arch) in OUT/FILE; repeat for several figures "
                          "(default: every tag in ppl_seeds.png)")
+    ap.add_argument("--seed-table", action="append", default=[], metavar="ARCH-TAG,ARCH-TAG[,...]",
+                    help="print a markdown table, one row per seed these groups share: each group's perplexity at "
+                         "the shortest and longest context, its change over the last step, and the first group "
+                         "against the second, e.g. drt-dis-stage-small,swa-ctl-stage-small,drt-ctl-stage-small")
     a = ap.parse_args()
     versus, paired = {}, []
     for v in a.versus:
@@ -90,6 +95,13 @@ def main() -> None:
         if len(sides) != 2 or not all(re.fullmatch(r"[a-z]+-.+", x) for x in sides):
             ap.error(f"--paired takes ARCH-TAG=ARCH-TAG (e.g. drt-dis-small=drt-seeds-small), got {v!r}")
         paired.append(tuple(tuple(x.split("-", 1)) for x in sides))
+    tables = []
+    for v in a.seed_table:
+        names = v.split(",")
+        if len(names) < 2 or not all(re.fullmatch(r"[a-z]+-.+", x) for x in names):
+            ap.error(f"--seed-table takes two or more ARCH-TAG groups, comma-separated "
+                     f"(e.g. drt-dis-stage-small,swa-ctl-stage-small), got {v!r}")
+        tables.append([tuple(x.split("-", 1)) for x in names])
     seed_plots = {}
     for v in a.seed_plot:
         name, _, tags = v.partition("=")
@@ -99,7 +111,7 @@ def main() -> None:
     if a.plots_only:
         load = lambda name: json.load(open(os.path.join(a.out, name))) if os.path.exists(os.path.join(a.out, name)) else []
         _plots(load("ppl.json"), load("passkey.json"), a.out, versus, seed_plots)
-        _print_seed_comparison(load("ppl.json"), versus, paired)
+        _print_seed_comparison(load("ppl.json"), versus, paired, tables)
         return
     ppl, tasks = collect(a.runs, os.path.basename(os.path.normpath(a.data)), a.tasks_files)
     os.makedirs(a.out, exist_ok=True)
@@ -112,10 +124,11 @@ def main() -> None:
             print(f"{name}: {len(rows)} rows from {a.runs}, {len(merged[name])} in all")
     if ppl or tasks:
         _plots(merged["ppl.json"], merged["passkey.json"], a.out, versus, seed_plots)  # every model in the files
-    _print_seed_comparison(merged.get("ppl.json") or [], versus, paired)
+    _print_seed_comparison(merged.get("ppl.json") or [], versus, paired, tables)
 
 
-def _print_seed_comparison(ppl: list[dict], versus: dict | None = None, paired: list | None = None) -> None:
+def _print_seed_comparison(ppl: list[dict], versus: dict | None = None, paired: list | None = None,
+                           tables: list | None = None) -> None:
     groups = seed_groups(ppl)
     for r in seed_comparison(groups, versus):
         vs = f" vs {r['swa_tag']}" if r["swa_tag"] != r["tag"] else ""
@@ -134,6 +147,36 @@ def _print_seed_comparison(ppl: list[dict], versus: dict | None = None, paired: 
         for r in paired_comparison(groups[a], groups[b]):
             print(f"{'-'.join(a)} vs {'-'.join(b)} {r['context_length']:>8}, seed by seed ({r['seeds']} seeds): "
                   f"{100 * r['diff']:+.1f}% +- {100 * r['se']:.1f}% (one standard error), median {100 * r['median_diff']:+.1f}%")
+    for names in tables or []:
+        missing = [n for n in names if n not in groups]
+        if missing:
+            print(f"--seed-table: no seed group {', '.join('-'.join(n) for n in missing)} in ppl.json")
+            continue
+        print("\n".join(seed_table(groups, names)))
+
+
+def seed_table(groups: dict, names: list[tuple[str, str]]) -> list[str]:
+    """Markdown lines: one row per seed that every group of ``names`` ((arch, tag) keys of
+    :func:`seed_groups`) has, over the context lengths all of them have: each group's perplexity at the
+    shortest and the longest, its change over the last step (as :func:`last_step_change`), and the
+    first group against the second at the shortest and the longest (ratio - 1)."""
+    sel = [groups[n] for n in names]
+    seeds = sorted(set.intersection(*(set(g) for g in sel)))
+    lengths = sorted(set.intersection(*(set(g[s]) for g in sel for s in seeds))) if seeds else []
+    if len(lengths) < 2:
+        return [f"(no seed and two context lengths common to {', '.join('-'.join(n) for n in names)})"]
+    lo, prev, hi = lengths[0], lengths[-2], lengths[-1]
+    label = ["-".join(n) for n in names]
+    head = ["seed"] + [f"{x}: {lo} / {hi}" for x in label] + [f"{x}: {prev} -> {hi}" for x in label]
+    head += [f"{label[0]} vs {label[1]}: {lo} / {hi}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in seeds:
+        cells = [str(s)] + [f"{g[s][lo]:.2f} / {g[s][hi]:.2f}" for g in sel]
+        cells += [f"{g[s][hi] / g[s][prev] - 1:+.2%}" for g in sel]
+        a, b = sel[0][s], sel[1][s]
+        cells += [f"{a[lo] / b[lo] - 1:+.1%} / {a[hi] / b[hi] - 1:+.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def last_step_change(seeds: dict[int, dict[int, float]]) -> tuple[int, int, list[float]]:

@@ -309,34 +309,44 @@ def test_collect_results_pairs_seeds_and_finds_the_last_rise(tmp_path, monkeypat
     (out / "ppl.json").write_text(json.dumps(
         [{"model": f"{g}-s{s}-x-small", "train_length": 10, "context_length": n, "ppl": v, "tokens": 5}
          for g, grp in (("drt", a), ("swa", b)) for s, vs in grp.items() for n, v in vs.items()]))
-    for bad in ("drt-x-small", "drt=swa-x-small"):
-        monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out), "--paired", bad])
-        with pytest.raises(SystemExit):
-            cr.main()
-        assert "--paired takes ARCH-TAG=ARCH-TAG" in capsys.readouterr().err
-    monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out),
-                                      "--paired", "drt-x-small=swa-x-small", "--paired", "drt-y-small=swa-x-small"])
-    cr.main()
-    printed = capsys.readouterr().out
-    assert "drt-x-small vs swa-x-small       10, seed by seed (3 seeds): +1.9%" in printed
-    assert "no seed group drt-y-small" in printed and "drt-x-small: 40 -> 160 tokens, per seed +1.00% to +1.00% (3 of 3 rise)" in printed
+
+    def refused(flag, bads, message):
+        for bad in bads:
+            monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out), flag, bad])
+            with pytest.raises(SystemExit):
+                cr.main()
+            assert message in capsys.readouterr().err
+
+    def printed(*args):
+        monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out), *args])
+        cr.main()
+        return capsys.readouterr().out
+
+    refused("--paired", ("drt-x-small", "drt=swa-x-small"), "--paired takes ARCH-TAG=ARCH-TAG")
+    text = printed("--paired", "drt-x-small=swa-x-small", "--paired", "drt-y-small=swa-x-small")
+    assert "drt-x-small vs swa-x-small       10, seed by seed (3 seeds): +1.9%" in text
+    assert "no seed group drt-y-small" in text and "drt-x-small: 40 -> 160 tokens, per seed +1.00% to +1.00% (3 of 3 rise)" in text
 
     # --seed-plot: one figure per set of tags, in OUT; a malformed one is refused with its form
-    for bad in ("x-small", "a.png=", "../a.png=x-small"):
-        monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out), "--seed-plot", bad])
-        with pytest.raises(SystemExit):
-            cr.main()
-        assert "--seed-plot takes FILE.png=TAG" in capsys.readouterr().err
+    refused("--seed-plot", ("x-small", "a.png=", "../a.png=x-small"), "--seed-plot takes FILE.png=TAG")
     for f in out.glob("*.png"):  # drawn by the calls above
         f.unlink()
-    monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out), "--seed-plot", "a.png=x-small",
-                                      "--seed-plot", "b.png=z-small"])
-    cr.main()
+    assert "b.png: no seed group tagged z-small" in printed("--seed-plot", "a.png=x-small", "--seed-plot", "b.png=z-small")
     assert (out / "a.png").stat().st_size > 0 and not (out / "b.png").exists() and not (out / "ppl_seeds.png").exists()
-    assert "b.png: no seed group tagged z-small" in capsys.readouterr().out
     # the seed groups' models are left out of ppl_vs_length.png: with only those, it is not drawn
     assert not (out / "ppl_vs_length.png").exists()
 
+    # --seed-table: one markdown row per common seed (seed 4 is b's alone), values as the groups hold them
+    lines = cr.seed_table({("drt", "x"): a, ("swa", "x"): b}, [("drt", "x"), ("swa", "x")])
+    assert lines[0] == ("| seed | drt-x: 10 / 160 | swa-x: 10 / 160 | drt-x: 40 -> 160 | swa-x: 40 -> 160 "
+                        "| drt-x vs swa-x: 10 / 160 |")
+    assert [ln.split(" | ")[0] for ln in lines[2:]] == ["| 1", "| 2", "| 3"]
+    assert lines[3] == (f"| 2 | {a[2][10]:.2f} / {a[2][160]:.2f} | 12.00 / 11.00 | +1.00% | +0.00% | +6.0% / +7.1% |")
+    assert "no seed and two context lengths" in cr.seed_table({("drt", "x"): {1: {10: 1.0}}, ("swa", "x"): {1: {10: 2.0}}},
+                                                              [("drt", "x"), ("swa", "x")])[0]
+    refused("--seed-table", ("drt-x-small", "drt-x-small,swa"), "--seed-table takes two or more ARCH-TAG groups")
+    text = printed("--seed-table", "drt-x-small,swa-x-small", "--seed-table", "drt-x-small,swa-q-small")
+    assert "| 3 | " in text and "| 4 | " not in text and "--seed-table: no seed group swa-q-small" in text
 
 
 def test_needle_attention_reproduces_the_gca_output():
