@@ -15,6 +15,8 @@
 #   STAGE=distract bash scripts/reproduce.sh    # RUN_NAMES (pre-trained DRTs) continued DIS_STEPS steps with
 #                                               # retrieval distractors (NAME-dis) and without (NAME-ctl);
 #                                               # a swa*/full* run: NAME-ctl alone (equal tokens)
+#   STAGE=seeds-stage SEEDS='9 10' bash scripts/reproduce.sh  # pretrain, distract, ppl-fixed for ARCHS x SEEDS
+#                                               # (each step skipped once done; rerun after a time limit)
 #   STAGE=diagnose bash scripts/reproduce.sh    # DRT: needle retrieved? read? (scripts/needle_attention.py)
 #   STAGE=export   bash scripts/reproduce.sh    # bf16 weights of every run in RUNS/export/ (36 MB each
 #                                               # for the small preset): the later stages start from
@@ -46,7 +48,7 @@
 # and carry only RUNS/export to the next sitting (fine-tuning starts a fresh optimizer anyway).
 set -euo pipefail
 shopt -s inherit_errexit
-STAGE=${STAGE:?set STAGE=pretrain, needles, eval, ppl-fixed, distract, eval-long, diagnose or export}
+STAGE=${STAGE:?set STAGE=pretrain, needles, eval, ppl-fixed, distract, seeds-stage, eval-long, diagnose or export}
 RUNS=${RUNS:-runs/repro}
 DATA=${DATA:-data/debian-docs}
 PRESET=${PRESET:-small}
@@ -181,6 +183,30 @@ case $STAGE in
     done
     wait
     for n in "${names[@]}"; do tail -n 1 "$RUNS/$n.log"; done ;;
+  seeds-stage)  # ARCHS x SEEDS through the whole distractor-stage comparison in one command (the seventeenth and
+    # eighteenth runs): pretrain (MIN), distract (DIS_MIN, 3), then ppl-fixed of what the stage made (NAME_TAG -stage).
+    # A run that stopped short (its time limit) stops the chain: rerun the same command, it resumes.
+    : "${SEEDS:?seeds-stage needs SEEDS, e.g. SEEDS='9 10'}"
+    finished() {  # finished STEPS NAME...: every run's log ends at step STEPS
+      local n steps=$1; shift
+      for n in "$@"; do
+        if ! tail -n 1 "$RUNS/$n.log" 2>/dev/null | grep -q "^done: step $steps,"; then
+          echo "$n has not reached step $steps (its log: $RUNS/$n.log); rerun the same command to resume" >&2; return 1
+        fi
+      done
+    }
+    names=() made=()
+    for a in $ARCHS; do
+      for s in $SEEDS; do
+        names+=("$a-s$s")
+        case $a in swa*|full*) made+=("$a-s$s-ctl") ;; *) made+=("$a-s$s-dis" "$a-s$s-ctl") ;; esac
+      done
+    done
+    finished "$STEPS" "${names[@]}" 2>/dev/null || STAGE=pretrain bash "$0"
+    finished "$STEPS" "${names[@]}"
+    finished "${DIS_STEPS:-400}" "${made[@]}" 2>/dev/null || STAGE=distract RUN_NAMES="${names[*]}" MIN="${DIS_MIN:-3}" bash "$0"
+    finished "${DIS_STEPS:-400}" "${made[@]}"
+    STAGE=ppl-fixed RUN_NAMES="${made[*]}" NAME_TAG="${NAME_TAG:--stage}" bash "$0" ;;
   eval-long)  # DRT alone at LENGTHS_LONG, the chunk memory in CPU memory; one process per length (each
     # length's trials are then the same whichever other lengths are asked for)
     for L in ${LENGTHS_LONG//,/ }; do

@@ -10,7 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_reproduce_pretrain_distract_ppl(tmp_path):
+def _toy_reproduce(tmp_path):
+    """A toy corpus and a function running one STAGE of reproduce.sh on it (CPU, tiny preset): it returns
+    the completed process, and fails the test on a non-zero exit unless ``check=False``."""
     from gca.data.prepare import prepare
 
     src = tmp_path / "txt"
@@ -18,16 +20,24 @@ def test_reproduce_pretrain_distract_ppl(tmp_path):
     for i in range(8):
         (src / f"d{i}.txt").write_text(f"document {i}. " + f"the {i} quick brown fox jumps over the lazy dog; " * 80)
     prepare([str(src)], tmp_path / "data", tokenizer="embedded", val_fraction=0.5, progress=False)
-    runs = tmp_path / "runs"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "RUNS": str(runs), "DATA": str(tmp_path / "data"), "PRE_DATA": str(tmp_path / "data"), "PRESET": "tiny",
-           "SEQ": "252", "BATCH": "2", "DEVICE": "cpu", "DTYPE": "float32", "ARCHS": "drt", "LR": "1e-3"}
+           "RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data"), "PRE_DATA": str(tmp_path / "data"),
+           "PRESET": "tiny", "SEQ": "252", "BATCH": "2", "DEVICE": "cpu", "DTYPE": "float32", "ARCHS": "drt", "LR": "1e-3"}
 
-    def stage(name, **kw):
+    def run(name, check=True, **kw):
         p = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce.sh")], cwd=ROOT, env={**env, "STAGE": name, **kw},
                            capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stdout + p.stderr
-        return p.stdout
+        assert p.returncode == 0 or not check, p.stdout + p.stderr
+        return p
+
+    return tmp_path / "runs", run
+
+
+def test_reproduce_pretrain_distract_ppl(tmp_path):
+    runs, run = _toy_reproduce(tmp_path)
+
+    def stage(name, **kw):
+        return run(name, **kw).stdout
 
     out = stage("pretrain", SEEDS="1 2", STEPS="2", DRT_SET="--set hidden_size=32 --set num_heads=2 --set intermediate_size=64")
     assert out.count("done: step 2") == 2, out
@@ -49,3 +59,21 @@ def test_reproduce_pretrain_distract_ppl(tmp_path):
     stage("ppl-fixed", RUN_NAMES=" ".join(names), NAME_TAG="-stage", LENGTHS_PPL="1x,2x", PPL_WINDOWS="2", PPL_JOBS="2")
     models = {json.loads((runs / "eval" / f"{n}-ppl-fixed" / "ppl.json").read_text())[0]["model"] for n in names}
     assert models == {f"{n}-stage-tiny" for n in names}
+
+
+def test_reproduce_seeds_stage_chains_and_stops_short(tmp_path):
+    """STAGE=seeds-stage: pretrain, distract and ppl-fixed for ARCHS x SEEDS in one command; a run cut by its
+    time limit stops the chain with a message; rerun, finished steps are skipped."""
+    runs, run = _toy_reproduce(tmp_path)
+    toy = dict(ARCHS="drt swa", SEEDS="3", STEPS="2", DIS_STEPS="2", LENGTHS_PPL="1x,2x", PPL_WINDOWS="2",
+               DRT_SET="--set hidden_size=32 --set num_heads=2 --set intermediate_size=64")
+    p = run("seeds-stage", check=False, **toy, MIN="0.00001")  # stops at its first step
+    assert p.returncode != 0 and "has not reached step 2" in p.stderr, p.stdout + p.stderr
+    assert not (runs / "drt-s3-dis").exists()
+    run("seeds-stage", **toy)
+    made = ("drt-s3-dis", "drt-s3-ctl", "swa-s3-ctl")
+    models = {json.loads((runs / "eval" / f"{n}-ppl-fixed" / "ppl.json").read_text())[0]["model"] for n in made}
+    assert models == {f"{n}-stage-tiny" for n in made} and not (runs / "swa-s3-dis").exists()
+    logs = {n: (runs / f"{n}.log").read_text() for n in ("drt-s3", "drt-s3-dis")}
+    run("seeds-stage", **toy)  # everything trained: only the scoring runs again
+    assert {n: (runs / f"{n}.log").read_text() for n in logs} == logs
