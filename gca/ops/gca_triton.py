@@ -462,6 +462,9 @@ def _config(kind, R, Sm, D, on_cuda):
         # the transposed form took the backward from 1.55 to 1.34 ms at the SPEC shape (D = 64, H200
         # sweep), 3 stages from 1.33 to 1.22 ms; at D = 128 (H = 6) the two together 2.23 -> 2.04 ms
         cfg = dict(BLOCK_M=_block_m(R, 64), BLOCK_N=64, TRANSPOSED=True, num_warps=4 if D <= 64 else 8, num_stages=3)
+        # the index sort and the dweights sum on a second stream (gca_bwd): backward 1.095 -> 1.047 ms at
+        # the SPEC shape (H200, median of 5 taken in turn, 2026-12-01; benchmarks/results)
+        cfg.update(SIDE_STREAM=True)
     cfg.update(CONFIG_OVERRIDES.get(kind, {}))
     if not on_cuda:  # the interpreter ignores warps/stages
         cfg.update(num_warps=1, num_stages=1)
@@ -602,10 +605,13 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     bn = _block_n(Sm)
 
     cfg_kv = _config("dkdv", G * S, Sm, D, q.is_cuda)
-    # SIDE_STREAM (opt-in, CONFIG_OVERRIDES["dkdv"]): the inverted index's sort, which depends on the
-    # indices alone, runs on a second stream while the dQ kernel runs, and the dweights sum while the
-    # dK/dV kernel runs; the main stream waits for each before it needs the result. Same results.
-    side = _side_stream(dev) if cfg_kv.pop("SIDE_STREAM", False) and q.is_cuda else None
+    # SIDE_STREAM (default on CUDA; CONFIG_OVERRIDES["dkdv"] = {"SIDE_STREAM": False} turns it off): the
+    # inverted index's sort, which depends on the indices alone, runs on a second stream while the dQ
+    # kernel runs, and the dweights sum while the dK/dV kernel runs; the main stream waits for each
+    # before it needs the result. Same results. Not inside a CUDA graph capture (one stream there).
+    side = None
+    if cfg_kv.pop("SIDE_STREAM", False) and q.is_cuda and not torch.cuda.is_current_stream_capturing():
+        side = _side_stream(dev)
     if side is not None:
         main = torch.cuda.current_stream(dev)
         side.wait_stream(main)
