@@ -69,8 +69,8 @@ class DRTConfig:
     # Measured over ten seeds of the small preset (results/README.md, "Retrieval distractors over ten
     # seeds"): on from the start, perplexity flat from 4x to 64x the training length in every seed, but
     # ~3.7% higher at the training length than without. Used instead in a short stage after plain
-    # pre-training (400 steps at lr 1e-4, `scripts/reproduce.sh STAGE=distract`; nine seeds, "A distractor
-    # stage after pre-training"): 16x -> 64x -0.01% to +0.26% (without: +0.33% to +1.83%), and +0.1% at
+    # pre-training (400 steps at lr 1e-4, `scripts/reproduce.sh STAGE=distract`; ten seeds, "A distractor
+    # stage after pre-training"): 16x -> 64x -0.01% to +0.26% (without: +0.08% to +1.83%), and +0.1% at
     # the training length against the same stage without.
     retrieval_distractors: int = 0
     rope_theta: float = 10000.0
