@@ -42,8 +42,10 @@
 # minutes); evaluation ~4.3 minutes, plus eval-long (~18 s per 4M-token trial, ~80 s per 16M-token
 # trial with the memory offloaded).
 #
-# On a machine that keeps nothing between calls, RUNS must travel back and forth: a run folder holds
-# the fp32 weights and the AdamW state (12 bytes a parameter), 220 MB for the small preset. Where
+# Each training stage copies its runs' log.jsonl to RUNS/NAME.jsonl, so `tar czf logs.tgz RUNS/*.log
+# RUNS/*.jsonl RUNS/eval` holds every small result of a sitting. On a machine that keeps nothing between
+# calls, RUNS must travel back and forth: a run folder holds the fp32 weights and the AdamW state (12
+# bytes a parameter), 220 MB for the small preset. Where
 # transfers are limited, size STEPS so that pre-training ends within one sitting, then STAGE=export
 # and carry only RUNS/export to the next sitting (fine-tuning starts a fresh optimizer anyway).
 set -euo pipefail
@@ -97,6 +99,11 @@ DIGITS=${DIGITS:-0.05}
 NEEDLE_TASKS=${NEEDLE_TASKS:-synthetic:mix;filler=$DATA;loss=answer_repeats;repeat=1.0;repeat_gap=$REPEAT_GAP;digits=$DIGITS}
 needles="$DATA@0.5+$NEEDLE_TASKS@0.5"
 
+# keep_logs NAME...: each run's training log (RUNS/NAME/log.jsonl: loss, validation, val_gca_gain) copied
+# beside its console log as RUNS/NAME.jsonl, so that `tar RUNS/*.log RUNS/*.jsonl RUNS/eval` carries every
+# small result off a machine that keeps nothing, without the 220 MB run folders
+keep_logs() { local n; for n in "$@"; do [ -f "$RUNS/$n/log.jsonl" ] && cp "$RUNS/$n/log.jsonl" "$RUNS/$n.jsonl"; done; true; }
+
 # a run folder, or its exported bf16 weights when only those travelled
 src() { if [ -d "$RUNS/$1/ckpt" ]; then echo "$RUNS/$1"; else echo "$RUNS/export/$1"; fi; }
 
@@ -127,6 +134,7 @@ case $STAGE in
       done
     done
     wait
+    keep_logs "${names[@]}"
     for n in "${names[@]}"; do tail -n 1 "$RUNS/$n.log"; done ;;
   needles)
     for a in $ARCHS; do
@@ -135,7 +143,7 @@ case $STAGE in
         >> "$RUNS/$a-needles.log" 2>&1 &
     done
     wait
-    for a in $ARCHS; do tail -n 1 "$RUNS/$a-needles.log"; done ;;
+    for a in $ARCHS; do keep_logs "$a-needles"; tail -n 1 "$RUNS/$a-needles.log"; done ;;
   eval)  # the three models side by side; a test stopped early keeps the rows it finished
     mkdir -p "$RUNS/eval"
     for a in $ARCHS; do
@@ -182,6 +190,7 @@ case $STAGE in
       done
     done
     wait
+    keep_logs "${names[@]}"
     for n in "${names[@]}"; do tail -n 1 "$RUNS/$n.log"; done ;;
   seeds-stage)  # ARCHS x SEEDS through the whole distractor-stage comparison in one command (the seventeenth and
     # eighteenth runs): pretrain (MIN), distract (DIS_MIN, 3), then ppl-fixed of what the stage made (NAME_TAG -stage).

@@ -74,6 +74,8 @@ def test_reproduce_seeds_stage_chains_and_stops_short(tmp_path):
     made = ("drt-s3-dis", "drt-s3-ctl", "swa-s3-ctl")
     models = {json.loads((runs / "eval" / f"{n}-ppl-fixed" / "ppl.json").read_text())[0]["model"] for n in made}
     assert models == {f"{n}-stage-tiny" for n in made} and not (runs / "swa-s3-dis").exists()
+    for n in ("drt-s3", "swa-s3") + made:  # each run's training log kept beside its console log
+        assert (runs / f"{n}.jsonl").read_bytes() == (runs / n / "log.jsonl").read_bytes(), n
     logs = {n: (runs / f"{n}.log").read_text() for n in ("drt-s3", "drt-s3-dis")}
     run("seeds-stage", **toy)  # everything trained: only the scoring runs again
     assert {n: (runs / f"{n}.log").read_text() for n in logs} == logs
