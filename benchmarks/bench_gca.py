@@ -14,7 +14,8 @@ Steps:
 2. timings (``triton.testing.do_bench``: warm-up, then the median) at the SPEC shape (4 sequences x
    16K tokens, chunks S = Sm = 64, Cq = Cm = 256, H = Hk = 12, D = 64, K = 8, bf16; random causal
    retrieval j < c, empty slots for the first chunks) and variants (K = 4, 16; D = 128 with H = 6;
-   one 64K-token sequence): our forward and forward+backward, the torch reference forward and
+   one 64K-token sequence): our forward and forward+backward (eager, and the launchers replayed from
+   a CUDA graph: the GPU's time without the host's), the torch reference forward and
    fwd+bwd, dense causal SDPA over the same tokens ``(B, H, C*S, D)``, and the floor
    ``max(flops / PEAK_FLOPS, bytes / PEAK_BW)`` from :func:`gca.ops.gca_triton.flops` and
    :func:`gca.ops.gca_triton.bytes_moved`;
@@ -118,6 +119,20 @@ def run_case(name, B, C, S, H, Hk, D, K, peak_bw, with_ref=True, with_sdpa=True)
         gt.gca_triton(qg, kg, vg, idx, wg).backward(g)
 
     row["fwdbwd_ms"] = bench(fb, grad_to_none=[qg, kg, vg, wg])
+    # the same work through the launchers, replayed from a CUDA graph: the GPU's time without the host's
+    # enqueue, which the eager columns sit near at these sizes (KERNEL_NOTES.md); on one stream, since
+    # the backward keeps its second stream out of a capture
+    try:
+        def fb_graph():
+            gt.gca_bwd(g, q, k, v, idx, w, gt.gca_fwd(q, k, v, idx, w)[1])
+
+        row["fwd_graph_ms"] = triton.testing.do_bench_cudagraph(lambda: gt.gca_fwd(q, k, v, idx, w), rep=50,
+                                                                return_mode="median")
+        row["fwdbwd_graph_ms"] = triton.testing.do_bench_cudagraph(fb_graph, rep=50, return_mode="median")
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        row["graph_note"] = f"CUDA graph timing failed: {str(e).splitlines()[0][:160]}"
+        print(f"  {name}: {row['graph_note']}", flush=True)
+    torch.cuda.empty_cache()
     # floor
     valid = idx >= 0
     b_of = torch.arange(B, device=idx.device)[:, None, None].expand_as(idx)
@@ -334,18 +349,19 @@ def write_results(rows, out_dir, slug, gpu, date, peak_bw, ok):
         f"# GCA kernels on {gpu}, {date}",
         "",
         f"torch {torch.__version__}, Triton {triton.__version__}, bf16, S = Sm = 64, C = Cq = Cm chunks per sequence.",
-        f"Command: `{cmd.strip()}`. Median of `triton.testing.do_bench`. Floor = max(FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s,"
+        f"Command: `{cmd.strip()}`. Median of `triton.testing.do_bench` (eager calls; the graph columns: median of"
+        " `triton.testing.do_bench_cudagraph` over the launchers, without the host, the backward on one stream). Floor = max(FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s,"
         f" bytes / {peak_bw / 1e12:.2f} TB/s measured copy bandwidth). Correctness check: {'OK' if ok else 'FAILED'}.",
         "",
-        "| case | kernels | B | C | H | Hk | D | K | fwd ms | fwd+bwd ms | floor fwd ms | fwd TFLOP/s | ref fwd ms | ref fwd+bwd ms | SDPA causal fwd ms | SDPA fwd+bwd ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | kernels | B | C | H | Hk | D | K | fwd ms | fwd+bwd ms | graph fwd ms | graph fwd+bwd ms | floor fwd ms | fwd TFLOP/s | ref fwd ms | ref fwd+bwd ms | SDPA causal fwd ms | SDPA fwd+bwd ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["shape"]
         g = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         md.append(
             f"| {r['name']} | {r.get('kernel', 'triton')} | {s['B']} | {s['C']} | {s['H']} | {r['Hk']} | {s['D']} | {s['K']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
-            f"{r['floor_fwd_ms']:.3f} | {r['tflops_fwd']:.0f} | {g('ref_fwd_ms')} | {g('ref_fwdbwd_ms')} | {g('sdpa_fwd_ms')} | {g('sdpa_fwdbwd_ms')} |"
+            f"{g('fwd_graph_ms')} | {g('fwdbwd_graph_ms')} | {r['floor_fwd_ms']:.3f} | {r['tflops_fwd']:.0f} | {g('ref_fwd_ms')} | {g('ref_fwdbwd_ms')} | {g('sdpa_fwd_ms')} | {g('sdpa_fwdbwd_ms')} |"
         )
     with open(os.path.join(out_dir, f"gca_{slug}.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
@@ -426,7 +442,7 @@ def main():
         cases = [c for c in cases if c[0] in want]
     rows = []
     date = datetime.date.today().isoformat()
-    hdr = f"{'case':16s} {'B':>2} {'C':>5} {'H':>3} {'Hk':>3} {'D':>4} {'K':>3} | {'fwd':>7} {'fwd+bwd':>8} {'floor':>7} {'TFLOP/s':>7} | {'ref fwd':>8} {'ref f+b':>8} | {'sdpa fwd':>8} {'sdpa f+b':>8}"
+    hdr = f"{'case':16s} {'B':>2} {'C':>5} {'H':>3} {'Hk':>3} {'D':>4} {'K':>3} | {'fwd':>7} {'fwd+bwd':>8} {'g fwd':>7} {'g f+b':>8} {'floor':>7} {'TFLOP/s':>7} | {'ref fwd':>8} {'ref f+b':>8} | {'sdpa fwd':>8} {'sdpa f+b':>8}"
     print(hdr)
     for name, B, C, S, H, Hk, D, K, with_ref in cases:
         r = run_case(name, B, C, S, H, Hk, D, K, peak_bw, with_ref=with_ref, with_sdpa=(Hk == H))
@@ -439,12 +455,12 @@ def main():
         rec["Hk"] = Hk
         rows.append(rec)
 
-        def f(key):
-            return f"{r[key]:8.3f}" if key in r else f"{'-':>8}"
+        def f(key, width=8):
+            return f"{r[key]:{width}.3f}" if key in r else "-".rjust(width)
 
         print(
             f"{name:16s} {B:>2} {C:>5} {H:>3} {Hk:>3} {D:>4} {K:>3} | {r['fwd_ms']:7.3f} {r['fwdbwd_ms']:8.3f} "
-            f"{r['floor_fwd_ms']:7.3f} {r['tflops_fwd']:7.0f} | {f('ref_fwd_ms')} {f('ref_fwdbwd_ms')} | {f('sdpa_fwd_ms')} {f('sdpa_fwdbwd_ms')}",
+            f"{f('fwd_graph_ms', 7)} {f('fwdbwd_graph_ms')} {r['floor_fwd_ms']:7.3f} {r['tflops_fwd']:7.0f} | {f('ref_fwd_ms')} {f('ref_fwdbwd_ms')} | {f('sdpa_fwd_ms')} {f('sdpa_fwdbwd_ms')}",
             flush=True,
         )
         write_results(rows, args.out_dir, slug, gpu, date, peak_bw, ok)

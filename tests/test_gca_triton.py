@@ -18,6 +18,7 @@ gradients, where the same-dtype torch computation does every matmul and softmax 
 largest entry of the float64 result. Floors: 1e-5 for float32, 2e-3 for bfloat16.
 """
 
+import json
 import os
 
 import torch
@@ -529,6 +530,25 @@ def test_side_stream_backward_equals_default(shape, monkeypatch):
     for name, a, b in zip(("dq", "dmem_k", "dmem_v", "dweights"), side, default):
         assert not a.isnan().any(), f"{name}: NaN"
         assert torch.equal(a, b), f"{name} differs between one stream and two"
+
+
+def test_bench_table_rows_match_header(tmp_path):
+    """benchmarks/bench_gca.py's markdown table: every row has the header's columns, with and without the
+    CUDA-graph timings (a case whose capture failed shows "-" there) and the reference's."""
+    mod = _benchmark_module("bench_gca")
+    base = {"gpu": "GPU", "shape": {"B": 4, "C": 256, "S": 64, "H": 12, "D": 64, "K": 8}, "Hk": 12, "fwd_ms": 0.33,
+            "fwdbwd_ms": 1.5, "floor_fwd_ms": 0.144, "tflops_fwd": 313.0}
+    rows = [dict(base, name="graph", fwd_graph_ms=0.321, fwdbwd_graph_ms=1.302, ref_fwd_ms=21.6, ref_fwdbwd_ms=48.5),
+            dict(base, name="no-graph", graph_note="CUDA graph timing failed: x")]
+    mod.write_results(rows, str(tmp_path), "gpu", "GPU", "2026-12-02", 4.27e12, True)
+    table = [line for line in (tmp_path / "gca_gpu.md").read_text().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert len(table) == 4 and "graph fwd+bwd ms" in header
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert all(len(c) == len(header) for c in cells)
+    col = header.index("graph fwd+bwd ms")
+    assert cells[0][col] == "1.302" and cells[1][col] == "-" and cells[1][header.index("ref fwd ms")] == "-"
+    assert json.loads((tmp_path / "gca_gpu.json").read_text())[1]["graph_note"].startswith("CUDA graph")
 
 
 def test_gather_floor_kernel():
