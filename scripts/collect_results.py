@@ -147,12 +147,21 @@ def _print_seed_comparison(ppl: list[dict], versus: dict | None = None, paired: 
         for r in paired_comparison(groups[a], groups[b]):
             print(f"{'-'.join(a)} vs {'-'.join(b)} {r['context_length']:>8}, seed by seed ({r['seeds']} seeds): "
                   f"{100 * r['diff']:+.1f}% +- {100 * r['se']:.1f}% (one standard error), median {100 * r['median_diff']:+.1f}%")
+        sp = paired_spread(groups[a], groups[b])
+        if sp:
+            print(f"{'-'.join(a)} vs {'-'.join(b)} {sp['context_length']:>8}: seed spread (standard deviation of log ppl) "
+                  f"{sp['sd_a']:.3f} / {sp['sd_b']:.3f}; the per-seed log ratio correlates {_corr(sp['corr_a'])} with "
+                  f"{'-'.join(a)}'s log ppl, {_corr(sp['corr_b'])} with {'-'.join(b)}'s")
     for names in tables or []:
         missing = [n for n in names if n not in groups]
         if missing:
             print(f"--seed-table: no seed group {', '.join('-'.join(n) for n in missing)} in ppl.json")
             continue
         print("\n".join(seed_table(groups, names)))
+
+
+def _corr(c: float | None) -> str:
+    return "n/a (no spread)" if c is None else f"{c:+.2f}"
 
 
 def seed_table(groups: dict, names: list[tuple[str, str]]) -> list[str]:
@@ -205,6 +214,27 @@ def paired_comparison(a: dict[int, dict[int, float]], b: dict[int, dict[int, flo
     return rows
 
 
+def paired_spread(a: dict[int, dict[int, float]], b: dict[int, dict[int, float]]) -> dict | None:
+    """Where a paired difference comes from, at the shortest length both groups' common seeds have: each
+    group's seed spread (``sd_a``, ``sd_b``: standard deviation of log perplexity) and the correlation of
+    the per-seed log ratio log(a / b) with each group's log perplexity (``corr_a``, ``corr_b``). A gap that
+    follows b's perplexity far more than a's is made by b's seeds: by how unevenly b trains, more than
+    by what a does. None with fewer than three common seeds or a ratio the same in every seed; a
+    correlation is None for a group without spread."""
+    seeds = sorted(set(a) & set(b))
+    lengths = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds))) if seeds else []
+    if len(seeds) < 3 or not lengths:
+        return None
+    n = lengths[0]
+    la, lb = [math.log(a[s][n]) for s in seeds], [math.log(b[s][n]) for s in seeds]
+    d = [x - y for x, y in zip(la, lb)]
+    if statistics.stdev(d) == 0:
+        return None
+    corr = lambda x: statistics.correlation(d, x) if statistics.stdev(x) > 0 else None  # noqa: E731
+    return dict(context_length=n, seeds=len(seeds), sd_a=statistics.stdev(la), sd_b=statistics.stdev(lb),
+                corr_a=corr(la), corr_b=corr(lb))
+
+
 def seed_groups(ppl: list[dict]) -> dict[tuple[str, str], dict[int, dict[int, float]]]:
     """Models named ARCH-sSEED-TAG (`reproduce.sh STAGE=pretrain SEEDS=...`, then `ppl-fixed` with
     NAME_TAG): {(arch, tag): {seed: {context_length: ppl}}}, groups of two seeds or more only."""
@@ -245,7 +275,7 @@ def _seed_plot(ppl: list[dict], out: str, plt, versus: dict | None = None, name:
     groups = {k: v for k, v in seed_groups(ppl).items() if tags is None or k[1] in tags or (
         k[0] == "swa" and any((versus or {}).get(t) == k[1] for t in tags))}  # and the windows they are compared with
     if not groups:
-        print(f"{name}: no seed group tagged {', '.join(tags or [])} in ppl.json")
+        print(f"{name}: no seed group {'tagged ' + ', '.join(tags) if tags else '(models named ARCH-sSEED-TAG)'} in ppl.json")
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     # one colour per group, the same in both panels: DRT tags blue, green, red, ...; the window's tags

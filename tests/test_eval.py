@@ -299,6 +299,18 @@ def test_collect_results_pairs_seeds_and_finds_the_last_rise(tmp_path, monkeypat
     assert rows[0]["median_diff"] == pytest.approx(0.02)
     assert rows[2]["diff"] == pytest.approx(1.01 * math.exp(statistics.mean(d)) - 1)
     assert cr.paired_comparison(a, {1: b[1]}) == []  # one common seed: no spread to speak of
+    sp = cr.paired_spread(a, b)  # at the shortest length, over the three common seeds
+    la, lb = [math.log(a[s][10]) for s in (1, 2, 3)], [math.log(b[s][10]) for s in (1, 2, 3)]
+    assert sp["context_length"] == 10 and sp["seeds"] == 3
+    assert (sp["sd_a"], sp["sd_b"]) == pytest.approx((statistics.stdev(la), statistics.stdev(lb)))
+    assert (sp["corr_a"], sp["corr_b"]) == pytest.approx((statistics.correlation(d, la), statistics.correlation(d, lb)))
+    # a gap made by b's seeds alone (a the same in every seed) follows b's perplexity exactly
+    flat = {s: {10: 10.0} for s in (1, 2, 3)}
+    only_a = cr.paired_spread({s: {10: 10.0 + 0.1 * s} for s in (1, 2, 3)}, flat)
+    assert only_a["corr_a"] == pytest.approx(1.0) and only_a["corr_b"] is None and only_a["sd_b"] == 0
+    assert cr.paired_spread(flat, b)["corr_b"] == pytest.approx(-1.0)
+    assert cr.paired_spread(flat, flat) is None  # the same ratio in every seed
+    assert cr.paired_spread({1: a[1], 2: a[2]}, b) is None  # two seeds: no correlation to speak of
     lo, hi, change = cr.last_step_change(a)
     assert (lo, hi) == (40, 160) and change == pytest.approx([0.01] * 3)
     assert cr.last_step_change({1: {10: 1.0}, 2: {10: 2.0}}) == (0, 0, [])
@@ -325,6 +337,8 @@ def test_collect_results_pairs_seeds_and_finds_the_last_rise(tmp_path, monkeypat
     refused("--paired", ("drt-x-small", "drt=swa-x-small"), "--paired takes ARCH-TAG=ARCH-TAG")
     text = printed("--paired", "drt-x-small=swa-x-small", "--paired", "drt-y-small=swa-x-small")
     assert "drt-x-small vs swa-x-small       10, seed by seed (3 seeds): +1.9%" in text
+    assert (f"drt-x-small vs swa-x-small       10: seed spread (standard deviation of log ppl) {sp['sd_a']:.3f} / "
+            f"{sp['sd_b']:.3f}; the per-seed log ratio correlates {sp['corr_a']:+.2f} with drt-x-small's") in text
     assert "no seed group drt-y-small" in text and "drt-x-small: 40 -> 160 tokens, per seed +1.00% to +1.00% (3 of 3 rise)" in text
 
     # --seed-plot: one figure per set of tags, in OUT; a malformed one is refused with its form
