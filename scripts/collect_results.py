@@ -139,7 +139,7 @@ def _print_seed_comparison(ppl: list[dict], versus: dict | None = None, paired: 
         lo, hi, change = last_step_change(seeds)
         if change:
             print(f"{arch}-{tag}: {lo} -> {hi} tokens, per seed {min(change):+.2%} to {max(change):+.2%} "
-                  f"({sum(c > 0 for c in change)} of {len(change)} rise)")
+                  f"({sum(c > 0 for c in change)} of {len(change)} rise), mean {statistics.mean(change):+.2%}")
     for a, b in paired or []:
         if a not in groups or b not in groups:
             print(f"--paired: no seed group {'-'.join(a if a not in groups else b)} in ppl.json")

@@ -339,7 +339,7 @@ def test_collect_results_pairs_seeds_and_finds_the_last_rise(tmp_path, monkeypat
     assert "drt-x-small vs swa-x-small       10, seed by seed (3 seeds): +1.9%" in text
     assert (f"drt-x-small vs swa-x-small       10: seed spread (standard deviation of log ppl) {sp['sd_a']:.3f} / "
             f"{sp['sd_b']:.3f}; the per-seed log ratio correlates {sp['corr_a']:+.2f} with drt-x-small's") in text
-    assert "no seed group drt-y-small" in text and "drt-x-small: 40 -> 160 tokens, per seed +1.00% to +1.00% (3 of 3 rise)" in text
+    assert "no seed group drt-y-small" in text and "drt-x-small: 40 -> 160 tokens, per seed +1.00% to +1.00% (3 of 3 rise), mean +1.00%" in text
 
     # --seed-plot: one figure per set of tags, in OUT; a malformed one is refused with its form
     refused("--seed-plot", ("x-small", "a.png=", "../a.png=x-small"), "--seed-plot takes FILE.png=TAG")
