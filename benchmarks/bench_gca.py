@@ -350,7 +350,7 @@ def write_results(rows, out_dir, slug, gpu, date, peak_bw, ok):
         "",
         f"torch {torch.__version__}, Triton {triton.__version__}, bf16, S = Sm = 64, C = Cq = Cm chunks per sequence.",
         f"Command: `{cmd.strip()}`. Median of `triton.testing.do_bench` (eager calls; the graph columns: median of"
-        " `triton.testing.do_bench_cudagraph` over the launchers, without the host, the backward on one stream). Floor = max(FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s,"
+        f" `triton.testing.do_bench_cudagraph` over the launchers, without the host, the backward on one stream). Floor = max(FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s,"
         f" bytes / {peak_bw / 1e12:.2f} TB/s measured copy bandwidth). Correctness check: {'OK' if ok else 'FAILED'}.",
         "",
         "| case | kernels | B | C | H | Hk | D | K | fwd ms | fwd+bwd ms | graph fwd ms | graph fwd+bwd ms | floor fwd ms | fwd TFLOP/s | ref fwd ms | ref fwd+bwd ms | SDPA causal fwd ms | SDPA fwd+bwd ms |",

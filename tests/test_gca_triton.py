@@ -541,7 +541,9 @@ def test_bench_table_rows_match_header(tmp_path):
     rows = [dict(base, name="graph", fwd_graph_ms=0.321, fwdbwd_graph_ms=1.302, ref_fwd_ms=21.6, ref_fwdbwd_ms=48.5),
             dict(base, name="no-graph", graph_note="CUDA graph timing failed: x")]
     mod.write_results(rows, str(tmp_path), "gpu", "GPU", "2026-12-02", 4.27e12, True)
-    table = [line for line in (tmp_path / "gca_gpu.md").read_text().splitlines() if line.startswith("|")]
+    md = (tmp_path / "gca_gpu.md").read_text()
+    assert "Floor = max(FLOPs / 714 TFLOP/s, bytes / 4.27 TB/s" in md and "do_bench_cudagraph" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert len(table) == 4 and "graph fwd+bwd ms" in header
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
