@@ -199,7 +199,7 @@ case $STAGE in
     finished() {  # finished STEPS NAME...: every run's log ends at step STEPS
       local n steps=$1; shift
       for n in "$@"; do
-        if ! tail -n 1 "$RUNS/$n.log" 2>/dev/null | grep -q "^done: step $steps,"; then
+        if ! tail -n 1 "$RUNS/$n.log" 2>/dev/null | grep -Eq "^done: step $steps,|: the checkpoint is at step $steps \\(--max-steps $steps,"; then
           echo "$n has not reached step $steps (its log: $RUNS/$n.log); rerun the same command to resume" >&2; return 1
         fi
       done
