@@ -196,6 +196,8 @@ def profile_kernels(shape, reps: int = 20):
 
     def fb():
         gt.gca_triton(qg, kg, vg, idx, wg).backward(g)
+        for t in (qg, kg, vg, wg):  # else every call after the first adds its gradients to .grad (3 extra kernels)
+            t.grad = None
 
     rows = kernel_times(fb, reps)
     total = sum(r[0] for r in rows)
