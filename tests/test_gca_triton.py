@@ -532,37 +532,6 @@ def test_side_stream_backward_equals_default(shape, monkeypatch):
         assert torch.equal(a, b), f"{name} differs between one stream and two"
 
 
-@pytest.mark.parametrize(
-    "shape",
-    ["S16-D32-H4-Hk2-K3", "S64-Sm80-D32-H2-Hk2-K1"]
-    + (["spec-like-S64-H12-D64-K8", "S63-Sm65-D64-H8-Hk1-K32"] if HAS_CUDA else []),
-)
-def test_longest_first_backward_equals_default(shape, monkeypatch):
-    """LPT (the dK/dV kernel's programs ordered by how often their memory chunk was retrieved, most
-    first) changes which program runs when, not what any computes: the same bits as the default order,
-    every output written (the outputs start as NaN), also with memory positions split over programs
-    (Sm = 80, 65)."""
-    dims = {**SMALL, **LARGE}[shape]
-    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
-    q, k, v, idx, w = _inputs(**dims, dtype=dtype, pattern="causal")
-    _, lse = gt.gca_fwd(q, k, v, idx, w)
-    g = torch.randn(q.shape, dtype=dtype, device=q.device)
-    default = gt.gca_bwd(g, q, k, v, idx, w, lse)
-    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"dkdv": {"LPT": True}})
-    lpt = gt.gca_bwd(g, q, k, v, idx, w, lse)
-    for name, a, b in zip(("dq", "dmem_k", "dmem_v", "dweights"), lpt, default):
-        assert not a.isnan().any(), f"{name}: NaN"
-        assert torch.equal(a, b), f"{name} differs between the longest-first order and the default"
-
-
-def test_longest_first_order():
-    """_longest_first: chunks by retrieval count, most first, ties in chunk order."""
-    idx = torch.tensor([[[2, 0], [2, -1], [1, 2]]])  # B=1, Cq=3, K=2; Cm=4: counts 1, 1, 3, 0
-    order, offsets = gt._inverted_index(idx, 4)
-    assert offsets.tolist() == [0, 1, 2, 5, 5]
-    assert gt._longest_first(offsets).tolist() == [2, 0, 1, 3]
-
-
 def test_bench_table_rows_match_header(tmp_path):
     """benchmarks/bench_gca.py's markdown table: every row has the header's columns, with and without the
     CUDA-graph timings (a case whose capture failed shows "-" there) and the reference's."""

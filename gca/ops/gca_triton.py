@@ -340,7 +340,7 @@ def _dkdv_step(
 
 @triton.jit
 def _gca_bwd_dkdv_kernel(
-    Q, MK, MV, W, DO, LSE, DELTA, ORDER, OFFS, PERM, DK, DV,
+    Q, MK, MV, W, DO, LSE, DELTA, ORDER, OFFS, DK, DV,
     sq_b, sq_c, sq_s, sq_h, sq_d,
     sk_b, sk_c, sk_s, sk_h, sk_d,
     sv_b, sv_c, sv_s, sv_h, sv_d,
@@ -349,18 +349,10 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, LPT: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
-    if LPT:
-        # longest first: program i takes the memory chunk PERM[i // Hk] (chunks by the number of
-        # (query chunk, slot) pairs that retrieved them, most first) and head i % Hk, so the
-        # chunks retrieved most, which run longest, start first and do not trail at the end
-        flat = tl.program_id(0)
-        pid_bm = tl.load(PERM + flat // Hk).to(tl.int64)
-        hk = flat % Hk
-    else:
-        pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
-        hk = tl.program_id(1)
+    pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
+    hk = tl.program_id(1)
     b = pid_bm // Cm
     mc = pid_bm % Cm
     d = tl.arange(0, BLOCK_D)
@@ -579,13 +571,6 @@ def _inverted_index(indices, Cm):
     return order, offsets
 
 
-def _longest_first(offsets):
-    """The B * Cm memory chunks ordered by how many (query chunk, slot) pairs retrieved them, most
-    first (stable: ties keep chunk order), as int32: the dK/dV kernel's program order with ``LPT``."""
-    counts = offsets[1:] - offsets[:-1]
-    return torch.sort(counts, descending=True, stable=True)[1].to(torch.int32)
-
-
 _SIDE_STREAMS: dict = {}
 
 
@@ -627,13 +612,11 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     side = None
     if cfg_kv.pop("SIDE_STREAM", False) and q.is_cuda and not torch.cuda.is_current_stream_capturing():
         side = _side_stream(dev)
-    lpt = cfg_kv.pop("LPT", False)
     if side is not None:
         main = torch.cuda.current_stream(dev)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             order, offsets = _inverted_index(indices, Cm)
-            perm = _longest_first(offsets) if lpt else offsets
             sorted_ev = side.record_event()
 
     cfg = _config("dq", G * S, Sm, D, q.is_cuda)
@@ -651,24 +634,21 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     if side is None:
         dw = torch.where(indices >= 0, delta.sum((2, 4)), 0.0).to(weights.dtype)
         order, offsets = _inverted_index(indices, Cm)
-        perm = _longest_first(offsets) if lpt else offsets
     else:
         side.wait_stream(main)  # DELTA written
         with torch.cuda.stream(side):
             dw = torch.where(indices >= 0, delta.sum((2, 4)), 0.0).to(weights.dtype)
         main.wait_event(sorted_ev)
-        for t in (order, offsets, perm, dw):
+        for t in (order, offsets, dw):
             t.record_stream(main)
     cfg = cfg_kv
     bm = cfg.pop("BLOCK_M")
     bn_kv = min(bn, cfg.pop("BLOCK_N"))
-    grid = (B * Cm * Hk, 1, triton.cdiv(Sm, bn_kv)) if lpt else (B * Cm, Hk, triton.cdiv(Sm, bn_kv))
-    _gca_bwd_dkdv_kernel[grid](
-        q, mem_k, mem_v, weights, do, lse, delta, order, offsets, perm, dk, dv,
+    _gca_bwd_dkdv_kernel[(B * Cm, Hk, triton.cdiv(Sm, bn_kv))](
+        q, mem_k, mem_v, weights, do, lse, delta, order, offsets, dk, dv,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
         Cq, Cm, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D,
-        LPT=lpt, **cfg,
+        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D, **cfg,
     )
     if side is not None:
         main.wait_stream(side)  # dw summed
