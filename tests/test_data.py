@@ -99,6 +99,23 @@ def test_iter_documents(corpus):
     assert list(iter_documents(str(corpus))) == docs  # fixed order
 
 
+def test_iter_documents_group_folder(tmp_path):
+    """?group=folder: each folder's files joined (path order) into one document, a subfolder's apart
+    even when its path sorts between its parent's files; unknown group values are refused."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "a" / "1.txt").write_text("one")
+    (tmp_path / "a" / "b" / "2.txt").write_text("two")
+    (tmp_path / "a" / "c.txt").write_text("three")
+    (tmp_path / "c" / "4.md").write_text("four")
+    (tmp_path / "c" / "5.txt").write_text("")
+    assert list(iter_documents(str(tmp_path))) == ["one", "two", "three", "four"]
+    assert list(iter_documents(f"{tmp_path}?group=folder")) == ["one\n\nthree", "two", "four"]
+    assert list(iter_documents(f"{tmp_path}?group=file")) == ["one", "two", "three", "four"]
+    with pytest.raises(ValueError, match="group='book' is not known"):
+        list(iter_documents(f"{tmp_path}?group=book"))
+
+
 def test_source_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         list(iter_documents(str(tmp_path / "nope")))

@@ -747,3 +747,39 @@ def test_retrieval_documents_script(tmp_path, monkeypatch, capsys):
         assert main(["eval", "ppl", "--ckpt", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--lengths",
                      lengths, "--windows", "1", "--out", str(tmp_path / "ppl"), "--device", "cpu"]) == 0  # fmt: skip
         assert (f"the longest held-out document has {longest} tokens" in capsys.readouterr().out) == noted
+
+
+def test_far_context_matches_brute_force(tmp_path):
+    """scripts/far_context.py: the nearest earlier (n + 1)-gram match of every token, across the stream and
+    within the token's document, equals a brute-force search; the shares of each split sum to one."""
+    from gca.data.prepare import prepare
+
+    fc = _script("far_context")
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    tokens = rng.integers(1, 4, size=400)  # three symbols: many matches
+    groups = np.repeat(np.arange(4), 100)
+    for n in (1, 2, 4):
+        h = fc.ngram_hashes(tokens, n)
+        got_any, got_doc = fc.nearest_previous(h), fc.nearest_previous(h, groups[n:])
+        for i in range(len(h)):
+            t = i + n
+            want_any = want_doc = 0
+            for j in range(t - 1, n - 1, -1):
+                if np.array_equal(tokens[j - n : j + 1], tokens[t - n : t + 1]):
+                    want_any = want_any or t - j
+                    if groups[j] == groups[t] and not want_doc:
+                        want_doc = t - j
+                        break
+            assert (got_any[i], got_doc[i]) == (want_any, want_doc), (n, t)
+    src = tmp_path / "src"
+    src.mkdir()
+    words = " ".join(f"w{i}" for i in range(300))
+    for i in range(6):  # each document says its first part again after ~1000 tokens of other text
+        (src / f"d{i}.txt").write_text(f"doc {i} " + words + " " + " ".join(f"x{i}y{k}" for k in range(400)) + " " + words)
+    prepare(str(src), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.5)
+    (r,) = fc.main(["--data", str(tmp_path / "data"), "--split", "val", "--n", "8", "--out", str(tmp_path / "far.json")])
+    s = r["n"]["8"]
+    for key in ("any", "same_document"):
+        assert abs(sum(s[key].values()) - 1) < 1e-9
+    assert s["beyond_window_same_document"]["(512, 4032]"] > 0.1  # the repeated part, ~1000+ tokens back
+    assert json.loads((tmp_path / "far.json").read_text())[0]["tokens"] == r["tokens"]

@@ -3,6 +3,8 @@
 A *source spec* is a string:
 
     data/books/                 a folder, read recursively (sorted paths, hidden files skipped)
+    data/books/?group=folder    ... each folder's files joined into one document (any file spec may
+                                carry ?group=folder, debian-docs too: one document per manual section)
     notes.txt                   one file = one document (.txt .md .rst .pod .text, optionally .gz)
     pages.html                  one document, tags stripped (.html .htm)
     docs.jsonl                  one document per line, from its "text" field
@@ -81,7 +83,7 @@ def describe_source(spec) -> str:
     """A one-line description stored in meta.json."""
     base, opts = split_spec(str(spec))
     if base in OFFLINE_NAMES:
-        return f"debian-docs (offline; install: {OFFLINE_CORPUS_INSTALL})"
+        return f"debian-docs (offline; install: {OFFLINE_CORPUS_INSTALL})" + (f" {opts}" if opts else "")
     if base.startswith("hf:"):
         name = HF_ALIASES.get(base[3:], base[3:])
         return f"hf:{name}" + (f" {opts}" if opts else "")
@@ -343,5 +345,19 @@ def iter_documents(spec, text_field: str = "text", progress: bool = False) -> It
         from tqdm.auto import tqdm
 
         files = tqdm(files, desc=f"reading {Path(base).name or base}", unit="file")
-    for f in files:
-        yield from iter_file_documents(f, field)
+    group = opts.get("group", "")
+    if group not in ("", "file", "folder"):
+        raise ValueError(f"{spec}: group={group!r} is not known (use group=file, the default, or group=folder)")
+    if group != "folder":
+        for f in files:
+            yield from iter_file_documents(f, field)
+        return
+    # group=folder: the documents of all files in one folder, in path order, make one document (a
+    # manual's pages, a package's docs): long documents whose far context belongs to them
+    folders: dict[Path, list[Path]] = {}
+    for f in files:  # a folder's files in path order, the folders in the order their first file comes
+        folders.setdefault(f.parent, []).append(f)
+    for members in folders.values():
+        text = "\n\n".join(d for f in members for d in iter_file_documents(f, field))
+        if text:
+            yield text
