@@ -9,7 +9,7 @@ neither. The shares bound what retrieval can add on that text: if few tokens rep
 perfect retriever changes little of the perplexity.
 
     python scripts/far_context.py --data data/debian-docs --split val --n 8,16 --out far_context.json
-    python scripts/far_context.py --data data/debian-docs --data data/other --split val   # compare corpora
+    python scripts/far_context.py --data data/debian-docs --data data/other --split val --plot far.png  # compare corpora
 
 Windows that hold a document separator are skipped (their tokens are not counted). Matches are found
 by a 64-bit polynomial hash of each (n + 1)-gram (collisions are negligible at these sizes). Also
@@ -100,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--split", default="val", choices=("train", "val"))
     ap.add_argument("--n", default="8,16", help="context tokens a match must share, comma-separated")
     ap.add_argument("--out", default=None, help="write the results here (JSON)")
+    ap.add_argument("--plot", default=None, metavar="PNG", help="draw the shares by distance, one bar group per corpus")
     args = ap.parse_args(argv)
     ns = [int(x) for x in args.n.split(",")]
     if any(n < 1 for n in ns):
@@ -118,7 +119,41 @@ def main(argv=None):
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
         print(f"wrote {args.out}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
     return results
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Bars: the share of tokens whose nearest match lies in each distance bin beyond the window, per
+    corpus and n (solid: any document, hatched: the same document)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = list(results[0]["n"])
+    fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4), squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        bins = [b for b in results[0]["n"][n]["any"] if b not in ("none", "(0, 512]")]
+        width = 0.8 / len(results)
+        for i, r in enumerate(results):
+            x = np.arange(len(bins)) + i * width
+            any_ = [100 * r["n"][n]["any"][b] for b in bins]
+            doc = [100 * r["n"][n]["same_document"][b] for b in bins]
+            ax.bar(x, any_, width, alpha=0.8, label=f"{Path(r['data']).name}: any document")
+            ax.bar(x, doc, width, color="none", edgecolor="black", hatch="//", linewidth=0.5,
+                   label="same document" if i == len(results) - 1 else None)
+        ax.set_xticks(np.arange(len(bins)) + 0.4 - width / 2)
+        ax.set_xticklabels([b.replace("(", "").replace("]", "") for b in bins], rotation=20, fontsize=8)
+        ax.set_xlabel("tokens back to the nearest earlier match (beyond the 512-token window)")
+        ax.set_ylabel("share of held-out tokens (%)")
+        ax.set_title(f"exact ({n}+1)-gram matches [{results[0]['split']}]")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

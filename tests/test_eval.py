@@ -777,7 +777,9 @@ def test_far_context_matches_brute_force(tmp_path):
     for i in range(6):  # each document says its first part again after ~1000 tokens of other text
         (src / f"d{i}.txt").write_text(f"doc {i} " + words + " " + " ".join(f"x{i}y{k}" for k in range(400)) + " " + words)
     prepare(str(src), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.5)
-    (r,) = fc.main(["--data", str(tmp_path / "data"), "--split", "val", "--n", "8", "--out", str(tmp_path / "far.json")])
+    (r,) = fc.main(["--data", str(tmp_path / "data"), "--split", "val", "--n", "8", "--out", str(tmp_path / "far.json"),
+                    "--plot", str(tmp_path / "far.png")])
+    assert (tmp_path / "far.png").stat().st_size > 10_000
     s = r["n"]["8"]
     for key in ("any", "same_document"):
         assert abs(sum(s[key].values()) - 1) < 1e-9
