@@ -13,7 +13,7 @@ import torch
 
 from gca import DRT, DRTConfig
 from gca.cli import main
-from gca.eval.perplexity import stream_nll
+from gca.eval.perplexity import stream_nll, stream_token_nll
 from gca.eval.tasks import score_samples
 
 
@@ -50,6 +50,8 @@ def test_streamed_nll_of_the_last_tokens(last, piece):
     k = min(last, N - 1)
     assert n == 2 * k
     torch.testing.assert_close(torch.tensor(nll, dtype=torch.float64), per_token[:, -k:].sum(), rtol=1e-9, atol=1e-9)
+    tokens = stream_token_nll(m, x, piece=piece, last=last)  # the same losses, token by token
+    torch.testing.assert_close(tokens, per_token[:, -k:], rtol=1e-9, atol=1e-9)
 
 
 def test_fixed_target_perplexity_scores_the_same_text_at_every_length(tmp_path, monkeypatch):
@@ -785,3 +787,55 @@ def test_far_context_matches_brute_force(tmp_path):
         assert abs(sum(s[key].values()) - 1) < 1e-9
     assert s["beyond_window_same_document"]["(512, 4032]"] > 0.1  # the repeated part, ~1000+ tokens back
     assert json.loads((tmp_path / "far.json").read_text())[0]["tokens"] == r["tokens"]
+
+
+def test_loss_by_copy_distance_script(tmp_path):
+    """scripts/loss_by_copy_distance.py: the groups' tokens add up to the scored text, their weighted
+    perplexity is the ppl command's on the same end points, and each token's group follows its nearest
+    match (brute force on the text)."""
+    from gca.data.prepare import prepare
+    from gca.eval.perplexity import fixed_end_points, perplexity_vs_length
+    from safetensors.torch import save_model
+
+    lc, fc = _script("loss_by_copy_distance"), _script("far_context")
+    src = tmp_path / "txt"
+    src.mkdir()
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    words = [f"w{i}" for i in range(12)]  # a small vocabulary: matches at every distance
+    for d in range(8):
+        (src / f"doc{d}.txt").write_text(" ".join(rng.choice(words, 400)))
+    prepare(str(src), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.6)
+    models = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        m = DRT(tiny(window=40)).eval()
+        (tmp_path / name).mkdir()
+        save_model(m, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(m.config.to_json())
+        models[name] = m
+    out = tmp_path / "copy.json"
+    rows = lc.main(["--ckpt", f"a={tmp_path / 'a'}", "--ckpt", f"b={tmp_path / 'b'}", "--data", str(tmp_path / "data"),
+                    "--lengths", "150,600", "--targets", "150", "--windows", "3", "--n", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == rows
+    for name, m in models.items():
+        ref = perplexity_vs_length(m, str(tmp_path / "data"), [150, 600], windows=3, targets=150, seed=1234, progress=False)
+        for r in ref:
+            mine = [x for x in rows if x["model"] == name and x["context_length"] == r["context_length"]]
+            assert sum(x["tokens"] for x in mine) == r["tokens"] == 3 * 149
+            mean = sum(x["tokens"] * x["nll"] for x in mine if x["tokens"]) / r["tokens"]
+            assert math.exp(mean) == pytest.approx(r["ppl"], rel=1e-6)
+    # the groups, by brute force: window (<= 40 back), beyond it within the context, or neither
+    from gca.data import PackedDataset
+
+    tokens = np.asarray(PackedDataset(tmp_path / "data", "val").tokens, dtype=np.int64)
+    ends = fixed_end_points(len(tokens), [150, 600], 3, np.random.default_rng(1234))
+    dist = fc.nearest_previous(fc.ngram_hashes(tokens, 2))
+    for N in (150, 600):
+        groups = lc.copy_groups(dist, 2, ends, N, 149, 40)
+        for w, e in enumerate(ends):
+            for j, p in enumerate(range(e - 149, e)):
+                back = next((p - q for q in range(p - 1, 1, -1) if np.array_equal(tokens[q - 2 : q + 1], tokens[p - 2 : p + 1])), 0)
+                want = 0 if 0 < back <= 40 else 1 if 40 < back <= p - (e - N) else 2
+                assert groups[w, j] == want, (N, p, back)
+        counts = [x["tokens"] for x in rows if x["model"] == "a" and x["context_length"] == N]
+        assert counts == [int((groups == g).sum()) for g in range(3)]

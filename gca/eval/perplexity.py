@@ -27,16 +27,15 @@ from gca.model import DRT
 
 
 @torch.no_grad()
-def stream_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool = False,
-               last: int | None = None) -> tuple[float, int]:
-    """Summed next-token NLL and token count of ``ids`` ``(B, N)``, streamed ``piece`` tokens at a time.
-    ``last``: score only the last ``last`` tokens of each row (the rest is context; pieces that hold
-    no scored prediction skip the LM head's full output)."""
+def _scored_logits(model: DRT, ids: torch.Tensor, piece: int, offload: bool, last: int | None):
+    """Stream ``ids`` ``(B, N)`` through a cache ``piece`` tokens at a time and yield ``(logits, targets)``
+    for every scored stretch in order: ``logits (B, L, V)`` (at least fp32) predicting ``targets (B, L)``.
+    ``last``: only the last ``last`` tokens of each row are scored (pieces that hold no scored prediction
+    skip the LM head's full output)."""
     device = model.embed.weight.device
     N = ids.shape[1]
     first = 1 if last is None else max(1, N - int(last))  # the first scored token's position
     cache = model.new_cache(ids.shape[0], offload=offload, max_tokens=N)
-    total, count = 0.0, 0
     prev = None
     for i in range(0, N, piece):
         x = ids[:, i : i + piece].to(device)
@@ -47,15 +46,36 @@ def stream_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool =
         logits = model(x, cache=cache, logits_to_keep=keep).logits
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if prev is not None and i >= first:  # the last logit of the previous piece predicts this piece's first token
-            total += F.cross_entropy(prev, x[:, 0], reduction="sum").item()
-            count += x.shape[0]
+            yield prev[:, None], x[:, :1]
         lo = max(1, first - i)  # this piece's first scored target, by index into x
         if not keep and L > lo:
-            total += F.cross_entropy(logits[:, lo - 1 : -1].reshape(-1, logits.shape[-1]), x[:, lo:].reshape(-1),
-                                     reduction="sum").item()
-            count += x.shape[0] * (L - lo)
+            yield logits[:, lo - 1 : -1], x[:, lo:]
         prev = logits[:, -1]
+
+
+@torch.no_grad()
+def stream_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool = False,
+               last: int | None = None) -> tuple[float, int]:
+    """Summed next-token NLL and token count of ``ids`` ``(B, N)``, streamed ``piece`` tokens at a time.
+    ``last``: score only the last ``last`` tokens of each row (the rest is context; pieces that hold
+    no scored prediction skip the LM head's full output)."""
+    total, count = 0.0, 0
+    for logits, targets in _scored_logits(model, ids, piece, offload, last):
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        count += targets.numel()
     return total, count
+
+
+@torch.no_grad()
+def stream_token_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: bool = False,
+                     last: int | None = None) -> torch.Tensor:
+    """Per-token next-token NLL of ``ids`` ``(B, N)`` as :func:`stream_nll` streams it: ``(B, S)`` on the CPU
+    (fp32, or the model's dtype if wider), S = N - 1 scored tokens (``last`` of them when given), in order."""
+    parts = [F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").cpu()
+             for logits, targets in _scored_logits(model, ids, piece, offload, last)]
+    if not parts:
+        return torch.zeros(ids.shape[0], 0)
+    return torch.cat(parts, dim=1)
 
 
 def document_lengths(data) -> np.ndarray:

@@ -1,0 +1,131 @@
+"""Where models' losses differ on held-out text, by how far back each token could be copied from.
+
+    python scripts/loss_by_copy_distance.py --ckpt drt=runs/fold/drt-s1-dis --ckpt swa=runs/fold/swa-s1-ctl \
+        --data data/debian-docs-folders --lengths 1x,64x --windows 16 --device cuda --dtype bfloat16 \
+        --out loss_by_copy_distance.json
+
+The text scored is that of ``gca eval ppl --windows W --targets 1x`` with the same ``--seed`` (default
+1234, its default): W fixed end points in the validation split, the last training length of tokens
+before each scored, only the context before them growing. Every scored token is put in one of three
+groups by its nearest earlier exact (n + 1)-gram match (``scripts/far_context.py``: the n tokens before
+it followed by it, anywhere earlier in the split):
+
+- ``window``: the match is at most the model's attention window back (512 tokens for the presets),
+  so a sliding window can copy it;
+- ``beyond window``: further back than the window but inside the context the model was given, so only
+  retrieval (or full attention) can copy it;
+- ``not in context``: no match, or one before the context began.
+
+For each model and context length: the tokens, mean loss and perplexity of each group. If DRT's lead
+over a sliding window comes from retrieval copying, it sits in ``beyond window``; if it is spread over
+every group, the two models learned the text differently, whatever retrieval does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from far_context import nearest_previous, ngram_hashes  # noqa: E402
+
+from gca.eval.cli import load_for_eval, parse_lengths  # noqa: E402
+from gca.eval.perplexity import fixed_end_points, stream_token_nll  # noqa: E402
+
+GROUPS = ("window", "beyond window", "not in context")
+
+
+def copy_groups(dist: np.ndarray, n: int, ends: np.ndarray, N: int, T: int, window: int) -> np.ndarray:
+    """``(len(ends), T)`` group index (into :data:`GROUPS`) of the tokens at positions ``e - T .. e - 1``
+    scored with a context of N tokens before each end point ``e``; ``dist[i]``: the nearest earlier
+    match of the (n + 1)-gram ending at position ``i + n`` (0: none)."""
+    pos = ends[:, None] - T + np.arange(T)[None, :]
+    idx = pos - n
+    d = np.where(idx >= 0, dist[np.clip(idx, 0, None)], 0)
+    seen = pos - (ends[:, None] - N)  # tokens of context before each scored token
+    return np.where((d > 0) & (d <= window), 0, np.where((d > window) & (d <= seen), 1, 2))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", action="append", required=True, metavar="NAME=PATH",
+                    help="a run or export folder, named (repeat; the first is compared with the others)")
+    ap.add_argument("--data", required=True, help="a prepared dataset folder (its val split)")
+    ap.add_argument("--lengths", default="1x,64x", help="context lengths (tokens, or multiples of the training length)")
+    ap.add_argument("--targets", default="1x", help="tokens scored before each end point, as gca eval ppl --targets")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=1234, help="the end points' seed (gca eval ppl's default)")
+    ap.add_argument("--n", type=int, default=8, help="context tokens a match must share (default 8)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--out", required=True, help="JSON file, rewritten after every model and length")
+    a = ap.parse_args(argv)
+    named = []
+    for spec in a.ckpt:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            ap.error(f"--ckpt {spec!r}: use NAME=PATH")
+        named.append((name, path))
+    if a.n < 1 or a.windows < 1:
+        ap.error("--n and --windows must be >= 1")
+
+    from gca.data import PackedDataset
+
+    ds = PackedDataset(a.data, "val")
+    tokens = np.asarray(ds.tokens, dtype=np.int64)
+    dist = nearest_previous(ngram_hashes(tokens, a.n))
+    rows, lengths, ends = [], None, None
+    for name, path in named:
+        model, train_length, _ = load_for_eval(path, a.device, a.dtype)
+        these = parse_lengths(a.lengths, train_length)
+        target = parse_lengths(a.targets, train_length)[0]
+        if lengths is None:  # the first model fixes the text: every other model must read the same
+            lengths, T = these, min(target, min(these) - 1)  # as perplexity_vs_length(targets=...)
+            if max(lengths) > len(tokens):
+                ap.error(f"the validation split has {len(tokens)} tokens, fewer than the context length {max(lengths)}")
+            ends = fixed_end_points(len(tokens), lengths, a.windows, np.random.default_rng(a.seed))
+        elif these != lengths:
+            ap.error(f"{name}: --lengths resolve to {these} tokens, the first model's to {lengths} (different training lengths)")
+        window = model.config.window or 0
+        for N in lengths:
+            ids = torch.from_numpy(np.stack([tokens[e - N : e] for e in ends]))
+            nll = stream_token_nll(model, ids, last=T).double().numpy()
+            group = copy_groups(dist, a.n, ends, N, T, window)
+            for g, label in enumerate(GROUPS):
+                sel = group == g
+                k = int(sel.sum())
+                mean = float(nll[sel].mean()) if k else float("nan")
+                rows.append(dict(model=name, context_length=N, group=label, tokens=k, share=k / group.size,
+                                 nll=mean, ppl=math.exp(mean) if k else float("nan"), window=window))
+            ppl = math.exp(float(nll.mean()))
+            print(f"{name} at {N}: ppl {ppl:.3f}; " + "; ".join(
+                f"{r['group']} {100 * r['share']:.1f}% of tokens, ppl {r['ppl']:.3f}" for r in rows[-3:]), flush=True)
+            tmp = a.out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(dict(rows=rows, n=a.n, seed=a.seed, windows=a.windows, targets=T, data=a.data,
+                               ends=[int(e) for e in ends]), f, indent=1)
+            os.replace(tmp, a.out)
+        del model
+    first = named[0][0]
+    for name, _ in named[1:]:
+        for N in lengths:
+            cells = []
+            for label in GROUPS:
+                x = next(r for r in rows if r["model"] == first and r["context_length"] == N and r["group"] == label)
+                y = next(r for r in rows if r["model"] == name and r["context_length"] == N and r["group"] == label)
+                cells.append(f"{label} {100 * (math.exp(x['nll'] - y['nll']) - 1):+.1f}%" if x["tokens"] else f"{label} -")
+            print(f"{first} vs {name} at {N}, perplexity by group: " + ", ".join(cells))
+    print(f"wrote {a.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
