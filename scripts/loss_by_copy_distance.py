@@ -88,6 +88,8 @@ def main(argv=None):
         these = parse_lengths(a.lengths, train_length)
         target = parse_lengths(a.targets, train_length)[0]
         if lengths is None:  # the first model fixes the text: every other model must read the same
+            if not 1 <= target <= min(these):
+                ap.error(f"--targets {a.targets} = {target} tokens must lie in [1, the shortest length {min(these)}]")
             lengths, T = these, min(target, min(these) - 1)  # as perplexity_vs_length(targets=...)
             if max(lengths) > len(tokens):
                 ap.error(f"the validation split has {len(tokens)} tokens, fewer than the context length {max(lengths)}")

@@ -839,3 +839,8 @@ def test_loss_by_copy_distance_script(tmp_path):
                 assert groups[w, j] == want, (N, p, back)
         counts = [x["tokens"] for x in rows if x["model"] == "a" and x["context_length"] == N]
         assert counts == [int((groups == g).sum()) for g in range(3)]
+    with pytest.raises(SystemExit):  # more targets than the shortest context holds
+        lc.main(["--ckpt", f"a={tmp_path / 'a'}", "--data", str(tmp_path / "data"), "--lengths", "150,600",
+                 "--targets", "300", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):  # a checkpoint without a name
+        lc.main(["--ckpt", str(tmp_path / "a"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "x.json")])
