@@ -196,10 +196,11 @@ case $STAGE in
     # eighteenth runs): pretrain (MIN), distract (DIS_MIN, 3), then ppl-fixed of what the stage made (NAME_TAG -stage).
     # A run that stopped short (its time limit) stops the chain: rerun the same command, it resumes.
     : "${SEEDS:?seeds-stage needs SEEDS, e.g. SEEDS='9 10'}"
-    finished() {  # finished STEPS NAME...: every run's log ends at step STEPS
+    finished() {  # finished STEPS NAME...: every run's checkpoint (its manifest, RUNS/NAME/ckpt/checkpoint.json) is at step STEPS
       local n steps=$1; shift
       for n in "$@"; do
-        if ! tail -n 1 "$RUNS/$n.log" 2>/dev/null | grep -Eq "^done: step $steps,|: the checkpoint is at step $steps \\(--max-steps $steps,"; then
+        if ! python -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["step"] < int(sys.argv[2]))' \
+            "$RUNS/$n/ckpt/checkpoint.json" "$steps" 2>/dev/null; then
           echo "$n has not reached step $steps (its log: $RUNS/$n.log); rerun the same command to resume" >&2; return 1
         fi
       done

@@ -79,7 +79,8 @@ def test_reproduce_seeds_stage_chains_and_stops_short(tmp_path):
     logs = {n: (runs / f"{n}.log").read_text() for n in ("drt-s3", "drt-s3-dis")}
     run("seeds-stage", **toy)  # everything trained: only the scoring runs again
     assert {n: (runs / f"{n}.log").read_text() for n in logs} == logs
-    # a run already at STEPS, trained again beside an unfinished one, ends its log "nothing to do": finished
+    # a run already at STEPS, trained again beside an unfinished one, ends its log "nothing to do"; its
+    # checkpoint is at STEPS, so it counts as finished
     run("pretrain", **toy)
     assert "nothing to do" in (runs / "swa-s3.log").read_text().splitlines()[-1]
     p = run("seeds-stage", check=False, **toy)
