@@ -198,16 +198,23 @@ def last_step_change(seeds: dict[int, dict[int, float]]) -> tuple[int, int, list
     return lo, hi, [v[hi] / v[lo] - 1 for _, v in sorted(seeds.items())]
 
 
+def _common(a: dict[int, dict[int, float]], b: dict[int, dict[int, float]]) -> tuple[list[int], list[int]]:
+    """The seeds two groups share and the context lengths every one of them has in both, sorted."""
+    seeds = sorted(set(a) & set(b))
+    lengths = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds))) if seeds else []
+    return seeds, lengths
+
+
 def paired_comparison(a: dict[int, dict[int, float]], b: dict[int, dict[int, float]]) -> list[dict]:
     """Seed group ``a`` against ``b`` seed by seed ({seed: {context_length: ppl}}, from :func:`seed_groups`),
     over the seeds and lengths both have: ``diff`` = exp(mean log(a / b)) - 1, ``se`` its standard error
     (of the mean of the per-seed log ratios), ``median_diff``. Pairing removes what a seed does to both
     (its data order), which matters when the seed-to-seed spread is wider than the effect."""
-    seeds = sorted(set(a) & set(b))
+    seeds, lengths = _common(a, b)
     if len(seeds) < 2:
         return []
     rows = []
-    for n in sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds))):
+    for n in lengths:
         d = [math.log(a[s][n] / b[s][n]) for s in seeds]
         rows.append(dict(context_length=n, seeds=len(seeds), diff=math.exp(statistics.mean(d)) - 1,
                          se=statistics.stdev(d) / math.sqrt(len(d)), median_diff=math.exp(statistics.median(d)) - 1))
@@ -221,8 +228,7 @@ def paired_spread(a: dict[int, dict[int, float]], b: dict[int, dict[int, float]]
     follows b's perplexity far more than a's is made by b's seeds: by how unevenly b trains, more than
     by what a does. None with fewer than three common seeds or a ratio the same in every seed; a
     correlation is None for a group without spread."""
-    seeds = sorted(set(a) & set(b))
-    lengths = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds))) if seeds else []
+    seeds, lengths = _common(a, b)
     if len(seeds) < 3 or not lengths:
         return None
     n = lengths[0]
