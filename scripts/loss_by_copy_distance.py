@@ -3,6 +3,7 @@
     python scripts/loss_by_copy_distance.py --ckpt drt=runs/fold/drt-s1-dis --ckpt swa=runs/fold/swa-s1-ctl \
         --data data/debian-docs-folders --lengths 1x,64x --windows 16 --device cuda --dtype bfloat16 \
         --out loss_by_copy_distance.json
+    python scripts/loss_by_copy_distance.py --summary loss_by_copy_distance.json   # reprint a saved file
 
 The text scored is that of ``gca eval ppl --windows W --targets 1x`` with the same ``--seed`` (default
 1234, its default): W fixed end points in the validation split, the last training length of tokens
@@ -19,6 +20,14 @@ it followed by it, anywhere earlier in the split):
 For each model and context length: the tokens, mean loss and perplexity of each group. If DRT's lead
 over a sliding window comes from retrieval copying, it sits in ``beyond window``; if it is spread over
 every group, the two models learned the text differently, whatever retrieval does.
+
+Those groups change with the context length (a token copyable from 100K tokens back is ``not in
+context`` at 4K and ``beyond window`` at 258K). The JSON's ``by_reach`` rows hold a second split that
+does not: each token by the shortest context length whose context holds its match (``window``,
+``in 4032``, ..., ``in 258048``, ``in none``), scored at every length. On the tokens ``in 258048``
+(reachable only at the longest context) a model's loss from the shortest to the longest context is
+what reading further is worth; the printout gives that change per model and the first model's minus
+each other's (a sliding window's change there is only the scored tokens' fuller window).
 """
 
 from __future__ import annotations
@@ -54,7 +63,79 @@ def copy_groups(dist: np.ndarray, n: int, ends: np.ndarray, N: int, T: int, wind
     return np.where((d > 0) & (d <= window), 0, np.where((d > window) & (d <= seen), 1, 2))
 
 
+def reach_groups(dist: np.ndarray, n: int, ends: np.ndarray, lengths: list[int], T: int, window: int) -> np.ndarray:
+    """``(len(ends), T)`` group of each scored token that does not depend on the context length: 0 if its
+    nearest match is within the window and inside the shortest context, ``k + 1`` if the ``k``-th
+    shortest of ``lengths`` is the first whose context holds it (beyond the window), ``len(lengths) + 1``
+    if none does (or it has no match)."""
+    lengths = sorted(lengths)
+    pos = ends[:, None] - T + np.arange(T)[None, :]
+    idx = pos - n
+    d = np.where(idx >= 0, dist[np.clip(idx, 0, None)], 0)
+    out = np.full(d.shape, len(lengths) + 1)
+    for k in range(len(lengths) - 1, -1, -1):  # longest first, so the shortest that holds it is kept
+        seen = pos - (ends[:, None] - lengths[k])
+        out = np.where((d > 0) & (d <= seen), k + 1, out)
+    return np.where((out == 1) & (d <= window), 0, out)
+
+
+def reach_labels(lengths: list[int]) -> list[str]:
+    return ["window"] + [f"in {N}" for N in sorted(lengths)] + ["in none"]
+
+
+def _change(rows: list[dict], model: str, key: str, label, lo: int, hi: int) -> float:
+    """A group's mean loss at the longest context minus at the shortest (``label`` None: every token)."""
+    def mean(N):
+        sel = [r for r in rows if r["model"] == model and r["context_length"] == N and r["tokens"]
+               and (label is None or r[key] == label)]
+        k = sum(r["tokens"] for r in sel)
+        return sum(r["tokens"] * r["nll"] for r in sel) / k if k else float("nan")
+
+    return mean(hi) - mean(lo)
+
+
+def summarize(data: dict) -> list[str]:
+    """Print (and return) the comparisons: the first model against each other one, by group at every
+    length; then each model's change from the shortest context to the longest, over every token and
+    (``by_reach``, when the file has it) over the tokens each context length first makes copyable."""
+    rows, reach_rows = data["rows"], data.get("by_reach", [])
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    lengths = sorted({r["context_length"] for r in rows})
+    first, lines = names[0], []
+    for name in names[1:]:
+        for N in lengths:
+            cells = []
+            for label in GROUPS:
+                x = next(r for r in rows if r["model"] == first and r["context_length"] == N and r["group"] == label)
+                y = next(r for r in rows if r["model"] == name and r["context_length"] == N and r["group"] == label)
+                cells.append(f"{label} {100 * (math.exp(x['nll'] - y['nll']) - 1):+.1f}%" if x["tokens"] else f"{label} -")
+            lines.append(f"{first} vs {name} at {N}, perplexity by group: " + ", ".join(cells))
+    lo, hi = lengths[0], lengths[-1]
+    if lo != hi:
+        pct = lambda x: f"{100 * (math.exp(x) - 1):+.2f}%"  # noqa: E731
+        groups = [("every token", rows, "group", None)]
+        groups += [(f"tokens {r['reach']}", reach_rows, "reach", r["reach"]) for r in reach_rows
+                   if r["model"] == first and r["context_length"] == lo]
+        for title, src, key, label in groups:
+            ch = {name: _change(src, name, key, label, lo, hi) for name in names}
+            k = sum(r["tokens"] for r in src if r["model"] == first and r["context_length"] == lo
+                    and (label is None or r[key] == label))
+            cells = [f"{name} {pct(ch[name])}" for name in names]
+            cells += [f"{first} - {name} {pct(ch[first] - ch[name])}" for name in names[1:]]
+            lines.append(f"{title} ({k}): perplexity {lo} -> {hi}: " + ", ".join(cells))
+    for line in lines:
+        print(line)
+    return lines
+
+
 def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--summary"]:  # reprint a saved file's comparisons without the models
+        if len(argv) != 2:
+            raise SystemExit("usage: loss_by_copy_distance.py --summary FILE.json")
+        summarize(json.loads(Path(argv[1]).read_text()))
+        return None
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", action="append", required=True, metavar="NAME=PATH",
                     help="a run or export folder, named (repeat; the first is compared with the others)")
@@ -82,7 +163,7 @@ def main(argv=None):
     ds = PackedDataset(a.data, "val")
     tokens = np.asarray(ds.tokens, dtype=np.int64)
     dist = nearest_previous(ngram_hashes(tokens, a.n))
-    rows, lengths, ends = [], None, None
+    rows, reach_rows, lengths, ends = [], [], None, None
     for name, path in named:
         model, train_length, _ = load_for_eval(path, a.device, a.dtype)
         these = parse_lengths(a.lengths, train_length)
@@ -97,6 +178,7 @@ def main(argv=None):
         elif these != lengths:
             ap.error(f"{name}: --lengths resolve to {these} tokens, the first model's to {lengths} (different training lengths)")
         window = model.config.window or 0
+        reach = reach_groups(dist, a.n, ends, lengths, T, window)
         for N in lengths:
             ids = torch.from_numpy(np.stack([tokens[e - N : e] for e in ends]))
             nll = stream_token_nll(model, ids, last=T).double().numpy()
@@ -107,24 +189,21 @@ def main(argv=None):
                 mean = float(nll[sel].mean()) if k else float("nan")
                 rows.append(dict(model=name, context_length=N, group=label, tokens=k, share=k / group.size,
                                  nll=mean, ppl=math.exp(mean) if k else float("nan"), window=window))
+            for g, label in enumerate(reach_labels(lengths)):
+                sel = reach == g
+                k = int(sel.sum())
+                reach_rows.append(dict(model=name, context_length=N, reach=label, tokens=k, share=k / reach.size,
+                                       nll=float(nll[sel].mean()) if k else float("nan"), window=window))
             ppl = math.exp(float(nll.mean()))
             print(f"{name} at {N}: ppl {ppl:.3f}; " + "; ".join(
                 f"{r['group']} {100 * r['share']:.1f}% of tokens, ppl {r['ppl']:.3f}" for r in rows[-3:]), flush=True)
             tmp = a.out + ".tmp"
             with open(tmp, "w") as f:
-                json.dump(dict(rows=rows, n=a.n, seed=a.seed, windows=a.windows, targets=T, data=a.data,
+                json.dump(dict(rows=rows, by_reach=reach_rows, n=a.n, seed=a.seed, windows=a.windows, targets=T, data=a.data,
                                ends=[int(e) for e in ends]), f, indent=1)
             os.replace(tmp, a.out)
         del model
-    first = named[0][0]
-    for name, _ in named[1:]:
-        for N in lengths:
-            cells = []
-            for label in GROUPS:
-                x = next(r for r in rows if r["model"] == first and r["context_length"] == N and r["group"] == label)
-                y = next(r for r in rows if r["model"] == name and r["context_length"] == N and r["group"] == label)
-                cells.append(f"{label} {100 * (math.exp(x['nll'] - y['nll']) - 1):+.1f}%" if x["tokens"] else f"{label} -")
-            print(f"{first} vs {name} at {N}, perplexity by group: " + ", ".join(cells))
+    summarize(dict(rows=rows, by_reach=reach_rows))
     print(f"wrote {a.out}")
     return rows
 

@@ -839,6 +839,24 @@ def test_loss_by_copy_distance_script(tmp_path):
                 assert groups[w, j] == want, (N, p, back)
         counts = [x["tokens"] for x in rows if x["model"] == "a" and x["context_length"] == N]
         assert counts == [int((groups == g).sum()) for g in range(3)]
+    # the split that does not change with the length: the shortest context holding the match
+    reach = lc.reach_groups(dist, 2, ends, [600, 150], 149, 40)
+    for w, e in enumerate(ends):
+        for j, p in enumerate(range(e - 149, e)):
+            back = next((p - q for q in range(p - 1, 1, -1) if np.array_equal(tokens[q - 2 : q + 1], tokens[p - 2 : p + 1])), 0)
+            first = next((k for k, N in enumerate((150, 600)) if 0 < back <= p - (e - N)), None)
+            want = 3 if first is None else 0 if first == 0 and back <= 40 else first + 1
+            assert reach[w, j] == want, (p, back)
+    by_reach = json.loads(out.read_text())["by_reach"]
+    assert [r["reach"] for r in by_reach[:4]] == ["window", "in 150", "in 600", "in none"]
+    for name, m in models.items():
+        for N in (150, 600):
+            mine = [r for r in by_reach if r["model"] == name and r["context_length"] == N]
+            assert [r["tokens"] for r in mine] == [int((reach == g).sum()) for g in range(4)]
+            same = [x for x in rows if x["model"] == name and x["context_length"] == N]
+            total = sum(r["tokens"] * r["nll"] for r in mine if r["tokens"])
+            assert total == pytest.approx(sum(x["tokens"] * x["nll"] for x in same if x["tokens"]), rel=1e-9)
+    assert (reach == 2).any() and (reach == 0).any()  # both far and near matches occur in this text
     with pytest.raises(SystemExit):  # more targets than the shortest context holds
         lc.main(["--ckpt", f"a={tmp_path / 'a'}", "--data", str(tmp_path / "data"), "--lengths", "150,600",
                  "--targets", "300", "--out", str(tmp_path / "x.json")])
