@@ -1,6 +1,6 @@
 """Host (Python) time of one GCA forward + backward against its GPU time, on one CUDA GPU.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--k 4,8]
+    PYTHONPATH=. python benchmarks/host_overhead.py [--k 4,8] [--batch 4 --chunks 256]
 
 For the SPEC shape with K retrieved chunks (B=4, C=256, S=64, H=Hk=12, D=64), times 50 eager calls of
 ``gca_triton(...).backward(g)``: "host enqueue" is the wall time until the last call returns (the GPU
@@ -29,6 +29,10 @@ from gca.ops import gca_triton as gt  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", default="4,8", help="retrieved chunks per query chunk, comma-separated")
+    ap.add_argument("--batch", type=int, default=4, help="sequences (default 4, the SPEC shape)")
+    ap.add_argument("--chunks", type=int, default=256,
+                    help="chunks of 64 per sequence (default 256); a small shape (--batch 1 --chunks 16) leaves "
+                         "the GPU idle, so host enqueue is the host's time alone")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                     help="also print the N functions with the most host time over 50 eager calls (cProfile)")
     args = ap.parse_args()
@@ -36,7 +40,7 @@ def main():
         sys.exit("host_overhead.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     for K in (int(k) for k in args.k.split(",")):
-        q, k, v, idx, w = make_inputs(4, 256, 64, 12, 12, 64, K)
+        q, k, v, idx, w = make_inputs(args.batch, args.chunks, 64, 12, 12, 64, K)
         qg, kg, vg, wg = (t.detach().requires_grad_(True) for t in (q, k, v, w))
         g = torch.randn_like(q)
 
@@ -59,7 +63,7 @@ def main():
             gt.gca_bwd(g, q, k, v, idx, w, gt.gca_fwd(q, k, v, idx, w)[1])
 
         launchers = triton.testing.do_bench(launch, warmup=25, rep=100, return_mode="median")
-        print(f"K={K}: host enqueue {1e3 * (t1 - t0) / 50:.3f} ms/call, wall {1e3 * (t2 - t0) / 50:.3f} ms/call, "
+        print(f"B={args.batch} C={args.chunks} K={K}: host enqueue {1e3 * (t1 - t0) / 50:.3f} ms/call, wall {1e3 * (t2 - t0) / 50:.3f} ms/call, "
               f"do_bench fwd+bwd {ms:.3f} ms, launchers fwd+bwd (no autograd) {launchers:.3f} ms", flush=True)
         if args.cprofile:
             # the autograd call, then the launchers alone (the engine runs a CUDA backward on its own

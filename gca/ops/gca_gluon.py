@@ -68,6 +68,19 @@ def supports(q, mem_k, mem_v, indices, weights, capability=None):
     ``capability`` (major, minor) defaults to q's device's. ``GCA_GLUON`` in the environment: unset,
     the path runs where it applies on the Triton releases in ``TESTED_TRITON``; ``0`` turns it off
     (the benchmarks compare both); ``1`` allows any Triton release."""
+    # the shape and dtype checks first: they are what turns most calls away (D = 64), and they cost
+    # no device query (this runs on every forward and backward)
+    B, Cq, S, H, D = q.shape
+    _, Cm, Sm, Hk, _ = mem_k.shape
+    K = indices.shape[-1]
+    if S != 64 or Sm != 64:
+        return f"chunk lengths S={S}, Sm={Sm} (needs 64)"
+    if D not in HEAD_DIMS:
+        return f"head size D={D} (this path takes {HEAD_DIMS})"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (needs bfloat16 or float16)"
+    if indices.dtype != torch.int64:
+        return f"indices dtype {indices.dtype} (needs int64)"
     flag = os.environ.get("GCA_GLUON", "")
     if flag == "0":
         return "GCA_GLUON=0"
@@ -80,17 +93,6 @@ def supports(q, mem_k, mem_v, indices, weights, capability=None):
         capability = torch.cuda.get_device_capability(q.device)
     if tuple(capability) != (9, 0):
         return f"compute capability {tuple(capability)} (needs 9.0: wgmma and TMA as written for Hopper)"
-    B, Cq, S, H, D = q.shape
-    _, Cm, Sm, Hk, _ = mem_k.shape
-    K = indices.shape[-1]
-    if S != 64 or Sm != 64:
-        return f"chunk lengths S={S}, Sm={Sm} (needs 64)"
-    if D not in HEAD_DIMS:
-        return f"head size D={D} (this path takes {HEAD_DIMS})"
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"dtype {q.dtype} (needs bfloat16 or float16)"
-    if indices.dtype != torch.int64:
-        return f"indices dtype {indices.dtype} (needs int64)"
     if K < 1 or Cm < 1 or q.numel() == 0:
         return "nothing to attend to"
     if not all(t.is_contiguous() for t in (q, mem_k, mem_v, indices, weights)):
