@@ -857,6 +857,15 @@ def test_loss_by_copy_distance_script(tmp_path):
             total = sum(r["tokens"] * r["nll"] for r in mine if r["tokens"])
             assert total == pytest.approx(sum(x["tokens"] * x["nll"] for x in same if x["tokens"]), rel=1e-9)
     assert (reach == 2).any() and (reach == 0).any()  # both far and near matches occur in this text
+    # the summary, reprinted from the file: every token's change from 150 to 600 is the ppl command's
+    lines = lc.summarize(json.loads(out.read_text()))
+    assert lc.main(["--summary", str(out)]) is None
+    ref = {r["context_length"]: r["ppl"] for r in perplexity_vs_length(
+        models["a"], str(tmp_path / "data"), [150, 600], windows=3, targets=150, seed=1234, progress=False)}
+    every = next(line for line in lines if line.startswith("every token (447)"))
+    printed = float(every.split(": ")[-1].split(", ")[0].removeprefix("a ").rstrip("%"))
+    assert printed == pytest.approx(100 * (ref[600] / ref[150] - 1), abs=0.006)  # printed to 0.01%
+    assert [line.split(" (")[0] for line in lines[-4:]] == ["tokens window", "tokens in 150", "tokens in 600", "tokens in none"]
     with pytest.raises(SystemExit):  # more targets than the shortest context holds
         lc.main(["--ckpt", f"a={tmp_path / 'a'}", "--data", str(tmp_path / "data"), "--lengths", "150,600",
                  "--targets", "300", "--out", str(tmp_path / "x.json")])
