@@ -871,3 +871,80 @@ def test_loss_by_copy_distance_script(tmp_path):
                  "--targets", "300", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):  # a checkpoint without a name
         lc.main(["--ckpt", str(tmp_path / "a"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "x.json")])
+
+
+def test_retrieval_copy_hits_script(tmp_path):
+    """scripts/retrieval_copy_hits.py: the far-copy tokens and their retrieval rows follow a brute-force
+    search; the recorded streaming picks are the full forward's retrieval at every row a scored token
+    reads; the hit statistics match a per-token count; the script runs end to end."""
+    from gca.data import PackedDataset
+    from gca.data.prepare import prepare
+    from gca.eval.perplexity import fixed_end_points
+    from safetensors.torch import save_model
+
+    rc, fc = _script("retrieval_copy_hits"), _script("far_context")
+    src = tmp_path / "txt"
+    src.mkdir()
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    words = [f"w{i}" for i in range(14)]
+    for d in range(16):  # ~1000 tokens each, ~60% held out: the split holds the 1200-token windows
+        (src / f"doc{d}.txt").write_text(" ".join(rng.choice(words, 500)))
+    prepare(str(src), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.6)
+    tokens = np.asarray(PackedDataset(tmp_path / "data", "val").tokens, dtype=np.int64)
+    N, T, n, window = 1200, 149, 2, 40
+    torch.manual_seed(int(rng.integers(2**31)))
+    m = DRT(tiny(window=window, top_k=3, upper_groups=[1, 1])).double().eval()
+    P = m.config.text_per_chunk
+    ends = fixed_end_points(len(tokens), [150, N], 3, np.random.default_rng(1234))
+    dist = fc.nearest_previous(fc.ngram_hashes(tokens, n))
+
+    # the targets, by brute force
+    tg = rc.far_copy_targets(dist, n, ends, N, T, window, P)
+    want = []
+    for w, e in enumerate(ends):
+        for t in range(N - T, N):
+            p = e - N + t  # the predicted token, globally
+            back = next((p - q for q in range(p - 1, n - 1, -1) if np.array_equal(tokens[q - n : q + 1], tokens[p - n : p + 1])), 0)
+            row, source = (t - 1) // P - 1, (t - back) // P
+            if window < back <= t and row >= 1 and source <= row - 1:
+                want.append((w, t, back, source, row))
+    got = sorted(zip(*(tg[k].tolist() for k in ("w", "t", "d", "source", "row"))))
+    assert got == sorted(want) and len(want) > 20
+
+    # the streaming picks are the full forward's retrieval at the rows the scored tokens read
+    import gca.model as gca_model
+
+    ids = torch.from_numpy(np.stack([tokens[e - N : e] for e in ends]))
+    hook, real = rc.RecordRetrieval(len(m.groups)), gca_model.causal_topk
+    gca_model.causal_topk = hook
+    try:
+        stream_nll(m, ids, last=T)
+    finally:
+        gca_model.causal_topk = real
+    full = m(ids, output_retrieval=True).retrieval
+    for g in range(len(m.groups)):
+        idx, wt = hook.table(g, len(ends), N // P, 3)
+        rows = sorted(set(tg["row"].tolist()))
+        assert (idx[tg["w"], tg["row"]] >= 0).any(1).all()  # every scored token's row was recorded
+        ref = full[g].indices[:, rows].numpy()
+        np.testing.assert_array_equal(np.sort(idx[:, rows], -1), np.sort(ref, -1))
+        # hit statistics against a per-token count
+        stats = rc.score_hits(tg, idx, wt, [40, 300])
+        hits = [tg["source"][j] in idx[tg["w"][j], tg["row"][j]] for j in range(len(tg["w"]))]
+        assert stats[0]["bin"] == "all" and stats[0]["tokens"] == len(hits)
+        assert stats[0]["hit"] == pytest.approx(np.mean(hits))
+        chance = np.mean([min(3, r) / r for r in tg["row"]])
+        assert stats[0]["chance"] == pytest.approx(chance)
+        assert sum(s["tokens"] for s in stats[1:]) == stats[0]["tokens"]
+
+    # end to end through a saved checkpoint
+    (tmp_path / "ck").mkdir()
+    save_model(m.float(), str(tmp_path / "ck" / "model.safetensors"))
+    (tmp_path / "ck" / "config.json").write_text(m.config.to_json())
+    out = tmp_path / "hits.json"
+    rows = rc.main(["--ckpt", str(tmp_path / "ck"), "--data", str(tmp_path / "data"), "--lengths", f"150,{N}",
+                    "--windows", "3", "--n", str(n), "--bins", "40,300", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and {r["context_length"] for r in rows} == {150, N}
+    assert {r["group"] for r in rows} == {0, 1} and all(0 <= r["chance"] <= 1 for r in rows if r["tokens"])
+    assert all(r["hit"] is None for r in rows if not r["tokens"])  # empty bins are null, not NaN

@@ -1,0 +1,183 @@
+"""Does a DRT's retrieval find the chunk a token could be copied from? For every scored held-out token
+whose nearest earlier exact (n + 1)-gram match lies beyond the sliding window but inside the context,
+whether the retrieval that serves it picked the chunk holding that match, and with what weight,
+against what picks blind to the text would get.
+
+    python scripts/retrieval_copy_hits.py --ckpt runs/fold/drt-s1-dis --data data/debian-docs-folders \
+        --lengths 1x,64x --windows 16 --device cuda --dtype bfloat16 --out copy_hits_s1.json
+
+The text scored is that of ``gca eval ppl --windows W --targets 1x`` (and ``scripts/loss_by_copy_distance.py``)
+with the same ``--seed``: W fixed end points in the validation split, the last training length of
+tokens before each. A token at window position t (predicted from position t - 1) whose nearest match
+is d tokens back (``scripts/far_context.py``) can be copied from the token at t - d, in chunk
+``(t - d) // P`` (P text tokens a chunk). The query position t - 1 lies in chunk q = (t - 1) // P, which
+reads the retrieval made at the landmark of chunk q - 1: the top-k among chunks 0 .. q - 2.
+
+For each context length, retrieval group and distance bin (``--bins``, tokens back): ``tokens``,
+``hit`` (the share of tokens whose source chunk was picked), ``near_hit`` (it or a neighbour, whose
+end or start may hold the n tokens of context), ``weight`` (mean retrieval weight on the source chunk,
+0 when not picked), ``chance`` (the mean of k / candidates: picks blind to the text). A hit rate far
+above chance says retrieval finds what is copyable; near chance, the model cannot be reading far
+copies through retrieval, whatever it does with what it reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from far_context import nearest_previous, ngram_hashes  # noqa: E402
+
+import gca.model as gca_model  # noqa: E402
+from gca.eval.cli import load_for_eval, parse_lengths  # noqa: E402
+from gca.eval.perplexity import fixed_end_points, stream_nll  # noqa: E402
+from gca.retrieval import causal_topk  # noqa: E402
+
+
+def far_copy_targets(dist: np.ndarray, n: int, ends: np.ndarray, N: int, T: int, window: int, P: int) -> dict:
+    """The scored tokens (the last T before each end point, with N tokens of context) whose nearest
+    earlier (n + 1)-gram match is more than ``window`` tokens back and inside the context, and that a
+    retrieval row can reach. Returns arrays over those tokens: ``w`` (which end point), ``t`` (position
+    in the N-token window), ``d`` (tokens back), ``source`` (the chunk of the token to copy), ``row``
+    (the retrieval row serving it: query chunk - 1)."""
+    t = np.arange(N - T, N)[None, :].repeat(len(ends), 0)  # positions in each window
+    glob = ends[:, None] - N + t
+    idx = glob - n
+    d = np.where(idx >= 0, dist[np.clip(idx, 0, None)], 0)
+    keep = (d > window) & (d <= t)
+    w, t, d = np.nonzero(keep)[0], t[keep], d[keep]
+    source = (t - d) // P
+    row = (t - 1) // P - 1
+    ok = (row >= 1) & (source <= row - 1)  # row r picks among chunks 0 .. r - 1
+    return dict(w=w[ok], t=t[ok], d=d[ok], source=source[ok], row=row[ok])
+
+
+class RecordRetrieval:
+    """Replaces :func:`gca.retrieval.causal_topk` in :mod:`gca.model` while active and keeps every pick:
+    ``picks[g]`` holds ``(row_offset, indices (B, rows, k), weights)`` per call of retrieval group g
+    (the streaming forward calls each group once per piece, in order)."""
+
+    def __init__(self, groups: int):
+        self.groups = groups
+        self.calls = 0
+        self.picks: list[list] = [[] for _ in range(groups)]
+
+    def __call__(self, scores, k, *, row_offset=0, **kw):
+        r = causal_topk(scores, k, row_offset=row_offset, **kw)
+        self.picks[self.calls % self.groups].append((int(row_offset), r.indices.cpu(), r.weights.float().cpu()))
+        self.calls += 1
+        return r
+
+    def table(self, g: int, B: int, rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Group g's picks as ``(B, rows, k)`` indices (-1 where no row was made) and weights."""
+        idx = np.full((B, rows, k), -1, dtype=np.int64)
+        wt = np.zeros((B, rows, k), dtype=np.float64)
+        for off, i, w in self.picks[g]:
+            n = min(i.shape[1], rows - off)
+            idx[:, off : off + n, : i.shape[2]] = i[:, :n].numpy()
+            wt[:, off : off + n, : w.shape[2]] = w[:, :n].numpy()
+        return idx, wt
+
+
+def score_hits(tg: dict, idx: np.ndarray, wt: np.ndarray, bins: list[int]) -> list[dict]:
+    """Hit statistics of one group's picks ``idx``/``wt`` ``(B, rows, k)`` on the targets ``tg``
+    (:func:`far_copy_targets`), per distance bin ``[bins[i], bins[i + 1])`` and over all."""
+    picked = idx[tg["w"], tg["row"]]  # (tokens, k)
+    weights = wt[tg["w"], tg["row"]]
+    src = tg["source"][:, None]
+    exact = picked == src
+    near = (np.abs(picked - src) <= 1) & (picked >= 0)
+    k = idx.shape[2]
+    chance = np.minimum(k, tg["row"]) / np.maximum(tg["row"], 1)
+    out = []
+    edges = list(bins) + [np.inf]
+    spans = [("all", 0, np.inf)] + [(f"{lo}+" if hi == np.inf else f"{lo}-{int(hi)}", lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    for label, lo, hi in spans:
+        sel = (tg["d"] >= lo) & (tg["d"] < hi)
+        m = int(sel.sum())
+        out.append(dict(
+            bin=label,
+            tokens=m,
+            hit=float(exact[sel].any(1).mean()) if m else None,  # None (JSON null): no such tokens
+            near_hit=float(near[sel].any(1).mean()) if m else None,
+            weight=float((weights[sel] * exact[sel]).sum(1).mean()) if m else None,
+            chance=float(chance[sel].mean()) if m else None,
+        ))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="a DRT run or export folder")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--data", required=True, help="a prepared dataset folder (its val split)")
+    ap.add_argument("--lengths", default="1x,64x", help="context lengths (tokens, or multiples of the training length)")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=1234, help="the end points' seed (gca eval ppl's default)")
+    ap.add_argument("--n", type=int, default=8, help="context tokens a match must share (default 8)")
+    ap.add_argument("--bins", default="512,4096,65536", help="distance bin edges, tokens back")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--out", required=True, help="JSON file, rewritten after every length")
+    a = ap.parse_args(argv)
+    bins = sorted(int(x) for x in a.bins.split(","))
+    if a.n < 1 or a.windows < 1 or not bins:
+        ap.error("--n and --windows must be >= 1, --bins non-empty")
+
+    from gca.data import PackedDataset
+
+    model, train_length, _ = load_for_eval(a.ckpt, a.device, a.dtype)
+    cfg = model.config
+    if cfg.arch != "drt":
+        ap.error(f"{a.ckpt} is a {cfg.arch!r} model; retrieval hits need a DRT")
+    lengths = parse_lengths(a.lengths, train_length)
+    T = min(lengths) - 1  # as perplexity_vs_length(targets=min(lengths))
+    tokens = np.asarray(PackedDataset(a.data, "val").tokens, dtype=np.int64)
+    if max(lengths) > len(tokens):
+        ap.error(f"the validation split has {len(tokens)} tokens, fewer than the context length {max(lengths)}")
+    dist = nearest_previous(ngram_hashes(tokens, a.n))
+    ends = fixed_end_points(len(tokens), lengths, a.windows, np.random.default_rng(a.seed))
+    P, window, groups = cfg.text_per_chunk, cfg.window or 0, len(model.groups)
+    rows_out, ppl = [], {}
+    real = gca_model.causal_topk
+    try:
+        for N in lengths:
+            ids = torch.from_numpy(np.stack([tokens[e - N : e] for e in ends]))
+            hook = RecordRetrieval(groups)
+            gca_model.causal_topk = hook
+            nll, count = stream_nll(model, ids, last=T)
+            gca_model.causal_topk = real
+            ppl[str(N)] = float(np.exp(nll / count))
+            tg = far_copy_targets(dist, a.n, ends, N, T, window, P)
+            for g in range(groups):
+                idx, wt = hook.table(g, len(ends), N // P, cfg.top_k)
+                for r in score_hits(tg, idx, wt, bins):
+                    rows_out.append(dict(model=a.name or a.ckpt, context_length=N, group=g, **r))
+                    if not r["tokens"]:
+                        print(f"{N:>8} tokens, group {g}, {r['bin']:>12} back: no tokens", flush=True)
+                        continue
+                    print(f"{N:>8} tokens, group {g}, {r['bin']:>12} back: {r['tokens']:>6} tokens, hit {100 * r['hit']:.1f}% "
+                          f"(neighbour too {100 * r['near_hit']:.1f}%), weight {r['weight']:.3f}, chance {100 * r['chance']:.1f}%",
+                          flush=True)
+            tmp = a.out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(dict(rows=rows_out, n=a.n, seed=a.seed, windows=a.windows, targets=T, data=a.data,
+                               window=window, text_per_chunk=P, top_k=cfg.top_k, ppl=ppl, ends=[int(e) for e in ends]),
+                          f, indent=1)
+            os.replace(tmp, a.out)
+    finally:
+        gca_model.causal_topk = real
+    print(f"wrote {a.out}")
+    return rows_out
+
+
+if __name__ == "__main__":
+    main()
