@@ -15,8 +15,10 @@
 #   STAGE=distract bash scripts/reproduce.sh    # RUN_NAMES (pre-trained DRTs) continued DIS_STEPS steps with
 #                                               # retrieval distractors (NAME-dis) and without (NAME-ctl);
 #                                               # a swa*/full* run: NAME-ctl alone (equal tokens)
-#   STAGE=seeds-stage SEEDS='9 10' bash scripts/reproduce.sh  # pretrain, distract, ppl-fixed for ARCHS x SEEDS
-#                                               # (each step skipped once done; rerun after a time limit)
+#   STAGE=seeds-stage SEEDS='9 10' bash scripts/reproduce.sh  # pretrain, distract, ppl-fixed, copy-stats for
+#                                               # ARCHS x SEEDS (each step skipped once done; rerun after a time limit)
+#   STAGE=copy-stats SEEDS='9 10' bash scripts/reproduce.sh   # after the stage: loss by copy distance and
+#                                               # retrieval hits on far copies (COPY_STATS=0: seeds-stage skips it)
 #   STAGE=diagnose bash scripts/reproduce.sh    # DRT: needle retrieved? read? (scripts/needle_attention.py)
 #   STAGE=export   bash scripts/reproduce.sh    # bf16 weights of every run in RUNS/export/ (36 MB each
 #                                               # for the small preset): the later stages start from
@@ -35,7 +37,7 @@
 # arch once per seed; default one run per arch, seed 1), PPL_WINDOWS (16), PPL_LIMIT (600 s), PPL_JOBS (8), RUN_NAMES (the runs
 # ppl-fixed scores, default ARCHS; the pre-trained DRTs distract continues, default drt), NAME_TAG (ppl-fixed; none:
 # inserted before -PRESET in the model names); DIS_STEPS (400), DIS_LR (1e-4, constant) and DIS_SEED (17: the data
-# order, the same for both arms) for distract.
+# order, the same for both arms) for distract; LENGTHS_COPY (1x,64x) and COPY_STATS (1) for copy-stats.
 #
 # Timing on one H200 with the three models side by side: pre-training ~122 ms a step (2600 steps in
 # 5.3 minutes; ~169 ms with a fourth, DRT, run beside them), needle fine-tuning ~126 ms (3400 in 7.1
@@ -216,7 +218,41 @@ case $STAGE in
     finished "$STEPS" "${names[@]}"
     finished "${DIS_STEPS:-400}" "${made[@]}" 2>/dev/null || STAGE=distract RUN_NAMES="${names[*]}" MIN="${DIS_MIN:-3}" bash "$0"
     finished "${DIS_STEPS:-400}" "${made[@]}"
-    STAGE=ppl-fixed RUN_NAMES="${made[*]}" NAME_TAG="${NAME_TAG:--stage}" bash "$0" ;;
+    STAGE=ppl-fixed RUN_NAMES="${made[*]}" NAME_TAG="${NAME_TAG:--stage}" bash "$0"
+    [ "${COPY_STATS:-1}" = 0 ] || STAGE=copy-stats bash "$0" ;;
+  copy-stats)  # per seed of SEEDS (default 1), after the distractor stage: DRT's and the window's losses by how far
+    # back each held-out token could be copied from (scripts/loss_by_copy_distance.py: drt-sS-dis against swa-sS-ctl
+    # and drt-sS-ctl, those that exist) and whether each DRT's retrieval picks the chunks far-copyable tokens could be
+    # copied from (scripts/retrieval_copy_hits.py); at LENGTHS_COPY (1x,64x), PPL_JOBS at a time, into RUNS/eval/
+    # (copy-sS.json, hits-NAME.json, each with its .log); a file already there is not made again
+    mkdir -p "$RUNS/eval"
+    copy_lengths=${LENGTHS_COPY:-1x,64x}
+    for s in ${SEEDS:-1}; do
+      ck=()
+      for pair in drt=drt-s$s-dis swa=swa-s$s-ctl drtctl=drt-s$s-ctl; do
+        [ -e "$(src "${pair#*=}")" ] && ck+=(--ckpt "${pair%%=*}=$(src "${pair#*=}")")
+      done
+      out=$RUNS/eval/copy-s$s.json
+      if [ -e "$(src drt-s$s-dis)" ] && [ ${#ck[@]} -ge 4 ] && [ ! -e "$out" ]; then
+        while [ "$(jobs -rp | wc -l)" -ge "${PPL_JOBS:-8}" ]; do wait -n || true; done
+        python scripts/loss_by_copy_distance.py "${ck[@]}" --data "$DATA" --lengths "$copy_lengths" \
+          --windows "${PPL_WINDOWS:-16}" --device "$DEVICE" --dtype "$DTYPE" --out "$out" > "${out%.json}.log" 2>&1 \
+          || echo "copy-s$s: stopped or failed (${out%.json}.log)" &
+      fi
+      for n in drt-s$s-dis drt-s$s-ctl; do
+        out=$RUNS/eval/hits-$n.json
+        if [ -e "$(src "$n")" ] && [ ! -e "$out" ]; then
+          while [ "$(jobs -rp | wc -l)" -ge "${PPL_JOBS:-8}" ]; do wait -n || true; done
+          python scripts/retrieval_copy_hits.py --ckpt "$(src "$n")" --name "$n" --data "$DATA" --lengths "$copy_lengths" \
+            --windows "${PPL_WINDOWS:-16}" --device "$DEVICE" --dtype "$DTYPE" --out "$out" > "${out%.json}.log" 2>&1 \
+            || echo "hits-$n: stopped or failed (${out%.json}.log)" &
+        fi
+      done
+    done
+    wait
+    for f in "$RUNS"/eval/copy-s*.log; do [ -e "$f" ] && tail -n 8 "$f"; done
+    for f in "$RUNS"/eval/hits-*.log; do [ -e "$f" ] && grep " all back" "$f"; done
+    true ;;
   eval-long)  # DRT alone at LENGTHS_LONG, the chunk memory in CPU memory; one process per length (each
     # length's trials are then the same whichever other lengths are asked for)
     for L in ${LENGTHS_LONG//,/ }; do

@@ -65,7 +65,7 @@ def test_reproduce_seeds_stage_chains_and_stops_short(tmp_path):
     """STAGE=seeds-stage: pretrain, distract and ppl-fixed for ARCHS x SEEDS in one command; a run cut by its
     time limit stops the chain with a message; rerun, finished steps are skipped."""
     runs, run = _toy_reproduce(tmp_path)
-    toy = dict(ARCHS="drt swa", SEEDS="3", STEPS="2", DIS_STEPS="2", LENGTHS_PPL="1x,2x", PPL_WINDOWS="2",
+    toy = dict(ARCHS="drt swa", SEEDS="3", STEPS="2", DIS_STEPS="2", LENGTHS_PPL="1x,2x", LENGTHS_COPY="1x,2x", PPL_WINDOWS="2",
                DRT_SET="--set hidden_size=32 --set num_heads=2 --set intermediate_size=64")
     p = run("seeds-stage", check=False, **toy, MIN="0.00001")  # stops at its first step
     assert p.returncode != 0 and "has not reached step 2" in p.stderr, p.stdout + p.stderr
@@ -74,6 +74,13 @@ def test_reproduce_seeds_stage_chains_and_stops_short(tmp_path):
     made = ("drt-s3-dis", "drt-s3-ctl", "swa-s3-ctl")
     models = {json.loads((runs / "eval" / f"{n}-ppl-fixed" / "ppl.json").read_text())[0]["model"] for n in made}
     assert models == {f"{n}-stage-tiny" for n in made} and not (runs / "swa-s3-dis").exists()
+    # copy-stats: the loss by copy distance of the three, the first the DRT with distractors, and each DRT's
+    # retrieval hits
+    copy = json.loads((runs / "eval" / "copy-s3.json").read_text())
+    assert [r["model"] for r in copy["rows"][::6]] == ["drt", "swa", "drtctl"] and len(copy["rows"]) == 18
+    for n in ("drt-s3-dis", "drt-s3-ctl"):
+        hits = json.loads((runs / "eval" / f"hits-{n}.json").read_text())
+        assert {r["model"] for r in hits["rows"]} == {n} and {r["bin"] for r in hits["rows"]} >= {"all", "512-4096"}
     for n in ("drt-s3", "swa-s3") + made:  # each run's training log kept beside its console log
         assert (runs / f"{n}.jsonl").read_bytes() == (runs / n / "log.jsonl").read_bytes(), n
     logs = {n: (runs / f"{n}.log").read_text() for n in ("drt-s3", "drt-s3-dis")}
