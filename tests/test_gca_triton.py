@@ -129,10 +129,13 @@ def _run(fn, q, k, v, idx, w, g, softmax_one):
     return (out,) + grads
 
 
-def _check_against_reference(shape, dtype, softmax_one, pattern, indices=None, contiguous=False):
+def _check_against_reference(shape, dtype, softmax_one, pattern, indices=None, contiguous=False, zero_weight=False):
     q, k, v, idx, w = _inputs(**shape, dtype=dtype, pattern=pattern, contiguous=contiguous)
     if indices is not None:
         idx = indices.to(idx.device)
+    if zero_weight:  # every query chunk's first slot weighted exactly 0
+        w = w.clone()
+        w[:, :, 0] = 0
     g = torch.randn(q.shape, dtype=dtype, device=q.device)
     ours = _run(lambda *a, **kw: grouped_cross_attention(*a, **kw, impl="triton"), q, k, v, idx, w, g, softmax_one)
     ref = _run(gca_reference, q.double(), k.double(), v.double(), idx, w.double(), g.double(), softmax_one)
@@ -198,7 +201,19 @@ VARIANTS = {
     "dkdv-transposed": {"dkdv": {"TRANSPOSED": True}},
     "dkdv-plain": {"dkdv": {"TRANSPOSED": False}},
     "16-row-blocks": {"fwd": {"BLOCK_M": 16}, "dq": {"BLOCK_M": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 16}},
+    # opt-in, untimed: the slot weight folded into the LSE in the dK/dV kernel (non-negative weights only)
+    "dkdv-fold-w": {"dkdv": {"FOLD_W": True}},
+    "dkdv-fold-w-plain": {"dkdv": {"FOLD_W": True, "TRANSPOSED": False}},
 }
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # the interpreter's log2(0) = -inf
+@pytest.mark.parametrize("fold", [False, True], ids=["multiply", "fold-w"])
+def test_zero_weights(fold, monkeypatch):
+    """A slot weighted exactly 0: its dmem_k / dmem_v contributions vanish, its dweights do not (the
+    reference's), with the weight multiplied per element or folded into the LSE (log2 0 = -inf)."""
+    monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"dkdv": {"FOLD_W": fold}})
+    _check_against_reference(SMALL["S16-D32-H4-Hk2-K3"], torch.float32, False, "random", zero_weight=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
