@@ -823,7 +823,8 @@ def test_loss_by_copy_distance_script(tmp_path):
             mine = [x for x in rows if x["model"] == name and x["context_length"] == r["context_length"]]
             assert sum(x["tokens"] for x in mine) == r["tokens"] == 3 * 149
             mean = sum(x["tokens"] * x["nll"] for x in mine if x["tokens"]) / r["tokens"]
-            assert math.exp(mean) == pytest.approx(r["ppl"], rel=1e-6)
+            # fp32 sums in another order (per token here, per piece there): ~1e-6 apart at ppl ~2000
+            assert math.exp(mean) == pytest.approx(r["ppl"], rel=1e-5)
     # the groups, by brute force: window (<= 40 back), beyond it within the context, or neither
     from gca.data import PackedDataset
 
