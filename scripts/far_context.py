@@ -59,6 +59,13 @@ def nearest_previous(keys: np.ndarray, groups: np.ndarray | None = None) -> np.n
     return dist
 
 
+def match_distance(dist: np.ndarray, n: int, pos: np.ndarray) -> np.ndarray:
+    """Tokens back to the nearest earlier match of the (n + 1)-gram ending at each position ``pos``
+    (any shape), from :func:`nearest_previous` of :func:`ngram_hashes`; 0 where none (or pos < n)."""
+    idx = pos - n
+    return np.where(idx >= 0, dist[np.clip(idx, 0, None)], 0)
+
+
 def shares(dist: np.ndarray) -> dict[str, float]:
     """The share of tokens whose nearest match lies in each distance bin, and with none."""
     total = max(len(dist), 1)

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from far_context import nearest_previous, ngram_hashes  # noqa: E402
+from far_context import match_distance, nearest_previous, ngram_hashes  # noqa: E402
 
 from gca.eval.cli import load_for_eval, parse_lengths  # noqa: E402
 from gca.eval.perplexity import fixed_end_points, stream_token_nll  # noqa: E402
@@ -57,8 +57,7 @@ def copy_groups(dist: np.ndarray, n: int, ends: np.ndarray, N: int, T: int, wind
     scored with a context of N tokens before each end point ``e``; ``dist[i]``: the nearest earlier
     match of the (n + 1)-gram ending at position ``i + n`` (0: none)."""
     pos = ends[:, None] - T + np.arange(T)[None, :]
-    idx = pos - n
-    d = np.where(idx >= 0, dist[np.clip(idx, 0, None)], 0)
+    d = match_distance(dist, n, pos)
     seen = pos - (ends[:, None] - N)  # tokens of context before each scored token
     return np.where((d > 0) & (d <= window), 0, np.where((d > window) & (d <= seen), 1, 2))
 
@@ -70,8 +69,7 @@ def reach_groups(dist: np.ndarray, n: int, ends: np.ndarray, lengths: list[int],
     if none does (or it has no match)."""
     lengths = sorted(lengths)
     pos = ends[:, None] - T + np.arange(T)[None, :]
-    idx = pos - n
-    d = np.where(idx >= 0, dist[np.clip(idx, 0, None)], 0)
+    d = match_distance(dist, n, pos)
     out = np.full(d.shape, len(lengths) + 1)
     for k in range(len(lengths) - 1, -1, -1):  # longest first, so the shortest that holds it is kept
         seen = pos - (ends[:, None] - lengths[k])

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from far_context import nearest_previous, ngram_hashes  # noqa: E402
+from far_context import match_distance, nearest_previous, ngram_hashes  # noqa: E402
 
 import gca.model as gca_model  # noqa: E402
 from gca.eval.cli import load_for_eval, parse_lengths  # noqa: E402
@@ -49,9 +49,7 @@ def far_copy_targets(dist: np.ndarray, n: int, ends: np.ndarray, N: int, T: int,
     in the N-token window), ``d`` (tokens back), ``source`` (the chunk of the token to copy), ``row``
     (the retrieval row serving it: query chunk - 1)."""
     t = np.arange(N - T, N)[None, :].repeat(len(ends), 0)  # positions in each window
-    glob = ends[:, None] - N + t
-    idx = glob - n
-    d = np.where(idx >= 0, dist[np.clip(idx, 0, None)], 0)
+    d = match_distance(dist, n, ends[:, None] - N + t)
     keep = (d > window) & (d <= t)
     w, t, d = np.nonzero(keep)[0], t[keep], d[keep]
     source = (t - d) // P
