@@ -248,11 +248,10 @@ def test_dkdv_retrieval_counts(shape, transposed, dtype, monkeypatch):
     _check_against_reference(COUNT_SHAPES[shape], dtype, dtype == torch.float32, "random", indices=COUNT_INDICES)
 
 
-def test_inverted_index_and_config_cache(monkeypatch):
-    """The inverted index (per-shape constants cached) lists, for each memory chunk (b, m), exactly the
-    flattened slots (b * Cq + c) * K + i that retrieved it, in increasing order, on fresh random
-    indices of several shapes, twice each (the second call uses the cache); empty slots come last.
-    The launch config cache follows CONFIG_OVERRIDES."""
+def test_inverted_index_and_config(monkeypatch):
+    """The inverted index lists, for each memory chunk (b, m), exactly the flattened slots
+    (b * Cq + c) * K + i that retrieved it, in increasing order, on fresh random indices of several
+    shapes; empty slots come last. The launch config is a fresh dict that follows CONFIG_OVERRIDES."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     for B, Cq, K, Cm in [(2, 5, 3, 7), (1, 1, 1, 1), (3, 4, 2, 4), (2, 9, 4, 3)]:
         for _ in range(2):
@@ -267,7 +266,7 @@ def test_inverted_index_and_config_cache(monkeypatch):
                     assert got == want, (B, Cq, K, Cm, b, m)
             assert sorted(order.tolist()) == list(range(len(flat)))  # a permutation, empty slots at the end
     base = gt._config("dkdv", 64, 64, 64, True)
-    base.pop("BLOCK_M")  # the caller's pops do not reach the cache
+    base.pop("BLOCK_M")  # the caller's pops do not reach the next call
     assert "BLOCK_M" in gt._config("dkdv", 64, 64, 64, True)
     monkeypatch.setattr(gt, "CONFIG_OVERRIDES", {"dkdv": {"num_stages": 2}})
     assert gt._config("dkdv", 64, 64, 64, True)["num_stages"] == 2

@@ -450,25 +450,8 @@ def _block_m(R, cap):
     return min(sizes, key=lambda bm: (triton.cdiv(R, bm) * bm, -bm))
 
 
-_CONFIGS: dict = {}
-
-
 def _config(kind, R, Sm, D, on_cuda):
-    """Tile and launch config by shape (a fresh dict the caller may pop from). R = G * S rows per head
-    group. Cached per shape and ``CONFIG_OVERRIDES[kind]``: it runs three times a forward + backward."""
-    over = CONFIG_OVERRIDES.get(kind, {})
-    key = (kind, R, Sm, D, on_cuda, tuple(sorted(over.items(), key=lambda kv: kv[0])))
-    try:
-        return dict(_CONFIGS[key])
-    except KeyError:
-        pass
-    except TypeError:  # an unhashable override value: no caching
-        return _make_config(kind, R, Sm, D, on_cuda)
-    _CONFIGS[key] = cfg = _make_config(kind, R, Sm, D, on_cuda)
-    return dict(cfg)
-
-
-def _make_config(kind, R, Sm, D, on_cuda):
+    """Tile and launch config by shape. R = G * S rows per head group."""
     big = D * _block_n(Sm) >= 128 * 128
     if kind == "fwd":
         bm = _block_m(R, 64 if big else 128)
@@ -593,37 +576,13 @@ def _inverted_index(indices, Cm):
     A stable sort keeps the (c, i) order within a chunk, so the backward sums in a fixed order."""
     B, Cq, K = indices.shape
     flat = indices.reshape(-1)
-    # 32-bit keys where they fit: a radix sort over half the bits on CUDA
-    kdt = torch.int32 if B * Cm < 2**31 and flat.numel() < 2**31 else torch.int64
-    base, bins = _index_consts(B, Cq, K, Cm, flat.device, kdt)
-    key = torch.where(flat >= 0, flat.to(kdt) + base, B * Cm)
+    batch = torch.arange(flat.numel(), device=flat.device) // (Cq * K)
+    key = torch.where(flat >= 0, batch * Cm + flat, B * Cm)
+    if B * Cm < 2**31:  # 32-bit keys: a radix sort over half the bits on CUDA
+        key = key.to(torch.int32)
     sorted_key, order = torch.sort(key, stable=True)
-    offsets = torch.searchsorted(sorted_key, bins)
+    offsets = torch.searchsorted(sorted_key, torch.arange(B * Cm + 1, device=flat.device, dtype=key.dtype))
     return order, offsets
-
-
-_INDEX_CONSTS: dict = {}
-
-
-def _index_consts(B, Cq, K, Cm, device, dtype):
-    """The inverted index's per-shape constants, made once: each flattened slot's batch offset b * Cm,
-    and the bin edges 0 .. B * Cm (four small kernels and their launches a call if made per call)."""
-    key = (B, Cq, K, Cm, device, dtype)
-    got = _INDEX_CONSTS.get(key)
-    if got is None:
-        base = (torch.arange(B * Cq * K, device=device) // (Cq * K) * Cm).to(dtype)
-        got = (base, torch.arange(B * Cm + 1, device=device, dtype=dtype))
-        if device.type == "cuda":
-            if torch.cuda.is_current_stream_capturing():
-                return got  # made inside a CUDA graph: used there only, not kept
-            # made on this stream, later read on others (the backward's second stream): wait once
-            torch.cuda.current_stream(device).synchronize()
-        if len(_INDEX_CONSTS) >= 64:  # many shapes (varying lengths): start again
-            if device.type == "cuda":  # no stream may still be reading the tensors dropped here
-                torch.cuda.synchronize(device)
-            _INDEX_CONSTS.clear()
-        _INDEX_CONSTS[key] = got
-    return got
 
 
 _SIDE_STREAMS: dict = {}
