@@ -286,7 +286,7 @@ def _dkdv_step(
     Cq, qk_scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, FOLD_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
     """dK, dV contributions of step t: row block t % NRB of the (t // NRB)-th (query chunk, slot)
     pair that retrieved this memory chunk (pairs x row blocks flattened into one pipelined loop);
@@ -313,10 +313,6 @@ def _dkdv_step(
     stat = bc * (H * K * S) + i * S + (h * (K * S) + s)
     lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
-    if FOLD_W:
-        # w P = exp2(s - lse + log2 w): the weight goes into each row's LSE (a vector op a step) instead of
-        # a multiply per element of the tile; w = 0 gives log2 w = -inf and P w = 0 as it should
-        lse = lse - _log2(w)
     if TRANSPOSED:
         # (memory position x query row) tiles: P^T and dS^T come straight out of the dots as the
         # A operands of the dV and dK products
@@ -324,10 +320,7 @@ def _dkdv_step(
         if Sm % BLOCK_N != 0:
             qkT = tl.where(col_ok[:, None], qkT, float("-inf"))
         pT = tl.exp2(qkT * qk_scale - lse[None, :])  # masked rows give p = 1 but dO = delta = 0 there
-        if FOLD_W:
-            pwT = pT
-        else:
-            pwT = pT * w  # formed once for both products
+        pwT = pT * w  # formed once for both products
         dv = _dot(pwT.to(do.dtype), do, dv, DOT_PREC)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC)  # V dO^T
         dsT = pwT * (dpT - delta[None, :])
@@ -337,10 +330,7 @@ def _dkdv_step(
         if Sm % BLOCK_N != 0:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
         p = tl.exp2(qk * qk_scale - lse[:, None])
-        if FOLD_W:
-            pw = p
-        else:
-            pw = p * w
+        pw = p * w
         dv = _dot(tl.trans(pw.to(do.dtype)), do, dv, DOT_PREC)
         dp = _dot(do, tl.trans(v), None, DOT_PREC)
         ds = pw * (dp - delta[:, None])
@@ -359,7 +349,7 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, FOLD_W: tl.constexpr = False,
+    TRANSPOSED: tl.constexpr,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
@@ -401,7 +391,7 @@ def _gca_bwd_dkdv_kernel(
             dk, dv = _dkdv_step(
                 t, pair, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, FOLD_W,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
             pair = nxt
             t += 1
@@ -411,7 +401,7 @@ def _gca_bwd_dkdv_kernel(
             dk, dv = _dkdv_step(
                 t, pair, dk, dv, k, v, col_ok, b, hk, Q, W, DO, LSE, DELTA,
                 sq_b, sq_c, sq_s, sq_h, sq_d, sw_b, sw_c, sw_k, sdo_b, sdo_c, sdo_s, sdo_h, sdo_d,
-                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED, FOLD_W,
+                Cq, qk_scale, S, Sm, H, G, K, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_D, TRANSPOSED,
             )
             pair = nxt
     dk = dk * scale
@@ -472,10 +462,6 @@ def _config(kind, R, Sm, D, on_cuda):
         # the transposed form took the backward from 1.55 to 1.34 ms at the SPEC shape (D = 64, H200
         # sweep), 3 stages from 1.33 to 1.22 ms; at D = 128 (H = 6) the two together 2.23 -> 2.04 ms
         cfg = dict(BLOCK_M=_block_m(R, 64), BLOCK_N=64, TRANSPOSED=True, num_warps=4 if D <= 64 else 8, num_stages=3)
-        # FOLD_W (opt-in, not yet timed): the slot weight folded into the LSE, exp2(s - lse + log2 w), instead
-        # of a multiply per tile element: the loop 413 -> 382 SASS instructions at the SPEC shape
-        # (benchmarks/aot_sm90.py). Correct for weights >= 0 only (log2 of a negative weight is NaN), which
-        # the model's softmax weights are; the op takes any weights, so it stays off by default.
         # the index sort and the dweights sum on a second stream (gca_bwd): backward 1.095 -> 1.047 ms at
         # the SPEC shape (H200, median of 5 taken in turn, 2026-12-01; benchmarks/results)
         cfg.update(SIDE_STREAM=True)
