@@ -73,6 +73,16 @@ class DRTConfig:
     # stage after pre-training"): 16x -> 64x -0.01% to +0.26% (without: +0.08% to +1.83%), and +0.1% at
     # the training length against the same stage without.
     retrieval_distractors: int = 0
+    # in training only: an auxiliary loss, this weight times a cross-entropy over each retrieval row's
+    # noise-free scores (every chunk the row may pick) towards the chunks that hold a copy source of
+    # the tokens the row serves: an earlier exact (retrieval_copy_ngram + 1)-gram match of a token and
+    # its retrieval_copy_ngram predecessors, more than `window` tokens back (inside the window no
+    # retrieval is needed). Rows with no such chunk add nothing. The language-model loss alone reaches
+    # the scores only through the few picked chunks' softmax weights; GPU-trained small DRTs picked a
+    # far copy's chunk for 1-5% of far-copyable held-out tokens (results/README.md, "Does retrieval
+    # find the copies"). Experimental; 0 (off) is the published method.
+    retrieval_copy_loss: float = 0.0
+    retrieval_copy_ngram: int = 8
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -105,7 +115,8 @@ class DRTConfig:
         def bad(name: str, why: str):
             raise ValueError(f"DRTConfig.{name}: {why} (got {getattr(self, name)!r})")
 
-        for name in ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "chunk_size", "window", "top_k"):
+        for name in ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "chunk_size", "window", "top_k",
+                     "retrieval_copy_ngram"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "must be a positive integer")
@@ -142,6 +153,9 @@ class DRTConfig:
             bad("attn_impl", f"must be one of {ATTN_IMPLS}")
         if self.gca_impl not in GCA_IMPLS:
             bad("gca_impl", f"must be one of {GCA_IMPLS}")
+        c = self.retrieval_copy_loss
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < float("inf"):
+            bad("retrieval_copy_loss", "must be a finite weight >= 0 (0: off)")
         if not self.rope_theta > 0:
             bad("rope_theta", "must be positive")
         if not self.norm_eps > 0:

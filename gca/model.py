@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from gca.config import DRTConfig
 from gca.inference.cache import ChunkMemory, DRTCache, RingKV
 from gca.nn.layers import ChunkEncoder, DecoderLayer, RMSNorm, UpperLayer, rope_cos_sin
-from gca.retrieval import Retrieval, causal_topk, retrieval_scores, shift_to_queries
+from gca.retrieval import Retrieval, causal_topk, copy_retrieval_loss, copy_targets, retrieval_scores, shift_to_queries
 
 
 @dataclass
@@ -40,6 +40,10 @@ class DRTOutput:
     logits: torch.Tensor  # (B, L, vocab)
     loss: torch.Tensor | None = None
     retrieval: list[Retrieval] | None = None  # one entry per retrieval group
+    # in training with labels and config.retrieval_copy_loss > 0: the auxiliary retrieval loss (mean over
+    # groups, unweighted; `loss` holds it times the weight) and the share of rows that had a target
+    retrieval_loss: torch.Tensor | None = None
+    retrieval_rows: torch.Tensor | None = None
 
 
 class DRT(nn.Module):
@@ -155,8 +159,10 @@ class DRT(nn.Module):
                 raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
             if input_ids.shape[1] < 2:
                 raise ValueError("a loss needs at least 2 tokens per sequence (labels are shifted by one)")
+        copy = None
         if self.config.arch == "drt":
-            h, retrieval = self._forward_drt(input_ids)
+            want_copy = labels is not None and self.training and self.config.retrieval_copy_loss > 0
+            h, retrieval, copy = self._forward_drt(input_ids, copy_loss=want_copy)
         else:
             h, retrieval = self._forward_baseline(input_ids), None
         logits = self._logits(self.norm(h))
@@ -170,7 +176,11 @@ class DRT(nn.Module):
                 logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
                 target.reshape(-1), ignore_index=-100
             )
-        return DRTOutput(logits=logits, loss=loss, retrieval=retrieval if output_retrieval else None)
+            if copy is not None:
+                loss = loss + self.config.retrieval_copy_loss * copy[0]
+        return DRTOutput(logits=logits, loss=loss, retrieval=retrieval if output_retrieval else None,
+                         retrieval_loss=None if copy is None else copy[0],
+                         retrieval_rows=None if copy is None else copy[1])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
@@ -204,7 +214,9 @@ class DRT(nn.Module):
         pos = (t // P) * S + t % P + (t % P == P - 1).long()  # last token of a chunk -> its landmark
         return ids, pos
 
-    def _forward_drt(self, input_ids: torch.Tensor):
+    def _forward_drt(self, input_ids: torch.Tensor, copy_loss: bool = False):
+        """-> the upper layers' output, each group's retrieval, and with ``copy_loss`` the auxiliary
+        retrieval loss and its share of rows (:func:`copy_retrieval_loss`; else None)."""
         cfg = self.config
         B, L = input_ids.shape
         S = cfg.chunk_size
@@ -219,11 +231,17 @@ class DRT(nn.Module):
         n_other = cfg.retrieval_distractors if self.training else 0
         if n_other:
             lmk, mem_k, mem_v = self._with_distractors(lmk, mem_k, mem_v, n_other)
-        retrieval = []
+        retrieval, copy = [], None
+        if copy_loss:
+            targets = copy_targets(input_ids, cfg.retrieval_copy_ngram, cfg.text_per_chunk, cfg.window)
+            copy = []
         for norm, group in zip(self.retr_norms, self.groups):
             query = norm(h.view(B, C, S, -1)[:, :, -1])  # (B, C, d) hidden state at each landmark
+            scores = retrieval_scores(query, lmk)
+            if copy is not None:
+                copy.append(copy_retrieval_loss(scores, targets, row_offset=n_other * C, valid_rows=has_landmark))
             r = causal_topk(
-                retrieval_scores(query, lmk),
+                scores,
                 cfg.top_k,
                 row_offset=n_other * C,  # the other sequences' chunks come first: every row may pick them
                 valid_rows=has_landmark,
@@ -233,7 +251,9 @@ class DRT(nn.Module):
             idx, w = shift_to_queries(r)  # query chunk c uses the retrieval made at landmark c - 1
             for layer in group:
                 h = self._layer(layer, h, cos, sin, mem_k, mem_v, idx, w)
-        return h[:, out_pos], retrieval
+        if copy is not None:
+            copy = tuple(torch.stack(c).mean() for c in zip(*copy))
+        return h[:, out_pos], retrieval, copy
 
     @staticmethod
     def _with_distractors(lmk, mem_k, mem_v, n: int):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 _NEG = -1e30  # finite "minus infinity": keeps softmax gradients NaN-free
 
@@ -86,6 +87,88 @@ def shift_to_queries(r: Retrieval) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.cat([torch.full_like(r.indices[:, :1], -1), r.indices[:, :-1]], dim=1)
     w = torch.cat([torch.zeros_like(r.weights[:, :1]), r.weights[:, :-1]], dim=1)
     return idx, w
+
+
+# two (multiplier, prime) pairs of the n-gram keys: each step's product stays below 2**62 (no int64
+# overflow on any device), and the pair makes a 62-bit key
+_HASH = ((1_000_003, 2_147_483_647), (998_244_353 % 1_073_741_789, 1_073_741_789))
+
+
+def _ngram_keys(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, L)`` ids -> ``(B, L)`` int64 keys of the (n + 1)-gram ending at each position; positions
+    t < n (no full n-gram) get distinct negative keys that match nothing."""
+    B, L = ids.shape
+    x = ids.long() + 1
+    keys = []
+    for mult, prime in _HASH:
+        h = torch.zeros_like(x)
+        for i in range(n, -1, -1):  # oldest token first
+            h = (h * mult + F.pad(x, (i, 0))[:, :L]) % prime
+        keys.append(h)
+    key = keys[0] * _HASH[1][1] + keys[1]
+    t = torch.arange(L, device=ids.device)
+    return torch.where(t < n, -1 - t, key)
+
+
+@torch.no_grad()
+def copy_targets(ids: torch.Tensor, n: int, chunk_text: int, min_distance: int, block_elems: int = 1 << 26) -> torch.Tensor:
+    """Which chunks hold a copy source for the tokens each retrieval row serves.
+
+    A token at position t (predicted from t - 1) can be copied from an earlier position p when the
+    (n + 1)-grams ending at t and at p are equal (t >= n, p >= n) and it lies more than ``min_distance``
+    tokens back (t - p > min_distance). The query position t - 1 lies in chunk q = (t - 1) // chunk_text
+    and reads retrieval row q - 1 (:func:`shift_to_queries`); p lies in chunk p // chunk_text.
+
+    Args:
+        ids: ``(B, L)`` token ids (text only, no landmarks).
+        n: context tokens a match must share besides the copied token.
+        chunk_text: text tokens a chunk (the model's ``text_per_chunk``).
+        min_distance: matches this close or closer are left out (the sliding window sees them).
+        block_elems: the comparisons held at once (memory, in bytes of booleans).
+    Returns:
+        ``(B, C, C)`` bool, C = ceil(L / chunk_text): ``[b, r, j]`` is True when some token that row r
+        serves has a copy source in chunk j. Row r may pick only chunks j < r; this does not mask that.
+    """
+    B, L = ids.shape
+    P = chunk_text
+    C = -(-L // P)
+    key = _ngram_keys(ids, n)
+    pos = torch.arange(L, device=ids.device)
+    src = torch.zeros(B, L, C, dtype=torch.bool, device=ids.device)  # [b, t, j]: token t copyable from chunk j
+    step = max(1, block_elems // max(1, B * C * P))
+    for t0 in range(0, L, step):
+        t1 = min(L, t0 + step)
+        eq = key[:, t0:t1, None] == key[:, None, :]  # (B, tb, L)
+        eq &= pos[None, :] < (pos[t0:t1, None] - min_distance)
+        src[:, t0:t1] = F.pad(eq, (0, C * P - L)).view(B, t1 - t0, C, P).any(-1)
+    # token t is served by row (t - 1) // P - 1: rows gather the tokens t = (r + 1) P + 1 .. (r + 2) P
+    by_query = F.pad(src[:, 1:L], (0, 0, 0, C * P - (L - 1))).view(B, C, P, C).any(2)  # [b, q, j], q = (t - 1) // P
+    return torch.cat([by_query[:, 1:], torch.zeros_like(by_query[:, :1])], dim=1)
+
+
+def copy_retrieval_loss(
+    scores: torch.Tensor, targets: torch.Tensor, *, row_offset: int = 0, valid_rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each retrieval row's softmax over every chunk it may pick (noise-free
+    ``scores`` ``(B, C, Cm)``, masked as :func:`causal_topk` masks them) towards the set of its
+    ``targets`` (``(B, C, C)`` from :func:`copy_targets`, over the row's own chunks, the last C
+    columns when other sequences' chunks come first): ``-log sum_{j in targets} p_j``, averaged over
+    the rows with at least one target they may pick. Returns the loss (0 with a gradient path when
+    no row has one) and the share of rows that had one."""
+    B, C, Cm = scores.shape
+    rows = torch.arange(C, device=scores.device)[:, None] + row_offset
+    cols = torch.arange(Cm, device=scores.device)[None, :]
+    allowed = cols < rows
+    if valid_rows is not None:
+        allowed = allowed & valid_rows[:, None]
+    tgt = F.pad(targets, (Cm - targets.shape[-1], 0)) & allowed
+    used = tgt.any(-1)  # (B, C)
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    everything = s.masked_fill(~allowed, _NEG).logsumexp(-1)
+    sources = s.masked_fill(~tgt, _NEG).logsumexp(-1)
+    per_row = torch.where(used, everything - sources, torch.zeros_like(everything))
+    count = used.sum()
+    return per_row.sum() / count.clamp(min=1), count / used.numel()
 
 
 # Below this spread of a row's picked scores (:func:`retrieval_health`) the weights are uniform to

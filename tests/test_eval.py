@@ -610,7 +610,7 @@ def test_retrieval_margin_scores_are_the_forward_pass_retrieval():
     m = DRT(tiny(vocab_size=101, upper_groups=[1, 1], top_k=3)).double().eval()
     ids = torch.randint(0, 101, (1, 63 * 9 + 4))
     sc = rm.question_scores(m, ids)
-    _, retrieval = m._forward_drt(ids)
+    _, retrieval, _ = m._forward_drt(ids)
     r = retrieval[0]
     for row in range(2, sc.shape[0] - 1):
         top = sc[row, :row].topk(min(3, row))

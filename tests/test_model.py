@@ -351,3 +351,43 @@ def test_rope_tables_are_one_op_under_compile():
     torch.testing.assert_close((c2, s2), (cos, sin), rtol=0, atol=0)
     ang = (2**24 - 1) * 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
     torch.testing.assert_close(cos[3], torch.cos(ang), rtol=0, atol=1e-9)
+
+
+def test_retrieval_copy_loss_joins_the_training_loss_only():
+    """retrieval_copy_loss > 0: in training with labels the loss gains weight x the auxiliary retrieval
+    loss (the same model with weight 0 gives the rest), which reaches the retrieval query and the
+    landmark keys and which training on it alone lowers; evaluation and calls without labels skip it."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    kw = dict(vocab_size=97, hidden_size=32, num_heads=4, intermediate_size=64, window=80, gumbel=False)
+    m = DRT(tiny(retrieval_copy_loss=0.5, **kw)).double().train()
+    plain = DRT(tiny(**kw)).double().train()
+    plain.load_state_dict(m.state_dict())
+    ids = torch.randint(0, 97, (2, 63 * 7 + 11))
+    ids[:, 300:400] = ids[:, 40:140]  # copies from 260 tokens back, beyond the 80-token window
+    out = m(ids, labels=ids)
+    assert out.retrieval_loss is not None and out.retrieval_loss.item() > 0 and 0 < out.retrieval_rows.item() < 1
+    torch.testing.assert_close(out.loss, plain(ids, labels=ids).loss + 0.5 * out.retrieval_loss)
+    assert plain(ids, labels=ids).retrieval_loss is None
+    assert m(ids).retrieval_loss is None  # no labels
+    m.eval()
+    assert m(ids, labels=ids).retrieval_loss is None
+    m.train()
+    out.retrieval_loss.backward()
+    assert m.retr_norms[0].weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.encoder.parameters())
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):
+        opt.zero_grad()
+        aux = m(ids, labels=ids).retrieval_loss
+        first = aux.item() if first is None else first
+        aux.backward()
+        opt.step()
+    assert aux.item() < 0.5 * first, (first, aux.item())
+
+
+def test_retrieval_copy_loss_config_is_checked():
+    with pytest.raises(ValueError, match="retrieval_copy_loss"):
+        tiny(retrieval_copy_loss=-0.1)
+    with pytest.raises(ValueError, match="retrieval_copy_ngram"):
+        tiny(retrieval_copy_ngram=0)

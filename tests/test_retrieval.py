@@ -76,3 +76,68 @@ def test_retrieval_health_tells_collapsed_from_selective():
     spread, top = retrieval_health([short])
     assert spread.isnan() and top.isnan()
     torch.testing.assert_close(retrieval_health([short, r])[0], ref)
+
+
+# ---- the auxiliary copy-retrieval loss (DRTConfig.retrieval_copy_loss) ----
+def _brute_copy_targets(ids, n, P, min_distance):
+    B, L = ids.shape
+    C = -(-L // P)
+    out = torch.zeros(B, C, C, dtype=torch.bool)
+    for b in range(B):
+        x = ids[b].tolist()
+        for t in range(max(n, 1), L):
+            row = (t - 1) // P - 1
+            if row < 0:
+                continue
+            for p in range(n, t - min_distance):
+                if x[t - n : t + 1] == x[p - n : p + 1]:
+                    out[b, row, p // P] = True
+    return out
+
+
+def test_copy_targets_equal_a_brute_force_search():
+    from gca.retrieval import copy_targets
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for n, P, min_d, L in [(2, 7, 10, 150), (1, 5, 0, 61), (3, 9, 20, 200)]:
+        ids = torch.randint(0, 4, (2, L), generator=g)
+        ids[1, L - 30 : L - 10] = ids[1, 10:30]  # a long repeat far back
+        got = copy_targets(ids, n, P, min_d, block_elems=2 * 37 * 9 * 23)  # several blocks of query positions
+        ref = _brute_copy_targets(ids, n, P, min_d)
+        assert got.shape == ref.shape and torch.equal(got, ref), (n, P, min_d)
+        assert ref.any() and not ref.all()
+        assert not got[:, -1].any()  # the last row serves no chunk
+
+
+def test_copy_retrieval_loss_is_the_cross_entropy_towards_the_target_set():
+    from gca.retrieval import copy_retrieval_loss
+
+    B, C, other = 2, 9, 2
+    Cm = (other + 1) * C  # two other sequences' chunks first, as with retrieval_distractors=2
+    scores = torch.randn(B, C, Cm, dtype=torch.float64, requires_grad=True)
+    targets = torch.rand(B, C, C) < 0.3
+    valid = torch.arange(C) < C - 1
+    loss, share = copy_retrieval_loss(scores, targets, row_offset=other * C, valid_rows=valid)
+    terms = []
+    for b in range(B):
+        for r in range(C):
+            allowed = torch.arange(Cm) < r + other * C
+            if not valid[r]:
+                continue
+            tgt = torch.zeros(Cm, dtype=torch.bool)
+            tgt[other * C :] = targets[b, r]
+            tgt &= allowed
+            if tgt.any():
+                p = torch.softmax(scores[b, r][allowed], -1)
+                terms.append(-torch.log(p[tgt[allowed]].sum()))
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    assert abs(share.item() - len(terms) / (B * C)) < 1e-6 and 0 < len(terms) < B * C
+    loss.backward()
+    assert torch.isfinite(scores.grad).all()
+    for r in range(C):  # nothing reaches the chunks a row may not pick
+        assert (scores.grad[:, r, r + other * C :] == 0).all()
+    # no targets: zero, with a (zero) gradient path
+    s2 = torch.randn(1, 4, 4, requires_grad=True)
+    z, share = copy_retrieval_loss(s2, torch.zeros(1, 4, 4, dtype=torch.bool))
+    z.backward()
+    assert z.item() == 0 and share.item() == 0 and (s2.grad == 0).all()

@@ -633,3 +633,18 @@ def test_untying_on_init_starts_the_head_at_the_embedding_and_trains_it_apart(re
     m2 = train(cfg2, **sources()).model
     assert torch.equal(m2.embed.weight, ref.model.embed.weight)
     assert not torch.allclose(m2.lm_head.weight, ref.model.embed.weight[:V])
+
+
+def test_retrieval_copy_loss_is_logged_beside_the_loss(tmp_path):
+    out = tmp_path / "run"
+    model = dict(TINY, retrieval_copy_loss=0.2, retrieval_copy_ngram=1)  # 2-gram matches: some in random text
+    data = dict(source=FakeSource(seq_len=400, learnable=False), val_source=FakeSource(seq_len=400, split="val"))
+    train(tiny_cfg(out, model=model, seq_len=400, max_steps=3, eval_every=0, save_every=3), **data)
+    rows = [r for r in log_rows(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["retrieval_copy_loss"] > 0 and 0 < r["retrieval_copy_rows"] <= 1
+    assert read_checkpoint(out / "ckpt").config.retrieval_copy_loss == 0.2
+    plain = tmp_path / "plain"
+    train(tiny_cfg(plain, max_steps=1, eval_every=0, save_every=1), **sources())
+    assert "retrieval_copy_loss" not in log_rows(plain)[0]

@@ -532,6 +532,7 @@ class _Run:
                     g["lr"] = lr * g.get("lr_scale", 1.0)  # (checkpoints before lr_scale have no such key)
                 opt.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=dev)
+                copy_sum = None  # the auxiliary retrieval loss and its rows' share (retrieval_copy_loss > 0)
                 for m in range(cfg.grad_accum):
                     batch = prefetch.get(s * cfg.grad_accum + m)
                     ids = batch["input_ids"].to(dev, non_blocking=True)
@@ -540,9 +541,13 @@ class _Run:
                     sync = fwd.no_sync() if info.enabled and not last_micro else contextlib.nullcontext()
                     with sync:
                         with autocast():
-                            loss = fwd(ids, labels).loss / cfg.grad_accum
+                            out = fwd(ids, labels)
+                            loss = out.loss / cfg.grad_accum
                         loss.backward()
                     loss_sum += loss.detach()
+                    if out.retrieval_loss is not None:
+                        part = torch.stack([out.retrieval_loss.detach(), out.retrieval_rows.detach()]) / cfg.grad_accum
+                        copy_sum = part if copy_sum is None else copy_sum + part
                 # the global norm (identical on every rank after DDP's all-reduce); clipping is a no-op at inf
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -581,6 +586,9 @@ class _Run:
                         "tok_per_s": round((tokens - last_tokens) / max(now - last_t, 1e-9), 1),
                     }
                     row["grad_norm"] = _to_float(grad_norm)
+                    if copy_sum is not None:  # the loss above includes retrieval_copy_loss x this
+                        copy_val = D.mean_across_ranks(copy_sum, info).tolist()
+                        row["retrieval_copy_loss"], row["retrieval_copy_rows"] = round(copy_val[0], 5), round(copy_val[1], 4)
                     if result.skipped:
                         row["skipped_steps"] = len(result.skipped)
                     last_t, last_tokens = now, tokens
