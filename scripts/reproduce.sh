@@ -19,6 +19,9 @@
 #                                               # ARCHS x SEEDS (each step skipped once done; rerun after a time limit)
 #   STAGE=copy-stats SEEDS='9 10' bash scripts/reproduce.sh   # after the stage: loss by copy distance and
 #                                               # retrieval hits on far copies (COPY_STATS=0: seeds-stage skips it)
+#   DRT_EXTRA='--set retrieval_copy_loss=0.1' ARCHS=drt NAME_TAG=-aux STAGE=seeds-stage SEEDS='5 6' bash ...
+#                                               # DRTs with the auxiliary retrieval copy loss (the stage's runs
+#                                               # keep it: --init-from carries the config)
 #   STAGE=diagnose bash scripts/reproduce.sh    # DRT: needle retrieved? read? (scripts/needle_attention.py)
 #   STAGE=export   bash scripts/reproduce.sh    # bf16 weights of every run in RUNS/export/ (36 MB each
 #                                               # for the small preset): the later stages start from
@@ -32,7 +35,7 @@
 # and costs n^2, so it stops earlier), LENGTHS_LONG and TRIALS_LONG (eval-long), TRIALS (4 per depth
 # x 5 depths = 20 per length), BATCH_LONG (1: trials streamed together in eval-long), ARCHS (drt swa
 # full), NEEDLE_TASKS / REPEAT_GAP / DIGITS (the task half of the needle mixture, below), DRT_SET
-# (DRT's --set options in pre-training), DEVICE (auto), DTYPE (bfloat16, for
+# (DRT's --set options in pre-training), DRT_EXTRA (more of them, after DRT_SET), DEVICE (auto), DTYPE (bfloat16, for
 # evaluation), RESULTS (results: where ppl.json and passkey.json are merged), SEEDS (pretrain: seeds, each
 # arch once per seed; default one run per arch, seed 1), PPL_WINDOWS (16), PPL_LIMIT (600 s), PPL_JOBS (8), RUN_NAMES (the runs
 # ppl-fixed scores, default ARCHS; the pre-trained DRTs distract continues, default drt), NAME_TAG (ppl-fixed; none:
@@ -114,7 +117,7 @@ src() { if [ -d "$RUNS/$1/ckpt" ]; then echo "$RUNS/$1"; else echo "$RUNS/export
 run_args() {
   case $1 in
     pretrain) echo --arch "$2" --data "$PRE_DATA" --lr "$( [ "$2" = drt ] && echo "$DRT_LR" || echo "$LR" )" --seed "${SEED:-1}" \
-                $( [ "$2" = drt ] && echo "$DRT_SET" ) ;;
+                $( [ "$2" = drt ] && echo "$DRT_SET ${DRT_EXTRA:-}" ) ;;
     # (retrieval distractors off: another sample's needle would answer the question as well as its own)
     needles) echo --init-from "$(src "$2")" --data "$needles" --lr 5e-4 --seed 2 --set gca_softmax_one=false \
                   --set retrieval_distractors=0 ;;

@@ -229,3 +229,23 @@ def test_plot_keeps_each_run_in_one_colour_across_panels(tmp_path, monkeypatch):
             if not line.get_label().startswith("_"):
                 colours.setdefault(line.get_label(), set()).add(line.get_color())
     assert set(colours) >= {"swa", "drt"} and len(colours["drt"]) == 1 and colours["drt"] != colours["swa"]
+
+
+def test_plot_adds_a_panel_for_the_auxiliary_retrieval_loss(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from gca.eval.plots import plot_training_logs
+
+    swa = [{"step": s, "loss": 4.0} for s in range(1, 10)] + [{"step": 5, "val_loss": 3.9}]
+    aux = [{"step": s, "loss": 5.0, "retrieval_copy_loss": 3.0 - 0.1 * s} for s in range(1, 10)]
+    aux += [{"step": 5, "val_loss": 3.5, "val_retr_spread": 0.3, "val_gca_gain": 0.1}]
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    plot_training_logs({"swa": swa, "aux": aux}, str(tmp_path / "c.png"), smooth=1)
+    axes = figs[0].axes
+    assert len(axes) == 5
+    assert "retrieval_copy_loss" in axes[4].get_title()
+    (line,) = [ln for ln in axes[4].get_lines() if not ln.get_label().startswith("_")]
+    assert line.get_label() == "aux" and list(line.get_ydata()) == [3.0 - 0.1 * s for s in range(1, 10)]
+    gain = [ln for ln in axes[3].get_lines() if ln.get_label() == "aux"]
+    assert "val_gca_gain" in axes[3].get_title() and list(gain[0].get_ydata()) == [0.1]

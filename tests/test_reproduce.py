@@ -39,8 +39,11 @@ def test_reproduce_pretrain_distract_ppl(tmp_path):
     def stage(name, **kw):
         return run(name, **kw).stdout
 
-    out = stage("pretrain", SEEDS="1 2", STEPS="2", DRT_SET="--set hidden_size=32 --set num_heads=2 --set intermediate_size=64")
+    out = stage("pretrain", SEEDS="1 2", STEPS="2", DRT_SET="--set hidden_size=32 --set num_heads=2 --set intermediate_size=64",
+                DRT_EXTRA="--set retrieval_copy_loss=0.1")
     assert out.count("done: step 2") == 2, out
+    assert all("retrieval_copy_loss" in json.loads(line) for line in (runs / "drt-s1.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line))
     stage("pretrain", ARCHS="swa", SEEDS="1", STEPS="2")
     # a sliding-window run gets the control arm alone: the baseline at the same tokens
     out = stage("distract", RUN_NAMES="drt-s1 drt-s2 swa-s1", DIS_STEPS="3")
@@ -53,7 +56,7 @@ def test_reproduce_pretrain_distract_ppl(tmp_path):
         assert cfg["init_from"] == str(runs / name[:6]) and cfg["seed"] == 17 and cfg["lr"] == cfg["min_lr"] == 1e-4
         model = json.loads((runs / name / "ckpt" / "config.json").read_text())
         assert model["retrieval_distractors"] == (1 if name.endswith("dis") else 0)
-        assert model["hidden_size"] == 32  # the pre-trained model's config, kept
+        assert model["hidden_size"] == 32 and model["retrieval_copy_loss"] == 0.1  # the pre-trained model's config, kept
     # five models, two at a time (PPL_JOBS): every one scored
     names = ("drt-s1-dis", "drt-s1-ctl", "drt-s2-dis", "drt-s2-ctl", "swa-s1-ctl")
     stage("ppl-fixed", RUN_NAMES=" ".join(names), NAME_TAG="-stage", LENGTHS_PPL="1x,2x", PPL_WINDOWS="2", PPL_JOBS="2")

@@ -96,7 +96,8 @@ def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) 
         raise ValueError("no training logs to plot")
     health = any("val_retr_spread" in r for rows in logs.values() for r in rows)
     gain = any("val_gca_gain" in r for rows in logs.values() for r in rows)
-    n_ax = 2 + health + gain
+    copy = any("retrieval_copy_loss" in r for rows in logs.values() for r in rows)
+    n_ax = 2 + health + gain + copy
     fig, axes = plt.subplots(1, n_ax, figsize=(5 * n_ax, 4))
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, rows) in enumerate(logs.items()):
@@ -116,8 +117,15 @@ def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) 
                          color=c)
         if gain and any("val_gca_gain" in r for r in val):
             gv = [r for r in val if "val_gca_gain" in r]
-            axes[-1].plot([r["step"] for r in gv], [r["val_gca_gain"] for r in gv], marker=".", label=label, color=c)
-    axes[0].set_title("training loss" + (f" (mean of {smooth} logged steps)" if smooth > 1 else ""))
+            axes[2 + health].plot([r["step"] for r in gv], [r["val_gca_gain"] for r in gv], marker=".", label=label,
+                                  color=c)
+        cv = [(r["step"], r["retrieval_copy_loss"]) for r in rows if "retrieval_copy_loss" in r]
+        if cv:
+            steps, aux = zip(*cv)
+            k = max(1, min(smooth, len(aux)))
+            axes[-1].plot(steps[k - 1 :], np.convolve(aux, np.ones(k) / k, mode="valid"), label=label, color=c)
+    axes[0].set_title("training loss" + (f" (mean of {smooth} logged steps)" if smooth > 1 else "")
+                      + ("\n(with retrieval_copy_loss: includes its weighted term)" if copy else ""))
     axes[1].set_title("validation loss")
     if health:
         ax = axes[2]
@@ -125,8 +133,10 @@ def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) 
         ax.axhline(COLLAPSED_SPREAD, color="gray", ls="--", lw=1, label="collapsed below")
         ax.set_title("retrieval score spread (val_retr_spread)")
     if gain:
-        axes[-1].axhline(0.0, color="gray", ls="--", lw=1)
-        axes[-1].set_title("validation loss without GCA minus with (val_gca_gain)")
+        axes[2 + health].axhline(0.0, color="gray", ls="--", lw=1)
+        axes[2 + health].set_title("validation loss without GCA minus with (val_gca_gain)")
+    if copy:
+        axes[-1].set_title("auxiliary retrieval loss (retrieval_copy_loss, unweighted)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
