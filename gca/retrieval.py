@@ -91,7 +91,7 @@ def shift_to_queries(r: Retrieval) -> tuple[torch.Tensor, torch.Tensor]:
 
 # two (multiplier, prime) pairs of the n-gram keys: each step's product stays below 2**62 (no int64
 # overflow on any device), and the pair makes a 62-bit key
-_HASH = ((1_000_003, 2_147_483_647), (998_244_353 % 1_073_741_789, 1_073_741_789))
+_HASH = ((1_000_003, 2_147_483_647), (998_244_353, 1_073_741_789))
 
 
 def _ngram_keys(ids: torch.Tensor, n: int) -> torch.Tensor:
