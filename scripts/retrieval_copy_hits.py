@@ -5,6 +5,7 @@ against what picks blind to the text would get.
 
     python scripts/retrieval_copy_hits.py --ckpt runs/fold/drt-s1-dis --data data/debian-docs-folders \
         --lengths 1x,64x --windows 16 --device cuda --dtype bfloat16 --out copy_hits_s1.json
+    python scripts/retrieval_copy_hits.py --summary copy_hits_s1.json copy_hits_s2.json   # saved files, one table
 
 The text scored is that of ``gca eval ppl --windows W --targets 1x`` (and ``scripts/loss_by_copy_distance.py``)
 with the same ``--seed``: W fixed end points in the validation split, the last training length of
@@ -112,7 +113,42 @@ def score_hits(tg: dict, idx: np.ndarray, wt: np.ndarray, bins: list[int]) -> li
     return out
 
 
+def summarize(files: list[str]) -> list[str]:
+    """One markdown table of saved files (``--summary``): per model, context length and group, the
+    far-copyable tokens, hit / near hit / weight / chance over all of them, and the hit rate per
+    distance bin; the first column is each file's folder (runs of the same name in other folders).
+    Returns the lines it printed."""
+    lines, bins = [], None
+    for path in files:
+        rows = json.loads(Path(path).read_text())["rows"]
+        these = [r["bin"] for r in rows if r["bin"] != "all"]
+        these = list(dict.fromkeys(these))
+        if bins is None:
+            bins = these
+            lines += [f"| folder | model | context | group | tokens | hit | near hit | weight | chance | hit by distance ({' / '.join(bins)}) |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+        elif these != bins:
+            raise SystemExit(f"{path}: distance bins {these}, the first file's {bins}: summarise them apart")
+        pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+        for r in rows:
+            if r["bin"] != "all":
+                continue
+            per = [q for q in rows if (q["model"], q["context_length"], q["group"]) == (r["model"], r["context_length"], r["group"])
+                   and q["bin"] != "all"]
+            weight = "-" if r["weight"] is None else f"{r['weight']:.3f}"
+            lines.append(f"| {Path(path).parent.name} | {r['model']} | {r['context_length']} | {r['group']} | {r['tokens']} | {pct(r['hit'])} | "
+                         f"{pct(r['near_hit'])} | {weight} | {pct(r['chance'])} | {' / '.join(pct(q['hit']) for q in per)} |")
+    print("\n".join(lines))
+    return lines
+
+
 def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--summary"]:  # reprint saved files as one table, without the models
+        if len(argv) < 2:
+            raise SystemExit("usage: retrieval_copy_hits.py --summary FILE.json [FILE.json ...]")
+        return summarize(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="a DRT run or export folder")
     ap.add_argument("--name", default=None)

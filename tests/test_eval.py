@@ -949,3 +949,9 @@ def test_retrieval_copy_hits_script(tmp_path):
     assert saved["rows"] == rows and {r["context_length"] for r in rows} == {150, N}
     assert {r["group"] for r in rows} == {0, 1} and all(0 <= r["chance"] <= 1 for r in rows if r["tokens"])
     assert all(r["hit"] is None for r in rows if not r["tokens"])  # empty bins are null, not NaN
+    # --summary: one table row per (model, length, group), its hit rates as saved
+    lines = rc.main(["--summary", str(out), str(out)])
+    assert len(lines) == 2 + 2 * 4 and "hit by distance (40-300 / 300+)" in lines[0]
+    first = next(r for r in rows if r["bin"] == "all" and r["context_length"] == N and r["group"] == 1)
+    want = f"| {tmp_path.name} | {first['model']} | {N} | 1 | {first['tokens']} | {100 * first['hit']:.1f}% |"
+    assert sum(line.startswith(want) for line in lines) == 2
