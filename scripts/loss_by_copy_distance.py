@@ -4,6 +4,7 @@
         --data data/debian-docs-folders --lengths 1x,64x --windows 16 --device cuda --dtype bfloat16 \
         --out loss_by_copy_distance.json
     python scripts/loss_by_copy_distance.py --summary loss_by_copy_distance.json   # reprint a saved file
+    python scripts/loss_by_copy_distance.py --summary a.json b.json   # files of the same text as one (names clashing: FOLDER/NAME)
 
 The text scored is that of ``gca eval ppl --windows W --targets 1x`` with the same ``--seed`` (default
 1234, its default): W fixed end points in the validation split, the last training length of tokens
@@ -92,6 +93,29 @@ def _change(rows: list[dict], model: str, key: str, label, lo: int, hi: int) -> 
     return mean(hi) - mean(lo)
 
 
+def merge(paths: list[str]) -> dict:
+    """Several saved files as one (``--summary`` of more than one): they must have scored the same text
+    (the same data, n, seed, windows and targets); a model name seen in an earlier file gets its
+    file's folder as a prefix (``FOLDER/NAME``)."""
+    out, seen = None, set()
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if out is None:
+            out = dict(data, rows=[], by_reach=[])
+        for key in ("data", "n", "seed", "windows", "targets"):
+            if data.get(key) != out.get(key):
+                raise SystemExit(f"{path}: {key} {data.get(key)!r}, the first file's {out.get(key)!r}: other text, "
+                                 "not comparable token for token")
+        names = list(dict.fromkeys(r["model"] for r in data["rows"]))
+        rename = {n: f"{Path(path).parent.name}/{n}" if n in seen else n for n in names}
+        if len(set(rename.values()) | seen) < len(seen) + len(names):
+            raise SystemExit(f"{path}: model names {names} clash with an earlier file's even with the folder prefix")
+        seen |= set(rename.values())
+        out["rows"] += [dict(r, model=rename[r["model"]]) for r in data["rows"]]
+        out["by_reach"] += [dict(r, model=rename[r["model"]]) for r in data.get("by_reach", [])]
+    return out
+
+
 def summarize(data: dict) -> list[str]:
     """Print (and return) the comparisons: the first model against each other one, by group at every
     length; then each model's change from the shortest context to the longest, over every token and
@@ -109,6 +133,14 @@ def summarize(data: dict) -> list[str]:
                 cells.append(f"{label} {100 * (math.exp(x['nll'] - y['nll']) - 1):+.1f}%" if x["tokens"] else f"{label} -")
             lines.append(f"{first} vs {name} at {N}, perplexity by group: " + ", ".join(cells))
     lo, hi = lengths[0], lengths[-1]
+    for label in dict.fromkeys(r["reach"] for r in reach_rows):  # each model's level on the same tokens
+        cells = []
+        for name in names:
+            at = {r["context_length"]: r for r in reach_rows if r["model"] == name and r["reach"] == label}
+            cells.append(f"{name} " + " / ".join("-" if not at[N]["tokens"] else f"{math.exp(at[N]['nll']):.2f}"
+                                                 for N in (lo, hi) if N in at))
+        k = next(r["tokens"] for r in reach_rows if r["reach"] == label)
+        lines.append(f"perplexity at {lo} / {hi}, tokens {label} ({k}): " + ", ".join(cells))
     if lo != hi:
         pct = lambda x: f"{100 * (math.exp(x) - 1):+.2f}%"  # noqa: E731
         groups = [("every token", rows, "group", None)]
@@ -129,10 +161,10 @@ def summarize(data: dict) -> list[str]:
 def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["--summary"]:  # reprint a saved file's comparisons without the models
-        if len(argv) != 2:
-            raise SystemExit("usage: loss_by_copy_distance.py --summary FILE.json")
-        summarize(json.loads(Path(argv[1]).read_text()))
+    if argv[:1] == ["--summary"]:  # reprint saved files' comparisons without the models
+        if len(argv) < 2:
+            raise SystemExit("usage: loss_by_copy_distance.py --summary FILE.json [FILE.json ...] (files of the same text)")
+        summarize(merge(argv[1:]))
         return None
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", action="append", required=True, metavar="NAME=PATH",

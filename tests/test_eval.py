@@ -867,6 +867,20 @@ def test_loss_by_copy_distance_script(tmp_path):
     printed = float(every.split(": ")[-1].split(", ")[0].removeprefix("a ").rstrip("%"))
     assert printed == pytest.approx(100 * (ref[600] / ref[150] - 1), abs=0.006)  # printed to 0.01%
     assert [line.split(" (")[0] for line in lines[-4:]] == ["tokens window", "tokens in 150", "tokens in 600", "tokens in none"]
+    # each model's level per reach group, and two files of the same text as one (a clashing name gets its folder)
+    level = next(line for line in lines if line.startswith("perplexity at 150 / 600, tokens in 600"))
+    far = [r for r in by_reach if r["model"] == "a" and r["reach"] == "in 600"]
+    assert f"a {math.exp(far[0]['nll']):.2f} / {math.exp(far[1]['nll']):.2f}" in level
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "copy.json").write_text(out.read_text())
+    merged = lc.summarize(lc.merge([str(out), str(other / "copy.json")]))
+    assert any(line.startswith("a vs other/a at 600, perplexity by group: window +0.0%") for line in merged)
+    changed = json.loads(out.read_text())
+    changed["seed"] += 1
+    (other / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="seed"):  # other end points: not the same text
+        lc.main(["--summary", str(out), str(other / "changed.json")])
     with pytest.raises(SystemExit):  # more targets than the shortest context holds
         lc.main(["--ckpt", f"a={tmp_path / 'a'}", "--data", str(tmp_path / "data"), "--lengths", "150,600",
                  "--targets", "300", "--out", str(tmp_path / "x.json")])
