@@ -20,6 +20,7 @@ ATTN_IMPLS = ("auto", "flex", "blocked")
 GCA_IMPLS = ("auto", "torch", "triton")
 LANDMARK_MEMORY = ("keep", "zero")
 RETRIEVAL_KEYS = ("landmark", "centered")
+COPY_TARGETS = ("match", "other-sequence")
 
 
 @dataclass
@@ -83,6 +84,10 @@ class DRTConfig:
     # find the copies"). Experimental; 0 (off) is the published method.
     retrieval_copy_loss: float = 0.0
     retrieval_copy_ngram: int = 8
+    # "match" (the above), or "other-sequence": each row gets the targets of the same row of the next
+    # sequence in the batch (cyclically), as many and as placed as real ones but unrelated to its own
+    # text: the control that tells a gain from the supervision apart from one from any extra signal
+    retrieval_copy_targets: str = "match"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -153,6 +158,8 @@ class DRTConfig:
             bad("attn_impl", f"must be one of {ATTN_IMPLS}")
         if self.gca_impl not in GCA_IMPLS:
             bad("gca_impl", f"must be one of {GCA_IMPLS}")
+        if self.retrieval_copy_targets not in COPY_TARGETS:
+            bad("retrieval_copy_targets", f"must be one of {COPY_TARGETS}")
         c = self.retrieval_copy_loss
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < float("inf"):
             bad("retrieval_copy_loss", "must be a finite weight >= 0 (0: off)")

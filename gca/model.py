@@ -234,6 +234,10 @@ class DRT(nn.Module):
         retrieval, copy = [], None
         if copy_loss:
             targets = copy_targets(input_ids, cfg.retrieval_copy_ngram, cfg.text_per_chunk, cfg.window)
+            if cfg.retrieval_copy_targets == "other-sequence":  # the control: real targets, another row's text
+                if B < 2:
+                    raise ValueError("retrieval_copy_targets='other-sequence' needs a training batch of 2 or more sequences")
+                targets = targets.roll(-1, 0)
             copy = []
         for norm, group in zip(self.retr_norms, self.groups):
             query = norm(h.view(B, C, S, -1)[:, :, -1])  # (B, C, d) hidden state at each landmark
