@@ -386,9 +386,10 @@ def test_retrieval_copy_loss_joins_the_training_loss_only():
     assert aux.item() < 0.5 * first, (first, aux.item())
 
 
-def test_retrieval_copy_targets_of_another_sequence_are_the_control():
+def test_retrieval_copy_targets_of_another_sequence_are_the_control(monkeypatch):
     """retrieval_copy_targets='other-sequence': sequence b's rows get sequence b + 1's targets (rolled over
     the batch), the loss otherwise the same; a batch of one is refused."""
+    import gca.model as gm
     from gca.retrieval import copy_retrieval_loss, copy_targets
 
     kw = dict(vocab_size=97, hidden_size=32, num_heads=4, intermediate_size=64, window=80, gumbel=False)
@@ -396,26 +397,16 @@ def test_retrieval_copy_targets_of_another_sequence_are_the_control():
     ids = torch.randint(0, 97, (3, 63 * 7 + 11))
     ids[:, 300:400] = ids[:, 40:140]
     ids[1, 200:260] = ids[1, 100:160]  # sequence 1 has targets the others lack
-    out = m(ids, labels=ids, output_retrieval=True)
-    seen = {}
-    real = copy_retrieval_loss
-    import gca.model as gm
-
-    def spy(scores, targets, **k):
-        seen["scores"] = scores
-        return real(scores, targets, **k)
-
-    gm.copy_retrieval_loss = spy
-    try:
-        again = m(ids, labels=ids)
-    finally:
-        gm.copy_retrieval_loss = real
-    torch.testing.assert_close(again.retrieval_loss, out.retrieval_loss)
+    seen = []
+    monkeypatch.setattr(gm, "copy_retrieval_loss", lambda scores, targets, **k: seen.append((scores, targets))
+                        or copy_retrieval_loss(scores, targets, **k))
+    out = m(ids, labels=ids)
     P = m.config.text_per_chunk
-    want = real(seen["scores"], copy_targets(ids, 8, P, 80).roll(-1, 0),
-                valid_rows=torch.arange(seen["scores"].shape[1]) < ids.shape[1] // P)[0]
+    own = copy_targets(ids, 8, P, 80)
+    (scores, targets), = seen  # one retrieval group
+    assert torch.equal(targets, own.roll(-1, 0)) and not torch.equal(own, own.roll(-1, 0))
+    want = copy_retrieval_loss(scores, own.roll(-1, 0), valid_rows=torch.arange(scores.shape[1]) < ids.shape[1] // P)[0]
     torch.testing.assert_close(out.retrieval_loss, want)
-    assert not torch.equal(copy_targets(ids, 8, P, 80), copy_targets(ids, 8, P, 80).roll(-1, 0))
     with pytest.raises(ValueError, match="2 or more sequences"):
         m(ids[:1], labels=ids[:1])
     with pytest.raises(ValueError, match="retrieval_copy_targets"):
