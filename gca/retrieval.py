@@ -41,6 +41,14 @@ def gumbel_noise(shape, device, generator: torch.Generator | None = None) -> tor
     return -torch.log(-torch.log(u))
 
 
+def _allowed(C: int, Cm: int, row_offset: int, valid_rows: torch.Tensor | None, device) -> torch.Tensor:
+    """``(C, Cm)`` bool: row c (chunk ``row_offset + c``) may pick column j when j < row_offset + c and the
+    row is valid."""
+    rows = torch.arange(C, device=device)[:, None] + row_offset
+    allowed = torch.arange(Cm, device=device)[None, :] < rows  # strictly causal
+    return allowed & valid_rows[:, None] if valid_rows is not None else allowed
+
+
 def causal_topk(
     scores: torch.Tensor,
     k: int,
@@ -62,12 +70,7 @@ def causal_topk(
         :class:`Retrieval` whose weights are the softmax of the picked chunks' noise-free scores.
     """
     B, C, Cm = scores.shape
-    rows = torch.arange(C, device=scores.device)[:, None] + row_offset
-    cols = torch.arange(Cm, device=scores.device)[None, :]
-    allowed = cols < rows  # (C, Cm) strictly causal
-    if valid_rows is not None:
-        allowed = allowed & valid_rows[:, None]
-    allowed = allowed.expand(B, C, Cm)
+    allowed = _allowed(C, Cm, row_offset, valid_rows, scores.device).expand(B, C, Cm)
     masked = scores.masked_fill(~allowed, _NEG)
     select = masked
     if gumbel:
@@ -156,11 +159,7 @@ def copy_retrieval_loss(
     the rows with at least one target they may pick. Returns the loss (0 with a gradient path when
     no row has one) and the share of rows that had one."""
     B, C, Cm = scores.shape
-    rows = torch.arange(C, device=scores.device)[:, None] + row_offset
-    cols = torch.arange(Cm, device=scores.device)[None, :]
-    allowed = cols < rows
-    if valid_rows is not None:
-        allowed = allowed & valid_rows[:, None]
+    allowed = _allowed(C, Cm, row_offset, valid_rows, scores.device)
     tgt = F.pad(targets, (Cm - targets.shape[-1], 0)) & allowed
     used = tgt.any(-1)  # (B, C)
     s = scores.to(torch.promote_types(scores.dtype, torch.float32))
