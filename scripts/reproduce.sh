@@ -40,7 +40,7 @@
 # arch once per seed; default one run per arch, seed 1), PPL_WINDOWS (16), PPL_LIMIT (600 s), PPL_JOBS (8), RUN_NAMES (the runs
 # ppl-fixed scores, default ARCHS; the pre-trained DRTs distract continues, default drt), NAME_TAG (ppl-fixed; none:
 # inserted before -PRESET in the model names); DIS_STEPS (400), DIS_LR (1e-4, constant) and DIS_SEED (17: the data
-# order, the same for both arms) for distract; LENGTHS_COPY (1x,64x) and COPY_STATS (1) for copy-stats.
+# order, the same for both arms) for distract; LENGTHS_COPY (1x,64x), COPY_STATS (1) and COPY_ORACLE (1) for copy-stats.
 #
 # Timing on one H200 with the three models side by side: pre-training ~122 ms a step (2600 steps in
 # 5.3 minutes; ~169 ms with a fourth, DRT, run beside them), needle fine-tuning ~126 ms (3400 in 7.1
@@ -226,7 +226,8 @@ case $STAGE in
   copy-stats)  # per seed of SEEDS (default 1), after the distractor stage: DRT's and the window's losses by how far
     # back each held-out token could be copied from (scripts/loss_by_copy_distance.py: drt-sS-dis against swa-sS-ctl
     # and drt-sS-ctl, those that exist) and whether each DRT's retrieval picks the chunks far-copyable tokens could be
-    # copied from (scripts/retrieval_copy_hits.py); at LENGTHS_COPY (1x,64x), PPL_JOBS at a time, into RUNS/eval/
+    # copied from, and how well it reads them when an oracle picks them (scripts/retrieval_copy_hits.py --oracle;
+    # COPY_ORACLE=0: without); at LENGTHS_COPY (1x,64x), PPL_JOBS at a time, into RUNS/eval/
     # (copy-sS.json, hits-NAME.json, each with its .log); a file already there is not made again
     mkdir -p "$RUNS/eval"
     copy_lengths=${LENGTHS_COPY:-1x,64x}
@@ -247,8 +248,8 @@ case $STAGE in
         if [ -e "$(src "$n")" ] && [ ! -e "$out" ]; then
           while [ "$(jobs -rp | wc -l)" -ge "${PPL_JOBS:-8}" ]; do wait -n || true; done
           python scripts/retrieval_copy_hits.py --ckpt "$(src "$n")" --name "$n" --data "$DATA" --lengths "$copy_lengths" \
-            --windows "${PPL_WINDOWS:-16}" --device "$DEVICE" --dtype "$DTYPE" --out "$out" > "${out%.json}.log" 2>&1 \
-            || echo "hits-$n: stopped or failed (${out%.json}.log)" &
+            --windows "${PPL_WINDOWS:-16}" --device "$DEVICE" --dtype "$DTYPE" $( [ "${COPY_ORACLE:-1}" = 0 ] || echo --oracle ) \
+            --out "$out" > "${out%.json}.log" 2>&1 || echo "hits-$n: stopped or failed (${out%.json}.log)" &
         fi
       done
     done

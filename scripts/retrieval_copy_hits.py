@@ -20,6 +20,18 @@ end or start may hold the n tokens of context), ``weight`` (mean retrieval weigh
 0 when not picked), ``chance`` (the mean of k / candidates: picks blind to the text). A hit rate far
 above chance says retrieval finds what is copyable; near chance, the model cannot be reading far
 copies through retrieval, whatever it does with what it reads.
+
+``--oracle`` asks the other half: can the model read a copy once its chunk is retrieved? A second pass
+over the same text in which every retrieval row serving a far-copyable token picks that token's
+source chunk alone (the row's distinct source chunks, most tokens first, up to k, at equal weights
+summing to 1, as a softmax over the picks does) in every retrieval group; other rows keep what the
+model picked. Saved under ``oracle``, per context length and distance bin: the far-copyable tokens'
+perplexity as retrieved (``ppl``) and with the oracle's picks (``ppl_oracle``); the row ``other`` is
+the remaining scored tokens of those rows (what the oracle took from them), and ``in window`` the
+tokens whose match lies inside the sliding window, as retrieved: how well the model copies when its
+own attention sees the source. A far-copyable perplexity that falls to near the in-window one says
+the reading works and retrieval's picks are what fail; one that barely moves says the model cannot
+use a retrieved copy, whatever retrieval picks.
 """
 
 from __future__ import annotations
@@ -39,8 +51,8 @@ from far_context import match_distance, nearest_previous, ngram_hashes  # noqa: 
 
 import gca.model as gca_model  # noqa: E402
 from gca.eval.cli import load_for_eval, parse_lengths  # noqa: E402
-from gca.eval.perplexity import fixed_end_points, stream_nll  # noqa: E402
-from gca.retrieval import causal_topk  # noqa: E402
+from gca.eval.perplexity import fixed_end_points, stream_token_nll  # noqa: E402
+from gca.retrieval import Retrieval, causal_topk  # noqa: E402
 
 
 def far_copy_targets(dist: np.ndarray, n: int, ends: np.ndarray, N: int, T: int, window: int, P: int) -> dict:
@@ -84,6 +96,78 @@ class RecordRetrieval:
             idx[:, off : off + n, : i.shape[2]] = i[:, :n].numpy()
             wt[:, off : off + n, : w.shape[2]] = w[:, :n].numpy()
         return idx, wt
+
+
+def oracle_table(tg: dict, B: int, rows: int, k: int) -> np.ndarray:
+    """``(B, rows, k)`` chunk indices (-1 = empty) of the oracle's picks: each row serving far-copyable
+    tokens (:func:`far_copy_targets`) gets its distinct source chunks, those of the most tokens first
+    (ties: the nearer chunk), up to k; every other row is -1 throughout."""
+    table = np.full((B, rows, k), -1, dtype=np.int64)
+    keys = np.stack([tg["w"], tg["row"], tg["source"]], 1)
+    if not len(keys):
+        return table
+    uniq, counts = np.unique(keys, axis=0, return_counts=True)
+    w, row, src = uniq.T
+    order = np.lexsort((-src, -counts, row, w))  # per (w, row): most tokens first, then the later chunk
+    w, row, src = w[order], row[order], src[order]
+    first = np.r_[True, (w[1:] != w[:-1]) | (row[1:] != row[:-1])]
+    start = np.maximum.accumulate(np.where(first, np.arange(len(w)), 0))
+    slot = np.arange(len(w)) - start
+    keep = slot < k
+    table[w[keep], row[keep], slot[keep]] = src[keep]
+    return table
+
+
+class OracleRetrieval(RecordRetrieval):
+    """:class:`RecordRetrieval` that replaces the picks of the rows :func:`oracle_table` fills by its
+    chunks at equal weights (summing to 1); the other rows keep the model's picks."""
+
+    def __init__(self, groups: int, table: np.ndarray):
+        super().__init__(groups)
+        self.oracle = torch.from_numpy(table)
+
+    def __call__(self, scores, k, *, row_offset=0, **kw):
+        r = causal_topk(scores, k, row_offset=row_offset, **kw)
+        B, n, kk = r.indices.shape
+        part = self.oracle[:, row_offset : row_offset + n, :kk].to(r.indices.device)
+        if part.shape[1] < n:  # rows past the table's end (none when it covers the context)
+            part = torch.cat([part, part.new_full((B, n - part.shape[1], kk), -1)], 1)
+        use = (part >= 0).any(-1, keepdim=True)
+        valid = part >= 0
+        w = valid.to(r.weights.dtype) / valid.sum(-1, keepdim=True).clamp(min=1).to(r.weights.dtype)
+        r = Retrieval(indices=torch.where(use, part, r.indices), weights=torch.where(use, w, r.weights),
+                      scores=torch.where(use, torch.zeros_like(r.scores), r.scores))
+        self.picks[self.calls % self.groups].append((int(row_offset), r.indices.cpu(), r.weights.float().cpu()))
+        self.calls += 1
+        return r
+
+
+def oracle_rows(tg: dict, nll: np.ndarray, nll_oracle: np.ndarray, table: np.ndarray, dist: np.ndarray, n: int,
+                ends: np.ndarray, N: int, T: int, window: int, P: int, bins: list[int]) -> list[dict]:
+    """Per distance bin (and ``all``) of the far-copyable tokens, their perplexity as retrieved and with
+    the oracle's picks; ``other``: the other scored tokens of the rows the oracle filled; ``in window``:
+    the scored tokens whose nearest match lies inside the window, as retrieved. ``nll`` / ``nll_oracle``:
+    ``(B, T)`` per-token NLLs of the scored tokens (window positions N - T .. N - 1)."""
+    ppl = lambda x: float(np.exp(x.mean())) if x.size else None  # noqa: E731
+    out = []
+    j = tg["t"] - (N - T)
+    edges = list(bins) + [np.inf]
+    spans = [("all", 0, np.inf)] + [(f"{lo}+" if hi == np.inf else f"{lo}-{int(hi)}", lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    for label, lo, hi in spans:
+        sel = (tg["d"] >= lo) & (tg["d"] < hi)
+        a, b = nll[tg["w"][sel], j[sel]], nll_oracle[tg["w"][sel], j[sel]]
+        out.append(dict(bin=label, tokens=int(sel.sum()), ppl=ppl(a), ppl_oracle=ppl(b)))
+    t = np.arange(N - T, N)
+    row = np.clip((t - 1) // P - 1, 0, None)
+    filled = (table[:, row] >= 0).any(-1)  # (B, T): the token's row was filled by the oracle
+    far = np.zeros_like(filled)
+    far[tg["w"], j] = True
+    other = filled & ~far & ((t - 1) // P - 1 >= 0)[None]
+    out.append(dict(bin="other", tokens=int(other.sum()), ppl=ppl(nll[other]), ppl_oracle=ppl(nll_oracle[other])))
+    d = match_distance(dist, n, ends[:, None] - N + t[None])
+    near = (d > 0) & (d <= window)
+    out.append(dict(bin="in window", tokens=int(near.sum()), ppl=ppl(nll[near]), ppl_oracle=ppl(nll_oracle[near])))
+    return out
 
 
 def score_hits(tg: dict, idx: np.ndarray, wt: np.ndarray, bins: list[int]) -> list[dict]:
@@ -138,6 +222,19 @@ def summarize(files: list[str]) -> list[str]:
             weight = "-" if r["weight"] is None else f"{r['weight']:.3f}"
             lines.append(f"| {Path(path).parent.name} | {r['model']} | {r['context_length']} | {r['group']} | {r['tokens']} | {pct(r['hit'])} | "
                          f"{pct(r['near_hit'])} | {weight} | {pct(r['chance'])} | {' / '.join(pct(q['hit']) for q in per)} |")
+    oracle = [(Path(path).parent.name, r) for path in files for r in json.loads(Path(path).read_text()).get("oracle", [])]
+    if oracle:  # files made with --oracle: a second table, one line per model and length
+        lines += ["", "| folder | model | context | far-copyable tokens | their ppl as retrieved | reading their source chunks "
+                  "| other tokens of those rows: as retrieved / oracle | in-window copies |", "|---|---|---|---|---|---|---|---|"]
+        num = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        for folder, r in oracle:
+            if r["bin"] != "all":
+                continue
+            key = (folder, r["model"], r["context_length"])
+            same = {q["bin"]: q for f, q in oracle if (f, q["model"], q["context_length"]) == key}
+            o, w = same["other"], same["in window"]
+            lines.append(f"| {folder} | {r['model']} | {r['context_length']} | {r['tokens']} | {num(r['ppl'])} | {num(r['ppl_oracle'])} | "
+                         f"{num(o['ppl'])} / {num(o['ppl_oracle'])} | {num(w['ppl'])} |")
     print("\n".join(lines))
     return lines
 
@@ -160,6 +257,8 @@ def main(argv=None):
     ap.add_argument("--bins", default="512,4096,65536", help="distance bin edges, tokens back")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--oracle", action="store_true",
+                    help="also score the text again with the far-copyable tokens' rows reading their source chunks (above)")
     ap.add_argument("--out", required=True, help="JSON file, rewritten after every length")
     a = ap.parse_args(argv)
     bins = sorted(int(x) for x in a.bins.split(","))
@@ -180,17 +279,27 @@ def main(argv=None):
     dist = nearest_previous(ngram_hashes(tokens, a.n))
     ends = fixed_end_points(len(tokens), lengths, a.windows, np.random.default_rng(a.seed))
     P, window, groups = cfg.text_per_chunk, cfg.window or 0, len(model.groups)
-    rows_out, ppl = [], {}
+    rows_out, oracle_out, ppl = [], [], {}
     real = gca_model.causal_topk
     try:
         for N in lengths:
             ids = torch.from_numpy(np.stack([tokens[e - N : e] for e in ends]))
             hook = RecordRetrieval(groups)
             gca_model.causal_topk = hook
-            nll, count = stream_nll(model, ids, last=T)
+            nll = stream_token_nll(model, ids, last=T).double().numpy()
             gca_model.causal_topk = real
-            ppl[str(N)] = float(np.exp(nll / count))
+            ppl[str(N)] = float(np.exp(nll.mean()))
             tg = far_copy_targets(dist, a.n, ends, N, T, window, P)
+            if a.oracle:
+                table = oracle_table(tg, len(ends), N // P, cfg.top_k)
+                gca_model.causal_topk = OracleRetrieval(groups, table)
+                nll_oracle = stream_token_nll(model, ids, last=T).double().numpy()
+                gca_model.causal_topk = real
+                for r in oracle_rows(tg, nll, nll_oracle, table, dist, a.n, ends, N, T, window, P, bins):
+                    oracle_out.append(dict(model=a.name or a.ckpt, context_length=N, **r))
+                    if r["tokens"]:
+                        print(f"{N:>8} tokens, oracle, {r['bin']:>12}: {r['tokens']:>6} tokens, ppl {r['ppl']:.3f} as retrieved, "
+                              f"{r['ppl_oracle']:.3f} reading their source chunks", flush=True)
             for g in range(groups):
                 idx, wt = hook.table(g, len(ends), N // P, cfg.top_k)
                 for r in score_hits(tg, idx, wt, bins):
@@ -204,7 +313,8 @@ def main(argv=None):
             tmp = a.out + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(dict(rows=rows_out, n=a.n, seed=a.seed, windows=a.windows, targets=T, data=a.data,
-                               window=window, text_per_chunk=P, top_k=cfg.top_k, ppl=ppl, ends=[int(e) for e in ends]),
+                               window=window, text_per_chunk=P, top_k=cfg.top_k, ppl=ppl, ends=[int(e) for e in ends],
+                               **({"oracle": oracle_out} if a.oracle else {})),
                           f, indent=1)
             os.replace(tmp, a.out)
     finally:

@@ -888,14 +888,12 @@ def test_loss_by_copy_distance_script(tmp_path):
         lc.main(["--ckpt", str(tmp_path / "a"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "x.json")])
 
 
-def test_retrieval_copy_hits_script(tmp_path):
-    """scripts/retrieval_copy_hits.py: the far-copy tokens and their retrieval rows follow a brute-force
-    search; the recorded streaming picks are the full forward's retrieval at every row a scored token
-    reads; the hit statistics match a per-token count; the script runs end to end."""
+def _copy_hits_setup(tmp_path):
+    """A prepared folder of random 14-word text (fresh each run), a tiny two-group DRT in float64 and
+    the retrieval_copy_hits inputs: ``(rc, fc, tokens, m, ends, dist, N, T, n, window, P)``."""
     from gca.data import PackedDataset
     from gca.data.prepare import prepare
     from gca.eval.perplexity import fixed_end_points
-    from safetensors.torch import save_model
 
     rc, fc = _script("retrieval_copy_hits"), _script("far_context")
     src = tmp_path / "txt"
@@ -909,9 +907,18 @@ def test_retrieval_copy_hits_script(tmp_path):
     N, T, n, window = 1200, 149, 2, 40
     torch.manual_seed(int(rng.integers(2**31)))
     m = DRT(tiny(window=window, top_k=3, upper_groups=[1, 1])).double().eval()
-    P = m.config.text_per_chunk
     ends = fixed_end_points(len(tokens), [150, N], 3, np.random.default_rng(1234))
     dist = fc.nearest_previous(fc.ngram_hashes(tokens, n))
+    return rc, fc, tokens, m, ends, dist, N, T, n, window, m.config.text_per_chunk
+
+
+def test_retrieval_copy_hits_script(tmp_path):
+    """scripts/retrieval_copy_hits.py: the far-copy tokens and their retrieval rows follow a brute-force
+    search; the recorded streaming picks are the full forward's retrieval at every row a scored token
+    reads; the hit statistics match a per-token count; the script runs end to end."""
+    from safetensors.torch import save_model
+
+    rc, fc, tokens, m, ends, dist, N, T, n, window, P = _copy_hits_setup(tmp_path)
 
     # the targets, by brute force
     tg = rc.far_copy_targets(dist, n, ends, N, T, window, P)
@@ -969,3 +976,78 @@ def test_retrieval_copy_hits_script(tmp_path):
     first = next(r for r in rows if r["bin"] == "all" and r["context_length"] == N and r["group"] == 1)
     want = f"| {tmp_path.name} | {first['model']} | {N} | 1 | {first['tokens']} | {100 * first['hit']:.1f}% |"
     assert sum(line.startswith(want) for line in lines) == 2
+
+
+def test_retrieval_copy_hits_oracle(tmp_path):
+    """retrieval_copy_hits --oracle: the oracle's table holds each row's distinct source chunks, most
+    tokens first (a brute-force count); the streamed pass reads them at equal weights in the rows it
+    fills and the model's own picks elsewhere (group 0); its per-token NLL is the full forward's with the same
+    picks; the tokens it scores as retrieved are those of the plain pass; end to end, the saved rows
+    and the summary's second table."""
+    import gca.model as gca_model
+    from safetensors.torch import save_model
+
+    rc, fc, tokens, m, ends, dist, N, T, n, window, P = _copy_hits_setup(tmp_path)
+    k, B, rows = 3, len(ends), N // P
+    tg = rc.far_copy_targets(dist, n, ends, N, T, window, P)
+    table = rc.oracle_table(tg, B, rows, k)
+    want = np.full((B, rows, k), -1)
+    for w in range(B):
+        for r in range(rows):
+            srcs = tg["source"][(tg["w"] == w) & (tg["row"] == r)].tolist()
+            ranked = sorted(set(srcs), key=lambda c: (-srcs.count(c), -c))[:k]
+            want[w, r, : len(ranked)] = ranked
+    np.testing.assert_array_equal(table, want)
+    assert (table >= 0).any(-1).sum() >= 10 and (table[..., 1] >= 0).any()  # rows with several sources too
+
+    ids = torch.from_numpy(np.stack([tokens[e - N : e] for e in ends]))
+    real = gca_model.causal_topk
+    plain, oracle = rc.RecordRetrieval(len(m.groups)), rc.OracleRetrieval(len(m.groups), table)
+    try:
+        gca_model.causal_topk = plain
+        nll = stream_token_nll(m, ids, last=T).numpy()
+        gca_model.causal_topk = oracle
+        nll_oracle = stream_token_nll(m, ids, last=T).numpy()
+        gca_model.causal_topk = rc.OracleRetrieval(len(m.groups), table)
+        logits = m(ids).logits  # the full forward, through the same oracle
+    finally:
+        gca_model.causal_topk = real
+    full = torch.nn.functional.cross_entropy(logits[:, -T - 1 : -1].transpose(1, 2), ids[:, -T:], reduction="none")
+    np.testing.assert_allclose(nll_oracle, full.detach().numpy(), rtol=1e-9, atol=1e-9)
+    filled = (table >= 0).any(-1)
+    for g in range(len(m.groups)):
+        idx, wt = oracle.table(g, B, rows, k)
+        pidx, pwt = plain.table(g, B, rows, k)
+        seen = (pidx >= 0).any(-1)  # rows the streamed pass made (the last rows serve no scored token)
+        np.testing.assert_array_equal(idx[filled], table[filled])
+        count = (table[filled] >= 0).sum(-1, keepdims=True)
+        np.testing.assert_allclose(wt[filled], np.where(table[filled] >= 0, 1 / count, 0))
+        if g == 0:  # group 0 scores from the lower layers' states, which the oracle does not touch; later
+            # groups score from states that earlier groups' oracle reads changed, so their own picks move
+            np.testing.assert_array_equal(idx[~filled & seen], pidx[~filled & seen])
+            np.testing.assert_allclose(wt[~filled & seen], pwt[~filled & seen])
+    # the oracle moves the far-copyable tokens (its rows read other chunks)
+    j = tg["t"] - (N - T)
+    assert not np.allclose(nll[tg["w"], j], nll_oracle[tg["w"], j])
+    stats = rc.oracle_rows(tg, nll, nll_oracle, table, dist, n, ends, N, T, window, P, [40, 300])
+    assert [r["bin"] for r in stats] == ["all", "40-300", "300+", "other", "in window"]
+    assert stats[0]["tokens"] == len(j) and stats[0]["ppl"] == pytest.approx(math.exp(nll[tg["w"], j].mean()))
+    assert stats[0]["ppl_oracle"] == pytest.approx(math.exp(nll_oracle[tg["w"], j].mean()))
+    d = fc.match_distance(dist, n, ends[:, None] - N + np.arange(N - T, N)[None])
+    assert stats[-1]["tokens"] == int(((d > 0) & (d <= window)).sum()) > 0
+
+    # end to end
+    (tmp_path / "ck").mkdir()
+    save_model(m.float(), str(tmp_path / "ck" / "model.safetensors"))
+    (tmp_path / "ck" / "config.json").write_text(m.config.to_json())
+    out = tmp_path / "hits.json"
+    rc.main(["--ckpt", str(tmp_path / "ck"), "--data", str(tmp_path / "data"), "--lengths", f"150,{N}",
+             "--windows", "3", "--n", str(n), "--bins", "40,300", "--oracle", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    got = [r for r in saved["oracle"] if r["context_length"] == N]
+    assert [r["bin"] for r in got] == ["all", "40-300", "300+", "other", "in window"]
+    assert got[0]["tokens"] == stats[0]["tokens"]
+    assert got[0]["ppl_oracle"] == pytest.approx(stats[0]["ppl_oracle"], rel=1e-3)  # float32 there
+    lines = rc.main(["--summary", str(out)])
+    line = next(x for x in lines if x.startswith(f"| {tmp_path.name} | ") and f"| {N} | {got[0]['tokens']} |" in x)
+    assert f"| {got[0]['ppl']:.2f} | {got[0]['ppl_oracle']:.2f} |" in line

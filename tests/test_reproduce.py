@@ -78,12 +78,13 @@ def test_reproduce_seeds_stage_chains_and_stops_short(tmp_path):
     models = {json.loads((runs / "eval" / f"{n}-ppl-fixed" / "ppl.json").read_text())[0]["model"] for n in made}
     assert models == {f"{n}-stage-tiny" for n in made} and not (runs / "swa-s3-dis").exists()
     # copy-stats: the loss by copy distance of the three, the first the DRT with distractors, and each DRT's
-    # retrieval hits
+    # retrieval hits, with the oracle's reading (COPY_ORACLE defaults to 1)
     copy = json.loads((runs / "eval" / "copy-s3.json").read_text())
     assert [r["model"] for r in copy["rows"][::6]] == ["drt", "swa", "drtctl"] and len(copy["rows"]) == 18
     for n in ("drt-s3-dis", "drt-s3-ctl"):
         hits = json.loads((runs / "eval" / f"hits-{n}.json").read_text())
         assert {r["model"] for r in hits["rows"]} == {n} and {r["bin"] for r in hits["rows"]} >= {"all", "512-4096"}
+        assert {r["bin"] for r in hits["oracle"]} >= {"all", "other", "in window"}
     for n in ("drt-s3", "swa-s3") + made:  # each run's training log kept beside its console log
         assert (runs / f"{n}.jsonl").read_bytes() == (runs / n / "log.jsonl").read_bytes(), n
     logs = {n: (runs / f"{n}.log").read_text() for n in ("drt-s3", "drt-s3-dis")}
