@@ -98,6 +98,13 @@ class RecordRetrieval:
         return idx, wt
 
 
+def distance_spans(bins: list[int]) -> list[tuple[str, float, float]]:
+    """``(label, lo, hi)`` of every distance bin ``[bins[i], bins[i + 1])`` (the last open-ended), after
+    ``("all", 0, inf)``."""
+    edges = list(bins) + [np.inf]
+    return [("all", 0, np.inf)] + [(f"{lo}+" if hi == np.inf else f"{lo}-{int(hi)}", lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
 def oracle_table(tg: dict, B: int, rows: int, k: int) -> np.ndarray:
     """``(B, rows, k)`` chunk indices (-1 = empty) of the oracle's picks: each row serving far-copyable
     tokens (:func:`far_copy_targets`) gets its distinct source chunks, those of the most tokens first
@@ -151,8 +158,7 @@ def oracle_rows(tg: dict, nll: np.ndarray, nll_oracle: np.ndarray, table: np.nda
     ppl = lambda x: float(np.exp(x.mean())) if x.size else None  # noqa: E731
     out = []
     j = tg["t"] - (N - T)
-    edges = list(bins) + [np.inf]
-    spans = [("all", 0, np.inf)] + [(f"{lo}+" if hi == np.inf else f"{lo}-{int(hi)}", lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    spans = distance_spans(bins)
     for label, lo, hi in spans:
         sel = (tg["d"] >= lo) & (tg["d"] < hi)
         a, b = nll[tg["w"][sel], j[sel]], nll_oracle[tg["w"][sel], j[sel]]
@@ -181,8 +187,7 @@ def score_hits(tg: dict, idx: np.ndarray, wt: np.ndarray, bins: list[int]) -> li
     k = idx.shape[2]
     chance = np.minimum(k, tg["row"]) / np.maximum(tg["row"], 1)
     out = []
-    edges = list(bins) + [np.inf]
-    spans = [("all", 0, np.inf)] + [(f"{lo}+" if hi == np.inf else f"{lo}-{int(hi)}", lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    spans = distance_spans(bins)
     for label, lo, hi in spans:
         sel = (tg["d"] >= lo) & (tg["d"] < hi)
         m = int(sel.sum())
