@@ -81,8 +81,12 @@ class RecordRetrieval:
         self.calls = 0
         self.picks: list[list] = [[] for _ in range(groups)]
 
+    def pick(self, scores, k, row_offset, **kw) -> Retrieval:
+        """The retrieval this hook hands the model: the model's own here."""
+        return causal_topk(scores, k, row_offset=row_offset, **kw)
+
     def __call__(self, scores, k, *, row_offset=0, **kw):
-        r = causal_topk(scores, k, row_offset=row_offset, **kw)
+        r = self.pick(scores, k, row_offset, **kw)
         self.picks[self.calls % self.groups].append((int(row_offset), r.indices.cpu(), r.weights.float().cpu()))
         self.calls += 1
         return r
@@ -133,7 +137,7 @@ class OracleRetrieval(RecordRetrieval):
         super().__init__(groups)
         self.oracle = torch.from_numpy(table)
 
-    def __call__(self, scores, k, *, row_offset=0, **kw):
+    def pick(self, scores, k, row_offset, **kw) -> Retrieval:
         r = causal_topk(scores, k, row_offset=row_offset, **kw)
         B, n, kk = r.indices.shape
         part = self.oracle[:, row_offset : row_offset + n, :kk].to(r.indices.device)
@@ -142,11 +146,8 @@ class OracleRetrieval(RecordRetrieval):
         use = (part >= 0).any(-1, keepdim=True)
         valid = part >= 0
         w = valid.to(r.weights.dtype) / valid.sum(-1, keepdim=True).clamp(min=1).to(r.weights.dtype)
-        r = Retrieval(indices=torch.where(use, part, r.indices), weights=torch.where(use, w, r.weights),
-                      scores=torch.where(use, torch.zeros_like(r.scores), r.scores))
-        self.picks[self.calls % self.groups].append((int(row_offset), r.indices.cpu(), r.weights.float().cpu()))
-        self.calls += 1
-        return r
+        return Retrieval(indices=torch.where(use, part, r.indices), weights=torch.where(use, w, r.weights),
+                         scores=torch.where(use, torch.zeros_like(r.scores), r.scores))
 
 
 def oracle_rows(tg: dict, nll: np.ndarray, nll_oracle: np.ndarray, table: np.ndarray, dist: np.ndarray, n: int,
