@@ -88,6 +88,12 @@ class DRTConfig:
     # sequence in the batch (cyclically), as many and as placed as real ones but unrelated to its own
     # text: the control that tells a gain from the supervision apart from one from any extra signal
     retrieval_copy_targets: str = "match"
+    # in training only: the share of retrieval rows (each row by chance, each step) whose picks start with
+    # the chunks that hold its tokens' copy sources (those of retrieval_copy_loss: the same targets, the
+    # same control), the rest of its k slots as usual; the weights stay the softmax of the scores. The
+    # read then learns from chunks worth reading, whatever the scores pick. Experimental; 0 (off) is the
+    # published method.
+    retrieval_copy_force: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -163,6 +169,9 @@ class DRTConfig:
         c = self.retrieval_copy_loss
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < float("inf"):
             bad("retrieval_copy_loss", "must be a finite weight >= 0 (0: off)")
+        f = self.retrieval_copy_force
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            bad("retrieval_copy_force", "must be a share of rows in [0, 1] (0: off)")
         if not self.rope_theta > 0:
             bad("rope_theta", "must be positive")
         if not self.norm_eps > 0:

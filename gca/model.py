@@ -161,8 +161,11 @@ class DRT(nn.Module):
                 raise ValueError("a loss needs at least 2 tokens per sequence (labels are shifted by one)")
         copy = None
         if self.config.arch == "drt":
-            want_copy = labels is not None and self.training and self.config.retrieval_copy_loss > 0
-            h, retrieval, copy = self._forward_drt(input_ids, copy_loss=want_copy)
+            train = labels is not None and self.training
+            h, retrieval, copy = self._forward_drt(
+                input_ids, copy_loss=train and self.config.retrieval_copy_loss > 0,
+                copy_force=self.config.retrieval_copy_force if train else 0.0,
+            )
         else:
             h, retrieval = self._forward_baseline(input_ids), None
         logits = self._logits(self.norm(h))
@@ -214,9 +217,10 @@ class DRT(nn.Module):
         pos = (t // P) * S + t % P + (t % P == P - 1).long()  # last token of a chunk -> its landmark
         return ids, pos
 
-    def _forward_drt(self, input_ids: torch.Tensor, copy_loss: bool = False):
+    def _forward_drt(self, input_ids: torch.Tensor, copy_loss: bool = False, copy_force: float = 0.0):
         """-> the upper layers' output, each group's retrieval, and with ``copy_loss`` the auxiliary
-        retrieval loss and its share of rows (:func:`copy_retrieval_loss`; else None)."""
+        retrieval loss and its share of rows (:func:`copy_retrieval_loss`; else None). ``copy_force``:
+        the share of rows whose picks start with their copy targets (``retrieval_copy_force``)."""
         cfg = self.config
         B, L = input_ids.shape
         S = cfg.chunk_size
@@ -231,14 +235,17 @@ class DRT(nn.Module):
         n_other = cfg.retrieval_distractors if self.training else 0
         if n_other:
             lmk, mem_k, mem_v = self._with_distractors(lmk, mem_k, mem_v, n_other)
-        retrieval, copy = [], None
-        if copy_loss:
+        retrieval, copy, force = [], None, None
+        if copy_loss or copy_force > 0:
             targets = copy_targets(input_ids, cfg.retrieval_copy_ngram, cfg.text_per_chunk, cfg.window)
             if cfg.retrieval_copy_targets == "other-sequence":  # the control: real targets, another row's text
                 if B < 2:
                     raise ValueError("retrieval_copy_targets='other-sequence' needs a training batch of 2 or more sequences")
                 targets = targets.roll(-1, 0)
-            copy = []
+            copy = [] if copy_loss else None
+            if copy_force > 0:  # the rows drawn, their targets over the whole memory (other sequences first)
+                rows = torch.rand(B, C, 1, device=h.device) < copy_force
+                force = F.pad(targets & rows, (n_other * C, 0))
         for norm, group in zip(self.retr_norms, self.groups):
             query = norm(h.view(B, C, S, -1)[:, :, -1])  # (B, C, d) hidden state at each landmark
             scores = retrieval_scores(query, lmk)
@@ -250,6 +257,7 @@ class DRT(nn.Module):
                 row_offset=n_other * C,  # the other sequences' chunks come first: every row may pick them
                 valid_rows=has_landmark,
                 gumbel=self.training and cfg.gumbel,
+                force=force,
             )
             retrieval.append(r)
             idx, w = shift_to_queries(r)  # query chunk c uses the retrieval made at landmark c - 1

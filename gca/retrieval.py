@@ -57,6 +57,7 @@ def causal_topk(
     valid_rows: torch.Tensor | None = None,
     gumbel: bool = False,
     generator: torch.Generator | None = None,
+    force: torch.Tensor | None = None,
 ) -> Retrieval:
     """Pick up to ``k`` strictly earlier chunks per row.
 
@@ -66,6 +67,9 @@ def causal_topk(
         row_offset: absolute chunk index of row 0 (streaming uses it; 0 for a whole sequence).
         valid_rows: optional ``(C,)`` bool; rows marked False (no landmark yet) get only empty slots.
         gumbel: add Gumbel(0, 1) noise before the top-k (training-time exploration).
+        force: optional ``(B, C, Cm)`` bool: chunks a row picks before any other (those it may pick;
+            with more than k, the k best by score and noise); its other slots are filled as usual.
+            Only the choice changes: the weights are still the softmax of the noise-free scores.
     Returns:
         :class:`Retrieval` whose weights are the softmax of the picked chunks' noise-free scores.
     """
@@ -77,7 +81,19 @@ def causal_topk(
         noise = gumbel_noise(masked.shape, masked.device, generator)
         select = torch.where(allowed, masked.detach() + noise, masked.detach())
     kk = max(1, min(k, Cm))
-    top = select.topk(kk, dim=-1).indices  # (B, C, kk)
+    if force is None:
+        top = select.topk(kk, dim=-1).indices  # (B, C, kk)
+    else:
+        if force.shape != scores.shape:
+            raise ValueError(f"force {tuple(force.shape)} must match scores {tuple(scores.shape)}")
+        f = force & allowed
+        # the forced chunks by score, then the others by score: two exact top-ks, spliced per row
+        first = select.masked_fill(~f, float("-inf")).topk(kk, dim=-1).indices
+        rest = select.masked_fill(f, float("-inf")).topk(kk, dim=-1).indices
+        n_f = f.sum(-1, keepdim=True).clamp(max=kk)  # (B, C, 1)
+        slot = torch.arange(kk, device=scores.device)
+        at = torch.where(slot < n_f, slot, kk + slot - n_f)
+        top = torch.cat([first, rest], dim=-1).gather(-1, at)
     valid = allowed.gather(-1, top)
     picked = masked.gather(-1, top)  # noise-free, differentiable
     w = torch.softmax(picked.masked_fill(~valid, _NEG), dim=-1) * valid

@@ -418,3 +418,53 @@ def test_retrieval_copy_loss_config_is_checked():
         tiny(retrieval_copy_loss=-0.1)
     with pytest.raises(ValueError, match="retrieval_copy_ngram"):
         tiny(retrieval_copy_ngram=0)
+
+
+def test_retrieval_copy_force_puts_the_targets_among_the_picks_in_training_only():
+    """retrieval_copy_force=1: in training with labels every row picks the chunks holding its copy
+    sources (all of them when they fit in top_k), with or without retrieval distractors (the memory then
+    starts with the other sequences' chunks); evaluation, calls without labels and 0 leave the picks
+    alone; a share between 0 and 1 forces some rows and not others; bad shares are refused."""
+    from gca.retrieval import copy_targets
+
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    kw = dict(vocab_size=97, hidden_size=32, num_heads=4, intermediate_size=64, window=80, top_k=2)
+    ids = torch.randint(0, 97, (3, 63 * 9 + 5))
+    ids[:, 300:420] = ids[:, 40:160]  # copies from 260 tokens back, beyond the 80-token window
+    ids[1, 500:560] = ids[1, 200:260]
+    for n_other in (0, 1):
+        m = DRT(tiny(retrieval_copy_force=1.0, retrieval_distractors=n_other, **kw)).double().train()
+        P = m.config.text_per_chunk
+        C = -(-ids.shape[1] // P)
+        tgt = copy_targets(ids, 8, P, 80)
+        tgt &= torch.arange(C)[None, :, None] < ids.shape[1] // P  # rows with a landmark
+        assert tgt.any(-1).sum() > 3
+        out = m(ids, labels=ids, output_retrieval=True)
+        assert out.retrieval_loss is None  # forcing alone adds no loss
+        for r in out.retrieval:
+            picked = r.indices - n_other * C  # the row's own chunks
+            for b, c in tgt.any(-1).nonzero().tolist():
+                want = set(tgt[b, c].nonzero().flatten().tolist())
+                got = set(picked[b, c].tolist())
+                assert want <= got if len(want) <= 2 else len(got & want) == 2
+        m.config.gumbel = False  # no noise: the picks differ only where forced
+        free = m(ids, output_retrieval=True).retrieval[0].indices  # no labels: no forcing
+        if not n_other:  # (distractors are training's, labels or not)
+            assert torch.equal(free, m.eval()(ids, labels=ids, output_retrieval=True).retrieval[0].indices)
+            m.train()
+        forced = m(ids, labels=ids, output_retrieval=True).retrieval[0].indices
+        assert not torch.equal(forced, free)
+        assert torch.equal(forced[~tgt.any(-1)], free[~tgt.any(-1)])  # rows without targets: their own picks
+        m.config.gumbel = True
+    half = DRT(tiny(retrieval_copy_force=0.5, gumbel=False, **kw)).double().train()
+    free = half(ids, output_retrieval=True).retrieval[0].indices
+    changed = torch.zeros(tgt.shape[:2], dtype=torch.bool)
+    for _ in range(6):
+        changed |= (half(ids, labels=ids, output_retrieval=True).retrieval[0].indices != free).any(-1)
+    plain = DRT(tiny(retrieval_copy_force=1.0, gumbel=False, **kw)).double().train()
+    plain.load_state_dict(half.state_dict())
+    always = (plain(ids, labels=ids, output_retrieval=True).retrieval[0].indices != free).any(-1)
+    assert changed.sum() > 0 and (changed <= always).all()
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="retrieval_copy_force"):
+            tiny(retrieval_copy_force=bad)

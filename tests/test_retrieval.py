@@ -1,6 +1,7 @@
 """Causal top-k retrieval: only strictly earlier chunks, padding when the past is short,
 weights = softmax of noise-free scores, Gumbel noise changes the pick but not the weights' form."""
 
+import pytest
 import torch
 
 from gca.retrieval import causal_topk, retrieval_health, shift_to_queries
@@ -141,3 +142,42 @@ def test_copy_retrieval_loss_is_the_cross_entropy_towards_the_target_set():
     z, share = copy_retrieval_loss(s2, torch.zeros(1, 4, 4, dtype=torch.bool))
     z.backward()
     assert z.item() == 0 and share.item() == 0 and (s2.grad == 0).all()
+
+
+def test_forced_chunks_come_first_and_weights_stay_the_scores_softmax():
+    """causal_topk(force=...): a row's forced chunks it may pick fill its first slots (the best-scored
+    of them when there are more than k), the other slots are its usual top picks among the rest; forced
+    chunks it may not pick are not picked; the weights are the softmax of the noise-free scores."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    B, C, k = 3, 12, 4
+    scores = torch.randn(B, C, C, dtype=torch.float64, requires_grad=True)
+    force = torch.rand(B, C, C) < 0.3
+    for gumbel in (False, True):
+        r = causal_topk(scores, k, force=force, gumbel=gumbel)
+        plain = causal_topk(scores, k)
+        for b in range(B):
+            for c in range(C):
+                may = list(range(c))
+                forced = [j for j in may if force[b, c, j]]
+                got = [j for j in r.indices[b, c].tolist() if j >= 0]
+                assert len(got) == len(set(got)) == min(c, k)  # no chunk twice, every slot it can fill
+                assert all(j < c for j in got)
+                if len(forced) <= k:
+                    assert set(forced) <= set(got)
+                    if not gumbel:  # the rest: the best-scored unforced chunks
+                        rest = sorted((j for j in may if j not in forced), key=lambda j: -scores[b, c, j].item())
+                        assert set(got) == set(forced) | set(rest[: min(c, k) - len(forced)])
+                else:
+                    assert set(got) <= set(forced)
+                    if not gumbel:
+                        best = sorted(forced, key=lambda j: -scores[b, c, j].item())[:k]
+                        assert set(got) == set(best)
+                if got:
+                    want = torch.softmax(scores[b, c, got], -1)
+                    torch.testing.assert_close(r.weights[b, c, : len(got)], want)
+    # no forcing changes nothing; forcing nothing either
+    assert torch.equal(causal_topk(scores, k, force=torch.zeros_like(force)).indices, plain.indices)
+    (r.weights * torch.randn_like(r.weights)).sum().backward()
+    assert torch.isfinite(scores.grad).all() and scores.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="force"):
+        causal_topk(scores, k, force=force[:, :-1])
