@@ -143,8 +143,8 @@ class OracleRetrieval(RecordRetrieval):
         part = self.oracle[:, row_offset : row_offset + n, :kk].to(r.indices.device)
         if part.shape[1] < n:  # rows past the table's end (none when it covers the context)
             part = torch.cat([part, part.new_full((B, n - part.shape[1], kk), -1)], 1)
-        use = (part >= 0).any(-1, keepdim=True)
         valid = part >= 0
+        use = valid.any(-1, keepdim=True)
         w = valid.to(r.weights.dtype) / valid.sum(-1, keepdim=True).clamp(min=1).to(r.weights.dtype)
         return Retrieval(indices=torch.where(use, part, r.indices), weights=torch.where(use, w, r.weights),
                          scores=torch.where(use, torch.zeros_like(r.scores), r.scores))
