@@ -203,13 +203,27 @@ def score_hits(tg: dict, idx: np.ndarray, wt: np.ndarray, bins: list[int]) -> li
     return out
 
 
+def _folder_labels(files: list[str]) -> list[str]:
+    """Each file's folder name, or as many folders above it as it takes for files in different folders
+    to get different labels (``a/eval``, ``b/eval``); the same folder twice keeps one label."""
+    parents = [Path(f).resolve().parent for f in files]
+    depth = 1
+    while True:
+        labels = ["/".join(p.parts[-depth:]) for p in parents]
+        if len(set(labels)) == len(set(parents)) or depth >= max(len(p.parts) for p in parents):
+            return labels
+        depth += 1
+
+
 def summarize(files: list[str]) -> list[str]:
     """One markdown table of saved files (``--summary``): per model, context length and group, the
     far-copyable tokens, hit / near hit / weight / chance over all of them, and the hit rate per
-    distance bin; the first column is each file's folder (runs of the same name in other folders).
+    distance bin; the first column is each file's folder (runs of the same name in other folders),
+    with as many of the folders above it as tell apart files whose folders share a name.
     Returns the lines it printed."""
     lines, bins = [], None
-    for path in files:
+    labels = _folder_labels(files)
+    for path, label in zip(files, labels):
         rows = json.loads(Path(path).read_text())["rows"]
         these = [r["bin"] for r in rows if r["bin"] != "all"]
         these = list(dict.fromkeys(these))
@@ -226,20 +240,20 @@ def summarize(files: list[str]) -> list[str]:
             per = [q for q in rows if (q["model"], q["context_length"], q["group"]) == (r["model"], r["context_length"], r["group"])
                    and q["bin"] != "all"]
             weight = "-" if r["weight"] is None else f"{r['weight']:.3f}"
-            lines.append(f"| {Path(path).parent.name} | {r['model']} | {r['context_length']} | {r['group']} | {r['tokens']} | {pct(r['hit'])} | "
+            lines.append(f"| {label} | {r['model']} | {r['context_length']} | {r['group']} | {r['tokens']} | {pct(r['hit'])} | "
                          f"{pct(r['near_hit'])} | {weight} | {pct(r['chance'])} | {' / '.join(pct(q['hit']) for q in per)} |")
-    oracle = [(Path(path).parent.name, r) for path in files for r in json.loads(Path(path).read_text()).get("oracle", [])]
+    oracle = [(j, r) for j, path in enumerate(files) for r in json.loads(Path(path).read_text()).get("oracle", [])]
     if oracle:  # files made with --oracle: a second table, one line per model and length
         lines += ["", "| folder | model | context | far-copyable tokens | their ppl as retrieved | reading their source chunks "
                   "| other tokens of those rows: as retrieved / oracle | in-window copies |", "|---|---|---|---|---|---|---|---|"]
         num = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        for folder, r in oracle:
+        for j, r in oracle:  # grouped by file, so files whose folders share a name stay apart
             if r["bin"] != "all":
                 continue
-            key = (folder, r["model"], r["context_length"])
+            key = (j, r["model"], r["context_length"])
             same = {q["bin"]: q for f, q in oracle if (f, q["model"], q["context_length"]) == key}
             o, w = same["other"], same["in window"]
-            lines.append(f"| {folder} | {r['model']} | {r['context_length']} | {r['tokens']} | {num(r['ppl'])} | {num(r['ppl_oracle'])} | "
+            lines.append(f"| {labels[j]} | {r['model']} | {r['context_length']} | {r['tokens']} | {num(r['ppl'])} | {num(r['ppl_oracle'])} | "
                          f"{num(o['ppl'])} / {num(o['ppl_oracle'])} | {num(w['ppl'])} |")
     print("\n".join(lines))
     return lines

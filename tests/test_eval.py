@@ -1051,3 +1051,18 @@ def test_retrieval_copy_hits_oracle(tmp_path):
     lines = rc.main(["--summary", str(out)])
     line = next(x for x in lines if x.startswith(f"| {tmp_path.name} | ") and f"| {N} | {got[0]['tokens']} |" in x)
     assert f"| {got[0]['ppl']:.2f} | {got[0]['ppl_oracle']:.2f} |" in line
+    # two runs' files in folders of the same name (a/eval, b/eval): labelled apart, each with its own figures
+    other = json.loads(out.read_text())
+    for r in other["oracle"]:
+        r["ppl"] = None if r["ppl"] is None else r["ppl"] + 1.0
+        r["ppl_oracle"] = None if r["ppl_oracle"] is None else r["ppl_oracle"] + 1.0
+    paths = [tmp_path / "a" / "eval" / "hits.json", tmp_path / "b" / "eval" / "hits.json"]
+    for path, text in zip(paths, [out.read_text(), json.dumps(other)]):
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    lines = rc.main(["--summary", *map(str, paths)])
+    for label, r in [("a/eval", got[0]), ("b/eval", next(q for q in other["oracle"] if q["context_length"] == N))]:
+        line = next(x for x in lines if x.startswith(f"| {label} | ") and f"| {N} | {r['tokens']} |" in x)
+        assert f"| {r['ppl']:.2f} | {r['ppl_oracle']:.2f} |" in line
+        want = sum(q["bin"] == "all" for q in saved["rows"]) + sum(q["bin"] == "all" for q in saved["oracle"])
+        assert sum(x.startswith(f"| {label} | ") for x in lines) == want  # both tables
