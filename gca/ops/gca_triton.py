@@ -164,7 +164,8 @@ def _gca_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # (hoisting the tile addresses' loop-invariant part, as the dQ kernel does, saves 33 of 344
     # instructions an iteration at the SPEC shape but raises the registers from 125 to 158-166 where
-    # K = 4 unrolls the loop, one program fewer an SM; untimed, code at commit 69bdda9 as HOIST)
+    # K = 4 unrolls the loop, one program fewer an SM; timed at K = 8 and 16 on an H200: no gain
+    # (benchmarks/KERNEL_NOTES.md); code at commit 69bdda9 as HOIST)
     for ii in range(N_LOOP):
         i = split + ii
         idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
