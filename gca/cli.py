@@ -1,4 +1,4 @@
-"""The ``gca`` command: ``prepare``, ``train``, ``eval``, ``generate``, ``bench``, ``demo``.
+"""The ``gca`` command: ``prepare``, ``train``, ``eval``, ``generate``, ``bench``, ``replay-nonfinite``, ``demo``.
 
     gca prepare debian-docs --out data/docs --train-tokenizer --vocab-size 8192
     gca train --preset tiny --data synthetic:passkey --max-steps 300 --out runs/tiny
@@ -269,6 +269,58 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- replay-nonfinite ----
+def _add_replay_nonfinite(sub) -> None:
+    p = sub.add_parser(
+        "replay-nonfinite",
+        help="run a training step whose gradient was NaN/inf again and say where it came from",
+        description=_doc(
+            """
+            Run the first (or --step) saved non-finite step of a training run again: its batch through the
+            weights that gave it (DIR/nonfinite/, kept by `gca train`), forward and backward as training does,
+            under PyTorch's anomaly detection. Prints the parameters whose gradients are not finite, the first
+            backward function that returned a non-finite value, and the model code that made it.
+            """
+        ),
+        epilog=_doc(
+            """
+            examples:
+              gca replay-nonfinite runs/small
+              gca replay-nonfinite runs/small --step 893 --device cpu
+              gca replay-nonfinite runs/small --set gca_impl=torch   # does it follow the GCA backend?
+            """
+        ),
+        formatter_class=_FMT,
+    )
+    p.add_argument("run", metavar="DIR", help="the run folder of `gca train --out DIR`")
+    p.add_argument("--step", type=int, default=None, help="which saved step (default: the first, whose weights were kept)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA (as `gca train --no-bf16`)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training-time noise (default 0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="change a model config field first, e.g. --set gca_impl=torch (repeatable)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the result as JSON")
+    p.set_defaults(func=cmd_replay_nonfinite)
+
+
+def cmd_replay_nonfinite(args: argparse.Namespace) -> int:
+    """Exit status 0 when the non-finite gradient came back, 1 when it did not, 2 on bad input."""
+    from gca.train.checkpoint import CheckpointError
+    from gca.train.nonfinite import format_report, replay_nonfinite
+
+    try:
+        r = replay_nonfinite(args.run, step=args.step, device=args.device, bf16=not args.no_bf16, seed=args.seed,
+                             overrides=parse_set(args.set))
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        print(f"gca replay-nonfinite: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(r))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=1)
+    return 0 if r["reproduced"] else 1
+
+
 # ---- demo ----
 def _add_demo(sub) -> None:
     p = sub.add_parser(
@@ -318,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot(sub)
     add_generate(sub)
     add_bench(sub)
+    _add_replay_nonfinite(sub)
     _add_demo(sub)
     return p
 

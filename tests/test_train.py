@@ -488,7 +488,7 @@ def test_nonfinite_gradient_skips_the_update_saves_the_batch_and_stops_when_it_r
     assert [r["step"] for r in rows] == [1, 2, 5, 6] and all(r["loss"] == r["loss"] for r in rows)
     assert rows[-1]["skipped_steps"] == 2
     saved = sorted(p.name for p in (out / "nonfinite").iterdir())
-    assert saved == ["step3_rank0.pt", "step4_rank0.pt"]
+    assert saved == ["step3", "step3_rank0.pt", "step4_rank0.pt"]  # the first bad step's weights too
     dump = torch.load(out / "nonfinite" / "step3_rank0.pt")
     assert dump["input_ids"].shape == (2, 200) and dump["loss"] != dump["loss"]
 
@@ -498,6 +498,64 @@ def test_nonfinite_gradient_skips_the_update_saves_the_batch_and_stops_when_it_r
     bad_calls.update(range(2, 100))
     with pytest.raises(FloatingPointError, match="non-finite gradient.*lower --lr"):
         train(tiny_cfg(tmp_path / "run2", grad_accum=1, eval_every=0, max_steps=10, max_nonfinite=2), **sources())
+
+
+def test_replay_nonfinite_names_the_backward_function_and_the_parameters(tmp_path, monkeypatch, capsys):
+    """A step whose loss is finite but whose backward is not (0 * sqrt(x) at x = 0 in the final norm's
+    path): the trainer keeps that step's weights beside its batch, and `gca replay-nonfinite` runs it
+    again, naming SqrtBackward0, the line of the forward that made it, and the parameters it reached;
+    weights that differ from the saved ones (the step's update was skipped, so the saved ones are those
+    the step used) would not give the same loss."""
+    from gca.cli import main
+    from gca.model import DRT
+    from gca.train.checkpoint import load_model
+    from gca.train.nonfinite import replay_nonfinite
+
+    calls = {"n": 0, "bad": {2}}
+    real_forward = DRT.forward
+
+    def forward(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        if self.training and out.loss is not None:
+            calls["n"] += 1
+            if calls["bad"] == "all" or calls["n"] in calls["bad"]:
+                w = self.norm.weight
+                out.loss = out.loss + 0.0 * (w - w.detach()).sum().sqrt()  # value 0, gradient 0 * inf = NaN
+        return out
+
+    monkeypatch.setattr(DRT, "forward", forward)
+    out = tmp_path / "run"
+    result = train(tiny_cfg(out, grad_accum=1, eval_every=0, max_steps=4), **sources())
+    assert result.skipped == [2]
+    dump = torch.load(out / "nonfinite" / "step2_rank0.pt")
+    assert math.isfinite(dump["loss"])
+    saved = load_model(out / "nonfinite" / "step2")
+    assert saved.config == result.model.config
+
+    calls["bad"] = "all"
+    r = replay_nonfinite(out, device="cpu")
+    assert r["step"] == 2 and r["reproduced"] and r["finite_loss"]
+    assert r["loss"] == pytest.approx(dump["loss"], rel=1e-5)  # the same weights and batch (fp32 on CPU)
+    assert r["nonfinite_parameters"] == ["norm.weight"]
+    assert "SqrtBackward0" in r["anomaly"]
+    assert "test_train.py" in r["forward_frames"][-1] and ".sqrt()" in r["forward_frames"][-1]  # the line that made it
+    assert main(["replay-nonfinite", str(out), "--device", "cpu", "--json", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert "1 parameter(s) with a non-finite gradient: norm.weight" in text and "SqrtBackward0" in text
+    assert json.loads((tmp_path / "r.json").read_text())["nonfinite_parameters"] == ["norm.weight"]
+    # --set: the same step with another GCA backend (here it follows the model, not the backend)
+    assert main(["replay-nonfinite", str(out), "--device", "cpu", "--set", "gca_impl=torch"]) == 0
+    assert "SqrtBackward0" in capsys.readouterr().out
+
+    calls["bad"] = set()  # the model's own backward is finite: not reproduced, exit status 1
+    r = replay_nonfinite(out, device="cpu")
+    assert not r["reproduced"] and r["nonfinite_parameters"] == [] and r["anomaly"] is None
+    assert main(["replay-nonfinite", str(out), "--device", "cpu"]) == 1
+    assert "did not come back" in capsys.readouterr().out
+    # bad input: a run without saved weights, a step that was not saved
+    assert main(["replay-nonfinite", str(tmp_path / "none"), "--device", "cpu"]) == 2
+    assert main(["replay-nonfinite", str(out), "--step", "7", "--device", "cpu"]) == 2
+    assert "saved: step2" in capsys.readouterr().err
 
 
 # ---- fine-tuning from a checkpoint, stopping early ----

@@ -13,10 +13,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from gca.config import DRTConfig
 from gca.ops import grouped_cross_attention, sliding_window_attention
+from gca.ops.sliding_window import NO_CUDNN, sdpa
 
 
 class RMSNorm(nn.Module):
@@ -82,7 +83,7 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(g) * u)
 
 
-_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_NO_CUDNN = NO_CUDNN  # (the name inference code imports)
 
 
 class SelfAttention(nn.Module):
@@ -104,7 +105,7 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         (q, k), v = apply_rope(qkv[:2], cos, sin), qkv[2]  # q and k rotated in one pass
         if not self.causal:
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = sdpa(q, k, v)  # the chunk encoder: both ways, one chunk (no cuDNN: gca.ops.sliding_window.NO_CUDNN)
         else:
             y = sliding_window_attention(q, k, v, self.window, impl=self.impl)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))

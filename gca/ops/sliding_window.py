@@ -22,6 +22,20 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Every SDPA backend but cuDNN's. Its bf16 backward returns NaN gradients at some shapes on Hopper
+# with torch 2.11-2.13 (pytorch/pytorch#196678 and cudnn-frontend#1072: rows whose logsumexp is
+# very negative): a 109M-parameter DRT's chunk encoder (64 positions, no mask) hit it at step 893
+# on an H200 with a finite loss (`gca replay-nonfinite` named ScaledDotProductCudnnAttentionBackward0;
+# results/README.md, twenty-seventh run). Flash and memory-efficient attention take its place.
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, **kw)`` with the cuDNN backend kept out (``NO_CUDNN``)."""
+    with sdpa_kernel(NO_CUDNN):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 def sliding_window_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -44,7 +58,7 @@ def sliding_window_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     first = band & (kj >= W)  # block 0 has no previous block
     mask = band.expand(nb, W, 2 * W).clone()
     mask[0] = first
-    out = F.scaled_dot_product_attention(qb, k2, v2, attn_mask=mask)  # (B, H, nb, W, D)
+    out = sdpa(qb, k2, v2, attn_mask=mask)  # (B, H, nb, W, D)
     return out.reshape(B, H, nb * W, D)[:, :, :T]
 
 
@@ -118,11 +132,11 @@ def sliding_window_attention(
     if window is None or impl == "full":
         if window is not None and window < T:
             raise ValueError("impl='full' ignores the window; pass window=None for full attention")
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return sdpa(q, k, v, is_causal=True)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if window >= T and impl != "flex":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return sdpa(q, k, v, is_causal=True)
     if impl == "auto":  # FlexAttention's kernels need a head size of at least 16
         impl = "flex" if q.is_cuda and q.shape[-1] >= 16 else "blocked"
     if impl == "flex":

@@ -548,22 +548,25 @@ class _Run:
                     if out.retrieval_loss is not None:
                         part = torch.stack([out.retrieval_loss.detach(), out.retrieval_rows.detach()]) / cfg.grad_accum
                         copy_sum = part if copy_sum is None else copy_sum + part
-                # the global norm (identical on every rank after DDP's all-reduce); clipping is a no-op at inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                )
+                # the global norm (identical on every rank after DDP's all-reduce), then clipping (a no-op at
+                # inf): clip_grad_norm_'s two halves, so that a non-finite step's gradients are left as they
+                # came (clipping by a NaN norm would make every one NaN) for _dump_nonfinite to name
+                params = [p for p in model.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
                 finite = bool(torch.isfinite(grad_norm))
                 if finite:
+                    torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), grad_norm)
                     opt.step()
                     bad_run = 0
                 else:  # skip the update: one NaN/inf gradient must not poison the weights
                     bad_run += 1
                     result.skipped.append(n)
-                    self._dump_nonfinite(n, ids, labels, loss_sum)
+                    self._dump_nonfinite(n, model, ids, labels, loss_sum)
                     if bad_run > cfg.max_nonfinite:
                         raise FloatingPointError(
                             f"{bad_run} steps in a row (to step {n}) had a non-finite gradient; lower --lr or check "
-                            f"the data (batches saved in {self.out}/nonfinite). The last good checkpoint is in {self.out}/ckpt."
+                            f"the data (batches saved in {self.out}/nonfinite; `gca replay-nonfinite {self.out}` runs "
+                            f"the first again and names where it came from). The last good checkpoint is in {self.out}/ckpt."
                         )
                 bar.update(1)
                 result.step = n
@@ -670,16 +673,24 @@ class _Run:
             metrics = {"val_retr_spread": float(f"{spread:.4g}"), "val_retr_top": float(f"{top:.4g}"), **metrics}
         return loss, metrics
 
-    def _dump_nonfinite(self, step: int, ids, labels, loss) -> None:
-        """Keep the (last micro-)batch of a skipped step, to reproduce it: DIR/nonfinite/step<N>_rank<r>.pt
-        (the first 5 steps only)."""
+    def _dump_nonfinite(self, step: int, model: DRT, ids, labels, loss) -> None:
+        """Keep what reproduces a skipped step (the first 5 steps only): its (last micro-)batch in
+        DIR/nonfinite/step<N>_rank<r>.pt and, for the first, the weights in DIR/nonfinite/step<N>/
+        (:mod:`gca.train.nonfinite`: ``gca replay-nonfinite DIR`` runs it again under anomaly detection).
+        Says which parameters' gradients are not finite."""
+        from gca.train.nonfinite import nonfinite_parameters, save_nonfinite_weights
+
         d = self.out / "nonfinite"
         if d.exists() and len(list(d.glob("step*_rank*.pt"))) >= 5 * self.info.world_size:
             return
         d.mkdir(parents=True, exist_ok=True)
         torch.save({"step": step, "input_ids": ids.cpu(), "labels": labels.cpu(), "loss": float(loss)},
                    d / f"step{step}_rank{self.info.rank}.pt")
-        self.say(f"step {step}: non-finite gradient (loss {float(loss):.4g}); update skipped, batch saved in {d}")
+        bad = nonfinite_parameters(model)
+        weights = save_nonfinite_weights(model, self.out, step) if self.info.is_main else None
+        names = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        self.say(f"step {step}: non-finite gradient (loss {float(loss):.4g}) in {len(bad)} parameter(s) ({names}); "
+                 f"update skipped, batch saved in {d}" + (f", weights in {weights}" if weights else ""))
 
     def _save(self, model: DRT, opt, step: int, tokens: int, elapsed: float) -> None:
         rngs = D.gather_objects(rng_state(), self.info)  # a collective: every rank takes part
