@@ -33,12 +33,11 @@ NONFINITE = "nonfinite"
 
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
     """Names of the parameters whose ``.grad`` holds a NaN or inf, in the model's order."""
-    bad = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.dtype.is_floating_point]
-    flags = [model.get_parameter(n).grad.isfinite().all() for n in bad]
-    if not flags:
+    with_grad = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None and p.grad.dtype.is_floating_point]
+    if not with_grad:
         return []
-    ok = torch.stack(flags).tolist()  # one host synchronisation for all of them
-    return [n for n, good in zip(bad, ok) if not good]
+    ok = torch.stack([g.isfinite().all() for _, g in with_grad]).tolist()  # one host synchronisation for all
+    return [n for (n, _), good in zip(with_grad, ok) if not good]
 
 
 def save_nonfinite_weights(model: torch.nn.Module, out: str | os.PathLike, step: int) -> Path | None:
