@@ -223,8 +223,9 @@ def summarize(files: list[str]) -> list[str]:
     Returns the lines it printed."""
     lines, bins = [], None
     labels = _folder_labels(files)
-    for path, label in zip(files, labels):
-        rows = json.loads(Path(path).read_text())["rows"]
+    saved = [json.loads(Path(path).read_text()) for path in files]
+    for path, label, data in zip(files, labels, saved):
+        rows = data["rows"]
         these = [r["bin"] for r in rows if r["bin"] != "all"]
         these = list(dict.fromkeys(these))
         if bins is None:
@@ -242,7 +243,7 @@ def summarize(files: list[str]) -> list[str]:
             weight = "-" if r["weight"] is None else f"{r['weight']:.3f}"
             lines.append(f"| {label} | {r['model']} | {r['context_length']} | {r['group']} | {r['tokens']} | {pct(r['hit'])} | "
                          f"{pct(r['near_hit'])} | {weight} | {pct(r['chance'])} | {' / '.join(pct(q['hit']) for q in per)} |")
-    oracle = [(j, r) for j, path in enumerate(files) for r in json.loads(Path(path).read_text()).get("oracle", [])]
+    oracle = [(j, r) for j, data in enumerate(saved) for r in data.get("oracle", [])]
     if oracle:  # files made with --oracle: a second table, one line per model and length
         lines += ["", "| folder | model | context | far-copyable tokens | their ppl as retrieved | reading their source chunks "
                   "| other tokens of those rows: as retrieved / oracle | in-window copies |", "|---|---|---|---|---|---|---|---|"]

@@ -83,7 +83,6 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(g) * u)
 
 
-_NO_CUDNN = NO_CUDNN  # (the name inference code imports)
 
 
 class SelfAttention(nn.Module):
@@ -122,7 +121,7 @@ class SelfAttention(nn.Module):
             if first:  # the first piece of a prefill: plain causal attention
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # the key length changes every step: keep cuDNN out, it re-plans each new length (ms of host time)
-                with sdpa_kernel(_NO_CUDNN):
+                with sdpa_kernel(NO_CUDNN):
                     if n == 1:  # decoding: the new position sees everything held
                         y = F.scaled_dot_product_attention(q, keys, vals)
                     else:  # queries are the last n positions: causal, aligned to the bottom right
@@ -137,7 +136,7 @@ class SelfAttention(nn.Module):
             # attend to the ring as it is: no copy of it, and no mask once it is full
             ring.write(k, v, pos)
             mask = None if ring.full else (ring.pos >= 0)[None, :]
-            with sdpa_kernel(_NO_CUDNN):
+            with sdpa_kernel(NO_CUDNN):
                 y = F.scaled_dot_product_attention(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=mask)
         else:
             keys, vals, kpos = ring.keys_with(k, v, pos)
@@ -146,7 +145,7 @@ class SelfAttention(nn.Module):
             if self.window is not None:
                 mask = mask & (qp - kp < self.window)
             # decoding (a few queries): cuDNN's per-call host cost dwarfs the GPU work, so leave it out
-            with sdpa_kernel(_NO_CUDNN) if n <= 16 else contextlib.nullcontext():
+            with sdpa_kernel(NO_CUDNN) if n <= 16 else contextlib.nullcontext():
                 y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
         if n != 1:  # (a decoded token was written before it attended)
             ring.write(k, v, pos)

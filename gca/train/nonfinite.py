@@ -17,6 +17,7 @@ come back; one that comes from the weights does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -83,7 +84,7 @@ def _model_frames(stack: str) -> list[str]:
     out = []
     for filename, lineno, name, code in re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', stack):
         path = str(Path(filename).resolve())
-        if path.startswith(torch_dir) or "/torch/" in path.replace(os.sep, "/"):
+        if path.startswith(torch_dir):
             continue
         shown = os.path.relpath(path, pkg_parent) if path.startswith(pkg_parent) else path
         out.append(f"{shown}:{lineno} in {name}: {code.strip()}")
@@ -133,7 +134,7 @@ def replay_nonfinite(
     def run_once() -> torch.Tensor:
         torch.manual_seed(seed)
         model.zero_grad(set_to_none=True)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and bf16 else torch.autocast("cpu", enabled=False)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and bf16 else contextlib.nullcontext()
         with ctx:
             loss = model(ids, labels).loss
         loss.backward()
