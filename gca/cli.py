@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 import textwrap
 from typing import Any
@@ -376,12 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A missing or corrupt checkpoint or dataset and a bad value (what the library
+    raises as CheckpointError, FileNotFoundError or ValueError, each message naming what to fix) end
+    the command with one line, ``gca COMMAND: error: MESSAGE``, and exit status 2; ``GCA_TRACEBACK=1``
+    in the environment shows the traceback instead."""
+    from gca.train.checkpoint import CheckpointError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"gca {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

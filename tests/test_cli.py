@@ -4,6 +4,7 @@ stand-in data source (``gca.data`` is replaced by a fake module, so these tests 
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 import types
@@ -37,6 +38,29 @@ def test_help_exits_zero_and_shows_examples(command, capsys):
 def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "gca.cli", "train", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "torchrun" in done.stdout
+
+
+def test_bad_input_ends_in_one_line_naming_the_problem(tmp_path, capsys, monkeypatch):
+    """A missing checkpoint or dataset and a bad value end a command with ``gca COMMAND: error: ...`` and exit
+    status 2, not a traceback; GCA_TRACEBACK=1 raises instead."""
+    ckpt = str(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "passkey-tiny")
+    cases = [
+        (["eval", "ppl", "--ckpt", str(tmp_path / "none"), "--data", str(tmp_path)], "gca eval: error: no checkpoint in"),
+        (["eval", "ppl", "--ckpt", ckpt, "--data", str(tmp_path / "none")], "is not a prepared dataset"),
+        (["eval", "tasks", "--ckpt", ckpt, "--tasks", "passkey,nope", "--out", str(tmp_path / "t")], "unknown task 'nope'"),
+        (["eval", "ppl", "--ckpt", ckpt, "--data", str(tmp_path), "--lengths", "4x,fast"], "bad length 'fast'"),
+        (["bench", "--preset", "tiny", "--lengths", "0", "--device", "cpu"], "gca bench: error: bad length '0'"),
+        (["generate", "--ckpt", ckpt, "--prompt", "hi", "--top-p", "3", "--device", "cpu"], "gca generate: error: top_p"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (argv, err)
+        assert err.strip().splitlines()[-1].startswith(f"gca {argv[0]}: error: "), err
+    assert not (tmp_path / "t" / "tasks.json").exists()  # the bad task name failed before any trial
+    monkeypatch.setenv("GCA_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="bad length '0'"):
+        main(["bench", "--preset", "tiny", "--lengths", "0", "--device", "cpu"])
 
 
 def test_bench_command(tmp_path, capsys):

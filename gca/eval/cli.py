@@ -29,6 +29,8 @@ def parse_lengths(text: str, train_length: int | None) -> list[int]:
             out.append(int(v * train_length))
         else:
             out.append(int(v * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]))
+        if out[-1] < 1:
+            raise ValueError(f"bad length {part!r}: a context needs at least one token")
     return out
 
 
@@ -104,9 +106,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.time()
     name = args.name or Path(args.ckpt).name
     if args.what == "tasks":
+        from gca.data.tasks import canonical_kind
         from gca.eval.tasks import evaluate_tasks
 
-        tasks = [t.strip() for t in args.tasks.split(",")]
+        tasks = [canonical_kind(t.strip()) for t in args.tasks.split(",")]  # a bad name fails here, before any trial
 
         def save(rows):  # after each (task, length, depth): a stopped run keeps what it measured
             _atomic_write(out / "tasks.json", json.dumps([dict(r, model=name, train_length=train_length) for r in rows], indent=1))
