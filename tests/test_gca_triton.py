@@ -249,7 +249,7 @@ def test_inverted_index_and_config(monkeypatch):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     for B, Cq, K, Cm in [(2, 5, 3, 7), (1, 1, 1, 1), (3, 4, 2, 4), (2, 9, 4, 3)]:
         for _ in range(2):
-            idx = torch.randint(-1, Cm, (B, Cq, K), generator=gen, device=DEVICE)
+            idx = torch.randint(-1, Cm, (B, Cq, K), generator=gen).to(DEVICE)  # a CPU generator, so drawn on the CPU
             order, offsets = gt._inverted_index(idx, Cm)
             flat = idx.reshape(-1).tolist()
             assert offsets.tolist()[0] == 0 and offsets.tolist()[-1] == sum(x >= 0 for x in flat)
