@@ -191,16 +191,11 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gca.train.checkpoint import CheckpointError
     from gca.train.trainer import train
 
-    try:
-        cfg = train_config_from_args(args)
-        cfg.model_config()  # unknown --set keys and bad values fail here, before any data is built
-        train(cfg)
-    except (ValueError, CheckpointError) as e:
-        print(f"gca train: error: {e}", file=sys.stderr)
-        return 2
+    cfg = train_config_from_args(args)
+    cfg.model_config()  # unknown --set keys and bad values fail here, before any data is built (main(): one line, status 2)
+    train(cfg)
     return 0
 
 
@@ -306,15 +301,11 @@ def _add_replay_nonfinite(sub) -> None:
 
 def cmd_replay_nonfinite(args: argparse.Namespace) -> int:
     """Exit status 0 when the non-finite gradient came back, 1 when it did not, 2 on bad input."""
-    from gca.train.checkpoint import CheckpointError
     from gca.train.nonfinite import format_report, replay_nonfinite
 
-    try:
-        r = replay_nonfinite(args.run, step=args.step, device=args.device, bf16=not args.no_bf16, seed=args.seed,
-                             overrides=parse_set(args.set))
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        print(f"gca replay-nonfinite: error: {e}", file=sys.stderr)
-        return 2
+    # bad input (no saved step, a corrupt checkpoint, an unknown --set key) ends in main()'s one-line error, status 2
+    r = replay_nonfinite(args.run, step=args.step, device=args.device, bf16=not args.no_bf16, seed=args.seed,
+                         overrides=parse_set(args.set))
     print(format_report(r))
     if args.json:
         with open(args.json, "w") as fh:

@@ -28,12 +28,10 @@ chunks per query chunk, V vocabulary.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel
 
 from gca.inference.cache import DRTCache
 from gca.nn.layers import apply_rope, rope_cos_sin
-from gca.ops.sliding_window import NO_CUDNN
+from gca.ops.sliding_window import sdpa
 
 
 def _attn_static(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ring, pos: torch.Tensor) -> torch.Tensor:
@@ -65,8 +63,7 @@ def _attn_static(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ri
         s = s.masked_fill(~mask, float("-inf"))
         y = torch.matmul(torch.softmax(s, -1).to(vv.dtype), vv).reshape(B, -1, 1, q.shape[-1])
         return attn.o(y.transpose(1, 2).reshape(B, 1, -1))
-    with sdpa_kernel(NO_CUDNN):
-        y = F.scaled_dot_product_attention(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=mask)
+    y = sdpa(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=mask)
     return attn.o(y.transpose(1, 2).reshape(B, 1, -1))
 
 

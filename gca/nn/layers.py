@@ -7,17 +7,15 @@ H heads, Hk memory heads, D head size, d model width.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel
 
 from gca.config import DRTConfig
 from gca.ops import grouped_cross_attention, sliding_window_attention
-from gca.ops.sliding_window import NO_CUDNN, sdpa
+from gca.ops.sliding_window import sdpa
 
 
 class RMSNorm(nn.Module):
@@ -83,8 +81,6 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(g) * u)
 
 
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions.
 
@@ -121,12 +117,11 @@ class SelfAttention(nn.Module):
             if first:  # the first piece of a prefill: plain causal attention
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # the key length changes every step: keep cuDNN out, it re-plans each new length (ms of host time)
-                with sdpa_kernel(NO_CUDNN):
-                    if n == 1:  # decoding: the new position sees everything held
-                        y = F.scaled_dot_product_attention(q, keys, vals)
-                    else:  # queries are the last n positions: causal, aligned to the bottom right
-                        kp = torch.arange(keys.shape[2], device=q.device)
-                        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=kp[None, :] <= pos[:, None])
+                if n == 1:  # decoding: the new position sees everything held
+                    y = sdpa(q, keys, vals)
+                else:  # queries are the last n positions: causal, aligned to the bottom right
+                    kp = torch.arange(keys.shape[2], device=q.device)
+                    y = sdpa(q, keys, vals, attn_mask=kp[None, :] <= pos[:, None])
             return self.o(y.transpose(1, 2).reshape(B, n, -1))
         if n > 2 * self.window:
             y = _ring_blocked_attention(q, k, v, ring, self.window)  # long pieces: O(n * W)
@@ -136,8 +131,7 @@ class SelfAttention(nn.Module):
             # attend to the ring as it is: no copy of it, and no mask once it is full
             ring.write(k, v, pos)
             mask = None if ring.full else (ring.pos >= 0)[None, :]
-            with sdpa_kernel(NO_CUDNN):
-                y = F.scaled_dot_product_attention(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=mask)
+            y = sdpa(q, ring.k.to(q.dtype), ring.v.to(q.dtype), attn_mask=mask)
         else:
             keys, vals, kpos = ring.keys_with(k, v, pos)
             qp, kp = pos[:, None], kpos[None, :]
@@ -145,8 +139,8 @@ class SelfAttention(nn.Module):
             if self.window is not None:
                 mask = mask & (qp - kp < self.window)
             # decoding (a few queries): cuDNN's per-call host cost dwarfs the GPU work, so leave it out
-            with sdpa_kernel(NO_CUDNN) if n <= 16 else contextlib.nullcontext():
-                y = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
+            attend = sdpa if n <= 16 else F.scaled_dot_product_attention
+            y = attend(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask)
         if n != 1:  # (a decoded token was written before it attended)
             ring.write(k, v, pos)
         return self.o(y.transpose(1, 2).reshape(B, n, -1))
