@@ -350,22 +350,10 @@ def _gca_bwd_dkdv_kernel(
     Cq, Cm, qk_scale, scale,
     S: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hk: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     USE_WHILE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr, PHASE1: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
     pid_bm = tl.program_id(0).to(tl.int64)  # b * Cm + memory chunk
     hk = tl.program_id(1)
-    if PHASE1 > 0:
-        # two-phase order: the first PHASE1 memory chunks of every (head, sequence) block, which the
-        # most query chunks retrieve under causal retrieval, are launched before any block's later ones
-        n_bm = tl.num_programs(0)
-        lin = pid_bm + hk * n_bm  # launch order
-        n1 = (n_bm // Cm) * Hk * PHASE1
-        rest = Cm - PHASE1
-        blk = tl.where(lin < n1, lin // PHASE1, (lin - n1) // tl.maximum(rest, 1))
-        mc0 = tl.where(lin < n1, lin % PHASE1, PHASE1 + (lin - n1) % tl.maximum(rest, 1))
-        nb = n_bm // Cm
-        pid_bm = (blk % nb) * Cm + mc0
-        hk = (blk // nb).to(tl.int32)
     b = pid_bm // Cm
     mc = pid_bm % Cm
     d = tl.arange(0, BLOCK_D)
@@ -657,13 +645,11 @@ def gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one=False, scale
     cfg = cfg_kv
     bm = cfg.pop("BLOCK_M")
     bn_kv = min(bn, cfg.pop("BLOCK_N"))
-    phase1 = cfg.pop("PHASE1", 0)
     _gca_bwd_dkdv_kernel[(B * Cm, Hk, triton.cdiv(Sm, bn_kv))](
         q, mem_k, mem_v, weights, do, lse, delta, order, offsets, dk, dv,
         *q.stride(), *mem_k.stride(), *mem_v.stride(), *weights.stride(), *do.stride(),
         Cq, Cm, scale * _LOG2E, scale,
-        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D,
-        PHASE1=phase1 if 0 < phase1 < Cm else 0, **cfg,
+        S=S, Sm=Sm, H=H, Hk=Hk, G=G, K=K, USE_WHILE=INTERPRET, DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn_kv, BLOCK_D=D, **cfg,
     )
     if side is not None:
         main.wait_stream(side)  # dw summed
