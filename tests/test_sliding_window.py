@@ -106,3 +106,20 @@ def test_sdpa_without_cudnn_gives_finite_gradients_where_rows_logsumexp_is_very_
     torch.testing.assert_close(got[2].double(), ref[2], atol=2e-2 * ref[2].abs().max().item() + 1e-3, rtol=0)
     default = grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), torch.bfloat16)
     print("default dispatch non-finite gradient elements:", [int((~torch.isfinite(x)).sum()) for x in default])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_inside_torch_compile_matches_eager_and_bypasses_the_caches_quietly():
+    """Compiled into a caller's graph, the FlexAttention path builds its mask in the graph instead of
+    calling its lru_cache-wrapped helpers, which made Dynamo warn on every compile."""
+    import warnings
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 384, 32, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    eager = sliding_window_attention(q, k, v, 96, impl="flex")
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(lambda a, b, c: sliding_window_attention(a, b, c, 96, impl="flex"))(q, k, v)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=2e-2, rtol=2e-2)

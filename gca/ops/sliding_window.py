@@ -110,8 +110,14 @@ def _compiled_flex():
 def sliding_window_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """FlexAttention path (CUDA). q, k, v ``(B, H, T, D)``."""
     T = q.shape[2]
-    # eager: one mask per length (cached); under torch.compile the cache is bypassed and the mask is
-    # rebuilt in the graph, which sliding_window_block_mask keeps cheap
+    if torch.compiler.is_compiling():
+        # inside the caller's graph: the mask is built in the graph (sliding_window_block_mask keeps
+        # that cheap) and flex_attention is traced there; going through the lru_caches would make
+        # Dynamo warn that it ignores them
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=sliding_window_block_mask(T, window, str(q.device)))
+    # eager: one mask per length (cached) and one compiled flex_attention
     block_mask = _flex_block_mask(T, window, str(q.device))
     return _compiled_flex()(q, k, v, block_mask=block_mask)
 
