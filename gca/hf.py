@@ -25,7 +25,8 @@ CUDA graph (:class:`gca.inference.GraphDecoder`, kept on the cache), as ``gca.DR
 set ``hf.cuda_graph = False`` for plain streaming calls (``True`` uses the decoder on any device: on
 a CPU it runs the same static step without a graph). With ``use_cache=False`` each step recomputes the
 full forward pass instead (correct, slow). A cache for long contexts with the chunk memory in CPU memory:
-``hf.generate(ids, past_key_values=hf.new_cache(batch_size, offload=True), ...)``.
+``hf.generate(ids, cache=hf.new_cache(batch_size, offload=True), ...)`` (``past_key_values=`` works too:
+:meth:`DRTForCausalLM.generate` hands either on under the name the installed ``transformers`` uses).
 
 Limits. Greedy and (top-k / top-p / temperature) sampling are supported; beam search and
 assisted decoding are not (the streaming cache cannot be reordered or rolled back). Only
@@ -58,6 +59,11 @@ from gca.model import DRT
 
 # transformers 5 renamed the config base class (PretrainedConfig stays as an alias)
 _ConfigBase = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+# generate()'s name for a cache passed in: `cache` where transformers knows that name (5.24 on, which
+# deprecates `past_key_values` there, to go in 6.0), `past_key_values` before
+_GENERATE_CACHE_NAME = (
+    "cache" if "cache" in getattr(transformers.generation.utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+)
 
 __all__ = ["DRTHFConfig", "DRTForCausalLM", "DRTHFCache", "from_drt", "register"]
 
@@ -283,9 +289,21 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model
 
     def new_cache(self, batch_size: int = 1, offload: bool = False, **kwargs: Any) -> DRTHFCache:
-        """An empty streaming cache to pass as ``past_key_values`` (``offload=True`` keeps the chunk
+        """An empty streaming cache to pass to :meth:`generate` (``offload=True`` keeps the chunk
         memory in CPU memory); ``kwargs`` go to :meth:`gca.DRT.new_cache`."""
         return DRTHFCache(self.model.new_cache(batch_size, offload=offload, **kwargs))
+
+    def generate(self, *args: Any, cache: DRTHFCache | None = None, **kwargs: Any):
+        """``transformers``' ``generate()``, taking a streaming cache made by :meth:`new_cache` as
+        ``cache=`` or ``past_key_values=`` on any ``transformers`` release: it is passed on under the
+        name the installed one expects (``cache`` from 5.24, which deprecates ``past_key_values``)."""
+        old = kwargs.pop("past_key_values", None)
+        if cache is not None and old is not None:
+            raise ValueError("generate() got a cache twice: pass it as cache= or as past_key_values=, not both")
+        given = cache if cache is not None else old
+        if given is not None:
+            kwargs[_GENERATE_CACHE_NAME] = given
+        return super().generate(*args, **kwargs)
 
     # ---- forward ----
     def forward(

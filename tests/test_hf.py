@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -146,10 +147,16 @@ def test_greedy_generate_equals_drt_generate_and_forward_chain():
     no_cache = hf.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False)
     torch.testing.assert_close(no_cache, seq, rtol=0, atol=0)
     # a cache made by the user (e.g. with offload=True) is accepted and filled
-    mine = hf.new_cache(2, offload=True)
-    seq2 = hf.generate(prompt, max_new_tokens=20, do_sample=False, past_key_values=mine)
-    torch.testing.assert_close(seq2, seq, rtol=0, atol=0)
-    assert mine.get_seq_length() == seq.shape[1] - 1
+    # under either name, with no deprecation warning from the installed transformers
+    for name in ("cache", "past_key_values"):
+        mine = hf.new_cache(2, offload=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            seq2 = hf.generate(prompt, max_new_tokens=20, do_sample=False, **{name: mine})
+        torch.testing.assert_close(seq2, seq, rtol=0, atol=0)
+        assert mine.get_seq_length() == seq.shape[1] - 1
+    with pytest.raises(ValueError, match="twice"):
+        hf.generate(prompt, max_new_tokens=2, cache=hf.new_cache(2), past_key_values=hf.new_cache(2))
 
 
 def test_one_token_steps_through_the_graph_decoder_give_the_same_tokens():
