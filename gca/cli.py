@@ -21,6 +21,34 @@ from typing import Any
 _FMT = argparse.RawDescriptionHelpFormatter
 
 
+def int_at_least(lo: int):
+    """An argparse ``type``: an integer >= ``lo``, so a bad count ends in argparse's one-line
+    "argument --trials: must be >= 1, got 0" rather than deep inside a run."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
 def _doc(s: str) -> str:
     return textwrap.dedent(s).strip("\n")
 
@@ -323,8 +351,8 @@ def _add_demo(sub) -> None:
         formatter_class=_FMT,
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
-    p.add_argument("--minutes", type=float, default=2.5, help="training time of the from-scratch model (default 2.5)")
-    p.add_argument("--trials", type=int, default=6, help="passkey trials per length and depth (default 6)")
+    p.add_argument("--minutes", type=positive_float, default=2.5, help="training time of the from-scratch model (default 2.5)")
+    p.add_argument("--trials", type=int_at_least(1), default=6, help="passkey trials per length and depth (default 6)")
     p.add_argument("--no-train", action="store_true", help="only evaluate the shipped checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(func=run_demo)

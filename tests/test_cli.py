@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+from gca import DRT, DRTConfig
 from gca.cli import main, parse_set
 from test_train import TINY, FakeSource
 
@@ -61,6 +62,42 @@ def test_bad_input_ends_in_one_line_naming_the_problem(tmp_path, capsys, monkeyp
     monkeypatch.setenv("GCA_TRACEBACK", "1")
     with pytest.raises(ValueError, match="bad length '0'"):
         main(["bench", "--preset", "tiny", "--lengths", "0", "--device", "cpu"])
+
+
+def test_counts_below_their_minimum_are_refused_by_the_parser(tmp_path, capsys):
+    """Zero or negative trials, depths, batch sizes and the like end in argparse's one line naming the
+    option (before, --trials 0 ended in an IndexError traceback and --decode-tokens -1 printed negative
+    speeds)."""
+    ckpt = str(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "passkey-tiny")
+    ev = ["eval", "tasks", "--ckpt", ckpt, "--lengths", "1x", "--out", str(tmp_path / "t")]
+    cases = [
+        (ev + ["--trials", "0"], "argument --trials: must be >= 1, got 0"),
+        (ev + ["--depths", "-1"], "argument --depths: must be >= 1, got -1"),
+        (ev + ["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (ev + ["--hop-lead", "-2"], "argument --hop-lead: must be >= 0, got -2"),
+        (ev + ["--trials", "many"], "argument --trials: expected an integer, got 'many'"),
+        (["bench", "--preset", "tiny", "--decode-tokens", "0"], "argument --decode-tokens: must be >= 1, got 0"),
+        (["generate", "--ckpt", ckpt, "--prompt", "hi", "--top-k", "0"], "argument --top-k: must be >= 1, got 0"),
+        (["demo", "--minutes", "-1"], "argument --minutes: must be > 0, got -1.0"),
+    ]
+    for argv, says in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == f"gca {argv[0]}: error: {says}", err
+    assert not (tmp_path / "t").exists()
+
+
+def test_bench_streaming_refuses_counts_below_one():
+    from gca.inference.bench import bench_streaming
+
+    model = DRT(DRTConfig.from_preset("tiny"))
+    for kw in ({"decode_tokens": 0}, {"batch_size": 0}, {"prefill_chunk": -1}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a positive integer"):
+            bench_streaming(model, [64], progress=False, **kw)
+    with pytest.raises(ValueError, match="lengths must be positive"):
+        bench_streaming(model, [64, 0], progress=False)
 
 
 def test_bench_command(tmp_path, capsys):

@@ -215,8 +215,8 @@ def _build_one(text: str, *, seq_len: int, seed: int, split: str, tokenizer) -> 
     p = Path(base).expanduser()
     if not (p / "meta.json").exists():
         what = "does not exist" if not p.exists() else "is not a prepared dataset (no meta.json)"
-        raise ValueError(f"data source {base!r} {what}; expected synthetic:TASK or a folder written by "
-                         f"gca.data.prepare")
+        raise ValueError(f"data source {base!r} {what}; expected synthetic:TASK (e.g. synthetic:passkey) or a "
+                         f"folder written by `gca prepare`")
     return PackedSource(p, seq_len=seq_len, seed=seed, split=split, tokenizer=tokenizer)
 
 

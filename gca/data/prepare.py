@@ -263,7 +263,7 @@ class PackedDataset:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         meta_file = self.path / "meta.json"
         if not meta_file.exists():
-            raise FileNotFoundError(f"{self.path} is not a prepared dataset (no meta.json); run gca.data.prepare")
+            raise FileNotFoundError(f"{self.path} is not a prepared dataset (no meta.json); make one with `gca prepare`")
         self.meta = json.loads(meta_file.read_text())
         self.split = split
         self.dtype = np.dtype(self.meta["dtype"])

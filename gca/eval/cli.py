@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from gca.cli import int_at_least
+
 _FMT = argparse.RawDescriptionHelpFormatter
 
 
@@ -172,26 +174,26 @@ a trial counts when the greedy continuation is exactly the answer.""",
     p.add_argument("what", choices=["tasks", "ppl"], help="tasks: passkey / multikey / 2hop accuracy; ppl: perplexity")
     p.add_argument("--ckpt", required=True, help="a run folder (gca train --out) or its ckpt/ folder")
     p.add_argument("--lengths", default="1x,4x,16x,64x", help="context lengths: multiples of the training length (4x) or tokens (4096, 64K, 16M)")
-    p.add_argument("--train-length", type=int, default=None, help="training length for 'Nx' (default: the checkpoint's --seq-len)")
+    p.add_argument("--train-length", type=int_at_least(1), default=None, help="training length for 'Nx' (default: the checkpoint's --seq-len)")
     p.add_argument("--tasks", default="passkey", help="comma-separated: passkey, multikey, 2hop (default passkey)")
-    p.add_argument("--depths", type=int, default=5, help="needle depths, evenly spaced in [0, 1] (default 5)")
-    p.add_argument("--hop-lead", type=int, default=0,
+    p.add_argument("--depths", type=int_at_least(1), default=5, help="needle depths, evenly spaced in [0, 1] (default 5)")
+    p.add_argument("--hop-lead", type=int_at_least(0), default=0,
                    help="2hop: ask the question so that its X ends at least this many chunks before the answer "
                         "(0: the plain question, inside the last chunk; see make_task_sample's hop_lead)")
     p.add_argument("--hop-answer", choices=["chain", "end"], default="chain",
                    help="2hop: ask for the chain 'Y , Z' (default; SPEC.md's and the published task's form) "
                         "or for the end point Z alone ('after two steps'; the form of results before 2026-12-01)")
-    p.add_argument("--trials", type=int, default=20, help="trials per length and depth (default 20)")
-    p.add_argument("--batch-size", type=int, default=8, help="trials streamed together (default 8)")
+    p.add_argument("--trials", type=int_at_least(1), default=20, help="trials per length and depth (default 20)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="trials streamed together (default 8)")
     p.add_argument("--filler", default=None, help="filler text: a prepared folder, its val split (default: embedded random words)")
     p.add_argument("--data", default=None, help="ppl: a prepared folder; its val split is used")
-    p.add_argument("--windows", type=int, default=4, help="ppl: windows per length (default 4)")
+    p.add_argument("--windows", type=int_at_least(1), default=4, help="ppl: windows per length (default 4)")
     p.add_argument("--targets", default=None, metavar="T",
                    help="ppl: hold the text scored fixed: the same windows' last T tokens (e.g. 1x or 4096) at every "
                         "length, only the context before them growing (default: fresh windows per length, all scored)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation samples (default 1234)")
     p.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU memory")
-    p.add_argument("--prefill-chunk", type=int, default=None,
+    p.add_argument("--prefill-chunk", type=int_at_least(1), default=None,
                    help="tasks: prompt positions processed at once (default 16384 on a GPU, 4096 on a CPU; "
                         "answers do not depend on it)")
     p.add_argument("--device", default="auto")
@@ -268,7 +270,7 @@ has collapsed (README: "Watch retrieval while training").""",
     )
     p.add_argument("runs", nargs="+", help="run folders (gca train --out) or log.jsonl files")
     p.add_argument("--labels", default=None, help="comma-separated legend labels (default: the folder names)")
-    p.add_argument("--smooth", type=int, default=5, help="running mean over this many logged training steps (default 5)")
+    p.add_argument("--smooth", type=int_at_least(1), default=5, help="running mean over this many logged training steps (default 5)")
     p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
     p.set_defaults(func=cmd_plot)
 
@@ -309,10 +311,10 @@ def add_generate(sub) -> None:
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompt-file", default=None)
     p.add_argument("--tokenizer", default="embedded", help="when the checkpoint has no tokenizer.json")
-    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=50)
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int_at_least(1), default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--offload", action="store_true")
@@ -383,11 +385,11 @@ def add_bench(sub) -> None:
     p.add_argument("--ckpt", default=None, help="a run or checkpoint folder (default: a random model of --preset)")
     p.add_argument("--preset", default="small")
     p.add_argument("--lengths", default="64K,256K,1M")
-    p.add_argument("--train-length", type=int, default=None)
+    p.add_argument("--train-length", type=int_at_least(1), default=None)
     p.add_argument("--offload", default="both", choices=["both", "on", "off"])
-    p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--prefill-chunk", type=int, default=16384, help="positions processed at once in the prefill")
+    p.add_argument("--decode-tokens", type=int_at_least(1), default=64)
+    p.add_argument("--batch-size", type=int_at_least(1), default=1)
+    p.add_argument("--prefill-chunk", type=int_at_least(1), default=16384, help="positions processed at once in the prefill")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-overlap-too", action="store_true",
@@ -397,7 +399,7 @@ def add_bench(sub) -> None:
     p.add_argument("--passkey-trial", default=None, metavar="LENGTHS",
                    help="also time one passkey trial (prompt streamed + 5-digit answer scored) at these lengths; "
                         "needs a model vocabulary >= 2048 (the embedded tokenizer)")
-    p.add_argument("--vocab-size", type=int, default=None, help="with --preset: override its vocabulary size")
+    p.add_argument("--vocab-size", type=int_at_least(1), default=None, help="with --preset: override its vocabulary size")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.set_defaults(func=cmd_bench)
 

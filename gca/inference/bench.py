@@ -50,6 +50,11 @@ def bench_streaming(
     upper layers only where that logit can see them: ``DRT.new_cache``)."""
     from tqdm.auto import tqdm
 
+    for name, v in (("decode_tokens", decode_tokens), ("batch_size", batch_size), ("prefill_chunk", prefill_chunk)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"bench_streaming: {name} must be a positive integer, got {v!r}")
+    if not lengths or any(int(n) < 1 for n in lengths):
+        raise ValueError(f"bench_streaming: lengths must be positive token counts, got {list(lengths)!r}")
     model.eval()
     dev = model.embed.weight.device
     V = model.config.vocab_size

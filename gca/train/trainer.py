@@ -159,6 +159,8 @@ class TrainConfig:
             bad("max_nonfinite", "must be a non-negative integer")
         if not isinstance(self.stop_at, int) or isinstance(self.stop_at, bool) or self.stop_at < 0:
             bad("stop_at", "must be a non-negative integer (0 = no early stop)")
+        if not self.time_limit >= 0:
+            bad("time_limit", "must be >= 0 minutes (0 = no limit)")
         if self.eval_every and self.eval_batches < 1:
             bad("eval_batches", "must be >= 1 when eval_every > 0")
         if self.freeze is not None:
