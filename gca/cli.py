@@ -263,7 +263,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.01, help="expected share of documents held out for validation (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL, parquet and HF datasets (default text)")
-    p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents (quick experiments)")
+    p.add_argument("--max-documents", type=int_at_least(1), default=None, help="stop after this many documents (quick experiments)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.set_defaults(func=cmd_prepare)
 

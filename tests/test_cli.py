@@ -79,6 +79,7 @@ def test_counts_below_their_minimum_are_refused_by_the_parser(tmp_path, capsys):
         (["bench", "--preset", "tiny", "--decode-tokens", "0"], "argument --decode-tokens: must be >= 1, got 0"),
         (["generate", "--ckpt", ckpt, "--prompt", "hi", "--top-k", "0"], "argument --top-k: must be >= 1, got 0"),
         (["demo", "--minutes", "-1"], "argument --minutes: must be > 0, got -1.0"),
+        (["prepare", "x.txt", "--out", str(tmp_path / "p"), "--max-documents", "0"], "argument --max-documents: must be >= 1, got 0"),
     ]
     for argv, says in cases:
         with pytest.raises(SystemExit) as e:

@@ -132,6 +132,8 @@ def prepare(
         raise ValueError("prepare: no sources given")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_documents is not None and (isinstance(max_documents, bool) or not isinstance(max_documents, int) or max_documents < 1):
+        raise ValueError(f"max_documents must be a positive integer or None, got {max_documents!r}")
     tok = load_tokenizer(tokenizer)
     sep = tok.eos_id if separator_id is None else int(separator_id)
     if sep is None:
