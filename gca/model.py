@@ -297,6 +297,11 @@ class DRT(nn.Module):
                 ``False`` computes every layer everywhere, e.g. to time that).
         """
         cfg = self.config
+        for name, v in (("batch_size", batch_size), ("prefill_chunk", prefill_chunk)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"new_cache: {name} must be a positive integer, got {v!r}")
+        if max_tokens is not None and not int(max_tokens) >= 0:
+            raise ValueError(f"new_cache: max_tokens must be >= 0 or None, got {max_tokens!r}")
         p = self.embed.weight
         device = device or p.device
         dtype = dtype or p.dtype
@@ -466,6 +471,8 @@ class DRT(nn.Module):
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         self._check_ids(input_ids)
         was_training = self.training
         self.eval()

@@ -118,6 +118,15 @@ def test_bad_inputs():
         m(torch.zeros(1, 5, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="at least 2 tokens"):
         m(torch.zeros(1, 1, dtype=torch.long), labels=torch.zeros(1, 1, dtype=torch.long))
+    ids = torch.tensor([[1, 2, 3]])
+    for kw, says in [({"max_new_tokens": -1}, "max_new_tokens"), ({"do_sample": True, "temperature": 0.0}, "temperature"),
+                     ({"do_sample": True, "top_p": 1.5}, "top_p"), ({"do_sample": True, "top_k": 0}, "top_k")]:
+        with pytest.raises(ValueError, match=says):
+            m.generate(ids, **{"max_new_tokens": 2, **kw})
+    for kw, says in [({"batch_size": 0}, "batch_size"), ({"prefill_chunk": 0}, "prefill_chunk"),
+                     ({"max_tokens": -5}, "max_tokens")]:
+        with pytest.raises(ValueError, match=says):
+            m.new_cache(**kw)
 
 
 @pytest.mark.parametrize(
