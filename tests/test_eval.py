@@ -86,6 +86,10 @@ def test_fixed_target_perplexity_scores_the_same_text_at_every_length(tmp_path, 
     assert torch.equal(seen[700][0][:, -300:], seen[300][0])
     with pytest.raises(ValueError, match="targets"):
         perplexity.perplexity_vs_length(m, str(tmp_path / "data"), [120, 300], targets=200, progress=False)
+    for args, kw, says in [([120, 1], {}, "lengths"), ([], {}, "lengths"), ([120], {"windows": 0}, "windows"),
+                           ([120], {"piece": 0}, "piece")]:
+        with pytest.raises(ValueError, match=says):
+            perplexity.perplexity_vs_length(m, str(tmp_path / "data"), args, progress=False, **kw)
 
 
 def test_needle_score_is_greedy_exact_match():
@@ -555,6 +559,10 @@ def test_task_rows_do_not_depend_on_the_prefill_piece(monkeypatch):
     from gca.eval.tasks import default_prefill_chunk
 
     assert default_prefill_chunk("cuda:0") == 16384 and default_prefill_chunk("cpu") == 4096
+    for kw, says in [({"trials": 0}, "trials"), ({"batch_size": 0}, "batch_size"), ({"depths": 0}, "depths"),
+                     ({"depths": [0.5, 1.5]}, "depths"), ({"depths": []}, "depths")]:
+        with pytest.raises(ValueError, match=says):
+            evaluate_tasks(m, ["passkey"], [700], progress=False, **{"trials": 1, **kw})
 
 
 def test_needle_attention_top_k_flag_retrieves_fewer_chunks(tmp_path, monkeypatch):

@@ -136,6 +136,11 @@ def perplexity_vs_length(
     tokens = ds.tokens
     rng = np.random.default_rng(seed)
     lengths = [int(n) for n in lengths]
+    if not lengths or min(lengths) < 2:
+        raise ValueError(f"lengths must be context lengths >= 2 tokens, got {lengths}")
+    for name, v in (("windows", windows), ("piece", piece)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"perplexity_vs_length: {name} must be a positive integer, got {v!r}")
     if max(lengths) > len(tokens):
         raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than the context length {max(lengths)}")
     if targets is not None:

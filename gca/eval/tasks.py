@@ -49,8 +49,13 @@ def beyond_window(sample, cfg) -> bool:
 
 def _depth_list(depths) -> list[float]:
     if isinstance(depths, int):
+        if depths < 1:
+            raise ValueError(f"depths must be a count >= 1 or a list of depths in [0, 1], got {depths}")
         return [0.5] if depths == 1 else [i / (depths - 1) for i in range(depths)]
-    return [float(d) for d in depths]
+    out = [float(d) for d in depths]
+    if not out or not all(0 <= d <= 1 for d in out):
+        raise ValueError(f"depths must be a count >= 1 or a list of depths in [0, 1], got {list(depths)!r}")
+    return out
 
 
 def default_prefill_chunk(device) -> int:
@@ -156,6 +161,9 @@ def evaluate_tasks(
     if filler is not None and not hasattr(filler, "tokens"):
         filler = make_filler(filler, tokenizer, split="val")  # a prepared folder: its held-out split, opened once
 
+    for name, v in (("trials", trials), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"evaluate_tasks: {name} must be a positive integer, got {v!r}")
     tok = load_tokenizer(tokenizer if tokenizer is not None else getattr(filler, "tokenizer", None) or "embedded")
     tasks, lengths, dl = list(tasks), [int(n) for n in lengths], _depth_list(depths)
     model.eval()
