@@ -113,6 +113,15 @@ def test_too_short():
         TaskSource("passkey", seq_len=100)
 
 
+@pytest.mark.parametrize("depth", [-0.1, 1.5])
+def test_depth_outside_zero_one_is_refused(depth):
+    # -0.1 failed in numpy's broadcasting and 1.5 was accepted silently
+    with pytest.raises(ValueError, match=r"depth is a relative position in \[0, 1\]"):
+        make_task_sample("passkey", context_len=500, seed=0, depth=depth)
+    for d in (0.0, 1.0):
+        make_task_sample("passkey", context_len=500, seed=0, depth=d)
+
+
 def test_stream_filler(tmp_path):
     from gca.data import prepare
 

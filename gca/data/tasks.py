@@ -486,6 +486,8 @@ def make_task_sample(
     """
     kind = canonical_kind(kind)
     _check_hop_answer(hop_answer)
+    if depth is not None and not 0 <= float(depth) <= 1:
+        raise ValueError(f"depth is a relative position in [0, 1], got {depth}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     if isinstance(filler, (str, os.PathLike)) and filler not in ("words", "embedded"):
         filler = make_filler(filler)
