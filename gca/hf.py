@@ -42,6 +42,7 @@ from typing import Any
 
 try:
     import transformers
+    import transformers.generation.utils as _generation_utils
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
     from transformers.cache_utils import Cache
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -62,7 +63,7 @@ _ConfigBase = getattr(transformers, "PreTrainedConfig", None) or transformers.Pr
 # generate()'s name for a cache passed in: `cache` where transformers knows that name (5.24 on, which
 # deprecates `past_key_values` there, to go in 6.0), `past_key_values` before
 _GENERATE_CACHE_NAME = (
-    "cache" if "cache" in getattr(transformers.generation.utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+    "cache" if "cache" in getattr(_generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 )
 
 __all__ = ["DRTHFConfig", "DRTForCausalLM", "DRTHFCache", "from_drt", "register"]
