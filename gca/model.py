@@ -22,6 +22,7 @@ own position, or for the last token of a chunk, the landmark that follows it.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -298,7 +299,7 @@ class DRT(nn.Module):
         """
         cfg = self.config
         for name, v in (("batch_size", batch_size), ("prefill_chunk", prefill_chunk)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"new_cache: {name} must be a positive integer, got {v!r}")
         if max_tokens is not None and not int(max_tokens) >= 0:
             raise ValueError(f"new_cache: max_tokens must be >= 0 or None, got {max_tokens!r}")

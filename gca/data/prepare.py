@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Iterable
@@ -132,7 +133,7 @@ def prepare(
         raise ValueError("prepare: no sources given")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if max_documents is not None and (isinstance(max_documents, bool) or not isinstance(max_documents, int) or max_documents < 1):
+    if max_documents is not None and (isinstance(max_documents, bool) or not isinstance(max_documents, numbers.Integral) or max_documents < 1):
         raise ValueError(f"max_documents must be a positive integer or None, got {max_documents!r}")
     tok = load_tokenizer(tokenizer)
     sep = tok.eos_id if separator_id is None else int(separator_id)
