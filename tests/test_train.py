@@ -379,6 +379,24 @@ def test_truncated_weights_fail_in_load_model_too(reference, tmp_path):
         load_model(tmp_path / "nothing")
 
 
+def test_config_that_does_not_fit_the_weights_is_one_line(reference, tmp_path):
+    """A config.json from another run (other widths): one line naming the first tensor that differs and
+    how many do, not torch's line per tensor."""
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    cfg_file = out / "ckpt" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] * 2}))
+    with pytest.raises(CheckpointError, match="config.json is truncated or altered"):
+        load_model(out)  # the manifest catches the edit first
+    (out / "ckpt" / "checkpoint.json").unlink()  # as in a checkpoint assembled by hand or shipped without one
+    with pytest.raises(CheckpointError) as e:
+        load_model(out)
+    msg = str(e.value)
+    assert "\n" not in msg and "differ in shape, e.g. " in msg and "mlp" in msg and "config.json" in msg, msg
+
+
 def test_resume_with_different_config_names_the_fields(reference, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "run"

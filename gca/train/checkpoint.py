@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
@@ -242,8 +242,11 @@ def load_weights(
         if regroup:  # the same upper layers in other retrieval groups: each layer keeps its weights by position
             missing, unexpected = _load_regrouped(model, path, saved_config.upper_groups, device)
         else:
+            _check_shapes(model, path, ckpt)
             missing, unexpected = _st_load_model(model, str(path), strict=False, device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise _corrupt(path, f"cannot be read ({type(e).__name__}: {e})", ckpt) from None
     # (safetensors already leaves out the duplicate names of tied tensors from ``missing``)
     new, gone = [], []
@@ -256,8 +259,29 @@ def load_weights(
         missing = [k for k in missing if k not in new]
         unexpected = [k for k in unexpected if k not in gone]
     if missing or unexpected:
-        raise _corrupt(path, f"does not fit the model of config.json (missing {missing}, unexpected {unexpected})", ckpt)
+        raise _corrupt(path, f"does not fit the model of config.json (missing {_few(missing)}; unexpected {_few(unexpected)})", ckpt)
     return new, gone
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    """``a, b, c and 12 more`` (``none`` for an empty list): error messages name a few, not hundreds."""
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _check_shapes(model: DRT, path: Path, ckpt: Path) -> None:
+    """Raise a one-line :class:`CheckpointError` when tensors of the file and the model share a name but
+    not a shape (a config.json that does not belong to the weights), instead of torch's line per tensor."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(path), framework="pt") as f:
+        bad = [(k, tuple(f.get_slice(k).get_shape()), want[k]) for k in f.keys()
+               if k in want and tuple(f.get_slice(k).get_shape()) != want[k]]
+    if bad:
+        k, got, exp = bad[0]
+        raise _corrupt(path, f"does not fit the model of config.json: {len(bad)} tensor(s) differ in shape, e.g. {k} "
+                             f"is {got} in the file and {exp} in the model (was config.json edited or copied from "
+                             f"another run?)", ckpt)
 
 
 def _regroup_name(name: str, old_groups: list[int], new_groups: list[int]) -> str:
