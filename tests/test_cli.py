@@ -52,6 +52,9 @@ def test_bad_input_ends_in_one_line_naming_the_problem(tmp_path, capsys, monkeyp
         (["eval", "ppl", "--ckpt", ckpt, "--data", str(tmp_path), "--lengths", "4x,fast"], "bad length 'fast'"),
         (["bench", "--preset", "tiny", "--lengths", "0", "--device", "cpu"], "gca bench: error: bad length '0'"),
         (["generate", "--ckpt", ckpt, "--prompt", "hi", "--top-p", "3", "--device", "cpu"], "gca generate: error: top_p"),
+        (["generate", "--ckpt", ckpt, "--prompt", ""], "gca generate: error: give a non-empty --prompt"),
+        (["generate", "--ckpt", ckpt, "--prompt-file", str(tmp_path / "none.txt")], "--prompt-file"),
+        (["eval", "ppl", "--ckpt", ckpt], "gca eval: error: ppl needs --data DIR"),
     ]
     for argv, says in cases:
         assert main(argv) == 2, argv

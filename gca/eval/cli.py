@@ -100,6 +100,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from gca.eval.plots import plot_accuracy_vs_length, plot_heatmap, plot_ppl_vs_length
 
+    if args.what == "ppl" and not args.data:  # before the model loads
+        raise ValueError("ppl needs --data DIR (a folder written by `gca prepare`; its val split is scored)")
     model, train_length, tok = load_for_eval(args.ckpt, args.device, args.dtype)
     train_length = args.train_length or train_length
     lengths = parse_lengths(args.lengths, train_length)
@@ -130,8 +132,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from gca.eval.perplexity import longest_document, perplexity_vs_length
 
-        if not args.data:
-            raise SystemExit("gca eval ppl needs --data DIR (a folder written by gca prepare)")
         targets = parse_lengths(args.targets, train_length)[0] if args.targets else None
 
         def tag(rows):
@@ -276,14 +276,16 @@ has collapsed (README: "Watch retrieval while training").""",
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompt_file and not Path(args.prompt_file).is_file():  # before the model loads
+        raise FileNotFoundError(f"--prompt-file {args.prompt_file}: no such file")
+    text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    if not text:
+        raise ValueError("give a non-empty --prompt or --prompt-file")
     model, _, tok = load_for_eval(args.ckpt, args.device, args.dtype)
     if tok is None:
         from gca.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
-    text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
-    if not text:
-        raise SystemExit("give a --prompt or a --prompt-file")
     ids = torch.tensor([tok.encode(text)], dtype=torch.long)
     g = torch.Generator(device=model.embed.weight.device).manual_seed(args.seed)
     t0 = time.time()
