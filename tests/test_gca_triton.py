@@ -588,6 +588,40 @@ def test_bench_table_rows_match_header(tmp_path):
     assert json.loads((tmp_path / "gca_gpu.json").read_text())[1]["graph_note"].startswith("CUDA graph")
 
 
+def test_fwd_index_patterns_keep_empty_slots_and_causality():
+    """benchmarks/fwd_index_patterns.py: the recent and single-chunk patterns keep the random pattern's
+    empty slots and retrieve only earlier chunks."""
+    mod = _benchmark_module("fwd_index_patterns")
+    idx = torch.tensor([[[-1, -1], [0, -1], [1, 0], [0, 2], [3, -1]]])
+    pats = mod.patterns(idx)
+    assert pats["recent"].tolist() == [[[-1, -1], [0, -1], [1, 0], [2, 1], [3, -1]]]
+    assert pats["zero"].tolist() == [[[-1, -1], [0, -1], [0, 0], [0, 0], [0, -1]]]
+    c = torch.arange(5)[None, :, None]
+    for p in pats.values():
+        assert ((p < c) | (p == -1)).all()
+
+
+def test_ncu_source_stalls_reads_the_source_page_csv(tmp_path, capsys):
+    """benchmarks/ncu_source_stalls.py sums the per-instruction stall columns of ncu's source CSV."""
+    mod = _benchmark_module("ncu_source_stalls")
+    head = ["Address", "Source", "Warp Stall Sampling (All Samples)", "stall_wait", "stall_long_sb", "stall_wait (Not Issued)"]
+    rows = [["0x10", "HGMMA.64x64x16 R24", "10", "2", "8", "1"], ["0x20", "WARPGROUP.DEPBAR.LE gsb0", "30", "27", "3", "9"],
+            ["0x30", "FMUL R1, R2, 1.44", "0", "0", "0", "0"]]
+    csv = tmp_path / "src.csv"
+    csv.write_text('"Kernel Name","k",\n' + "\n".join(",".join(f'"{v}"' for v in r) for r in [head, *rows]) + "\n")
+    ins = mod.load(str(csv))
+    assert [i["samples"] for i in ins] == [10, 30, 0] and ins[1]["reasons"] == {"wait": 27, "long_sb": 3}
+    import sys
+
+    argv, sys.argv = sys.argv, ["ncu_source_stalls.py", str(csv), "--top", "1"]
+    try:
+        mod.main()
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    assert "wait 72.5%" in out and "long_sb 27.5%" in out and "75.0%" in out and "DEPBAR" in out
+
+
 def test_gather_floor_kernel():
     """benchmarks/gather_floor.py's gather (the traffic floor of the GCA kernels) reads the retrieved tiles."""
     mod = _benchmark_module("gather_floor")
