@@ -73,6 +73,8 @@ def causal_topk(
     Returns:
         :class:`Retrieval` whose weights are the softmax of the picked chunks' noise-free scores.
     """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"causal_topk: k must be a positive integer, got {k!r}")
     B, C, Cm = scores.shape
     allowed = _allowed(C, Cm, row_offset, valid_rows, scores.device).expand(B, C, Cm)
     masked = scores.masked_fill(~allowed, _NEG)

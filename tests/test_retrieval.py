@@ -181,3 +181,10 @@ def test_forced_chunks_come_first_and_weights_stay_the_scores_softmax():
     assert torch.isfinite(scores.grad).all() and scores.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="force"):
         causal_topk(scores, k, force=force[:, :-1])
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5])
+def test_k_below_one_is_refused(k):
+    # k = 0 used to give one slot silently
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        causal_topk(torch.randn(1, 5, 5), k)

@@ -123,3 +123,12 @@ def test_flex_inside_torch_compile_matches_eager_and_bypasses_the_caches_quietly
         compiled = torch.compile(lambda a, b, c: sliding_window_attention(a, b, c, 96, impl="flex"))(q, k, v)
     assert not [w for w in caught if "lru_cache" in str(w.message)]
     torch.testing.assert_close(compiled.float(), eager.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_shapes_are_checked():
+    q = torch.randn(1, 2, 10, 8)
+    for k, v in [(q[:, :, :5], q[:, :, :5]), (q, q[..., :4]), (q[0], q[0])]:
+        with pytest.raises(ValueError, match=r"\(B, H, T, D\) of one shape"):
+            sliding_window_attention(q, k, v, 4)
+    with pytest.raises(ValueError, match=r"\(B, H, T, D\) of one shape"):
+        sliding_window_attention(q[0], q[0], q[0], 4)  # 3-D

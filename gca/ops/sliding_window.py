@@ -134,6 +134,9 @@ def sliding_window_attention(
     Returns:
         ``(B, H, T, D)``.
     """
+    if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"q, k and v must all be (B, H, T, D) of one shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     T = q.shape[2]
     if window is None or impl == "full":
         if window is not None and window < T:
