@@ -317,13 +317,32 @@ class DRT(nn.Module):
             W = cfg.window if cfg.arch == "swa" else None
             lower = [RingKV(batch_size, H, W, D, device, dtype) for _ in self.lower]
             upper, mem = [], None
-        cache = DRTCache(batch_size=batch_size, lower=lower, upper=upper, memory=mem)
+        cache = DRTCache(batch_size=batch_size, lower=lower, upper=upper, memory=mem, made_for=self._cache_shape())
         cache.prefill_chunk = max(cfg.chunk_size, prefill_chunk)
         cache.skip_upper = skip_upper
         return cache
 
+    def _cache_shape(self) -> dict:
+        """What a cache must match to serve this model: made by a model of the same architecture."""
+        cfg = self.config
+        groups = [len(g) for g in getattr(self, "groups", [])]
+        return dict(arch=cfg.arch, lower_layers=len(self.lower), upper_groups=groups, num_heads=cfg.num_heads,
+                    head_dim=cfg.head_dim, kv_heads=cfg.kv_heads, hidden_size=cfg.hidden_size,
+                    chunk_size=cfg.chunk_size, window=None if cfg.arch == "full" else cfg.window)
+
+    def check_cache(self, cache: DRTCache) -> None:
+        """Raise ValueError when ``cache`` was made by a model of another shape (:meth:`new_cache`)."""
+        if cache.made_for is None:
+            return
+        mine = self._cache_shape()
+        diff = [f"{k} {cache.made_for.get(k)!r} (this model: {v!r})" for k, v in mine.items() if cache.made_for.get(k) != v]
+        if diff:
+            raise ValueError("the cache was made by a model of another shape: " + ", ".join(diff)
+                             + "; make one with this model's new_cache()")
+
     @torch.no_grad()  # streaming is for inference: nothing is kept for a backward pass
     def _forward_cached(self, input_ids: torch.Tensor, cache: DRTCache, keep: int | None = None) -> torch.Tensor:
+        self.check_cache(cache)
         if input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"input_ids has batch {input_ids.shape[0]}, the cache was made for {cache.batch_size}")
         if keep is not None and keep < 1:

@@ -87,6 +87,11 @@ def test_graph_decoder_errors():
     dec = GraphDecoder(m, m.new_cache(2), graph=False)
     with pytest.raises(ValueError, match="batch 3"):
         dec.step(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, "):
+        dec.step(torch.tensor([1, m.config.vocab_size]))
+    other = DRT(tiny(hidden_size=m.config.hidden_size // 2)).eval()
+    with pytest.raises(ValueError, match="another shape: head_dim"):
+        GraphDecoder(other, m.new_cache(1), graph=False)
     with pytest.raises(ValueError, match="needs a CUDA model"):
         DRT(tiny()).generate(torch.zeros(1, 4, dtype=torch.long), 3, cuda_graph=True)
 

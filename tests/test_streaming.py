@@ -127,6 +127,14 @@ def test_generate_sampling_and_errors():
         m.generate(prompt, 2, top_p=1.5)
     with pytest.raises(ValueError, match="batch"):
         m(prompt, cache=m.new_cache(2))
+    # a cache of a model of another shape, or of another architecture, names what differs
+    narrow = DRT(m.config.replace(hidden_size=m.config.hidden_size // 2)).eval()
+    with pytest.raises(ValueError, match="another shape: head_dim .*hidden_size"):
+        narrow(prompt, cache=m.new_cache(1))
+    if m.config.arch == "drt":
+        swa = DRT(m.config.replace(arch="swa")).eval()
+        with pytest.raises(ValueError, match="arch 'swa'"):
+            m(prompt, cache=swa.new_cache(1))
 
 
 def test_offload_keeps_memory_off_device_and_fetches_only_picked_chunks():

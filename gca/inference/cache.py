@@ -228,3 +228,4 @@ class DRTCache:
     last_rows: list = field(default_factory=list)  # per group: (indices (B, K), weights (B, K)) of the last landmark
     skip_upper: bool = True  # with logits_to_keep, pieces beyond the upper layers' reach skip them (exact)
     skipped_tokens: int = 0  # user tokens that went through the lower layers only (skip_upper)
+    made_for: dict | None = None  # the shape of the model that made it (DRT.new_cache); checked on use

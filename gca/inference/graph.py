@@ -90,6 +90,7 @@ class GraphDecoder:
         cfg = model.config
         if model.training:
             raise ValueError("GraphDecoder needs the model in eval mode: call model.eval() first")
+        model.check_cache(cache)
         dev = model.embed.weight.device
         self.graph = dev.type == "cuda" if graph is None else bool(graph)
         if self.graph and dev.type != "cuda":
@@ -214,6 +215,9 @@ class GraphDecoder:
         ids = ids.reshape(-1, 1)
         if ids.shape[0] != cache.batch_size:
             raise ValueError(f"ids has batch {ids.shape[0]}, the cache was made for {cache.batch_size}")
+        if ids.device.type == "cpu" and not (0 <= int(ids.min()) and int(ids.max()) < cfg.vocab_size):
+            # checked where it costs no device sync (ids on the CPU); CUDA ids are the caller's to keep in range
+            raise ValueError(f"ids must lie in [0, {cfg.vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")
         if self.drt and cache.tokens % cfg.text_per_chunk == cfg.text_per_chunk - 1:
             # the token closes its chunk: its landmark follows, the chunk is encoded and retrieval runs
             self.eager_steps += 1
