@@ -88,8 +88,28 @@ def test_tokenizer_errors(tmp_path):
 
 def test_hf_name_offline_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="cannot load tokenizer"):
+    with pytest.raises(FileNotFoundError, match="cannot load tokenizer .*cannot be reached"):
         load_tokenizer("surely-not-a-real-model-name-xyz")
+
+
+def test_hf_name_with_the_hub_unreachable_asks_the_local_cache_only(monkeypatch):
+    """No network: one quick probe, then the local cache only (no retries of every file)."""
+    transformers = pytest.importorskip("transformers")
+    from gca.data import tokenizer as tk
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    assert tk._hub_reachable(timeout=1.0) is False
+    seen = []
+
+    def fake(name, **kw):
+        seen.append(kw)
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
+    with pytest.raises(FileNotFoundError, match="cannot be reached"):
+        load_tokenizer("some-model")
+    assert seen == [{"local_files_only": True}]
 
 
 # ---------------------------------------------------------------- sources
@@ -236,6 +256,10 @@ def test_build_source_specs(prepared):
     assert 0 < int(masked.sum()) < 16  # both components used
     with pytest.raises(ValueError, match="unknown option"):
         build_source("synthetic:passkey;bogus=1", seq_len=252)
+    with pytest.raises(ValueError, match="option min_len='abc' in .*: expected an integer"):
+        build_source("synthetic:passkey;min_len=abc", seq_len=252)
+    with pytest.raises(ValueError, match="task weight 'passkey=x'"):
+        build_source("synthetic:passkey=x,2hop=1", seq_len=252)
     with pytest.raises(ValueError, match="not a prepared dataset|does not exist"):
         build_source("/no/such/dir", seq_len=252)
     with pytest.raises(ValueError, match="unknown task"):

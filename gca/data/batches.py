@@ -197,7 +197,11 @@ def _build_one(text: str, *, seq_len: int, seed: int, split: str, tokenizer) -> 
         if k not in _OPT_NAMES:
             raise ValueError(f"unknown option {k!r} in {text!r}; known: {sorted(_OPT_NAMES)}")
         name, conv = _OPT_NAMES[k]
-        opts[name] = conv(v)
+        try:
+            opts[name] = conv(v)
+        except ValueError:
+            what = {int: "an integer", float: "a number"}.get(conv, "another value")
+            raise ValueError(f"option {k}={v!r} in {text!r}: expected {what}") from None
     if base.startswith("synthetic:"):
         from gca.data.tasks import TaskSource
 
@@ -206,7 +210,10 @@ def _build_one(text: str, *, seq_len: int, seed: int, split: str, tokenizer) -> 
             kind = {}
             for item in tasks.split(","):
                 k, _, w = item.partition("=")
-                kind[k.strip()] = float(w)
+                try:
+                    kind[k.strip()] = float(w)
+                except ValueError:
+                    raise ValueError(f"task weight {item!r} in {text!r}: expected TASK=NUMBER, e.g. passkey=1") from None
         else:
             kind = tasks or "passkey"
         return TaskSource(kind, seq_len=seq_len, seed=seed, split=split, tokenizer=tokenizer, **opts)

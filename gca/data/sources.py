@@ -297,8 +297,8 @@ def iter_hf_documents(name: str, split: str = "train", field: str = "text", conf
     try:
         ds = datasets.load_dataset(repo, config, split=split, streaming=streaming)
     except Exception as e:  # noqa: BLE001
-        raise RuntimeError(
-            f"cannot load Hugging Face dataset {repo!r} (split {split!r}): {type(e).__name__}: {str(e)[:300]}\n"
+        raise FileNotFoundError(
+            f"cannot load Hugging Face dataset {repo!r} (split {split!r}): {type(e).__name__}: {str(e)[:300]}. "
             f"Offline? Use a local folder of .txt/.jsonl/.parquet files or `debian-docs`."
         ) from e
     for i, rec in enumerate(ds):
@@ -330,8 +330,9 @@ def iter_documents(spec, text_field: str = "text", progress: bool = False) -> It
         text_field: the JSONL / parquet / HF field holding the text.
         progress: show a tqdm bar over files.
     Raises:
-        FileNotFoundError (missing path, offline corpus not installed), ValueError (bad records,
-        folder without supported files), OSError (unreadable file), ImportError/RuntimeError (hf:).
+        FileNotFoundError (missing path, offline corpus not installed, an hf: dataset that cannot be
+        loaded), ValueError (bad records, folder without supported files), OSError (unreadable file),
+        ImportError (hf: without `datasets`).
     """
     base, opts = split_spec(str(spec))
     field = opts.get("field", text_field)

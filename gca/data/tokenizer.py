@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -199,7 +201,7 @@ def load_tokenizer(name_or_path) -> Tokenizer:
             as ``"gpt2"``, loaded with ``transformers.AutoTokenizer`` (from its local cache when
             offline).
     Raises:
-        FileNotFoundError / RuntimeError with what to do when nothing can be loaded.
+        FileNotFoundError with what to do when nothing can be loaded.
     """
     if isinstance(name_or_path, Tokenizer):
         return name_or_path
@@ -241,29 +243,47 @@ def _name_from_meta(folder: Path) -> str | None:
     return None
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers at all, asked once with a short timeout
+    (through the environment's proxies), so that an offline machine does not sit through the hub
+    client's retries of every file; False under ``HF_HUB_OFFLINE=1``."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered, if not with 200
+    except Exception:  # noqa: BLE001 - no route, no name, refused, timed out
+        return False
+    return True
+
+
 def _load_hf(name: str) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
     except ImportError:
         AutoTokenizer = None
     errors = []
+    online = _hub_reachable()
     if AutoTokenizer is not None:
-        try:
-            return Tokenizer(AutoTokenizer.from_pretrained(name), name=name)
+        try:  # offline: the local cache only
+            return Tokenizer(AutoTokenizer.from_pretrained(name, local_files_only=not online), name=name)
         except Exception as e:  # noqa: BLE001
             errors.append(f"transformers: {type(e).__name__}: {e}")
     else:
         errors.append("transformers is not installed (pip install 'gca[hf]')")
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
+    if online:
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
 
-        return Tokenizer(HFTokenizer.from_pretrained(name), name=name)
-    except Exception as e:  # noqa: BLE001
-        errors.append(f"tokenizers.from_pretrained: {type(e).__name__}: {str(e)[:200]}")
-    raise RuntimeError(
+            return Tokenizer(HFTokenizer.from_pretrained(name), name=name)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"tokenizers.from_pretrained: {type(e).__name__}: {str(e)[:200]}")
+    raise FileNotFoundError(
         f"cannot load tokenizer {name!r}: it is not a local file or folder, and the Hugging Face hub "
-        f"could not provide it (offline?). Use 'embedded', a tokenizer.json path, or train one with "
-        f"gca.data.train_bpe.\n  " + "\n  ".join(errors)
+        f"could not provide it{'' if online else ' (it cannot be reached: offline?)'}. Use 'embedded', a "
+        f"tokenizer.json path, or `gca prepare --train-tokenizer`. " + " | ".join(errors)
     )
 
 
