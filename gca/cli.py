@@ -396,10 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. A missing or corrupt checkpoint or dataset and a bad value (what the library
-    raises as CheckpointError, FileNotFoundError or ValueError, each message naming what to fix) end
-    the command with one line, ``gca COMMAND: error: MESSAGE``, and exit status 2; ``GCA_TRACEBACK=1``
-    in the environment shows the traceback instead."""
+    """Run one command. A missing or corrupt checkpoint or dataset, a bad value and a missing optional
+    package (what the library raises as CheckpointError, FileNotFoundError, ValueError or ImportError,
+    each message naming what to fix) end the command with one line, ``gca COMMAND: error: MESSAGE``,
+    and exit status 2; ``GCA_TRACEBACK=1`` in the environment shows the traceback instead."""
     from gca.train.checkpoint import CheckpointError
 
     parser = build_parser()
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"gca {args.command}: error: {e}", file=sys.stderr)

@@ -56,6 +56,8 @@ def test_bad_input_ends_in_one_line_naming_the_problem(tmp_path, capsys, monkeyp
         (["generate", "--ckpt", ckpt, "--prompt-file", str(tmp_path / "none.txt")], "--prompt-file"),
         (["eval", "ppl", "--ckpt", ckpt], "gca eval: error: ppl needs --data DIR"),
     ]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # a missing optional package: `import datasets` fails
+    cases.append((["prepare", "hf:some/corpus", "--out", str(tmp_path / "p")], "needs the `datasets` package"))
     for argv, says in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -155,6 +155,7 @@ def prepare(
 
     writers = {name: _SplitWriter(out / f"{name}.bin", dtype, sep) for name in SPLITS}
     n_docs = 0
+    bar = None
     try:
         from tqdm.auto import tqdm
 
@@ -198,6 +199,8 @@ def prepare(
             tr.add_array(va.pop_last())
         stats = {name: w.finish() for name, w in writers.items()}
     except BaseException:
+        if bar is not None:
+            bar.close()  # ends its line, so an error message starts on its own
         for w in writers.values():
             if not w.f.closed:
                 w.f.close()
