@@ -412,8 +412,19 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
             raise
+        _close_progress_bars()
         print(f"gca {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar still open, so that the error line starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":
