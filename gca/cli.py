@@ -223,8 +223,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args)
     cfg.model_config()  # unknown --set keys and bad values fail here, before any data is built (main(): one line, status 2)
-    train(cfg)
-    return 0
+    result = train(cfg)
+    # stopped by Ctrl-C / SIGTERM after saving a checkpoint: the shell's status for that signal
+    return 128 + result.interrupted if result.interrupted else 0
 
 
 # ---- prepare ----

@@ -316,3 +316,15 @@ def test_plot_adds_a_panel_for_the_auxiliary_retrieval_loss(tmp_path, monkeypatc
     assert line.get_label() == "aux" and list(line.get_ydata()) == [3.0 - 0.1 * s for s in range(1, 10)]
     gain = [ln for ln in axes[3].get_lines() if ln.get_label() == "aux"]
     assert "val_gca_gain" in axes[3].get_title() and list(gain[0].get_ydata()) == [0.1]
+
+
+def test_train_stopped_by_a_signal_exits_with_the_shells_status(tmp_path, monkeypatch):
+    """gca train returns 128 + the signal when Ctrl-C / SIGTERM stopped it after a checkpoint (the trainer's
+    side is tests/test_train.py::test_ctrl_c_finishes_the_step_saves_and_resumes_to_the_uninterrupted_run)."""
+    import signal
+
+    from gca.train import trainer
+
+    for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143), (None, 0)):
+        monkeypatch.setattr(trainer, "train", lambda cfg, sig=sig: types.SimpleNamespace(interrupted=sig))
+        assert main(["train", "--preset", "tiny", "--data", "synthetic:passkey", "--out", str(tmp_path / "r")]) == status

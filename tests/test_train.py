@@ -258,7 +258,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_train import FakeSource, tiny_cfg
 from gca.train import train
-train(tiny_cfg({out!r}), source=FakeSource(delay={delay}), val_source=FakeSource(split="val"))
+_r = train(tiny_cfg({out!r}), source=FakeSource(delay={delay}), val_source=FakeSource(split="val"))
 """
 
 
@@ -285,6 +285,36 @@ def test_resume_after_sigkill_equals_uninterrupted_run(reference, tmp_path):
     assert "resuming from step 4" in done.stdout
     assert train_losses(out) == train_losses(ref_out)
     assert val_losses(out) == val_losses(ref_out)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_to_the_uninterrupted_run(reference, tmp_path):
+    """SIGINT while training: the step in progress finishes, a checkpoint of it is saved, train() returns
+    (interrupted = SIGINT), and rerunning continues to the uninterrupted run's losses. SIGTERM likewise."""
+    ref_out, _ = reference
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / f"run-{sig.name}"
+        script = tmp_path / "run_train.py"
+        script.write_text(SCRIPT.format(tests=str(TESTS), out=str(out), delay=0.15)
+                          + "import signal as _s\nprint('RESULT', _r.step, _r.interrupted == _s.SIGINT, _r.interrupted == _s.SIGTERM)\n")
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_env())
+        deadline = time.time() + 60
+        while not (out / "ckpt" / ckpt_mod.MANIFEST).exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.02)
+        time.sleep(0.2)  # into step 5 or 6
+        os.kill(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+        step = read_checkpoint(out / "ckpt").step
+        assert 4 < step < 10 and f"interrupted at step {step}: checkpoint saved" in stdout, stdout
+        assert f"RESULT {step} {sig == signal.SIGINT} {sig == signal.SIGTERM}" in stdout
+        script.write_text(SCRIPT.format(tests=str(TESTS), out=str(out), delay=0.0))
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=_env())
+        assert done.returncode == 0, done.stderr
+        assert f"resuming from step {step}" in done.stdout
+        assert train_losses(out) == train_losses(ref_out)
 
 
 # ---- atomic checkpoints ----

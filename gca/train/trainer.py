@@ -38,6 +38,8 @@ import math
 import os
 import random
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +235,35 @@ class TrainResult:
     val_losses: list[tuple[int, float]]
     resumed_from: int
     skipped: list[int] = dataclasses.field(default_factory=list)  # steps whose update was skipped (non-finite gradient)
+    interrupted: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run after a checkpoint, if one did
+
+
+class _StopOnSignal:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to finish
+    the step it is in, save a checkpoint and return, instead of dying mid-step with up to
+    ``save_every`` steps lost. A second SIGINT aborts at once. Only in the main thread (where Python
+    delivers signals); elsewhere the process's handlers stay as they were."""
+
+    def __init__(self, say):
+        self.signum: int | None = None
+        self._say, self._old = say, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self._say(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again aborts)")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 def train(cfg: TrainConfig, *, source=None, val_source=None) -> TrainResult:
@@ -526,7 +557,9 @@ class _Run:
         last_t, last_tokens = t0, start * tokens_per_step
         bad_run = 0
         warned_collapse = False
+        stop = _StopOnSignal(self.say)
         try:
+            stop.__enter__()
             for s in range(start, cfg.max_steps):
                 n = s + 1
                 lr = lr_at(s, lr=cfg.lr, min_lr=cfg.min_lr, max_steps=cfg.max_steps, warmup=cfg.warmup)
@@ -618,19 +651,26 @@ class _Run:
                             "and what kept it selective there (a lower --lr, --set retrieval_key=centered)."
                         )
 
-                out_of_time = cfg.time_limit > 0 and D.any_across_ranks(
-                    time.perf_counter() - t0 > 60 * cfg.time_limit, info
-                )
+                timed_out = cfg.time_limit > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit
+                # every rank stops at the same step: one small all-reduce a step when distributed
+                halt = D.any_across_ranks(timed_out or stop.signum is not None, info)
                 stop_here = cfg.stop_at > 0 and n >= cfg.stop_at
-                if n % cfg.save_every == 0 or n == cfg.max_steps or out_of_time or stop_here:
+                if n % cfg.save_every == 0 or n == cfg.max_steps or halt or stop_here:
                     self._save(model, opt, n, n * tokens_per_step, elapsed0 + time.perf_counter() - t0)
-                if out_of_time:
-                    self.say(f"time limit of {cfg.time_limit} min reached at step {n}; rerun the same command to resume")
+                if halt:
+                    if stop.signum is not None:
+                        result.interrupted = stop.signum
+                        self.say(f"interrupted at step {n}: checkpoint saved; rerun the same command to resume")
+                    elif timed_out:
+                        self.say(f"time limit of {cfg.time_limit} min reached at step {n}; rerun the same command to resume")
+                    else:
+                        self.say(f"another process stopped at step {n} (interrupted or out of time): checkpoint saved")
                     break
                 if stop_here:
                     self.say(f"stopped at step {n} (--stop-at); raise it or drop it and rerun to continue")
                     break
         finally:
+            stop.__exit__(None, None, None)
             prefetch.close()
             bar.close()
             if logf is not None:
