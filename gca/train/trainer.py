@@ -248,11 +248,10 @@ class _StopOnSignal:
         self.signum: int | None = None
         self._say, self._old = say, {}
 
-    def __enter__(self):
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
-        return self
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
@@ -260,10 +259,10 @@ class _StopOnSignal:
         self.signum = signum
         self._say(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again aborts)")
 
-    def __exit__(self, *exc):
+    def restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-        return False
+        self._old.clear()
 
 
 def train(cfg: TrainConfig, *, source=None, val_source=None) -> TrainResult:
@@ -559,7 +558,7 @@ class _Run:
         warned_collapse = False
         stop = _StopOnSignal(self.say)
         try:
-            stop.__enter__()
+            stop.install()
             for s in range(start, cfg.max_steps):
                 n = s + 1
                 lr = lr_at(s, lr=cfg.lr, min_lr=cfg.min_lr, max_steps=cfg.max_steps, warmup=cfg.warmup)
@@ -670,7 +669,7 @@ class _Run:
                     self.say(f"stopped at step {n} (--stop-at); raise it or drop it and rerun to continue")
                     break
         finally:
-            stop.__exit__(None, None, None)
+            stop.restore()
             prefetch.close()
             bar.close()
             if logf is not None:
