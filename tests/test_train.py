@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gca import DRT, DRTConfig
 from gca.train import CheckpointError, TrainConfig, load_model, read_checkpoint, train
 from gca.train import checkpoint as ckpt_mod
 from gca.train.schedule import lr_at
@@ -315,6 +316,31 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_to_the_uninterrupted_run(ref
         assert done.returncode == 0, done.stderr
         assert f"resuming from step {step}" in done.stdout
         assert train_losses(out) == train_losses(ref_out)
+
+
+def test_save_model_and_export_model_round_trip(reference, tmp_path):
+    """save_model writes any DRT where load_model reads it back (exactly in float32, rounded in bf16);
+    export_model makes the compact bf16 copy of a run's checkpoint, with its train config."""
+    from gca.data.tokenizer import load_tokenizer
+    from gca.train import export_model, save_model
+
+    torch.manual_seed(0)
+    m = DRT(DRTConfig.from_preset("tiny", **TINY, vocab_size=64)).eval()
+    x = torch.randint(0, 64, (1, 150))
+    save_model(m, tmp_path / "f32", tokenizer=load_tokenizer("embedded"))
+    back = load_model(tmp_path / "f32")
+    assert back.config == m.config and (tmp_path / "f32" / "tokenizer.json").exists()
+    assert torch.equal(back(x).logits, m(x).logits)
+    save_model(m, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert next(m.parameters()).dtype == torch.float32  # the model itself is left as it was
+    half = load_model(tmp_path / "bf16")
+    for (k, a), b in zip(half.state_dict().items(), m.state_dict().values()):
+        assert torch.equal(a, b.to(torch.bfloat16).to(a.dtype)), k
+    ref_out, _ = reference
+    exp = export_model(ref_out, tmp_path / "export")
+    assert sorted(p.name for p in exp.iterdir()) == ["config.json", "model.safetensors", "train_config.json"]
+    trained = load_model(ref_out)
+    torch.testing.assert_close(load_model(exp)(x).logits, trained(x).logits, atol=0.1, rtol=0.05)
 
 
 # ---- atomic checkpoints ----

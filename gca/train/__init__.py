@@ -7,7 +7,7 @@
 The command-line form is ``gca train`` (see ``gca train --help`` and :mod:`gca.train.trainer`).
 """
 
-from gca.train.checkpoint import CheckpointError, export_model, load_model, read_checkpoint, save_checkpoint
+from gca.train.checkpoint import CheckpointError, export_model, load_model, read_checkpoint, save_checkpoint, save_model
 from gca.train.schedule import lr_at
 from gca.train.trainer import TrainConfig, TrainResult, train
 
@@ -20,5 +20,6 @@ __all__ = [
     "lr_at",
     "read_checkpoint",
     "save_checkpoint",
+    "save_model",
     "train",
 ]

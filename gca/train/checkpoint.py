@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as _st_load_file
+from safetensors.torch import save_file as _st_save_file
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
@@ -338,12 +339,25 @@ def export_model(dir_or_ckpt: str | os.PathLike, out: str | os.PathLike, dtype: 
     src = find_checkpoint(Path(dir_or_ckpt), repair=False)
     if src is None:
         raise CheckpointError(f"no checkpoint in {dir_or_ckpt}")
-    model = load_model(src).to(dtype)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _st_save_model(model, str(out / WEIGHTS))
-    _write_json(out / CONFIG, model.config.to_dict())
+    out = save_model(load_model(src), out, dtype=dtype)
     for name in (TRAIN_CONFIG, "tokenizer.json"):
         if (src / name).exists():
             shutil.copyfile(src / name, out / name)
+    return out
+
+
+def save_model(model: DRT, out: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer: Any = None) -> Path:
+    """Save any :class:`gca.DRT` (trained by ``gca train`` or not) as a folder :func:`load_model` reads:
+    ``model.safetensors`` (in ``dtype``, default the model's), ``config.json`` and, given a tokenizer,
+    ``tokenizer.json``. The model itself is left as it is."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    tmp = out / (WEIGHTS + ".tmp")
+    _st_save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHTS)  # a crash leaves the previous file or none, never half of one
+    _write_json(out / CONFIG, model.config.to_dict())
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out)
     return out
