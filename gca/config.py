@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def check_counts(where: str, **counts: Any) -> None:
+    """Raise ValueError naming ``where`` and the first of ``counts`` that is not a positive integer
+    (numpy integers count; bools do not). The argument checks of the Python API share it."""
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
 
 ARCHS = ("drt", "swa", "full")
 RESIDUALS = ("plain", "published")

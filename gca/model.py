@@ -22,7 +22,6 @@ own position, or for the last token of a chunk, the landmark that follows it.
 from __future__ import annotations
 
 import contextlib
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gca.config import DRTConfig
+from gca.config import DRTConfig, check_counts
 from gca.inference.cache import ChunkMemory, DRTCache, RingKV
 from gca.nn.layers import ChunkEncoder, DecoderLayer, RMSNorm, UpperLayer, rope_cos_sin
 from gca.retrieval import Retrieval, causal_topk, copy_retrieval_loss, copy_targets, retrieval_scores, shift_to_queries
@@ -298,9 +297,7 @@ class DRT(nn.Module):
                 ``False`` computes every layer everywhere, e.g. to time that).
         """
         cfg = self.config
-        for name, v in (("batch_size", batch_size), ("prefill_chunk", prefill_chunk)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"new_cache: {name} must be a positive integer, got {v!r}")
+        check_counts("new_cache", batch_size=batch_size, prefill_chunk=prefill_chunk)
         if max_tokens is not None and not int(max_tokens) >= 0:
             raise ValueError(f"new_cache: max_tokens must be >= 0 or None, got {max_tokens!r}")
         p = self.embed.weight
@@ -491,8 +488,8 @@ class DRT(nn.Module):
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        if top_k is not None:
+            check_counts("generate", top_k=top_k)
         self._check_ids(input_ids)
         was_training = self.training
         self.eval()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gca.config import check_counts
+
 _NEG = -1e30  # finite "minus infinity": keeps softmax gradients NaN-free
 
 
@@ -73,8 +75,7 @@ def causal_topk(
     Returns:
         :class:`Retrieval` whose weights are the softmax of the picked chunks' noise-free scores.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"causal_topk: k must be a positive integer, got {k!r}")
+    check_counts("causal_topk", k=k)
     B, C, Cm = scores.shape
     allowed = _allowed(C, Cm, row_offset, valid_rows, scores.device).expand(B, C, Cm)
     masked = scores.masked_fill(~allowed, _NEG)

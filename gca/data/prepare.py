@@ -24,13 +24,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import numbers
 import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from gca.config import check_counts
 from gca.data.sources import describe_source, iter_documents
 from gca.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -133,8 +133,8 @@ def prepare(
         raise ValueError("prepare: no sources given")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if max_documents is not None and (isinstance(max_documents, bool) or not isinstance(max_documents, numbers.Integral) or max_documents < 1):
-        raise ValueError(f"max_documents must be a positive integer or None, got {max_documents!r}")
+    if max_documents is not None:
+        check_counts("prepare", max_documents=max_documents)
     tok = load_tokenizer(tokenizer)
     sep = tok.eos_id if separator_id is None else int(separator_id)
     if sep is None:

@@ -18,12 +18,12 @@ the window is the N tokens before its end point, scored only on its last T token
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gca.config import check_counts
 from gca.model import DRT
 
 
@@ -139,9 +139,7 @@ def perplexity_vs_length(
     lengths = [int(n) for n in lengths]
     if not lengths or min(lengths) < 2:
         raise ValueError(f"lengths must be context lengths >= 2 tokens, got {lengths}")
-    for name, v in (("windows", windows), ("piece", piece)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"perplexity_vs_length: {name} must be a positive integer, got {v!r}")
+    check_counts("perplexity_vs_length", windows=windows, piece=piece)
     if max(lengths) > len(tokens):
         raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than the context length {max(lengths)}")
     if targets is not None:

@@ -21,13 +21,13 @@ length, the prompt has the largest length <= it that satisfies the alignment.
 
 from __future__ import annotations
 
-import numbers
 import time
 from typing import Iterable
 
 import numpy as np
 import torch
 
+from gca.config import check_counts
 from gca.model import DRT
 
 
@@ -162,9 +162,7 @@ def evaluate_tasks(
     if filler is not None and not hasattr(filler, "tokens"):
         filler = make_filler(filler, tokenizer, split="val")  # a prepared folder: its held-out split, opened once
 
-    for name, v in (("trials", trials), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"evaluate_tasks: {name} must be a positive integer, got {v!r}")
+    check_counts("evaluate_tasks", trials=trials, batch_size=batch_size)
     tok = load_tokenizer(tokenizer if tokenizer is not None else getattr(filler, "tokenizer", None) or "embedded")
     tasks, lengths, dl = list(tasks), [int(n) for n in lengths], _depth_list(depths)
     model.eval()

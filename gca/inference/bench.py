@@ -11,12 +11,12 @@ first. On CUDA times are taken after a synchronize and peak memory is
 
 from __future__ import annotations
 
-import numbers
 import resource
 import time
 
 import torch
 
+from gca.config import check_counts
 from gca.model import DRT
 
 
@@ -51,9 +51,7 @@ def bench_streaming(
     upper layers only where that logit can see them: ``DRT.new_cache``)."""
     from tqdm.auto import tqdm
 
-    for name, v in (("decode_tokens", decode_tokens), ("batch_size", batch_size), ("prefill_chunk", prefill_chunk)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"bench_streaming: {name} must be a positive integer, got {v!r}")
+    check_counts("bench_streaming", decode_tokens=decode_tokens, batch_size=batch_size, prefill_chunk=prefill_chunk)
     if not lengths or any(int(n) < 1 for n in lengths):
         raise ValueError(f"bench_streaming: lengths must be positive token counts, got {list(lengths)!r}")
     model.eval()

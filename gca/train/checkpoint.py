@@ -245,9 +245,9 @@ def load_weights(
         else:
             _check_shapes(model, path, ckpt)
             missing, unexpected = _st_load_model(model, str(path), strict=False, device=str(device))
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
         raise _corrupt(path, f"cannot be read ({type(e).__name__}: {e})", ckpt) from None
     # (safetensors already leaves out the duplicate names of tied tensors from ``missing``)
     new, gone = [], []
@@ -276,8 +276,8 @@ def _check_shapes(model: DRT, path: Path, ckpt: Path) -> None:
     not a shape (a config.json that does not belong to the weights), instead of torch's line per tensor."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with safe_open(str(path), framework="pt") as f:
-        bad = [(k, tuple(f.get_slice(k).get_shape()), want[k]) for k in f.keys()
-               if k in want and tuple(f.get_slice(k).get_shape()) != want[k]]
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k in want}
+    bad = [(k, shape, want[k]) for k, shape in got.items() if shape != want[k]]
     if bad:
         k, got, exp = bad[0]
         raise _corrupt(path, f"does not fit the model of config.json: {len(bad)} tensor(s) differ in shape, e.g. {k} "
