@@ -45,7 +45,7 @@ def main():
         g = torch.randn_like(q)
 
         def fb():
-            gt.gca_triton(qg, kg, vg, idx, wg).backward(g)
+            gt.gca_triton(qg, kg, vg, idx, wg, validate=False).backward(g)
             for t in (qg, kg, vg, wg):
                 t.grad = None
 

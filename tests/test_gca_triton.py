@@ -344,6 +344,75 @@ def test_empty_and_edge_cases():
             assert not t.isnan().any() and (t == 0).all()
 
 
+
+def _nonfinite_chunk0_check(shape, dtype, contiguous, bad):
+    """Chunk 0 of the memory holds ``bad`` (NaN or inf) and is retrieved only through empty slots
+    (-1): the output and all four gradients equal the float64 reference's, which never reads it."""
+    q, k, v, _, w = _inputs(**shape, dtype=dtype, contiguous=contiguous)
+    B, Cq, K, Cm = shape["B"], shape["Cq"], shape["K"], shape["Cm"]
+    idx = torch.randint(1, Cm, (B, Cq, K))
+    idx[torch.rand(B, Cq, K) < 0.4] = -1
+    idx[:, 0] = -1  # a whole row empty
+    idx[:, 1, 0], idx[:, 1, 1] = -1, 1  # and an empty slot beside a full one
+    idx = idx.to(q.device)
+    k, v = k.clone(), v.clone()
+    k[:, 0], v[:, 0] = bad, bad
+    g = torch.randn(q.shape, dtype=dtype, device=q.device)
+    ours = _run(gt.gca_triton, q, k, v, idx, w, g, False)
+    ref = _run(gca_reference, q.double(), k.double(), v.double(), idx, w.double(), g.double(), False)
+    for name, a, r in zip(("out", "dq", "dmem_k", "dmem_v", "dweights"), ours, ref):
+        assert torch.isfinite(a).all(), f"{name}: the empty slots read chunk 0's {bad}"
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        err = (a.double() - r).abs().max().item() / (r.abs().max().item() + 1e-12)
+        assert err <= tol, f"{name}: rel err {err:.2e}"
+    assert (ours[2][:, 0] == 0).all() and (ours[3][:, 0] == 0).all()  # nothing flows back to chunk 0
+    # the decode path: the first 5 tokens of query chunk 1, whose slot 0 is empty
+    dec = gt.gca_decode(q[:, 1, :5], k, v, idx[:, 1], w[:, 1])
+    dec_ref = gca_reference(q[:, 1:2, :5].double(), k.double(), v.double(), idx[:, 1:2], w[:, 1:2].double())[:, 0]
+    assert torch.isfinite(dec).all(), f"decode: the empty slots read chunk 0's {bad}"
+    err = (dec.double() - dec_ref).abs().max().item() / (dec_ref.abs().max().item() + 1e-12)
+    assert err <= (1e-4 if dtype == torch.float32 else 3e-2), f"decode: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_empty_slots_add_nothing_whatever_chunk_0_holds(bad):
+    """An empty slot's tiles load as zeros (the kernels used to read chunk 0 and weight it by 0, and
+    0 x NaN is NaN): NaN or inf in chunk 0 changes nothing, as in the reference."""
+    _nonfinite_chunk0_check(SMALL["S16-D32-H4-Hk2-K3"], torch.float32, False, bad)
+
+
+def test_public_entry_points_check_their_inputs(monkeypatch):
+    """gca_triton and gca_decode check what grouped_cross_attention checks (an index out of range
+    used to read out of bounds in gca_decode: NaN or 1e30 back, no error); validate=False skips it."""
+    q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=3, S=16, Sm=16, H=2, Hk=1, D=16, K=2, dtype=torch.float32)
+    bad = idx.clone()
+    bad[0, 1, 0] = 3
+    with pytest.raises(ValueError, match=r"indices must lie in \[-1, Cm\) = \[-1, 3\)"):
+        gt.gca_triton(q, k, v, bad, w)
+    with pytest.raises(ValueError, match=r"indices must lie in \[-1, Cm\) = \[-1, 3\)"):
+        gt.gca_decode(q[:, 0], k, v, bad[:, 1], w[:, 1])
+    with pytest.raises(ValueError, match=r"gca_decode takes q \(B, T, H, D\)"):
+        gt.gca_decode(q, k, v, idx[:, 1], w[:, 1])
+    with pytest.raises(ValueError, match="share a dtype"):
+        gt.gca_decode(q[:, 0].double(), k, v, idx[:, 1], w[:, 1])
+    ok = gt.gca_decode(q[:, 0], k, v, idx[:, 1], w[:, 1], validate=False)
+    torch.testing.assert_close(ok, gt.gca_decode(q[:, 0], k, v, idx[:, 1], w[:, 1]), rtol=0, atol=0)
+    if not HAS_CUDA:  # TRITON_INTERPRET=1 set only after the kernels were compiled for a GPU
+        monkeypatch.setattr(gt, "INTERPRET", False)
+        with pytest.raises(ValueError, match="set after gca.ops.gca_triton was imported"):
+            grouped_cross_attention(q, k, v, idx, w, impl="triton")
+
+
+def test_second_order_gradients_raise_instead_of_vanishing():
+    """The kernels' backward has no backward: create_graph=True used to give a first-order gradient
+    without a graph, so a gradient penalty silently lost GCA's part; now differentiating it raises."""
+    q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=3, S=16, Sm=16, H=2, Hk=1, D=16, K=2, dtype=torch.float32)
+    q = q.detach().requires_grad_(True)
+    out = gt.gca_triton(q, k, v, idx, w)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gq.square().sum().backward()
+
 def test_unsupported_falls_back_with_warning():
     q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=2, S=4, Sm=4, H=2, Hk=1, D=12, K=2, dtype=torch.float32)
     with pytest.warns(UserWarning, match="head size D=12"):
@@ -483,6 +552,18 @@ def test_gluon_path_cuda(shape, softmax_one, pattern, dtype, monkeypatch):
     _check_against_reference(GLUON_SHAPES[shape], dtype, softmax_one, pattern, contiguous=True)
     assert calls == ["gca_fwd_gluon", "gca_bwd_gluon"], calls
 
+
+
+@hopper_only
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_gluon_empty_slots_add_nothing_whatever_chunk_0_holds(bad, monkeypatch):
+    """The Gluon kernels' empty slots copy a box wholly out of bounds, which TMA fills with zeros."""
+    calls = []
+    for name in ("gca_fwd_gluon", "gca_bwd_gluon"):
+        real = getattr(gca_gluon, name)
+        monkeypatch.setattr(gca_gluon, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    _nonfinite_chunk0_check(GLUON_SHAPES["H4-Hk2-K5"], torch.bfloat16, True, bad)
+    assert calls[:2] == ["gca_fwd_gluon", "gca_bwd_gluon"], calls
 
 @hopper_only
 def test_gluon_matches_triton_cuda(monkeypatch):

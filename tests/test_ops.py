@@ -1,6 +1,8 @@
 """The GCA reference op against the definition, in float64: values, all four gradients,
 awkward shapes, repeated and empty slots, softmax_one, grouped heads, and argument errors."""
 
+import sys
+
 import pytest
 import torch
 
@@ -156,6 +158,9 @@ def test_bad_impl():
 def test_explicit_triton_on_cpu_says_what_to_do(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernels = sys.modules.get("gca.ops.gca_triton")  # imported already (under the interpreter, in a full run)?
+    if kernels is not None:
+        monkeypatch.setattr(kernels, "INTERPRET", False)
     q, k, v, idx, w = make_inputs(dtype=torch.float32, requires_grad=False)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         grouped_cross_attention(q, k, v, idx, w, impl="triton")

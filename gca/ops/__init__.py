@@ -68,7 +68,11 @@ def _check_triton_usable(q, mem_k, scale) -> None:
         from gca.ops import gca_triton
     except ImportError as e:
         raise ValueError(f"impl='triton' needs Triton ({e}); pip install 'gca[triton]' or use impl='torch'") from None
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and not gca_triton.INTERPRET:
+        if os.environ.get("TRITON_INTERPRET") == "1":  # set, but after the kernels were compiled for a GPU
+            raise ValueError("impl='triton' on CPU tensors: TRITON_INTERPRET=1 was set after gca.ops.gca_triton "
+                             "was imported, so the kernels are not interpreted; set it before the first import of "
+                             "gca (e.g. in the shell), or use impl='auto' or 'torch'")
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU); "
                          "use impl='auto' or 'torch' here")
     reason = gca_triton.supports(q, mem_k, scale)
@@ -174,5 +178,5 @@ def grouped_cross_attention(
             _check_triton_usable(q, mem_k, scale)
         from gca.ops.gca_triton import gca_triton
 
-        return gca_triton(q, mem_k, mem_v, indices.long(), weights, softmax_one=softmax_one, scale=scale)
+        return gca_triton(q, mem_k, mem_v, indices.long(), weights, softmax_one=softmax_one, scale=scale, validate=False)
     return gca_reference(q, mem_k, mem_v, indices, weights, softmax_one=softmax_one, scale=scale)

@@ -138,11 +138,14 @@ def _tile_offsets(row0, heads, head, S: gl.constexpr, D: gl.constexpr, layout: g
 
 @gluon.jit
 def _load_slot(desc, IDX, i, b, hk, Cm, bars, smem, S: gl.constexpr, D: gl.constexpr, NBUF: gl.constexpr):
-    """Start the TMA copy of slot i's tile (key or value) of retrieved chunk IDX[i] into buffer i % NBUF."""
-    idx = gl.maximum(gl.load(IDX + i), 0)  # an empty slot (-1) reads chunk 0, weighted 0
+    """Start the TMA copy of slot i's tile (key or value) of retrieved chunk IDX[i] into buffer i % NBUF.
+    An empty slot (-1) copies the box at row -S, wholly out of bounds, which TMA fills with zeros: the
+    slot (weighted 0) then adds exactly nothing, whatever the memory holds (NaN included)."""
+    idx = gl.load(IDX + i)
+    row = gl.where(idx >= 0, (b * Cm + idx) * S, -S)
     buf = i % NBUF
     mbarrier.expect(bars.index(buf), desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [((b * Cm + idx) * S).to(gl.int32), hk * D], bars.index(buf), smem.index(buf))
+    tma.async_copy_global_to_shared(desc, [row.to(gl.int32), hk * D], bars.index(buf), smem.index(buf))
 
 
 @gluon.jit

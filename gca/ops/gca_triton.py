@@ -40,8 +40,9 @@ Gradient formulas, per slot i (P_i includes the +1 denominator when softmax_one)
     dK_i = scale dS_i^T Q,  dw_i = sum DELTA_i  (zero for empty slots).
 The backward is deterministic: no atomics; every sum has a fixed order.
 
-Empty slots (index -1) read chunk 0 with weight 0 (no branch, so the slot loop stays pipelined);
-they add nothing to the output, take no dK/dV and get dw = 0.
+Empty slots (index -1) load zero tiles (chunk 0's address with every element masked: no branch,
+so the slot loop stays pipelined) with weight 0; they add nothing to the output, whatever chunk 0
+holds (NaN included), take no dK/dV and get dw = 0.
 
 Supported: q, mem_k, mem_v in fp16 / bf16 / fp32 (fp32 accumulation; fp32 dots in IEEE precision,
 not TF32); weights of any float dtype; D a power of two in [16, 128]; Sm in [1, 128]; any S; K >= 0.
@@ -170,15 +171,18 @@ def _gca_fwd_kernel(
         i = split + ii
         idx = tl.load(IDX + b * si_b + c * si_c + i * si_k)
         w = tl.load(W + b * sw_b + c * sw_c + i * sw_k).to(tl.float32)
-        w = tl.where(idx >= 0, w, 0.0)
+        valid = idx >= 0
+        w = tl.where(valid, w, 0.0)
         idx = tl.maximum(idx, 0)
+        # an empty slot's tiles load as zeros (chunk 0's address, every element masked): whatever chunk 0
+        # holds, NaN included, the slot adds exactly nothing, as in the reference
         k = tl.load(
             MK + b * sk_b + idx * sk_c + n[:, None] * sk_s + hk * sk_h + d[None, :] * sk_d,
-            mask=col_ok[:, None], other=0.0,
+            mask=col_ok[:, None] & valid, other=0.0,
         )
         v = tl.load(
             MV + b * sv_b + idx * sv_c + n[:, None] * sv_s + hk * sv_h + d[None, :] * sv_d,
-            mask=col_ok[:, None], other=0.0,
+            mask=col_ok[:, None] & valid, other=0.0,
         )
         qk = _dot(q, tl.trans(k), None, DOT_PREC)  # (M, N), unscaled
         if Sm % BLOCK_N != 0:
@@ -258,8 +262,8 @@ def _gca_bwd_dq_kernel(
         valid = idx >= 0
         w = tl.where(valid, w, 0.0)
         idx = tl.maximum(idx, 0)
-        k = tl.load((k_base + idx * sk_c) + k_off, mask=col_ok[:, None], other=0.0)
-        v = tl.load((v_base + idx * sv_c) + v_off, mask=col_ok[:, None], other=0.0)
+        k = tl.load((k_base + idx * sk_c) + k_off, mask=col_ok[:, None] & valid, other=0.0)  # zeros if empty
+        v = tl.load((v_base + idx * sv_c) + v_off, mask=col_ok[:, None] & valid, other=0.0)
         stat = pid_bc * (H * K * S) + i * S + (h * (K * S) + s)  # (B, Cq, H, K, S) contiguous
         lse = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
         qk = _dot(q, tl.trans(k), None, DOT_PREC)
@@ -722,10 +726,18 @@ class _GCAFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward's kernels have no backward themselves
     def backward(ctx, do):
         q, mem_k, mem_v, indices, weights, lse = ctx.saved_tensors
         dq, dk, dv, dw = gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, ctx.softmax_one, ctx.scale)
         return dq, dk, dv, None, dw, None, None
+
+
+def _validate(q, mem_k, mem_v, indices, weights):
+    """``grouped_cross_attention``'s checks (shapes, dtypes, devices; index range unless compiling)."""
+    from gca.ops import _check  # (gca.ops imports this module lazily: no cycle at import time)
+
+    _check(q, mem_k, mem_v, indices, weights, check_indices=not torch.compiler.is_compiling())
 
 
 def _decode(q, mem_k, mem_v, indices, weights, softmax_one, scale):
@@ -753,12 +765,17 @@ def _decode_fake(q, mem_k, mem_v, indices, weights, softmax_one, scale):
 # --------------------------------------------------------------------------------------------
 
 
-def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=None):
+def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=None, validate=True):
     """Fused GCA; arguments, shapes and result as in :func:`gca.ops.grouped_cross_attention`
     (q ``(B, Cq, S, H, D)``, mem_k/mem_v ``(B, Cm, Sm, Hk, D)``, indices/weights ``(B, Cq, K)``).
 
-    Differentiable in q, mem_k, mem_v and weights; works under ``torch.compile``. Inputs the kernels
-    do not support (see :func:`supports`) are computed by the reference, with a warning."""
+    Differentiable in q, mem_k, mem_v and weights (once: a second-order gradient raises); works under
+    ``torch.compile``. Inputs the kernels do not support (see :func:`supports`) are computed by the
+    reference, with a warning. ``validate``: check shapes, dtypes and that every index lies in
+    ``[-1, Cm)`` (one device synchronisation) as ``grouped_cross_attention`` does; with False an index
+    out of range reads memory out of bounds."""
+    if validate:
+        _validate(q, mem_k, mem_v, indices, weights)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     reason = supports(q, mem_k, scale)
     if reason is not None:
@@ -773,7 +790,7 @@ def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
     return _GCAFunction.apply(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
 
 
-def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=None):
+def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=None, validate=True):
     """GCA for the tokens of ONE current chunk during generation; forward only.
 
     Args:
@@ -781,9 +798,16 @@ def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
         mem_k, mem_v: ``(B, Cm, Sm, Hk, D)``.
         indices: ``(B, K)`` retrieved chunks of the current chunk, -1 = empty slot.
         weights: ``(B, K)``.
+        validate: check shapes, dtypes and that every index lies in ``[-1, Cm)`` (one device
+            synchronisation); with False an index out of range reads memory out of bounds.
     Returns ``(B, T, H, D)`` in q's dtype, equal to the main op with Cq = 1. The grid is split over
     slots x memory heads (x batch), so batch 1 still fills the GPU; slot results are summed in fp32.
     """
+    if validate:
+        if q.dim() != 4 or indices.dim() != 2 or weights.dim() != 2:
+            raise ValueError(f"gca_decode takes q (B, T, H, D) and indices, weights (B, K); got shapes "
+                             f"{tuple(q.shape)}, {tuple(indices.shape)}, {tuple(weights.shape)}")
+        _validate(q.unsqueeze(1), mem_k, mem_v, indices.unsqueeze(1), weights.unsqueeze(1))
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else float(scale)
     reason = supports(q, mem_k, scale)
