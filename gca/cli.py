@@ -49,6 +49,28 @@ def positive_float(text: str) -> float:
     return v
 
 
+def device_arg(text: str) -> str:
+    """An argparse ``type`` for ``--device``: ``auto`` or a device torch knows that this machine has, so
+    ``--device cuda`` without a GPU ends in one line naming the fix (not in a failed checkpoint read
+    or a traceback deep inside the run)."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine; use --device cpu (or auto)")
+    return text
+
+
 def _doc(s: str) -> str:
     return textwrap.dedent(s).strip("\n")
 
@@ -160,7 +182,7 @@ def _add_train(sub) -> None:
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help=f"validation batches per process (default {d.eval_batches})")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g = p.add_argument_group("execution")
-    g.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:N (default auto; torchrun uses cuda:LOCAL_RANK)")
+    g.add_argument("--device", type=device_arg, default=d.device, help="auto (cuda if available), cpu, cuda, cuda:N (default auto; torchrun uses cuda:LOCAL_RANK)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d.bf16, help="bf16 autocast on CUDA (default on; CPU always trains in fp32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
@@ -319,7 +341,7 @@ def _add_replay_nonfinite(sub) -> None:
     )
     p.add_argument("run", metavar="DIR", help="the run folder of `gca train --out DIR`")
     p.add_argument("--step", type=int, default=None, help="which saved step (default: the first, whose weights were kept)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA (as `gca train --no-bf16`)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training-time noise (default 0)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
@@ -355,7 +377,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--minutes", type=positive_float, default=2.5, help="training time of the from-scratch model (default 2.5)")
     p.add_argument("--trials", type=int_at_least(1), default=6, help="passkey trials per length and depth (default 6)")
     p.add_argument("--no-train", action="store_true", help="only evaluate the shipped checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(func=run_demo)
 
 

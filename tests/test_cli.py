@@ -95,6 +95,27 @@ def test_counts_below_their_minimum_are_refused_by_the_parser(tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
+
+def test_device_is_checked_by_the_parser(tmp_path, capsys):
+    """A device torch does not know, or CUDA on a machine without it, ends in one line naming the
+    option (before: a traceback, or "corrupt checkpoint ... delete it" from the weights' read)."""
+    ckpt = str(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "passkey-tiny")
+    cases = [(["train", "--device", "foo"], "argument --device: 'foo' is not a device; use auto, cpu, cuda or cuda:N"),
+             (["generate", "--ckpt", ckpt, "--prompt", "hi", "--device", "gpu0"], "argument --device: 'gpu0' is not a device")]
+    if not torch.cuda.is_available():
+        cases += [(cmd + ["--device", "cuda"], "argument --device: cuda: CUDA is not available on this machine; use --device cpu (or auto)")
+                  for cmd in (["train"], ["generate", "--ckpt", ckpt, "--prompt", "hi"], ["bench"], ["demo"],
+                              ["eval", "tasks", "--ckpt", ckpt, "--out", str(tmp_path / "t")])]
+    else:
+        n = torch.cuda.device_count()
+        cases += [(["bench", "--device", f"cuda:{n}"], f"argument --device: cuda:{n}: this machine has {n} CUDA device(s)")]
+    for argv, says in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"gca {argv[0]}: error: {says}"), err
+
 def test_bench_streaming_refuses_counts_below_one():
     from gca.inference.bench import bench_streaming
 

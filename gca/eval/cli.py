@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gca.cli import int_at_least
+from gca.cli import device_arg, int_at_least
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -196,7 +196,7 @@ a trial counts when the greedy continuation is exactly the answer.""",
     p.add_argument("--prefill-chunk", type=int_at_least(1), default=None,
                    help="tasks: prompt positions processed at once (default 16384 on a GPU, 4096 on a CPU; "
                         "answers do not depend on it)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--name", default=None, help="model name in the JSON (default: the folder name)")
     p.add_argument("--out", default="eval", help="output folder for JSON and plots (default ./eval)")
@@ -325,7 +325,7 @@ def add_generate(sub) -> None:
     p.add_argument("--compile-step", action="store_true",
                    help="compile the graph's decode step with torch.compile first (faster per token; the first "
                         "token waits for the compile, ~7-12 s for the small preset on an H200)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_generate)
 
@@ -392,7 +392,7 @@ def add_bench(sub) -> None:
     p.add_argument("--decode-tokens", type=int_at_least(1), default=64)
     p.add_argument("--batch-size", type=int_at_least(1), default=1)
     p.add_argument("--prefill-chunk", type=int_at_least(1), default=16384, help="positions processed at once in the prefill")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-overlap-too", action="store_true",
                    help="with offload, also time each prefill with the fetches copied on the compute stream (the overlap's worth)")
