@@ -139,7 +139,8 @@ def _add_train(sub) -> None:
         formatter_class=_FMT,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=d.preset, help=f"DRTConfig preset: tiny, small, paper (default {d.preset})")
+    g.add_argument("--preset", default=None, help=f"DRTConfig preset: tiny, small, paper (default {d.preset}; not with --init-from, "
+                                                  "which brings its own model)")
     g.add_argument("--init-from", default=None, metavar="DIR",
                    help="fine-tune: start from the weights and model config of this run or checkpoint folder "
                         "(--set still overrides fields, e.g. --set gca_softmax_one=false; --set upper_groups regroups the same upper "
@@ -157,29 +158,30 @@ def _add_train(sub) -> None:
     g.add_argument("--set", dest="set", action="append", metavar="KEY=VALUE", default=[], help="override a DRTConfig field, repeatable: --set hidden_size=128 --set upper_groups=[2,2] --set residual=published")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="SPEC", help="data source: synthetic:passkey, synthetic:mix, a directory made by `gca prepare`, or a mixture")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per training sequence (default {d.seq_len} = 16 chunks of 63)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per micro-batch per process (default {d.batch_size})")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help=f"micro-batches per optimizer step (default {d.grad_accum})")
+    g.add_argument("--seq-len", type=int_at_least(2), default=d.seq_len, help=f"tokens per training sequence (default {d.seq_len} = 16 chunks of 63)")
+    g.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size, help=f"sequences per micro-batch per process (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int_at_least(1), default=d.grad_accum, help=f"micro-batches per optimizer step (default {d.grad_accum})")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int, default=d.max_steps, help=f"optimizer steps (default {d.max_steps})")
+    g.add_argument("--max-steps", type=int_at_least(1), default=d.max_steps, help=f"optimizer steps (default {d.max_steps}); raised on a finished or stopped run, it continues with the "
+                        "cosine recomputed for the new end, so the learning rate goes back up to that schedule's value")
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr}, the paper's)")
     g.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine (default 0.2 * lr, the paper's 4e-4 for 2e-3)")
     g.add_argument("--warmup", type=float, default=d.warmup, help=f"warm-up as a fraction of --max-steps (default {d.warmup})")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay on linear weights (default {d.weight_decay})")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"global gradient-norm clip, 0 = off (default {d.grad_clip})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"seed of the initialisation and the data (default {d.seed})")
-    g.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite,
+    g.add_argument("--max-nonfinite", type=int_at_least(0), default=d.max_nonfinite,
                    help=f"skip updates whose gradient is NaN/inf (the batch is saved in DIR/nonfinite) and stop after "
                         f"this many in a row (default {d.max_nonfinite}; 0 = stop at the first)")
     g = p.add_argument_group("run directory and logging")
     g.add_argument("--out", required=True, metavar="DIR", help="run directory: log.jsonl, tb/, ckpt/ (resumed if it has a checkpoint)")
-    g.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps and at the end (default {d.save_every})")
-    g.add_argument("--log-every", type=int, default=d.log_every, help=f"log.jsonl row every N steps (default {d.log_every})")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help=f"validation every N steps and at the end, 0 = never (default {d.eval_every})")
-    g.add_argument("--stop-at", type=int, default=0, metavar="STEP",
+    g.add_argument("--save-every", type=int_at_least(1), default=d.save_every, help=f"checkpoint every N steps and at the end (default {d.save_every})")
+    g.add_argument("--log-every", type=int_at_least(1), default=d.log_every, help=f"log.jsonl row every N steps (default {d.log_every})")
+    g.add_argument("--eval-every", type=int_at_least(0), default=d.eval_every, help=f"validation every N steps and at the end, 0 = never (default {d.eval_every})")
+    g.add_argument("--stop-at", type=int_at_least(0), default=0, metavar="STEP",
                    help="stop with a checkpoint after this step without changing the schedule (rerun without it to go on)")
     g.add_argument("--time-limit", type=float, default=0.0, help="stop with a checkpoint after this many minutes (0 = no limit); rerun to resume")
-    g.add_argument("--eval-batches", type=int, default=d.eval_batches, help=f"validation batches per process (default {d.eval_batches})")
+    g.add_argument("--eval-batches", type=int_at_least(0), default=d.eval_batches, help=f"validation batches per process (default {d.eval_batches})")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g = p.add_argument_group("execution")
     g.add_argument("--device", type=device_arg, default=d.device, help="auto (cuda if available), cpu, cuda, cuda:N (default auto; torchrun uses cuda:LOCAL_RANK)")
@@ -206,8 +208,11 @@ def parse_lr_scale(items: list[str]) -> dict[str, float]:
 def train_config_from_args(args: argparse.Namespace):
     from gca.train.trainer import TrainConfig
 
+    if args.preset is not None and args.init_from is not None:
+        raise ValueError(f"--preset {args.preset} and --init-from both choose the model: drop --preset (the model is "
+                         f"{args.init_from}'s, with any --set and --arch changes)")
     return TrainConfig(
-        preset=args.preset,
+        preset=args.preset if args.preset is not None else TrainConfig.preset,
         init_from=args.init_from,
         freeze=args.freeze,
         lr_scale=parse_lr_scale(args.lr_scale),
@@ -282,7 +287,7 @@ def _add_prepare(sub) -> None:
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", default="embedded", metavar="PATH_OR_NAME", help="embedded (the package's 2048-token BPE, default), a tokenizer.json, a folder holding one, or a Hugging Face name such as gpt2")
     tok.add_argument("--train-tokenizer", action="store_true", help="train a byte-level BPE tokenizer on the inputs first")
-    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of --train-tokenizer (default 8192)")
+    p.add_argument("--vocab-size", type=int_at_least(2), default=8192, help="vocabulary of --train-tokenizer (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="expected share of documents held out for validation (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL, parquet and HF datasets (default text)")
@@ -404,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_FMT,
     )
+    from gca import __version__
+
+    p.add_argument("--version", action="version", version=f"gca {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_prepare(sub)
     _add_train(sub)
@@ -419,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. A missing or corrupt checkpoint or dataset, a bad value and a missing optional
-    package (what the library raises as CheckpointError, FileNotFoundError, ValueError or ImportError,
+    """Run one command. A missing or corrupt checkpoint or dataset, a bad value, a file the system refuses
+    and a missing optional package (what the library raises as CheckpointError, OSError, ValueError or ImportError,
     each message naming what to fix) end the command with one line, ``gca COMMAND: error: MESSAGE``,
     and exit status 2; ``GCA_TRACEBACK=1`` in the environment shows the traceback instead."""
     from gca.train.checkpoint import CheckpointError
@@ -432,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
+    # (OSError: a missing file, a file where a folder is due or the reverse, no permission, a full disk)
+    except (CheckpointError, OSError, ValueError, ImportError) as e:
         if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
             raise
         _close_progress_bars()

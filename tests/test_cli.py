@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import types
@@ -230,8 +231,59 @@ def test_train_command_baseline_and_bad_override(fake_data, tmp_path, capsys):
     assert json.loads((tmp_path / "swa" / "ckpt" / "config.json").read_text())["arch"] == "swa"
     assert main(_train_args(tmp_path / "bad", "--set", "hiden_size=64")) == 2
     assert "hiden_size" in capsys.readouterr().err
-    assert main(_train_args(tmp_path / "bad", "--batch-size", "0")) == 2
-    assert "batch_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # counts are checked by the parser
+        main(_train_args(tmp_path / "bad", "--batch-size", "0"))
+    assert e.value.code == 2 and "argument --batch-size: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_train_says_what_is_wrong_where_nothing_is_corrupt(fake_data, tmp_path, capsys):
+    """Cases that used to end in "corrupt checkpoint ... delete it" (or a traceback) though every file was
+    sound: a saved model as --out, options whose model does not fit --init-from's weights, --preset with
+    --init-from, a file as --out."""
+    saved = tmp_path / "saved"
+    shutil.copytree(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "passkey-tiny", saved)
+    (tmp_path / "afile").write_text("x")
+    run = tmp_path / "run"
+    assert main(_train_args(run, "--max-steps", "1", "--eval-every", "0")) == 0
+    capsys.readouterr()
+    init = ["--init-from", str(run), "--max-steps", "1", "--eval-every", "0"]
+
+    def no_preset(argv):
+        i = argv.index("--preset")
+        return argv[:i] + argv[i + 2:]
+
+    cases = [
+        (_train_args(saved), f"--out {saved} holds a saved model (model.safetensors without a training checkpoint), "
+                             f"not a training run: pass a new --out (add --init-from {saved} to start from these weights)"),
+        (no_preset(_train_args(tmp_path / "swa", "--arch", "swa", *init)),
+         f"--init-from {run}: its weights do not fit the model these options make (1 tensor(s) differ, e.g. embed.weight"),
+        (_train_args(tmp_path / "p", *init), "--preset tiny and --init-from both choose the model: drop --preset"),
+        (_train_args(tmp_path / "afile"), f"--out {tmp_path / 'afile'} is a file; the run needs a folder"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"gca train: error: {says}") and "corrupt" not in err, (argv, err)
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "train_config.json"]
+
+
+def test_train_without_progress_bar_prints_the_losses(fake_data, tmp_path, capsys):
+    """--no-progress (batch jobs) prints a line for each logged step and each validation; before, nothing
+    came between the header and "done"."""
+    assert main(_train_args(tmp_path / "run", "--log-every", "2", "--max-steps", "4")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("step ")] == ["step 1", "step 2", "step 2", "step 4", "step 4"]
+    assert sum("val_loss" in ln for ln in lines) == 2 and sum(" tok/s" in ln for ln in lines) == 3
+
+
+def test_version_and_missing_run_folder(capsys, tmp_path):
+    from gca import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"gca {__version__}"
+    assert main(["replay-nonfinite", str(tmp_path / "nope")]) == 2
+    assert "nope: no such run folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

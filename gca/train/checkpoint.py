@@ -271,13 +271,19 @@ def _few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def _check_shapes(model: DRT, path: Path, ckpt: Path) -> None:
-    """Raise a one-line :class:`CheckpointError` when tensors of the file and the model share a name but
-    not a shape (a config.json that does not belong to the weights), instead of torch's line per tensor."""
+def shape_mismatches(model: DRT, path: str | os.PathLike) -> list[tuple[str, tuple, tuple]]:
+    """``(name, shape in the file, shape in the model)`` of every tensor the weights file ``path`` and
+    ``model`` share by name but not by shape."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with safe_open(str(path), framework="pt") as f:
         got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k in want}
-    bad = [(k, shape, want[k]) for k, shape in got.items() if shape != want[k]]
+    return [(k, shape, want[k]) for k, shape in got.items() if shape != want[k]]
+
+
+def _check_shapes(model: DRT, path: Path, ckpt: Path) -> None:
+    """Raise a one-line :class:`CheckpointError` when tensors of the file and the model share a name but
+    not a shape (a config.json that does not belong to the weights), instead of torch's line per tensor."""
+    bad = shape_mismatches(model, path)
     if bad:
         k, got, exp = bad[0]
         raise _corrupt(path, f"does not fit the model of config.json: {len(bad)} tensor(s) differ in shape, e.g. {k} "

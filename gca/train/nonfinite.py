@@ -118,6 +118,8 @@ def replay_nonfinite(
     from gca.model import DRT
     from gca.train.checkpoint import load_weights, read_config
 
+    if not Path(run).is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder (give the --out folder of a `gca train` run)")
     d = Path(run) / NONFINITE
     step = _pick_step(d, step)
     batch_path = d / f"step{step}_rank0.pt"

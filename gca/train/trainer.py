@@ -39,6 +39,7 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,11 +55,14 @@ from gca.model import DRT
 from gca.retrieval import COLLAPSED_SPREAD, retrieval_health
 from gca.train import distributed as D
 from gca.train.checkpoint import (
+    MANIFEST,
+    WEIGHTS,
     CheckpointError,
     find_checkpoint,
     load_weights,
     read_checkpoint,
     save_checkpoint,
+    shape_mismatches,
 )
 from gca.train.schedule import lr_at, warmup_steps
 
@@ -165,6 +169,8 @@ class TrainConfig:
             bad("time_limit", "must be >= 0 minutes (0 = no limit)")
         if self.eval_every and self.eval_batches < 1:
             bad("eval_batches", "must be >= 1 when eval_every > 0")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} is a file; the run needs a folder (new, or a run's to resume it)")
         if self.freeze is not None:
             try:
                 re.compile(self.freeze)
@@ -236,6 +242,15 @@ class TrainResult:
     resumed_from: int
     skipped: list[int] = dataclasses.field(default_factory=list)  # steps whose update was skipped (non-finite gradient)
     interrupted: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run after a checkpoint, if one did
+
+
+def _say(*parts) -> None:
+    """Print a line of the run's story above any open progress bar (a plain print would be glued to the
+    bar's line), flushed at once."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(" ".join(str(p) for p in parts), file=sys.stdout)
+    sys.stdout.flush()
 
 
 class _StopOnSignal:
@@ -392,7 +407,7 @@ class _Run:
         self.cfg, self.info = cfg, info
         self.out = Path(cfg.out)
         self.source, self.val_source = source, val_source
-        self.say = (lambda *a: print(*a, flush=True)) if info.is_main else (lambda *a: None)
+        self.say = _say if info.is_main else (lambda *a: None)
 
     # ---- set-up ----
     def _build_sources(self):
@@ -417,6 +432,11 @@ class _Run:
         path = find_checkpoint(self.out, repair=False) if self.out.exists() else None
         if path is None:
             return None
+        if path == self.out and not (path / MANIFEST).exists():  # weights at the top, no training checkpoint
+            raise ValueError(
+                f"--out {self.out} holds a saved model (model.safetensors without a training checkpoint), not a "
+                f"training run: pass a new --out (add --init-from {self.out} to start from these weights)"
+            )
         return read_checkpoint(path)
 
     def _check_resume(self, ck, mcfg: DRTConfig):
@@ -488,6 +508,15 @@ class _Run:
             load_weights(model, ck.path)
         elif cfg.init_from:
             init_path, saved_cfg = _init_checkpoint(cfg.init_from)
+            if saved_cfg.upper_groups == mcfg.upper_groups and (init_path / WEIGHTS).is_file():
+                bad = shape_mismatches(model, init_path / WEIGHTS)  # (a regrouping is checked layer by layer)
+                if bad:  # not a corrupt checkpoint: the options ask for another model
+                    k, there, here = bad[0]
+                    raise ValueError(
+                        f"--init-from {cfg.init_from}: its weights do not fit the model these options make "
+                        f"({len(bad)} tensor(s) differ, e.g. {k} is {there} there and {here} here); start from a "
+                        f"checkpoint of the same shape, or drop the options that change it (--arch, --set)"
+                    )
             new, gone = load_weights(model, init_path, saved_config=saved_cfg)
             self.say(f"initialised from {init_path}")
             if "lm_head.weight" in new and saved_cfg.tie_embeddings:  # untied: the head starts where the tie left it
@@ -527,7 +556,7 @@ class _Run:
             return result
 
         self.say(
-            f"model {mcfg.arch} ({cfg.preset}): {model.num_parameters() / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}; "
+            f"model {mcfg.arch} ({f'from {cfg.init_from}' if cfg.init_from else cfg.preset}): {model.num_parameters() / 1e6:.2f}M parameters, vocab {mcfg.vocab_size}; "
             f"{info.world_size} process(es) on {dev.type}; {tokens_per_step} tokens/step; "
             + (f"resuming from step {start}" if start else f"warm-up {warmup_steps(cfg.max_steps, cfg.warmup)} steps")
         )
@@ -632,15 +661,16 @@ class _Run:
                     result.losses.append((n, loss_val))
                     write(row)
                     bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tok_per_s']:.0f}")
+                    if not cfg.progress:  # no bar to show it: a line a logged step (batch jobs' logs)
+                        self.say(f"step {n}: loss {loss_val:.4f}, lr {lr:.2e}, {row['tok_per_s']:.0f} tok/s")
 
                 if cfg.eval_every and (n % cfg.eval_every == 0 or n == cfg.max_steps):
                     val, health = self._evaluate(eval_model, autocast)
                     result.val_losses.append((n, val))
                     write({"step": n, "val_loss": val, **health, "tokens": n * tokens_per_step,
                            "elapsed_s": round(elapsed0 + time.perf_counter() - t0, 3)})
-                    if info.is_main and cfg.progress:
-                        extra = "".join(f", {k[4:]} {v:g}" for k, v in health.items())
-                        bar.write(f"step {n}: val_loss {val:.4f}{extra}")
+                    extra = "".join(f", {k[4:]} {v:g}" for k, v in health.items())
+                    self.say(f"step {n}: val_loss {val:.4f}{extra}")
                     if health.get("val_retr_spread", 1.0) < COLLAPSED_SPREAD and not warned_collapse:
                         warned_collapse = True
                         self.say(
