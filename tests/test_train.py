@@ -318,6 +318,13 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_to_the_uninterrupted_run(ref
         assert train_losses(out) == train_losses(ref_out)
 
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_loading_on_cuda_without_cuda_is_not_called_corrupt():
+    """The weights' read failed on pin_memory and was reported as a corrupt checkpoint to delete."""
+    with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+        load_model(TESTS.parent / "checkpoints" / "passkey-tiny", device="cuda")
+
 def test_save_model_and_export_model_round_trip(reference, tmp_path):
     """save_model writes any DRT where load_model reads it back (exactly in float32, rounded in bf16);
     export_model makes the compact bf16 copy of a run's checkpoint, with its train config."""

@@ -234,6 +234,8 @@ def load_weights(
     path = ckpt / WEIGHTS
     if not path.is_file():
         raise _corrupt(path, "is missing", ckpt)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # not the file's fault
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine; load on the CPU")
     regroup = (
         saved_config is not None
         and list(saved_config.upper_groups) != list(model.config.upper_groups)
