@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import textwrap
+import warnings
 from typing import Any
 
 _FMT = argparse.RawDescriptionHelpFormatter
@@ -287,7 +288,7 @@ def _add_prepare(sub) -> None:
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", default="embedded", metavar="PATH_OR_NAME", help="embedded (the package's 2048-token BPE, default), a tokenizer.json, a folder holding one, or a Hugging Face name such as gpt2")
     tok.add_argument("--train-tokenizer", action="store_true", help="train a byte-level BPE tokenizer on the inputs first")
-    p.add_argument("--vocab-size", type=int_at_least(2), default=8192, help="vocabulary of --train-tokenizer (default 8192)")
+    p.add_argument("--vocab-size", type=int_at_least(2), default=None, help="vocabulary of --train-tokenizer (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="expected share of documents held out for validation (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL, parquet and HF datasets (default text)")
@@ -302,8 +303,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     try:
         tokenizer = args.tokenizer
+        if args.vocab_size is not None and not args.train_tokenizer:
+            raise ValueError("--vocab-size sets the size of a tokenizer trained with --train-tokenizer; add "
+                             "--train-tokenizer, or drop --vocab-size (--tokenizer's vocabulary is fixed)")
         if args.train_tokenizer:
-            tokenizer = train_bpe(args.inputs, args.vocab_size)
+            tokenizer = train_bpe(args.inputs, args.vocab_size or 8192)
         meta = prepare(
             args.inputs,
             args.out,
@@ -438,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    shown = warnings.showwarning
+    warnings.showwarning = lambda message, *a, **k: print(f"gca {args.command}: warning: {message}", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
     # (OSError: a missing file, a file where a folder is due or the reverse, no permission, a full disk)
@@ -447,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress_bars()
         print(f"gca {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
 
 
 def _close_progress_bars() -> None:

@@ -315,6 +315,15 @@ def test_prepare_command(tmp_path, capsys):
     assert (tmp_path / "data" / "meta.json").exists() and (tmp_path / "data" / "tokenizer.json").exists()
     assert main(["prepare", str(src), "--out", str(tmp_path / "data")]) == 2  # exists: needs --overwrite
     assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "d2")]) == 2
+    capsys.readouterr()
+    # --vocab-size only sizes a trained tokenizer (it was silently ignored without --train-tokenizer)
+    assert main(["prepare", str(src), "--out", str(tmp_path / "d3"), "--vocab-size", "300"]) == 2
+    assert "--vocab-size sets the size of a tokenizer trained with --train-tokenizer" in capsys.readouterr().err
+    # warnings come as one line in the command's name (one document: the val split is empty)
+    assert main(["prepare", str(src / "doc0.txt"), "--out", str(tmp_path / "d4")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "gca prepare: warning: prepare: the val split is empty" in "\n".join(err)
+    assert not any("UserWarning" in line for line in err)
 
 
 def test_bench_overlap_modes_and_passkey_trial(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -61,6 +62,7 @@ def test_embedded_tokenizer():
     assert all(len(x) == 1 for x in digits)
 
 
+@pytest.mark.filterwarnings("ignore:train_bpe:UserWarning")  # the tiny corpora fill fewer ids
 def test_train_bpe_round_trip(tmp_path, corpus):
     tok = train_bpe([str(corpus)], vocab_size=300, out_path=tmp_path / "tok", show_progress=False)
     assert isinstance(tok, Tokenizer) and tok.vocab_size <= 300 and tok.eos_id == 0
@@ -160,13 +162,34 @@ def test_html_and_offline_corpus(tmp_path):
     pg.mkdir(parents=True)
     (pg / "intro.html").write_text("<html><head><title>t</title><script>x=1</script></head>"
                                    "<body><p>Hello &amp; welcome.</p><nav>menu</nav></body></html>")
-    files = offline_corpus_files(root)
+    with pytest.warns(UserWarning, match="lacks 6 of its 8 packages .linux-doc, perl-doc, .*apt-get install"):
+        files = offline_corpus_files(root)
     assert len(files) == 2
     docs = [d for f in files for d in iter_documents(str(f))]
     assert "Hello & welcome." in docs and "The os module." in docs
     with pytest.raises(FileNotFoundError, match="apt-get install"):
         offline_corpus_files(tmp_path / "empty_root")
     assert "linux-doc" in OFFLINE_CORPUS_INSTALL
+
+
+def test_offline_corpus_without_its_packages(tmp_path):
+    """perl-modules' lone perldiag.pod is no corpus: with none of the packages installed, an error in one
+    line naming them and the install command (and the dpkg rule that drops /usr/share/doc, if any)."""
+    pod = tmp_path / "usr/share/perl/5.36.0/pod"
+    pod.mkdir(parents=True)
+    (pod / "perldiag.pod").write_text("=head1 NAME\n\nperldiag - various Perl diagnostics\n")
+    with pytest.raises(FileNotFoundError, match="not installed .missing packages: linux-doc, .*perl-doc.*apt-get "
+                                                "install .*debian-reference-en") as e:
+        offline_corpus_files(tmp_path)
+    assert "\n" not in str(e.value) and "path-exclude" not in str(e.value)
+    assert offline_corpus_files(tmp_path, require=False) == []
+    (tmp_path / "etc/dpkg/dpkg.cfg.d").mkdir(parents=True)
+    (tmp_path / "etc/dpkg/dpkg.cfg.d/excludes").write_text("path-exclude=/usr/share/doc/*\n")
+    with pytest.raises(FileNotFoundError, match="drop the path-exclude of /usr/share/doc"):
+        offline_corpus_files(tmp_path)
+    (pod / "perlfunc.pod").write_text("=head1 NAME\n\nperlfunc - Perl builtin functions\n")  # perl-doc is in
+    with pytest.warns(UserWarning, match="lacks 7 of its 8 packages"):
+        assert [f.name for f in offline_corpus_files(tmp_path)] == ["perldiag.pod", "perlfunc.pod"]
 
 
 def test_hf_source_clear_error():
@@ -216,6 +239,60 @@ def test_prepare_errors(tmp_path):
         prepare([str(tmp_path / "missing")], tmp_path / "out2", progress=False)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         PackedDataset(tmp_path / "e")
+
+
+def test_prepare_warns_when_a_split_is_empty(tmp_path):
+    """One document goes whole to one split: say so at prepare time, not at `gca train`'s first
+    validation; val_fraction=0 asks for no validation, and gets no warning."""
+    (tmp_path / "one.txt").write_text(TEXTS[0])
+    with pytest.warns(UserWarning, match="val split is empty: the sources hold 1 document.*--eval-every 0"):
+        meta = prepare([str(tmp_path / "one.txt")], tmp_path / "a", val_fraction=0.01, progress=False)
+    assert meta["tokens"]["val"] == 0
+    with pytest.raises(ValueError, match="split 'val' is empty .*gca prepare --val-fraction.*--eval-every 0"):
+        PackedDataset(tmp_path / "a", "val")
+    with pytest.warns(UserWarning, match="train split is empty.*smaller val_fraction .gca prepare --val-fraction"):
+        meta = prepare([str(tmp_path / "one.txt")], tmp_path / "b", val_fraction=0.999, progress=False)
+    assert meta["tokens"]["train"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare([str(tmp_path / "one.txt")], tmp_path / "c", val_fraction=0.0, progress=False)
+
+
+def test_prepare_errors_name_the_cli_flags(tmp_path, prepared, corpus):
+    out, _ = prepared
+    with pytest.raises(FileExistsError, match=r"pass overwrite=True \(gca prepare --overwrite\)"):
+        prepare([str(corpus)], out, progress=False)
+    with pytest.raises(ValueError, match=r"val_fraction \(gca prepare --val-fraction\) must be in \[0, 1\)"):
+        prepare([str(corpus)], tmp_path / "x", val_fraction=1.0, progress=False)
+
+
+def test_mixture_of_datasets_with_different_tokenizers(tmp_path, prepared, corpus):
+    """The user gave no tokenizer: the error says the mixture's datasets do not share one."""
+    out, _ = prepared
+    tok = train_bpe([str(corpus)], vocab_size=300, show_progress=False)
+    other = tmp_path / "other"
+    prepare([str(corpus)], other, tokenizer=tok, val_fraction=0.3, progress=False)
+    for spec in (f"{out}@0.5+{other}@0.5", f"{other}+synthetic:passkey;filler={out}"):
+        with pytest.raises(ValueError, match=f"do not share a tokenizer: .* with 'embedded' .2048 ids.*--tokenizer") as e:
+            build_source(spec, seq_len=16)
+        assert "tokenizer=None" not in str(e.value)
+
+
+def test_data_main_errors_in_one_line(capsys):
+    from gca.data.__main__ import main
+
+    assert main(["show", "synthetic:foo"]) == 2
+    err = capsys.readouterr().err
+    assert err == "python -m gca.data show: error: unknown task 'foo'; choose one of ('passkey', 'multikey', '2hop')\n"
+
+
+def test_train_bpe_smaller_than_asked(corpus):
+    """A small corpus cannot fill a large vocabulary: warn, and name the tokenizer by its real size."""
+    with pytest.warns(UserWarning, match="yield only .* fewer than the vocab_size=70000 asked for .gca prepare --vocab-size"):
+        tok = train_bpe([str(corpus)], vocab_size=70000, show_progress=False)
+    assert tok.vocab_size < 70000 and tok.name == f"bpe-{tok.vocab_size}"
+    with pytest.raises(ValueError, match=r"vocab_size \(gca prepare --vocab-size\) must be >= 257"):
+        train_bpe([str(corpus)], vocab_size=100, show_progress=False)
 
 
 def test_packed_source(prepared):

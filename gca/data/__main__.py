@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -41,6 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--split", default="train")
 
     a = ap.parse_args(argv)
+    try:
+        return _run(a)
+    # as `gca`'s main: a bad spec or value, a missing file or package end in one line, exit status 2
+    except (OSError, ValueError, ImportError) as e:
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"{ap.prog} {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a: argparse.Namespace) -> int:
     if a.cmd == "prepare":
         from gca.data.prepare import prepare
 
@@ -53,14 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         tok = train_bpe(a.sources, a.vocab_size, a.out)
         print(tok)
     elif a.cmd == "corpus":
-        from gca.data.sources import OFFLINE_CORPUS_INSTALL, offline_corpus_files
+        from gca.data.sources import OFFLINE_CORPUS_INSTALL, _install_hint, offline_corpus_by_package
 
-        files = offline_corpus_files(require=False)
+        parts = offline_corpus_by_package()
+        files = [f for fs in parts.values() for f in fs]
+        missing = [p for p, fs in parts.items() if not fs]
         if not files:
             print(f"offline corpus not installed; as root run:\n  {OFFLINE_CORPUS_INSTALL}")
             return 1
         size = sum(f.stat().st_size for f in files)
         print(f"{len(files)} files, {size / 1e6:.1f} MB on disk (some gzipped)")
+        if missing:
+            print(f"missing packages: {' '.join(missing)}; {_install_hint('/', missing)}")
     elif a.cmd == "show":
         from gca.data.batches import build_source
 

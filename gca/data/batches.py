@@ -34,6 +34,7 @@ synthetic tasks a separate random stream.
 
 from __future__ import annotations
 
+import json
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -227,6 +228,31 @@ def _build_one(text: str, *, seq_len: int, seed: int, split: str, tokenizer) -> 
     return PackedSource(p, seq_len=seq_len, seed=seed, split=split, tokenizer=tokenizer)
 
 
+def _check_shared_tokenizer(comps: list[tuple[str, float]]) -> None:
+    """The prepared folders of a mixture (its datasets and synthetic ``filler=`` folders) must share a
+    tokenizer: say which two do not, before any component is built (its error would blame a tokenizer
+    argument the user never gave)."""
+    folders = []
+    for base, _ in comps:
+        head, *opts = base.split(";")
+        paths = [head.strip()] if not head.strip().startswith("synthetic:") else []
+        paths += [o.split("=", 1)[1].strip() for o in opts if o.split("=", 1)[0].strip() == "filler" and "=" in o]
+        folders += [Path(x).expanduser() for x in paths if (Path(x).expanduser() / "meta.json").exists()]
+    seen = None
+    for f in folders:
+        try:
+            meta = json.loads((f / "meta.json").read_text())
+            tok = (meta["tokenizer"]["name"], int(meta["vocab_size"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # PackedDataset reports a broken folder when it is built
+        if seen is None:
+            seen = (f, tok)
+        elif tok[1] != seen[1][1]:
+            raise ValueError(f"the datasets of the mixture do not share a tokenizer: {seen[0]} was prepared with "
+                             f"{seen[1][0]!r} ({seen[1][1]} ids), {f} with {tok[0]!r} ({tok[1]} ids); prepare them with "
+                             f"the same one (gca prepare ... --tokenizer {seen[0]})")
+
+
 def build_source(spec: str, *, seq_len: int, seed: int = 0, split: str = "train", tokenizer=None) -> BatchSource:
     """Build a :class:`BatchSource` from a spec string (grammar in the module docstring).
 
@@ -244,6 +270,7 @@ def build_source(spec: str, *, seq_len: int, seed: int = 0, split: str = "train"
         raise ValueError("build_source: spec must be a non-empty string")
     comps = [_parse_component(c) for c in spec.split("+")]
     if tokenizer is None and len(comps) > 1:
+        _check_shared_tokenizer(comps)
         for base, _ in comps:
             b = base.split(";")[0]
             if not b.startswith("synthetic:") and (Path(b).expanduser() / "meta.json").exists():

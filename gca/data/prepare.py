@@ -16,7 +16,8 @@ Layout of a prepared folder::
 
 The split is by document: a document goes to validation when a hash of (seed, its text) falls below
 ``val_fraction``, so the split is deterministic, independent of the order of the sources, and puts
-exact duplicates on one side. At least one document goes to each split when there are two or more.
+exact duplicates on one side. At least one document goes to each split when there are two or more
+(one document leaves a split empty: prepare warns).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import datetime
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -93,6 +95,21 @@ class _SplitWriter:
         return {"tokens": self.n, "documents": len(self.offsets), "sha256": h.hexdigest()}
 
 
+def _warn_empty_split(stats: dict, val_fraction: float) -> None:
+    """Say at prepare time what `gca train` would otherwise find out later: a split holds nothing
+    (a single document goes whole to one side). val_fraction=0 asks for no validation: no warning."""
+    docs = sum(v["documents"] for v in stats.values())
+    if val_fraction > 0 and stats["val"]["tokens"] == 0:
+        warnings.warn(f"prepare: the val split is empty: the sources hold {docs} document(s) and validation holds out "
+                      f"whole documents; give more documents (a long text split into several files), or train without "
+                      f"validation (gca train --eval-every 0) and prepare with val_fraction=0 (--val-fraction 0) to "
+                      f"say so", stacklevel=3)
+    elif stats["train"]["tokens"] == 0:
+        warnings.warn(f"prepare: the train split is empty: the sources hold {docs} document(s), all held out for "
+                      f"validation; give more documents or a smaller val_fraction (gca prepare --val-fraction)",
+                      stacklevel=3)
+
+
 def prepare(
     sources: str | Iterable[str],
     out_dir: str | os.PathLike,
@@ -132,18 +149,20 @@ def prepare(
     if not sources:
         raise ValueError("prepare: no sources given")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(f"val_fraction (gca prepare --val-fraction) must be in [0, 1), got {val_fraction}")
     if max_documents is not None:
         check_counts("prepare", max_documents=max_documents)
     tok = load_tokenizer(tokenizer)
     sep = tok.eos_id if separator_id is None else int(separator_id)
     if sep is None:
-        raise ValueError(f"tokenizer {tok.name!r} has no EOS token; pass separator_id=")
+        raise ValueError(f"tokenizer {tok.name!r} has no EOS token to separate documents; use one that has (gca "
+                         f"prepare --tokenizer) or pass prepare(..., separator_id=ID)")
     if not 0 <= sep < tok.vocab_size:
         raise ValueError(f"separator_id {sep} is outside the vocabulary [0, {tok.vocab_size})")
     out = Path(out_dir)
     if (out / "meta.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a prepared dataset; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out} already holds a prepared dataset; pass overwrite=True (gca prepare --overwrite) "
+                              f"to replace it, or choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
     # check every source before the long tokenisation starts (missing paths fail fast)
@@ -206,6 +225,8 @@ def prepare(
                 w.f.close()
             w.path.with_suffix(".bin.tmp").unlink(missing_ok=True)
         raise
+
+    _warn_empty_split(stats, val_fraction)
 
     content = hashlib.sha256((stats["train"]["sha256"] + stats["val"]["sha256"]).encode()).hexdigest()
     tok_file = tok.save(out / "tokenizer.json") if tok._tok is not None else None
@@ -275,8 +296,11 @@ class PackedDataset:
         self.dtype = np.dtype(self.meta["dtype"])
         n = self.meta["tokens"][split]
         if n == 0:
-            raise ValueError(f"{self.path}: split {split!r} is empty (0 tokens); prepare with more data "
-                             f"or a different val_fraction")
+            docs, other = sum(self.meta.get("documents", {}).values()), [s for s in SPLITS if s != split][0]
+            raise ValueError(f"{self.path}: split {split!r} is empty (0 tokens; all {docs} document(s) went to "
+                             f"{other!r}, documents are not cut); prepare it again with more documents or another val_fraction "
+                             f"(gca prepare --val-fraction)" + ("; or train without validation (gca train "
+                             f"--eval-every 0)" if split == "val" else ""))
         self.tokens = np.memmap(self.path / f"{split}.bin", dtype=self.dtype, mode="r", shape=(n,))
         idx = self.path / f"{split}.idx.npy"
         self.doc_offsets = np.load(idx) if idx.exists() else np.zeros(1, dtype=np.int64)

@@ -24,6 +24,8 @@ Ubuntu machine, as root::
 6,207 documents, 63.4M characters, 24.4M tokens with the embedded 2048-token BPE, 19.0M with an
 8192-token BPE trained on it (larger vocabularies give fewer; see :func:`offline_corpus_files`).
 Images whose dpkg config drops /usr/share/doc (some minimal Docker images) must lift that rule first.
+With none of the packages installed, reading ``debian-docs`` fails naming them and the command; with
+some missing, it warns which (:func:`offline_corpus_files`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import io
 import json
 import os
 import re
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterator
@@ -234,48 +237,84 @@ def _newest(paths: list[str]) -> list[str]:
     return sorted(paths, key=key)[-1:] if paths else []
 
 
-def offline_corpus_files(root: str | os.PathLike = "/", *, require: bool = True) -> list[Path]:
-    """The files of the offline English corpus (see the module docstring for the install command).
+def offline_corpus_by_package(root: str | os.PathLike = "/") -> dict[str, list[Path]]:
+    """The files of the offline corpus found under ``root``, by the Debian package that ships them
+    (every name of :data:`OFFLINE_CORPUS_PACKAGES` is a key; an empty list: not installed).
 
     Documentation sources (plain text where Debian ships it, else HTML): Linux kernel (Sphinx
     sources + legacy .txt), Python (Sphinx sources), Perl (pod), Django and PostgreSQL and Apache
     (HTML), Git (asciidoc .txt), the Debian reference. Each file is one document.
-
-    Args:
-        root: filesystem root to search under (tests point it at a fake tree).
-        require: raise FileNotFoundError, naming the install command, if nothing is installed.
-    Returns:
-        sorted, de-duplicated (by real path) list of files.
     """
     r = str(Path(root))
     doc = os.path.join(r, "usr/share/doc")
     g = lambda pat: glob.glob(os.path.join(doc, pat) if not pat.startswith("/") else os.path.join(r, pat[1:]), recursive=True)  # noqa: E731
-    files: list[str] = []
+    parts: dict[str, list[str]] = {p: [] for p in OFFLINE_CORPUS_PACKAGES}
     for d in _newest(g("linux-doc-*")):
-        files += g(f"{os.path.basename(d)}/html/_sources/**/*.txt")
-        files += [f for f in g(f"{os.path.basename(d)}/Documentation/**/*.txt.gz") if "/devicetree/" not in f]
+        parts["linux-doc"] += g(f"{os.path.basename(d)}/html/_sources/**/*.txt")
+        parts["linux-doc"] += [f for f in g(f"{os.path.basename(d)}/Documentation/**/*.txt.gz") if "/devicetree/" not in f]
     for d in _newest([p for p in g("python3.*") if os.path.isdir(os.path.join(p, "html/_sources"))]):
-        files += g(f"{os.path.basename(d)}/html/_sources/**/*.txt")
+        parts["python3-doc"] += g(f"{os.path.basename(d)}/html/_sources/**/*.txt")
     for d in _newest(g("/usr/share/perl/*/pod")):
-        files += glob.glob(os.path.join(d, "*.pod"))
+        pods = glob.glob(os.path.join(d, "*.pod"))
+        # perl-modules ships perldiag.pod alone (for `use diagnostics`): that is not perl-doc's ~200 pods
+        if any(os.path.basename(f) != "perldiag.pod" for f in pods):
+            parts["perl-doc"] += pods
     skip_html = ("/_modules/", "genindex", "/search.html", "py-modindex", "/_static/")
-    files += [f for f in g("python-django-doc/html/**/*.html") if not any(s in f for s in skip_html)]
+    parts["python-django-doc"] += [f for f in g("python-django-doc/html/**/*.html") if not any(s in f for s in skip_html)]
     for d in _newest(g("postgresql-doc-*")):
-        files += g(f"{os.path.basename(d)}/html/*.html")
-    files += g("git-doc/*.txt") + g("git-doc/**/*.txt")
-    files += g("apache2-doc/manual/en/**/*.html")
-    files += g("/usr/share/debian-reference/debian-reference.en.txt.gz")
-    seen, out = set(), []
-    for f in sorted(set(files)):
-        real = os.path.realpath(f)
-        if real not in seen and os.path.isfile(f):
-            seen.add(real)
-            out.append(Path(f))
-    if require and not out:
-        raise FileNotFoundError(
-            "the offline corpus (debian-docs) is not installed. As root on Debian/Ubuntu run:\n  "
-            + OFFLINE_CORPUS_INSTALL
-        )
+        parts["postgresql-doc"] += g(f"{os.path.basename(d)}/html/*.html")
+    parts["git-doc"] += g("git-doc/*.txt") + g("git-doc/**/*.txt")
+    parts["apache2-doc"] += g("apache2-doc/manual/en/**/*.html")
+    parts["debian-reference-en"] += g("/usr/share/debian-reference/debian-reference.en.txt.gz")
+    seen: set[str] = set()
+    out: dict[str, list[Path]] = {}
+    for pkg, files in parts.items():
+        out[pkg] = []
+        for f in sorted(set(files)):
+            real = os.path.realpath(f)
+            if real not in seen and os.path.isfile(f):
+                seen.add(real)
+                out[pkg].append(Path(f))
+    return out
+
+
+def _install_hint(root: str, missing: list[str]) -> str:
+    """How to install ``missing``, one line, and the dpkg rule that would undo it where there is one."""
+    hint = ("install them as root on Debian/Ubuntu (`make corpus` does it): apt-get update && DEBIAN_FRONTEND=noninteractive "
+            "apt-get install -y --no-install-recommends " + " ".join(missing))
+    for cfg in glob.glob(os.path.join(str(root), "etc/dpkg/dpkg.cfg.d/*")):
+        try:
+            text = Path(cfg).read_text(errors="replace")
+        except OSError:
+            continue
+        if re.search(r"^\s*path-exclude\s*=?\s*/usr/share/doc", text, re.M):
+            hint += f" (and first drop the path-exclude of /usr/share/doc in {cfg}: dpkg leaves those files out)"
+            break
+    return hint
+
+
+def offline_corpus_files(root: str | os.PathLike = "/", *, require: bool = True) -> list[Path]:
+    """The files of the offline English corpus (see the module docstring for the install command,
+    :func:`offline_corpus_by_package` for what is read).
+
+    Args:
+        root: filesystem root to search under (tests point it at a fake tree).
+        require: raise FileNotFoundError, naming the install command, if none of the packages is
+            installed, and warn naming those missing if only some are (the corpus is then smaller than
+            the 6,207 documents the README counts).
+    Returns:
+        sorted, de-duplicated (by real path) list of files.
+    """
+    parts = offline_corpus_by_package(root)
+    out = sorted(f for files in parts.values() for f in files)
+    missing = [p for p, files in parts.items() if not files]
+    if require and len(missing) == len(parts):
+        raise FileNotFoundError(f"the offline corpus (debian-docs) is not installed (missing packages: "
+                                f"{', '.join(missing)}); {_install_hint(str(root), missing)}")
+    if require and missing:
+        warnings.warn(f"the offline corpus (debian-docs) lacks {len(missing)} of its {len(parts)} packages "
+                      f"({', '.join(missing)}), so it is smaller than the README's 6,207 documents; "
+                      f"{_install_hint(str(root), missing)}", stacklevel=2)
     return out
 
 

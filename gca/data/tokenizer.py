@@ -17,6 +17,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -156,13 +157,15 @@ def train_bpe(
         special_tokens: added first, so ``<|endoftext|>`` gets id 0 by default (the document separator).
         min_frequency: minimum pair count for a merge.
     Returns:
-        the trained :class:`Tokenizer` (named after ``out_path`` when saved).
+        the trained :class:`Tokenizer` (named after ``out_path`` when saved, else ``bpe-N`` with N
+        its real size: a small corpus may give fewer than ``vocab_size`` ids, with a warning).
     """
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     special_tokens = list(special_tokens)
     if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"vocab_size must be >= 256 + {len(special_tokens)} special tokens, got {vocab_size}")
+        raise ValueError(f"vocab_size (gca prepare --vocab-size) must be >= {256 + len(special_tokens)} (256 bytes + "
+                         f"{len(special_tokens)} special tokens), got {vocab_size}")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -184,7 +187,13 @@ def train_bpe(
     tok.train_from_iterator(counted(), trainer)
     if seen[0] == 0:
         raise ValueError("train_bpe: no text to train on (the inputs were empty)")
-    out = Tokenizer(tok, name=name or (str(out_path) if out_path else f"bpe-{vocab_size}"))
+    got = tok.get_vocab_size(with_added_tokens=True)
+    if got < vocab_size:
+        # too little text for that many merges: the name says the real size, and the user hears of it
+        warnings.warn(f"train_bpe: the texts yield only {got} tokens (merges of pairs seen >= {min_frequency} times), "
+                      f"fewer than the vocab_size={vocab_size} asked for (gca prepare --vocab-size); the tokenizer "
+                      f"has {got} ids, more text gives more", stacklevel=2)
+    out = Tokenizer(tok, name=name or (str(out_path) if out_path else f"bpe-{got}"))
     if out_path is not None:
         saved = out.save(out_path)
         out.name = name or str(saved)
