@@ -140,7 +140,7 @@ def _add_train(sub) -> None:
         formatter_class=_FMT,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=None, help=f"DRTConfig preset: tiny, small, paper (default {d.preset}; not with --init-from, "
+    g.add_argument("--preset", default=None, help=f"DRTConfig preset: tiny, small, paper (default {d.preset}; ignored with --init-from, "
                                                   "which brings its own model)")
     g.add_argument("--init-from", default=None, metavar="DIR",
                    help="fine-tune: start from the weights and model config of this run or checkpoint folder "
@@ -209,9 +209,9 @@ def parse_lr_scale(items: list[str]) -> dict[str, float]:
 def train_config_from_args(args: argparse.Namespace):
     from gca.train.trainer import TrainConfig
 
-    if args.preset is not None and args.init_from is not None:
-        raise ValueError(f"--preset {args.preset} and --init-from both choose the model: drop --preset (the model is "
-                         f"{args.init_from}'s, with any --set and --arch changes)")
+    if args.preset is not None and args.init_from is not None:  # (kept in train_config.json: runs resume as before)
+        warnings.warn(f"--preset {args.preset} is ignored: with --init-from the model is {args.init_from}'s "
+                      f"(with any --set and --arch changes)", stacklevel=2)
     return TrainConfig(
         preset=args.preset if args.preset is not None else TrainConfig.preset,
         init_from=args.init_from,

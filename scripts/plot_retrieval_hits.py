@@ -22,10 +22,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def pooled(rows: list[dict], task: str) -> dict[int, tuple[float, float, int]]:
-    """context length -> (hit %, accuracy %, trials), pooled over depths."""
+    """context length -> (hit %, accuracy %, trials), pooled over depths (rows without a retrieval hit,
+    a baseline's, are left out)."""
     acc = defaultdict(lambda: [0.0, 0.0, 0])
     for r in rows:
-        if r["task"] == task:
+        if r["task"] == task and r.get("retrieval_hit") is not None:  # None: a baseline without retrieval
             p = acc[r["context_length"]]
             p[0] += r["retrieval_hit"] * r["trials"]
             p[1] += r["accuracy"] * r["trials"]

@@ -238,8 +238,8 @@ def test_train_command_baseline_and_bad_override(fake_data, tmp_path, capsys):
 
 def test_train_says_what_is_wrong_where_nothing_is_corrupt(fake_data, tmp_path, capsys):
     """Cases that used to end in "corrupt checkpoint ... delete it" (or a traceback) though every file was
-    sound: a saved model as --out, options whose model does not fit --init-from's weights, --preset with
-    --init-from, a file as --out."""
+    sound: a saved model as --out, options whose model does not fit --init-from's weights, a file as
+    --out; and --preset beside --init-from, silently ignored before."""
     saved = tmp_path / "saved"
     shutil.copytree(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "passkey-tiny", saved)
     (tmp_path / "afile").write_text("x")
@@ -257,7 +257,6 @@ def test_train_says_what_is_wrong_where_nothing_is_corrupt(fake_data, tmp_path, 
                              f"not a training run: pass a new --out (add --init-from {saved} to start from these weights)"),
         (no_preset(_train_args(tmp_path / "swa", "--arch", "swa", *init)),
          f"--init-from {run}: its weights do not fit the model these options make (1 tensor(s) differ, e.g. embed.weight"),
-        (_train_args(tmp_path / "p", *init), "--preset tiny and --init-from both choose the model: drop --preset"),
         (_train_args(tmp_path / "afile"), f"--out {tmp_path / 'afile'} is a file; the run needs a folder"),
     ]
     for argv, says in cases:
@@ -265,6 +264,11 @@ def test_train_says_what_is_wrong_where_nothing_is_corrupt(fake_data, tmp_path, 
         err = capsys.readouterr().err
         assert err.startswith(f"gca train: error: {says}") and "corrupt" not in err, (argv, err)
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "train_config.json"]
+    # --preset beside --init-from: the model is the run's; said once, as a warning (scripts pass both)
+    assert main(_train_args(tmp_path / "p", *init)) == 0
+    cap = capsys.readouterr()
+    assert f"gca train: warning: --preset tiny is ignored: with --init-from the model is {run}'s" in cap.err
+    assert f"model drt (from {run})" in cap.out
 
 
 def test_train_without_progress_bar_prints_the_losses(fake_data, tmp_path, capsys):

@@ -1074,3 +1074,184 @@ def test_retrieval_copy_hits_oracle(tmp_path):
         assert f"| {r['ppl']:.2f} | {r['ppl_oracle']:.2f} |" in line
         want = sum(q["bin"] == "all" for q in saved["rows"]) + sum(q["bin"] == "all" for q in saved["oracle"])
         assert sum(x.startswith(f"| {label} | ") for x in lines) == want  # both tables
+
+
+# ---- the eval, plot, generate and bench commands: what users see ----
+SHIPPED = str(Path(__file__).resolve().parents[1] / "checkpoints" / "passkey-tiny")
+
+
+def _saved_run(tmp_path, name: str, seq_len: int = 400, **kw) -> Path:
+    """A run folder as `gca train --out` leaves it: random weights in DIR/ckpt, trained at ``seq_len``."""
+    from gca.train.checkpoint import save_model
+
+    ck = save_model(DRT(tiny(**kw)), tmp_path / name / "ckpt")
+    (ck / "train_config.json").write_text(json.dumps({"seq_len": seq_len}))
+    return tmp_path / name
+
+
+def test_eval_tasks_of_a_baseline_names_its_run_and_leaves_retrieval_empty(tmp_path, capsys):
+    """--ckpt RUN/ckpt records the run's name (not "ckpt"); a model without retrieval stores
+    retrieval_hit null (not 0), prints '-' and no "(needle not retrieved)", and draws no retrieval
+    plot; 0.5x is shown as 0.5x (it was 0x)."""
+    run = _saved_run(tmp_path, "swa-run", arch="swa")
+    out = tmp_path / "eval"
+    assert main(["eval", "tasks", "--ckpt", str(run / "ckpt"), "--lengths", "0.5x,1x", "--depths", "1", "--trials", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "tasks.json").read_text())
+    assert [r["context_length"] for r in rows] == [200, 400] and {r["model"] for r in rows} == {"swa-run"}
+    assert all(r["retrieval_hit"] is None for r in rows)
+    misses = [m for r in rows for m in r["misses"]]
+    assert misses and all(m["needle_retrieved"] is None for m in misses)  # the untrained model misses
+    table = {ln.split()[1]: ln.split() for ln in printed.splitlines() if ln.startswith("passkey ")}
+    assert table["200"][2] == "0.5x" and table["400"][2] == "1x"
+    assert table["200"][4] == "-" and table["400"][4] == "-"  # retrieval hit
+    assert "miss: " in printed and "needle" not in printed
+    assert (out / "accuracy_vs_length.png").exists() and not (out / "retrieval_vs_length.png").exists()
+
+
+def test_eval_ppl_prints_a_huge_perplexity_in_scientific_notation(tmp_path, capsys, monkeypatch):
+    from gca.eval import perplexity
+
+    run = _saved_run(tmp_path, "t1")
+
+    def fake(model, data, lengths, windows, **kw):
+        return [dict(context_length=n, ppl=1980169070461008128.0 / i, tokens=n - 1, windows=1)
+                for i, n in enumerate(lengths, 1)]
+
+    monkeypatch.setattr(perplexity, "perplexity_vs_length", fake)
+    monkeypatch.setattr(perplexity, "longest_document", lambda data: 0)
+    assert main(["eval", "ppl", "--ckpt", str(run), "--data", "d", "--lengths", "1x,1.5x", "--out", str(tmp_path / "e"),
+                 "--device", "cpu"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "context        400 (1x): ppl 1.98e+18 over 399 tokens"
+    assert lines[1] == "context        600 (1.5x): ppl 9.901e+17 over 599 tokens"
+    from gca.eval.cli import _fmt_ppl
+
+    assert _fmt_ppl(2164.82145) == "2164.821" and _fmt_ppl(float("inf")) == "inf"
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    """A file as `eval --out` (a folder), or a path through a file as `bench --out`, ends in one line
+    before the model loads or the benchmark runs (before: after it, losing the results)."""
+    import gca.eval.cli as ecli
+    import gca.inference.bench as ib
+
+    def never(*a, **k):
+        raise AssertionError("the work started before --out was checked")
+
+    monkeypatch.setattr(ecli, "load_for_eval", never)
+    monkeypatch.setattr(ib, "bench_streaming", never)
+    f = tmp_path / "results.json"
+    f.write_text("{}")
+    for what, json_name in (("tasks", "tasks.json"), ("ppl", "ppl.json")):
+        extra = ["--data", str(tmp_path)] if what == "ppl" else []
+        assert main(["eval", what, "--ckpt", SHIPPED, *extra, "--out", str(f)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"gca eval: error: --out {f} is a file: give a folder (eval {what} writes {json_name} and its plots into it)"]
+    assert main(["bench", "--preset", "tiny", "--lengths", "300", "--device", "cpu", "--out", str(f / "b.json")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"gca bench: error: --out {f / 'b.json'}: a file stands where its folder should be; give another path"]
+    assert f.read_text() == "{}"
+
+
+def test_bench_prints_its_plan_first_and_writes_into_an_out_folder(tmp_path, capsys, monkeypatch):
+    """`gca bench` with no --preset / --lengths on a CPU: the tiny preset at 4K-64K (the small one at
+    64K-1M took minutes, silently); the plan is printed before the work; an existing folder as --out
+    gets bench.json (before: IsADirectoryError after the whole benchmark)."""
+    import gca.inference.bench as ib
+
+    seen = {}
+
+    def fake(model, lengths, **kw):
+        seen.update(printed=capsys.readouterr().out, lengths=lengths, hidden=model.config.hidden_size)
+        return [dict(context_length=n, offload=False, overlap=True, prefill_s=1.0, prefill_tokens_per_s=n,
+                     decode_tokens_per_s=10.0, peak_mem_gb=0.1) for n in lengths]
+
+    monkeypatch.setattr(ib, "bench_streaming", fake)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert main(["bench", "--device", "cpu", "--offload", "off", "--out", str(folder)]) == 0
+    assert seen["lengths"] == [4096, 16384, 65536] and seen["hidden"] == DRTConfig.from_preset("tiny").hidden_size
+    assert seen["printed"].startswith("bench: a random tiny model (") and seen["printed"].endswith(
+        " parameters, float32) on cpu, lengths 4096,16384,65536, offload off, 64 decode tokens\n")
+    assert [r["context_length"] for r in json.loads((folder / "bench.json").read_text())] == [4096, 16384, 65536]
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {folder / 'bench.json'}"
+
+
+def test_plot_out_folder_or_name_without_suffix_says_what_it_wrote(tmp_path, capsys):
+    run = tmp_path / "t1"
+    run.mkdir()
+    (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 5.0 - s / 10}) for s in range(1, 5)) + "\n")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for out, wrote in ((folder, folder / "curves.png"), (tmp_path / "c", tmp_path / "c.png")):
+        assert main(["plot", str(run), "--out", str(out)]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"wrote {wrote}"
+        assert wrote.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_plot_without_validation_rows_warns_nothing(tmp_path):
+    """A run with no validation rows yet leaves panels empty: no matplotlib warning about an empty
+    legend (`gca plot` printed one)."""
+    import warnings
+
+    from gca.eval.plots import plot_training_logs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_training_logs({"t1": [{"step": s, "loss": 5.0} for s in range(1, 5)]}, str(tmp_path / "c.png"))
+
+
+def test_generate_prompt_options_and_sampling_options_without_sampling(tmp_path, capsys):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The passkey is")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--ckpt", SHIPPED, "--prompt", "hi", "--prompt-file", str(prompt), "--device", "cpu"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "gca generate: error: argument --prompt-file: not allowed with argument --prompt")
+    gen = ["generate", "--ckpt", SHIPPED, "--prompt-file", str(prompt), "--max-new-tokens", "2", "--device", "cpu"]
+    assert main(gen + ["--temperature", "0.7", "--top-p", "0.9"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "gca generate: warning: --temperature, --top-p only apply with --do-sample; decoding is greedy"
+    assert main(gen + ["--temperature", "0.7", "--do-sample"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def _parsers():
+    """{"bench": parser, ..., "eval tasks": parser, "eval ppl": parser} of the gca command."""
+    import argparse
+
+    from gca.cli import build_parser
+
+    def sub(p):
+        return next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    top = sub(build_parser())
+    return {**{c: top[c] for c in ("bench", "generate", "plot")}, **{f"eval {c}": p for c, p in sub(top["eval"]).items()}}
+
+
+def test_every_option_that_takes_a_value_says_its_default():
+    for name, p in _parsers().items():
+        for a in p._actions:
+            if a.option_strings and a.nargs != 0 and not a.required:
+                assert "default" in (a.help or "") or "required" in (a.help or ""), (name, a.option_strings)
+
+
+def test_eval_tasks_and_ppl_each_have_their_own_options(capsys):
+    parsers = _parsers()
+    opts = {w: {s for a in parsers[f"eval {w}"]._actions for s in a.option_strings} for w in ("tasks", "ppl")}
+    shared = {"--ckpt", "--lengths", "--train-length", "--seed", "--offload", "--device", "--dtype", "--name", "--out"}
+    assert opts["tasks"] - opts["ppl"] == {"--tasks", "--depths", "--hop-lead", "--hop-answer", "--trials", "--batch-size",
+                                           "--filler", "--prefill-chunk"}
+    assert opts["ppl"] - opts["tasks"] == {"--data", "--windows", "--targets"}
+    assert shared <= opts["tasks"] & opts["ppl"]
+    for what, mine, other in (("tasks", "--trials", "--windows"), ("ppl", "--windows", "--trials")):
+        with pytest.raises(SystemExit):
+            main(["eval", what, "--help"])
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: gca eval {what} ") and mine in text and other not in text
+    with pytest.raises(SystemExit) as e:  # an option of the other subcommand is refused, no longer ignored
+        main(["eval", "tasks", "--ckpt", SHIPPED, "--windows", "2"])
+    assert e.value.code == 2 and "unrecognized arguments: --windows 2" in capsys.readouterr().err

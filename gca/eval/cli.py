@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -34,6 +35,44 @@ def parse_lengths(text: str, train_length: int | None) -> list[int]:
         if out[-1] < 1:
             raise ValueError(f"bad length {part!r}: a context needs at least one token")
     return out
+
+
+def _times(n: int, train_length: int | None) -> str:
+    """``n`` tokens as a multiple of the training length, for the tables: ``4x``, ``0.5x``, ``1.5x``
+    (two decimals below 10x, whole numbers above); ``-`` without a training length."""
+    if not train_length:
+        return "-"
+    r = n / train_length
+    return f"{r:.0f}x" if r >= 10 else f"{round(r, 2):g}x"
+
+
+def _fmt_ppl(ppl: float) -> str:
+    """A perplexity for the terminal: three decimals, or 4 significant digits from 1e6 up (an untrained
+    model's 1.98e+18, not 1980169070461008128.000)."""
+    return f"{ppl:.3f}" if ppl < 1e6 else f"{ppl:.4g}"
+
+
+def model_name(ckpt: str) -> str:
+    """The name a checkpoint's results are recorded under: its run folder's (``runs/t1`` and
+    ``runs/t1/ckpt`` are both ``t1``)."""
+    p = Path(os.path.abspath(ckpt))
+    return p.parent.name if p.name == "ckpt" else p.name
+
+
+def out_file(out: str, default_name: str) -> Path:
+    """The file a one-file ``--out`` names: a folder (one that exists, or any path ending in ``/``) gets
+    ``default_name`` inside it. Its folder is made now, so that a bad path fails before the work,
+    not after it."""
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        path = path / default_name
+    if path.is_dir():
+        raise ValueError(f"--out {out}: {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--out {out}: a file stands where its folder should be; give another path") from None
+    return path
 
 
 def _device(name: str) -> torch.device:
@@ -77,16 +116,18 @@ def _print_table(rows: list[dict], train_length: int | None) -> None:
     print(f"{'task':<10} {'length':>10} {'x train':>8} {'accuracy':>9} {'retrieval hit':>14} {'distractor':>11} "
           f"{'beyond window':>20}" + (f" {'first hop':>10}" if hop1 else ""))
     for (task, n), a in acc.items():
-        x = f"{n / train_length:.0f}x" if train_length else "-"
+        x = _times(n, train_length)
         fa, fn = far.get((task, n), (None, 0))
         f = f"{100 * fa:.1f}% of {fn}" if fn else "-"
         d = f"{100 * dis[(task, n)]:.1f}%" if (task, n) in dis else "-"
+        rh = f"{100 * hit[(task, n)]:.1f}%" if (task, n) in hit else "-"  # absent: a model without retrieval
         h = (f" {100 * hop1[(task, n)]:>9.1f}%" if (task, n) in hop1 else f" {'-':>10}") if hop1 else ""
-        print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {100 * hit[(task, n)]:>13.1f}% {d:>11} {f:>20}{h}")
+        print(f"{task:<10} {n:>10} {x:>8} {100 * a:>8.1f}% {rh:>14} {d:>11} {f:>20}{h}")
     misses = [(r, m) for r in rows for m in r.get("misses", [])]
     for r, m in misses[:MISSES_SHOWN]:
+        got = m.get("needle_retrieved")
         print(f"miss: {r['task']} {r['context_length']} depth {r['depth']} trial {m['trial']}: answer {m['answer']!r}, "
-              f"wrote {m['output']!r} (needle {'retrieved' if m['needle_retrieved'] else 'not retrieved'})")
+              f"wrote {m['output']!r}" + ("" if got is None else f" (needle {'retrieved' if got else 'not retrieved'})"))
     if len(misses) > MISSES_SHOWN:
         print(f"... and {len(misses) - MISSES_SHOWN} more misses (all in tasks.json)")
 
@@ -102,13 +143,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.what == "ppl" and not args.data:  # before the model loads
         raise ValueError("ppl needs --data DIR (a folder written by `gca prepare`; its val split is scored)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # before the model loads
+        raise ValueError(f"--out {args.out} is a file: give a folder (eval {args.what} writes "
+                         f"{'tasks.json' if args.what == 'tasks' else 'ppl.json'} and its plots into it)")
     model, train_length, tok = load_for_eval(args.ckpt, args.device, args.dtype)
     train_length = args.train_length or train_length
     lengths = parse_lengths(args.lengths, train_length)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    name = args.name or Path(args.ckpt).name
+    name = args.name or model_name(args.ckpt)
     if args.what == "tasks":
         from gca.data.tasks import canonical_kind
         from gca.eval.tasks import evaluate_tasks
@@ -126,7 +170,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             r.update(model=name, train_length=train_length)
         _print_table(rows, train_length)
         plot_accuracy_vs_length(rows, str(out / "accuracy_vs_length.png"), train_length=train_length)
-        plot_accuracy_vs_length(rows, str(out / "retrieval_vs_length.png"), key="retrieval_hit", train_length=train_length)
+        if any(r["retrieval_hit"] is not None for r in rows):  # None: a baseline without retrieval
+            plot_accuracy_vs_length(rows, str(out / "retrieval_vs_length.png"), key="retrieval_hit", train_length=train_length)
         for task in tasks:
             plot_heatmap(rows, str(out / f"heatmap_{task}.png"), task=task)
     else:
@@ -143,9 +188,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = tag(perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload,
                                         targets=targets, on_row=save_rows))
         for r in rows:
-            x = f" ({r['context_length'] / train_length:.0f}x)" if train_length else ""
+            x = f" ({_times(r['context_length'], train_length)})" if train_length else ""
             what = f"the same {r['tokens']} tokens (the last {r['targets']} of each window)" if targets else f"{r['tokens']} tokens"
-            print(f"context {r['context_length']:>10}{x}: ppl {r['ppl']:.3f} over {what}")
+            print(f"context {r['context_length']:>10}{x}: ppl {_fmt_ppl(r['ppl'])} over {what}")
         plot_ppl_vs_length(rows, str(out / "ppl_vs_length.png"), train_length=train_length)
         longest = longest_document(args.data)
         if longest and max(lengths) > longest:
@@ -156,51 +201,84 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _EvalSubParser(argparse.ArgumentParser):
+    """``gca eval tasks`` and ``gca eval ppl``: a bad option ends in ``gca eval: error: ...``, the prefix
+    of every other error of the command (``main()`` names the command, not the subcommand)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog.rsplit(' ', 1)[0]}: error: {message}\n")
+
+
 def add_eval(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)  # the options of both subcommands
+    common.add_argument("--ckpt", required=True, help="a run folder (gca train --out) or its ckpt/ folder")
+    common.add_argument("--lengths", default="1x,4x,16x,64x",
+                        help="context lengths: multiples of the training length (4x, 0.5x) or tokens (4096, 64K, 16M) "
+                             "(default 1x,4x,16x,64x)")
+    common.add_argument("--train-length", type=int_at_least(1), default=None, help="training length for 'Nx' (default: the checkpoint's --seq-len)")
+    common.add_argument("--seed", type=int, default=1234, help="seed of the needle samples (tasks) or of the windows (ppl) (default 1234)")
+    common.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU memory")
+    common.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the weights' dtype (default float32)")
+    common.add_argument("--name", default=None, help="model name in the JSON (default: the run folder's name)")
+    common.add_argument("--out", default="eval", help="output folder for JSON and plots (default ./eval)")
+
     p = sub.add_parser(
         "eval",
         help="needle tasks or perplexity against context length",
-        description="Evaluate a checkpoint, streaming so only memory limits the context length.",
+        description="Evaluate a checkpoint, streaming so only memory limits the context length. "
+                    "`gca eval tasks --help` and `gca eval ppl --help` list each one's options.",
         epilog="""examples:
   gca eval tasks --ckpt runs/tiny --lengths 1x,4x,16x,64x --depths 5 --trials 20 --out runs/tiny/eval
   gca eval tasks --ckpt runs/small --tasks passkey,multikey,2hop --lengths 16K,1M,16M --offload --dtype bfloat16
   gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 4
-  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 16 --targets 1x
+  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 16 --targets 1x""",
+        formatter_class=_FMT,
+    )
+    what = p.add_subparsers(dest="what", metavar="{tasks,ppl}", required=True, parser_class=_EvalSubParser)
+    t = what.add_parser(
+        "tasks", parents=[common], formatter_class=_FMT,
+        help="passkey / multikey / 2hop accuracy and retrieval hit rate",
+        description="Needle-task accuracy over a grid of context lengths x needle depths: tasks.json, "
+                    "accuracy_vs_length.png, retrieval_vs_length.png (DRT models) and heatmap_<task>.png in --out.",
+        epilog="""examples:
+  gca eval tasks --ckpt runs/tiny --lengths 1x,4x,16x,64x --depths 5 --trials 20 --out runs/tiny/eval
+  gca eval tasks --ckpt runs/small --tasks passkey,multikey,2hop --lengths 16K,1M,16M --offload --dtype bfloat16
 
 Needle prompts end one token into a fresh chunk (see the README: where the question ends matters);
 a trial counts when the greedy continuation is exactly the answer.""",
-        formatter_class=_FMT,
     )
-    p.add_argument("what", choices=["tasks", "ppl"], help="tasks: passkey / multikey / 2hop accuracy; ppl: perplexity")
-    p.add_argument("--ckpt", required=True, help="a run folder (gca train --out) or its ckpt/ folder")
-    p.add_argument("--lengths", default="1x,4x,16x,64x", help="context lengths: multiples of the training length (4x) or tokens (4096, 64K, 16M)")
-    p.add_argument("--train-length", type=int_at_least(1), default=None, help="training length for 'Nx' (default: the checkpoint's --seq-len)")
-    p.add_argument("--tasks", default="passkey", help="comma-separated: passkey, multikey, 2hop (default passkey)")
-    p.add_argument("--depths", type=int_at_least(1), default=5, help="needle depths, evenly spaced in [0, 1] (default 5)")
-    p.add_argument("--hop-lead", type=int_at_least(0), default=0,
+    t.add_argument("--tasks", default="passkey", help="comma-separated: passkey, multikey, 2hop (default passkey)")
+    t.add_argument("--depths", type=int_at_least(1), default=5, help="needle depths, evenly spaced in [0, 1] (default 5)")
+    t.add_argument("--hop-lead", type=int_at_least(0), default=0,
                    help="2hop: ask the question so that its X ends at least this many chunks before the answer "
-                        "(0: the plain question, inside the last chunk; see make_task_sample's hop_lead)")
-    p.add_argument("--hop-answer", choices=["chain", "end"], default="chain",
+                        "(default 0: the plain question, inside the last chunk; see make_task_sample's hop_lead)")
+    t.add_argument("--hop-answer", choices=["chain", "end"], default="chain",
                    help="2hop: ask for the chain 'Y , Z' (default; SPEC.md's and the published task's form) "
                         "or for the end point Z alone ('after two steps'; the form of results before 2026-12-01)")
-    p.add_argument("--trials", type=int_at_least(1), default=20, help="trials per length and depth (default 20)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="trials streamed together (default 8)")
-    p.add_argument("--filler", default=None, help="filler text: a prepared folder, its val split (default: embedded random words)")
-    p.add_argument("--data", default=None, help="ppl: a prepared folder; its val split is used")
-    p.add_argument("--windows", type=int_at_least(1), default=4, help="ppl: windows per length (default 4)")
-    p.add_argument("--targets", default=None, metavar="T",
-                   help="ppl: hold the text scored fixed: the same windows' last T tokens (e.g. 1x or 4096) at every "
-                        "length, only the context before them growing (default: fresh windows per length, all scored)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation samples (default 1234)")
-    p.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU memory")
-    p.add_argument("--prefill-chunk", type=int_at_least(1), default=None,
-                   help="tasks: prompt positions processed at once (default 16384 on a GPU, 4096 on a CPU; "
+    t.add_argument("--trials", type=int_at_least(1), default=20, help="trials per length and depth (default 20)")
+    t.add_argument("--batch-size", type=int_at_least(1), default=8, help="trials streamed together (default 8)")
+    t.add_argument("--filler", default=None, help="filler text: a prepared folder, its val split (default: embedded random words)")
+    t.add_argument("--prefill-chunk", type=int_at_least(1), default=None,
+                   help="prompt positions processed at once (default 16384 on a GPU, 4096 on a CPU; "
                         "answers do not depend on it)")
-    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--name", default=None, help="model name in the JSON (default: the folder name)")
-    p.add_argument("--out", default="eval", help="output folder for JSON and plots (default ./eval)")
-    p.set_defaults(func=cmd_eval)
+    t.set_defaults(func=cmd_eval)
+    q = what.add_parser(
+        "ppl", parents=[common], formatter_class=_FMT,
+        help="perplexity on held-out text",
+        description="Perplexity on a prepared folder's val split at each context length: ppl.json and "
+                    "ppl_vs_length.png in --out.",
+        epilog="""examples:
+  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 4
+  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 16 --targets 1x""",
+    )
+    q.add_argument("--data", default=None, help="a prepared folder (gca prepare --out); its val split is scored (required)")
+    q.add_argument("--windows", type=int_at_least(1), default=4, help="windows per length (default 4)")
+    q.add_argument("--targets", default=None, metavar="T",
+                   help="hold the text scored fixed: the same windows' last T tokens (e.g. 1x or 4096) at every "
+                        "length, only the context before them growing (default: fresh windows per length, all scored)")
+    q.set_defaults(func=cmd_eval)
 
 
 def read_log(path: str) -> list[dict]:
@@ -243,8 +321,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"gca plot: error: {e}", file=sys.stderr)
         return 2
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    print(f"wrote {plot_training_logs(logs, args.out, smooth=args.smooth)}")
+    out = out_file(args.out, "curves.png")
+    if not out.suffix:
+        out = out.with_suffix(".png")  # what matplotlib would write for a name without one
+    print(f"wrote {plot_training_logs(logs, str(out), smooth=args.smooth)}")
     for label, rows in logs.items():
         val = [r for r in rows if "val_loss" in r]
         if val:
@@ -271,7 +351,8 @@ has collapsed (README: "Watch retrieval while training").""",
     p.add_argument("runs", nargs="+", help="run folders (gca train --out) or log.jsonl files")
     p.add_argument("--labels", default=None, help="comma-separated legend labels (default: the folder names)")
     p.add_argument("--smooth", type=int_at_least(1), default=5, help="running mean over this many logged training steps (default 5)")
-    p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    p.add_argument("--out", default="curves.png",
+                   help="the PNG to write; a folder (existing, or ending in /) gets curves.png inside it (default curves.png)")
     p.set_defaults(func=cmd_plot)
 
 
@@ -281,6 +362,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if not text:
         raise ValueError("give a non-empty --prompt or --prompt-file")
+    ignored = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None]
+    if ignored and not args.do_sample:
+        print(f"gca generate: warning: {', '.join(ignored)} only apply with --do-sample; decoding is greedy",
+              file=sys.stderr)
     model, _, tok = load_for_eval(args.ckpt, args.device, args.dtype)
     if tok is None:
         from gca.data.tokenizer import load_tokenizer
@@ -290,9 +375,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     g = torch.Generator(device=model.embed.weight.device).manual_seed(args.seed)
     t0 = time.time()
     out = model.generate(ids.to(model.embed.weight.device), args.max_new_tokens, do_sample=args.do_sample,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, offload=args.offload,
-                         generator=g, cuda_graph=False if args.no_cuda_graph else None,
-                         compile_step=args.compile_step)
+                         temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, offload=args.offload, generator=g,
+                         cuda_graph=False if args.no_cuda_graph else None, compile_step=args.compile_step)
     new = out[0, ids.shape[1]:].tolist()
     sys.stdout.write(tok.decode(new) + "\n")
     print(f"[{ids.shape[1]} prompt tokens, {len(new)} new, {time.time() - t0:.1f}s]", file=sys.stderr)
@@ -309,42 +394,60 @@ def add_generate(sub) -> None:
   gca generate --ckpt runs/small --prompt-file book.txt --max-new-tokens 200 --do-sample --top-p 0.9 --offload""",
         formatter_class=_FMT,
     )
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--prompt-file", default=None)
-    p.add_argument("--tokenizer", default="embedded", help="when the checkpoint has no tokenizer.json")
-    p.add_argument("--max-new-tokens", type=int_at_least(0), default=50)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int_at_least(1), default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--offload", action="store_true")
+    p.add_argument("--ckpt", required=True, help="a run folder (gca train --out) or its ckpt/ folder")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="the prompt text (this or --prompt-file is required)")
+    prompt.add_argument("--prompt-file", default=None, help="read the prompt from this file (required, or --prompt)")
+    p.add_argument("--tokenizer", default="embedded",
+                   help="when the checkpoint has no tokenizer.json: a tokenizer.json, a folder or a name (default embedded)")
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=50, help="tokens to generate (default 50)")
+    p.add_argument("--do-sample", action="store_true", help="sample (default: greedy decoding)")
+    p.add_argument("--temperature", type=float, default=None, help="with --do-sample: softmax temperature (default 1.0)")
+    p.add_argument("--top-k", type=int_at_least(1), default=None,
+                   help="with --do-sample: sample among the K likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="with --do-sample: sample among the likeliest tokens holding this probability, in (0, 1] "
+                        "(default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU memory")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on CUDA, decode with plain streaming calls instead of replaying a CUDA graph per token")
     p.add_argument("--compile-step", action="store_true",
                    help="compile the graph's decode step with torch.compile first (faster per token; the first "
                         "token waits for the compile, ~7-12 s for the small preset on an H200)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype (default float32)")
     p.set_defaults(func=cmd_generate)
+
+
+BENCH_DEFAULTS = {"cuda": ("small", "64K,256K,1M"), "cpu": ("tiny", "4K,16K,64K")}  # (--preset, --lengths)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from gca.inference.bench import bench_streaming
 
+    out = out_file(args.out, "bench.json") if args.out else None  # a bad path fails now, not after the benchmark
+    dev = _device(args.device)
+    preset, length_text = BENCH_DEFAULTS["cuda" if dev.type == "cuda" else "cpu"]
+    preset, length_text = args.preset or preset, args.lengths or length_text
     if args.ckpt:
         model, train_length, _ = load_for_eval(args.ckpt, args.device, args.dtype)
+        what = args.ckpt
     else:
         from gca import DRT, DRTConfig
 
         over = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
-        model = DRT(DRTConfig.from_preset(args.preset, **over)).to(_device(args.device)).eval()
+        model = DRT(DRTConfig.from_preset(preset, **over)).to(dev).eval()
         if args.dtype != "float32":
             model = model.to({"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype])
         train_length = None
-    lengths = parse_lengths(args.lengths, args.train_length or train_length)
+        what = f"a random {preset} model"
+    lengths = parse_lengths(length_text, args.train_length or train_length)
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.offload]
+    params = sum(p.numel() for p in model.parameters())
+    print(f"bench: {what} ({params / 1e6:.1f}M parameters, {args.dtype}) on {dev}, lengths "
+          f"{','.join(map(str, lengths))}, offload {args.offload}, {args.decode_tokens} decode tokens", flush=True)
     rows = bench_streaming(model, lengths, offload_modes=modes, decode_tokens=args.decode_tokens,
                            batch_size=args.batch_size, prefill_chunk=args.prefill_chunk,
                            overlap_modes=(True, False) if args.no_overlap_too else (True,),
@@ -367,9 +470,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"passkey trial {L} tokens, offload {off}: {t['seconds']} s, peak {t['peak_mem_gb']} GB, "
                       f"correct {t['correct']}, needle chunk retrieved {t['retrieval_hit']} (sample built in {t['build_sample_s']} s)")
         result = {"bench": rows, "passkey_trials": trials}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    if out:
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
     return 0
 
 
@@ -385,24 +488,32 @@ def add_bench(sub) -> None:
         formatter_class=_FMT,
     )
     p.add_argument("--ckpt", default=None, help="a run or checkpoint folder (default: a random model of --preset)")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--lengths", default="64K,256K,1M")
-    p.add_argument("--train-length", type=int_at_least(1), default=None)
-    p.add_argument("--offload", default="both", choices=["both", "on", "off"])
-    p.add_argument("--decode-tokens", type=int_at_least(1), default=64)
-    p.add_argument("--batch-size", type=int_at_least(1), default=1)
-    p.add_argument("--prefill-chunk", type=int_at_least(1), default=16384, help="positions processed at once in the prefill")
+    p.add_argument("--preset", default=None,
+                   help=f"DRTConfig preset of the random model: tiny, small, paper (default {BENCH_DEFAULTS['cuda'][0]} "
+                        f"on a GPU, {BENCH_DEFAULTS['cpu'][0]} on a CPU)")
+    p.add_argument("--lengths", default=None,
+                   help=f"context lengths in tokens (4096, 64K, 1M) or multiples of the training length (4x, with --ckpt "
+                        f"or --train-length) (default {BENCH_DEFAULTS['cuda'][1]} on a GPU, {BENCH_DEFAULTS['cpu'][1]} on a CPU)")
+    p.add_argument("--train-length", type=int_at_least(1), default=None, help="training length for 'Nx' (default: the checkpoint's --seq-len)")
+    p.add_argument("--offload", default="both", choices=["both", "on", "off"],
+                   help="chunk memory in CPU memory: both (each length twice), on or off (default both)")
+    p.add_argument("--decode-tokens", type=int_at_least(1), default=64, help="decode steps timed per length (default 64)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=1, help="sequences streamed together (default 1)")
+    p.add_argument("--prefill-chunk", type=int_at_least(1), default=16384, help="positions processed at once in the prefill (default 16384)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype (default float32)")
     p.add_argument("--no-overlap-too", action="store_true",
                    help="with offload, also time each prefill with the fetches copied on the compute stream (the overlap's worth)")
     p.add_argument("--full-prefill", action="store_true",
                    help="run every layer over the whole prompt (default: the upper layers only where the kept logit can see them)")
     p.add_argument("--passkey-trial", default=None, metavar="LENGTHS",
                    help="also time one passkey trial (prompt streamed + 5-digit answer scored) at these lengths; "
-                        "needs a model vocabulary >= 2048 (the embedded tokenizer)")
-    p.add_argument("--vocab-size", type=int_at_least(1), default=None, help="with --preset: override its vocabulary size")
-    p.add_argument("--out", default=None, help="write the rows as JSON here")
+                        "needs a model vocabulary >= 2048, the embedded tokenizer's (default: none)")
+    p.add_argument("--vocab-size", type=int_at_least(1), default=None, help="with --preset: override its vocabulary size (default: the preset's)")
+    p.add_argument("--out", default=None,
+                   help="write the rows as JSON to this file; a folder (existing, or ending in /) gets bench.json inside it "
+                        "(default: print only)")
     p.set_defaults(func=cmd_bench)
 
 

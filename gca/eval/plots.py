@@ -23,7 +23,9 @@ def _fmt_len(n: int) -> str:
 
 def plot_accuracy_vs_length(rows: list[dict], path: str, key: str = "accuracy", train_length: int | None = None,
                             title: str | None = None) -> str:
-    """One line per task: ``key`` (mean over depths) against context length (log scale)."""
+    """One line per task: ``key`` (mean over depths) against context length (log scale); rows whose
+    ``key`` is None (a baseline's ``retrieval_hit``) are left out."""
+    rows = [r for r in rows if r[key] is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     for task in sorted({r["task"] for r in rows}):
         lens = sorted({r["context_length"] for r in rows if r["task"] == task})
@@ -80,7 +82,8 @@ def _finish_length_plot(fig, ax, path: str, train_length: int | None) -> str:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # an empty legend is only a matplotlib warning
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -140,7 +143,8 @@ def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) 
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # e.g. no validation rows yet: no warning about an empty legend
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -7,7 +7,8 @@ Each trial streams the prompt through a :class:`~gca.inference.cache.DRTCache` (
 limits the length), then scores the answer. A trial is correct when the model's greedy
 continuation (as many tokens as the answer has) is exactly the answer. ``retrieval_hit`` is
 whether the target needle's chunk is among the chunks retrieved (by any group) at the landmark
-that serves the answer (``TaskSample.query_chunk``).
+that serves the answer (``TaskSample.query_chunk``); None for a model without retrieval (the
+``swa`` and ``full`` baselines).
 ``distractor_answer`` (multikey and 2hop) is how often the greedy answer is a distractor needle's
 value instead (2hop: another chain's answer): with 2hop's default of two chains, a model that finds
 the chains' end points but not which one the question's chain reaches scores about 50% accuracy and
@@ -146,11 +147,12 @@ def evaluate_tasks(
             partial results of a long evaluation.
     Returns:
         a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
-        retrieval_hit, distractor_answer (None for passkey), [hop_answer, first_hop (2hop)], trials_beyond_window,
+        retrieval_hit (None without retrieval: ``arch`` swa or full), distractor_answer (None for passkey), [hop_answer, first_hop (2hop)], trials_beyond_window,
         accuracy_beyond_window, misses, seconds}``; the two ``*beyond_window`` keys count
         the trials whose needles lay outside the answer's sliding window (:func:`beyond_window`;
         accuracy None when there were none): where a DRT must retrieve to answer. ``misses``: one
-        ``{trial, answer, output, needle_retrieved}`` per wrong trial (text decoded; ``trial`` its index
+        ``{trial, answer, output, needle_retrieved}`` per wrong trial (text decoded; ``needle_retrieved``
+        None without retrieval; ``trial`` its index
         among the (task, length, depth)'s trials, which rebuild from ``[seed, task index, length index,
         depth index]``).
     """
@@ -166,6 +168,7 @@ def evaluate_tasks(
     tok = load_tokenizer(tokenizer if tokenizer is not None else getattr(filler, "tokenizer", None) or "embedded")
     tasks, lengths, dl = list(tasks), [int(n) for n in lengths], _depth_list(depths)
     model.eval()
+    retrieves = model.config.arch == "drt"  # the baselines have no retrieval to hit: their rows say None, not 0
     rows = []
     total = len(tasks) * len(lengths) * len(dl)
     bar = tqdm(total=total * trials, desc="eval", unit="trial", disable=not progress)
@@ -192,14 +195,16 @@ def evaluate_tasks(
                 far = [c for c, smp in zip(correct, samples) if beyond_window(smp, model.config)]
                 rows.append(dict(
                     task=task, context_length=L, prompt_length=samples[0].prompt_len, depth=round(d, 4),
-                    trials=trials, accuracy=float(np.mean(correct)), retrieval_hit=float(np.mean(hits)),
+                    trials=trials, accuracy=float(np.mean(correct)),
+                    retrieval_hit=float(np.mean(hits)) if retrieves else None,
                     distractor_answer=float(np.mean(distracted)) if task != "passkey" else None,
                     **({"hop_lead": task_kwargs["hop_lead"]} if task == "2hop" and task_kwargs.get("hop_lead") else {}),
                     **({"hop_answer": "chain" if chain else "end"} if task == "2hop" else {}),
                     **({"first_hop": float(np.mean(hop1))} if chain else {}),
                     trials_beyond_window=len(far),
                     accuracy_beyond_window=float(np.mean(far)) if far else None,
-                    misses=[dict(trial=j, answer=tok.decode(smp.answer), output=tok.decode(p), needle_retrieved=hit)
+                    misses=[dict(trial=j, answer=tok.decode(smp.answer), output=tok.decode(p),
+                                 needle_retrieved=hit if retrieves else None)
                             for j, (smp, p, ok, hit) in enumerate(zip(samples, preds, correct, hits)) if not ok],
                     seconds=round(time.time() - t0, 2),
                 ))
@@ -223,8 +228,10 @@ def summarize_beyond_window(rows: list[dict]) -> dict[tuple[str, int], tuple[flo
 
 
 def summarize(rows: list[dict], key: str = "accuracy") -> dict[tuple[str, int], float]:
-    """Mean of ``key`` over depths for each (task, context_length)."""
+    """Mean of ``key`` over depths for each (task, context_length); rows whose ``key`` is None (a
+    baseline's ``retrieval_hit``) are left out, and a (task, context_length) with none is absent."""
     out: dict[tuple[str, int], list[float]] = {}
     for r in rows:
-        out.setdefault((r["task"], r["context_length"]), []).append(r[key])
+        if r[key] is not None:
+            out.setdefault((r["task"], r["context_length"]), []).append(r[key])
     return {k: float(np.mean(v)) for k, v in out.items()}
