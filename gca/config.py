@@ -23,6 +23,15 @@ def check_counts(where: str, **counts: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
 
+def _is_int(v: Any) -> bool:
+    """An integer, numpy's included, but not a bool (True is an int to Python)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"
+
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "chunk_size", "window", "top_k",
+                  "retrieval_copy_ngram")
+_NONNEGATIVE_INTS = ("num_lower_layers", "encoder_layers", "retrieval_distractors")
+
 ARCHS = ("drt", "swa", "full")
 RESIDUALS = ("plain", "published")
 ATTN_IMPLS = ("auto", "flex", "blocked")
@@ -100,8 +109,9 @@ class DRTConfig:
     # in training only: the share of retrieval rows (each row by chance, each step) whose picks start with
     # the chunks that hold its tokens' copy sources (those of retrieval_copy_loss: the same targets, the
     # same control), the rest of its k slots as usual; the weights stay the softmax of the scores. The
-    # read then learns from chunks worth reading, whatever the scores pick. Experimental; 0 (off) is the
-    # published method.
+    # read then learns from chunks worth reading, whatever the scores pick. An oracle: the sources are
+    # those of all the row's tokens, later ones included, so the training forward is not causal with it
+    # (evaluation never forces). Experimental; 0 (off) is the published method.
     retrieval_copy_force: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -135,15 +145,16 @@ class DRTConfig:
         def bad(name: str, why: str):
             raise ValueError(f"DRTConfig.{name}: {why} (got {getattr(self, name)!r})")
 
-        for name in ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "chunk_size", "window", "top_k",
-                     "retrieval_copy_ngram"):
+        for name in _POSITIVE_INTS:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not _is_int(v) or v < 1:
                 bad(name, "must be a positive integer")
-        for name in ("num_lower_layers", "encoder_layers", "retrieval_distractors"):
+        for name in _NONNEGATIVE_INTS:
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
+            if not _is_int(v) or v < 0:
                 bad(name, "must be a non-negative integer")
+        if self.num_kv_heads is not None and not _is_int(self.num_kv_heads):
+            bad("num_kv_heads", "must be a positive integer or None")
         if self.hidden_size % self.num_heads:
             bad("hidden_size", f"must be divisible by num_heads={self.num_heads}")
         if self.head_dim % 2:
@@ -151,7 +162,7 @@ class DRTConfig:
         if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
             bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
         if not isinstance(self.upper_groups, (list, tuple)) or any(
-            not isinstance(g, int) or g < 1 for g in self.upper_groups
+            not _is_int(g) or g < 1 for g in self.upper_groups
         ):
             bad("upper_groups", "must be a list of positive layer counts, e.g. [6] or [4, 4]")
         if self.arch not in ARCHS:
@@ -181,14 +192,20 @@ class DRTConfig:
         f = self.retrieval_copy_force
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
             bad("retrieval_copy_force", "must be a share of rows in [0, 1] (0: off)")
-        if not self.rope_theta > 0:
-            bad("rope_theta", "must be positive")
-        if not self.norm_eps > 0:
-            bad("norm_eps", "must be positive")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
+                bad(name, "must be a finite number > 0")
         return self
 
     def __post_init__(self):
         self.upper_groups = list(self.upper_groups) if isinstance(self.upper_groups, (list, tuple)) else self.upper_groups
+        # numpy integers (np.int64 from a sweep's array) are taken and stored as int, so the config stays JSON
+        for name in _POSITIVE_INTS + _NONNEGATIVE_INTS + ("num_kv_heads",):
+            if _is_int(getattr(self, name)):
+                setattr(self, name, int(getattr(self, name)))
+        if isinstance(self.upper_groups, list) and all(_is_int(g) for g in self.upper_groups):
+            self.upper_groups = [int(g) for g in self.upper_groups]
         self.validate()
 
     # ---- presets and (de)serialisation ----

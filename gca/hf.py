@@ -66,6 +66,12 @@ _GENERATE_CACHE_NAME = (
     "cache" if "cache" in getattr(_generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 )
 
+# the output classes' field for the cache: `cache` from 5.24 (`past_key_values` there is a deprecated alias
+# whose use logs a warning), `past_key_values` before
+_OUTPUT_CACHE_NAME = (
+    "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+)
+
 __all__ = ["DRTHFConfig", "DRTForCausalLM", "DRTHFCache", "from_drt", "register"]
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(DRTConfig))
@@ -342,10 +348,10 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
             if labels is not None:
                 raise ValueError("labels are not supported with past_key_values (the streaming path has no loss)")
             logits = self._stream(input_ids, stream)
-            out = CausalLMOutputWithPast(loss=None, logits=logits, past_key_values=stream)
+            out = CausalLMOutputWithPast(loss=None, logits=logits, **{_OUTPUT_CACHE_NAME: stream})
         else:
             o = self.model(input_ids, labels=labels)
-            out = CausalLMOutputWithPast(loss=o.loss, logits=o.logits, past_key_values=None)
+            out = CausalLMOutputWithPast(loss=o.loss, logits=o.logits)
         return out if return_dict else out.to_tuple()
 
     def _stream(self, input_ids: torch.Tensor, stream: DRTHFCache) -> torch.Tensor:
@@ -410,7 +416,7 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
                         f"{input_ids.shape[1]}; pass the full sequence (cached prefix + new tokens)"
                     )
                 input_ids = input_ids[:, seen:]
-        inputs = {"input_ids": input_ids.contiguous(), "past_key_values": past_key_values, "use_cache": use_cache}
+        inputs = {"input_ids": input_ids.contiguous(), _GENERATE_CACHE_NAME: past_key_values, "use_cache": use_cache}
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask
         return inputs

@@ -106,22 +106,26 @@ class DRT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ---- input handling ----
-    def _check_ids(self, input_ids: torch.Tensor, name: str = "input_ids", allow_ignore: bool = False):
+    def _check_ids(self, input_ids: torch.Tensor, name: str = "input_ids", allow_ignore: bool = False) -> torch.Tensor:
+        """``input_ids`` as torch.long (any integer dtype is taken), after checking type, shape and range."""
         if not isinstance(input_ids, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64):
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor (torch.long), got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"{name} must have shape (batch, length), got {tuple(input_ids.shape)}")
         if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
             raise ValueError(f"{name} is empty (shape {tuple(input_ids.shape)}); pass at least one token")
+        if input_ids.dtype != torch.long:  # int32 from a tokenizer, uint16 from a prepared dataset's memmap
+            input_ids = input_ids.long()
         if torch.compiler.is_compiling():
-            return  # value checks would break the graph; shapes were checked above
+            return input_ids  # value checks would break the graph; shapes were checked above
         lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one device sync for both
         V = self.config.vocab_size
         if hi >= V or (lo < 0 and not (allow_ignore and lo == -100 and (input_ids[input_ids < 0] == -100).all())):
             allowed = f"[0, {V})" + (" or -100 (ignored)" if allow_ignore else "")
             raise ValueError(f"{name} must lie in {allowed}; got values in [{lo}, {hi}]")
+        return input_ids
 
     def _layer(self, layer, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -145,16 +149,16 @@ class DRT(nn.Module):
             cache: a :class:`DRTCache` from :meth:`new_cache`; the tokens continue the cached
                 sequence and only their logits are returned (no loss). Concatenated over any
                 split of a sequence, they equal one full forward pass.
-            logits_to_keep: with a cache, return only the logits of the last ``logits_to_keep`` new
-                tokens (a 16M-token prefill needs one logit row, not 16M).
+            logits_to_keep: return only the logits of the last ``logits_to_keep`` (new) tokens (a 16M-token
+                prefill needs one logit row, not 16M); not with ``labels``.
         """
-        self._check_ids(input_ids)
+        input_ids = self._check_ids(input_ids)
         if cache is not None:
             if labels is not None or output_retrieval:
                 raise ValueError("labels and output_retrieval are not supported with a cache")
             return DRTOutput(logits=self._forward_cached(input_ids, cache, logits_to_keep))
         if labels is not None:
-            self._check_ids(labels, "labels", allow_ignore=True)
+            labels = self._check_ids(labels, "labels", allow_ignore=True)
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
             if input_ids.shape[1] < 2:
@@ -168,6 +172,11 @@ class DRT(nn.Module):
             )
         else:
             h, retrieval = self._forward_baseline(input_ids), None
+        if logits_to_keep is not None:  # without a cache too: the last rows' logits only (was ignored)
+            if labels is not None:
+                raise ValueError("logits_to_keep and labels: the loss needs every position's logits")
+            check_counts("forward", logits_to_keep=logits_to_keep)
+            h = h[:, -logits_to_keep:]
         logits = self._logits(self.norm(h))
         loss = None
         if labels is not None:
@@ -490,7 +499,7 @@ class DRT(nn.Module):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if top_k is not None:
             check_counts("generate", top_k=top_k)
-        self._check_ids(input_ids)
+        input_ids = self._check_ids(input_ids)
         was_training = self.training
         self.eval()
         cache = cache or self.new_cache(input_ids.shape[0], offload=offload, max_tokens=input_ids.shape[1] + max_new_tokens)

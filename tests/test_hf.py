@@ -233,6 +233,27 @@ def test_import_guard_and_core_does_not_import_transformers():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
 
 
+
+def test_readme_generate_logs_no_deprecation():
+    """The README's hf.generate example (no cache given, then a cache given) logs nothing: transformers 5.24
+    warned that `past_key_values` is deprecated though nothing in the call was the user's to change (our
+    outputs and generation inputs used that name). In a fresh process: the warning is logged once."""
+    code = textwrap.dedent(
+        """
+        import torch, gca, gca.hf
+        from transformers.utils import logging
+        logging.set_verbosity_warning()
+        hf = gca.hf.from_drt(gca.DRT(gca.DRTConfig.from_preset("tiny")).eval())
+        out = hf.generate(torch.randint(0, 2048, (1, 70)), max_new_tokens=3, do_sample=False)
+        out = hf.generate(torch.randint(0, 2048, (1, 70)), max_new_tokens=3, cache=hf.new_cache(1))
+        print("ok", tuple(out.shape))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok (1, 73)", r.stderr
+    assert "deprecated" not in r.stderr, r.stderr
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_generate_on_cuda_replays_a_graph_and_matches_plain_calls():
     torch.manual_seed(0)

@@ -2,6 +2,8 @@
 that only looks back, gradients that reach the retriever and every parameter, Gumbel noise only in
 training, the loss definition, clear input errors, and that a tiny model can fit a batch."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,12 +135,47 @@ def test_bad_inputs():
     "field, value",
     [("hidden_size", 30), ("num_kv_heads", 3), ("arch", "rnn"), ("upper_groups", [0]), ("window", 0), ("chunk_size", 1),
      ("landmark_memory", "drop"), ("retrieval_key", "mean"), ("center_memory", "yes"), ("memory_key_shift", "on"), ("gumbel", 1),
-     ("retrieval_distractors", -1)],
+     ("retrieval_distractors", -1), ("num_kv_heads", 2.0), ("num_kv_heads", "2"), ("init_std", -1.0), ("init_std", float("nan")),
+     ("norm_eps", float("inf")), ("rope_theta", None), ("rope_theta", "x"), ("num_lower_layers", True), ("upper_groups", [True])],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"DRTConfig.{field}"):
         tiny(**{field: value})
 
+
+
+def test_numpy_integers_in_a_config_are_stored_as_int():
+    import numpy as np
+
+    cfg = tiny(vocab_size=np.int64(97), upper_groups=[np.int32(1), 1])
+    assert type(cfg.vocab_size) is int and all(type(g) is int for g in cfg.upper_groups)
+    assert DRTConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.uint16])
+def test_any_integer_dtype_of_ids_is_taken(dtype):
+    """int32 (tokenizers, numpy) and uint16 (a prepared dataset's memmap) ids: the same logits, loss, stream
+    and generation as int64 (before: errors from inside generate, streaming, aminmax or cross_entropy)."""
+    torch.manual_seed(0)
+    m = DRT(tiny(vocab_size=97)).eval()
+    x = torch.randint(0, 97, (2, 150))
+    ref = m(x, labels=x)
+    out = m(x.to(dtype), labels=x.to(dtype))
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    cache = m.new_cache(2)
+    torch.testing.assert_close(m(x.to(dtype), cache=cache).logits, ref.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(m.generate(x.to(dtype), 3), m.generate(x, 3))
+
+
+def test_logits_to_keep_without_a_cache():
+    m = DRT(tiny()).eval()
+    x = torch.randint(0, 97, (2, 150))
+    torch.testing.assert_close(m(x, logits_to_keep=5).logits, m(x).logits[:, -5:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="logits_to_keep and labels"):
+        m(x, labels=x, logits_to_keep=5)
+    with pytest.raises(ValueError, match="logits_to_keep must be a positive integer"):
+        m(x, logits_to_keep=0)
 
 def test_retrieval_distractors_are_other_sequences_chunks_in_training_only():
     """retrieval_distractors=n: in training each row may also pick the chunks of sequences b + 1 ..

@@ -350,6 +350,42 @@ def test_save_model_and_export_model_round_trip(reference, tmp_path):
     torch.testing.assert_close(load_model(exp)(x).logits, trained(x).logits, atol=0.1, rtol=0.05)
 
 
+def test_save_model_looks_through_wrappers_and_refuses_a_run_folder(reference, tmp_path):
+    """A torch.compile'd model saved with its wrapper's "_orig_mod." names, which load_model then failed on
+    with a TypeError (a set sliced in the error message); saving into a run folder would shadow its
+    checkpoint; export onto its own source; "cpu:0" was called a corrupt checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    from gca.train import export_model, save_model
+
+    torch.manual_seed(0)
+    m = DRT(DRTConfig.from_preset("tiny", **TINY, vocab_size=64)).eval()
+    save_model(torch.compile(m), tmp_path / "compiled")  # (nothing is compiled: only its state is read)
+    assert not any(k.startswith("_orig_mod") for k in load_file(tmp_path / "compiled" / "model.safetensors"))
+    x = torch.randint(0, 64, (1, 100))
+    assert torch.equal(load_model(tmp_path / "compiled", device="cpu:0")(x).logits, m(x).logits)
+    ref_out, _ = reference
+    with pytest.raises(ValueError, match="holds a training run's checkpoint"):
+        save_model(m, ref_out)
+    with pytest.raises(ValueError, match="write the copy to another folder"):
+        export_model(ref_out, ref_out)
+    # a weights file without one of the model's tensors: the CheckpointError naming it
+    w = load_file(tmp_path / "compiled" / "model.safetensors")
+    save_file({k: v for k, v in w.items() if k != "norm.weight"}, tmp_path / "compiled" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing norm.weight"):
+        load_model(tmp_path / "compiled")
+
+
+def test_evaluation_gives_the_model_back_in_its_mode(tmp_path):
+    from gca.eval.tasks import evaluate_tasks
+
+    m = DRT(DRTConfig.from_preset("tiny", **TINY, vocab_size=2048)).train()
+    evaluate_tasks(m, lengths=[200], depths=1, trials=1, progress=False)
+    assert m.training
+    evaluate_tasks(m.eval(), lengths=[200], depths=1, trials=1, progress=False)
+    assert not m.training
+
+
 # ---- atomic checkpoints ----
 def test_save_interrupted_between_files_keeps_previous_checkpoint(reference, tmp_path, monkeypatch):
     ref_out, _ = reference

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gca.config import check_counts
+from gca.eval import keeps_mode
 from gca.model import DRT
 
 
@@ -102,6 +103,7 @@ def fixed_end_points(n_tokens: int, lengths, windows: int, rng: np.random.Genera
     return rng.integers(max(lengths), n_tokens + 1, size=windows)
 
 
+@keeps_mode
 def perplexity_vs_length(
     model: DRT,
     data,

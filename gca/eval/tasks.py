@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from gca.config import check_counts
+from gca.eval import keeps_mode
 from gca.model import DRT
 
 
@@ -113,6 +114,7 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
     return correct, hits, distracted
 
 
+@keeps_mode
 def evaluate_tasks(
     model: DRT,
     tasks: Iterable[str] = ("passkey",),

@@ -234,8 +234,12 @@ def load_weights(
     path = ckpt / WEIGHTS
     if not path.is_file():
         raise _corrupt(path, "is missing", ckpt)
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # not the file's fault
+    dev = torch.device(device)  # (not the file's fault when the device cannot be used)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available on this machine; load on the CPU")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine; load on the CPU")
+    device = "cpu" if dev.type == "cpu" else str(dev)  # safetensors takes "cpu", not "cpu:0"
     regroup = (
         saved_config is not None
         and list(saved_config.upper_groups) != list(model.config.upper_groups)
@@ -270,6 +274,7 @@ def _few(names: list[str], n: int = 3) -> str:
     """``a, b, c and 12 more`` (``none`` for an empty list): error messages name a few, not hundreds."""
     if not names:
         return "none"
+    names = sorted(names)  # (safetensors gives sets)
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
@@ -347,6 +352,8 @@ def export_model(dir_or_ckpt: str | os.PathLike, out: str | os.PathLike, dtype: 
     src = find_checkpoint(Path(dir_or_ckpt), repair=False)
     if src is None:
         raise CheckpointError(f"no checkpoint in {dir_or_ckpt}")
+    if Path(out).resolve() in (src.resolve(), Path(dir_or_ckpt).resolve()):
+        raise ValueError(f"export_model: write the copy to another folder than {dir_or_ckpt}")
     out = save_model(load_model(src), out, dtype=dtype)
     for name in (TRAIN_CONFIG, "tokenizer.json"):
         if (src / name).exists():
@@ -357,8 +364,16 @@ def export_model(dir_or_ckpt: str | os.PathLike, out: str | os.PathLike, dtype: 
 def save_model(model: DRT, out: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer: Any = None) -> Path:
     """Save any :class:`gca.DRT` (trained by ``gca train`` or not) as a folder :func:`load_model` reads:
     ``model.safetensors`` (in ``dtype``, default the model's), ``config.json`` and, given a tokenizer,
-    ``tokenizer.json``. The model itself is left as it is."""
+    ``tokenizer.json``. The model itself is left as it is; a ``torch.compile`` or DDP wrapper is looked
+    through (its names would carry the wrapper's prefix, which no DRT loads)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    model = getattr(model, "module", model)  # DistributedDataParallel's
+    if not isinstance(model, DRT):
+        raise ValueError(f"save_model saves a gca.DRT, got {type(model).__name__}")
     out = Path(out)
+    if (out / CKPT).is_dir() or (out / MANIFEST).exists():
+        raise ValueError(f"{out} holds a training run's checkpoint: save the model to a folder of its own "
+                         f"(load_model would read this file instead of the run's)")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
