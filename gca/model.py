@@ -296,7 +296,9 @@ class DRT(nn.Module):
         Args:
             offload: keep the chunk memory's keys/values in (pinned) CPU memory and fetch the
                 retrieved chunks per step; GPU memory then stays bounded however long the context.
-            device, dtype: of the cache (default: the model's).
+            device, dtype: of the cache's buffers when made (default: the model's). They then take the
+                dtype the model computes in (bf16 under autocast, else its parameters'): for a bf16 cache
+                cast the model (``model.to(torch.bfloat16)``) or run it under autocast.
             prefill_chunk: the most positions processed at once when many tokens arrive together.
             max_tokens: how many tokens the cache will hold, if known: the chunk memory is allocated
                 once at that size instead of growing by doubling (which briefly holds two copies; for
