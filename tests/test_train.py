@@ -523,6 +523,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn_two(worker, args: tuple, seconds: float) -> None:
+    """Run ``worker(rank, *args)`` in two processes; fail the test if they take longer than ``seconds``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=args, nprocs=2, join=False)
+    deadline = time.time() + seconds
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"DDP workers did not finish within {seconds:g} s")
+
+
 def _ddp_cfg(out, max_steps, batch_size):
     return tiny_cfg(
         out, model=dict(TINY, gumbel=False), grad_clip=0.0, batch_size=batch_size, max_steps=max_steps, save_every=2, eval_every=2
@@ -552,16 +565,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, result_dir: str):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo")
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
-    import torch.multiprocessing as mp
-
     out = tmp_path / "ddp"
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 60
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 60 s")
+    _spawn_two(_ddp_worker, (2, _free_port(), str(out), str(tmp_path)), seconds=60)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for n in r0["params"]:  # DDP keeps the replicas identical, bit for bit
         assert torch.equal(r0["params"][n], r1["params"][n]), n
@@ -621,15 +626,7 @@ def _ddp_signal_worker(rank: int, world: int, port: int, result_dir: str):
 def test_ddp_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
     """Under DDP a signal to one process (one node preempted) stops all of them after the same step, with
     one checkpoint of it; rerunning resumes there and ends where an uninterrupted run ends, bit for bit."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_ddp_signal_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 120
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 120 s")
+    _spawn_two(_ddp_signal_worker, (2, _free_port(), str(tmp_path)), seconds=120)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     step = r1["first"]["step"]
     assert 1 <= step < 8 and r0["first"]["step"] == step, (r0["first"], r1["first"])

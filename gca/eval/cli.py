@@ -210,6 +210,14 @@ class _EvalSubParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog.rsplit(' ', 1)[0]}: error: {message}\n")
 
 
+_TASKS_EXAMPLES = """\
+  gca eval tasks --ckpt runs/tiny --lengths 1x,4x,16x,64x --depths 5 --trials 20 --out runs/tiny/eval
+  gca eval tasks --ckpt runs/small --tasks passkey,multikey,2hop --lengths 16K,1M,16M --offload --dtype bfloat16"""
+_PPL_EXAMPLES = """\
+  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 4
+  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 16 --targets 1x"""
+
+
 def add_eval(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)  # the options of both subcommands
     common.add_argument("--ckpt", required=True, help="a run folder (gca train --out) or its ckpt/ folder")
@@ -229,11 +237,7 @@ def add_eval(sub) -> None:
         help="needle tasks or perplexity against context length",
         description="Evaluate a checkpoint, streaming so only memory limits the context length. "
                     "`gca eval tasks --help` and `gca eval ppl --help` list each one's options.",
-        epilog="""examples:
-  gca eval tasks --ckpt runs/tiny --lengths 1x,4x,16x,64x --depths 5 --trials 20 --out runs/tiny/eval
-  gca eval tasks --ckpt runs/small --tasks passkey,multikey,2hop --lengths 16K,1M,16M --offload --dtype bfloat16
-  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 4
-  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 16 --targets 1x""",
+        epilog=f"examples:\n{_TASKS_EXAMPLES}\n{_PPL_EXAMPLES}",
         formatter_class=_FMT,
     )
     what = p.add_subparsers(dest="what", metavar="{tasks,ppl}", required=True, parser_class=_EvalSubParser)
@@ -242,9 +246,8 @@ def add_eval(sub) -> None:
         help="passkey / multikey / 2hop accuracy and retrieval hit rate",
         description="Needle-task accuracy over a grid of context lengths x needle depths: tasks.json, "
                     "accuracy_vs_length.png, retrieval_vs_length.png (DRT models) and heatmap_<task>.png in --out.",
-        epilog="""examples:
-  gca eval tasks --ckpt runs/tiny --lengths 1x,4x,16x,64x --depths 5 --trials 20 --out runs/tiny/eval
-  gca eval tasks --ckpt runs/small --tasks passkey,multikey,2hop --lengths 16K,1M,16M --offload --dtype bfloat16
+        epilog=f"""examples:
+{_TASKS_EXAMPLES}
 
 Needle prompts end one token into a fresh chunk (see the README: where the question ends matters);
 a trial counts when the greedy continuation is exactly the answer.""",
@@ -269,9 +272,7 @@ a trial counts when the greedy continuation is exactly the answer.""",
         help="perplexity on held-out text",
         description="Perplexity on a prepared folder's val split at each context length: ppl.json and "
                     "ppl_vs_length.png in --out.",
-        epilog="""examples:
-  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 4
-  gca eval ppl --ckpt runs/small --data data/debian-docs --lengths 1x,4x,16x,64x --windows 16 --targets 1x""",
+        epilog=f"examples:\n{_PPL_EXAMPLES}",
     )
     q.add_argument("--data", default=None, help="a prepared folder (gca prepare --out); its val split is scored (required)")
     q.add_argument("--windows", type=int_at_least(1), default=4, help="windows per length (default 4)")
