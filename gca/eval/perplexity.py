@@ -150,7 +150,6 @@ def perplexity_vs_length(
             raise ValueError(f"targets must lie in [1, the shortest length {min(lengths)}], got {targets}")
         targets = min(targets, min(lengths) - 1)  # a window's first token has no prediction: T = N scores N - 1
         ends = fixed_end_points(len(tokens), lengths, windows, rng)  # the same text scored at every N
-    model.eval()
     rows = []
     for N in tqdm(lengths, desc="ppl", disable=not progress):
         starts = rng.integers(0, len(tokens) - N + 1, size=windows) if targets is None else ends - N

@@ -149,7 +149,8 @@ def evaluate_tasks(
             partial results of a long evaluation.
     Returns:
         a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
-        retrieval_hit (None without retrieval: ``arch`` swa or full), distractor_answer (None for passkey), [hop_answer, first_hop (2hop)], trials_beyond_window,
+        retrieval_hit (None without retrieval: ``arch`` swa or full), distractor_answer (None for passkey),
+        [hop_answer, first_hop (2hop)], trials_beyond_window,
         accuracy_beyond_window, misses, seconds}``; the two ``*beyond_window`` keys count
         the trials whose needles lay outside the answer's sliding window (:func:`beyond_window`;
         accuracy None when there were none): where a DRT must retrieve to answer. ``misses``: one
@@ -169,7 +170,6 @@ def evaluate_tasks(
     check_counts("evaluate_tasks", trials=trials, batch_size=batch_size)
     tok = load_tokenizer(tokenizer if tokenizer is not None else getattr(filler, "tokenizer", None) or "embedded")
     tasks, lengths, dl = list(tasks), [int(n) for n in lengths], _depth_list(depths)
-    model.eval()
     retrieves = model.config.arch == "drt"  # the baselines have no retrieval to hit: their rows say None, not 0
     rows = []
     total = len(tasks) * len(lengths) * len(dl)
