@@ -19,8 +19,9 @@ key/value cache. It travels through ``generate()`` as ``past_key_values`` inside
 ``DynamicCache`` (``_supports_default_dynamic_cache`` is False), so ``generate()`` starts with
 no cache; the first forward (``use_cache=True``) creates a ``DRTHFCache``, prefills the prompt and
 returns it, and :meth:`DRTForCausalLM.prepare_inputs_for_generation` then feeds only the tokens
-the cache has not seen. Every step therefore costs one streaming step, as in ``gca.DRT.generate``,
-whose greedy output it equals. On CUDA the one-token steps of a ``drt`` or ``swa`` model replay a
+the cache has not seen. The prefill keeps only the last logit (``logits_to_keep=1``, as ``generate()``
+asks) and every later step costs one streaming step, as in ``gca.DRT.generate``, whose greedy output
+it equals. On CUDA the one-token steps of a ``drt`` or ``swa`` model replay a
 CUDA graph (:class:`gca.inference.GraphDecoder`, kept on the cache), as ``gca.DRT.generate`` does;
 set ``hf.cuda_graph = False`` for plain streaming calls (``True`` uses the decoder on any device: on
 a CPU it runs the same static step without a graph). With ``use_cache=False`` each step recomputes the
@@ -221,7 +222,9 @@ def _check_attention_mask(attention_mask: torch.Tensor | None) -> None:
         raise ValueError(
             "DRTForCausalLM does not support padding: attention_mask must be all ones. The DRT "
             "streaming cache has no notion of padded (e.g. left-padded) positions; batch sequences "
-            "of equal length together, or run them one at a time."
+            "of equal length together, or run them one at a time. (generate() makes such a mask itself "
+            "when no attention_mask is given and input_ids contain pad_token_id: if those ids are not "
+            "padding, pass attention_mask=torch.ones_like(input_ids).)"
         )
 
 
@@ -278,6 +281,56 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         """The untied LM head, or None when the DRT reuses its embedding as the output layer."""
         return self.model.lm_head
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> torch.nn.Embedding:
+        """Make the vocabulary ``new_num_tokens`` ids (rounded up to a multiple of ``pad_to_multiple_of``).
+
+        ``vocab_size`` changes in both configs (so ``save_pretrained`` / ``from_pretrained`` round-trip
+        and ids up to the new size are taken), the embedding and an untied LM head keep the rows of the
+        ids both sizes share, and the landmark's row moves to the new ``vocab_size`` (the embedding stays
+        padded to a multiple of 64 rows). New rows take the mean of the old ones (``mean_resizing``, what
+        ``transformers`` samples around) or ``normal(0, init_std)``. Returns the new embedding.
+        """
+        m = self.model
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return m.embed
+        old = m.config.vocab_size
+        new = old if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            new = -(-new // pad_to_multiple_of) * pad_to_multiple_of
+        cfg = m.config.replace(vocab_size=new)  # validates (a positive integer)
+        keep = min(old, new)
+
+        def resized(w_old: torch.Tensor, rows: int) -> torch.Tensor:
+            w = w_old.new_zeros(rows, w_old.shape[1])
+            w[:keep] = w_old[:keep]
+            if new > keep:
+                if mean_resizing:
+                    w[keep:new] = w_old[:old].float().mean(0).to(w.dtype)
+                else:
+                    w[keep:new].normal_(0.0, cfg.init_std)
+            return w
+
+        with torch.no_grad():
+            lmk = 1 if cfg.arch == "drt" else 0
+            w = resized(m.embed.weight, -(-(new + lmk) // 64) * 64)
+            if lmk:
+                w[new] = m.embed.weight[old]  # the landmark's row
+            embed = torch.nn.Embedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
+            embed.weight.copy_(w)
+            embed.weight.requires_grad_(m.embed.weight.requires_grad)
+            m.embed = embed
+            if m.lm_head is not None:
+                head = torch.nn.Linear(cfg.hidden_size, new, bias=False, device=w.device, dtype=m.lm_head.weight.dtype)
+                head.weight.copy_(resized(m.lm_head.weight, new))
+                head.weight.requires_grad_(m.lm_head.weight.requires_grad)
+                m.lm_head = head
+        m.config = cfg
+        self.config.vocab_size = new
+        self.vocab_size = new
+        return m.embed
+
     # ---- conversion ----
     @classmethod
     def from_drt(cls, model: DRT) -> "DRTForCausalLM":
@@ -325,13 +378,16 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         cache: DRTHFCache | None = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ):
         """Logits (and loss) for ``input_ids`` ``(B, L)``; see the class docstring for the cache.
 
-        ``position_ids``, ``cache_position`` and other generation bookkeeping are accepted and
-        ignored (positions follow from the cache). ``inputs_embeds``, attentions and hidden states
-        are not supported.
+        ``logits_to_keep``: return only the logits of the last ``logits_to_keep`` tokens (0: all), as
+        ``generate()`` asks for its prefill; with a cache, a long prefill then also runs the upper layers
+        only near its end (:meth:`gca.DRT.forward`). ``position_ids``, ``cache_position`` and other
+        generation bookkeeping are accepted and ignored (positions follow from the cache).
+        ``inputs_embeds``, attentions and hidden states are not supported.
         """
         if inputs_embeds is not None:
             raise ValueError("DRTForCausalLM does not support inputs_embeds; pass input_ids")
@@ -344,25 +400,26 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
 
         given = past_key_values if past_key_values is not None else cache  # transformers >= 5.24 says `cache`
         stream = self._as_cache(given, use_cache and labels is None, input_ids.shape[0])
+        keep = logits_to_keep or None  # transformers' 0 = every logit
         if stream is not None:
             if labels is not None:
                 raise ValueError("labels are not supported with past_key_values (the streaming path has no loss)")
-            logits = self._stream(input_ids, stream)
+            logits = self._stream(input_ids, stream, keep)
             out = CausalLMOutputWithPast(loss=None, logits=logits, **{_OUTPUT_CACHE_NAME: stream})
         else:
-            o = self.model(input_ids, labels=labels)
+            o = self.model(input_ids, labels=labels, logits_to_keep=keep)
             out = CausalLMOutputWithPast(loss=o.loss, logits=o.logits)
         return out if return_dict else out.to_tuple()
 
-    def _stream(self, input_ids: torch.Tensor, stream: DRTHFCache) -> torch.Tensor:
-        """Logits of ``input_ids`` continuing the cached sequence; one-token steps through the
-        cache's GraphDecoder when :attr:`cuda_graph` asks for it."""
+    def _stream(self, input_ids: torch.Tensor, stream: DRTHFCache, keep: int | None = None) -> torch.Tensor:
+        """Logits of ``input_ids`` continuing the cached sequence (the last ``keep`` of them); one-token
+        steps through the cache's GraphDecoder when :attr:`cuda_graph` asks for it."""
         m = self.model
         use = self.cuda_graph
         if use is None:
             use = m.embed.weight.device.type == "cuda"
         if not (use and input_ids.shape[1] == 1 and not m.training):
-            return m(input_ids, cache=stream.drt_cache).logits
+            return m(input_ids, cache=stream.drt_cache, logits_to_keep=keep).logits
         if stream.decoder is None or stream.decoder.model is not m:
             from gca.inference.graph import GraphDecoder
 
@@ -419,6 +476,8 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         inputs = {"input_ids": input_ids.contiguous(), _GENERATE_CACHE_NAME: past_key_values, "use_cache": use_cache}
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask
+        if kwargs.get("logits_to_keep") is not None:  # generate() wants the last logit only
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs
 
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gca.config import DRTConfig, check_counts
+from gca.config import DRTConfig, _is_int, check_counts
 from gca.inference.cache import ChunkMemory, DRTCache, RingKV
 from gca.nn.layers import ChunkEncoder, DecoderLayer, RMSNorm, UpperLayer, rope_cos_sin
 from gca.retrieval import Retrieval, causal_topk, copy_retrieval_loss, copy_targets, retrieval_scores, shift_to_queries
@@ -287,6 +287,7 @@ class DRT(nn.Module):
         return cat(lmk), cat(mem_k), cat(mem_v)
 
     # ---- streaming ----
+    @torch.inference_mode(False)  # normal tensors even under inference_mode (see _forward_cached)
     def new_cache(
         self, batch_size: int = 1, offload: bool = False, device=None, dtype=None, prefill_chunk: int = 4096,
         max_tokens: int | None = None, skip_upper: bool = True,
@@ -296,7 +297,8 @@ class DRT(nn.Module):
         Args:
             offload: keep the chunk memory's keys/values in (pinned) CPU memory and fetch the
                 retrieved chunks per step; GPU memory then stays bounded however long the context.
-            device, dtype: of the cache's buffers when made (default: the model's). They then take the
+            device, dtype: of the cache's buffers when made (default: the model's; the device must be the
+                model's when the cache is used, else a ValueError names both). They then take the
                 dtype the model computes in (bf16 under autocast, else its parameters'): for a bf16 cache
                 cast the model (``model.to(torch.bfloat16)``) or run it under autocast.
             prefill_chunk: the most positions processed at once when many tokens arrive together.
@@ -339,7 +341,13 @@ class DRT(nn.Module):
                     chunk_size=cfg.chunk_size, window=None if cfg.arch == "full" else cfg.window)
 
     def check_cache(self, cache: DRTCache) -> None:
-        """Raise ValueError when ``cache`` was made by a model of another shape (:meth:`new_cache`)."""
+        """Raise ValueError when ``cache`` was made by a model of another shape (:meth:`new_cache`) or
+        lies on another device."""
+        ring = (cache.lower + cache.upper)[0] if cache.lower or cache.upper else None
+        dev = self.embed.weight.device
+        if ring is not None and ring.k.device != dev:  # else a cryptic error deep inside a layer
+            raise ValueError(f"the cache is on {ring.k.device}, the model on {dev}: make the cache after moving the "
+                             "model (new_cache() with no device), or move the model back")
         if cache.made_for is None:
             return
         mine = self._cache_shape()
@@ -348,7 +356,12 @@ class DRT(nn.Module):
             raise ValueError("the cache was made by a model of another shape: " + ", ".join(diff)
                              + "; make one with this model's new_cache()")
 
-    @torch.no_grad()  # streaming is for inference: nothing is kept for a backward pass
+    # Streaming is for inference: nothing is kept for a backward pass (no_grad). Inference mode is
+    # switched off inside, so the cache only ever holds normal tensors: one filled under
+    # torch.inference_mode() can be continued outside it (in place updates of inference tensors are
+    # refused there) and the other way round, and the logits returned are normal tensors.
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def _forward_cached(self, input_ids: torch.Tensor, cache: DRTCache, keep: int | None = None) -> torch.Tensor:
         self.check_cache(cache)
         if input_ids.shape[0] != cache.batch_size:
@@ -462,6 +475,7 @@ class DRT(nn.Module):
         cache.tokens += n
         return self._logits(self.norm(h[:, out_rel[out_rel.shape[0] - keep :]]))
 
+    @torch.inference_mode(False)  # as _forward_cached: the cache (and the decoder's buffers) stay normal tensors
     @torch.no_grad()
     def generate(
         self,
@@ -471,7 +485,7 @@ class DRT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         cache: DRTCache | None = None,
         offload: bool = False,
         generator: torch.Generator | None = None,
@@ -483,6 +497,9 @@ class DRT(nn.Module):
         The prompt is prefilled through a streaming cache (pass ``cache`` to continue an existing
         one, ``offload=True`` to keep the chunk memory in CPU memory), then one token per step.
         Greedy by default; ``do_sample`` with ``temperature``, ``top_k`` and ``top_p`` samples.
+        The prompts of a batch share one length: there is no padding or attention mask.
+        ``eos_token_id`` (one id or a list): a sequence that produced one is done and continues with
+        the first of them; generation stops when every sequence is done.
         A retrieval is made only when a chunk closes (every 63 tokens); see the README on where a
         question should end.
 
@@ -493,8 +510,10 @@ class DRT(nn.Module):
         ``torch.compile`` first (H200, small preset, bf16: 1.23-1.67x the tokens/s; the first token waits
         7-12 s for the compile; logits equal up to bf16 rounding).
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if cuda_graph and self.embed.weight.device.type != "cuda":  # before the prefill, not after it
+            raise ValueError(f"cuda_graph=True needs a CUDA model, this one is on {self.embed.weight.device}")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
@@ -502,28 +521,36 @@ class DRT(nn.Module):
         if top_k is not None:
             check_counts("generate", top_k=top_k)
         input_ids = self._check_ids(input_ids)
+        eos = None
+        if eos_token_id is not None:
+            eos = torch.as_tensor(eos_token_id, dtype=torch.long).reshape(-1)
+            if not eos.numel():
+                raise ValueError("eos_token_id is an empty list; pass None for no end-of-sequence id")
         was_training = self.training
         self.eval()
-        cache = cache or self.new_cache(input_ids.shape[0], offload=offload, max_tokens=input_ids.shape[1] + max_new_tokens)
-        logits = self(input_ids, cache=cache, logits_to_keep=1).logits[:, -1]
-        on_cuda = self.embed.weight.device.type == "cuda"
-        dec = None
-        if (on_cuda if cuda_graph is None else cuda_graph) and max_new_tokens > 1:
-            from gca.inference.graph import GraphDecoder
+        try:
+            cache = cache or self.new_cache(input_ids.shape[0], offload=offload, max_tokens=input_ids.shape[1] + max_new_tokens)
+            logits = self(input_ids, cache=cache, logits_to_keep=1).logits[:, -1]
+            on_cuda = self.embed.weight.device.type == "cuda"
+            dec = None
+            if (on_cuda if cuda_graph is None else cuda_graph) and max_new_tokens > 1:
+                from gca.inference.graph import GraphDecoder
 
-            dec = GraphDecoder(self, cache, graph=True, compile=compile_step)
-        out = [input_ids.to(logits.device)]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
-        for i in range(max_new_tokens):
-            nxt = _pick(logits.float(), do_sample, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if (eos_token_id is not None and done.all()) or i == max_new_tokens - 1:
-                break
-            logits = dec.step(nxt) if dec is not None else self(nxt[:, None], cache=cache).logits[:, -1]
-        self.train(was_training)
+                dec = GraphDecoder(self, cache, graph=True, compile=compile_step)
+            out = [input_ids.to(logits.device)]
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
+            eos = None if eos is None else eos.to(logits.device)
+            for i in range(max_new_tokens):
+                nxt = _pick(logits.float(), do_sample, temperature, top_k, top_p, generator)
+                if eos is not None:
+                    nxt = torch.where(done, eos[0], nxt)
+                    done |= torch.isin(nxt, eos)
+                out.append(nxt[:, None])
+                if (eos is not None and done.all()) or i == max_new_tokens - 1:
+                    break
+                logits = dec.step(nxt) if dec is not None else self(nxt[:, None], cache=cache).logits[:, -1]
+        finally:  # an error (a cache of another batch size, ...) leaves a training model in training mode
+            self.train(was_training)
         return torch.cat(out, dim=1)
 
 

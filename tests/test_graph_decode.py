@@ -151,3 +151,21 @@ def test_compiled_cuda_graph_equals_streaming(arch):
     got, dec, _ = decode_through(m, x, prompt, graph=True, compile=True)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert dec.replays > 100 and dec._graph is not None
+
+
+def test_graph_decoder_made_under_inference_mode_steps_outside_it():
+    # the decoder's buffers and the cache it advances used to be inference tensors when made under
+    # torch.inference_mode(): a step outside it (e.g. under no_grad) raised RuntimeError
+    torch.manual_seed(0)
+    m = DRT(tiny()).double().eval()
+    x = torch.randint(0, 97, (2, 63 * 2 + 20))
+    ref = m(x).logits
+    with torch.inference_mode():
+        cache = m.new_cache(2)
+        outs = [m(x[:, :100], cache=cache, logits_to_keep=1).logits[:, -1]]
+        dec = GraphDecoder(m, cache, graph=False)
+        outs.append(dec.step(x[:, 100]))
+    with torch.no_grad():
+        for i in range(101, x.shape[1]):
+            outs.append(dec.step(x[:, i]))
+    torch.testing.assert_close(torch.stack(outs, 1), ref[:, 99:], rtol=1e-8, atol=1e-8)

@@ -96,6 +96,40 @@ def test_from_drt_shares_parameters():
     assert hf.config.to_drt_config() == drt.config
 
 
+@pytest.mark.parametrize("arch", ["drt", "swa"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_resize_token_embeddings_changes_the_vocabulary_everywhere(tmp_path, tie, arch):
+    # was: the DRTConfig kept the old vocab_size (ids of the new range rejected, the landmark's row
+    # taken as a token's, from_pretrained failing on a size mismatch); untied: AttributeError
+    torch.manual_seed(0)
+    hf = hf_model(tie_embeddings=tie, arch=arch)
+    x = torch.randint(0, V, (2, 150))
+    with torch.no_grad():
+        before = hf(x).logits
+    emb = hf.resize_token_embeddings(V + 13)
+    assert emb is hf.get_input_embeddings() and emb.weight.shape[0] % 64 == 0
+    assert hf.config.vocab_size == hf.model.config.vocab_size == V + 13
+    with torch.no_grad():
+        after = hf(x).logits
+        torch.testing.assert_close(after[..., :V], before, rtol=0, atol=1e-6)  # the old ids' logits are kept
+        assert after.shape[-1] == V + 13 and (hf.model.lm_head is None) == tie
+        y = torch.randint(V, V + 13, (2, 80))  # the new ids are accepted
+        ref = hf(y).logits
+    hf.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.vocab_size == loaded.model.config.vocab_size == V + 13
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(y).logits, ref, rtol=0, atol=0)
+    assert hf.generate(y[:, :70], max_new_tokens=3, do_sample=False).shape == (2, 73)
+    hf.resize_token_embeddings(V, pad_to_multiple_of=64)  # rounded up: 128
+    assert hf.config.vocab_size == hf.model.config.vocab_size == 128
+    hf.resize_token_embeddings(50, mean_resizing=False)  # shrinking keeps the first ids
+    with torch.no_grad():
+        assert hf(x.clamp(max=49)).logits.shape == (2, 150, 50)
+    assert hf.resize_token_embeddings() is hf.get_input_embeddings()  # nothing asked: nothing changes
+    assert hf.config.vocab_size == 50
+
+
 # ---- forward ----
 def test_loss_and_logits_equal_drt():
     hf = hf_model()
@@ -159,6 +193,33 @@ def test_greedy_generate_equals_drt_generate_and_forward_chain():
         hf.generate(prompt, max_new_tokens=2, cache=hf.new_cache(2), past_key_values=hf.new_cache(2))
 
 
+def test_generate_prefill_computes_the_last_logit_only(monkeypatch):
+    # generate() asks for logits_to_keep=1, which forward() did not take: the prefill made every prompt
+    # token's logits (1M tokens x a 50K vocabulary: 200 GB) and ran the upper layers everywhere
+    torch.manual_seed(0)
+    hf = hf_model()
+    shapes = []
+    forward = DRT.forward
+
+    def record(self, *a, **k):
+        out = forward(self, *a, **k)
+        shapes.append(tuple(out.logits.shape))
+        return out
+
+    monkeypatch.setattr(DRT, "forward", record)
+    prompt = torch.randint(0, V, (2, 600))
+    cache = hf.new_cache(2, prefill_chunk=128)
+    out = hf.generate(prompt, max_new_tokens=4, do_sample=False, cache=cache)
+    assert shapes[0] == (2, 1, V) and cache.drt_cache.skipped_tokens > 0
+    torch.testing.assert_close(out, hf.model.generate(prompt, max_new_tokens=4), rtol=0, atol=0)
+    shapes.clear()
+    no_cache = hf.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=False)
+    assert shapes == [(2, 1, V), (2, 1, V)] and torch.equal(no_cache, out[:, :602])
+    with torch.no_grad():  # 0 means every logit, as in transformers
+        assert hf(prompt[:, :10], logits_to_keep=0).logits.shape == (2, 10, V)
+        assert hf(prompt[:, :10], logits_to_keep=3).logits.shape == (2, 3, V)
+
+
 def test_one_token_steps_through_the_graph_decoder_give_the_same_tokens():
     # cuda_graph=True on a CPU: the GraphDecoder's static step without a graph (on CUDA the same step is replayed)
     torch.manual_seed(0)
@@ -198,6 +259,11 @@ def test_padding_attention_mask_rejected():
         hf(x, attention_mask=mask)
     with pytest.raises(ValueError, match="padding"):
         hf.generate(x, attention_mask=mask, max_new_tokens=3)
+    # a mask generate() inferred from pad ids in the prompt: the error says how to pass ones
+    x[0, 3] = 0
+    with pytest.raises(ValueError, match=r"ones_like\(input_ids\)"):
+        hf.generate(x, max_new_tokens=3, pad_token_id=0, eos_token_id=1)
+    assert hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=3, pad_token_id=0, eos_token_id=1).shape[1] <= 33
 
 
 def test_beam_search_rejected():

@@ -173,3 +173,69 @@ def test_capacity_hint_allocates_the_memory_once():
     out = torch.cat([m(x[:, :300], cache=cache).logits, m(x[:, 300:], cache=cache).logits], 1)
     assert cache.memory is first and cache.memory._cap == 10 and cache.memory.n == 9
     torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, offload", [("drt", False), ("drt", True), ("swa", False), ("full", False)])
+def test_cache_mixes_inference_mode_and_no_grad(arch, offload):
+    # a cache filled under torch.inference_mode() used to hold inference tensors, which cannot be
+    # updated in place outside it: continuing it under no_grad (or with generate) raised RuntimeError
+    torch.manual_seed(0)
+    m = DRT(tiny(arch=arch)).double().eval()
+    x = torch.randint(0, 97, (2, 63 * 3 + 10))
+    ref = m(x).logits
+    modes = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}
+    for first, then in [("inference", "no_grad"), ("inference", "grad"), ("no_grad", "inference"), ("grad", "inference")]:
+        with modes[first]():
+            cache = m.new_cache(2, offload=offload)
+            a = m(x[:, :100], cache=cache).logits
+        with modes[then]():
+            b = m(x[:, 100:150], cache=cache).logits
+        c = m(x[:, 150:], cache=cache).logits
+        got = torch.cat([a, b, c], 1)
+        assert not got.is_inference() and not got.requires_grad
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9, msg=f"{first} -> {then}")
+    with torch.inference_mode():
+        cache = m.new_cache(2, offload=offload)
+        m(x[:, :100], cache=cache)
+    assert torch.equal(m.generate(x[:, 100:110], 5, cache=cache)[:, -5:], m.generate(x[:, :110], 5)[:, -5:])
+    with torch.inference_mode():
+        out = m.generate(x[:, :110], 5)
+    assert torch.equal(out, m.generate(x[:, :110], 5)) and not out.is_inference()
+
+
+def test_generate_eos_list_and_training_mode_kept_on_error():
+    torch.manual_seed(0)
+    m = DRT(tiny()).eval()
+    prompt = torch.randint(0, 97, (2, 70))
+    free = m.generate(prompt, 6)
+    first = int(free[0, 70])
+    # a list of end ids (as transformers' generation configs hold them): the first is the padding
+    other = (first + 1) % 97
+    out = m.generate(prompt, 6, eos_token_id=[other, first])  # was a TypeError from full_like
+    assert out[0, 70] == first and bool((out[0, 71:] == other).all())  # done rows continue with the first id
+    assert torch.equal(m.generate(prompt, 6, eos_token_id=[first]), m.generate(prompt, 6, eos_token_id=first))
+    with pytest.raises(ValueError, match="empty"):
+        m.generate(prompt, 2, eos_token_id=[])
+    m.train()
+    with pytest.raises(ValueError, match="batch"):
+        m.generate(prompt, 2, cache=m.new_cache(3))
+    assert m.training  # restored although generate raised
+
+
+def test_generate_refuses_bad_lengths_and_a_graph_on_cpu_before_any_work():
+    m = DRT(tiny()).eval()
+    prompt = torch.randint(0, 97, (1, 10))
+    for bad in (3.0, -1, True):  # 3.0 was a TypeError from range()
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+            m.generate(prompt, bad)
+    calls = []
+    m.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
+        m.generate(prompt, 4, cuda_graph=True)
+    assert not calls  # refused before the prompt was prefilled
+
+
+def test_cache_on_another_device_is_named():
+    m = DRT(tiny()).eval()
+    with pytest.raises(ValueError, match="the cache is on meta, the model on cpu"):
+        m(torch.zeros(1, 5, dtype=torch.long), cache=m.new_cache(1, device="meta"))

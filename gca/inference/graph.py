@@ -86,6 +86,7 @@ class GraphDecoder:
     doubles when full unless the cache was made with ``max_tokens``), the step is captured again.
     """
 
+    @torch.inference_mode(False)  # normal tensors, as the streaming path keeps the cache (DRT._forward_cached)
     def __init__(self, model, cache: DRTCache, graph: bool | None = None, compile: bool = False):
         cfg = model.config
         if model.training:
@@ -208,6 +209,7 @@ class GraphDecoder:
         self._graph, self._graph_ptrs = graph, self._pointers()
 
     # ---- public ----
+    @torch.inference_mode(False)
     @torch.no_grad()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence, ``ids`` ``(B,)`` (or ``(B, 1)``); returns the logits ``(B, V)``."""
