@@ -453,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress_bars()
         print(f"gca {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (gca train saves a checkpoint first; a second Ctrl-C ends here)
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        _close_progress_bars()
+        print(f"gca {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         warnings.showwarning = shown
 

@@ -414,3 +414,20 @@ def test_train_stopped_by_a_signal_exits_with_the_shells_status(tmp_path, monkey
     for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143), (None, 0)):
         monkeypatch.setattr(trainer, "train", lambda cfg, sig=sig: types.SimpleNamespace(interrupted=sig))
         assert main(["train", "--preset", "tiny", "--data", "synthetic:passkey", "--out", str(tmp_path / "r")]) == status
+
+
+def test_ctrl_c_ends_a_command_in_one_line(capsys, monkeypatch):
+    """Ctrl-C (in `gca bench`, `prepare`, `generate`, or a second one in `gca train`) printed a
+    KeyboardInterrupt traceback; now one line and the shell's status for SIGINT (GCA_TRACEBACK=1 raises)."""
+    import gca.inference.bench as bench
+
+    def stop(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "bench_streaming", stop)
+    argv = ["bench", "--preset", "tiny", "--lengths", "300", "--device", "cpu"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "gca bench: interrupted"
+    monkeypatch.setenv("GCA_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)

@@ -241,6 +241,44 @@ def test_prepare_errors(tmp_path):
         PackedDataset(tmp_path / "e")
 
 
+@pytest.mark.parametrize("damage, says", [
+    ("meta_not_json", "meta.json is not valid"),
+    ("meta_no_dtype", "meta.json lacks 'dtype'"),
+    ("truncated_bin", "val.bin has 10 bytes"),
+    ("missing_bin", "val.bin is missing"),
+    ("garbled_idx", "val.idx.npy is not a document index"),
+    ("garbled_tokenizer", "tokenizer.json is not a tokenizers JSON file"),
+])
+def test_a_damaged_prepared_folder_names_the_file(prepared, tmp_path, damage, says):
+    """A corrupt meta.json was a bare JSON error or a KeyError traceback, a truncated val.bin numpy's
+    "mmap length is greater than file size", a garbled index numpy's advice to unpickle, and a garbled
+    tokenizer.json of a folder a bare Exception: each now names the file (and how to remake it)."""
+    import shutil
+
+    src, _ = prepared
+    d = tmp_path / "ds"
+    shutil.copytree(src, d)
+    if damage == "meta_not_json":
+        (d / "meta.json").write_text("{")
+    elif damage == "meta_no_dtype":
+        (d / "meta.json").write_text(json.dumps({k: v for k, v in json.loads((d / "meta.json").read_text()).items()
+                                                 if k != "dtype"}))
+    elif damage == "truncated_bin":
+        (d / "val.bin").write_bytes((d / "val.bin").read_bytes()[:10])
+    elif damage == "missing_bin":
+        (d / "val.bin").unlink()
+    elif damage == "garbled_idx":
+        (d / "val.idx.npy").write_bytes(b"xx")
+    else:
+        (d / "tokenizer.json").write_text("xx")
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        PackedDataset(d, "val").tokenizer
+    msg = str(e.value)
+    assert str(d) in msg and says in msg, msg
+    if damage != "garbled_tokenizer":
+        assert "--overwrite" in msg and "allow_pickle" not in msg, msg
+
+
 def test_prepare_warns_when_a_split_is_empty(tmp_path):
     """One document goes whole to one split: say so at prepare time, not at `gca train`'s first
     validation; val_fraction=0 asks for no validation, and gets no warning."""

@@ -3,6 +3,7 @@ generation, and the ppl command works on a prepared dataset."""
 
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -1255,3 +1256,113 @@ def test_eval_tasks_and_ppl_each_have_their_own_options(capsys):
     with pytest.raises(SystemExit) as e:  # an option of the other subcommand is refused, no longer ignored
         main(["eval", "tasks", "--ckpt", SHIPPED, "--windows", "2"])
     assert e.value.code == 2 and "unrecognized arguments: --windows 2" in capsys.readouterr().err
+
+
+def test_lengths_must_come_to_whole_tokens(capsys):
+    """`--lengths 100.7` ran at 100 tokens, 4.1K at 4198 and 0.3x of 504 at 151, silently cut down, and float
+    arithmetic made 0.29x of 100 into 28: each is now exact, or refused in one line naming the length."""
+    from gca.eval.cli import _times, parse_lengths
+
+    assert parse_lengths("0.29x,0.5x,1.5K,64K,1M", 100) == [29, 50, 1536, 65536, 1 << 20]
+    for text, says in [("100.7", "bad length '100.7': 100.7 tokens, not a whole number"),
+                       ("4.1K", "bad length '4.1K': 4.1K is 4198.4 tokens, not a whole number"),
+                       ("0.3x", "bad length '0.3x': 0.3x of the training length 504 is 151.2 tokens, not a whole")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            parse_lengths(text, 504)
+    for argv in (["eval", "tasks", "--ckpt", SHIPPED, "--lengths", "1x,100.7"],
+                 ["eval", "ppl", "--ckpt", SHIPPED, "--data", "d", "--lengths", "0.3x"],
+                 ["bench", "--preset", "tiny", "--lengths", "4.1K"]):
+        assert main(argv + ["--device", "cpu"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith(f"gca {argv[0]}: error: bad length"), err
+    assert _times(2, 504) == "0.004x" and _times(252, 504) == "0.5x"  # (2 tokens showed as 0x)
+
+
+def _prepared(tmp_path, name, tokenizer="embedded"):
+    from gca.data.prepare import prepare
+
+    src = tmp_path / f"{name}-txt"
+    src.mkdir()
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega the of and to in is".split()
+    for i in range(6):
+        (src / f"d{i}.txt").write_text(f"document {i}. " + " ".join(words[(j * j + i) % len(words)] for j in range(600)))
+    if tokenizer == "bpe":  # (enough whole words for the needle tasks' keys)
+        from gca.data import train_bpe
+
+        tokenizer = train_bpe([str(src)], vocab_size=300, show_progress=False)
+    prepare([str(src)], tmp_path / name, tokenizer=tokenizer, val_fraction=0.5, progress=False)
+    return tmp_path / name
+
+
+def test_eval_refuses_text_of_another_tokenizer(tmp_path, capsys):
+    """`gca eval ppl` of the shipped model (the embedded tokenizer) on a folder tokenised by a 300-id BPE
+    printed a perplexity of its ids read as other words; --filler was checked for the vocabulary's size
+    only. Both are refused now; a folder of the checkpoint's own tokenizer is scored."""
+    other, same = _prepared(tmp_path, "bpe", "bpe"), _prepared(tmp_path, "emb")
+    for argv in (["eval", "ppl", "--data", str(other)], ["eval", "tasks", "--filler", str(other), "--trials", "1"]):
+        assert main(argv + ["--ckpt", SHIPPED, "--lengths", "130", "--out", str(tmp_path / "e"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"{other} was prepared with another tokenizer (bpe-300, 300 ids)" in err, err
+    assert not (tmp_path / "e" / "ppl.json").exists()
+    assert main(["eval", "ppl", "--ckpt", SHIPPED, "--data", str(same), "--lengths", "130", "--windows", "1",
+                 "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0  # fmt: skip
+
+
+def test_eval_tasks_of_a_checkpoint_without_its_tokenizer(tmp_path, capsys):
+    """A checkpoint without tokenizer.json was evaluated with the embedded tokenizer without a word: for a
+    model of a smaller vocabulary that ended in "input_ids must lie in [0, 300)". Now a smaller vocabulary
+    is refused naming the fix, a larger one warned of, and --filler's own tokenizer writes the needles."""
+    small, full = _saved_run(tmp_path, "v300", vocab_size=300), _saved_run(tmp_path, "v2048")
+    ev = ["eval", "tasks", "--lengths", "130", "--depths", "1", "--trials", "1", "--out", str(tmp_path / "e"),
+          "--device", "cpu"]
+    assert main(ev + ["--ckpt", str(small)]) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer.json, and the embedded tokenizer's 2048 ids do not fit the model's vocabulary of 300" in err
+    assert main(ev + ["--ckpt", str(small), "--filler", str(_prepared(tmp_path, "bpe", "bpe"))]) == 0
+    assert main(ev + ["--ckpt", str(full)]) == 0
+    assert "gca eval: warning: " in capsys.readouterr().err
+
+
+def test_eval_names_a_corrupt_train_config(tmp_path, capsys):
+    """A train_config.json that is not JSON ended in "gca eval: error: Expecting value: line 1 column 1"."""
+    run = _saved_run(tmp_path, "t1")
+    for text in ("{", "[1]", '{"seq_len": "504"}'):
+        (run / "ckpt" / "train_config.json").write_text(text)
+        assert main(["eval", "tasks", "--ckpt", str(run), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'ckpt' / 'train_config.json'}" in err and "Traceback" not in err, err
+
+
+def test_ctrl_c_during_eval_says_what_was_kept(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in `gca eval` ended in a KeyboardInterrupt traceback; now one line says what the results file
+    kept (it is written after each cell) and the status is the shell's for SIGINT."""
+    from gca.eval import perplexity, tasks
+
+    def stopped(rows):
+        def fake(*a, on_row, **kw):
+            if rows:
+                on_row(rows)
+            raise KeyboardInterrupt
+        return fake
+
+    run = _saved_run(tmp_path, "t1")
+    row = dict(task="passkey", context_length=400, depth=0.5, accuracy=0.0, retrieval_hit=0.0)
+    monkeypatch.setattr(tasks, "evaluate_tasks", stopped([row]))
+    assert main(["eval", "tasks", "--ckpt", str(run), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"gca eval: interrupted: {tmp_path / 'e' / 'tasks.json'} keeps the 1 (task, length, depth) cell(s) finished"
+    assert len(json.loads((tmp_path / "e" / "tasks.json").read_text())) == 1
+    monkeypatch.setattr(perplexity, "perplexity_vs_length", stopped([]))
+    assert main(["eval", "ppl", "--ckpt", str(run), "--data", "d", "--out", str(tmp_path / "p"), "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "gca eval: interrupted: nothing was finished"
+
+
+def test_ppl_targets_takes_one_length(tmp_path, capsys, monkeypatch):
+    """`--targets 1x,2x` used 1x and dropped 2x without a word."""
+    from gca.eval import perplexity
+
+    monkeypatch.setattr(perplexity, "perplexity_vs_length", lambda *a, **kw: pytest.fail("ran"))
+    run = _saved_run(tmp_path, "t1")
+    assert main(["eval", "ppl", "--ckpt", str(run), "--data", "d", "--targets", "1x,2x", "--out", str(tmp_path / "p"),
+                 "--device", "cpu"]) == 2  # fmt: skip
+    assert "--targets 1x,2x: give one length" in capsys.readouterr().err

@@ -113,6 +113,18 @@ def test_too_short():
         TaskSource("passkey", seq_len=100)
 
 
+@pytest.mark.parametrize("kind, kw", [("passkey", {}), ("2hop", {"hop_lead": 1})])
+def test_too_short_names_the_length_that_works(kind, kw):
+    """The error's "use at least N" works, and N - 1 does not (2hop with a lead was told 127, which
+    also failed: its question is longer than a chunk)."""
+    with pytest.raises(ValueError, match="use at least") as e:
+        make_task_sample(kind, context_len=64, seed=0, **kw)
+    need = int(str(e.value).split()[-1])
+    assert make_task_sample(kind, context_len=need, seed=0, **kw).prompt_len == need
+    with pytest.raises(ValueError, match=f"use at least {need}"):
+        make_task_sample(kind, context_len=need - 1, seed=0, **kw)
+
+
 @pytest.mark.parametrize("depth", [-0.1, 1.5])
 def test_depth_outside_zero_one_is_refused(depth):
     # -0.1 failed in numpy's broadcasting and 1.5 was accepted silently

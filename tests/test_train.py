@@ -440,6 +440,7 @@ def test_save_interrupted_between_renames_is_repaired(reference, tmp_path, monke
         ("truncate_weights", ["model.safetensors", "truncated"]),
         ("delete_trainer", ["trainer.pt", "missing"]),
         ("garble_trainer", ["trainer.pt", "cannot be read"]),
+        ("garble_trainer_head", ["trainer.pt", "cannot be read"]),  # torch's paragraph, once
         ("delete_manifest", ["checkpoint.json", "missing"]),
     ],
 )
@@ -456,6 +457,9 @@ def test_corrupt_checkpoint_error_names_the_file(reference, tmp_path, damage, wo
     elif damage == "garble_trainer":
         n = (ck / "trainer.pt").stat().st_size
         (ck / "trainer.pt").write_bytes(b"\0" * n)
+    elif damage == "garble_trainer_head":
+        data = (ck / "trainer.pt").read_bytes()
+        (ck / "trainer.pt").write_bytes(b"#" * 8 + data[8:])
     else:
         (ck / "checkpoint.json").unlink()
     with pytest.raises(CheckpointError) as e:
@@ -464,6 +468,7 @@ def test_corrupt_checkpoint_error_names_the_file(reference, tmp_path, damage, wo
     for w in words:
         assert w in msg, msg
     assert "delete" in msg and str(ck) in msg
+    assert "\n" not in msg and "weights_only" not in msg, msg  # one line, and no advice to unpickle unsafely
 
 
 def test_truncated_weights_fail_in_load_model_too(reference, tmp_path):

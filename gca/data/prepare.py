@@ -291,19 +291,36 @@ class PackedDataset:
         meta_file = self.path / "meta.json"
         if not meta_file.exists():
             raise FileNotFoundError(f"{self.path} is not a prepared dataset (no meta.json); make one with `gca prepare`")
-        self.meta = json.loads(meta_file.read_text())
+        redo = f"prepare it again (gca prepare ... --out {self.path} --overwrite)"
+        try:
+            self.meta = json.loads(meta_file.read_text())
+            self.dtype = np.dtype(self.meta["dtype"])
+            n = int(self.meta["tokens"][split])
+            for key in ("vocab_size", "separator_id"):  # (read later by the properties below)
+                int(self.meta[key])
+        except (ValueError, KeyError, TypeError) as e:
+            what = f"lacks {e}" if isinstance(e, KeyError) else f"is not valid ({e})"
+            raise ValueError(f"{meta_file} {what}: the folder is not a complete prepared dataset; {redo}") from None
         self.split = split
-        self.dtype = np.dtype(self.meta["dtype"])
-        n = self.meta["tokens"][split]
         if n == 0:
             docs, other = sum(self.meta.get("documents", {}).values()), [s for s in SPLITS if s != split][0]
             raise ValueError(f"{self.path}: split {split!r} is empty (0 tokens; all {docs} document(s) went to "
                              f"{other!r}, documents are not cut); prepare it again with more documents or another val_fraction "
                              f"(gca prepare --val-fraction)" + ("; or train without validation (gca train "
                              f"--eval-every 0)" if split == "val" else ""))
-        self.tokens = np.memmap(self.path / f"{split}.bin", dtype=self.dtype, mode="r", shape=(n,))
+        bin_file = self.path / f"{split}.bin"
+        if not bin_file.is_file():
+            raise FileNotFoundError(f"{bin_file} is missing: the folder is not a complete prepared dataset; {redo}")
+        if bin_file.stat().st_size != n * self.dtype.itemsize:
+            raise ValueError(f"{bin_file} has {bin_file.stat().st_size} bytes, meta.json says {n} {self.dtype.name} "
+                             f"tokens ({n * self.dtype.itemsize} bytes): the file is truncated or from another "
+                             f"preparation; {redo}")
+        self.tokens = np.memmap(bin_file, dtype=self.dtype, mode="r", shape=(n,))
         idx = self.path / f"{split}.idx.npy"
-        self.doc_offsets = np.load(idx) if idx.exists() else np.zeros(1, dtype=np.int64)
+        try:
+            self.doc_offsets = np.load(idx) if idx.exists() else np.zeros(1, dtype=np.int64)
+        except (ValueError, OSError, EOFError):  # (numpy's message suggests allow_pickle: no help for bad bytes)
+            raise ValueError(f"{idx} is not a document index numpy can read (corrupt?); {redo}") from None
         self._tokenizer: Tokenizer | None = None
 
     def __len__(self) -> int:

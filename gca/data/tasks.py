@@ -509,13 +509,12 @@ def make_task_sample(
         needles, question = _templates(tok, kind, keys, values, hop_lead * P + 1 if kind == "2hop" else 0,
                                        hop_answer=hop_answer)
         q = len(question)
-        if q > L:
-            raise ValueError(f"context_len {context_len} is too short for a {q}-token question")
         n_chunks = (L - q) // P  # chunks strictly before the first question token
         n_targets = 2 if kind == "2hop" else 1
-        if n_chunks < 1:
-            raise ValueError(f"context_len {context_len} leaves no whole chunk before the question "
-                             f"({q} tokens); use at least {2 * P + 1}")
+        if n_chunks < 1:  # the shortest that works: a whole chunk before the question (aligned: % P == 1)
+            need = q + P + ((1 - q - P) % P if align_question else 0)
+            raise ValueError(f"context_len {context_len} leaves no whole chunk before the {kind} question "
+                             f"({q} tokens); use at least {need}")
         depths = [float(depth) if depth is not None else float(rng.random())] + [None] * (len(needles) - 1)
         if kind == "2hop":  # the Y->Z needle at a random place of its own
             depths[1] = float(rng.random())

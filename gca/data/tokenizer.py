@@ -230,15 +230,23 @@ def load_tokenizer(name_or_path) -> Tokenizer:
         f = p / "tokenizer.json"
         if not f.exists():
             raise FileNotFoundError(f"{p} is a folder without tokenizer.json")
-        return Tokenizer(HFTokenizer.from_file(str(f)), name=_name_from_meta(p) or str(f))
+        return Tokenizer(_from_file(f), name=_name_from_meta(p) or str(f))
     if p.is_file():
-        try:
-            return Tokenizer(HFTokenizer.from_file(str(p)), name=str(p))
-        except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise ValueError(f"{p} is not a tokenizers JSON file: {e}") from e
+        return Tokenizer(_from_file(p), name=str(p))
     if s.endswith(".json") or s.startswith((".", "/", "~")) or p.is_absolute():
         raise FileNotFoundError(f"tokenizer file or folder not found: {s}")
     return _load_hf(s)
+
+
+def _from_file(path: Path):
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json; ValueError naming the file when it is not one
+    (tokenizers raises a bare Exception)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+        raise ValueError(f"{path} is not a tokenizers JSON file: {e}") from e
 
 
 def _name_from_meta(folder: Path) -> str | None:

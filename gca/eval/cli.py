@@ -8,6 +8,8 @@ import os
 import re
 import sys
 import time
+import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -18,20 +20,28 @@ _FMT = argparse.RawDescriptionHelpFormatter
 
 
 def parse_lengths(text: str, train_length: int | None) -> list[int]:
-    """``"1x,4x,16x"`` (multiples of the training length), ``"4096,64K,16M"`` (tokens)."""
+    """``"1x,4x,16x"`` (multiples of the training length), ``"4096,64K,16M"`` (tokens). Each must come to
+    a whole number of tokens (``100.7`` and ``0.3x`` of 504 are refused, not cut down); the arithmetic is
+    exact, so ``0.29x`` of 100 is 29, not 28."""
     out = []
     for part in text.split(","):
         part = part.strip()
         m = re.fullmatch(r"(\d+(?:\.\d+)?)([xXkKmM]?)", part)
         if not m:
             raise ValueError(f"bad length {part!r}: use e.g. 4x, 4096, 64K or 16M")
-        v, unit = float(m.group(1)), m.group(2).lower()
+        v, unit = Fraction(m.group(1)), m.group(2).lower()
         if unit == "x":
             if not train_length:
                 raise ValueError("lengths like 4x need the training length: pass --train-length")
-            out.append(int(v * train_length))
+            n = v * train_length
+            what = f"{part} of the training length {train_length} is {float(n):g} tokens"
         else:
-            out.append(int(v * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]))
+            n = v * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]
+            what = f"{part} is {float(n):g} tokens" if unit else f"{part} tokens"
+        if n.denominator != 1:
+            raise ValueError(f"bad length {part!r}: {what}, not a whole number; give a whole number of tokens "
+                             f"(e.g. {max(1, round(n))})")
+        out.append(int(n))
         if out[-1] < 1:
             raise ValueError(f"bad length {part!r}: a context needs at least one token")
     return out
@@ -39,10 +49,13 @@ def parse_lengths(text: str, train_length: int | None) -> list[int]:
 
 def _times(n: int, train_length: int | None) -> str:
     """``n`` tokens as a multiple of the training length, for the tables: ``4x``, ``0.5x``, ``1.5x``
-    (two decimals below 10x, whole numbers above); ``-`` without a training length."""
+    (two decimals below 10x, whole numbers above, one significant digit below 0.01x: ``0.004x``, not
+    ``0x``); ``-`` without a training length."""
     if not train_length:
         return "-"
     r = n / train_length
+    if r < 0.01:  # (two decimals would make it 0x)
+        return f"{r:.1g}x"
     return f"{r:.0f}x" if r >= 10 else f"{round(r, 2):g}x"
 
 
@@ -94,13 +107,38 @@ def load_for_eval(ckpt: str, device: str, dtype: str):
     train_length = None
     tc = ck / "train_config.json"
     if tc.exists():
-        train_length = json.loads(tc.read_text()).get("seq_len")
+        from gca.train.checkpoint import _corrupt, _read_json
+
+        d = _read_json(tc, ck)  # (a file that is not JSON is named in the error)
+        train_length = d.get("seq_len") if isinstance(d, dict) else None
+        if not isinstance(d, dict) or not (train_length is None or type(train_length) is int and train_length > 0):
+            raise _corrupt(tc, f"does not hold a training config with a valid seq_len (got {train_length!r})", ck)
     tok = None
     if (ck / "tokenizer.json").exists():
         from gca.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(str(ck / "tokenizer.json"))
     return model.eval(), train_length, tok
+
+
+def check_data_tokenizer(tok, folder, option: str) -> None:
+    """Refuse a prepared ``folder`` (``--data``, ``--filler``) whose tokenizer is not the checkpoint's
+    ``tok``: its ids would be read as other words, and the numbers would mean nothing. Nothing to
+    compare when either has none (a checkpoint without tokenizer.json, a folder of another kind)."""
+    if tok is None or not (Path(folder) / "tokenizer.json").is_file():
+        return
+    from gca.data.tokenizer import load_tokenizer
+
+    theirs = load_tokenizer(folder)
+    try:
+        same = theirs.to_json() == tok.to_json()
+    except ValueError:  # (a tokenizer without a tokenizers backend: nothing to compare)
+        return
+    if not same:
+        raise ValueError(f"{option} {folder} was prepared with another tokenizer ({theirs.name}, {theirs.vocab_size} ids) "
+                         f"than the checkpoint's tokenizer.json ({tok.vocab_size} ids): its ids would be read as other "
+                         f"words; prepare the text with the checkpoint's tokenizer (gca prepare ... --tokenizer "
+                         f"CKPT/tokenizer.json)")
 
 
 MISSES_SHOWN = 10  # wrong trials printed under the table (tasks.json has every one)
@@ -150,22 +188,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, train_length, tok = load_for_eval(args.ckpt, args.device, args.dtype)
     train_length = args.train_length or train_length
     lengths = parse_lengths(args.lengths, train_length)
+    folder, option = (args.filler, "--filler") if args.what == "tasks" else (args.data, "--data")
+    if folder is not None:
+        check_data_tokenizer(tok, folder, option)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     name = args.name or model_name(args.ckpt)
+    saved = []  # the rows written so far (what an interrupted evaluation keeps)
     if args.what == "tasks":
         from gca.data.tasks import canonical_kind
         from gca.eval.tasks import evaluate_tasks
 
         tasks = [canonical_kind(t.strip()) for t in args.tasks.split(",")]  # a bad name fails here, before any trial
+        if tok is None and args.filler is None:  # (with --filler, the filler folder's tokenizer writes the needles)
+            from gca.data.tokenizer import load_tokenizer
+
+            vocab = load_tokenizer("embedded").vocab_size
+            if vocab > model.config.vocab_size:
+                raise ValueError(f"{args.ckpt} has no tokenizer.json, and the embedded tokenizer's {vocab} ids do not "
+                                 f"fit the model's vocabulary of {model.config.vocab_size}: copy the tokenizer.json of "
+                                 f"the data it was trained on into its checkpoint folder, or pass that data as --filler")
+            warnings.warn(f"{args.ckpt} has no tokenizer.json: the task prompts use the embedded tokenizer (right for a "
+                          f"model trained on synthetic data or on a folder prepared with the default tokenizer)")
 
         def save(rows):  # after each (task, length, depth): a stopped run keeps what it measured
+            saved[:] = rows
             _atomic_write(out / "tasks.json", json.dumps([dict(r, model=name, train_length=train_length) for r in rows], indent=1))
 
-        rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
-                              tokenizer=tok or "embedded", filler=args.filler, batch_size=args.batch_size,
-                              offload=args.offload, prefill_chunk=args.prefill_chunk, on_row=save,
-                              hop_answer=args.hop_answer, **({"hop_lead": args.hop_lead} if args.hop_lead else {}))
+        try:
+            rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
+                                  tokenizer=tok, filler=args.filler, batch_size=args.batch_size,
+                                  offload=args.offload, prefill_chunk=args.prefill_chunk, on_row=save,
+                                  hop_answer=args.hop_answer, **({"hop_lead": args.hop_lead} if args.hop_lead else {}))
+        except KeyboardInterrupt:
+            return _interrupted(out / "tasks.json", len(saved), "(task, length, depth) cell(s)")
         for r in rows:
             r.update(model=name, train_length=train_length)
         _print_table(rows, train_length)
@@ -177,16 +233,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from gca.eval.perplexity import longest_document, perplexity_vs_length
 
-        targets = parse_lengths(args.targets, train_length)[0] if args.targets else None
+        targets = parse_lengths(args.targets, train_length) if args.targets else None
+        if targets is not None and len(targets) != 1:
+            raise ValueError(f"--targets {args.targets}: give one length (the tokens scored at the end of every window)")
+        targets = targets[0] if targets else None
 
         def tag(rows):
             return [dict(r, model=name, train_length=train_length, corpus=str(args.data)) for r in rows]
 
         def save_rows(rows):  # after each length, so a stopped evaluation keeps its shorter lengths
+            saved[:] = rows
             _atomic_write(out / "ppl.json", json.dumps(tag(rows), indent=1))
 
-        rows = tag(perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload,
-                                        targets=targets, on_row=save_rows))
+        try:
+            rows = tag(perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload,
+                                            targets=targets, on_row=save_rows))
+        except KeyboardInterrupt:
+            return _interrupted(out / "ppl.json", len(saved), "length(s)")
         for r in rows:
             x = f" ({_times(r['context_length'], train_length)})" if train_length else ""
             what = f"the same {r['tokens']} tokens (the last {r['targets']} of each window)" if targets else f"{r['tokens']} tokens"
@@ -199,6 +262,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   f"(scripts/retrieval_documents.py shows where retrieval goes)")
     print(f"wrote {out} in {time.time() - t0:.0f}s")
     return 0
+
+
+def _interrupted(path: Path, n: int, what: str) -> int:
+    """Ctrl-C during an evaluation: one line saying what the results file kept (no plots are drawn);
+    the shell's status for SIGINT."""
+    from gca.cli import _close_progress_bars
+
+    _close_progress_bars()
+    if n:
+        kept = f"{path} keeps the {n} {what} finished"
+    else:
+        kept = f"nothing was finished ({path} is an earlier evaluation's)" if path.exists() else "nothing was finished"
+    print(f"gca eval: interrupted: {kept}", file=sys.stderr)
+    return 130
 
 
 class _EvalSubParser(argparse.ArgumentParser):
@@ -222,8 +299,8 @@ def add_eval(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)  # the options of both subcommands
     common.add_argument("--ckpt", required=True, help="a run folder (gca train --out) or its ckpt/ folder")
     common.add_argument("--lengths", default="1x,4x,16x,64x",
-                        help="context lengths: multiples of the training length (4x, 0.5x) or tokens (4096, 64K, 16M) "
-                             "(default 1x,4x,16x,64x)")
+                        help="context lengths: multiples of the training length (4x, 0.5x) or tokens (4096, 64K, 16M), each "
+                             "a whole number of tokens (default 1x,4x,16x,64x)")
     common.add_argument("--train-length", type=int_at_least(1), default=None, help="training length for 'Nx' (default: the checkpoint's --seq-len)")
     common.add_argument("--seed", type=int, default=1234, help="seed of the needle samples (tasks) or of the windows (ppl) (default 1234)")
     common.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU memory")

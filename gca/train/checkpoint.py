@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -162,6 +163,13 @@ def _corrupt(path: Path, what: str, ckpt: Path) -> CheckpointError:
     )
 
 
+def _first_line(e: BaseException) -> str:
+    """``TypeName: the first line of the message``: torch's unpickling errors run to a paragraph, and
+    an error of ``gca`` is one line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
     """Check the manifest and that every file it lists exists with its recorded size; return the manifest."""
     mpath = ckpt / MANIFEST
@@ -215,7 +223,10 @@ def read_checkpoint(ckpt: str | os.PathLike, with_trainer: bool = True) -> Check
         try:
             trainer = torch.load(ckpt / TRAINER, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, unpickling error, ...
-            raise _corrupt(ckpt / TRAINER, f"cannot be read ({type(e).__name__}: {e})", ckpt) from None
+            # (torch's paragraph on bad bytes advises weights_only=False: no help, and unsafe)
+            unsafe = isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e)
+            why = "its bytes are not a trainer state that torch.load reads safely" if unsafe else _first_line(e)
+            raise _corrupt(ckpt / TRAINER, f"cannot be read ({why})", ckpt) from None
         if not isinstance(trainer, dict) or trainer.get("step") != manifest["step"]:
             raise _corrupt(ckpt / TRAINER, "does not match the manifest's step", ckpt)
     return Checkpoint(path=ckpt, step=manifest["step"], config=config, train_config=train_config, trainer=trainer)
@@ -254,7 +265,7 @@ def load_weights(
     except CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _corrupt(path, f"cannot be read ({type(e).__name__}: {e})", ckpt) from None
+        raise _corrupt(path, f"cannot be read ({_first_line(e)})", ckpt) from None
     # (safetensors already leaves out the duplicate names of tied tensors from ``missing``)
     new, gone = [], []
     if saved_config is not None and (missing or unexpected):
