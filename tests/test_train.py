@@ -521,6 +521,31 @@ def test_resume_with_different_config_names_the_fields(reference, tmp_path):
     assert train_losses(out)[:8] == train_losses(ref_out) and [s for s, _ in train_losses(out)] == list(range(1, 11))
 
 
+def test_resume_on_data_prepared_again_warns(tmp_path, capsys):
+    from gca.data import prepare
+
+    def corpus(name, words):
+        d = tmp_path / name
+        d.mkdir()
+        for i in range(6):
+            (d / f"doc{i}.txt").write_text(" ".join(f"{w}{(i * 7 + j) % 13}" for j in range(400) for w in words) + "\n")
+        return d
+
+    data = tmp_path / "data"
+    prepare([str(corpus("a", ["alpha", "beta"]))], data, tokenizer="embedded", val_fraction=0.3, progress=False)
+    out = tmp_path / "run"
+    cfg = dict(data=str(data), save_every=1, eval_every=0, seq_len=128)
+    train(tiny_cfg(out, max_steps=2, **cfg))
+    assert read_checkpoint(out / "ckpt").trainer["data"]["content_hash"]  # the description is saved
+    capsys.readouterr()
+    train(tiny_cfg(out, max_steps=3, **cfg))  # the same data: resumes quietly
+    assert "warning" not in capsys.readouterr().out
+    prepare([str(corpus("b", ["gamma", "delta"]))], data, tokenizer="embedded", val_fraction=0.3, progress=False, overwrite=True)
+    train(tiny_cfg(out, max_steps=4, **cfg))
+    said = capsys.readouterr().out
+    assert "warning: the training data is not what the checkpoint at step 3 was trained on" in said
+
+
 # ---- DDP ----
 def _free_port() -> int:
     with socket.socket() as s:

@@ -501,6 +501,11 @@ class _Run:
         if ck is not None:
             self._check_resume(ck, mcfg)
             start = ck.step
+            was, now = _content_hashes(ck.trainer.get("data")), _content_hashes(_describe(self.source))
+            if "data" in ck.trainer and was != now:  # (checkpoints before the description was saved: nothing to compare)
+                self.say(f"warning: the training data is not what the checkpoint at step {start} was trained on "
+                         f"(content hash {', '.join(h[:12] for h in was) or 'none'} then, {', '.join(h[:12] for h in now) or 'none'} "
+                         f"now: prepared again?); the run goes on with the data as it is now")
 
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         model = DRT(mcfg)
@@ -774,9 +779,25 @@ class _Run:
                 "optimizer": opt.state_dict(),
                 "rng": rngs,
                 "torch_version": str(torch.__version__),
+                "data": json.loads(json.dumps(_describe(self.source), default=str)),  # resume compares its content hashes
             }
             tok = getattr(self.source, "tokenizer", None)
             save_checkpoint(self.out, model=model, train_config=self.cfg.to_dict(), trainer=trainer, tokenizer=tok)
+
+
+def _describe(source) -> dict | None:
+    """``source.describe()`` (gca's sources; a source of one's own need not have it)."""
+    return source.describe() if callable(getattr(source, "describe", None)) else None
+
+
+def _content_hashes(desc: Any) -> list[str]:
+    """The ``content_hash`` of every prepared folder in a data source's ``describe()``, in order."""
+    if isinstance(desc, dict):
+        own = [desc["content_hash"]] if desc.get("content_hash") else []
+        return own + _content_hashes(list(desc.values()))
+    if isinstance(desc, list):
+        return [h for v in desc if isinstance(v, (dict, list)) for h in _content_hashes(v)]
+    return []
 
 
 class _Prefetcher:
