@@ -234,6 +234,7 @@ def test_resume_from_a_checkpoint_written_before_a_field_existed(reference, tmp_
     (ck / "train_config.json").write_text(json.dumps(tc))
     manifest = json.loads((ck / "checkpoint.json").read_text())
     manifest["files"]["train_config.json"] = (ck / "train_config.json").stat().st_size
+    del manifest["sha256"]  # nor did it write the files' sums (checked by size alone)
     (ck / "checkpoint.json").write_text(json.dumps(manifest))
     assert train(tiny_cfg(out), **sources()).resumed_from == 3  # the missing fields count as their defaults
     assert train_losses(out) == train_losses(ref_out)
@@ -441,6 +442,8 @@ def test_save_interrupted_between_renames_is_repaired(reference, tmp_path, monke
         ("delete_trainer", ["trainer.pt", "missing"]),
         ("garble_trainer", ["trainer.pt", "cannot be read"]),
         ("garble_trainer_head", ["trainer.pt", "cannot be read"]),  # torch's paragraph, once
+        ("damage_trainer_inside", ["trainer.pt", "sha256"]),  # same size, read without complaint before
+        ("damage_weights_inside", ["model.safetensors", "sha256"]),
         ("delete_manifest", ["checkpoint.json", "missing"]),
     ],
 )
@@ -460,8 +463,17 @@ def test_corrupt_checkpoint_error_names_the_file(reference, tmp_path, damage, wo
     elif damage == "garble_trainer_head":
         data = (ck / "trainer.pt").read_bytes()
         (ck / "trainer.pt").write_bytes(b"#" * 8 + data[8:])
+    elif damage.startswith("damage_"):  # 64 bytes zeroed in the middle of the file
+        f = ck / ("trainer.pt" if "trainer" in damage else "model.safetensors")
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+        f.write_bytes(bytes(data))
     else:
         (ck / "checkpoint.json").unlink()
+    if damage.startswith("garble_"):  # the read errors, as a manifest without sums (an older version's) meets them
+        manifest = json.loads((ck / "checkpoint.json").read_text())
+        del manifest["sha256"]
+        (ck / "checkpoint.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError) as e:
         train(tiny_cfg(out, max_steps=10), **sources())
     msg = str(e.value)

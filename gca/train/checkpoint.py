@@ -7,13 +7,15 @@ Layout of a run directory ``DIR`` (``gca train --out DIR``)::
     DIR/ckpt/train_config.json   the TrainConfig of the run
     DIR/ckpt/trainer.pt          optimizer state, step, tokens, elapsed time, every rank's RNG states
     DIR/ckpt/tokenizer*          a copy of the data source's tokenizer, when it has one
-    DIR/ckpt/checkpoint.json     manifest (step, each file's size), written last
+    DIR/ckpt/checkpoint.json     manifest (step, each file's size and sha256), written last
 
 Atomicity: a checkpoint is written into ``DIR/ckpt.tmp``, every file is fsync'ed, then
 ``DIR/ckpt -> DIR/ckpt.old``, ``DIR/ckpt.tmp -> DIR/ckpt`` and ``DIR/ckpt.old`` is removed. A crash at
 any point leaves either the previous or the new checkpoint complete: an unfinished ``ckpt.tmp`` is
 ignored, and a crash between the two renames is repaired on the next load by moving ``ckpt.old``
-back. The manifest's file sizes catch files truncated by other means (a full disk, a copy cut short).
+back. The manifest's file sizes catch files truncated by other means (a full disk, a copy cut short),
+its sha256 sums bytes damaged in place (checked on every load; manifests written before the sums
+existed are checked by size alone).
 
     model = load_model("runs/tiny")              # a run directory or its ckpt/ folder
     model = load_model("runs/tiny", device="cuda")
@@ -21,6 +23,7 @@ back. The manifest's file sizes catch files truncated by other means (a full dis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -107,12 +110,13 @@ def save_checkpoint(
     torch.save(trainer, tmp / TRAINER)
     if tokenizer is not None:
         save_tokenizer(tokenizer, tmp)
-    files = {}
+    files, sums = {}, {}
     for p in sorted(tmp.rglob("*")):
         if p.is_file():
             _fsync_file(p)
             files[p.relative_to(tmp).as_posix()] = p.stat().st_size
-    manifest = {"format": FORMAT, "step": int(trainer["step"]), "files": files}
+            sums[p.relative_to(tmp).as_posix()] = _sha256(p)
+    manifest = {"format": FORMAT, "step": int(trainer["step"]), "files": files, "sha256": sums}
     _write_json(tmp / MANIFEST, manifest)
     _fsync_file(tmp / MANIFEST)
     _fsync_dir(tmp)
@@ -170,8 +174,17 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
 def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Check the manifest and that every file it lists exists with its recorded size; return the manifest."""
+    """Check the manifest and that every file it lists exists with its recorded size and sha256; return
+    the manifest."""
     mpath = ckpt / MANIFEST
     if not mpath.exists():
         raise _corrupt(mpath, "is missing (the checkpoint was not written by `gca train`, or was cut short)", ckpt)
@@ -191,6 +204,10 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
         actual = p.stat().st_size
         if actual != size:
             raise _corrupt(p, f"is truncated or altered ({actual} bytes, the manifest says {size})", ckpt)
+    sums = manifest.get("sha256") or {}  # (absent from manifests written before the sums existed)
+    for name, digest in sums.items():
+        if (ckpt / name).is_file() and _sha256(ckpt / name) != digest:
+            raise _corrupt(ckpt / name, "is damaged: its bytes do not match the manifest's sha256", ckpt)
     manifest["step"] = step
     return manifest
 
