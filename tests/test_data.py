@@ -389,3 +389,30 @@ def test_parquet_source(tmp_path):
     assert list(iter_documents(str(tmp_path / "x.parquet"))) == ["one doc", "two doc"]
     with pytest.raises(ValueError, match="no column"):
         list(iter_documents(f"{tmp_path / 'x.parquet'}?field=body"))
+
+
+def test_overwrite_cut_short_leaves_no_stale_meta(corpus, tmp_path, monkeypatch):
+    import importlib
+
+    prep = importlib.import_module("gca.data.prepare")  # (gca.data.prepare is also the function's name)
+
+    out = tmp_path / "ds"
+    prepare([str(corpus)], out, tokenizer="embedded", val_fraction=0.3, seed=0, progress=False)
+    finish, calls = prep._SplitWriter.finish, []
+
+    def crash_on_second(self):  # the first split's .bin is replaced, then the process dies
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return finish(self)
+
+    monkeypatch.setattr(prep._SplitWriter, "finish", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(corpus)], out, tokenizer="embedded", val_fraction=0.6, seed=5, progress=False, overwrite=True)
+    # the old meta.json would describe the old train.bin beside a new one: it is gone, the folder refused
+    assert not (out / "meta.json").exists()
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        PackedDataset(out, "train")
+    monkeypatch.undo()
+    meta = prepare([str(corpus)], out, tokenizer="embedded", val_fraction=0.6, seed=5, progress=False, overwrite=True)
+    assert len(PackedDataset(out, "train")) == meta["tokens"]["train"] and not (out / "meta.json.tmp").exists()

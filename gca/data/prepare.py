@@ -216,6 +216,9 @@ def prepare(
             va.add_array(tr.pop_last())
         elif not tr.offsets and len(va.offsets) >= 2:
             tr.add_array(va.pop_last())
+        # an --overwrite's old meta.json goes before its .bin files are replaced: a crash from here until the
+        # new one is written leaves a folder that is refused as unprepared, never old counts over new tokens
+        (out / "meta.json").unlink(missing_ok=True)
         stats = {name: w.finish() for name, w in writers.items()}
     except BaseException:
         if bar is not None:
@@ -255,7 +258,9 @@ def prepare(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gca_version": __version__,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out / "meta.json")  # whole or not there
     return meta
 
 
