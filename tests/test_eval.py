@@ -509,6 +509,17 @@ def test_task_rows_count_trials_beyond_the_window():
     assert summarize_beyond_window(rows) == {("passkey", 600): (far["accuracy"], 3)}
 
 
+def test_a_length_too_short_fails_before_any_trial(monkeypatch):
+    from gca.eval import tasks as et
+
+    m = DRT(tiny()).eval()
+    scored = []
+    monkeypatch.setattr(et, "score_samples", lambda *a, **k: scored.append(1) or ([], [], [], []))
+    with pytest.raises(ValueError, match="too short|no whole chunk"):
+        et.evaluate_tasks(m, ["passkey"], [600, 40], trials=2, progress=False)  # 600 ran first before
+    assert not scored
+
+
 def test_task_rows_list_every_miss_with_what_the_model_wrote(capsys):
     """An untrained model misses: each wrong trial is listed once, with the sample's answer and the
     greedy output decoded (the trial index rebuilds the sample), right trials never; the CLI table

@@ -171,6 +171,10 @@ def evaluate_tasks(
     tok = load_tokenizer(tokenizer if tokenizer is not None else getattr(filler, "tokenizer", None) or "embedded")
     tasks, lengths, dl = list(tasks), [int(n) for n in lengths], _depth_list(depths)
     retrieves = model.config.arch == "drt"  # the baselines have no retrieval to hit: their rows say None, not 0
+    for task in tasks if lengths else []:  # a length too short for a task fails now, not after others ran
+        for d in dl:
+            make_task_sample(task, context_len=min(lengths), seed=np.random.default_rng(seed), tokenizer=tokenizer,
+                             filler=filler, depth=d, text_per_chunk=model.config.text_per_chunk, **task_kwargs)
     rows = []
     total = len(tasks) * len(lengths) * len(dl)
     bar = tqdm(total=total * trials, desc="eval", unit="trial", disable=not progress)
