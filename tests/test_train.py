@@ -922,3 +922,15 @@ def test_retrieval_copy_loss_is_logged_beside_the_loss(tmp_path):
     plain = tmp_path / "plain"
     train(tiny_cfg(plain, max_steps=1, eval_every=0, save_every=1), **sources())
     assert "retrieval_copy_loss" not in log_rows(plain)[0]
+
+
+def test_load_model_does_not_read_the_trainer_state(reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    data = bytearray((out / "ckpt" / "trainer.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damaged in place: resuming refuses it, a model load never reads it
+    (out / "ckpt" / "trainer.pt").write_bytes(bytes(data))
+    assert load_model(out) is not None
+    with pytest.raises(CheckpointError, match="trainer.pt is damaged"):
+        read_checkpoint(out / "ckpt")

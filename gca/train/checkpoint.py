@@ -182,9 +182,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Check the manifest and that every file it lists exists with its recorded size and sha256; return
-    the manifest."""
+def verify_checkpoint(ckpt: Path, with_trainer: bool = True) -> dict[str, Any]:
+    """Check the manifest and that every file it lists exists with its recorded size and sha256 (the
+    trainer state's sum only ``with_trainer``: a model load does not read it); return the manifest."""
     mpath = ckpt / MANIFEST
     if not mpath.exists():
         raise _corrupt(mpath, "is missing (the checkpoint was not written by `gca train`, or was cut short)", ckpt)
@@ -206,7 +206,7 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
             raise _corrupt(p, f"is truncated or altered ({actual} bytes, the manifest says {size})", ckpt)
     sums = manifest.get("sha256") or {}  # (absent from manifests written before the sums existed)
     for name, digest in sums.items():
-        if (ckpt / name).is_file() and _sha256(ckpt / name) != digest:
+        if (with_trainer or name != TRAINER) and (ckpt / name).is_file() and _sha256(ckpt / name) != digest:
             raise _corrupt(ckpt / name, "is damaged: its bytes do not match the manifest's sha256", ckpt)
     manifest["step"] = step
     return manifest
@@ -232,7 +232,7 @@ def read_config(ckpt: Path) -> DRTConfig:
 def read_checkpoint(ckpt: str | os.PathLike, with_trainer: bool = True) -> Checkpoint:
     """Verify and read a checkpoint directory (everything but the weights)."""
     ckpt = Path(ckpt)
-    manifest = verify_checkpoint(ckpt)
+    manifest = verify_checkpoint(ckpt, with_trainer)
     config = read_config(ckpt)
     train_config = _read_json(ckpt / TRAIN_CONFIG, ckpt)
     trainer = None
@@ -367,7 +367,7 @@ def load_model(dir_or_ckpt: str | os.PathLike, device: str | torch.device = "cpu
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {path}: expected {path / CKPT}/ or {path}/{WEIGHTS} with {CONFIG}")
     if (ckpt / MANIFEST).exists():
-        verify_checkpoint(ckpt)
+        verify_checkpoint(ckpt, with_trainer=False)
     model = DRT(read_config(ckpt))
     load_weights(model, ckpt, device)
     return model.to(device).eval()
