@@ -28,9 +28,20 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"
 
 
+def _is_real(v: Any) -> bool:
+    """A real number, numpy's included, but not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_"
+
+
+def _is_numpy_bool(v: Any) -> bool:
+    return type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")
+
+
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "chunk_size", "window", "top_k",
                   "retrieval_copy_ngram")
 _NONNEGATIVE_INTS = ("num_lower_layers", "encoder_layers", "retrieval_distractors")
+_REALS = ("retrieval_copy_loss", "retrieval_copy_force", "rope_theta", "norm_eps", "init_std")
+_BOOLS = ("gca_softmax_one", "center_memory", "memory_key_shift", "gumbel", "tie_embeddings")
 
 ARCHS = ("drt", "swa", "full")
 RESIDUALS = ("plain", "published")
@@ -173,7 +184,7 @@ class DRTConfig:
             bad("chunk_size", "must be >= 2 (text tokens plus the landmark)")
         if self.residual not in RESIDUALS:
             bad("residual", f"must be one of {RESIDUALS}")
-        for name in ("gca_softmax_one", "center_memory", "memory_key_shift", "gumbel", "tie_embeddings"):
+        for name in _BOOLS:
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")
         if self.retrieval_key not in RETRIEVAL_KEYS:
@@ -187,14 +198,14 @@ class DRTConfig:
         if self.retrieval_copy_targets not in COPY_TARGETS:
             bad("retrieval_copy_targets", f"must be one of {COPY_TARGETS}")
         c = self.retrieval_copy_loss
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < float("inf"):
+        if not _is_real(c) or not 0 <= c < float("inf"):
             bad("retrieval_copy_loss", "must be a finite weight >= 0 (0: off)")
         f = self.retrieval_copy_force
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+        if not _is_real(f) or not 0 <= f <= 1:
             bad("retrieval_copy_force", "must be a share of rows in [0, 1] (0: off)")
         for name in ("rope_theta", "norm_eps", "init_std"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
+            if not _is_real(v) or not 0 < v < float("inf"):
                 bad(name, "must be a finite number > 0")
         return self
 
@@ -206,6 +217,13 @@ class DRTConfig:
                 setattr(self, name, int(getattr(self, name)))
         if isinstance(self.upper_groups, list) and all(_is_int(g) for g in self.upper_groups):
             self.upper_groups = [int(g) for g in self.upper_groups]
+        for name in _REALS:  # numpy floats (and ints) likewise, as float
+            v = getattr(self, name)
+            if _is_real(v) and type(v) not in (int, float):
+                setattr(self, name, float(v))
+        for name in _BOOLS:  # numpy bools as bool
+            if _is_numpy_bool(getattr(self, name)):
+                setattr(self, name, bool(getattr(self, name)))
         self.validate()
 
     # ---- presets and (de)serialisation ----

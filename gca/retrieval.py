@@ -65,6 +65,7 @@ def causal_topk(
 
     Args:
         scores: ``(B, C, Cm)`` noise-free scores; row c is chunk ``row_offset + c``, column j is chunk j.
+            A chunk scored ``-inf`` is never picked (its slot stays empty), which masks it out.
         k: chunks to pick; the result has ``min(k, Cm)`` slots (at least 1).
         row_offset: absolute chunk index of row 0 (streaming uses it; 0 for a whole sequence).
         valid_rows: optional ``(C,)`` bool; rows marked False (no landmark yet) get only empty slots.
@@ -76,20 +77,31 @@ def causal_topk(
         :class:`Retrieval` whose weights are the softmax of the picked chunks' noise-free scores.
     """
     check_counts("causal_topk", k=k)
+    if scores.dim() != 3 or not scores.is_floating_point():
+        raise ValueError(f"causal_topk: scores must be a floating-point (B, C, Cm) tensor, got "
+                         f"{scores.dtype} of shape {tuple(scores.shape)}")
+    if force is not None and (force.shape != scores.shape or force.dtype != torch.bool):
+        raise ValueError(f"force must be a bool tensor of the scores' shape {tuple(scores.shape)}, got "
+                         f"{force.dtype} of shape {tuple(force.shape)}")
     B, C, Cm = scores.shape
-    allowed = _allowed(C, Cm, row_offset, valid_rows, scores.device).expand(B, C, Cm)
-    masked = scores.masked_fill(~allowed, _NEG)
-    select = masked
-    if gumbel:
-        noise = gumbel_noise(masked.shape, masked.device, generator)
-        select = torch.where(allowed, masked.detach() + noise, masked.detach())
     kk = max(1, min(k, Cm))
+    if Cm == 0:  # no chunk to pick: one empty slot per row
+        idx = torch.full((B, C, kk), -1, dtype=torch.long, device=scores.device)
+        z = scores.new_zeros((B, C, kk))
+        return Retrieval(indices=idx, weights=z, scores=z)
+    allowed = _allowed(C, Cm, row_offset, valid_rows, scores.device).expand(B, C, Cm)
+    # a chunk scored -inf is never picked (weight 0 anyway); every other allowed chunk, however low its
+    # score, ranks above every chunk that may not be picked (those sit at -inf for the top-k)
+    pickable = allowed & (scores != float("-inf"))
+    select = scores.detach().masked_fill(~pickable, float("-inf"))
+    if gumbel:
+        noise = gumbel_noise(scores.shape, scores.device, generator)
+        select = torch.where(pickable, select + noise, select)
     if force is None:
         top = select.topk(kk, dim=-1).indices  # (B, C, kk)
+        valid = pickable.gather(-1, top)
     else:
-        if force.shape != scores.shape:
-            raise ValueError(f"force {tuple(force.shape)} must match scores {tuple(scores.shape)}")
-        f = force & allowed
+        f = force & pickable
         # the forced chunks by score, then the others by score: two exact top-ks, spliced per row
         first = select.masked_fill(~f, float("-inf")).topk(kk, dim=-1).indices
         rest = select.masked_fill(f, float("-inf")).topk(kk, dim=-1).indices
@@ -97,9 +109,14 @@ def causal_topk(
         slot = torch.arange(kk, device=scores.device)
         at = torch.where(slot < n_f, slot, kk + slot - n_f)
         top = torch.cat([first, rest], dim=-1).gather(-1, at)
-    valid = allowed.gather(-1, top)
-    picked = masked.gather(-1, top)  # noise-free, differentiable
-    w = torch.softmax(picked.masked_fill(~valid, _NEG), dim=-1) * valid
+        # a row with fewer than k chunks to pick fills its last slots from `rest`'s -inf ties, which may
+        # repeat a forced chunk: those slots stay empty
+        valid = pickable.gather(-1, top) & ~((slot >= n_f) & f.gather(-1, top))
+    picked = scores.gather(-1, top)  # noise-free, differentiable
+    # the softmax over the filled slots alone (empty ones at -inf, exactly 0); a row with none is all 0
+    # (its logits are set to 0 first, so nothing is NaN, forward or backward)
+    logits = picked.masked_fill(~valid, float("-inf")).masked_fill(~valid.any(-1, keepdim=True), 0.0)
+    w = torch.softmax(logits, dim=-1) * valid
     idx = torch.where(valid, top, torch.full_like(top, -1))
     return Retrieval(indices=idx, weights=w, scores=picked.masked_fill(~valid, 0.0))
 

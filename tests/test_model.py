@@ -152,6 +152,34 @@ def test_numpy_integers_in_a_config_are_stored_as_int():
     assert DRTConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
+def test_numpy_floats_and_bools_in_a_config_are_stored_as_python_ones():
+    # they used to be kept as numpy scalars (or refused: float32 weights), and to_json (every checkpoint
+    # save) then failed with "Object of type float32 is not JSON serializable"
+    import numpy as np
+
+    cfg = tiny(rope_theta=np.float32(1e4), norm_eps=np.float64(1e-6), init_std=np.float32(0.01),
+               retrieval_copy_loss=np.float32(0.5), retrieval_copy_force=np.float64(0.25), gumbel=np.bool_(False))
+    for name, kind in [("rope_theta", float), ("norm_eps", float), ("init_std", float), ("retrieval_copy_loss", float),
+                       ("retrieval_copy_force", float), ("gumbel", bool)]:
+        assert type(getattr(cfg, name)) is kind, name
+    assert DRTConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert tiny(rope_theta=10000).to_dict()["rope_theta"] == 10000  # Python numbers are kept as given
+    with pytest.raises(ValueError, match="DRTConfig.retrieval_copy_force"):
+        tiny(retrieval_copy_force=np.bool_(True))
+
+
+def test_presets_replace_and_round_trip():
+    for name in ("tiny", "small", "paper"):
+        cfg = DRTConfig.from_preset(name)
+        assert DRTConfig.from_dict(json.loads(cfg.to_json())) == cfg
+        assert cfg.replace(top_k=2) == DRTConfig.from_preset(name, top_k=2)
+        assert cfg.top_k == DRTConfig.from_preset(name).top_k  # replace returns a new config
+        with pytest.raises(ValueError, match="DRTConfig.num_kv_heads"):
+            cfg.replace(num_kv_heads=5)
+        with pytest.raises(ValueError, match="unknown DRTConfig fields"):
+            cfg.replace(topk=2)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.uint16])
 def test_any_integer_dtype_of_ids_is_taken(dtype):
     """int32 (tokenizers, numpy) and uint16 (a prepared dataset's memmap) ids: the same logits, loss, stream

@@ -164,3 +164,65 @@ def test_explicit_triton_on_cpu_says_what_to_do(monkeypatch):
     q, k, v, idx, w = make_inputs(dtype=torch.float32, requires_grad=False)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         grouped_cross_attention(q, k, v, idx, w, impl="triton")
+
+
+@pytest.mark.parametrize("what", ["K=0", "Cm=0"])
+def test_nothing_to_read_gives_zeros_and_zero_gradients(what):
+    # K = 0 slots, or an empty memory (every index -1): the result is 0 and a backward through it works
+    # and gives zero gradients (the reference used to fail at Cm = 0 and to cut the graph at K = 0)
+    q, k, v, idx, w = make_inputs(K=0 if what == "K=0" else 3)
+    if what == "Cm=0":
+        k, v = (t.detach()[:, :0].requires_grad_(True) for t in (k, v))
+        idx = torch.full_like(idx, -1)
+    out = grouped_cross_attention(q, k, v, idx, w)
+    assert out.shape == q.shape and out.abs().max() == 0
+    grads = torch.autograd.grad(out.sum(), (q, k, v, w))
+    assert all(g.shape == t.shape and g.abs().sum() == 0 for g, t in zip(grads, (q, k, v, w)))
+    (gq,) = torch.autograd.grad(grouped_cross_attention(q, k.detach(), v.detach(), idx, w.detach()).sum(), (q,))
+    assert gq.abs().sum() == 0
+
+
+def test_an_empty_slot_ignores_its_weight_even_nan():
+    q, k, v, idx, w = make_inputs(empty=0.0)
+    idx[0, 1, 2] = -1
+    w2 = w.detach().clone()
+    w2[0, 1, 2] = float("nan")  # an empty slot's weight is never read (the fused kernels skip it too)
+    w2.requires_grad_(True)
+    out = grouped_cross_attention(q, k, v, idx, w2)
+    w0 = w.detach().clone()
+    w0[0, 1, 2] = 0.0
+    torch.testing.assert_close(out, gca_bruteforce(q, k, v, idx, w0))
+    (gw,) = torch.autograd.grad(out.sum(), (w2,))
+    assert torch.isfinite(gw).all() and gw[0, 1, 2] == 0
+
+
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+def test_gradcheck_odd_inputs(softmax_one):
+    # S != Sm, a negative scale, int32 indices, a non-contiguous q and an expanded (stride-0) memory
+    q, k, v, idx, w = make_inputs(B=1, Cq=2, S=2, Sm=3, H=2, Hk=1, D=3, Cm=3, K=2, empty=0.3)
+    qt = q.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_(True)
+    k1 = k.detach()[:, :1].clone().requires_grad_(True)
+    fn = lambda q, k1, v, w: grouped_cross_attention(  # noqa: E731
+        q, k1.expand(-1, 3, -1, -1, -1), v, idx.int(), w, softmax_one=softmax_one, scale=-0.7)
+    assert torch.autograd.gradcheck(fn, (qt, k1, v, w), eps=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        fn(qt, k1, v, w), gca_bruteforce(q, k1.expand(-1, 3, -1, -1, -1), v, idx, w, softmax_one=softmax_one, scale=-0.7)
+    )
+
+
+def test_zero_head_size_is_a_value_error():
+    q, k, v, idx, w = make_inputs(D=0, requires_grad=False)
+    with pytest.raises(ValueError, match="head size D must be at least 1"):
+        grouped_cross_attention(q, k, v, idx, w)
+
+
+def test_kernel_for_refuses_what_the_call_refuses():
+    from gca.ops import kernel_for
+
+    q, k, v, idx, w = make_inputs(requires_grad=False)
+    assert kernel_for(q, k, v, idx, w, impl="torch")[0] == "torch"
+    for bad in ((q[0], k, v, idx, w), (q, k, v[:, :, :-1], idx, w), (q, k, v, idx, w[..., :-1])):
+        with pytest.raises(ValueError):
+            grouped_cross_attention(*bad)
+        with pytest.raises(ValueError):  # it used to answer "torch" for a call that raises
+            kernel_for(*bad)

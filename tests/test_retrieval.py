@@ -188,3 +188,49 @@ def test_k_below_one_is_refused(k):
     # k = 0 used to give one slot silently
     with pytest.raises(ValueError, match="k must be a positive integer"):
         causal_topk(torch.randn(1, 5, 5), k)
+
+
+def test_very_low_finite_scores_still_rank_above_forbidden_chunks():
+    # scores below the old -1e30 mask used to lose to chunks a row may not pick: row 1 got nothing
+    scores = torch.full((1, 4, 4), -1e31, dtype=torch.float64)
+    r = causal_topk(scores, 3)
+    for c in range(4):
+        assert ((r.indices[0, c] >= 0).sum() == min(c, 3)).item()
+        assert (r.indices[0, c, : min(c, 3)] < c).all()
+        torch.testing.assert_close(r.weights[0, c].sum(), torch.tensor(float(c > 0), dtype=torch.float64))
+
+
+def test_minus_inf_scores_are_never_picked_and_empty_slots_come_last():
+    scores = torch.randn(1, 5, 5)
+    scores[0, 3, 0] = float("-inf")
+    scores[0, 2] = float("-inf")  # a row whose chunks are all -inf: nothing to pick
+    for force in (None, torch.ones(1, 5, 5, dtype=torch.bool)):
+        for gumbel in (False, True):
+            r = causal_topk(scores, 3, gumbel=gumbel, force=force)
+            assert (r.indices[0, 2] == -1).all() and (r.weights[0, 2] == 0).all()
+            assert sorted(r.indices[0, 3, :2].tolist()) == [1, 2] and r.indices[0, 3, 2] == -1
+            torch.testing.assert_close(r.weights[0, 3, :2], torch.softmax(scores[0, 3, r.indices[0, 3, :2]], -1))
+            filled = r.indices >= 0  # filled slots first in every row
+            assert (filled[..., :-1] >= filled[..., 1:]).all()
+    s = scores.clone().requires_grad_(True)
+    (causal_topk(s, 3).weights * torch.randn(1, 5, 3)).sum().backward()
+    assert torch.isfinite(s.grad).all() and (s.grad[0, 2] == 0).all()
+
+
+def test_half_precision_scores_and_an_empty_memory():
+    scores = torch.randn(2, 4, 4)
+    r32 = causal_topk(scores, 2)
+    r16 = causal_topk(scores.half(), 2)  # used to overflow filling -1e30 into float16
+    assert torch.equal(r16.indices, r32.indices) and r16.weights.dtype == torch.float16
+    torch.testing.assert_close(r16.weights.float(), r32.weights, atol=2e-3, rtol=0)
+    r = causal_topk(torch.zeros(2, 3, 0), 4)  # no chunk yet: one empty slot per row (topk used to fail)
+    assert r.indices.shape == (2, 3, 1) and (r.indices == -1).all() and (r.weights == 0).all()
+
+
+def test_bad_scores_and_force_say_what_is_wrong():
+    with pytest.raises(ValueError, match=r"\(B, C, Cm\)"):
+        causal_topk(torch.randn(3, 3), 2)
+    with pytest.raises(ValueError, match="force must be a bool tensor"):
+        causal_topk(torch.randn(1, 3, 3), 2, force=torch.ones(1, 3, 3))
+    with pytest.raises(ValueError, match="force must be a bool tensor"):
+        causal_topk(torch.randn(1, 3, 3), 2, force=torch.ones(3, 3, dtype=torch.bool))

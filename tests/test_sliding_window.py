@@ -132,3 +132,21 @@ def test_shapes_are_checked():
             sliding_window_attention(q, k, v, 4)
     with pytest.raises(ValueError, match=r"\(B, H, T, D\) of one shape"):
         sliding_window_attention(q[0], q[0], q[0], 4)  # 3-D
+
+
+def test_bad_impl_and_window_are_refused_at_every_length():
+    q = torch.randn(1, 2, 10, 8)
+    # a window at least the length takes a shortcut; a misspelt impl used to pass silently there
+    for window in (4, 10, 100, None):
+        with pytest.raises(ValueError, match="impl must be"):
+            sliding_window_attention(q, q, q, window, impl="blokced")
+    # a non-integer window used to fail deep inside (pad() or a bool subtraction)
+    for window in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window must be an integer >= 1 or None"):
+            sliding_window_attention(q, q, q, window)
+
+
+@pytest.mark.parametrize("T, window", [(5, 1), (9, 4), (13, 5), (6, 6)])
+def test_blocked_gradcheck(T, window):
+    q, k, v = (torch.randn(1, 2, T, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: sliding_window_attention(q, k, v, window, impl="blocked"), (q, k, v))

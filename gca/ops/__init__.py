@@ -32,8 +32,9 @@ def triton_available(device: torch.device | None = None) -> bool:
 
 def kernel_for(q, mem_k, mem_v, indices, weights, *, scale: float | None = None, impl: str = "auto") -> tuple[str, str]:
     """Which implementation :func:`grouped_cross_attention` runs on these inputs, and why:
-    ``("gluon" | "triton" | "torch", reason)``. Launches nothing; with ``impl="triton"`` it raises the
-    ``ValueError`` that call would.
+    ``("gluon" | "triton" | "torch", reason)``. Launches nothing and reads no index back from the
+    device; arguments that call would refuse (ranks, shapes, dtypes, devices, and with
+    ``impl="triton"`` inputs the kernels do not take) raise the ``ValueError`` it would.
 
     Example:
         >>> q = torch.randn(1, 2, 64, 4, 32)
@@ -42,6 +43,7 @@ def kernel_for(q, mem_k, mem_v, indices, weights, *, scale: float | None = None,
     """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    _check(q, mem_k, mem_v, indices, weights, check_indices=False)  # a call with bad arguments runs nothing
     if impl == "torch":
         return "torch", "impl='torch'"
     if impl == "auto" and not triton_available(q.device):
@@ -99,6 +101,8 @@ def _check(q, mem_k, mem_v, indices, weights, check_indices: bool) -> None:
         raise ValueError(f"batch mismatch: q has B={B}, mem_k has B={Bm}")
     if Dm != D:
         raise ValueError(f"head size mismatch: q has D={D}, mem_k has D={Dm}")
+    if D == 0:
+        raise ValueError(f"head size D must be at least 1, got q of shape {tuple(q.shape)}")
     if Hk == 0 or H % Hk != 0:
         raise ValueError(f"memory heads Hk={Hk} must divide query heads H={H}")
     if tuple(indices.shape[:2]) != (B, Cq):

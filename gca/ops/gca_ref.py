@@ -36,10 +36,20 @@ def gca_reference(
     out_dtype = q.dtype
     # Half-precision inputs are computed in float32, like the fused kernels accumulate.
     cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    if K == 0 or mem_k.shape[1] == 0:
+        # nothing to read (with Cm = 0 every index is -1): zeros, still joined to the graph so that a
+        # backward gives the inputs zero gradients instead of failing, as the fused kernels do
+        out = q.new_zeros((B, Cq, S, H, D), dtype=cdt)
+        never = torch.zeros((), dtype=torch.bool, device=q.device)
+        for t in (q, mem_k, mem_v, weights):
+            if t.requires_grad:
+                out = out + torch.where(never, t.sum().to(cdt), 0.0)  # NaN-free zero gradient
+        return out.to(out_dtype)
     qg = q.to(cdt).reshape(B, Cq, S, Hk, G, D)
     valid = indices >= 0
     safe = indices.clamp(min=0).long()
-    w = weights.to(cdt) * valid.to(cdt)  # empty slots contribute nothing, not even gradient
+    # empty slots contribute nothing, not even gradient, whatever their weight holds (NaN included)
+    w = torch.where(valid, weights.to(cdt), 0.0)
     b_idx = torch.arange(B, device=q.device)[:, None]  # (B, 1) broadcast against (B, Cq)
     out = q.new_zeros((B, Cq, S, Hk, G, D), dtype=cdt)
     for i in range(K):

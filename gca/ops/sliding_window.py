@@ -19,6 +19,7 @@ CUDA and blocked elsewhere.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -137,19 +138,19 @@ def sliding_window_attention(
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(f"q, k and v must all be (B, H, T, D) of one shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if impl not in ("auto", "flex", "blocked", "full"):  # checked first: short inputs take a shortcut below
+        raise ValueError(f"impl must be 'auto', 'flex', 'blocked' or 'full', got {impl!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
+        raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
     T = q.shape[2]
     if window is None or impl == "full":
         if window is not None and window < T:
             raise ValueError("impl='full' ignores the window; pass window=None for full attention")
         return sdpa(q, k, v, is_causal=True)
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
     if window >= T and impl != "flex":
         return sdpa(q, k, v, is_causal=True)
     if impl == "auto":  # FlexAttention's kernels need a head size of at least 16
         impl = "flex" if q.is_cuda and q.shape[-1] >= 16 else "blocked"
     if impl == "flex":
         return sliding_window_flex(q, k, v, window)
-    if impl == "blocked":
-        return sliding_window_blocked(q, k, v, window)
-    raise ValueError(f"impl must be 'auto', 'flex', 'blocked' or 'full', got {impl!r}")
+    return sliding_window_blocked(q, k, v, window)
