@@ -95,7 +95,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 2.5, device: str = "auto",
 
     # ---- 2. the shipped checkpoint ----
     if not (SHIPPED / "model.safetensors").exists():
-        print(f"no shipped checkpoint in {SHIPPED}; rebuild it with scripts/train_demo_checkpoint.sh")
+        print(f"no shipped checkpoint in {SHIPPED}; rebuild it with scripts/rebuild_passkey_tiny.sh")
         return 1
     model = load_model(SHIPPED, device=dev)
     train_length = json.loads((SHIPPED / "train_config.json").read_text())["seq_len"]

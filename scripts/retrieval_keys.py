@@ -52,8 +52,11 @@ def main() -> None:
     def keep(name, value):  # hooks must return None, or they replace what they see
         cap.setdefault(name, value)
 
+    # the encoder's output before its norm: the last encoder layer's (norm_out also sees the landmark
+    # slice alone, and with center_memory the centred output, so its input is not it)
+    last = enc.layers[-1] if len(enc.layers) else enc.norm_in
     hooks = [
-        enc.norm_out.register_forward_pre_hook(lambda mod, args: keep("x", args[0])),
+        last.register_forward_hook(lambda mod, args, out: keep("x", out)),
         enc.register_forward_hook(lambda mod, args, out: keep("lmk", out[0])),
         m.retr_norms[0].register_forward_hook(lambda mod, args, out: keep("q", out)),
     ]

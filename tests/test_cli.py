@@ -181,6 +181,17 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch, capsys):
         assert (tmp_path / f).stat().st_size > 200
 
 
+def test_demo_without_the_shipped_checkpoint_names_its_recipe(tmp_path, monkeypatch, capsys):
+    """No checkpoints/passkey-tiny: the demo says which script rebuilds it (the exact recipe the README
+    names, scripts/rebuild_passkey_tiny.sh), and that script exists."""
+    import gca.demo
+
+    monkeypatch.setattr(gca.demo, "SHIPPED", tmp_path / "none")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-train", "--device", "cpu"]) == 1
+    script = capsys.readouterr().out.split("rebuild it with ")[1].split()[0]
+    assert script == "scripts/rebuild_passkey_tiny.sh" and (pathlib.Path(__file__).parents[1] / script).exists()
+
+
 def test_parse_set():
     got = parse_set(["hidden_size=128", "upper_groups=[2, 2]", "arch=swa", "gumbel=false", "gca_softmax_one=True", "num_kv_heads=None"])
     assert got == dict(hidden_size=128, upper_groups=[2, 2], arch="swa", gumbel=False, gca_softmax_one=True, num_kv_heads=None)

@@ -218,7 +218,8 @@ def test_ppl_command(tmp_path, capsys):
                               progress=False)
     finally:
         T.make_task_sample = real
-    assert rows[0]["trials"] == 2 and len(fillers) == 2 and fillers[0] is fillers[1]  # opened once
+    # opened once: the two trials and the sample that checks the shortest length first share it
+    assert rows[0]["trials"] == 2 and len(fillers) == 3 and all(f is fillers[0] for f in fillers)
     assert fillers[0].dataset.split == "val"
 
     # partial results: on_row sees the rows so far after every (length, task, depth), length-major
@@ -769,6 +770,46 @@ def test_retrieval_documents_script(tmp_path, monkeypatch, capsys):
         assert main(["eval", "ppl", "--ckpt", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--lengths",
                      lengths, "--windows", "1", "--out", str(tmp_path / "ppl"), "--device", "cpu"]) == 0  # fmt: skip
         assert (f"the longest held-out document has {longest} tokens" in capsys.readouterr().out) == noted
+
+
+def test_retrieval_keys_script(tmp_path, monkeypatch, capsys):
+    """scripts/retrieval_keys.py (README: "measures a checkpoint's keys") runs on the published key, the
+    centred key and centred memory, and its encoder output is the one the encoder normalises: norm_out
+    also sees the landmark slice alone, which must not be taken for it."""
+    from gca.data.prepare import prepare
+    from safetensors.torch import save_model
+
+    rk = _script("retrieval_keys")
+    src = tmp_path / "txt"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    words = [f"w{i}" for i in range(40)]
+    for d in range(12):
+        (src / f"doc{d:02d}.txt").write_text(" ".join(rng.choice(words, 400)))
+    prepare(str(src), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.5)
+    for i, kw in enumerate([{}, dict(retrieval_key="centered"), dict(center_memory=True)]):
+        torch.manual_seed(0)
+        m = DRT(tiny(top_k=2, **kw)).eval()
+        ckpt = tmp_path / f"model{i}"
+        ckpt.mkdir()
+        save_model(m, str(ckpt / "model.safetensors"))
+        (ckpt / "config.json").write_text(m.config.to_json())
+        out = tmp_path / f"keys{i}.json"
+        monkeypatch.setattr(sys, "argv", ["retrieval_keys", "--ckpt", str(ckpt), "--data", str(tmp_path / "data"),
+                                          "--seq-len", "630", "--batch-size", "1", "--out", str(out)])  # fmt: skip
+        rk.main()
+        res = json.loads(out.read_text())
+        assert all(math.isfinite(v) for k, v in res.items() if k not in ("ckpt", "retrieval_key"))
+        if not kw:  # published key: the 4-d input of norm_out is the encoder output before its norm
+            seen = []
+            h = m.encoder.norm_out.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+            ids = rk.build_source(str(tmp_path / "data"), seq_len=630, seed=3, split="val").get_batch(0, 1, 0, 1)
+            with torch.no_grad():
+                m(ids["input_ids"])
+            h.remove()
+            (x,) = [t for t in seen if t.dim() == 4]
+            assert res["encoder_out_rms"] == round(x.pow(2).mean().sqrt().item(), 3)
+    capsys.readouterr()
 
 
 def test_far_context_matches_brute_force(tmp_path):
