@@ -65,7 +65,7 @@ class DRTConfig:
     encoder_layers: int = 2  # bidirectional chunk-encoder layers
     upper_groups: list[int] = field(default_factory=lambda: [6])  # layers per retrieval group
     chunk_size: int = 64  # positions per chunk, the landmark included (chunk_size - 1 text tokens)
-    window: int = 512  # sliding-window size in positions (landmarks included); >= 2 * chunk_size - 1 keeps
+    window: int = 512  # sliding-window size in positions (landmarks included); >= 2 * chunk_size keeps
     # the chunk before the current one inside it (retrieval serves only older chunks)
     top_k: int = 8  # chunks retrieved per chunk
     arch: str = "drt"  # "drt"; or a baseline of the same width and depth: "swa" (sliding window only), "full"
