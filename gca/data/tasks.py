@@ -16,7 +16,7 @@ Tasks (the paper's forms; token-level, so any tokenizer works):
               magic number for <key> is -> <value of that key>
     2hop      chains |The path from <X> leads to <Y>| and |The path from <Y> leads to <Z>|
               (plus distractor chains), then |Where does the path from <X> lead? It leads to
-              -> <Y>, <Z>  (the chain: SPEC.md and the published task ask for it; the model names
+              -> <Y>, <Z>  (the chain: the paper's task asks for it; the model names
               the first hop, then the second). ``hop_answer="end"``: |Where does the path from
               <X> lead after two steps? It leads to -> <Z>  (the end point only, the form of
               this package's results before 2026-12-01)
@@ -477,7 +477,7 @@ def make_task_sample(
             question (inside the last chunk) the Y -> Z needle can only be found by retrieving it
             together with X -> Y at the same landmark. With ``hop_lead=1`` the first group can
             fetch X -> Y one landmark earlier and the second group then looks for Y -> Z.
-        hop_answer: 2hop only: ``"chain"`` (default; SPEC.md's and the published task's form) asks
+        hop_answer: 2hop only: ``"chain"`` (default; the paper's task's form) asks
             for the chain, answer ``Y , Z``: the model names the first hop and then the second,
             each a one-key lookup; ``"end"`` asks for the end point Z alone ("after two steps"),
             which needs both lookups composed before the first answer token.
