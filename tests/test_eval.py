@@ -27,6 +27,20 @@ def _script(name):
     return mod
 
 
+def _prepare_words(tmp_path, docs, words_per_doc, vocab, seed):
+    """``tmp_path/data``: a prepared folder (embedded tokenizer, half held out) of ``docs`` documents of
+    random words ``w0`` .. ``w<vocab - 1>``, from ``tmp_path/txt``."""
+    from gca.data.prepare import prepare
+
+    src = tmp_path / "txt"
+    src.mkdir()
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(vocab)]
+    for d in range(docs):
+        (src / f"doc{d:02d}.txt").write_text(" ".join(rng.choice(words, words_per_doc)))
+    prepare(str(src), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.5)
+
+
 def tiny(**kw):
     return DRTConfig.from_preset("tiny", **{**dict(hidden_size=32, num_heads=4, intermediate_size=64, window=80), **kw})
 
@@ -56,16 +70,9 @@ def test_streamed_nll_of_the_last_tokens(last, piece):
 
 
 def test_fixed_target_perplexity_scores_the_same_text_at_every_length(tmp_path, monkeypatch):
-    from gca.data.prepare import prepare
     from gca.eval import perplexity
 
-    src = tmp_path / "txt"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(50)]
-    for d in range(6):
-        (src / f"doc{d}.txt").write_text(" ".join(rng.choice(words, 900)))
-    prepare(str(src), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.5)
+    _prepare_words(tmp_path, docs=6, words_per_doc=900, vocab=50, seed=0)
     seen = {}
     real = perplexity.stream_nll
 
@@ -776,17 +783,10 @@ def test_retrieval_keys_script(tmp_path, monkeypatch, capsys):
     """scripts/retrieval_keys.py (README: "measures a checkpoint's keys") runs on the published key, the
     centred key and centred memory, and its encoder output is the one the encoder normalises: norm_out
     also sees the landmark slice alone, which must not be taken for it."""
-    from gca.data.prepare import prepare
     from safetensors.torch import save_model
 
     rk = _script("retrieval_keys")
-    src = tmp_path / "txt"
-    src.mkdir()
-    rng = np.random.default_rng(2)
-    words = [f"w{i}" for i in range(40)]
-    for d in range(12):
-        (src / f"doc{d:02d}.txt").write_text(" ".join(rng.choice(words, 400)))
-    prepare(str(src), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.5)
+    _prepare_words(tmp_path, docs=12, words_per_doc=400, vocab=40, seed=2)
     for i, kw in enumerate([{}, dict(retrieval_key="centered"), dict(center_memory=True)]):
         torch.manual_seed(0)
         m = DRT(tiny(top_k=2, **kw)).eval()
