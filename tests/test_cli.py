@@ -415,6 +415,31 @@ def test_plot_adds_a_panel_for_the_auxiliary_retrieval_loss(tmp_path, monkeypatc
     assert "val_gca_gain" in axes[3].get_title() and list(gain[0].get_ydata()) == [0.1]
 
 
+def test_plot_draws_a_log_shorter_than_smooth_row_by_row(tmp_path, monkeypatch):
+    # 3 rows under the default --smooth 5 used to become their mean: one unmarked point
+    import matplotlib.figure
+
+    run = tmp_path / "t1"
+    run.mkdir()
+    rows = [{"step": s, "loss": 5.0 - s / 10, "retrieval_copy_loss": 3.0 - s / 10} for s in (10, 20, 30)]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    axes = figs[0].axes
+    for ax, key in ((axes[0], "loss"), (axes[-1], "retrieval_copy_loss")):
+        (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "t1"]
+        assert list(line.get_xdata()) == [10, 20, 30] and list(line.get_ydata()) == [r[key] for r in rows]
+        assert line.get_marker() not in ("None", "", None)
+    assert "marked: as logged" in axes[0].get_title()
+    # a longer log is still its running mean, unmarked
+    (run / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 8)))
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    (line,) = [ln for ln in figs[1].axes[0].get_lines() if ln.get_label() == "t1"]
+    assert list(line.get_xdata()) == [5, 6, 7] and list(line.get_ydata()) == pytest.approx([3.0, 4.0, 5.0])
+    assert line.get_marker() == "None" and "as logged" not in figs[1].axes[0].get_title()
+
+
 def test_train_stopped_by_a_signal_exits_with_the_shells_status(tmp_path, monkeypatch):
     """gca train returns 128 + the signal when Ctrl-C / SIGTERM stopped it after a checkpoint (the trainer's
     side is tests/test_train.py::test_ctrl_c_finishes_the_step_saves_and_resumes_to_the_uninterrupted_run)."""

@@ -90,8 +90,18 @@ def _finish_length_plot(fig, ax, path: str, train_length: int | None) -> str:
     return path
 
 
+def _running_mean(steps, values, smooth: int) -> tuple[list, list, str | None]:
+    """``(steps, values, marker)`` of a training curve: the running mean over ``smooth`` values, from the
+    ``smooth``-th on, unmarked; a log with no more rows than ``smooth`` is drawn as logged, each row
+    marked (its mean would be a single point nobody sees)."""
+    if len(values) <= smooth:
+        return list(steps), list(values), "."
+    return list(steps[smooth - 1 :]), list(np.convolve(values, np.ones(smooth) / smooth, mode="valid")), None
+
+
 def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) -> str:
-    """Training runs side by side: training loss (a running mean over ``smooth`` logged rows),
+    """Training runs side by side: training loss (a running mean over ``smooth`` logged rows; a run
+    with no more rows than that is drawn as logged, marked),
     validation loss and, when the runs are DRTs, the retrieval score spread (log scale, the
     collapse line marked) and what GCA is worth (``val_gca_gain``, where logged). ``logs`` maps a
     run's label to its ``log.jsonl`` rows."""
@@ -103,15 +113,15 @@ def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) 
     n_ax = 2 + health + gain + copy
     fig, axes = plt.subplots(1, n_ax, figsize=(5 * n_ax, 4))
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    as_logged = False  # a training loss drawn unsmoothed: the title says so
     for i, (label, rows) in enumerate(logs.items()):
         c = cycle[i % len(cycle)]  # a run keeps its colour in every panel, whichever panels it appears in
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [r for r in rows if "val_loss" in r]
         if train:
-            steps, loss = zip(*train)
-            k = max(1, min(smooth, len(loss)))
-            mean = np.convolve(loss, np.ones(k) / k, mode="valid")
-            axes[0].plot(steps[k - 1 :], mean, label=label, color=c)
+            steps, loss, marker = _running_mean(*zip(*train), smooth)
+            axes[0].plot(steps, loss, marker=marker, label=label, color=c)
+            as_logged |= marker is not None
         if val:
             axes[1].plot([r["step"] for r in val], [r["val_loss"] for r in val], marker=".", label=label, color=c)
         if health and any("val_retr_spread" in r for r in val):
@@ -124,10 +134,10 @@ def plot_training_logs(logs: dict[str, list[dict]], path: str, smooth: int = 5) 
                                   color=c)
         cv = [(r["step"], r["retrieval_copy_loss"]) for r in rows if "retrieval_copy_loss" in r]
         if cv:
-            steps, aux = zip(*cv)
-            k = max(1, min(smooth, len(aux)))
-            axes[-1].plot(steps[k - 1 :], np.convolve(aux, np.ones(k) / k, mode="valid"), label=label, color=c)
-    axes[0].set_title("training loss" + (f" (mean of {smooth} logged steps)" if smooth > 1 else "")
+            steps, aux, marker = _running_mean(*zip(*cv), smooth)
+            axes[-1].plot(steps, aux, marker=marker, label=label, color=c)
+    mean = f" (mean of {smooth} logged steps{'; marked: as logged' if as_logged else ''})" if smooth > 1 else ""
+    axes[0].set_title("training loss" + mean
                       + ("\n(with retrieval_copy_loss: includes its weighted term)" if copy else ""))
     axes[1].set_title("validation loss")
     if health:
