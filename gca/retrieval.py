@@ -46,6 +46,10 @@ def gumbel_noise(shape, device, generator: torch.Generator | None = None) -> tor
 def _allowed(C: int, Cm: int, row_offset: int, valid_rows: torch.Tensor | None, device) -> torch.Tensor:
     """``(C, Cm)`` bool: row c (chunk ``row_offset + c``) may pick column j when j < row_offset + c and the
     row is valid."""
+    # an integer 0/1 mask would be and-ed bitwise into an integer mask that masked_fill refuses
+    if valid_rows is not None and (valid_rows.shape != (C,) or valid_rows.dtype != torch.bool):
+        raise ValueError(f"valid_rows must be a bool tensor of shape ({C},) (one entry per row), got "
+                         f"{valid_rows.dtype} of shape {tuple(valid_rows.shape)}")
     rows = torch.arange(C, device=device)[:, None] + row_offset
     allowed = torch.arange(Cm, device=device)[None, :] < rows  # strictly causal
     return allowed & valid_rows[:, None] if valid_rows is not None else allowed
@@ -68,7 +72,8 @@ def causal_topk(
             A chunk scored ``-inf`` is never picked (its slot stays empty), which masks it out.
         k: chunks to pick; the result has ``min(k, Cm)`` slots (at least 1).
         row_offset: absolute chunk index of row 0 (streaming uses it; 0 for a whole sequence).
-        valid_rows: optional ``(C,)`` bool; rows marked False (no landmark yet) get only empty slots.
+        valid_rows: optional ``(C,)`` bool tensor (an integer 0/1 one is refused); rows marked False (no
+            landmark yet) get only empty slots.
         gumbel: add Gumbel(0, 1) noise before the top-k (training-time exploration).
         force: optional ``(B, C, Cm)`` bool: chunks a row picks before any other (those it may pick;
             with more than k, the k best by score and noise); its other slots are filled as usual.
@@ -85,11 +90,11 @@ def causal_topk(
                          f"{force.dtype} of shape {tuple(force.shape)}")
     B, C, Cm = scores.shape
     kk = max(1, min(k, Cm))
+    allowed = _allowed(C, Cm, row_offset, valid_rows, scores.device).expand(B, C, Cm)  # checks valid_rows
     if Cm == 0:  # no chunk to pick: one empty slot per row
         idx = torch.full((B, C, kk), -1, dtype=torch.long, device=scores.device)
         z = scores.new_zeros((B, C, kk))
         return Retrieval(indices=idx, weights=z, scores=z)
-    allowed = _allowed(C, Cm, row_offset, valid_rows, scores.device).expand(B, C, Cm)
     # a chunk scored -inf is never picked (weight 0 anyway); every other allowed chunk, however low its
     # score, ranks above every chunk that may not be picked (those sit at -inf for the top-k)
     pickable = allowed & (scores != float("-inf"))

@@ -234,3 +234,19 @@ def test_bad_scores_and_force_say_what_is_wrong():
         causal_topk(torch.randn(1, 3, 3), 2, force=torch.ones(1, 3, 3))
     with pytest.raises(ValueError, match="force must be a bool tensor"):
         causal_topk(torch.randn(1, 3, 3), 2, force=torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_valid_rows_that_are_not_a_bool_row_mask_say_what_is_wrong():
+    # an integer 0/1 mask used to fail deep inside with torch's "masked_fill_ only supports boolean masks"
+    from gca.retrieval import copy_retrieval_loss
+
+    scores = torch.randn(1, 4, 4)
+    for bad in (torch.tensor([1, 1, 1, 0]), torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.ones(3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"valid_rows must be a bool tensor of shape \(4,\)"):
+            causal_topk(scores, 2, valid_rows=bad)
+        with pytest.raises(ValueError, match="valid_rows must be a bool tensor"):
+            copy_retrieval_loss(scores, torch.zeros(1, 4, 4, dtype=torch.bool), valid_rows=bad)
+    with pytest.raises(ValueError, match=r"got torch.int64 of shape \(4,\)"):
+        causal_topk(torch.zeros(1, 4, 0), 2, valid_rows=torch.tensor([1, 1, 1, 0]))  # an empty memory too
+    ok = torch.tensor([1, 1, 1, 0]).bool()
+    assert (causal_topk(scores, 2, valid_rows=ok).indices[0, 3] == -1).all()
