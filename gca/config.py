@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,6 +237,9 @@ class DRTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DRTConfig":
+        if not isinstance(d, Mapping):  # None, a list or a string failed with an unrelated message
+            hint = " (a preset name goes to DRTConfig.from_preset)" if isinstance(d, str) else ""
+            raise TypeError(f"DRTConfig.from_dict expects a dict of field values, got {type(d).__name__}{hint}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -255,6 +255,13 @@ def test_config_roundtrip_and_unknown_field():
         DRTConfig.from_preset("huge")
 
 
+@pytest.mark.parametrize("bad", [None, ["hidden_size"], "tiny", 3], ids=["None", "list", "str", "int"])
+def test_config_from_something_not_a_dict_says_what_it_got(bad):
+    # None used to fail with "'NoneType' object is not iterable", a string with its letters as unknown fields
+    with pytest.raises(TypeError, match=f"from_dict expects a dict of field values, got {type(bad).__name__}"):
+        DRTConfig.from_dict(bad)
+
+
 @pytest.mark.parametrize("mode", ["zero", "keep"])
 def test_landmark_memory_slot(mode):
     torch.manual_seed(4)
