@@ -850,6 +850,36 @@ def test_far_context_matches_brute_force(tmp_path):
     assert json.loads((tmp_path / "far.json").read_text())[0]["tokens"] == r["tokens"]
 
 
+def test_code_corpus_script(tmp_path):
+    """scripts/code_corpus.py: one document per folder of .py files (not its subfolders'), files sorted and
+    headed by their path, large files and other extensions skipped, --max-chars respected; `gca prepare`
+    reads the output."""
+    from gca.data.prepare import PackedDataset, prepare
+
+    cc = _script("code_corpus")
+    root = tmp_path / "pkg"
+    (root / "sub").mkdir(parents=True)
+    (root / "b.py").write_text("def b():\n    return 2\n")
+    (root / "a.py").write_text("def a():\n    return 1\n")
+    (root / "notes.txt").write_text("not code")
+    (root / "big.py").write_text("x = 1\n" * 200)
+    (root / "sub" / "c.py").write_text("C = 3\n")
+    out = tmp_path / "code.jsonl"
+    cc.main(["--root", str(root), "--out", str(out), "--max-file-bytes", "600"])
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [d["folder"] for d in docs] == ["pkg", "pkg/sub"]
+    assert docs[0]["text"] == "# file: pkg/a.py\ndef a():\n    return 1\n\n# file: pkg/b.py\ndef b():\n    return 2\n"
+    assert "x = 1" not in docs[0]["text"] and "not code" not in docs[0]["text"]
+    assert docs[1]["text"] == "# file: pkg/sub/c.py\nC = 3\n"
+    limit = str(len(docs[0]["text"]) + 1)
+    cc.main(["--root", str(root), "--out", str(out), "--max-file-bytes", "600", "--max-chars", limit])
+    assert len(out.read_text().splitlines()) == 1  # the second folder would pass the limit
+    prepare(str(out), str(tmp_path / "data"), tokenizer="embedded", val_fraction=0.0)
+    assert len(PackedDataset(tmp_path / "data", "train")) > 10
+    with pytest.raises(SystemExit, match="not a folder"):
+        cc.main(["--root", str(tmp_path / "missing"), "--out", str(out)])
+
+
 def test_loss_by_copy_distance_script(tmp_path):
     """scripts/loss_by_copy_distance.py: the groups' tokens add up to the scored text, their weighted
     perplexity is the ppl command's on the same end points, and each token's group follows its nearest
