@@ -260,6 +260,10 @@ def test_config_from_something_not_a_dict_says_what_it_got(bad):
     # None used to fail with "'NoneType' object is not iterable", a string with its letters as unknown fields
     with pytest.raises(TypeError, match=f"from_dict expects a dict of field values, got {type(bad).__name__}"):
         DRTConfig.from_dict(bad)
+    from gca.train import TrainConfig
+
+    with pytest.raises(TypeError, match=f"TrainConfig.from_dict expects a dict of field values, got {type(bad).__name__}"):
+        TrainConfig.from_dict(bad)
 
 
 @pytest.mark.parametrize("mode", ["zero", "keep"])
