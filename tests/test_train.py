@@ -168,6 +168,29 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
 
 
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("lr", math.inf, "positive finite number"),  # trained on with lr nan: every weight NaN at step 1
+        ("lr", math.nan, "positive finite number"),
+        ("lr", "1e-3", "must be a number"),  # a TypeError from '>' before
+        ("weight_decay", math.nan, "finite number >= 0"),  # accepted before: the weights went NaN
+        ("weight_decay", math.inf, "finite number >= 0"),
+        ("grad_clip", math.nan, "must be >= 0"),  # accepted before: clipping silently off
+        ("eps", -1e-8, "finite number >= 0"),  # not checked at all before
+        ("eps", math.nan, "finite number >= 0"),
+        ("betas", (0.9, math.nan), "two numbers in [0, 1)"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_bad_numbers_are_refused_naming_the_field(tmp_path, field, value, says):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: .*{re.escape(says)}"):
+        tiny_cfg(out, **{field: value})
+    assert not out.exists()  # refused before any work
+    tiny_cfg(out, grad_clip=math.inf)  # clipping at inf is no clipping, as 0 is
+
+
 def test_no_weight_decay_on_norms_and_embeddings():
     from gca import DRT, DRTConfig
     from gca.train.trainer import param_groups

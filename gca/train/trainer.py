@@ -150,17 +150,25 @@ class TrainConfig:
                 bad(name, "must be a non-negative integer")
         if self.seq_len < 2:
             bad("seq_len", "must be >= 2 (the loss predicts token t + 1 from token t)")
-        if not self.lr > 0:
-            bad("lr", "must be positive")
+        for name in ("lr", "min_lr", "warmup", "weight_decay", "eps", "grad_clip", "time_limit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                bad(name, "must be a number")
+        # (each check below also refuses NaN; an infinite lr or weight decay made every weight NaN at the
+        # first update, and a NaN grad_clip switched clipping off without a word)
+        if not 0 < self.lr < math.inf:
+            bad("lr", "must be a positive finite number")
         if not 0 <= self.min_lr <= self.lr:
             bad("min_lr", f"must lie in [0, lr={self.lr}]")
         if not 0 <= self.warmup < 1:
             bad("warmup", "is a fraction of max_steps in [0, 1)")
-        if self.weight_decay < 0:
-            bad("weight_decay", "must be >= 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if not 0 <= self.weight_decay < math.inf:
+            bad("weight_decay", "must be a finite number >= 0")
+        if not 0 <= self.eps < math.inf:
+            bad("eps", "must be a finite number >= 0")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             bad("betas", "must be two numbers in [0, 1)")
-        if self.grad_clip < 0:
+        if not self.grad_clip >= 0:
             bad("grad_clip", "must be >= 0 (0 disables clipping)")
         if not isinstance(self.max_nonfinite, int) or isinstance(self.max_nonfinite, bool) or self.max_nonfinite < 0:
             bad("max_nonfinite", "must be a non-negative integer")
