@@ -163,6 +163,32 @@ def test_stream_filler(tmp_path):
         check_sample(s.sample_task(gid)[0])
 
 
+def test_a_packed_dataset_is_a_filler(tmp_path):
+    # a PackedDataset (a documented filler) has a `tokens` array, which was taken for a filler's
+    # tokens(n, rng) method: every sample failed with "'memmap' object is not callable"
+    from gca import DRT, DRTConfig
+    from gca.data import PackedDataset, prepare
+    from gca.data.tasks import StreamFiller
+    from gca.eval.tasks import evaluate_tasks
+
+    rng = np.random.default_rng()
+    words = [f"w{i}" for i in range(40)]
+    for d in range(4):
+        (tmp_path / f"d{d}.txt").write_text(" ".join(rng.choice(words, 600)))
+    prepare([str(tmp_path)], tmp_path / "ds", tokenizer="embedded", val_fraction=0.5, progress=False)
+    ds = PackedDataset(tmp_path / "ds", "val")
+    seed = int(rng.integers(1 << 30))
+    for kind in KINDS:
+        s = make_task_sample(kind, context_len=600, seed=seed, filler=ds)
+        check_sample(s)
+        assert s == make_task_sample(kind, context_len=600, seed=seed, filler=StreamFiller(ds))
+    src = TaskSource("mix", seq_len=400, filler=ds, seed=seed)
+    assert src.get_batch(0, 2)["input_ids"].shape == (2, 400)
+    model = DRT(DRTConfig.from_preset("tiny", hidden_size=32, num_heads=2, intermediate_size=64))
+    rows = evaluate_tasks(model, ["passkey"], [300], depths=1, trials=2, filler=ds, seed=seed, progress=False)
+    assert rows[0]["trials"] == 2
+
+
 # ---------------------------------------------------------------- TaskSource batches
 def test_batches_deterministic_and_rank_disjoint():
     src = TaskSource("mix", seq_len=504, min_len=189, seed=3)

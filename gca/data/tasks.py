@@ -256,6 +256,12 @@ class StreamFiller:
         return f"stream({self.dataset.path}:{self.dataset.split})" + _describe_digits(self.digit_frac, self.digit_repeat)
 
 
+def is_filler(obj) -> bool:
+    """Whether ``obj`` is a ready filler: it has a ``tokens(n, rng)`` method. (A PackedDataset's
+    ``tokens`` is its token array, not a method: it is made into a :class:`StreamFiller`.)"""
+    return callable(getattr(obj, "tokens", None))
+
+
 def make_filler(filler=None, tokenizer=None, split: str = "train", digit_frac: float = 0.0,
                 digit_repeat: float = 0.0):
     """``None``/``"words"`` -> :class:`WordFiller`; a prepared folder path or a PackedDataset ->
@@ -264,7 +270,7 @@ def make_filler(filler=None, tokenizer=None, split: str = "train", digit_frac: f
     if filler is None or filler in ("words", "embedded"):
         return WordFiller(tokenizer if tokenizer is not None else "embedded", digit_frac=digit_frac,
                           digit_repeat=digit_repeat)
-    if hasattr(filler, "tokens"):
+    if is_filler(filler):
         if digit_frac or digit_repeat:
             raise ValueError("digit_frac needs the embedded word filler or a prepared folder, not a custom filler")
         return filler

@@ -159,12 +159,12 @@ def evaluate_tasks(
         among the (task, length, depth)'s trials, which rebuild from ``[seed, task index, length index,
         depth index]``).
     """
-    from gca.data.tasks import make_filler, make_task_sample
+    from gca.data.tasks import is_filler, make_filler, make_task_sample
     from gca.data.tokenizer import load_tokenizer
 
     from tqdm.auto import tqdm
 
-    if filler is not None and not hasattr(filler, "tokens"):
+    if filler is not None and not is_filler(filler):
         filler = make_filler(filler, tokenizer, split="val")  # a prepared folder: its held-out split, opened once
 
     check_counts("evaluate_tasks", trials=trials, batch_size=batch_size)
