@@ -434,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. A missing or corrupt checkpoint or dataset, a bad value, a file the system refuses
     and a missing optional package (what the library raises as CheckpointError, OSError, ValueError or ImportError,
     each message naming what to fix) end the command with one line, ``gca COMMAND: error: MESSAGE``,
-    and exit status 2; ``GCA_TRACEBACK=1`` in the environment shows the traceback instead."""
+    and exit status 2, as does a training run stopped by a non-finite loss or gradient (FloatingPointError,
+    its message saying what to try); ``GCA_TRACEBACK=1`` in the environment shows the traceback instead."""
     from gca.train.checkpoint import CheckpointError
 
     parser = build_parser()
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     # (OSError: a missing file, a file where a folder is due or the reverse, no permission, a full disk)
-    except (CheckpointError, OSError, ValueError, ImportError) as e:
+    except (CheckpointError, OSError, ValueError, ImportError, FloatingPointError) as e:
         if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
             raise
         _close_progress_bars()

@@ -467,3 +467,31 @@ def test_ctrl_c_ends_a_command_in_one_line(capsys, monkeypatch):
     monkeypatch.setenv("GCA_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         main(argv)
+
+
+def test_train_stopped_by_nonfinite_gradients_ends_in_one_line(fake_data, tmp_path, capsys, monkeypatch):
+    """A run that --max-nonfinite stops ended in a FloatingPointError traceback (status 1), and its message
+    pointed at DIR/ckpt though no checkpoint had been saved yet; now one line, status 2, naming the
+    checkpoint only when there is one."""
+    real_forward = DRT.forward
+    calls = {"n": 0, "bad_from": 2}  # training forward calls (one a step) from this one on give a NaN loss
+
+    def forward(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        if self.training and out.loss is not None:
+            calls["n"] += 1
+            if calls["n"] >= calls["bad_from"]:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(DRT, "forward", forward)
+    run = tmp_path / "run"
+    assert main(_train_args(run, "--max-nonfinite", "0", "--eval-every", "0")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gca train: error: 1 steps in a row (to step 2) had a non-finite gradient") and "Traceback" not in err
+    assert "No checkpoint was saved yet (the first was due at step 3): a rerun starts from scratch." in err
+    assert not (run / "ckpt").exists()
+    calls.update(n=0, bad_from=3)
+    assert main(_train_args(tmp_path / "run2", "--max-nonfinite", "0", "--eval-every", "0", "--save-every", "1")) == 2
+    err = capsys.readouterr().err
+    assert "(to step 3) had" in err and f"The last good checkpoint is in {tmp_path / 'run2' / 'ckpt'}." in err

@@ -645,7 +645,7 @@ class _Run:
                         raise FloatingPointError(
                             f"{bad_run} steps in a row (to step {n}) had a non-finite gradient; lower --lr or check "
                             f"the data (batches saved in {self.out}/nonfinite; `gca replay-nonfinite {self.out}` runs "
-                            f"the first again and names where it came from). The last good checkpoint is in {self.out}/ckpt."
+                            f"the first again and names where it came from). {self._last_good()}"
                         )
                 bar.update(1)
                 result.step = n
@@ -654,8 +654,7 @@ class _Run:
                     loss_val = _to_float(D.mean_across_ranks(loss_sum, info))
                     if not math.isfinite(loss_val):
                         raise FloatingPointError(
-                            f"the training loss is {loss_val} at step {n}; lower --lr or check the data. "
-                            f"The last good checkpoint is in {self.out}/ckpt."
+                            f"the training loss is {loss_val} at step {n}; lower --lr or check the data. {self._last_good()}"
                         )
                     now = time.perf_counter()
                     tokens = n * tokens_per_step
@@ -725,6 +724,13 @@ class _Run:
         D.barrier(info)
         self.say(f"done: step {result.step}, checkpoint in {self.out / 'ckpt'}")
         return result
+
+    def _last_good(self) -> str:
+        """Where a run stopped by a non-finite loss or gradient goes on from (it may not have saved yet)."""
+        path = find_checkpoint(self.out, repair=False) if self.out.is_dir() else None
+        if path is not None:
+            return f"The last good checkpoint is in {path}."
+        return f"No checkpoint was saved yet (the first was due at step {min(self.cfg.save_every, self.cfg.max_steps)}): a rerun starts from scratch."
 
     @torch.no_grad()
     def _evaluate(self, model: torch.nn.Module, autocast) -> tuple[float, dict[str, float]]:
