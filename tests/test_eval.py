@@ -119,6 +119,27 @@ def test_needle_score_is_greedy_exact_match():
     assert distracted == [False] * 3  # passkey samples have no distractors
 
 
+@pytest.mark.parametrize("length, aligned", [(63 * 8, True), (63 * 8, False), (63 * 8 + 10, False)])
+def test_retrieval_hit_reads_the_row_that_serves_the_answer(length, aligned):
+    """retrieval_hit: the needle's chunk is in the row made at landmark query_chunk, as one forward pass
+    retrieves it. An unaligned prompt whose last token closes a chunk was scored on the row made at that
+    token's landmark (one chunk later)."""
+    from gca.data.tasks import make_task_sample
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    torch.manual_seed(seed)
+    m = DRT(tiny(vocab_size=2048, window=128, top_k=1, upper_groups=[1, 1])).double().eval()
+    rng = np.random.default_rng(seed)
+    samples = [make_task_sample("passkey", context_len=length, seed=rng, align_question=aligned) for _ in range(8)]
+    correct, hits, _ = score_samples(m, samples)
+    x = torch.tensor([s.prompt for s in samples])
+    retrieval = m(x, output_retrieval=True).retrieval
+    q = samples[0].query_chunk
+    assert hits == [any(bool((r.indices[b, q] == s.target_chunk).any()) for r in retrieval) for b, s in enumerate(samples)]
+    greedy = m.generate(x, max_new_tokens=5)[:, x.shape[1]:].tolist()
+    assert correct == [g == s.answer for g, s in zip(greedy, samples)]
+
+
 def test_score_samples_counts_a_distractor_answer():
     from gca.data.tasks import make_task_sample
 

@@ -87,12 +87,20 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
     if cache is None:
         cache = model.new_cache(len(samples), offload=offload, prefill_chunk=prefill_chunk,
                                 max_tokens=max(len(s.input_ids) for s in samples))
-    first = model(prompts, cache=cache, logits_to_keep=1).logits  # predicts answer[0]
+    # answer[0] is predicted with the retrieval made at landmark query_chunk, the cache's last row after an
+    # aligned prompt; an unaligned prompt whose last token closes a chunk adds one more row (at that token's
+    # landmark, for the chunk after): its rows are read before that token
+    L = prompts.shape[1]
+    head = L - 1 if model.config.arch == "drt" and L % P == 0 else L
+    first = model(prompts[:, :head], cache=cache, logits_to_keep=1).logits
+    rows = list(cache.last_rows)
+    if head < L:
+        first = model(prompts[:, head:], cache=cache, logits_to_keep=1).logits  # predicts answer[0]
     hits = [False] * len(samples)
     if model.config.arch == "drt":
         q = samples[0].query_chunk
-        if cache.last_rows and q >= 0:
-            for idx, _ in cache.last_rows:
+        if rows and q >= 0:
+            for idx, _ in rows:
                 for b, s in enumerate(samples):
                     hits[b] = hits[b] or bool((idx[b] == s.target_chunk).any())
     # greedy decoding of the answer's length: exact match with the answer, or with a distractor's value
