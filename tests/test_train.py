@@ -739,6 +739,48 @@ def test_nonfinite_gradient_skips_the_update_saves_the_batch_and_stops_when_it_r
         train(tiny_cfg(tmp_path / "run2", grad_accum=1, eval_every=0, max_steps=10, max_nonfinite=2), **sources())
 
 
+def test_skipped_steps_carry_across_a_resume(tmp_path, monkeypatch):
+    """The log's skipped_steps count and the streak --max-nonfinite bounds go on from the checkpoint as
+    in an uninterrupted run (a resumed run counted from zero: its rows lost the count, and a streak
+    across the checkpoint never stopped the run)."""
+    from gca.model import DRT
+
+    calls = {"n": 0, "bad": {3}}  # training forward calls (grad_accum=1: call n is step n) with a NaN loss
+    real_forward = DRT.forward
+
+    def forward(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        if self.training and out.loss is not None:
+            calls["n"] += 1
+            if calls["n"] in calls["bad"]:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(DRT, "forward", forward)
+    kw = dict(grad_accum=1, eval_every=0, max_steps=6, save_every=2)
+    train(tiny_cfg(tmp_path / "ref", **kw), **sources())
+    calls["n"] = 0
+    train(tiny_cfg(tmp_path / "run", stop_at=4, **kw), **sources())
+    calls["n"] = 4
+    result = train(tiny_cfg(tmp_path / "run", **kw), **sources())
+    assert result.skipped == [] and read_checkpoint(tmp_path / "run" / "ckpt").trainer["skipped"] == [3]
+    def counts(out):
+        return [(r["step"], r.get("skipped_steps")) for r in log_rows(out)]
+
+    assert counts(tmp_path / "run") == counts(tmp_path / "ref") == [(1, None), (2, None), (4, 1), (5, 1), (6, 1)]
+    assert train_losses(tmp_path / "run") == train_losses(tmp_path / "ref")
+
+    # steps 3, 4 and 5 bad with --max-nonfinite 2: the third in a row stops the run, a checkpoint between or not
+    calls.update(n=0, bad={3, 4, 5})
+    with pytest.raises(FloatingPointError, match="3 steps in a row \\(to step 5\\)"):
+        train(tiny_cfg(tmp_path / "ref2", max_nonfinite=2, **kw), **sources())
+    calls["n"] = 0
+    train(tiny_cfg(tmp_path / "run2", max_nonfinite=2, stop_at=4, **kw), **sources())
+    calls["n"] = 4
+    with pytest.raises(FloatingPointError, match="3 steps in a row \\(to step 5\\)"):
+        train(tiny_cfg(tmp_path / "run2", max_nonfinite=2, **kw), **sources())
+
+
 def test_replay_nonfinite_names_the_backward_function_and_the_parameters(tmp_path, monkeypatch, capsys):
     """A step whose loss is finite but whose backward is not (0 * sqrt(x) at x = 0 in the final norm's
     path): the trainer keeps that step's weights beside its batch, and `gca replay-nonfinite` runs it

@@ -5,7 +5,8 @@ Layout of a run directory ``DIR`` (``gca train --out DIR``)::
     DIR/ckpt/model.safetensors   weights (tied embeddings stored once)
     DIR/ckpt/config.json         the resolved DRTConfig: DRT(DRTConfig.from_dict(...)) rebuilds the model
     DIR/ckpt/train_config.json   the TrainConfig of the run
-    DIR/ckpt/trainer.pt          optimizer state, step, tokens, elapsed time, every rank's RNG states
+    DIR/ckpt/trainer.pt          optimizer state, step, tokens, elapsed time, every rank's RNG states,
+                                 the steps skipped for a non-finite gradient
     DIR/ckpt/tokenizer*          a copy of the data source's tokenizer, when it has one
     DIR/ckpt/checkpoint.json     manifest (step, each file's size and sha256), written last
 

@@ -599,7 +599,12 @@ class _Run:
         prefetch = _Prefetcher(self.source, cfg.batch_size, info.rank, info.world_size)
         t0 = time.perf_counter()
         last_t, last_tokens = t0, start * tokens_per_step
+        # every skipped step of the run, those before the checkpoint included: the log's count and the
+        # streak that --max-nonfinite bounds go on across a resume as in an uninterrupted run
+        self.skipped = [int(k) for k in ck.trainer.get("skipped", [])] if ck is not None else []
         bad_run = 0
+        while start - bad_run in self.skipped:
+            bad_run += 1
         warned_collapse = False
         stop = _StopOnSignal(self.say)
         try:
@@ -640,6 +645,7 @@ class _Run:
                 else:  # skip the update: one NaN/inf gradient must not poison the weights
                     bad_run += 1
                     result.skipped.append(n)
+                    self.skipped.append(n)
                     self._dump_nonfinite(n, model, ids, labels, loss_sum)
                     if bad_run > cfg.max_nonfinite:
                         raise FloatingPointError(
@@ -670,8 +676,8 @@ class _Run:
                     if copy_sum is not None:  # the loss above includes retrieval_copy_loss x this
                         copy_val = D.mean_across_ranks(copy_sum, info).tolist()
                         row["retrieval_copy_loss"], row["retrieval_copy_rows"] = round(copy_val[0], 5), round(copy_val[1], 4)
-                    if result.skipped:
-                        row["skipped_steps"] = len(result.skipped)
+                    if self.skipped:
+                        row["skipped_steps"] = len(self.skipped)
                     last_t, last_tokens = now, tokens
                     result.losses.append((n, loss_val))
                     write(row)
@@ -795,6 +801,7 @@ class _Run:
                 "world_size": self.info.world_size,
                 "optimizer": opt.state_dict(),
                 "rng": rngs,
+                "skipped": list(self.skipped),  # steps whose update was skipped (non-finite gradient)
                 "torch_version": str(torch.__version__),
                 "data": json.loads(json.dumps(_describe(self.source), default=str)),  # resume compares its content hashes
             }
