@@ -1323,6 +1323,20 @@ def test_generate_prompt_options_and_sampling_options_without_sampling(tmp_path,
     assert "warning" not in capsys.readouterr().err
 
 
+def test_generate_names_a_tokenizer_the_model_cannot_read(tmp_path, capsys):
+    """A checkpoint without tokenizer.json, of a vocabulary smaller than the (default embedded) tokenizer's,
+    ended in the model's "input_ids must lie in [0, 97)"; now the line names the tokenizer and the fix."""
+    run = _saved_run(tmp_path, "v97", vocab_size=97)
+    gen = ["generate", "--ckpt", str(run), "--prompt", "The passkey is", "--max-new-tokens", "2", "--device", "cpu"]
+    assert main(gen) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gca generate: error: the prompt's ids under the tokenizer embedded (2048 ids) ")
+    assert err[0].endswith("beyond the model's vocabulary of 97: it has no tokenizer.json: pass the tokenizer of the "
+                           "data it was trained on as --tokenizer")
+    own = _saved_run(tmp_path, "v2048")
+    assert main(["generate", "--ckpt", str(own), *gen[3:]]) == 0
+
+
 def _parsers():
     """{"bench": parser, ..., "eval tasks": parser, "eval ppl": parser} of the gca command."""
     import argparse

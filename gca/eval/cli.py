@@ -445,11 +445,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"gca generate: warning: {', '.join(ignored)} only apply with --do-sample; decoding is greedy",
               file=sys.stderr)
     model, _, tok = load_for_eval(args.ckpt, args.device, args.dtype)
-    if tok is None:
+    own = tok is not None
+    if not own:
         from gca.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
     ids = torch.tensor([tok.encode(text)], dtype=torch.long)
+    V = model.config.vocab_size
+    if int(ids.max()) >= V:  # (the model's own "input_ids must lie in [0, V)" does not say why)
+        fix = ("its tokenizer.json does not match the weights" if own else
+               "it has no tokenizer.json: pass the tokenizer of the data it was trained on as --tokenizer")
+        raise ValueError(f"the prompt's ids under the tokenizer {tok.name} ({tok.vocab_size} ids) reach {int(ids.max())}, "
+                         f"beyond the model's vocabulary of {V}: {fix}")
     g = torch.Generator(device=model.embed.weight.device).manual_seed(args.seed)
     t0 = time.time()
     out = model.generate(ids.to(model.embed.weight.device), args.max_new_tokens, do_sample=args.do_sample,
