@@ -839,6 +839,40 @@ def test_replay_nonfinite_names_the_backward_function_and_the_parameters(tmp_pat
     assert "saved: step2" in capsys.readouterr().err
 
 
+def test_replay_nonfinite_runs_every_micro_batch_of_an_accumulated_step(tmp_path, monkeypatch):
+    """With --grad-accum 2 the trainer kept only the step's last micro-batch, so a NaN made by the first
+    never came back in `gca replay-nonfinite` ("did not come back"); now the step's micro-batches are all
+    kept and replayed one after the other, giving the step's loss as training logged it."""
+    from gca.model import DRT
+    from gca.train.nonfinite import replay_nonfinite
+
+    src = FakeSource()
+
+    def first_tokens(index):
+        return set(src.get_batch(index, 2)["input_ids"][:, 0].tolist())
+
+    # a start token that only step 3's first micro-batch (batch index 4) holds among the run's batches
+    (bad_token, *_) = first_tokens(4) - set().union(*(first_tokens(i) for i in range(10) if i != 4))
+    real_forward = DRT.forward
+
+    def forward(self, ids, *a, **kw):  # the gradient (not the loss) is NaN for rows starting with bad_token
+        out = real_forward(self, ids, *a, **kw)
+        if self.training and out.loss is not None and (ids[:, 0] == bad_token).any():
+            w = self.norm.weight
+            out.loss = out.loss + 0.0 * (w - w.detach()).sum().sqrt()
+        return out
+
+    monkeypatch.setattr(DRT, "forward", forward)
+    out = tmp_path / "run"
+    result = train(tiny_cfg(out, grad_accum=2, eval_every=0, max_steps=4), **sources())
+    assert result.skipped == [3]
+    dump = torch.load(out / "nonfinite" / "step3_rank0.pt")
+    assert dump["micro_batches"] == 2 and torch.equal(dump["input_ids"], torch.cat([src.get_batch(i, 2)["input_ids"] for i in (4, 5)]))
+    r = replay_nonfinite(out, device="cpu")
+    assert r["reproduced"] and r["nonfinite_parameters"] == ["norm.weight"] and "SqrtBackward0" in r["anomaly"]
+    assert r["loss"] == pytest.approx(dump["loss"], rel=1e-5)  # the mean of the two micro-batches' losses
+
+
 # ---- fine-tuning from a checkpoint, stopping early ----
 def test_init_from_starts_at_the_checkpoint_weights_with_overrides(reference, tmp_path):
     ref_out, ref = reference

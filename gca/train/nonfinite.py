@@ -3,12 +3,14 @@
 When a training step's gradient is NaN or inf the trainer skips the update and keeps what it takes
 to reproduce the step in ``DIR/nonfinite/``:
 
-    DIR/nonfinite/step<N>_rank<r>.pt   the batch (input ids, labels) and its loss, first five steps
+    DIR/nonfinite/step<N>_rank<r>.pt   the step's batch (input ids, labels; every micro-batch of a
+                                       --grad-accum step, in order) and its loss, first five steps
     DIR/nonfinite/step<N>/             the weights that gave the first one (``model.safetensors`` and
                                        ``config.json``: a checkpoint folder ``load_model`` reads)
 
 :func:`replay_nonfinite` (``gca replay-nonfinite DIR``) runs that batch through those weights again,
-forward and backward as training does (train mode, bf16 autocast on CUDA), under PyTorch's anomaly
+forward and backward as training does (train mode, bf16 autocast on CUDA, one micro-batch after the
+other, each loss divided by their number), under PyTorch's anomaly
 detection: it names the backward function that first returned a non-finite value, the model code
 that made it in the forward, and the parameters whose gradients end non-finite. Training-time noise
 (Gumbel noise on retrieval scores) is drawn afresh, so a failure that depends on one draw may not
@@ -132,15 +134,19 @@ def replay_nonfinite(
     load_weights(model, d / f"step{step}", dev)
     model = model.to(dev).train()
     ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
+    micro = int(batch.get("micro_batches", 1))  # (dumps from before the trainer kept them all: the last one)
 
     def run_once() -> torch.Tensor:
         torch.manual_seed(seed)
         model.zero_grad(set_to_none=True)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and bf16 else contextlib.nullcontext()
-        with ctx:
-            loss = model(ids, labels).loss
-        loss.backward()
-        return loss.detach()
+        total = torch.zeros((), device=dev)
+        for i, lab in zip(ids.chunk(micro), labels.chunk(micro)):
+            with ctx:
+                loss = model(i, lab).loss / micro
+            loss.backward()
+            total += loss.detach().float()
+        return total
 
     # first without anomaly mode: every gradient is computed, so the bad parameters can be listed
     loss = run_once()

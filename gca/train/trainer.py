@@ -617,8 +617,10 @@ class _Run:
                 opt.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=dev)
                 copy_sum = None  # the auxiliary retrieval loss and its rows' share (retrieval_copy_loss > 0)
+                micro = []  # the step's micro-batches as the source gave them: a skipped step keeps them all
                 for m in range(cfg.grad_accum):
                     batch = prefetch.get(s * cfg.grad_accum + m)
+                    micro.append(batch)
                     ids = batch["input_ids"].to(dev, non_blocking=True)
                     labels = batch["labels"].to(dev, non_blocking=True)
                     last_micro = m == cfg.grad_accum - 1
@@ -646,7 +648,7 @@ class _Run:
                     bad_run += 1
                     result.skipped.append(n)
                     self.skipped.append(n)
-                    self._dump_nonfinite(n, model, ids, labels, loss_sum)
+                    self._dump_nonfinite(n, model, micro, loss_sum)
                     if bad_run > cfg.max_nonfinite:
                         raise FloatingPointError(
                             f"{bad_run} steps in a row (to step {n}) had a non-finite gradient; lower --lr or check "
@@ -772,9 +774,10 @@ class _Run:
             metrics = {"val_retr_spread": float(f"{spread:.4g}"), "val_retr_top": float(f"{top:.4g}"), **metrics}
         return loss, metrics
 
-    def _dump_nonfinite(self, step: int, model: DRT, ids, labels, loss) -> None:
-        """Keep what reproduces a skipped step (the first 5 steps only): its (last micro-)batch in
-        DIR/nonfinite/step<N>_rank<r>.pt and, for the first, the weights in DIR/nonfinite/step<N>/
+    def _dump_nonfinite(self, step: int, model: DRT, micro: list[dict], loss) -> None:
+        """Keep what reproduces a skipped step (the first 5 steps only): its batch in
+        DIR/nonfinite/step<N>_rank<r>.pt (every micro-batch, concatenated in order: any one of them may
+        have made the NaN) and, for the first, the weights in DIR/nonfinite/step<N>/
         (:mod:`gca.train.nonfinite`: ``gca replay-nonfinite DIR`` runs it again under anomaly detection).
         Says which parameters' gradients are not finite."""
         from gca.train.nonfinite import nonfinite_parameters, save_nonfinite_weights
@@ -783,7 +786,8 @@ class _Run:
         if d.exists() and len(list(d.glob("step*_rank*.pt"))) >= 5 * self.info.world_size:
             return
         d.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": step, "input_ids": ids.cpu(), "labels": labels.cpu(), "loss": float(loss)},
+        ids, labels = (torch.cat([b[k].cpu() for b in micro]) for k in ("input_ids", "labels"))
+        torch.save({"step": step, "input_ids": ids, "labels": labels, "micro_batches": len(micro), "loss": float(loss)},
                    d / f"step{step}_rank{self.info.rank}.pt")
         bad = nonfinite_parameters(model)
         weights = save_nonfinite_weights(model, self.out, step) if self.info.is_main else None
