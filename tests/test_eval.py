@@ -1283,6 +1283,27 @@ def test_bench_prints_its_plan_first_and_writes_into_an_out_folder(tmp_path, cap
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {folder / 'bench.json'}"
 
 
+def test_bench_of_a_baseline_measures_without_offload(tmp_path, capsys):
+    """`gca bench --ckpt` of a swa / full run: --offload on measured nothing (an empty table and "bench": []),
+    silently, and a passkey trial said the needle's chunk was not retrieved; the default (both) runs it
+    once, without offload, and a trial's retrieval_hit is null."""
+    for arch in ("swa", "full"):
+        run = _saved_run(tmp_path, arch, arch=arch, vocab_size=2048)
+        bench = ["bench", "--ckpt", str(run), "--lengths", "300", "--decode-tokens", "2", "--device", "cpu"]
+        assert main(bench + ["--offload", "on"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"gca bench: error: --offload on: a {arch} model has no chunk memory to offload; use --offload off"]
+        out = tmp_path / f"{arch}.json"
+        assert main(bench + ["--passkey-trial", "300", "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert f"offload off (a {arch} model has no chunk memory)" in printed.splitlines()[0]
+        assert "passkey trial 300 tokens, offload False" in printed and "needle" not in printed
+        res = json.loads(out.read_text())
+        assert [r["offload"] for r in res["bench"]] == [False] and res["bench"][0]["arch"] == arch
+        (t,) = res["passkey_trials"]
+        assert t["offload"] is False and t["retrieval_hit"] is None and isinstance(t["correct"], bool)
+
+
 def test_plot_out_folder_or_name_without_suffix_says_what_it_wrote(tmp_path, capsys):
     run = tmp_path / "t1"
     run.mkdir()

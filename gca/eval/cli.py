@@ -530,6 +530,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         what = f"a random {preset} model"
     lengths = parse_lengths(length_text, args.train_length or train_length)
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.offload]
+    arch = model.config.arch
+    if arch != "drt" and args.offload != "off":  # (an offloaded run of a baseline measured nothing, silently)
+        if args.offload == "on":
+            raise ValueError(f"--offload on: a {arch} model has no chunk memory to offload; use --offload off")
+        modes, args.offload = (False,), f"off (a {arch} model has no chunk memory)"
     params = sum(p.numel() for p in model.parameters())
     print(f"bench: {what} ({params / 1e6:.1f}M parameters, {args.dtype}) on {dev}, lengths "
           f"{','.join(map(str, lengths))}, offload {args.offload}, {args.decode_tokens} decode tokens", flush=True)
@@ -552,8 +557,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for off in modes:
                 t = passkey_trial(model, L, offload=off, prefill_chunk=args.prefill_chunk)
                 trials.append(t)
+                hit = "" if t["retrieval_hit"] is None else f", needle chunk retrieved {t['retrieval_hit']}"
                 print(f"passkey trial {L} tokens, offload {off}: {t['seconds']} s, peak {t['peak_mem_gb']} GB, "
-                      f"correct {t['correct']}, needle chunk retrieved {t['retrieval_hit']} (sample built in {t['build_sample_s']} s)")
+                      f"correct {t['correct']}{hit} (sample built in {t['build_sample_s']} s)")
         result = {"bench": rows, "passkey_trials": trials}
     if out:
         out.write_text(json.dumps(result, indent=1))

@@ -141,7 +141,8 @@ def passkey_trial(model: DRT, context_len: int, *, offload: bool = True, seed: i
                   prefill_chunk: int = 16384) -> dict:
     """One passkey trial in the paper's form at ``context_len`` tokens (embedded tokenizer and filler),
     timed end to end on the model's device: stream the prompt, then score the 5-digit answer greedily
-    (what :func:`gca.eval.tasks.score_samples` does). The sample is built first, untimed."""
+    (what :func:`gca.eval.tasks.score_samples` does). The sample is built first, untimed. ``retrieval_hit``
+    is None for a model without retrieval (``swa``, ``full``)."""
     from gca.data.tasks import make_task_sample
     from gca.eval.tasks import score_samples
 
@@ -166,7 +167,8 @@ def passkey_trial(model: DRT, context_len: int, *, offload: bool = True, seed: i
     mem = cache.memory
     return dict(task="passkey", context_length=context_len, prompt_length=s.prompt_len, offload=offload, depth=depth,
                 seconds=round(seconds, 2), tokens_per_s=round(s.prompt_len / seconds), peak_mem_gb=round(peak, 3),
-                correct=correct, retrieval_hit=hit, build_sample_s=round(build_s, 2),
+                correct=correct, retrieval_hit=hit if model.config.arch == "drt" else None,  # baselines: nothing to hit
+                build_sample_s=round(build_s, 2),
                 fetched_gb=round(mem.bytes_fetched / 2**30, 6) if mem is not None else None,
                 fetch_host_s=round(mem.fetch_host_s, 2) if mem is not None else None,
                 device=str(dev), arch=model.config.arch)
