@@ -888,6 +888,24 @@ def test_init_from_starts_at_the_checkpoint_weights_with_overrides(reference, tm
         train(tiny_cfg(tmp_path / "ft2", init_from=str(tmp_path / "missing")), **sources())
 
 
+def test_a_fine_tune_resumes_after_the_run_it_started_from_has_moved(reference, tmp_path):
+    """Resuming a fine-tune reads its own checkpoint only: it was refused ("--init-from ...: no checkpoint
+    there") once the run it started from had been moved or deleted."""
+    ref_out, _ = reference
+    base = tmp_path / "base"
+    shutil.copytree(ref_out, base)
+    kw = dict(init_from=str(base), model={**TINY, "gca_softmax_one": True}, max_steps=4, save_every=2, eval_every=2)
+    train(tiny_cfg(tmp_path / "whole", **kw), **sources())
+    train(tiny_cfg(tmp_path / "ft", stop_at=2, **kw), **sources())
+    base.rename(tmp_path / "moved")
+    result = train(tiny_cfg(tmp_path / "ft", **kw), **sources())
+    assert result.resumed_from == 2 and result.model.config.gca_softmax_one
+    assert train_losses(tmp_path / "ft") == train_losses(tmp_path / "whole")
+    assert val_losses(tmp_path / "ft") == val_losses(tmp_path / "whole")
+    with pytest.raises(ValueError, match="model: checkpoint .*gca_softmax_one"):  # overrides still checked
+        train(tiny_cfg(tmp_path / "ft", **{**kw, "model": TINY, "max_steps": 6}), **sources())
+
+
 def test_init_from_with_an_override_that_adds_parameters(reference, tmp_path, capsys):
     ref_out, ref = reference
     cfg = tiny_cfg(tmp_path / "ft", init_from=str(ref_out), model={"retrieval_key": "centered"}, lr=1e-30,

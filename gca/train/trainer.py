@@ -214,12 +214,17 @@ class TrainConfig:
     def model_config(self, vocab_size: int | None = None) -> DRTConfig:
         """The resolved DRTConfig: preset (or, with ``init_from``, that checkpoint's config), then ``model``
         overrides, then ``arch``; the vocabulary comes from the data source unless overridden (an override
-        may be larger, never smaller)."""
+        may be larger, never smaller). A fine-tune that already has a checkpoint in ``out`` takes the base
+        from there: resuming it needs nothing from the ``init_from`` run, which may have moved since."""
         overrides = dict(self.model)
         if self.arch is not None:
             overrides["arch"] = self.arch
         if self.init_from:
-            base = _init_checkpoint(self.init_from)[1]
+            from gca.train.checkpoint import read_config
+
+            own = find_checkpoint(Path(self.out), repair=False) if Path(self.out).is_dir() else None
+            resumed = own is not None and (own / MANIFEST).exists()
+            base = read_config(own) if resumed else _init_checkpoint(self.init_from)[1]
             if vocab_size is not None and base.vocab_size < vocab_size:
                 raise ValueError(f"--init-from {self.init_from}: its vocabulary ({base.vocab_size}) is smaller than the data's ({vocab_size})")
             return DRTConfig.from_dict({**base.to_dict(), **overrides})
