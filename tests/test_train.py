@@ -465,6 +465,7 @@ def test_save_interrupted_between_renames_is_repaired(reference, tmp_path, monke
         ("delete_trainer", ["trainer.pt", "missing"]),
         ("garble_trainer", ["trainer.pt", "cannot be read"]),
         ("garble_trainer_head", ["trainer.pt", "cannot be read"]),  # torch's paragraph, once
+        ("garble_train_config", ["train_config.json", "does not hold a TrainConfig"]),  # a TypeError traceback before
         ("damage_trainer_inside", ["trainer.pt", "sha256"]),  # same size, read without complaint before
         ("damage_weights_inside", ["model.safetensors", "sha256"]),
         ("delete_manifest", ["checkpoint.json", "missing"]),
@@ -486,6 +487,9 @@ def test_corrupt_checkpoint_error_names_the_file(reference, tmp_path, damage, wo
     elif damage == "garble_trainer_head":
         data = (ck / "trainer.pt").read_bytes()
         (ck / "trainer.pt").write_bytes(b"#" * 8 + data[8:])
+    elif damage == "garble_train_config":  # valid JSON of the same size, but a list
+        n = (ck / "train_config.json").stat().st_size
+        (ck / "train_config.json").write_text("[" + " " * (n - 2) + "]")
     elif damage.startswith("damage_"):  # 64 bytes zeroed in the middle of the file
         f = ck / ("trainer.pt" if "trainer" in damage else "model.safetensors")
         data = bytearray(f.read_bytes())

@@ -202,6 +202,8 @@ def verify_checkpoint(ckpt: Path, with_trainer: bool = True) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
         step = int(manifest["step"])
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}, not a mapping of names to sizes")
     except (ValueError, KeyError, TypeError) as e:
         raise _corrupt(mpath, f"is not a valid manifest ({e})", ckpt) from None
     for name in (WEIGHTS, CONFIG, TRAIN_CONFIG, TRAINER):
@@ -246,6 +248,8 @@ def read_checkpoint(ckpt: str | os.PathLike, with_trainer: bool = True) -> Check
     manifest = verify_checkpoint(ckpt, with_trainer)
     config = read_config(ckpt)
     train_config = _read_json(ckpt / TRAIN_CONFIG, ckpt)
+    if not isinstance(train_config, dict):  # (valid JSON, but no TrainConfig: a resume failed with a TypeError)
+        raise _corrupt(ckpt / TRAIN_CONFIG, f"does not hold a TrainConfig (a JSON {type(train_config).__name__}, not an object)", ckpt)
     trainer = None
     if with_trainer:
         try:
