@@ -160,6 +160,28 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path):
     assert not model.training
 
 
+def test_tok_per_s_leaves_out_validation_and_checkpoints(tmp_path, monkeypatch):
+    """tok_per_s is the training's throughput: a row after a validation or a checkpoint counted their time
+    as training time (here each takes a second, ten times a step's)."""
+    from gca.train import trainer
+
+    def slow(method):
+        def run(*a, **kw):
+            time.sleep(1.0)
+            return method(*a, **kw)
+
+        return run
+
+    monkeypatch.setattr(trainer._Run, "_evaluate", slow(trainer._Run._evaluate))
+    monkeypatch.setattr(trainer._Run, "_save", slow(trainer._Run._save))
+    out = tmp_path / "run"
+    train(tiny_cfg(out, max_steps=3, save_every=1, eval_every=1, grad_accum=1), **sources())
+    rows = [r for r in log_rows(out) if "loss" in r]
+    elapsed = [r["elapsed_s"] for r in rows]
+    assert elapsed[2] - elapsed[1] > 2.0  # the wall clock does count both
+    assert all(r["tok_per_s"] > 400 for r in rows[1:]), rows  # 400 tokens a step, each well under 1 s
+
+
 def test_lr_schedule_warmup_then_cosine_to_min_lr():
     kw = dict(lr=2e-3, min_lr=4e-4, max_steps=100, warmup=0.02)
     lrs = [lr_at(s, **kw) for s in range(100)]

@@ -693,7 +693,9 @@ class _Run:
                         self.say(f"step {n}: loss {loss_val:.4f}, lr {lr:.2e}, {row['tok_per_s']:.0f} tok/s")
 
                 if cfg.eval_every and (n % cfg.eval_every == 0 or n == cfg.max_steps):
+                    t_eval = time.perf_counter()
                     val, health = self._evaluate(eval_model, autocast)
+                    last_t += time.perf_counter() - t_eval  # tok_per_s: training throughput, validation left out
                     result.val_losses.append((n, val))
                     write({"step": n, "val_loss": val, **health, "tokens": n * tokens_per_step,
                            "elapsed_s": round(elapsed0 + time.perf_counter() - t0, 3)})
@@ -713,7 +715,9 @@ class _Run:
                 halt = D.any_across_ranks(timed_out or stop.signum is not None, info)
                 stop_here = cfg.stop_at > 0 and n >= cfg.stop_at
                 if n % cfg.save_every == 0 or n == cfg.max_steps or halt or stop_here:
+                    t_save = time.perf_counter()
                     self._save(model, opt, n, n * tokens_per_step, elapsed0 + time.perf_counter() - t0)
+                    last_t += time.perf_counter() - t_save  # (and checkpoints)
                 if halt:
                     if stop.signum is not None:
                         result.interrupted = stop.signum
