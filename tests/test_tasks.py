@@ -125,6 +125,34 @@ def test_too_short_names_the_length_that_works(kind, kw):
         make_task_sample(kind, context_len=need - 1, seed=0, **kw)
 
 
+@pytest.mark.parametrize("kind, kw, says", [
+    ("multikey", {"n_keys": 11, "value_len": 1}, "11 distinct values of value_len=1 digits are asked for, and only 10"),
+    ("2hop", {"n_chains": 11, "value_len": 1}, "fewer chains"),
+    ("multikey", {"key_len": 0}, "key_len must be a positive integer"),
+    ("passkey", {"value_len": 0}, "value_len must be a positive integer"),
+    ("passkey", {"text_per_chunk": 0}, "text_per_chunk must be a positive integer"),
+], ids=["11-one-digit-keys", "11-one-digit-chains", "empty-keys", "empty-value", "no-chunk"])
+def test_keys_and_values_that_cannot_be_distinct_are_refused(kind, kw, says):
+    # every key and value is drawn distinct: asking for more than exist drew forever (empty keys too),
+    # an empty value ended in "could not build ... without accidental repeats", P = 0 in ZeroDivisionError
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("make_task_sample did not return")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match=says):
+            make_task_sample(kind, context_len=2000, seed=0, **kw)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    s = make_task_sample("multikey", context_len=4000, seed=int(np.random.default_rng().integers(1 << 30)), n_keys=10,
+                         value_len=1)  # all ten one-digit values: still drawn
+    assert len({a[0] for a in s.distractor_answers + [s.answer]}) == 10
+
+
 @pytest.mark.parametrize("depth", [-0.1, 1.5])
 def test_depth_outside_zero_one_is_refused(depth):
     # -0.1 failed in numpy's broadcasting and 1.5 was accepted silently

@@ -56,6 +56,7 @@ from typing import Mapping
 
 import numpy as np
 
+from gca.config import check_counts
 from gca.data.batches import BatchSource, rng_for
 from gca.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -492,6 +493,7 @@ def make_task_sample(
     """
     kind = canonical_kind(kind)
     _check_hop_answer(hop_answer)
+    check_counts("make_task_sample", key_len=key_len, value_len=value_len, text_per_chunk=text_per_chunk)
     if depth is not None and not 0 <= float(depth) <= 1:
         raise ValueError(f"depth is a relative position in [0, 1], got {depth}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -506,6 +508,14 @@ def make_task_sample(
     P = int(text_per_chunk)
     L = aligned_prompt_len(context_len, P) if align_question else int(context_len)
     n_needle_sets = {"passkey": 1, "multikey": max(1, n_keys), "2hop": max(1, n_chains)}[kind]
+    # every key and every value distinct: ask for no more than exist (else the draw never ends)
+    n_values, n_keys_all = n_needle_sets, {"passkey": 0, "multikey": n_needle_sets, "2hop": 2 * n_needle_sets}[kind]
+    if n_values > 10 ** value_len:
+        raise ValueError(f"{kind}: {n_values} distinct values of value_len={value_len} digits are asked for, and only "
+                         f"{10 ** value_len} exist; use a larger value_len or fewer {'chains' if kind == '2hop' else 'keys'}")
+    if n_keys_all > len(words) ** key_len:
+        raise ValueError(f"{kind}: {n_keys_all} distinct keys of key_len={key_len} words are asked for, and the "
+                         f"tokenizer has {len(words) ** key_len}; use a larger key_len")
 
     for _ in range(max_tries):
         n_vals = n_needle_sets
