@@ -402,7 +402,7 @@ def test_2hop_lead_puts_the_question_key_whole_chunks_before_the_answer(lead):
 
 
 def test_2hop_asks_for_the_chain_by_default():
-    """SPEC.md: multi-hop "asks for the chain" (the published task's answer is "Y , Z")."""
+    """Multi-hop asks for the chain, as the published task does (its answer is "Y , Z")."""
     tok = load_tokenizer("embedded")
     for seed in range(4):
         s = make_task_sample("2hop", context_len=800, seed=seed)

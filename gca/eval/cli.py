@@ -335,7 +335,7 @@ a trial counts when the greedy continuation is exactly the answer.""",
                    help="2hop: ask the question so that its X ends at least this many chunks before the answer "
                         "(default 0: the plain question, inside the last chunk; see make_task_sample's hop_lead)")
     t.add_argument("--hop-answer", choices=["chain", "end"], default="chain",
-                   help="2hop: ask for the chain 'Y , Z' (default; SPEC.md's and the published task's form) "
+                   help="2hop: ask for the chain 'Y , Z' (default; the published task's form) "
                         "or for the end point Z alone ('after two steps'; the form of results before 2026-12-01)")
     t.add_argument("--trials", type=int_at_least(1), default=20, help="trials per length and depth (default 20)")
     t.add_argument("--batch-size", type=int_at_least(1), default=8, help="trials streamed together (default 8)")
