@@ -188,6 +188,13 @@ def test_lr_schedule_warmup_then_cosine_to_min_lr():
     assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(2e-3)
     assert lrs[-1] == pytest.approx(4e-4)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    # a warm-up that leaves one step after it, or none: the last step is still at min_lr (it stayed at lr)
+    for max_steps, warmup in [(3, 0.5), (4, 0.75), (10, 0.9), (2, 1.0)]:
+        kw = dict(lr=2e-3, min_lr=4e-4, max_steps=max_steps, warmup=warmup)
+        w = round(warmup * max_steps)
+        lrs = [lr_at(s, **kw) for s in range(max_steps + 2)]
+        assert lrs[w - 1] == pytest.approx(2e-3), (max_steps, warmup)
+        assert lrs[max(w, max_steps - 1):] == pytest.approx([4e-4] * len(lrs[max(w, max_steps - 1):])), (max_steps, warmup)
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,14 @@ def lr_at(step: int, *, lr: float, min_lr: float, max_steps: int, warmup: float)
     """Learning rate of optimizer step ``step`` (0-based).
 
     Steps ``0 .. W-1`` ramp linearly up to ``lr`` (W = round(warmup * max_steps)); the remaining steps
-    follow half a cosine from ``lr`` down to ``min_lr``, reached at the last step ``max_steps - 1``.
+    follow half a cosine from ``lr`` down to ``min_lr``, reached at the last step ``max_steps - 1`` (also
+    when the warm-up leaves that step alone after it; steps past the run stay at ``min_lr``).
     """
     w = warmup_steps(max_steps, warmup)
     if step < w:
         return lr * (step + 1) / w
-    decay = max(1, max_steps - 1 - w)
+    decay = max_steps - 1 - w
+    if decay <= 0:  # no room for the cosine: the step after the warm-up is the last one
+        return min_lr
     t = min(1.0, (step - w) / decay)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
