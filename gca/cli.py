@@ -207,17 +207,28 @@ def parse_lr_scale(items: list[str]) -> dict[str, float]:
 
 
 def train_config_from_args(args: argparse.Namespace):
+    import dataclasses
+
+    from gca.config import DRTConfig
     from gca.train.trainer import TrainConfig
 
     if args.preset is not None and args.init_from is not None:  # (kept in train_config.json: runs resume as before)
         warnings.warn(f"--preset {args.preset} is ignored: with --init-from the model is {args.init_from}'s "
                       f"(with any --set and --arch changes)", stacklevel=2)
+    model = parse_set(args.set)
+    training = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in dataclasses.fields(DRTConfig)}
+    for key in model:  # --set lr=0.1 was refused as an unknown model field, without a word about --lr
+        if key in training - {"model"}:
+            how = {"progress": "--no-progress"}.get(key, f"--{key.replace('_', '-')}")
+            how = f"TrainConfig({key}=...) from Python" if key in ("betas", "eps", "tensorboard") else how
+            raise ValueError(f"--set {key}=...: {key} is a training setting, not a model field; give it as {how} "
+                             f"(gca train --help)")
     return TrainConfig(
         preset=args.preset if args.preset is not None else TrainConfig.preset,
         init_from=args.init_from,
         freeze=args.freeze,
         lr_scale=parse_lr_scale(args.lr_scale),
-        model=parse_set(args.set),
+        model=model,
         arch=args.arch,
         data=args.data,
         seq_len=args.seq_len,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -197,6 +198,18 @@ def test_parse_set():
     assert got == dict(hidden_size=128, upper_groups=[2, 2], arch="swa", gumbel=False, gca_softmax_one=True, num_kv_heads=None)
     with pytest.raises(ValueError, match="key=value"):
         parse_set(["hidden_size"])
+
+
+@pytest.mark.parametrize("item, says", [("lr=0.1", "give it as --lr "), ("max-steps=5", "give it as --max-steps "),
+                                        ("progress=false", "give it as --no-progress "),
+                                        ("eps=1e-6", r"give it as TrainConfig\(eps=...\) from Python")])
+def test_train_set_of_a_training_setting_names_its_option(tmp_path, capsys, item, says):
+    # these were refused as unknown model fields, the list of model fields printed and no word of --lr
+    assert main(["train", "--preset", "tiny", "--data", "synthetic:passkey", "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", "--set", item]) == 2
+    err = capsys.readouterr().err
+    assert "is a training setting, not a model field" in err and re.search(says, err), err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture
