@@ -140,6 +140,18 @@ def test_retrieval_hit_reads_the_row_that_serves_the_answer(length, aligned):
     assert correct == [g == s.answer for g, s in zip(greedy, samples)]
 
 
+def test_score_samples_refuses_samples_of_different_lengths():
+    from gca.data.tasks import make_task_sample
+
+    m = DRT(tiny()).eval()
+    a, b = make_task_sample("passkey", context_len=300, seed=1), make_task_sample("passkey", context_len=400, seed=2)
+    with pytest.raises(ValueError, match=r"share prompt and answer lengths; got \(prompt, answer\) lengths \[\("):
+        score_samples(m, [a, b])  # a bare numpy shape error from np.stack before
+    short = type(a)(**{**a.__dict__, "answer": a.answer[:-1], "input_ids": a.prompt + a.answer[:-1]})
+    with pytest.raises(ValueError, match="group them by length"):
+        score_samples(m, [a, short])
+
+
 def test_score_samples_counts_a_distractor_answer():
     from gca.data.tasks import make_task_sample
 

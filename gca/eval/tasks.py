@@ -82,6 +82,11 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
     prefill_chunk = prefill_chunk or default_prefill_chunk(device)
     P = model.config.text_per_chunk
     assert all(s.text_per_chunk == P for s in samples), "samples were built for another chunk size"
+    shapes = sorted({(len(s.prompt), len(s.answer)) for s in samples})
+    if len(shapes) > 1:  # np.stack failed with a bare shape error
+        raise ValueError(f"score_samples scores one batch, whose samples share prompt and answer lengths; got "
+                         f"(prompt, answer) lengths {shapes[:4]}{' ...' if len(shapes) > 4 else ''}: group them by length "
+                         f"(evaluate_tasks does)")
     prompts = torch.from_numpy(np.stack([np.asarray(s.prompt, dtype=np.int64) for s in samples])).to(device)
     answers = torch.tensor([s.answer for s in samples], dtype=torch.long, device=device)
     if cache is None:
