@@ -166,19 +166,24 @@ def test_explicit_triton_on_cpu_says_what_to_do(monkeypatch):
         grouped_cross_attention(q, k, v, idx, w, impl="triton")
 
 
-@pytest.mark.parametrize("what", ["K=0", "Cm=0"])
-def test_nothing_to_read_gives_zeros_and_zero_gradients(what):
-    # K = 0 slots, or an empty memory (every index -1): the result is 0 and a backward through it works
-    # and gives zero gradients (the reference used to fail at Cm = 0 and to cut the graph at K = 0)
-    q, k, v, idx, w = make_inputs(K=0 if what == "K=0" else 3)
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+@pytest.mark.parametrize("what", ["K=0", "Cm=0", "Sm=0"])
+def test_nothing_to_read_gives_zeros_and_zero_gradients(what, softmax_one):
+    # K = 0 slots, an empty memory (every index -1) or memory chunks of no position: the result is 0 and
+    # a backward through it works and gives zero gradients (the reference used to fail at Cm = 0, to cut
+    # the graph at K = 0, and to raise an IndexError at Sm = 0 with softmax_one)
+    q, k, v, idx, w = make_inputs(K=0 if what == "K=0" else 3, empty=0.0)
     if what == "Cm=0":
         k, v = (t.detach()[:, :0].requires_grad_(True) for t in (k, v))
         idx = torch.full_like(idx, -1)
-    out = grouped_cross_attention(q, k, v, idx, w)
+    if what == "Sm=0":
+        k, v = (t.detach()[:, :, :0].requires_grad_(True) for t in (k, v))
+    out = grouped_cross_attention(q, k, v, idx, w, softmax_one=softmax_one)
     assert out.shape == q.shape and out.abs().max() == 0
     grads = torch.autograd.grad(out.sum(), (q, k, v, w))
     assert all(g.shape == t.shape and g.abs().sum() == 0 for g, t in zip(grads, (q, k, v, w)))
-    (gq,) = torch.autograd.grad(grouped_cross_attention(q, k.detach(), v.detach(), idx, w.detach()).sum(), (q,))
+    out = grouped_cross_attention(q, k.detach(), v.detach(), idx, w.detach(), softmax_one=softmax_one)
+    (gq,) = torch.autograd.grad(out.sum(), (q,))
     assert gq.abs().sum() == 0
 
 

@@ -36,8 +36,9 @@ def gca_reference(
     out_dtype = q.dtype
     # Half-precision inputs are computed in float32, like the fused kernels accumulate.
     cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    if K == 0 or mem_k.shape[1] == 0:
-        # nothing to read (with Cm = 0 every index is -1): zeros, still joined to the graph so that a
+    if K == 0 or mem_k.shape[1] == 0 or mem_k.shape[2] == 0:
+        # nothing to read (with Cm = 0 every index is -1; Sm = 0 chunks hold no position, where the
+        # softmax_one max below would fail on an empty axis): zeros, still joined to the graph so that a
         # backward gives the inputs zero gradients instead of failing, as the fused kernels do
         out = q.new_zeros((B, Cq, S, H, D), dtype=cdt)
         never = torch.zeros((), dtype=torch.bool, device=q.device)
