@@ -153,6 +153,8 @@ class DRT(nn.Module):
                 prefill needs one logit row, not 16M); not with ``labels``.
         """
         input_ids = self._check_ids(input_ids)
+        if logits_to_keep is not None:  # before the cache's path too (1.5 failed there with a TypeError)
+            check_counts("forward", logits_to_keep=logits_to_keep)
         if cache is not None:
             if labels is not None or output_retrieval:
                 raise ValueError("labels and output_retrieval are not supported with a cache")
@@ -175,7 +177,6 @@ class DRT(nn.Module):
         if logits_to_keep is not None:  # without a cache too: the last rows' logits only (was ignored)
             if labels is not None:
                 raise ValueError("logits_to_keep and labels: the loss needs every position's logits")
-            check_counts("forward", logits_to_keep=logits_to_keep)
             h = h[:, -logits_to_keep:]
         logits = self._logits(self.norm(h))
         loss = None

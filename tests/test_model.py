@@ -205,6 +205,17 @@ def test_logits_to_keep_without_a_cache():
     with pytest.raises(ValueError, match="logits_to_keep must be a positive integer"):
         m(x, logits_to_keep=0)
 
+
+@pytest.mark.parametrize("arch", ["drt", "swa"])
+@pytest.mark.parametrize("keep", [0, -2, 1.5, 2.0, True], ids=["0", "negative", "1.5", "2.0", "True"])
+def test_bad_logits_to_keep_is_refused_alike_with_and_without_a_cache(arch, keep):
+    # with a cache, 1.5 or 2.0 failed with a TypeError from slicing and True was taken as 1
+    m = DRT(tiny(arch=arch)).eval()
+    x = torch.randint(0, 97, (2, 70))
+    for cache in (None, m.new_cache(2)):
+        with pytest.raises(ValueError, match="logits_to_keep must be a positive integer"):
+            m(x, cache=cache, logits_to_keep=keep)
+
 def test_retrieval_distractors_are_other_sequences_chunks_in_training_only():
     """retrieval_distractors=n: in training each row may also pick the chunks of sequences b + 1 ..
     b + n, placed before its own; its text stays causal; sequences beyond n do not reach it; evaluation
