@@ -131,15 +131,23 @@ def test_scale_and_half_precision():
         (lambda a: a.update(mem_k=a["mem_k"].float()), "share a dtype"),
         (lambda a: a.update(q=torch.randn(2, 3, 5, 3, 8, dtype=torch.float64)), "must divide"),
         (lambda a: a.update(q=a["q"][..., :4]), "head size"),
+        (lambda a: a.update(mem_v=a["mem_v"].tolist()), "mem_v must be a torch.Tensor"),
+        (lambda a: a.update(scale=float("nan")), "scale must be a finite number"),
+        (lambda a: a.update(scale=float("inf")), "scale must be a finite number"),
+        (lambda a: a.update(scale="0.5"), "scale must be a finite number"),
     ],
-    ids=["rank", "kv-mismatch", "idx-high", "idx-low", "idx-dtype", "weights-shape", "dtype", "hk-divides", "head-size"],
+    ids=["rank", "kv-mismatch", "idx-high", "idx-low", "idx-dtype", "weights-shape", "dtype", "hk-divides", "head-size",
+         "not-a-tensor", "scale-nan", "scale-inf", "scale-str"],
 )
 def test_argument_errors(change, match):
+    # a NaN scale used to give NaN outputs from the reference (the kernels refuse it), a string scale or a
+    # list for a tensor an unrelated TypeError or AttributeError
     q, k, v, idx, w = make_inputs(requires_grad=False, empty=0.0)
     args = dict(q=q, mem_k=k, mem_v=v, indices=idx, weights=w)
     change(args)
-    with pytest.raises(ValueError, match=match):
-        grouped_cross_attention(**args)
+    for impl in ("auto", "torch"):
+        with pytest.raises(ValueError, match=match):
+            grouped_cross_attention(**args, impl=impl)
 
 
 def test_validate_false_skips_only_the_index_range_check():

@@ -7,6 +7,8 @@ when it is available (``impl="auto"`` or ``"triton"``), the readable PyTorch ref
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gca.ops.gca_ref import gca_reference
@@ -44,11 +46,12 @@ def kernel_for(q, mem_k, mem_v, indices, weights, *, scale: float | None = None,
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     _check(q, mem_k, mem_v, indices, weights, check_indices=False)  # a call with bad arguments runs nothing
+    scale = _check_scale(scale)
     if impl == "torch":
         return "torch", "impl='torch'"
     if impl == "auto" and not triton_available(q.device):
         return "torch", "the fused kernels need a CUDA device and Triton (impl='auto' uses the reference here)"
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "triton":
         _check_triton_usable(q, mem_k, scale)  # raises as grouped_cross_attention would
     from gca.ops import gca_triton
@@ -82,7 +85,23 @@ def _check_triton_usable(q, mem_k, scale) -> None:
         raise ValueError(f"impl='triton' does not support these inputs: {reason}; use impl='auto' or 'torch'")
 
 
+def _check_scale(scale) -> float | None:
+    """``scale`` as a float (None stays None); anything but a finite number is a ValueError."""
+    if scale is None:
+        return None
+    try:
+        value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
+    except (TypeError, ValueError, RuntimeError):  # a list, a tensor of several elements, ...
+        value = None
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number (or None for 1/sqrt(D)), got {scale!r}")
+    return value
+
+
 def _check(q, mem_k, mem_v, indices, weights, check_indices: bool) -> None:
+    for name, t in (("q", q), ("mem_k", mem_k), ("mem_v", mem_v), ("indices", indices), ("weights", weights)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 5:
         raise ValueError(f"q must be (B, Cq, S, H, D), got {q.dim()} dims with shape {tuple(q.shape)}")
     if mem_k.dim() != 5 or mem_v.dim() != 5:
@@ -174,6 +193,7 @@ def grouped_cross_attention(
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     compiling = torch.compiler.is_compiling()
     _check(q, mem_k, mem_v, indices, weights, check_indices=validate and not compiling)
+    scale = _check_scale(scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     use_triton = impl == "triton" or (impl == "auto" and triton_available(q.device))
