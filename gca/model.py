@@ -499,8 +499,8 @@ class DRT(nn.Module):
         one, ``offload=True`` to keep the chunk memory in CPU memory), then one token per step.
         Greedy by default; ``do_sample`` with ``temperature``, ``top_k`` and ``top_p`` samples.
         The prompts of a batch share one length: there is no padding or attention mask.
-        ``eos_token_id`` (one id or a list): a sequence that produced one is done and continues with
-        the first of them; generation stops when every sequence is done.
+        ``eos_token_id`` (one id or a list, in ``[0, vocab_size)``): a sequence that produced one is done
+        and continues with the first of them; generation stops when every sequence is done.
         A retrieval is made only when a chunk closes (every 63 tokens); see the README on where a
         question should end.
 
@@ -524,9 +524,16 @@ class DRT(nn.Module):
         input_ids = self._check_ids(input_ids)
         eos = None
         if eos_token_id is not None:
-            eos = torch.as_tensor(eos_token_id, dtype=torch.long).reshape(-1)
+            eos = torch.as_tensor(eos_token_id).reshape(-1)
             if not eos.numel():
                 raise ValueError("eos_token_id is an empty list; pass None for no end-of-sequence id")
+            # an id the model cannot produce never ends a sequence, and a float one was truncated to an int
+            V = self.config.vocab_size
+            if eos.dtype.is_floating_point or eos.dtype.is_complex or eos.dtype == torch.bool or not (
+                (eos >= 0) & (eos < V)
+            ).all():
+                raise ValueError(f"eos_token_id must be integer token ids in [0, {V}), got {eos_token_id!r}")
+            eos = eos.long()
         was_training = self.training
         self.eval()
         try:

@@ -216,6 +216,12 @@ def test_generate_eos_list_and_training_mode_kept_on_error():
     assert torch.equal(m.generate(prompt, 6, eos_token_id=[first]), m.generate(prompt, 6, eos_token_id=first))
     with pytest.raises(ValueError, match="empty"):
         m.generate(prompt, 2, eos_token_id=[])
+    # ids the model cannot produce (they never stopped anything) and non-integers (1.5 was taken as 1)
+    for bad in (97, -1, [first, 200], 1.5, [first, 2.0], True):
+        with pytest.raises(ValueError, match=r"eos_token_id must be integer token ids in \[0, 97\)"):
+            m.generate(prompt, 2, eos_token_id=bad)
+    as_tensor = m.generate(prompt, 6, eos_token_id=torch.tensor([first]))
+    assert torch.equal(as_tensor, m.generate(prompt, 6, eos_token_id=first))
     m.train()
     with pytest.raises(ValueError, match="batch"):
         m.generate(prompt, 2, cache=m.new_cache(3))
