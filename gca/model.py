@@ -312,8 +312,8 @@ class DRT(nn.Module):
         """
         cfg = self.config
         check_counts("new_cache", batch_size=batch_size, prefill_chunk=prefill_chunk)
-        if max_tokens is not None and not int(max_tokens) >= 0:
-            raise ValueError(f"new_cache: max_tokens must be >= 0 or None, got {max_tokens!r}")
+        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 0):  # 2.5 was taken as 2
+            raise ValueError(f"new_cache: max_tokens must be an integer >= 0 or None, got {max_tokens!r}")
         p = self.embed.weight
         device = device or p.device
         dtype = dtype or p.dtype

@@ -245,3 +245,13 @@ def test_cache_on_another_device_is_named():
     m = DRT(tiny()).eval()
     with pytest.raises(ValueError, match="the cache is on meta, the model on cpu"):
         m(torch.zeros(1, 5, dtype=torch.long), cache=m.new_cache(1, device="meta"))
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "64", True], ids=["negative", "2.5", "str", "True"])
+def test_new_cache_refuses_a_max_tokens_that_is_not_a_count(bad):
+    # 2.5 was taken as 2 and "64" as 64; "a" failed inside int() without naming the argument
+    m = DRT(tiny()).eval()
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 0 or None"):
+        m.new_cache(1, max_tokens=bad)
+    x = torch.randint(0, 97, (1, 70))
+    assert torch.equal(m(x, cache=m.new_cache(1, max_tokens=0)).logits, m(x, cache=m.new_cache(1)).logits)
