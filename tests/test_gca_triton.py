@@ -282,6 +282,16 @@ def test_decode(T, softmax_one):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.5", [0.5]], ids=["nan", "inf", "str", "list"])
+def test_entry_points_refuse_a_scale_that_is_not_a_finite_number(scale):
+    # a NaN scale fell back to the reference with a warning and returned NaN; the public op refuses it
+    q, k, v, idx, w = _inputs(**SMALL["S16-D32-H4-Hk2-K3"], dtype=torch.float32, pattern="random")
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        gt.gca_triton(q, k, v, idx, w, scale=scale)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        gt.gca_decode(q[:, 1, :5], k, v, idx[:, 1], w[:, 1], scale=scale)
+
+
 @pytest.mark.parametrize("pattern", ["random", "repeated"])
 def test_no_grad_path_equals_the_custom_op(pattern):
     """Under no_grad the forward is launched directly (no custom-op dispatch, no LSE): same output."""

@@ -59,6 +59,7 @@ is imported), which is how CI tests them; two interpreter gaps are worked around
 loaded bounds become ``while`` loops; bf16 dot operands are upcast after rounding).
 """
 
+import math
 import warnings
 
 import torch
@@ -765,6 +766,20 @@ def _decode_fake(q, mem_k, mem_v, indices, weights, softmax_one, scale):
 # --------------------------------------------------------------------------------------------
 
 
+def _entry_scale(scale, D: int) -> float:
+    """The entry points' scale: 1/sqrt(D) for None; anything but a finite number is refused as
+    ``grouped_cross_attention`` refuses it (a NaN scale fell back to the reference, which returned NaN)."""
+    if scale is None:
+        return D**-0.5
+    try:
+        value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number (or None for 1/sqrt(D)), got {scale!r}")
+    return value
+
+
 def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=None, validate=True):
     """Fused GCA; arguments, shapes and result as in :func:`gca.ops.grouped_cross_attention`
     (q ``(B, Cq, S, H, D)``, mem_k/mem_v ``(B, Cm, Sm, Hk, D)``, indices/weights ``(B, Cq, K)``).
@@ -776,7 +791,7 @@ def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
     out of range reads memory out of bounds."""
     if validate:
         _validate(q, mem_k, mem_v, indices, weights)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _entry_scale(scale, q.shape[-1])
     reason = supports(q, mem_k, scale)
     if reason is not None:
         warnings.warn(f"gca_triton: unsupported {reason}; using the PyTorch reference", stacklevel=2)
@@ -809,7 +824,7 @@ def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
                              f"{tuple(q.shape)}, {tuple(indices.shape)}, {tuple(weights.shape)}")
         _validate(q.unsqueeze(1), mem_k, mem_v, indices.unsqueeze(1), weights.unsqueeze(1))
     D = q.shape[-1]
-    scale = D**-0.5 if scale is None else float(scale)
+    scale = _entry_scale(scale, D)
     reason = supports(q, mem_k, scale)
     if reason is not None:
         warnings.warn(f"gca_decode: unsupported {reason}; using the PyTorch reference", stacklevel=2)
