@@ -814,6 +814,12 @@ def test_skipped_steps_carry_across_a_resume(tmp_path, monkeypatch):
         train(tiny_cfg(tmp_path / "run2", max_nonfinite=2, **kw), **sources())
 
 
+def _nan_gradient(model, out):
+    """Leave ``out.loss``'s value as it is and make the final norm's gradient NaN (0 * inf from a sqrt at 0)."""
+    w = model.norm.weight
+    out.loss = out.loss + 0.0 * (w - w.detach()).sum().sqrt()
+
+
 def test_replay_nonfinite_names_the_backward_function_and_the_parameters(tmp_path, monkeypatch, capsys):
     """A step whose loss is finite but whose backward is not (0 * sqrt(x) at x = 0 in the final norm's
     path): the trainer keeps that step's weights beside its batch, and `gca replay-nonfinite` runs it
@@ -833,8 +839,7 @@ def test_replay_nonfinite_names_the_backward_function_and_the_parameters(tmp_pat
         if self.training and out.loss is not None:
             calls["n"] += 1
             if calls["bad"] == "all" or calls["n"] in calls["bad"]:
-                w = self.norm.weight
-                out.loss = out.loss + 0.0 * (w - w.detach()).sum().sqrt()  # value 0, gradient 0 * inf = NaN
+                _nan_gradient(self, out)
         return out
 
     monkeypatch.setattr(DRT, "forward", forward)
@@ -891,8 +896,7 @@ def test_replay_nonfinite_runs_every_micro_batch_of_an_accumulated_step(tmp_path
     def forward(self, ids, *a, **kw):  # the gradient (not the loss) is NaN for rows starting with bad_token
         out = real_forward(self, ids, *a, **kw)
         if self.training and out.loss is not None and (ids[:, 0] == bad_token).any():
-            w = self.norm.weight
-            out.loss = out.loss + 0.0 * (w - w.detach()).sum().sqrt()
+            _nan_gradient(self, out)
         return out
 
     monkeypatch.setattr(DRT, "forward", forward)
