@@ -814,10 +814,22 @@ def test_skipped_steps_carry_across_a_resume(tmp_path, monkeypatch):
         train(tiny_cfg(tmp_path / "run2", max_nonfinite=2, **kw), **sources())
 
 
-def _nan_gradient(model, out):
-    """Leave ``out.loss``'s value as it is and make the final norm's gradient NaN (0 * inf from a sqrt at 0)."""
-    w = model.norm.weight
-    out.loss = out.loss + 0.0 * (w - w.detach()).sum().sqrt()
+def _train_poisoned(monkeypatch, out, poison, grad_accum):
+    """Four tiny training steps with DRT.forward patched: on a training forward whose ids ``poison(ids)``
+    picks, the loss keeps its value and the final norm's gradient is NaN (0 * inf from a sqrt at 0)."""
+    from gca.model import DRT
+
+    real_forward = DRT.forward
+
+    def forward(self, ids, *a, **kw):
+        out = real_forward(self, ids, *a, **kw)
+        if self.training and out.loss is not None and poison(ids):
+            w = self.norm.weight
+            out.loss = out.loss + 0.0 * (w - w.detach()).sum().sqrt()
+        return out
+
+    monkeypatch.setattr(DRT, "forward", forward)
+    return train(tiny_cfg(out, grad_accum=grad_accum, eval_every=0, max_steps=4), **sources())
 
 
 def test_replay_nonfinite_names_the_backward_function_and_the_parameters(tmp_path, monkeypatch, capsys):
@@ -827,24 +839,17 @@ def test_replay_nonfinite_names_the_backward_function_and_the_parameters(tmp_pat
     weights that differ from the saved ones (the step's update was skipped, so the saved ones are those
     the step used) would not give the same loss."""
     from gca.cli import main
-    from gca.model import DRT
     from gca.train.checkpoint import load_model
     from gca.train.nonfinite import replay_nonfinite
 
     calls = {"n": 0, "bad": {2}}
-    real_forward = DRT.forward
 
-    def forward(self, *a, **kw):
-        out = real_forward(self, *a, **kw)
-        if self.training and out.loss is not None:
-            calls["n"] += 1
-            if calls["bad"] == "all" or calls["n"] in calls["bad"]:
-                _nan_gradient(self, out)
-        return out
+    def poison(ids):  # the training forwards' count picks them (calls["bad"] changes below)
+        calls["n"] += 1
+        return calls["bad"] == "all" or calls["n"] in calls["bad"]
 
-    monkeypatch.setattr(DRT, "forward", forward)
     out = tmp_path / "run"
-    result = train(tiny_cfg(out, grad_accum=1, eval_every=0, max_steps=4), **sources())
+    result = _train_poisoned(monkeypatch, out, poison, grad_accum=1)
     assert result.skipped == [2]
     dump = torch.load(out / "nonfinite" / "step2_rank0.pt")
     assert math.isfinite(dump["loss"])
@@ -881,7 +886,6 @@ def test_replay_nonfinite_runs_every_micro_batch_of_an_accumulated_step(tmp_path
     """With --grad-accum 2 the trainer kept only the step's last micro-batch, so a NaN made by the first
     never came back in `gca replay-nonfinite` ("did not come back"); now the step's micro-batches are all
     kept and replayed one after the other, giving the step's loss as training logged it."""
-    from gca.model import DRT
     from gca.train.nonfinite import replay_nonfinite
 
     src = FakeSource()
@@ -891,17 +895,8 @@ def test_replay_nonfinite_runs_every_micro_batch_of_an_accumulated_step(tmp_path
 
     # a start token that only step 3's first micro-batch (batch index 4) holds among the run's batches
     (bad_token, *_) = first_tokens(4) - set().union(*(first_tokens(i) for i in range(10) if i != 4))
-    real_forward = DRT.forward
-
-    def forward(self, ids, *a, **kw):  # the gradient (not the loss) is NaN for rows starting with bad_token
-        out = real_forward(self, ids, *a, **kw)
-        if self.training and out.loss is not None and (ids[:, 0] == bad_token).any():
-            _nan_gradient(self, out)
-        return out
-
-    monkeypatch.setattr(DRT, "forward", forward)
-    out = tmp_path / "run"
-    result = train(tiny_cfg(out, grad_accum=2, eval_every=0, max_steps=4), **sources())
+    out = tmp_path / "run"  # the gradient (not the loss) is NaN for rows starting with bad_token
+    result = _train_poisoned(monkeypatch, out, lambda ids: bool((ids[:, 0] == bad_token).any()), grad_accum=2)
     assert result.skipped == [3]
     dump = torch.load(out / "nonfinite" / "step3_rank0.pt")
     assert dump["micro_batches"] == 2 and torch.equal(dump["input_ids"], torch.cat([src.get_batch(i, 2)["input_ids"] for i in (4, 5)]))
