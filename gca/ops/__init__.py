@@ -7,11 +7,9 @@ when it is available (``impl="auto"`` or ``"triton"``), the readable PyTorch ref
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from gca.ops.gca_ref import gca_reference
+from gca.ops.gca_ref import check_scale, gca_reference
 from gca.ops.sliding_window import sliding_window_attention
 
 __all__ = ["grouped_cross_attention", "gca_reference", "kernel_for", "sliding_window_attention", "triton_available"]
@@ -46,7 +44,7 @@ def kernel_for(q, mem_k, mem_v, indices, weights, *, scale: float | None = None,
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     _check(q, mem_k, mem_v, indices, weights, check_indices=False)  # a call with bad arguments runs nothing
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     if impl == "torch":
         return "torch", "impl='torch'"
     if impl == "auto" and not triton_available(q.device):
@@ -83,19 +81,6 @@ def _check_triton_usable(q, mem_k, scale) -> None:
     reason = gca_triton.supports(q, mem_k, scale)
     if reason is not None:
         raise ValueError(f"impl='triton' does not support these inputs: {reason}; use impl='auto' or 'torch'")
-
-
-def _check_scale(scale) -> float | None:
-    """``scale`` as a float (None stays None); anything but a finite number is a ValueError."""
-    if scale is None:
-        return None
-    try:
-        value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
-    except (TypeError, ValueError, RuntimeError):  # a list, a tensor of several elements, ...
-        value = None
-    if value is None or not math.isfinite(value):
-        raise ValueError(f"scale must be a finite number (or None for 1/sqrt(D)), got {scale!r}")
-    return value
 
 
 def _check(q, mem_k, mem_v, indices, weights, check_indices: bool) -> None:
@@ -193,7 +178,7 @@ def grouped_cross_attention(
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     compiling = torch.compiler.is_compiling()
     _check(q, mem_k, mem_v, indices, weights, check_indices=validate and not compiling)
-    scale = _check_scale(scale)
+    scale = check_scale(scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     use_triton = impl == "triton" or (impl == "auto" and triton_available(q.device))

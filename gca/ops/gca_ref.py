@@ -14,7 +14,24 @@ through the gather's backward.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+
+def check_scale(scale) -> float | None:
+    """``scale`` as a float (None stays None); anything but a finite number is a ValueError. The public op
+    and the kernels' entry points check it alike (a NaN scale gave the reference's NaN output)."""
+    if scale is None:
+        return None
+    try:
+        value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
+    except (TypeError, ValueError, RuntimeError):  # a list, a tensor of several elements, ...
+        value = None
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number (or None for 1/sqrt(D)), got {scale!r}")
+    return value
 
 
 def gca_reference(

@@ -59,7 +59,6 @@ is imported), which is how CI tests them; two interpreter gaps are worked around
 loaded bounds become ``while`` loops; bf16 dot operands are upcast after rounding).
 """
 
-import math
 import warnings
 
 import torch
@@ -67,7 +66,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from gca.ops.gca_ref import gca_reference
+from gca.ops.gca_ref import check_scale, gca_reference
 
 __all__ = ["gca_triton", "gca_decode", "gca_fwd", "gca_bwd", "supports", "gluon_reason", "flops", "bytes_moved"]
 
@@ -766,20 +765,6 @@ def _decode_fake(q, mem_k, mem_v, indices, weights, softmax_one, scale):
 # --------------------------------------------------------------------------------------------
 
 
-def _entry_scale(scale, D: int) -> float:
-    """The entry points' scale: 1/sqrt(D) for None; anything but a finite number is refused as
-    ``grouped_cross_attention`` refuses it (a NaN scale fell back to the reference, which returned NaN)."""
-    if scale is None:
-        return D**-0.5
-    try:
-        value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
-    except (TypeError, ValueError, RuntimeError):
-        value = None
-    if value is None or not math.isfinite(value):
-        raise ValueError(f"scale must be a finite number (or None for 1/sqrt(D)), got {scale!r}")
-    return value
-
-
 def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=None, validate=True):
     """Fused GCA; arguments, shapes and result as in :func:`gca.ops.grouped_cross_attention`
     (q ``(B, Cq, S, H, D)``, mem_k/mem_v ``(B, Cm, Sm, Hk, D)``, indices/weights ``(B, Cq, K)``).
@@ -791,7 +776,8 @@ def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
     out of range reads memory out of bounds."""
     if validate:
         _validate(q, mem_k, mem_v, indices, weights)
-    scale = _entry_scale(scale, q.shape[-1])
+    scale = check_scale(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     reason = supports(q, mem_k, scale)
     if reason is not None:
         warnings.warn(f"gca_triton: unsupported {reason}; using the PyTorch reference", stacklevel=2)
@@ -824,7 +810,8 @@ def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
                              f"{tuple(q.shape)}, {tuple(indices.shape)}, {tuple(weights.shape)}")
         _validate(q.unsqueeze(1), mem_k, mem_v, indices.unsqueeze(1), weights.unsqueeze(1))
     D = q.shape[-1]
-    scale = _entry_scale(scale, D)
+    scale = check_scale(scale)
+    scale = D**-0.5 if scale is None else scale
     reason = supports(q, mem_k, scale)
     if reason is not None:
         warnings.warn(f"gca_decode: unsupported {reason}; using the PyTorch reference", stacklevel=2)

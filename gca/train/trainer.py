@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -42,9 +43,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -152,7 +153,7 @@ class TrainConfig:
             bad("seq_len", "must be >= 2 (the loss predicts token t + 1 from token t)")
         for name in ("lr", "min_lr", "warmup", "weight_decay", "eps", "grad_clip", "time_limit"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 bad(name, "must be a number")
         # (each check below also refuses NaN; an infinite lr or weight decay made every weight NaN at the
         # first update, and a NaN grad_clip switched clipping off without a word)
@@ -166,7 +167,7 @@ class TrainConfig:
             bad("weight_decay", "must be a finite number >= 0")
         if not 0 <= self.eps < math.inf:
             bad("eps", "must be a finite number >= 0")
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in self.betas):
             bad("betas", "must be two numbers in [0, 1)")
         if not self.grad_clip >= 0:
             bad("grad_clip", "must be >= 0 (0 disables clipping)")
