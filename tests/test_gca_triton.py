@@ -282,6 +282,31 @@ def test_decode(T, softmax_one):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_gives_gradients_when_they_are_wanted():
+    """The split decode kernel is forward-only; a call whose inputs require grad (grad mode on) used to
+    return a tensor with no grad_fn, silently. It now runs the differentiable path: the same values and
+    the reference's gradients. Under no_grad the split kernel still runs (no graph kept)."""
+    B, T, Cm, Sm, H, Hk, D, K = 2, 5, 5, 16, 4, 2, 32, 3
+    q = torch.randn(B, T, H, D, device=DEVICE, requires_grad=True)
+    mem_k, mem_v = (torch.randn(B, Cm, Sm, Hk, D, device=DEVICE, requires_grad=True) for _ in range(2))
+    idx = torch.tensor([[4, -1, 4], [0, 2, 3]], device=DEVICE)
+    w = torch.rand(B, K, device=DEVICE, requires_grad=True)
+    out = gt.gca_decode(q, mem_k, mem_v, idx, w)
+    assert out.grad_fn is not None
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, mem_k, mem_v, w), g)
+    leaves = [t.detach().double().requires_grad_() for t in (q, mem_k, mem_v, w)]
+    ref = gca_reference(leaves[0][:, None], leaves[1], leaves[2], idx[:, None], leaves[3][:, None])[:, 0]
+    ref_grads = torch.autograd.grad(ref, leaves, g.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for name, a, r in zip(("dq", "dmem_k", "dmem_v", "dweights"), grads, ref_grads):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        fast = gt.gca_decode(q, mem_k, mem_v, idx, w)
+    assert fast.grad_fn is None
+    torch.testing.assert_close(fast, out.detach(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.5", [0.5]], ids=["nan", "inf", "str", "list"])
 def test_entry_points_refuse_a_scale_that_is_not_a_finite_number(scale):
     # a NaN scale fell back to the reference with a warning and returned NaN; the public op refuses it

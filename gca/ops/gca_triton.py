@@ -792,7 +792,7 @@ def gca_triton(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
 
 
 def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=None, validate=True):
-    """GCA for the tokens of ONE current chunk during generation; forward only.
+    """GCA for the tokens of ONE current chunk during generation.
 
     Args:
         q: ``(B, T, H, D)``, 1 <= T, the query tokens of the current chunk.
@@ -803,6 +803,8 @@ def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
             synchronisation); with False an index out of range reads memory out of bounds.
     Returns ``(B, T, H, D)`` in q's dtype, equal to the main op with Cq = 1. The grid is split over
     slots x memory heads (x batch), so batch 1 still fills the GPU; slot results are summed in fp32.
+    The split kernel is forward-only: when a gradient is wanted (grad mode on and q, mem_k, mem_v or
+    weights requiring grad) the call runs :func:`gca_triton` with Cq = 1 instead, which has one.
     """
     if validate:
         if q.dim() != 4 or indices.dim() != 2 or weights.dim() != 2:
@@ -817,6 +819,9 @@ def gca_decode(q, mem_k, mem_v, indices, weights, *, softmax_one=False, scale=No
         warnings.warn(f"gca_decode: unsupported {reason}; using the PyTorch reference", stacklevel=2)
         q5, idx5, w5 = q.unsqueeze(1), indices.unsqueeze(1), weights.unsqueeze(1)
         return gca_reference(q5, mem_k, mem_v, idx5, w5, softmax_one=softmax_one, scale=scale)[:, 0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, mem_k, mem_v, weights)):
+        q5, idx5, w5 = q.unsqueeze(1), indices.unsqueeze(1), weights.unsqueeze(1)
+        return gca_triton(q5, mem_k, mem_v, idx5, w5, softmax_one=softmax_one, scale=scale, validate=False)[:, 0]
     if torch.compiler.is_compiling():
         return torch.ops.gca.decode(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)
     return _decode(q, mem_k, mem_v, indices.long(), weights, bool(softmax_one), scale)  # eager: no op dispatch
