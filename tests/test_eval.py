@@ -517,25 +517,45 @@ def test_needle_attention_repeats_split_and_gca_gain():
 
 def test_beyond_window_matches_the_attention_mask():
     """A needle is beyond the window exactly when no token of it is among the keys the answer's first
-    prediction attends to (the sliding-window mask, landmarks counted for a DRT); full attention sees all."""
+    prediction attends to (the sliding-window mask, landmarks counted for a DRT); full attention sees all.
+    The prediction's position is the model's own (`DRT.insert_landmarks`): for a prompt whose last token
+    closes a chunk (unaligned samples) that is the landmark after it, one position later."""
     from gca.data.tasks import make_task_sample
     from gca.eval.tasks import beyond_window
 
     rng = np.random.default_rng(17)
     seen = {True: 0, False: 0}
+    closing = 0
     for arch in ("drt", "swa", "full"):
         cfg = tiny(arch=arch)
-        for _ in range(40):
+        model = DRT(cfg) if arch == "drt" else None
+        for i in range(60):
             kind = ["passkey", "multikey", "2hop"][int(rng.integers(3))]
-            s = make_task_sample(kind, context_len=int(rng.integers(300, 1200)), seed=rng, depth=float(rng.random()))
+            aligned = i % 2 == 0
+            n = int(rng.integers(5, 19)) * 63 if not aligned and i % 4 == 1 else int(rng.integers(300, 1200))
+            s = make_task_sample(kind, context_len=n, seed=rng, depth=float(rng.random()), align_question=aligned)
             P, S, W = 63, cfg.chunk_size, cfg.window
             pos = (lambda p: (p // P) * S + p % P) if arch == "drt" else (lambda p: p)
-            q = pos(s.prompt_len - 1)
+            if model is not None:
+                q = int(model.insert_landmarks(torch.zeros(1, s.prompt_len, dtype=torch.long))[1][-1])
+                closing += s.prompt_len % P == 0
+            else:
+                q = s.prompt_len - 1
             visible = [any(q - pos(t) < W for t in range(a, b)) for a, b in s.needle_spans[: len(s.target_chunks)]]
             want = arch != "full" and not any(visible)
             assert beyond_window(s, cfg) == want
             seen[want] += 1
-    assert seen[True] > 10 and seen[False] > 10  # both cases were exercised
+    assert seen[True] > 10 and seen[False] > 10 and closing >= 5  # every case was exercised
+    # at the edge: the prompt's last token (629) closes chunk 9, so the answer is predicted at its
+    # landmark (position 639); a needle ending at position 559 (user token 551) is exactly 80 = W back
+    # from there, out of the window (it was counted as inside when the prediction was placed at 638)
+    from types import SimpleNamespace
+
+    cfg = tiny(arch="drt")
+    edge = SimpleNamespace(text_per_chunk=63, prompt_len=630, needle_spans=[(540, 552)], target_chunks=[8])
+    assert int(DRT(cfg).insert_landmarks(torch.zeros(1, 630, dtype=torch.long))[1][-1]) == 639
+    assert beyond_window(edge, cfg)
+    assert not beyond_window(SimpleNamespace(**{**vars(edge), "needle_spans": [(540, 553)]}), cfg)
 
 
 def test_task_rows_count_trials_beyond_the_window():

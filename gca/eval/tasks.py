@@ -45,7 +45,10 @@ def beyond_window(sample, cfg) -> bool:
     def pos(p: int) -> int:  # internal position of user token p
         return (p // P) * S + p % P if cfg.arch == "drt" else p
 
-    q = pos(sample.prompt_len - 1)
+    last = sample.prompt_len - 1
+    # the answer is predicted at the prompt's last token, or at the landmark that follows it when that
+    # token closes a chunk (DRT.insert_landmarks)
+    q = pos(last) + int(cfg.arch == "drt" and last % P == P - 1)
     targets = sample.needle_spans[: len(sample.target_chunks)]
     return all(q - pos(end - 1) >= cfg.window for _, end in targets)
 
