@@ -371,6 +371,25 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_to_the_uninterrupted_run(ref
         assert train_losses(out) == train_losses(ref_out)
 
 
+def test_a_signal_during_a_checkpoint_save_stops_at_that_checkpoint(tmp_path, monkeypatch):
+    """SIGTERM arriving while the step-4 checkpoint is written: the run returns at step 4 with that
+    checkpoint (it used to train step 5 and save again before it looked at the signal)."""
+    from gca.train import trainer as trainer_mod
+
+    saves = []
+    orig = trainer_mod._Run._save
+
+    def save_then_signal(self, *a, **kw):
+        orig(self, *a, **kw)
+        saves.append(a[2])
+        if len(saves) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to the training loop's handler, in this thread
+
+    monkeypatch.setattr(trainer_mod._Run, "_save", save_then_signal)
+    r = train(tiny_cfg(tmp_path / "r"), **sources())
+    assert r.interrupted == signal.SIGTERM and r.step == 4 and saves == [4]
+    assert read_checkpoint(tmp_path / "r" / "ckpt").step == 4
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_loading_on_cuda_without_cuda_is_not_called_corrupt():
@@ -936,6 +955,23 @@ def test_a_fine_tune_resumes_after_the_run_it_started_from_has_moved(reference, 
     assert val_losses(tmp_path / "ft") == val_losses(tmp_path / "whole")
     with pytest.raises(ValueError, match="model: checkpoint .*gca_softmax_one"):  # overrides still checked
         train(tiny_cfg(tmp_path / "ft", **{**kw, "model": TINY, "max_steps": 6}), **sources())
+
+
+def test_a_fine_tune_resumes_with_its_init_from_spelled_another_way(reference, tmp_path, monkeypatch):
+    """`--init-from base` on the first run, `--init-from ./base/` (or the absolute path) on the resume:
+    the same folder, so the resume goes on (it was refused as a changed setting); another folder is refused."""
+    ref_out, _ = reference
+    shutil.copytree(ref_out, tmp_path / "base")
+    shutil.copytree(ref_out, tmp_path / "other")
+    monkeypatch.chdir(tmp_path)
+    kw = dict(max_steps=4, save_every=2, eval_every=2)
+    train(tiny_cfg(tmp_path / "ft", init_from="base", stop_at=2, **kw), **sources())
+    result = train(tiny_cfg(tmp_path / "ft", init_from="./base/", stop_at=3, **kw), **sources())
+    assert result.resumed_from == 2
+    result = train(tiny_cfg(tmp_path / "ft", init_from=str(tmp_path / "base"), **kw), **sources())
+    assert result.resumed_from == 3 and result.step == 4
+    with pytest.raises(ValueError, match="init_from: checkpoint '.*base', now 'other'"):
+        train(tiny_cfg(tmp_path / "ft", init_from="other", max_steps=6, save_every=2, eval_every=2), **sources())
 
 
 def test_init_from_with_an_override_that_adds_parameters(reference, tmp_path, capsys):

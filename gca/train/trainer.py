@@ -464,7 +464,11 @@ class _Run:
         defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                     for f in dataclasses.fields(TrainConfig)}
         saved = json.loads(json.dumps({**defaults, **ck.train_config}))
-        diffs = _diff(saved, cfg.to_dict(), ignore=RESUMABLE_FIELDS)
+        now = cfg.to_dict()
+        a, b = saved.get("init_from"), now.get("init_from")
+        if a and b and os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b)):
+            saved["init_from"] = b  # the same folder spelled another way (./x, x/, an absolute path)
+        diffs = _diff(saved, now, ignore=RESUMABLE_FIELDS)
         if diffs:
             raise ValueError(
                 f"{where}: these settings differ from the checkpoint's train_config.json:\n  "
@@ -719,6 +723,8 @@ class _Run:
                     t_save = time.perf_counter()
                     self._save(model, opt, n, n * tokens_per_step, elapsed0 + time.perf_counter() - t0)
                     last_t += time.perf_counter() - t_save  # (and checkpoints)
+                    if not halt and D.any_across_ranks(stop.signum is not None, info):
+                        halt = True  # a signal came during the save: the checkpoint it asks for is made
                 if halt:
                     if stop.signum is not None:
                         result.interrupted = stop.signum
