@@ -318,7 +318,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             raise ValueError("--vocab-size sets the size of a tokenizer trained with --train-tokenizer; add "
                              "--train-tokenizer, or drop --vocab-size (--tokenizer's vocabulary is fixed)")
         if args.train_tokenizer:
-            tokenizer = train_bpe(args.inputs, args.vocab_size or 8192)
+            # the documents prepare() reads: the same --text-field, and no more than --max-documents
+            tokenizer = train_bpe(args.inputs, args.vocab_size or 8192, text_field=args.text_field,
+                                  max_documents=args.max_documents)
         meta = prepare(
             args.inputs,
             args.out,

@@ -166,7 +166,7 @@ class DRTConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 bad(name, "must be a non-negative integer")
-        if self.num_kv_heads is not None and not _is_int(self.num_kv_heads):
+        if self.num_kv_heads is not None and (not _is_int(self.num_kv_heads) or self.num_kv_heads < 1):
             bad("num_kv_heads", "must be a positive integer or None")
         if self.hidden_size % self.num_heads:
             bad("hidden_size", f"must be divisible by num_heads={self.num_heads}")

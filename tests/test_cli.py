@@ -354,6 +354,19 @@ def test_prepare_command(tmp_path, capsys):
     assert not any("UserWarning" in line for line in err)
 
 
+def test_prepare_train_tokenizer_reads_the_text_field_and_max_documents(tmp_path, capsys):
+    """--train-tokenizer read the inputs with the default "text" field whatever --text-field said (so a
+    JSONL corpus with another field failed), and read all of them whatever --max-documents said."""
+    pytest.importorskip("gca.data.prepare")
+    lines = [json.dumps({"content": f"doc {i}: " + "the quick brown fox jumps over the lazy dog. " * 10}) for i in range(4)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines + ["not json: past --max-documents"]) + "\n")
+    assert main(["prepare", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "data"), "--text-field", "content",
+                 "--train-tokenizer", "--vocab-size", "300", "--max-documents", "4", "--val-fraction", "0.3"]) == 0, \
+        capsys.readouterr().err
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert sum(meta["documents"].values()) == 4 and meta["tokenizer"]["name"].startswith("bpe-")
+
+
 def test_bench_overlap_modes_and_passkey_trial(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny", "--lengths", "400", "--decode-tokens", "2", "--device", "cpu",

@@ -416,3 +416,95 @@ def test_overwrite_cut_short_leaves_no_stale_meta(corpus, tmp_path, monkeypatch)
     monkeypatch.undo()
     meta = prepare([str(corpus)], out, tokenizer="embedded", val_fraction=0.6, seed=5, progress=False, overwrite=True)
     assert len(PackedDataset(out, "train")) == meta["tokens"]["train"] and not (out / "meta.json.tmp").exists()
+
+
+def test_sources_drop_a_bom_and_warn_of_bytes_that_are_not_utf8(tmp_path):
+    """A JSONL file with a byte-order mark (Windows editors write one) was refused as "not valid JSON"
+    at line 1, and a Latin-1 file became U+FFFD characters in the dataset without a word."""
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first doc"}\r\n{"text": "second doc"}\n')
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfline one\r\nline two\n")
+    assert list(iter_documents(str(tmp_path / "bom.jsonl"))) == ["first doc", "second doc"]
+    assert list(iter_documents(str(tmp_path / "bom.txt"))) == ["line one\nline two\n"]  # newlines as text mode reads
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    with pytest.warns(UserWarning, match=r"latin1.txt: not UTF-8 \(byte 0xe9 at offset 3\).*iconv"):
+        assert list(iter_documents(str(tmp_path / "latin1.txt"))) == ["caf\ufffd cr\ufffdme"]
+    with gzip.open(tmp_path / "l.jsonl.gz", "wb") as f:
+        f.write(b'{"text": "ok"}\n{"text": "caf\xe9"}\n{"text": "\xe8"}\n')
+    with pytest.warns(UserWarning, match=r"l.jsonl.gz:2: not UTF-8") as rec:
+        assert list(iter_documents(str(tmp_path / "l.jsonl.gz"))) == ["ok", "caf\ufffd", "\ufffd"]
+    assert len([w for w in rec if "not UTF-8" in str(w.message)]) == 1  # one warning per file
+
+
+def test_train_bpe_reads_the_text_field_and_stops_at_max_documents(tmp_path):
+    """`gca prepare X.jsonl --text-field content --train-tokenizer` trained the tokenizer on the "text"
+    field (failing: record has no 'text' field), and with --max-documents on the whole corpus."""
+    lines = [json.dumps({"content": f"document {i}: " + "the quick brown fox " * 20}) for i in range(3)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines + ["not json: never read"]) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (too little text for 300 ids)
+        tok = train_bpe([str(tmp_path / "d.jsonl")], 300, text_field="content", max_documents=3, show_progress=False)
+        with pytest.raises(ValueError, match="d.jsonl:1: record has no 'text' field"):
+            train_bpe([str(tmp_path / "d.jsonl")], 300, show_progress=False)
+    assert tok.decode(tok.encode("the quick brown fox")) == "the quick brown fox"
+    assert len(tok.encode(" quick brown fox")) < len(" quick brown fox") // 2  # it learnt the content's words
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("idx_of_val", "train.idx.npy does not index"),
+    ("idx_past_end", "train.idx.npy does not index"),
+    ("dtype_float", "meta.json is not valid (dtype float16"),
+    ("separator_out_of_vocab", "separator_id 99999 do not go with vocab_size"),
+])
+def test_a_prepared_folder_whose_parts_do_not_fit_is_refused(prepared, tmp_path, damage, says):
+    """A document index from another split or preparation, a dtype or separator prepare never writes,
+    loaded silently: evaluation then read wrong document lengths, or every token id was garbage."""
+    import shutil
+
+    src, _ = prepared
+    d = tmp_path / "ds"
+    shutil.copytree(src, d)
+    meta = json.loads((d / "meta.json").read_text())
+    if damage == "idx_of_val":
+        shutil.copy(d / "val.idx.npy", d / "train.idx.npy")
+    elif damage == "idx_past_end":
+        offsets = np.load(d / "train.idx.npy")
+        np.save(d / "train.idx.npy", np.append(offsets[:-1], meta["tokens"]["train"] + 5))
+    elif damage == "dtype_float":
+        (d / "meta.json").write_text(json.dumps({**meta, "dtype": "float16"}))
+    else:
+        (d / "meta.json").write_text(json.dumps({**meta, "separator_id": 99999}))
+    with pytest.raises(ValueError) as e:
+        PackedDataset(d, "train")
+    assert says in str(e.value) and "--overwrite" in str(e.value), str(e.value)
+    PackedDataset(src, "train")  # the intact folder loads
+
+
+def test_packed_source_names_a_token_id_outside_the_vocabulary(prepared, tmp_path):
+    """A corrupt .bin (ids past the vocabulary) gave batches the model's embedding fails on far from
+    the cause (on CUDA, a device-side assert): the batch source names the file and the position."""
+    import shutil
+
+    src, meta = prepared
+    d = tmp_path / "ds"
+    shutil.copytree(src, d)
+    tokens = np.memmap(d / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[7] = 60000
+    tokens.flush()
+    del tokens
+    s = build_source(str(d), seq_len=meta["tokens"]["train"])  # one window: the whole split
+    with pytest.raises(ValueError, match=r"train.bin holds token id 60000 at position 7, outside its vocabulary"):
+        s.get_batch(0, 1)
+
+
+def test_mixture_weights_must_be_finite(prepared):
+    """`DIR@inf` ended in numpy's "Probabilities contain NaN"."""
+    out, _ = prepared
+    with pytest.raises(ValueError, match="mixture weights must be finite numbers >= 0, got inf"):
+        build_source(f"{out}@inf+{out}@1", seq_len=16)
+
+
+def test_prepare_into_a_file_says_so(corpus, tmp_path):
+    """--out naming an existing file gave "[Errno 17] File exists"."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="afile exists and is a file; choose another"):
+        prepare([str(corpus)], tmp_path / "afile", progress=False)

@@ -143,6 +143,13 @@ def test_bad_config_names_the_field(field, value):
         tiny(**{field: value})
 
 
+@pytest.mark.parametrize("value", [0, -2])
+def test_num_kv_heads_below_one_is_called_what_it_is(value):
+    """num_kv_heads=0 was said to "not divide num_heads", as if another count would do."""
+    with pytest.raises(ValueError, match=r"DRTConfig.num_kv_heads: must be a positive integer or None"):
+        tiny(num_kv_heads=value)
+
+
 
 def test_numpy_integers_in_a_config_are_stored_as_int():
     import numpy as np

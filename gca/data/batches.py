@@ -118,7 +118,8 @@ class PackedSource(BatchSource):
         super().__init__(seq_len=seq_len, seed=seed, split=split, tokenizer=tok)
         n = len(self.dataset)
         if n < seq_len:
-            raise ValueError(f"{path} split {split!r} has {n} tokens, fewer than seq_len={seq_len}")
+            raise ValueError(f"{path} split {split!r} has {n} tokens, fewer than seq_len={seq_len}; use a shorter "
+                             f"sequence (gca train --seq-len) or prepare more text")
         self.num_windows = n // seq_len
         self._epoch = lru_cache(maxsize=2)(self._epoch_plan)
 
@@ -131,6 +132,12 @@ class PackedSource(BatchSource):
         perm, shift = self._epoch(gid // self.num_windows)
         start = shift + int(perm[gid % self.num_windows]) * self.seq_len
         ids = self.dataset.window(start, self.seq_len)
+        if ids.max() >= self.vocab_size:  # a corrupt .bin: said here, not as the embedding's (CUDA: an assert)
+            bad = int(np.argmax(ids >= self.vocab_size))
+            raise ValueError(f"{self.dataset.path}/{self.split}.bin holds token id {int(ids[bad])} at position "
+                             f"{(start + bad) % len(self.dataset)}, outside its vocabulary [0, {self.vocab_size}): "
+                             f"the file is corrupt; prepare it again (gca prepare ... --out {self.dataset.path} "
+                             f"--overwrite)")
         return ids, ids.copy()
 
     def describe(self) -> dict:
@@ -150,8 +157,8 @@ class MixtureSource(BatchSource):
             if c.vocab_size != first.vocab_size:
                 raise ValueError(f"mixture components use different vocabularies ({c.vocab_size} vs "
                                  f"{first.vocab_size}); give synthetic tasks filler=DIR or the same tokenizer")
-            if not w >= 0:
-                raise ValueError(f"mixture weights must be >= 0, got {w}")
+            if not 0 <= w < float("inf"):
+                raise ValueError(f"mixture weights must be finite numbers >= 0, got {w}")
         super().__init__(seq_len=first.seq_len, seed=seed, split=first.split, tokenizer=first.tokenizer)
         self.components = [c for c, _ in components]
         w = np.asarray([w for _, w in components], dtype=np.float64)

@@ -6,7 +6,7 @@
 
 Layout of a prepared folder::
 
-    train.bin, val.bin          the token stream of each split, np.uint16 if vocab_size < 65536 else
+    train.bin, val.bin          the token stream of each split, np.uint16 if vocab_size <= 65536 else
                                 np.uint32; every document is followed by the separator id (EOS)
     train.idx.npy, val.idx.npy  int64 start offset of each document in the stream
     tokenizer.json              a copy of the tokenizer (so the folder is self-contained)
@@ -160,6 +160,8 @@ def prepare(
     if not 0 <= sep < tok.vocab_size:
         raise ValueError(f"separator_id {sep} is outside the vocabulary [0, {tok.vocab_size})")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"the output folder {out} exists and is a file; choose another (gca prepare --out)")
     if (out / "meta.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a prepared dataset; pass overwrite=True (gca prepare --overwrite) "
                               f"to replace it, or choose another output folder")
@@ -301,8 +303,10 @@ class PackedDataset:
             self.meta = json.loads(meta_file.read_text())
             self.dtype = np.dtype(self.meta["dtype"])
             n = int(self.meta["tokens"][split])
-            for key in ("vocab_size", "separator_id"):  # (read later by the properties below)
-                int(self.meta[key])
+            vocab, sep = int(self.meta["vocab_size"]), int(self.meta["separator_id"])  # (read by the properties below)
+            # a dtype or separator prepare never writes would read every id wrong, silently
+            if self.dtype != token_dtype(vocab) or not 0 <= sep < vocab:
+                raise ValueError(f"dtype {self.dtype.name} and separator_id {sep} do not go with vocab_size {vocab}")
         except (ValueError, KeyError, TypeError) as e:
             what = f"lacks {e}" if isinstance(e, KeyError) else f"is not valid ({e})"
             raise ValueError(f"{meta_file} {what}: the folder is not a complete prepared dataset; {redo}") from None
@@ -321,12 +325,22 @@ class PackedDataset:
                              f"tokens ({n * self.dtype.itemsize} bytes): the file is truncated or from another "
                              f"preparation; {redo}")
         self.tokens = np.memmap(bin_file, dtype=self.dtype, mode="r", shape=(n,))
+        self._tokenizer: Tokenizer | None = None
         idx = self.path / f"{split}.idx.npy"
+        if not idx.exists():  # no index: one document (evaluation's document_lengths then reports none)
+            self.doc_offsets = np.zeros(1, dtype=np.int64)
+            return
         try:
-            self.doc_offsets = np.load(idx) if idx.exists() else np.zeros(1, dtype=np.int64)
+            self.doc_offsets = np.load(idx)
         except (ValueError, OSError, EOFError):  # (numpy's message suggests allow_pickle: no help for bad bytes)
             raise ValueError(f"{idx} is not a document index numpy can read (corrupt?); {redo}") from None
-        self._tokenizer: Tokenizer | None = None
+        # evaluation reads document lengths from these offsets: those of this split's stream, or an error, not garbage
+        o = self.doc_offsets
+        docs = self.meta["documents"].get(split) if isinstance(self.meta.get("documents"), dict) else None
+        if (o.ndim != 1 or o.dtype.kind not in "iu" or len(o) == 0 or o[0] != 0 or o[-1] >= n
+                or (len(o) > 1 and not (np.diff(o) > 0).all()) or (docs is not None and len(o) != docs)):
+            raise ValueError(f"{idx} does not index {bin_file} ({len(o)} offsets, meta.json says {docs} documents "
+                             f"of {n} tokens): the file is corrupt or from another preparation; {redo}")
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -131,10 +131,34 @@ def _kind(name: str) -> str | None:
     return None
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+def _open_bytes(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+class _Utf8:
+    """Decodes one file's bytes (whole, or line by line) as UTF-8 with universal newlines (as text mode
+    reads): a leading byte-order mark (Windows editors write one) is dropped, and bytes that are not
+    UTF-8 (a Latin-1 file) become U+FFFD with one warning per file that names it, not silently."""
+
+    def __init__(self, path: Path):
+        self.path, self.first, self.warned = path, True, False
+
+    def __call__(self, raw: bytes, line: int | None = None) -> str:
+        if self.first:
+            self.first = False
+            if raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if not self.warned:
+                self.warned = True
+                where = f"{self.path}:{line}" if line is not None else str(self.path)
+                warnings.warn(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); its undecodable "
+                              f"bytes become U+FFFD in the dataset; convert the file to UTF-8 first (e.g. iconv -f "
+                              f"latin1 -t utf-8) to keep them", stacklevel=2)
+            text = raw.decode("utf-8", errors="replace")
+        return text.replace("\r\n", "\n").replace("\r", "\n")  # the newlines of text mode, as before
 
 
 class _HTMLText(HTMLParser):
@@ -180,18 +204,20 @@ def iter_file_documents(path: Path, field: str = "text") -> Iterator[str]:
     kind = _kind(path.name)
     try:
         if kind == "text":
-            with _open_text(path) as f:
-                t = f.read()
+            with _open_bytes(path) as f:
+                t = _Utf8(path)(f.read())
             if t.strip():
                 yield t
         elif kind == "html":
-            with _open_text(path) as f:
-                t = html_to_text(f.read())
+            with _open_bytes(path) as f:
+                t = html_to_text(_Utf8(path)(f.read()))
             if t:
                 yield t
         elif kind == "jsonl":
-            with _open_text(path) as f:
-                for ln, line in enumerate(f, 1):
+            decode = _Utf8(path)
+            with _open_bytes(path) as f:
+                for ln, raw in enumerate(f, 1):
+                    line = decode(raw, ln)
                     if not line.strip():
                         continue
                     try:

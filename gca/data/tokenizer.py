@@ -112,7 +112,7 @@ class Tokenizer:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
-def _iter_texts(files_or_iterator) -> Iterator[str]:
+def _iter_texts(files_or_iterator, text_field: str = "text") -> Iterator[str]:
     """Texts from paths (files or folders, via gca.data.sources) or from an iterable of strings."""
     from gca.data.sources import iter_documents
 
@@ -121,7 +121,7 @@ def _iter_texts(files_or_iterator) -> Iterator[str]:
     items = iter(files_or_iterator)
     for item in items:
         if isinstance(item, os.PathLike) or (isinstance(item, str) and _looks_like_source(item)):
-            yield from iter_documents(item)
+            yield from iter_documents(item, text_field=text_field)
         elif isinstance(item, str):
             if item and not any(c.isspace() for c in item):
                 # one "word" that is no existing path: almost surely a mistyped path, not training text
@@ -146,6 +146,8 @@ def train_bpe(
     min_frequency: int = 2,
     name: str | None = None,
     show_progress: bool = True,
+    text_field: str = "text",
+    max_documents: int | None = None,
 ) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style: any byte sequence encodes, no unknown token).
 
@@ -156,6 +158,9 @@ def train_bpe(
         out_path: where to write ``tokenizer.json`` (a ``.json`` path or a folder); None = don't save.
         special_tokens: added first, so ``<|endoftext|>`` gets id 0 by default (the document separator).
         min_frequency: minimum pair count for a merge.
+        text_field: the JSONL / parquet / HF field with the text (as :func:`gca.data.prepare.prepare`'s).
+        max_documents: train on the first this many documents only (as ``prepare``'s, so that
+            ``gca prepare --max-documents N --train-tokenizer`` reads N documents, not the whole corpus).
     Returns:
         the trained :class:`Tokenizer` (named after ``out_path`` when saved, else ``bpe-N`` with N
         its real size: a small corpus may give fewer than ``vocab_size`` ids, with a warning).
@@ -163,6 +168,10 @@ def train_bpe(
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     special_tokens = list(special_tokens)
+    if max_documents is not None:
+        from gca.config import check_counts
+
+        check_counts("train_bpe", max_documents=max_documents)
     if vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab_size (gca prepare --vocab-size) must be >= {256 + len(special_tokens)} (256 bytes + "
                          f"{len(special_tokens)} special tokens), got {vocab_size}")
@@ -179,10 +188,12 @@ def train_bpe(
     seen = [0]
 
     def counted():
-        for t in _iter_texts(files_or_iterator):
+        for t in _iter_texts(files_or_iterator, text_field):
             if t:
                 seen[0] += 1
                 yield t
+                if max_documents is not None and seen[0] >= max_documents:
+                    return  # (before the next document is read, as prepare() stops)
 
     tok.train_from_iterator(counted(), trainer)
     if seen[0] == 0:
