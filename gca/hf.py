@@ -57,7 +57,8 @@ import torch
 
 from gca.config import DRTConfig
 from gca.inference.cache import DRTCache
-from gca.model import DRT
+from gca.model import DRT, RESIDUAL_PROJECTIONS
+from gca.nn.layers import ChunkEncoder, RMSNorm
 
 # transformers 5 renamed the config base class (PretrainedConfig stays as an alias)
 _ConfigBase = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
@@ -267,8 +268,27 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ---- weights ----
     def _init_weights(self, module: torch.nn.Module) -> None:
-        """No-op: ``gca.DRT`` initialises its own weights (depth-scaled residual projections
-        included) when it is built; checkpoints overwrite them on loading."""
+        """Initialise ``module``'s own parameters as ``gca.DRT`` does when it is built: linear and
+        embedding weights ``normal(0, init_std)``, the residual branches' output projections with the
+        std divided by ``sqrt(2 x layers)``, norm weights 1, the memory-key shift 0.5.
+
+        ``from_pretrained`` builds the model without initialising it and calls this for the weights the
+        checkpoint lacks (inside ``transformers`` the loaded ones are skipped); a no-op here left those
+        weights as uninitialised memory (NaN or 1e38 in the logits)."""
+        cfg = self.config
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            std = cfg.init_std
+            names = self.__dict__.get("_init_names")
+            if names is None or id(module) not in names:  # (one walk of the modules, not one per module)
+                names = self.__dict__["_init_names"] = {id(m): n for n, m in self.named_modules()}
+            name = names.get(id(module), "")
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                std = std / (2 * self.model.config.num_layers) ** 0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            torch.nn.init.ones_(module.weight)
+        elif isinstance(module, ChunkEncoder) and getattr(module, "key_shift", None) is not None:
+            torch.nn.init.constant_(module.key_shift, 0.5)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         """The DRT's token embedding; its last row (id ``vocab_size``) is the landmark."""
@@ -357,6 +377,9 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         """``transformers``' ``generate()``, taking a streaming cache made by :meth:`new_cache` as
         ``cache=`` or ``past_key_values=`` on any ``transformers`` release: it is passed on under the
         name the installed one expects (``cache`` from 5.24, which deprecates ``past_key_values``)."""
+        ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        if isinstance(ids, torch.Tensor) and ids.dim() != 2:  # transformers failed with an IndexError
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(ids.shape)}")
         old = kwargs.pop("past_key_values", None)
         if cache is not None and old is not None:
             raise ValueError("generate() got a cache twice: pass it as cache= or as past_key_values=, not both")
@@ -400,6 +423,16 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
 
         given = past_key_values if past_key_values is not None else cache  # transformers >= 5.24 says `cache`
         stream = self._as_cache(given, use_cache and labels is None, input_ids.shape[0])
+        if attention_mask is not None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+            # a mask of another batch or length was taken silently; generate()'s covers the cached tokens too
+            B, L = input_ids.shape
+            lengths = {L} if stream is None else {L, stream.get_seq_length() + L}
+            if attention_mask.shape[0] != B or attention_mask.shape[1] not in lengths:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {(B, L)}: expected ({B}, "
+                    + " or ".join(str(n) for n in sorted(lengths)) + ")"
+                    + (" (the new tokens, or the cached ones and the new)" if len(lengths) > 1 else "")
+                )
         keep = logits_to_keep or None  # transformers' 0 = every logit
         if stream is not None:
             if labels is not None:
@@ -469,8 +502,9 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
             if seen:
                 if seen >= input_ids.shape[1]:
                     raise ValueError(
-                        f"the cache has already consumed {seen} tokens but input_ids has only "
-                        f"{input_ids.shape[1]}; pass the full sequence (cached prefix + new tokens)"
+                        f"the cache has already consumed {seen} tokens and input_ids has {input_ids.shape[1]}: "
+                        "pass the full sequence, the cached prefix followed by at least one token the cache has "
+                        "not seen (it keeps no logits, so the next token needs a new input)"
                     )
                 input_ids = input_ids[:, seen:]
         inputs = {"input_ids": input_ids.contiguous(), _GENERATE_CACHE_NAME: past_key_values, "use_cache": use_cache}

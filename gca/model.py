@@ -46,6 +46,10 @@ class DRTOutput:
     retrieval_rows: torch.Tensor | None = None
 
 
+# the residual branches' output projections (module names), initialised with std init_std / sqrt(2 x layers)
+RESIDUAL_PROJECTIONS = ("attn.o", "mlp.down", "gca.o")
+
+
 class DRT(nn.Module):
     """A DRT language model; ``cfg.arch`` selects DRT or one of the two baselines."""
 
@@ -74,7 +78,7 @@ class DRT(nn.Module):
         self.apply(self._init)
         # GPT-2 style: shrink the residual branches' output projections with depth
         for name, p in self.named_parameters():
-            if name.endswith(("attn.o.weight", "mlp.down.weight", "gca.o.weight")):
+            if name.removesuffix(".weight").endswith(RESIDUAL_PROJECTIONS):
                 nn.init.normal_(p, std=cfg.init_std / (2 * cfg.num_layers) ** 0.5)
 
     @contextlib.contextmanager

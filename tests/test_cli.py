@@ -129,6 +129,28 @@ def test_bench_streaming_refuses_counts_below_one():
         bench_streaming(model, [64, 0], progress=False)
 
 
+@pytest.mark.parametrize("cuda_graph", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the graph decode phase runs on CUDA only"))], ids=["plain", "graph"])
+def test_bench_sizes_the_chunk_memory_for_every_decode_step(monkeypatch, cuda_graph):
+    # was: max_tokens = length + decode_tokens, but a run feeds 1 + decode_tokens plain steps and, on CUDA,
+    # as many through the graph: the memory doubled inside the timed graph loop (a re-capture, two copies
+    # at the reported peak) for decode_tokens >= ~64
+    from gca.inference import bench
+    from gca.inference.cache import ChunkMemory
+
+    allocs = []
+    alloc = ChunkMemory._alloc
+    monkeypatch.setattr(ChunkMemory, "_alloc", lambda self, *a: (allocs.append(self), alloc(self, *a))[1])
+    dev = "cuda" if cuda_graph else "cpu"
+    cfg = DRTConfig.from_preset("tiny", vocab_size=97, hidden_size=32, num_heads=4, intermediate_size=64, window=80)
+    model = DRT(cfg).to(dev)
+    rows = bench.bench_streaming(model, [126], offload_modes=(False,), decode_tokens=128, prefill_chunk=64,
+                                 progress=False, cuda_graph=cuda_graph)
+    assert len(rows) == 1 and rows[0]["decode_tokens_per_s"] > 0
+    timed = allocs[-1]  # the warm-up caches come first (kept alive here: no id is reused)
+    assert sum(m is timed for m in allocs) == 1, "the timed run's chunk memory grew during the run"
+
+
 def test_bench_command(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny", "--lengths", "300,700", "--decode-tokens", "3", "--device", "cpu",

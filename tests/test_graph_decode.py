@@ -89,6 +89,14 @@ def test_graph_decoder_errors():
         dec.step(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"ids must lie in \[0, "):
         dec.step(torch.tensor([1, m.config.vocab_size]))
+    # was: float / bool ids truncated into the token buffer, a (1, 2) row taken as two sequences
+    for bad in (torch.tensor([1.7, 0.0]), torch.tensor([True, False])):
+        with pytest.raises(ValueError, match="integer tensor"):
+            dec.step(bad)
+    with pytest.raises(ValueError, match=r"shape \(batch,\) or \(batch, 1\)"):
+        dec.step(torch.tensor([[1, 2]]))
+    assert dec.cache.tokens == 0 and dec.replays == 0  # refused before touching the cache
+    assert dec.step(torch.tensor([[1], [2]], dtype=torch.int32)).shape == (2, m.config.vocab_size)
     other = DRT(tiny(hidden_size=m.config.hidden_size // 2)).eval()
     with pytest.raises(ValueError, match="another shape: head_dim"):
         GraphDecoder(other, m.new_cache(1), graph=False)

@@ -87,6 +87,38 @@ def test_save_load_round_trip(tmp_path, tie):
             torch.testing.assert_close(loaded.to_drt()(x).logits, hf.to_drt()(x).logits, rtol=0, atol=0)
 
 
+def test_weights_missing_from_a_checkpoint_get_the_drt_init(tmp_path):
+    # was: _init_weights was a no-op, so a weight the checkpoint lacked (a config with more layers than
+    # the file, a dropped tensor) kept uninitialised memory: NaN or 1e38 entries, NaN logits
+    from safetensors.torch import load_file, save_file
+    from transformers.utils import logging
+
+    torch.manual_seed(0)
+    hf = hf_model(memory_key_shift=True)
+    hf.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    dropped = ["model.lower.0.attn.o.weight", "model.lower.1.attn.qkv.weight", "model.lower.0.norm1.weight",
+               "model.encoder.key_shift"]
+    save_file({k: v for k, v in sd.items() if k not in dropped}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the load report lists the missing keys, as it should
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    finally:
+        logging.set_verbosity(verbosity)
+    params = dict(loaded.named_parameters())
+    for k, v in sd.items():
+        if k not in dropped:
+            assert torch.equal(params[k], v), k  # loaded weights are not re-initialised
+    std = 0.02 / (2 * hf.model.config.num_layers) ** 0.5  # a residual output projection: depth-scaled
+    assert abs(float(params[dropped[0]].std()) / std - 1) < 0.15
+    assert abs(float(params[dropped[1]].std()) / 0.02 - 1) < 0.15
+    assert torch.equal(params[dropped[2]], torch.ones_like(params[dropped[2]]))
+    assert torch.equal(params[dropped[3]], torch.full_like(params[dropped[3]], 0.5))
+    with torch.no_grad():
+        assert torch.isfinite(loaded(torch.randint(0, V, (2, 130))).logits).all()
+
+
 def test_from_drt_shares_parameters():
     drt = DRT(tiny())
     hf = from_drt(drt)
@@ -264,6 +296,58 @@ def test_padding_attention_mask_rejected():
     with pytest.raises(ValueError, match=r"ones_like\(input_ids\)"):
         hf.generate(x, max_new_tokens=3, pad_token_id=0, eos_token_id=1)
     assert hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=3, pad_token_id=0, eos_token_id=1).shape[1] <= 33
+
+
+def test_attention_mask_of_another_shape_and_1d_prompts_rejected():
+    # was: a mask of another batch or length was taken silently (a ones mask meant for another input),
+    # and generate() on a 1-D prompt ended in an IndexError inside transformers
+    torch.manual_seed(0)
+    hf = hf_model()
+    x = torch.randint(0, V, (2, 40))
+    for bad in ((2, 10), (3, 40), (1, 40)):
+        with pytest.raises(ValueError, match=r"attention_mask has shape"):
+            hf(x, attention_mask=torch.ones(bad, dtype=torch.long))
+    # with a cache the mask covers the new tokens, or the cached ones and the new (what generate() passes)
+    out = hf(x[:, :30], use_cache=True, attention_mask=torch.ones(2, 30))
+    cache = out.past_key_values
+    with torch.no_grad():
+        ref = hf(x).logits[:, 30:]
+    a = hf(x[:, 30:35], past_key_values=cache, attention_mask=torch.ones(2, 35)).logits
+    b = hf(x[:, 35:], past_key_values=cache, attention_mask=torch.ones(2, 5)).logits
+    torch.testing.assert_close(torch.cat([a, b], 1), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected \(2, 1 or 41\)"):
+        hf(x[:, :1], past_key_values=cache, attention_mask=torch.ones(2, 30))
+    assert cache.get_seq_length() == 40  # refused before the cache moved
+    full = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(full, hf.model.generate(x, max_new_tokens=3), rtol=0, atol=0)
+    for kw in ({"inputs": x[0]}, {"input_ids": x[0]}):
+        with pytest.raises(ValueError, match=r"shape \(batch, length\)"):
+            hf.generate(max_new_tokens=2, do_sample=False, **kw)
+    with pytest.raises(ValueError, match=r"shape \(batch, length\)"):
+        hf.generate(x[0], max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["device-mem", "offload"])
+def test_cache_continued_across_generate_and_plain_calls(offload):
+    # a cache reused: generate, plain streaming calls, generate again (the graph decoder's static step,
+    # eagerly on the CPU) gives what one native generate over the whole sequence gives
+    torch.manual_seed(0)
+    hf = hf_model(torch.float64)
+    hf.cuda_graph = True
+    x = torch.randint(0, V, (2, 150))
+    cache = hf.new_cache(2, offload=offload)
+    a = hf.generate(x, max_new_tokens=20, do_sample=False, cache=cache)
+    seq = torch.cat([a, torch.randint(0, V, (2, 30))], 1)
+    with torch.no_grad():
+        hf(seq[:, cache.get_seq_length() : -1], past_key_values=cache)
+    b = hf.generate(seq, max_new_tokens=70, do_sample=False, cache=cache)
+    torch.testing.assert_close(b, hf.model.generate(seq, max_new_tokens=70), rtol=0, atol=0)
+    assert cache.decoder.replays > 0 and cache.get_seq_length() == b.shape[1] - 1
+    # a cache that has seen every token of input_ids: was "consumed 200 tokens but input_ids has only 200"
+    with torch.no_grad():
+        hf(b[:, -1:], past_key_values=cache)
+    with pytest.raises(ValueError, match="at least one token the cache has not seen"):
+        hf.generate(b, max_new_tokens=2, do_sample=False, cache=cache)
 
 
 def test_beam_search_rejected():

@@ -78,7 +78,10 @@ def bench_streaming(
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        cache = model.new_cache(batch_size, offload=off, prefill_chunk=prefill_chunk, max_tokens=L + decode_tokens,
+        # every token the run feeds: the untimed and timed plain steps, then as many through the graph (a
+        # memory sized for fewer grew inside the timed graph loop: a re-capture, two copies at the peak)
+        steps = (decode_tokens + 1) * (2 if cuda_graph and dev.type == "cuda" else 1)
+        cache = model.new_cache(batch_size, offload=off, prefill_chunk=prefill_chunk, max_tokens=L + steps,
                                 skip_upper=skip_upper)
         if cache.memory is not None:
             cache.memory.overlap = ov

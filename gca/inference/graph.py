@@ -214,6 +214,12 @@ class GraphDecoder:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence, ``ids`` ``(B,)`` (or ``(B, 1)``); returns the logits ``(B, V)``."""
         cache, cfg = self.cache, self.cfg
+        # float or bool ids were truncated into the long token buffer, a (1, B) row read as B sequences
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            what = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"ids must be an integer tensor of token ids, got {what}")
+        if not (ids.dim() == 1 or (ids.dim() == 2 and ids.shape[1] == 1)):
+            raise ValueError(f"ids must have shape (batch,) or (batch, 1): one token per sequence, got {tuple(ids.shape)}")
         ids = ids.reshape(-1, 1)
         if ids.shape[0] != cache.batch_size:
             raise ValueError(f"ids has batch {ids.shape[0]}, the cache was made for {cache.batch_size}")
