@@ -371,6 +371,49 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_to_the_uninterrupted_run(ref
         assert train_losses(out) == train_losses(ref_out)
 
 
+class StepRowsSource(FakeSource):
+    """Rows that depend on (step, row of the step) alone, so ``grad_accum`` micro-batches of B rows hold
+    the same rows as one batch of grad_accum x B; each row's labels are masked on a random number of its
+    first positions (0 to 190 of 200, some rows wholly), so micro-batches hold very different counts."""
+
+    def __init__(self, grad_accum, **kw):
+        super().__init__(**kw)
+        self.grad_accum = grad_accum
+
+    def get_batch(self, index, batch_size, rank=0, world_size=1):
+        step, first = index // self.grad_accum, (index % self.grad_accum) * batch_size
+        ids, labels = [], []
+        for r in range(first, first + batch_size):
+            g = torch.Generator().manual_seed(step * 1009 + r)
+            ids.append(torch.randint(0, self.vocab_size, (self.seq_len,), generator=g))
+            lab = ids[-1].clone()
+            cut = int(torch.randint(0, 191, (1,), generator=g)) if r % 3 else self.seq_len  # row 0, 3, ...: no label
+            lab[:cut] = -100
+            labels.append(lab)
+        return {"input_ids": torch.stack(ids), "labels": torch.stack(labels)}
+
+
+def test_grad_accum_weights_micro_batches_by_their_labelled_tokens(tmp_path):
+    """Two micro-batches of 3 rows train as one batch of 6, though their rows hold very different numbers
+    of labelled tokens (one micro-batch's first row none at all): the same loss and gradient norm at every
+    step. The micro-batches' mean losses used to count equally, whatever their token counts."""
+    kw = dict(max_steps=3, eval_every=0, log_every=1, weight_decay=0.0)
+    train(tiny_cfg(tmp_path / "big", batch_size=6, grad_accum=1, **kw), source=StepRowsSource(1))
+    train(tiny_cfg(tmp_path / "acc", batch_size=3, grad_accum=2, **kw), source=StepRowsSource(2))
+    big, acc = [[r for r in log_rows(tmp_path / d) if "loss" in r] for d in ("big", "acc")]
+    assert len(big) == len(acc) == 3
+    for a, b in zip(acc, big):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-4)
+    # one row a micro-batch: the first holds no labelled token (its mean loss is NaN); it adds nothing,
+    # and the step is the batch of three (it used to stop the run: "the training loss is nan")
+    train(tiny_cfg(tmp_path / "big3", batch_size=3, grad_accum=1, **kw), source=StepRowsSource(1))
+    train(tiny_cfg(tmp_path / "acc3", batch_size=1, grad_accum=3, **kw), source=StepRowsSource(3))
+    big, acc = [[r for r in log_rows(tmp_path / d) if "loss" in r] for d in ("big3", "acc3")]
+    assert len(big) == len(acc) == 3 and not any(r.get("skipped_steps") for r in acc)
+    for a, b in zip(acc, big):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-4)
+
+
 def test_a_signal_during_a_checkpoint_save_stops_at_that_checkpoint(tmp_path, monkeypatch):
     """SIGTERM arriving while the step-4 checkpoint is written: the run returns at step 4 with that
     checkpoint (it used to train step 5 and save again before it looked at the signal)."""

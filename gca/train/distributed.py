@@ -80,6 +80,15 @@ def any_across_ranks(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def sum_across_ranks(n: int, info: DistInfo) -> int:
+    """The sum of an integer over all ranks (the integer itself for a world of one)."""
+    if not info.enabled:
+        return int(n)
+    t = torch.tensor([int(n)], dtype=torch.int64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     """Every rank's ``obj`` as a list indexed by rank (on every rank)."""
     if not info.enabled:

@@ -23,8 +23,11 @@ reproduces the uninterrupted run's losses bit for bit, also after a ``kill -9``.
 What the loop does, per optimizer step ``s`` (0-based; logs and checkpoints count completed steps, s + 1):
 the learning rate is :func:`gca.train.schedule.lr_at` of ``s``; micro-batch ``m`` is
 ``source.get_batch(s * grad_accum + m, batch_size, rank, world_size)``, so the data position is a function
-of the step alone; the loss of each micro-batch is divided by ``grad_accum``; DDP averages gradients across
-ranks (synchronising only on the last micro-batch); gradients are clipped to ``grad_clip`` in global norm.
+of the step alone; each micro-batch's loss (a mean over its labelled tokens) is weighted by its share of the
+labelled tokens of the whole step, every micro-batch of every rank counted, so that the step's gradient is
+that of the mean over all its labelled tokens, as one large batch gives, however the labels fall (answer-only
+losses included); DDP averages gradients across ranks (synchronising only on the last micro-batch);
+gradients are clipped to ``grad_clip`` in global norm.
 Weight decay applies to the weight matrices of linear layers only, not to norms or the (tied) embedding:
 decaying the embedding would also shrink the LM head and the landmark embedding.
 """
@@ -606,7 +609,7 @@ class _Run:
                     if k != "step" and isinstance(v, (int, float)):
                         tb.add_scalar(f"train/{k}" if not k.startswith("val") else k.replace("_", "/", 1), v, row["step"])
 
-        prefetch = _Prefetcher(self.source, cfg.batch_size, info.rank, info.world_size)
+        prefetch = _Prefetcher(self.source, cfg.batch_size, info.rank, info.world_size, cfg.grad_accum)
         t0 = time.perf_counter()
         last_t, last_tokens = t0, start * tokens_per_step
         # every skipped step of the run, those before the checkpoint included: the log's count and the
@@ -627,10 +630,13 @@ class _Run:
                 opt.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=dev)
                 copy_sum = None  # the auxiliary retrieval loss and its rows' share (retrieval_copy_loss > 0)
-                micro = []  # the step's micro-batches as the source gave them: a skipped step keeps them all
-                for m in range(cfg.grad_accum):
-                    batch = prefetch.get(s * cfg.grad_accum + m)
-                    micro.append(batch)
+                micro = prefetch.get(s)  # the step's micro-batches as the source gave them: a skipped step keeps them all
+                # each micro-batch's mean loss weighted by its share of the step's labelled tokens (all ranks;
+                # DDP's gradient average divides by the world size again): the mean over every labelled token
+                counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
+                total = D.sum_across_ranks(sum(counts), info) if cfg.grad_accum > 1 or info.enabled else sum(counts)
+                for m, batch in enumerate(micro):
+                    share = counts[m] * info.world_size / total if total > 0 else 1.0 / cfg.grad_accum
                     ids = batch["input_ids"].to(dev, non_blocking=True)
                     labels = batch["labels"].to(dev, non_blocking=True)
                     last_micro = m == cfg.grad_accum - 1
@@ -638,9 +644,10 @@ class _Run:
                     with sync:
                         with autocast():
                             out = fwd(ids, labels)
-                            loss = out.loss / cfg.grad_accum
+                            loss = out.loss / cfg.grad_accum if share == 1.0 / cfg.grad_accum else out.loss * share
                         loss.backward()
-                    loss_sum += loss.detach()
+                    if counts[m]:  # (no labelled token: its mean is NaN, weighted by 0; its gradients are 0)
+                        loss_sum += loss.detach()
                     if out.retrieval_loss is not None:
                         part = torch.stack([out.retrieval_loss.detach(), out.retrieval_rows.detach()]) / cfg.grad_accum
                         copy_sum = part if copy_sum is None else copy_sum + part
@@ -845,22 +852,27 @@ def _content_hashes(desc: Any) -> list[str]:
 
 
 class _Prefetcher:
-    """Builds batch ``index + 1`` in a background thread while batch ``index`` trains. Batches are
-    pure functions of their index, so prefetching changes nothing but the wall-clock time."""
+    """Builds step ``s + 1``'s micro-batches (``grad_accum`` of them) in a background thread while step
+    ``s`` trains. Batches are pure functions of their index, so prefetching changes nothing but the
+    wall-clock time."""
 
-    def __init__(self, source, batch_size: int, rank: int, world_size: int):
+    def __init__(self, source, batch_size: int, rank: int, world_size: int, per_step: int = 1):
         from concurrent.futures import ThreadPoolExecutor
 
         self.args = (batch_size, rank, world_size)
-        self.source = source
+        self.source, self.per_step = source, per_step
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending: dict[int, object] = {}
 
-    def get(self, index: int):
-        fut = self.pending.pop(index, None)
-        batch = fut.result() if fut is not None else self.source.get_batch(index, *self.args)
-        self.pending = {index + 1: self.pool.submit(self.source.get_batch, index + 1, *self.args)}
-        return batch
+    def _fetch(self, step: int) -> list:
+        return [self.source.get_batch(step * self.per_step + m, *self.args) for m in range(self.per_step)]
+
+    def get(self, step: int) -> list:
+        """Step ``step``'s micro-batches, in order."""
+        fut = self.pending.pop(step, None)
+        batches = fut.result() if fut is not None else self._fetch(step)
+        self.pending = {step + 1: self.pool.submit(self._fetch, step + 1)}
+        return batches
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
