@@ -25,15 +25,60 @@ import math
 import os
 import re
 import statistics
+import sys
 from collections import defaultdict
 
 TASK_NAMES = {"passkey": "single", "multikey": "multikey", "2hop": "2hop"}
 
 
-def _merge(path: str, rows: list[dict]) -> list[dict]:
+# the keys each kind of row must hold: `gca eval` outputs (read by collect) and OUT's files (merged, drawn)
+PPL_KEYS = ("model", "train_length", "context_length", "ppl", "tokens")
+TASK_KEYS = ("model", "train_length", "task", "context_length", "accuracy", "trials")
+OUT_KEYS = {"ppl.json": ("model", "context_length", "ppl"), "passkey.json": ("model", "task", "context_length", "accuracy")}
+
+
+class ResultsError(ValueError):
+    """A results file this script cannot use; the message names it (the command prints it on one line)."""
+
+
+def read_rows(path: str, keys: tuple[str, ...] = ("model",)) -> list[dict]:
+    """The rows of a results file: a JSON list of objects, each holding ``keys``. An empty file holds
+    none; anything else (not JSON, a row without one of ``keys``) is a :class:`ResultsError` naming the
+    file and the row, not a traceback from deep inside the merge."""
+    with open(path) as f:
+        text = f.read()
+    if not text.strip():
+        return []
+    try:
+        rows = json.loads(text)
+    except ValueError as e:
+        raise ResultsError(f"{path} is not JSON ({e}): remake it, or move it away") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ResultsError(f"{path} does not hold a JSON list of result rows (objects)")
+    for i, r in enumerate(rows):
+        missing = [k for k in keys if k not in r] + (["windows"] if "targets" in r and "windows" not in r else [])
+        if missing:
+            raise ResultsError(f"{path}: row {i} ({r.get('model', 'no model')}) has no {', '.join(missing)}")
+    return rows
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path`` as JSON through a temporary file and a rename, so that a stop or an error
+    mid-write leaves the previous file whole (it holds every other model's rows)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _merge(path: str, rows: list[dict], keys: tuple[str, ...] = ("model",)) -> list[dict]:
     """Rows of ``path`` whose model is not in ``rows``, then ``rows``."""
     new_models = {r["model"] for r in rows}
-    old = json.load(open(path)) if os.path.exists(path) else []
+    old = read_rows(path, keys) if os.path.exists(path) else []
     return [r for r in old if r["model"] not in new_models] + rows
 
 
@@ -43,14 +88,14 @@ def collect(runs: str, corpus: str, task_files: list[str] = ()) -> tuple[list[di
     # scored at every length, whose rows say so (targets: the tokens scored before each end point; windows)
     for f in sorted(glob.glob(os.path.join(runs, "eval", "*-ppl", "ppl.json"))
                     + glob.glob(os.path.join(runs, "eval", "*-ppl-fixed", "ppl.json"))):
-        for r in json.load(open(f)):
+        for r in read_rows(f, PPL_KEYS):
             ppl.append(dict(model=r["model"], train_length=r["train_length"], context_length=r["context_length"],
                             ppl=round(r["ppl"], 4), tokens=r["tokens"], corpus=corpus,
                             **{k: r[k] for k in ("targets", "windows") if "targets" in r}))
     pooled: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     train_len = {}
     for f in sorted(glob.glob(os.path.join(runs, "eval", "*-tasks-*", "tasks.json"))) + list(task_files):
-        for r in json.load(open(f)):
+        for r in read_rows(f, TASK_KEYS):
             # 2hop rows written before the chain form (2026-12-01) carry no hop_answer: they asked for the end point
             hop = r.get("hop_answer", "end") if r["task"] == "2hop" else ""
             key = (r["model"], TASK_NAMES[r["task"]], r["context_length"], hop)
@@ -109,18 +154,29 @@ def main() -> None:
             ap.error(f"--seed-plot takes FILE.png=TAG[,TAG...] (a file name in OUT), got {v!r}")
         seed_plots[name] = tags.split(",")
     if a.plots_only:
-        load = lambda name: json.load(open(os.path.join(a.out, name))) if os.path.exists(os.path.join(a.out, name)) else []
+        if not any(os.path.exists(os.path.join(a.out, n)) for n in OUT_KEYS):
+            ap.error(f"--plots-only: {a.out} holds neither ppl.json nor passkey.json")
+        load = lambda name: read_rows(os.path.join(a.out, name), OUT_KEYS[name]) if os.path.exists(os.path.join(a.out, name)) else []
         _plots(load("ppl.json"), load("passkey.json"), a.out, versus, seed_plots)
         _print_seed_comparison(load("ppl.json"), versus, paired, tables)
         return
+    if a.runs != "NONE" and not os.path.isdir(a.runs):
+        ap.error(f"--runs {a.runs}: no such folder (--runs NONE reads only --tasks-files)")
+    missing = [f for f in a.tasks_files if not os.path.isfile(f)]
+    if missing:
+        ap.error(f"--tasks-files: no such file {', '.join(missing)}")
     ppl, tasks = collect(a.runs, os.path.basename(os.path.normpath(a.data)), a.tasks_files)
+    if not ppl and not tasks:
+        print(f"collect_results: nothing to collect: no {a.runs}/eval/*-ppl/ppl.json, *-ppl-fixed/ppl.json or "
+              f"*-tasks-*/tasks.json rows{' and no --tasks-files' if not a.tasks_files else ''}; {a.out} is unchanged",
+              file=sys.stderr)
+        return
     os.makedirs(a.out, exist_ok=True)
     merged = {}
     for name, rows in (("ppl.json", ppl), ("passkey.json", tasks)):
-        merged[name] = _merge(os.path.join(a.out, name), rows) if rows else []
+        merged[name] = _merge(os.path.join(a.out, name), rows, OUT_KEYS[name]) if rows else []
         if rows:
-            with open(os.path.join(a.out, name), "w") as f:
-                json.dump(merged[name], f, indent=1)
+            write_rows(os.path.join(a.out, name), merged[name])
             print(f"{name}: {len(rows)} rows from {a.runs}, {len(merged[name])} in all")
     if ppl or tasks:
         _plots(merged["ppl.json"], merged["passkey.json"], a.out, versus, seed_plots)  # every model in the files
@@ -346,13 +402,18 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str, versus: dict | None = N
         # models that do not break, on a linear scale where a few percent can be seen
         axes[0].set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity",
                     title="perplexity vs context length")
+        # (over the finite values: a NaN or inf row is left out of the limits; a model whose worst value is
+        # within 3x the lowest perplexity is kept, and the model with the lowest worst value always is)
+        finite = [r for r in single if math.isfinite(r["ppl"])]
         worst: dict[str, float] = {}
-        for r in single:
+        for r in finite:
             worst[r["model"]] = max(worst.get(r["model"], 0.0), r["ppl"])
-        top = 3.0 * min(r["ppl"] for r in single)
-        kept = [r["ppl"] for r in single if worst[r["model"]] <= top]
-        axes[1].set(xscale="log", ylim=(min(kept) * 0.95, max(kept) * 1.03), xlabel="context length (tokens)",
-                    ylabel="perplexity", title="zoom: the models that do not break")
+        top = max(3.0 * min(r["ppl"] for r in finite), min(worst.values())) if finite else 0.0
+        kept = [r["ppl"] for r in finite if worst[r["model"]] <= top]
+        axes[1].set(xscale="log", xlabel="context length (tokens)", ylabel="perplexity",
+                    title="zoom: the models that do not break")
+        if kept:
+            axes[1].set_ylim(min(kept) * 0.95, max(kept) * 1.03)
         axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "ppl_vs_length.png"), dpi=120, bbox_inches="tight")
@@ -387,4 +448,7 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str, versus: dict | None = N
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ResultsError as e:
+        sys.exit(f"collect_results: error: {e}")

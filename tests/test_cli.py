@@ -424,6 +424,32 @@ def test_plot_command_draws_runs_and_names_bad_input(tmp_path, capsys):
     assert "2 labels for 1 runs" in capsys.readouterr().err
 
 
+def test_plot_tells_runs_of_one_name_apart(tmp_path, monkeypatch, capsys):
+    """Two runs whose folders share a name (or two log.jsonl files) got one label, and the first run was
+    silently left out of the plot; now their labels take as much of their paths as tells them apart, and
+    a label given twice, or a run given twice, is refused."""
+    import matplotlib.figure
+
+    runs = []
+    for parent, loss in (("a", 5.0), ("b", 3.0)):
+        run = tmp_path / parent / "drt"
+        run.mkdir(parents=True)
+        (run / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": loss}) + "\n" for s in range(1, 4)))
+        runs.append(run)
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    for given in ([str(r) for r in runs], [str(r / "log.jsonl") for r in runs]):
+        assert main(["plot", *given, "--out", str(tmp_path / "c.png")]) == 0
+        lines = {ln.get_label(): list(ln.get_ydata()) for ln in figs[-1].axes[0].get_lines()}
+        assert lines == {"a/drt": [5.0] * 3, "b/drt": [3.0] * 3}
+    capsys.readouterr()
+    assert main(["plot", *map(str, runs), "--labels", "x,x", "--out", str(tmp_path / "c.png")]) == 2
+    assert "--labels names x more than once" in capsys.readouterr().err
+    assert main(["plot", str(runs[0]), str(runs[0] / "log.jsonl"), "--out", str(tmp_path / "c.png")]) == 2
+    assert "is given more than once" in capsys.readouterr().err
+    assert len(figs) == 2
+
+
 def test_plot_keeps_each_run_in_one_colour_across_panels(tmp_path, monkeypatch):
     import matplotlib.figure
 

@@ -332,6 +332,111 @@ def test_collect_results_groups_seeds_and_plots_them(tmp_path):
     cr._plots(rows, [], str(tmp_path), {"y-small": "x-small"})
 
 
+def test_perplexity_of_uniform_logits_is_the_vocabulary_and_past_float_range_inf(tmp_path):
+    """ppl = exp(mean NLL) over the tokens scored: a model whose logits are all equal scores the vocabulary
+    size, with windows x (N - 1) tokens (N shorter than a chunk, one chunk, one past it); a mean NLL past
+    float range (a diverged model) is inf, where math.exp raised OverflowError after the whole evaluation."""
+    from gca.eval.perplexity import perplexity_vs_length
+
+    _prepare_words(tmp_path, docs=4, words_per_doc=200, vocab=30, seed=0)
+    m = DRT(tiny()).double().eval()
+    with torch.no_grad():
+        m.norm.weight.zero_()  # logits all 0: uniform over the vocabulary
+    rows = perplexity_vs_length(m, str(tmp_path / "data"), [10, 63, 64], windows=3, piece=32, progress=False)
+    assert [r["tokens"] for r in rows] == [27, 186, 189]
+    assert all(r["ppl"] == pytest.approx(m.config.vocab_size, rel=1e-12) for r in rows)
+    with torch.no_grad():
+        m.norm.weight.fill_(1e4)  # logits of +-1e4 and more: a mean NLL of thousands of nats
+    (row,) = perplexity_vs_length(m, str(tmp_path / "data"), [100], windows=2, progress=False)
+    assert row["ppl"] == math.inf and row["tokens"] == 198
+
+
+def test_ppl_plot_takes_the_rows_perplexity_vs_length_returns(tmp_path, monkeypatch):
+    """perplexity_vs_length's rows have no ``model`` (the command adds it): plot_ppl_vs_length drew them
+    with a KeyError; now one unlabelled line, in length order."""
+    import matplotlib.figure
+
+    from gca.eval.plots import plot_ppl_vs_length
+
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    rows = [{"context_length": 200, "ppl": 6.0, "tokens": 398, "windows": 2},
+            {"context_length": 100, "ppl": 5.0, "tokens": 198, "windows": 2}]
+    plot_ppl_vs_length(rows, str(tmp_path / "p.png"), train_length=100)
+    (line,) = [ln for ln in figs[0].axes[0].get_lines() if ln.get_label() != "training length"]
+    assert list(line.get_xdata()) == [100, 200] and list(line.get_ydata()) == [5.0, 6.0]
+
+
+def _collect_rows(model, ppls, lengths=(10, 20)):
+    return [{"model": model, "train_length": 10, "context_length": n, "ppl": p, "tokens": 5, "windows": 1, "corpus": "c"}
+            for n, p in zip(lengths, ppls)]
+
+
+def test_collect_results_draws_a_model_that_rises_more_than_3x_and_nan_rows(tmp_path, monkeypatch):
+    """ppl_vs_length.png's zoom kept the models whose worst value lies within 3x the lowest: a lone model
+    rising more than that (an untrained one, 5e16 -> 6e17), or a NaN row, left it none and min() raised."""
+    cr = _script("collect_results")
+    for i, rows in enumerate([_collect_rows("drt-a", [5.6e16, 6.5e17]),
+                              _collect_rows("drt-a", [float("nan"), 9.0]) + _collect_rows("swa-b", [8.0, 40.0])]):
+        out = tmp_path / str(i)
+        out.mkdir()
+        (out / "ppl.json").write_text(json.dumps(rows))
+        monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out)])
+        cr.main()
+        assert (out / "ppl_vs_length.png").stat().st_size > 1000
+
+
+def test_collect_results_names_a_bad_results_file_and_refuses_a_missing_runs_folder(tmp_path, monkeypatch, capsys):
+    cr = _script("collect_results")
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    f = runs / "eval" / "drt-ppl" / "ppl.json"
+    f.parent.mkdir(parents=True)
+    f.write_text("")  # an empty file holds no rows
+    assert cr.collect(str(runs), "c") == ([], [])
+    for text, says in (('[{"model": "drt-a", "ppl": 5', "is not JSON"), ('{"model": "drt-a"}', "does not hold a JSON list"),
+                       ('[{"model": "drt-a", "context_length": 10, "ppl": 5.0}]', "row 0 (drt-a) has no train_length, tokens"),
+                       (json.dumps([dict(_collect_rows("drt-a", [5.0])[0], targets=9)]).replace('"windows": 1, ', ""),
+                        "has no windows")):
+        f.write_text(text)
+        with pytest.raises(cr.ResultsError, match=re.escape(str(f)) + ".*" + re.escape(says)):
+            cr.collect(str(runs), "c")
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["collect_results", "--out", str(out), *args])
+        cr.main()
+
+    f.unlink()
+    run("--runs", str(runs))  # nothing to collect: said, and nothing written
+    assert "nothing to collect" in capsys.readouterr().err and not out.exists()
+    for args, says in ((("--runs", str(tmp_path / "nowhere")), "no such folder"), (("--plots-only",), "holds neither"),
+                       (("--runs", "NONE", "--tasks-files", str(tmp_path / "t.json")), "no such file")):
+        with pytest.raises(SystemExit) as e:
+            run(*args)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_collect_results_rewrites_its_files_atomically(tmp_path, monkeypatch):
+    """OUT/ppl.json holds every model's rows: a stop mid-write (here a KeyboardInterrupt from inside
+    json.dump) used to leave it cut short; it now keeps the previous file whole, with no temporary left."""
+    cr = _script("collect_results")
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    (runs / "eval" / "drt-ppl").mkdir(parents=True)
+    (runs / "eval" / "drt-ppl" / "ppl.json").write_text(json.dumps(_collect_rows("drt-new", [5.0, 4.0])))
+    out.mkdir()
+    before = json.dumps(_collect_rows("drt-old", [7.0, 6.0]), indent=1)
+    (out / "ppl.json").write_text(before)
+
+    def stopped(obj, fp, **kw):
+        fp.write('[\n {"model": "drt-o')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cr.json, "dump", stopped)
+    monkeypatch.setattr(sys, "argv", ["collect_results", "--runs", str(runs), "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        cr.main()
+    assert (out / "ppl.json").read_text() == before and sorted(p.name for p in out.iterdir()) == ["ppl.json"]
+
+
 def test_collect_results_pairs_seeds_and_finds_the_last_rise(tmp_path, monkeypatch, capsys):
     """--paired compares two seed groups seed by seed; last_step_change gives each seed's change between
     the two longest lengths."""

@@ -387,12 +387,36 @@ def read_log(path: str) -> list[dict]:
     return rows
 
 
+def run_labels(runs: list[str]) -> list[str]:
+    """``gca plot``'s default legend labels: a run folder's name (a ``log.jsonl``'s: its folder's; another
+    ``.jsonl`` file's: its name without the suffix); runs that would share a label get as many of their
+    path's folders as tell them apart (``a/drt``, ``b/drt``)."""
+    paths = []
+    for r in runs:
+        p = Path(os.path.abspath(r))
+        paths.append(p.parent if p.name == "log.jsonl" else p if p.is_dir() else p.with_suffix(""))
+    depth = [1] * len(paths)
+    while True:
+        labels = ["/".join(p.parts[-d:]) for p, d in zip(paths, depth)]
+        grow = [i for i, x in enumerate(labels) if labels.count(x) > 1 and depth[i] < len(paths[i].parts) - 1]
+        if not grow:  # (the same run given twice stays doubled: cmd_plot refuses it)
+            return labels
+        for i in grow:
+            depth[i] += 1
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from gca.eval.plots import plot_training_logs
 
-    labels = args.labels.split(",") if args.labels else [Path(r).name if Path(r).is_dir() else Path(r).stem for r in args.runs]
+    labels = args.labels.split(",") if args.labels else run_labels(args.runs)
     if len(labels) != len(args.runs):
         print(f"gca plot: error: {len(labels)} labels for {len(args.runs)} runs", file=sys.stderr)
+        return 2
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:  # (the runs of one label were drawn as one line, the last run read)
+        what = (f"--labels names {', '.join(twice)} more than once" if args.labels
+                else f"the run {', '.join(twice)} is given more than once")
+        print(f"gca plot: error: {what}: give each run its own label", file=sys.stderr)
         return 2
     try:
         logs = {label: read_log(run) for label, run in zip(labels, args.runs)}
@@ -427,7 +451,8 @@ has collapsed (README: "Watch retrieval while training").""",
         formatter_class=_FMT,
     )
     p.add_argument("runs", nargs="+", help="run folders (gca train --out) or log.jsonl files")
-    p.add_argument("--labels", default=None, help="comma-separated legend labels (default: the folder names)")
+    p.add_argument("--labels", default=None, help="comma-separated legend labels, one per run (default: the folder names; "
+                                                 "runs of one name get as much of their paths as tells them apart)")
     p.add_argument("--smooth", type=int_at_least(1), default=5, help="running mean over this many logged training steps (default 5)")
     p.add_argument("--out", default="curves.png",
                    help="the PNG to write; a folder (existing, or ending in /) gets curves.png inside it (default curves.png)")

@@ -155,7 +155,8 @@ def perplexity_vs_length(
         starts = rng.integers(0, len(tokens) - N + 1, size=windows) if targets is None else ends - N
         ids = torch.from_numpy(np.stack([np.asarray(tokens[s : s + N], dtype=np.int64) for s in starts]))
         nll, n = stream_nll(model, ids, piece=piece, offload=offload, last=targets)
-        rows.append(dict(context_length=N, ppl=math.exp(nll / n), tokens=n, windows=windows,
+        mean = nll / n  # past ~709.78 nats (a broken or diverged model) math.exp overflows: inf, not a crash
+        rows.append(dict(context_length=N, ppl=math.inf if mean > 709.78 else math.exp(mean), tokens=n, windows=windows,
                          **({"targets": targets} if targets is not None else {})))
         if on_row is not None:
             on_row(rows)

@@ -66,11 +66,13 @@ def plot_heatmap(rows: list[dict], path: str, task: str | None = None, key: str 
 
 
 def plot_ppl_vs_length(rows: list[dict], path: str, train_length: int | None = None) -> str:
-    """One line per model: perplexity against context length."""
+    """One line per model: perplexity against context length. Rows without a ``model`` (as
+    :func:`gca.eval.perplexity.perplexity_vs_length` returns them) make one unlabelled line."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model in sorted({r["model"] for r in rows}):
-        rs = sorted((r for r in rows if r["model"] == model), key=lambda r: r["context_length"])
-        ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o", label=model)
+    for model in sorted({r.get("model") for r in rows}, key=str):
+        rs = sorted((r for r in rows if r.get("model") == model), key=lambda r: r["context_length"])
+        ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o",
+                label=model if model is not None else "_nolegend_")
     ax.set_ylabel("perplexity")
     return _finish_length_plot(fig, ax, path, train_length)
 
