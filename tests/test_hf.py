@@ -119,6 +119,25 @@ def test_weights_missing_from_a_checkpoint_get_the_drt_init(tmp_path):
         assert torch.isfinite(loaded(torch.randint(0, V, (2, 130))).logits).all()
 
 
+def test_each_format_loaded_as_the_other_says_which_it_is(tmp_path):
+    """A save_pretrained folder given to gca's loader was called a corrupt checkpoint to delete; a gca folder
+    given to from_pretrained named only retrieval_top_k. Each now says what the folder is and how to load it."""
+    from gca.train import CheckpointError, load_model, save_model
+
+    m = hf_model()
+    m.save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"holds a transformers checkpoint .*DRTForCausalLM.from_pretrained") as e:
+        load_model(tmp_path / "hf")
+    assert "corrupt" not in str(e.value) and "delete" not in str(e.value)
+    save_model(m.to_drt(), tmp_path / "native")
+    with pytest.raises(ValueError, match=r"a gca checkpoint's .*gca.train.load_model\(DIR\).*gca.hf.from_drt"):
+        DRTForCausalLM.from_pretrained(tmp_path / "native")
+    # and the conversion the message gives works
+    back = load_model(save_model(DRTForCausalLM.from_pretrained(tmp_path / "hf").to_drt(), tmp_path / "conv"))
+    x = torch.randint(0, V, (1, 150))
+    torch.testing.assert_close(back(x).logits, m.to_drt()(x).logits, rtol=0, atol=0)
+
+
 def test_from_drt_shares_parameters():
     drt = DRT(tiny())
     hf = from_drt(drt)

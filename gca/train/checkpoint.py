@@ -236,6 +236,13 @@ def _read_json(path: Path, ckpt: Path) -> dict[str, Any]:
 
 def read_config(ckpt: Path) -> DRTConfig:
     d = _read_json(ckpt / CONFIG, ckpt)
+    if isinstance(d, dict) and (d.get("model_type") == "drt" or "retrieval_top_k" in d):
+        # not corrupt: the other format (it was called corrupt, to be deleted)
+        raise CheckpointError(
+            f"{ckpt} holds a transformers checkpoint (gca.hf's save_pretrained), not a gca one: load it with "
+            f"gca.hf.DRTForCausalLM.from_pretrained({str(ckpt)!r}), whose .to_drt() is the gca.DRT, or convert it "
+            f"once with gca.train.save_model(gca.hf.DRTForCausalLM.from_pretrained({str(ckpt)!r}).to_drt(), NEW_DIR)"
+        )
     try:
         return DRTConfig.from_dict(d)
     except (TypeError, ValueError) as e:
