@@ -90,7 +90,9 @@ def collect(runs: str, corpus: str, task_files: list[str] = ()) -> tuple[list[di
                     + glob.glob(os.path.join(runs, "eval", "*-ppl-fixed", "ppl.json"))):
         for r in read_rows(f, PPL_KEYS):
             ppl.append(dict(model=r["model"], train_length=r["train_length"], context_length=r["context_length"],
-                            ppl=round(r["ppl"], 4), tokens=r["tokens"], corpus=corpus,
+                            ppl=round(r["ppl"], 4), tokens=r["tokens"],
+                            # the folder the row was scored on (gca eval writes its --data), else --data's
+                            corpus=os.path.basename(os.path.normpath(r["corpus"])) if r.get("corpus") else corpus,
                             **{k: r[k] for k in ("targets", "windows") if "targets" in r}))
     pooled: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     train_len = {}
@@ -111,7 +113,7 @@ def collect(runs: str, corpus: str, task_files: list[str] = ()) -> tuple[list[di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs/repro")
-    ap.add_argument("--data", default="data/debian-docs", help="the corpus, named in ppl.json")
+    ap.add_argument("--data", default="data/debian-docs", help="the corpus named in ppl.json for rows that do not name their own")
     ap.add_argument("--out", default="results")
     ap.add_argument("--tasks-files", nargs="*", default=[],
                     help="more `gca eval tasks` outputs (tasks.json rows) to pool into passkey.json, by model")

@@ -288,10 +288,11 @@ def test_collect_results_pools_depths_and_merges_by_model(tmp_path):
     (runs / "eval" / "swa-ppl-fixed").mkdir(parents=True)
     (runs / "eval" / "swa-ppl-fixed" / "ppl.json").write_text(json.dumps(
         [{"model": "swa-s", "train_length": 100, "context_length": 400, "ppl": 5.0, "tokens": 396, "windows": 4,
-          "targets": 99}]))
+          "targets": 99, "corpus": "data/corpus-y/"}]))
     ppl, tasks = cr.collect(str(runs), "corpus-x")
+    # a row that names its corpus (gca eval writes --data) keeps it, as a folder name; others take the default
     assert ppl == [{"model": "drt-s", "train_length": 100, "context_length": 100, "ppl": 9.8765, "tokens": 400, "corpus": "corpus-x"},
-                   {"model": "swa-s", "train_length": 100, "context_length": 400, "ppl": 5.0, "tokens": 396, "corpus": "corpus-x",
+                   {"model": "swa-s", "train_length": 100, "context_length": 400, "ppl": 5.0, "tokens": 396, "corpus": "corpus-y",
                     "targets": 99, "windows": 4}]
     assert tasks == [{"model": "drt-s", "task": "single", "train_length": 100, "context_length": 400,
                       "accuracy": round(7 / 12, 4), "trials": 12}]
