@@ -496,6 +496,18 @@ def test_packed_source_names_a_token_id_outside_the_vocabulary(prepared, tmp_pat
         s.get_batch(0, 1)
 
 
+def test_a_prepared_folder_named_with_plus_or_at_is_one_source(prepared, tmp_path):
+    """`data/c++-docs` was split into the mixture `data/c` + `-docs` (and `x@y` into a weight): a spec that is
+    a prepared folder is that folder."""
+    out, _ = prepared
+    for name in ("c++-docs", "v@2"):
+        link = tmp_path / name
+        link.symlink_to(out, target_is_directory=True)
+        src = build_source(str(link), seq_len=189, seed=0)
+        assert src.get_batch(0, 2)["input_ids"].shape == (2, 189)
+        assert torch.equal(src.get_batch(3, 2)["input_ids"], build_source(str(out), seq_len=189, seed=0).get_batch(3, 2)["input_ids"])
+
+
 def test_mixture_weights_must_be_finite(prepared):
     """`DIR@inf` ended in numpy's "Probabilities contain NaN"."""
     out, _ = prepared

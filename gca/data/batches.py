@@ -275,7 +275,10 @@ def build_source(spec: str, *, seq_len: int, seed: int = 0, split: str = "train"
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("build_source: spec must be a non-empty string")
-    comps = [_parse_component(c) for c in spec.split("+")]
+    if (Path(spec.strip()).expanduser() / "meta.json").is_file():
+        comps = [(spec.strip(), 1.0)]  # a prepared folder whose name holds "+" or "@" (c++-docs): no mixture
+    else:
+        comps = [_parse_component(c) for c in spec.split("+")]
     if tokenizer is None and len(comps) > 1:
         _check_shared_tokenizer(comps)
         for base, _ in comps:
