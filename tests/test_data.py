@@ -520,3 +520,16 @@ def test_prepare_into_a_file_says_so(corpus, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="afile exists and is a file; choose another"):
         prepare([str(corpus)], tmp_path / "afile", progress=False)
+
+
+def test_train_tokenizer_command_reads_the_text_field_and_max_documents(tmp_path):
+    """`python -m gca.data train-tokenizer` had no --text-field (a JSONL corpus with another field failed)
+    nor --max-documents."""
+    from gca.data.__main__ import main
+
+    lines = [json.dumps({"content": f"doc {i}: " + "the quick brown fox jumps over the lazy dog. " * 10}) for i in range(4)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines + ["not json: past --max-documents"]) + "\n")
+    with pytest.warns(UserWarning, match="fewer than the vocab_size=300"):
+        assert main(["train-tokenizer", str(tmp_path / "d.jsonl"), "--vocab-size", "300", "--out", str(tmp_path / "tok"),
+                     "--text-field", "content", "--max-documents", "4"]) == 0
+    assert load_tokenizer(tmp_path / "tok").vocab_size > 256

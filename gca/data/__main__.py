@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("sources", nargs="+")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True, help="tokenizer.json path or folder")
+    t.add_argument("--text-field", default="text", help="the JSONL / parquet / HF field with the text")
+    t.add_argument("--max-documents", type=int, default=None, help="train on the first this many documents only")
 
     sub.add_parser("corpus", help="list what the offline corpus (debian-docs) holds here")
 
@@ -62,7 +64,7 @@ def _run(a: argparse.Namespace) -> int:
     elif a.cmd == "train-tokenizer":
         from gca.data.tokenizer import train_bpe
 
-        tok = train_bpe(a.sources, a.vocab_size, a.out)
+        tok = train_bpe(a.sources, a.vocab_size, a.out, text_field=a.text_field, max_documents=a.max_documents)
         print(tok)
     elif a.cmd == "corpus":
         from gca.data.sources import OFFLINE_CORPUS_INSTALL, _install_hint, offline_corpus_by_package
