@@ -215,6 +215,18 @@ def test_ppl_command(tmp_path, capsys):
                  "--windows", "2", "--targets", "1x", "--out", str(tmp_path / "eval_fixed"), "--device", "cpu"]) == 0  # fmt: skip
     fixed = json.loads((tmp_path / "eval_fixed" / "ppl.json").read_text())
     assert [(r["tokens"], r["targets"]) for r in fixed] == [(2 * 127, 127), (2 * 127, 127)]
+    # a diverged model (logits of +-1e4): ppl inf in the file, and a warning that says so
+    from gca.train import load_model, save_model
+
+    div = load_model(run)
+    with torch.no_grad():
+        div.norm.weight.fill_(1e4)
+    save_model(div, tmp_path / "div")
+    capsys.readouterr()
+    assert main(["eval", "ppl", "--ckpt", str(tmp_path / "div"), "--data", str(tmp_path / "data"), "--lengths", "128",
+                 "--windows", "2", "--out", str(tmp_path / "eval_div"), "--device", "cpu"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "eval_div" / "ppl.json").read_text())[0]["ppl"] == math.inf
+    assert "warning: the perplexity is not finite at context 128" in capsys.readouterr().err
 
     # scripts/gca_off_ppl.py: its "on" numbers are the ppl command's (same windows), GCA off differs
     import sys

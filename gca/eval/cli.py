@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -254,6 +255,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             x = f" ({_times(r['context_length'], train_length)})" if train_length else ""
             what = f"the same {r['tokens']} tokens (the last {r['targets']} of each window)" if targets else f"{r['tokens']} tokens"
             print(f"context {r['context_length']:>10}{x}: ppl {_fmt_ppl(r['ppl'])} over {what}")
+        bad = [r["context_length"] for r in rows if not math.isfinite(r["ppl"])]
+        if bad:
+            print(f"warning: the perplexity is not finite at context {', '.join(map(str, bad))} (NaN: a NaN in the model's "
+                  f"outputs; inf: a mean loss past ~710 nats): check the checkpoint (a diverged run?) and --dtype",
+                  file=sys.stderr)
         plot_ppl_vs_length(rows, str(out / "ppl_vs_length.png"), train_length=train_length)
         longest = longest_document(args.data)
         if longest and max(lengths) > longest:
