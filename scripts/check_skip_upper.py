@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gca.data.tasks import make_filler, make_task_sample
-from gca.eval.cli import load_for_eval
+from gca.eval.cli import check_data_tokenizer, load_for_eval
 
 
 def main() -> None:
@@ -32,6 +32,11 @@ def main() -> None:
     a = ap.parse_args()
     model, _, tok = load_for_eval(a.ckpt, a.device, "float32")
     model.eval()
+    if a.data:
+        try:
+            check_data_tokenizer(tok, a.data, "--data")
+        except ValueError as e:
+            ap.error(str(e))
     tok = tok or "embedded"
     filler = make_filler(a.data, tok, split="val") if a.data else None
     rng = np.random.default_rng(a.seed)
@@ -59,4 +64,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    import os
+    import sys
+
+    from gca.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"check_skip_upper.py: error: {e}")

@@ -89,6 +89,8 @@ def analyse(path: str, split: str, ns: list[int]) -> dict:
     result = {"data": path, "split": split, "tokens": int(len(tokens)), "documents": int(len(lengths)),
               "longest_document": int(lengths.max()), "token_share_in_documents_longer_than": doc_spread, "n": {}}
     for n in ns:
+        if n >= len(tokens):
+            raise ValueError(f"--n {n}: the {split} split of {path} has only {len(tokens)} tokens; give a smaller --n")
         h = ngram_hashes(tokens, n)
         seps = np.convolve((tokens == sep).astype(np.int64), np.ones(n + 1, dtype=np.int64), mode="valid") > 0
         keep = ~seps  # windows inside one document
@@ -164,4 +166,12 @@ def plot(results: list[dict], path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+
+    try:
+        main()
+    except (OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"far_context.py: error: {e}")

@@ -16,8 +16,8 @@ import json
 
 import torch
 
+from gca.eval.cli import check_data_tokenizer, load_for_eval
 from gca.eval.perplexity import perplexity_vs_length
-from gca.train import load_model
 
 
 def main() -> None:
@@ -37,9 +37,13 @@ def main() -> None:
     lengths = [int(x) for x in a.lengths.split(",")]
     rows = []
     for name, path in zip(names, a.ckpt):
-        m = load_model(path, device=a.device).float().eval()
+        m, _, tok = load_for_eval(path, a.device, "float32")
         if m.config.arch != "drt":
             ap.error(f"{path} is a {m.config.arch!r} model: it has no GCA to switch off")
+        try:
+            check_data_tokenizer(tok, a.data, "--data")
+        except ValueError as e:
+            ap.error(str(e))
         on = perplexity_vs_length(m, a.data, lengths, windows=a.windows, seed=a.seed, progress=False)
         with m.gca_disabled():
             off = perplexity_vs_length(m, a.data, lengths, windows=a.windows, seed=a.seed, progress=False)
@@ -54,4 +58,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    import os
+    import sys
+
+    from gca.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"gca_off_ppl.py: error: {e}")

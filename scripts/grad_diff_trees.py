@@ -22,6 +22,8 @@ import torch
 _ONE = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
+import os, gca
+assert os.path.samefile(os.path.dirname(gca.__file__), os.path.join(sys.argv[1], "gca")), gca.__file__
 from gca.config import DRTConfig
 from gca.model import DRT
 sets = dict(kv.split("=", 1) for kv in sys.argv[4].split(",") if kv)
@@ -40,7 +42,7 @@ torch.save({"loss": loss.item(), "grads": {n: p.grad.double() for n, p in m.name
 """
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("old", help="a folder holding the old tree's gca package")
     ap.add_argument("new", help="a folder holding the new tree's gca package")
@@ -48,7 +50,11 @@ def main():
     ap.add_argument("--set", default="residual=published,gca_softmax_one=true,landmark_memory=keep",
                     help="config overrides of the small preset, comma-separated k=v")
     ap.add_argument("--rel", type=float, default=1e-9, help="report parameters whose gradients differ by more (relative)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    for tree in (a.old, a.new):  # else the import below finds the installed gca and compares it with itself
+        if not os.path.isfile(os.path.join(tree, "gca", "__init__.py")):
+            ap.error(f"{tree} holds no gca package (no {os.path.join(tree, 'gca', '__init__.py')}): give the folder "
+                     "above it")
     res = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, tree in enumerate((a.old, a.new)):

@@ -12,8 +12,8 @@ before each scored, only the context before them growing. Every scored token is 
 groups by its nearest earlier exact (n + 1)-gram match (``scripts/far_context.py``: the n tokens before
 it followed by it, anywhere earlier in the split):
 
-- ``window``: the match is at most the model's attention window back (512 tokens for the presets),
-  so a sliding window can copy it;
+- ``window``: the match is at most the model's attention window back (512 tokens for the presets)
+  and inside the context, so a sliding window can copy it;
 - ``beyond window``: further back than the window but inside the context the model was given, so only
   retrieval (or full attention) can copy it;
 - ``not in context``: no match, or one before the context began.
@@ -47,10 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from far_context import match_distance, nearest_previous, ngram_hashes  # noqa: E402
 
-from gca.eval.cli import load_for_eval, parse_lengths  # noqa: E402
+from gca.eval.cli import check_data_tokenizer, load_for_eval, parse_lengths  # noqa: E402
 from gca.eval.perplexity import fixed_end_points, stream_token_nll  # noqa: E402
 
 GROUPS = ("window", "beyond window", "not in context")
+
+
+def _exp(x: float) -> float:
+    """``math.exp``, inf past the float range (a broken or diverged model's mean loss above ~709.78 nats)
+    instead of an OverflowError."""
+    return math.inf if x > 709.78 else math.exp(x)
 
 
 def copy_groups(dist: np.ndarray, n: int, ends: np.ndarray, N: int, T: int, window: int) -> np.ndarray:
@@ -60,7 +66,8 @@ def copy_groups(dist: np.ndarray, n: int, ends: np.ndarray, N: int, T: int, wind
     pos = ends[:, None] - T + np.arange(T)[None, :]
     d = match_distance(dist, n, pos)
     seen = pos - (ends[:, None] - N)  # tokens of context before each scored token
-    return np.where((d > 0) & (d <= window), 0, np.where((d > window) & (d <= seen), 1, 2))
+    inside = (d > 0) & (d <= seen)  # a match before the context began is no match for the model
+    return np.where(inside & (d <= window), 0, np.where(inside & (d > window), 1, 2))
 
 
 def reach_groups(dist: np.ndarray, n: int, ends: np.ndarray, lengths: list[int], T: int, window: int) -> np.ndarray:
@@ -130,19 +137,19 @@ def summarize(data: dict) -> list[str]:
             for label in GROUPS:
                 x = next(r for r in rows if r["model"] == first and r["context_length"] == N and r["group"] == label)
                 y = next(r for r in rows if r["model"] == name and r["context_length"] == N and r["group"] == label)
-                cells.append(f"{label} {100 * (math.exp(x['nll'] - y['nll']) - 1):+.1f}%" if x["tokens"] else f"{label} -")
+                cells.append(f"{label} {100 * (_exp(x['nll'] - y['nll']) - 1):+.1f}%" if x["tokens"] else f"{label} -")
             lines.append(f"{first} vs {name} at {N}, perplexity by group: " + ", ".join(cells))
     lo, hi = lengths[0], lengths[-1]
     for label in dict.fromkeys(r["reach"] for r in reach_rows):  # each model's level on the same tokens
         cells = []
         for name in names:
             at = {r["context_length"]: r for r in reach_rows if r["model"] == name and r["reach"] == label}
-            cells.append(f"{name} " + " / ".join("-" if not at[N]["tokens"] else f"{math.exp(at[N]['nll']):.2f}"
+            cells.append(f"{name} " + " / ".join("-" if not at[N]["tokens"] else f"{_exp(at[N]['nll']):.2f}"
                                                  for N in (lo, hi) if N in at))
         k = next(r["tokens"] for r in reach_rows if r["reach"] == label)
         lines.append(f"perplexity at {lo} / {hi}, tokens {label} ({k}): " + ", ".join(cells))
     if lo != hi:
-        pct = lambda x: f"{100 * (math.exp(x) - 1):+.2f}%"  # noqa: E731
+        pct = lambda x: f"{100 * (_exp(x) - 1):+.2f}%"  # noqa: E731
         groups = [("every token", rows, "group", None)]
         groups += [(f"tokens {r['reach']}", reach_rows, "reach", r["reach"]) for r in reach_rows
                    if r["model"] == first and r["context_length"] == lo]
@@ -195,7 +202,11 @@ def main(argv=None):
     dist = nearest_previous(ngram_hashes(tokens, a.n))
     rows, reach_rows, lengths, ends = [], [], None, None
     for name, path in named:
-        model, train_length, _ = load_for_eval(path, a.device, a.dtype)
+        model, train_length, tok = load_for_eval(path, a.device, a.dtype)
+        try:
+            check_data_tokenizer(tok, a.data, "--data")
+        except ValueError as e:
+            ap.error(f"{name}: {e}")
         these = parse_lengths(a.lengths, train_length)
         target = parse_lengths(a.targets, train_length)[0]
         if lengths is None:  # the first model fixes the text: every other model must read the same
@@ -218,13 +229,13 @@ def main(argv=None):
                 k = int(sel.sum())
                 mean = float(nll[sel].mean()) if k else float("nan")
                 rows.append(dict(model=name, context_length=N, group=label, tokens=k, share=k / group.size,
-                                 nll=mean, ppl=math.exp(mean) if k else float("nan"), window=window))
+                                 nll=mean, ppl=_exp(mean) if k else float("nan"), window=window))
             for g, label in enumerate(reach_labels(lengths)):
                 sel = reach == g
                 k = int(sel.sum())
                 reach_rows.append(dict(model=name, context_length=N, reach=label, tokens=k, share=k / reach.size,
                                        nll=float(nll[sel].mean()) if k else float("nan"), window=window))
-            ppl = math.exp(float(nll.mean()))
+            ppl = _exp(float(nll.mean()))
             print(f"{name} at {N}: ppl {ppl:.3f}; " + "; ".join(
                 f"{r['group']} {100 * r['share']:.1f}% of tokens, ppl {r['ppl']:.3f}" for r in rows[-3:]), flush=True)
             tmp = a.out + ".tmp"
@@ -239,4 +250,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+
+    from gca.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"loss_by_copy_distance.py: error: {e}")

@@ -50,8 +50,8 @@ import numpy as np
 import torch
 
 from gca.data.tasks import canonical_kind, digit_ids, make_filler, make_task_sample
+from gca.eval.cli import check_data_tokenizer, load_for_eval
 from gca.model import DRT
-from gca.train import load_model
 
 
 def _find(seq: list[int], pat: list[int]) -> int:
@@ -220,9 +220,14 @@ def main() -> None:
         raise SystemExit(f"--trials must be >= 1, got {a.trials}")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    m = load_model(a.ckpt, device=a.device).float().eval()
+    m, _, tok = load_for_eval(a.ckpt, a.device, "float32")
     if m.config.arch != "drt":
         raise SystemExit(f"{a.ckpt} is a {m.config.arch!r} model: no retrieval to inspect")
+    if a.data:
+        try:
+            check_data_tokenizer(tok, a.data, "--data")
+        except ValueError as e:
+            p.error(str(e))
     if a.top_k is not None:
         if a.top_k < 1:
             raise SystemExit(f"--top-k must be >= 1, got {a.top_k}")
@@ -318,4 +323,14 @@ def _main_repeats(m: DRT, a, task: str, rng: np.random.Generator) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+
+    from gca.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"needle_attention.py: error: {e}")

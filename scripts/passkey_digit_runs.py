@@ -136,4 +136,14 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+
+    from gca.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"passkey_digit_runs.py: error: {e}")

@@ -72,4 +72,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+
+    try:
+        main()
+    except (OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"plot_retrieval_hits.py: error: {e}")

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from far_context import match_distance, nearest_previous, ngram_hashes  # noqa: E402
 
 import gca.model as gca_model  # noqa: E402
-from gca.eval.cli import load_for_eval, parse_lengths  # noqa: E402
+from gca.eval.cli import check_data_tokenizer, load_for_eval, parse_lengths  # noqa: E402
 from gca.eval.perplexity import fixed_end_points, stream_token_nll  # noqa: E402
 from gca.retrieval import Retrieval, causal_topk  # noqa: E402
 
@@ -154,7 +154,7 @@ def oracle_rows(tg: dict, nll: np.ndarray, nll_oracle: np.ndarray, table: np.nda
                 ends: np.ndarray, N: int, T: int, window: int, P: int, bins: list[int]) -> list[dict]:
     """Per distance bin (and ``all``) of the far-copyable tokens, their perplexity as retrieved and with
     the oracle's picks; ``other``: the other scored tokens of the rows the oracle filled; ``in window``:
-    the scored tokens whose nearest match lies inside the window, as retrieved. ``nll`` / ``nll_oracle``:
+    the scored tokens whose nearest match lies inside the window (and the context), as retrieved. ``nll`` / ``nll_oracle``:
     ``(B, T)`` per-token NLLs of the scored tokens (window positions N - T .. N - 1)."""
     ppl = lambda x: float(np.exp(x.mean())) if x.size else None  # noqa: E731
     out = []
@@ -172,7 +172,7 @@ def oracle_rows(tg: dict, nll: np.ndarray, nll_oracle: np.ndarray, table: np.nda
     other = filled & ~far & ((t - 1) // P - 1 >= 0)[None]
     out.append(dict(bin="other", tokens=int(other.sum()), ppl=ppl(nll[other]), ppl_oracle=ppl(nll_oracle[other])))
     d = match_distance(dist, n, ends[:, None] - N + t[None])
-    near = (d > 0) & (d <= window)
+    near = (d > 0) & (d <= window) & (d <= t[None])  # inside the context too
     out.append(dict(bin="in window", tokens=int(near.sum()), ppl=ppl(nll[near]), ppl_oracle=ppl(nll_oracle[near])))
     return out
 
@@ -288,7 +288,11 @@ def main(argv=None):
 
     from gca.data import PackedDataset
 
-    model, train_length, _ = load_for_eval(a.ckpt, a.device, a.dtype)
+    model, train_length, tok = load_for_eval(a.ckpt, a.device, a.dtype)
+    try:
+        check_data_tokenizer(tok, a.data, "--data")
+    except ValueError as e:
+        ap.error(str(e))
     cfg = model.config
     if cfg.arch != "drt":
         ap.error(f"{a.ckpt} is a {cfg.arch!r} model; retrieval hits need a DRT")
@@ -345,4 +349,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+
+    from gca.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"retrieval_copy_hits.py: error: {e}")

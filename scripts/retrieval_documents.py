@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 import gca.model as gca_model
-from gca.eval.cli import load_for_eval, parse_lengths
+from gca.eval.cli import check_data_tokenizer, load_for_eval, parse_lengths
 from gca.eval.perplexity import document_lengths, fixed_end_points, stream_nll
 from gca.retrieval import Retrieval, causal_topk
 
@@ -186,7 +186,11 @@ def main() -> None:
 
     from gca.data import PackedDataset
 
-    model, train_length, _ = load_for_eval(a.ckpt, a.device, a.dtype)
+    model, train_length, tok = load_for_eval(a.ckpt, a.device, a.dtype)
+    try:
+        check_data_tokenizer(tok, a.data, "--data")
+    except ValueError as e:
+        ap.error(str(e))
     cfg = model.config
     if cfg.arch != "drt":
         ap.error(f"{a.ckpt} is a {cfg.arch!r} model; this script studies DRT retrieval")
@@ -212,7 +216,8 @@ def main() -> None:
                 gca_model.causal_topk = hook
                 t0 = time.time()
                 nll, n = stream_nll(model, torch.from_numpy(ids), last=T)
-                row = dict(model=a.name or a.ckpt, context_length=N, mode=mode, ppl=math.exp(nll / n), tokens=n,
+                ppl = math.inf if nll / n > 709.78 else math.exp(nll / n)  # (a diverged model: inf, not an OverflowError)
+                row = dict(model=a.name or a.ckpt, context_length=N, mode=mode, ppl=ppl, tokens=n,
                            windows=a.windows, targets=T, same_doc_weight=hook.same / max(hook.total, 1e-9),
                            same_doc_uniform=blind,
                            far_weight=hook.far_w / max(hook.total, 1e-9), far_chunks=far_chunks,
@@ -231,4 +236,14 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+
+    from gca.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"retrieval_documents.py: error: {e}")

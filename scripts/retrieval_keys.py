@@ -19,7 +19,7 @@ import json
 import torch
 
 from gca.data import build_source
-from gca.train import load_model
+from gca.eval.cli import check_data_tokenizer, load_for_eval
 
 
 def _rel_spread(k: torch.Tensor) -> float:
@@ -41,9 +41,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--out", default=None, help="write the numbers here as JSON")
     a = p.parse_args()
-    m = load_model(a.ckpt).float().eval()
+    m, _, tok = load_for_eval(a.ckpt, "cpu", "float32")
     if m.config.arch != "drt":
         raise SystemExit(f"{a.ckpt} is a {m.config.arch!r} model: no retrieval to inspect")
+    try:
+        check_data_tokenizer(tok, a.data, "--data")
+    except ValueError as e:
+        p.error(str(e))
+    P = m.config.text_per_chunk
+    if a.seq_len <= 8 * P:  # _row_spread reads the rows past the first 8 chunks
+        p.error(f"--seq-len {a.seq_len} makes at most 8 chunks of {P} tokens: give more than {8 * P}")
     ids = build_source(a.data, seq_len=a.seq_len, seed=3, split="val").get_batch(0, a.batch_size, 0, 1)["input_ids"]
     cap = {}
     enc = m.encoder
@@ -86,4 +93,14 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+
+    from gca.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"retrieval_keys.py: error: {e}")

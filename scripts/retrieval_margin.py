@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from gca.data.tasks import TaskSource
-from gca.eval.cli import _device
+from gca.eval.cli import _device, check_data_tokenizer, load_for_eval
 from gca.retrieval import causal_topk, retrieval_scores
-from gca.train.checkpoint import load_model
 
 
 def question_scores(model, prompt: torch.Tensor) -> torch.Tensor:
@@ -60,11 +59,18 @@ def main() -> None:
     a = ap.parse_args()
 
     device = _device(a.device)
-    model = load_model(a.ckpt, device=device).float().eval()
+    model, _, tok = load_for_eval(a.ckpt, device, "float32")
     if model.config.arch != "drt":
         raise SystemExit(f"{a.ckpt} is a {model.config.arch} model: it has no retrieval to measure")
+    try:
+        check_data_tokenizer(tok, a.data, "--data")
+    except ValueError as e:
+        ap.error(str(e))
+    if a.samples < 1 or a.draws < 1:
+        ap.error("--samples and --draws must be >= 1")
     src = TaskSource("passkey", a.length, filler=a.data, split="val", seed=a.seed, loss_on="answer",
-                     repeat_prob=1.0, repeat_frac=a.repeat_frac, digit_frac=a.digits)
+                     repeat_prob=1.0, repeat_frac=a.repeat_frac, digit_frac=a.digits,
+                     text_per_chunk=model.config.text_per_chunk)  # needle and question chunks on the model's grid
     gen = torch.Generator().manual_seed(a.seed)
     rows = []
     with torch.no_grad():
@@ -97,4 +103,14 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import os
+    import sys
+
+    from gca.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"retrieval_margin.py: error: {e}")

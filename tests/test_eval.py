@@ -1098,7 +1098,7 @@ def test_loss_by_copy_distance_script(tmp_path):
         for w, e in enumerate(ends):
             for j, p in enumerate(range(e - 149, e)):
                 back = next((p - q for q in range(p - 1, 1, -1) if np.array_equal(tokens[q - 2 : q + 1], tokens[p - 2 : p + 1])), 0)
-                want = 0 if 0 < back <= 40 else 1 if 40 < back <= p - (e - N) else 2
+                want = 2 if not 0 < back <= p - (e - N) else 0 if back <= 40 else 1  # (a match before the context: 2)
                 assert groups[w, j] == want, (N, p, back)
         counts = [x["tokens"] for x in rows if x["model"] == "a" and x["context_length"] == N]
         assert counts == [int((groups == g).sum()) for g in range(3)]
@@ -1654,3 +1654,140 @@ def test_ppl_targets_takes_one_length(tmp_path, capsys, monkeypatch):
     assert main(["eval", "ppl", "--ckpt", str(run), "--data", "d", "--targets", "1x,2x", "--out", str(tmp_path / "p"),
                  "--device", "cpu"]) == 2  # fmt: skip
     assert "--targets 1x,2x: give one length" in capsys.readouterr().err
+
+
+# ---- scripts/: bad input is refused with what to fix ----
+_OTHER_TOKENIZER_ARGV = {  # each script that reads --data, on the shipped model, at small sizes
+    "needle_attention": ["--length", "300", "--trials", "1"],
+    "retrieval_margin": ["--length", "300", "--samples", "1", "--draws", "2", "--device", "cpu"],
+    "retrieval_keys": ["--seq-len", "600"],
+    "gca_off_ppl": ["--lengths", "300", "--windows", "1", "--out", "{tmp}/x.json"],
+    "check_skip_upper": ["--length", "300", "--depths", "0"],
+    "loss_by_copy_distance": ["--lengths", "300", "--windows", "1", "--out", "{tmp}/x.json"],
+    "retrieval_documents": ["--lengths", "300", "--windows", "1", "--out", "{tmp}/x.json"],
+    "retrieval_copy_hits": ["--lengths", "300", "--windows", "1", "--out", "{tmp}/x.json"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OTHER_TOKENIZER_ARGV))
+def test_scripts_refuse_data_of_another_tokenizer(name, tmp_path, monkeypatch, capsys):
+    """The scripts read --data's ids with the checkpoint's tokenizer: a folder prepared with another one
+    (a 300-id BPE here) gave numbers of ids read as other words (check_skip_upper: a traceback). Each
+    now stops before any work with the message of `gca eval`."""
+    other = _prepared(tmp_path, "bpe", "bpe")
+    ckpt = ["--ckpt", f"m={SHIPPED}" if name == "loss_by_copy_distance" else SHIPPED]
+    argv = ckpt + ["--data", str(other)] + [x.replace("{tmp}", str(tmp_path)) for x in _OTHER_TOKENIZER_ARGV[name]]
+    monkeypatch.setattr(sys, "argv", [name] + argv)
+    with pytest.raises(SystemExit) as e:
+        _script(name).main()
+    assert e.value.code == 2
+    assert f"{other} was prepared with another tokenizer (bpe-300, 300 ids)" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_grad_diff_trees_refuses_a_folder_without_the_package(tmp_path, monkeypatch):
+    """grad_diff_trees.py: a tree without gca/ (a typo, or the gca folder itself) imported the installed
+    package instead and reported "0 of N gradients differ": the current code compared with itself.
+    Such a tree is refused before any process runs."""
+    gd = _script("grad_diff_trees")
+    monkeypatch.setattr(gd.subprocess, "run", lambda *a, **k: pytest.fail("ran a tree without its package"))
+    for old in (tmp_path / "missing", Path(__file__).parents[1] / "gca"):
+        with pytest.raises(SystemExit) as e:
+            gd.main([str(old), str(Path(__file__).parents[1])])
+        assert e.value.code == 2
+
+
+def test_copy_groups_put_a_match_before_the_context_in_not_in_context():
+    """loss_by_copy_distance's ``window`` group (and retrieval_copy_hits' ``in window`` row) took every
+    token whose nearest match was at most the window back, also when the match lay before the context
+    began (the first scored tokens of the shortest length): the model never saw it. Such a token is
+    ``not in context``, as the docstring says."""
+    lc, rc = _script("loss_by_copy_distance"), _script("retrieval_copy_hits")
+    N, T, n, window, ends = 20, 19, 1, 8, np.array([100])  # scored: positions 81 .. 99, with 1 .. 19 tokens before
+    dist = np.zeros(200, dtype=np.int64)
+    for pos, back in ((81, 5), (85, 12), (90, 5), (95, 12)):  # (context before it: 1, 5, 10, 15)
+        dist[pos - n] = back
+    groups = lc.copy_groups(dist, n, ends, N, T, window)[0]
+    assert {p: int(groups[p - 81]) for p in (81, 85, 90, 95)} == {81: 2, 85: 2, 90: 0, 95: 1}
+    assert (groups == 2).sum() == T - 2
+    tg = {k: np.zeros(0, dtype=np.int64) for k in ("w", "t", "d", "source", "row")}
+    nll = np.ones((1, T))
+    rows = rc.oracle_rows(tg, nll, nll, np.full((1, 1, 3), -1), dist, n, ends, N, T, window, 63, [512])
+    assert next(r for r in rows if r["bin"] == "in window")["tokens"] == 1  # position 90 alone
+
+
+def test_scripts_report_a_loss_past_the_float_range_as_inf(tmp_path, monkeypatch, capsys):
+    """A diverged model's mean loss above ~709.78 nats made math.exp raise OverflowError in
+    loss_by_copy_distance.py (the rows and the printed comparisons) and retrieval_documents.py, losing
+    the run; the perplexity is inf now, as `gca eval ppl` reports it."""
+    data, run = _prepared(tmp_path, "emb"), _saved_run(tmp_path, "r", seq_len=130)
+    lc, rd = _script("loss_by_copy_distance"), _script("retrieval_documents")
+    monkeypatch.setattr(lc, "stream_token_nll", lambda model, ids, last: torch.full((ids.shape[0], last), 800.0))
+    out = tmp_path / "lc.json"
+    rows = lc.main(["--ckpt", f"a={run}", "--ckpt", f"b={run}", "--data", str(data), "--lengths", "1x,2x",
+                    "--windows", "1", "--out", str(out)])
+    assert rows and all(r["ppl"] == math.inf for r in rows if r["tokens"])
+    assert lc.main(["--summary", str(out)]) is None
+    monkeypatch.setattr(rd, "stream_nll", lambda model, ids, last: (800.0 * last * ids.shape[0], last * ids.shape[0]))
+    monkeypatch.setattr(sys, "argv", ["retrieval_documents", "--ckpt", str(run), "--data", str(data), "--lengths", "1x",
+                                      "--windows", "1", "--out", str(tmp_path / "rd.json")])
+    rd.main()
+    assert [r["ppl"] for r in json.loads((tmp_path / "rd.json").read_text())["rows"]] == [math.inf, math.inf]
+
+
+def test_retrieval_keys_names_a_sequence_of_too_few_chunks(tmp_path, monkeypatch, capsys):
+    """retrieval_keys.py --seq-len 504 (the shipped model's training length: 8 chunks) ended in
+    "RuntimeError: stack expects a non-empty TensorList" (the score spread reads rows past the first
+    8 chunks); it says the shortest length that works now, and one token more runs."""
+    rk, data = _script("retrieval_keys"), _prepared(tmp_path, "emb")
+    monkeypatch.setattr(sys, "argv", ["retrieval_keys", "--ckpt", SHIPPED, "--data", str(data), "--seq-len", "504",
+                                      "--batch-size", "1"])
+    with pytest.raises(SystemExit):
+        rk.main()
+    assert "--seq-len 504 makes at most 8 chunks of 63 tokens: give more than 504" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", sys.argv[:-3] + ["505", "--batch-size", "1", "--out", str(tmp_path / "k.json")])
+    rk.main()
+    assert math.isfinite(json.loads((tmp_path / "k.json").read_text())["score_row_spread"])
+
+
+def test_retrieval_margin_builds_samples_on_the_models_chunk_grid(tmp_path, monkeypatch):
+    """retrieval_margin.py built its samples on the default 63-token chunks whatever the model's: for a
+    model of 32-position chunks the needle and question chunk numbers it ranked named other chunks of
+    the model's scores. The samples follow the model's text_per_chunk now."""
+    from gca.data.tasks import TaskSource
+
+    rm, data = _script("retrieval_margin"), _prepared(tmp_path, "emb")
+    run = _saved_run(tmp_path, "c32", chunk_size=32, window=64)
+    made = []
+
+    class Spy(TaskSource):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(rm, "TaskSource", Spy)
+    monkeypatch.setattr(sys, "argv", ["retrieval_margin", "--ckpt", str(run), "--data", str(data), "--length", "400",
+                                      "--samples", "1", "--draws", "2", "--device", "cpu", "--out", str(tmp_path / "m.json")])
+    rm.main()
+    (src,) = made
+    s, _ = src.sample_task(0)
+    assert src.P == 31 and s.prompt_len % 31 == 1  # the question ends on the model's chunk grid
+    assert json.loads((tmp_path / "m.json").read_text())["rows"][0]["candidates"] == s.query_chunk
+
+
+def test_scripts_say_what_is_missing_in_one_line(tmp_path):
+    """Run as commands, the scripts ended a missing checkpoint, folder or file, or an --n longer than
+    the text, in a traceback; each says what to fix in one line now (GCA_TRACEBACK=1 keeps it)."""
+    import subprocess
+
+    (tmp_path / "run").mkdir()
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, str(root / "scripts" / "needle_attention.py"), "--ckpt", str(tmp_path / "run"),
+           "--length", "300", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"needle_attention.py: error: no checkpoint in {tmp_path / 'run'}: expected " \
+                               f"{tmp_path / 'run' / 'ckpt'}/ or {tmp_path / 'run' / 'model.safetensors'} with config.json"
+    fc = _script("far_context")
+    with pytest.raises(ValueError, match="has only .* tokens; give a smaller --n"):
+        fc.main(["--data", str(_prepared(tmp_path, "emb")), "--n", "100000"])
