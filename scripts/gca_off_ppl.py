@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
-from gca.eval.cli import check_data_tokenizer, load_for_eval
+from gca.eval.cli import check_data_tokenizer, load_for_eval, parse_lengths
 from gca.eval.perplexity import perplexity_vs_length
 
 
@@ -25,7 +26,8 @@ def main() -> None:
     ap.add_argument("--ckpt", action="append", required=True, help="a run or export folder (repeatable)")
     ap.add_argument("--name", action="append", help="a name per --ckpt (default: the folder)")
     ap.add_argument("--data", default="data/debian-docs")
-    ap.add_argument("--lengths", default="4032,16128", help="context lengths in tokens, comma-separated")
+    ap.add_argument("--lengths", default="4032,16128",
+                    help="context lengths, comma-separated: tokens (4032, 64K) or multiples of the training length (4x)")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--device", default="cpu")
@@ -34,10 +36,13 @@ def main() -> None:
     names = a.name or a.ckpt
     if len(names) != len(a.ckpt):
         ap.error("give one --name per --ckpt")
-    lengths = [int(x) for x in a.lengths.split(",")]
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(out_dir):  # (said before the work, not after it)
+        ap.error(f"--out {a.out}: no folder {out_dir}")
     rows = []
     for name, path in zip(names, a.ckpt):
-        m, _, tok = load_for_eval(path, a.device, "float32")
+        m, train_length, tok = load_for_eval(path, a.device, "float32")
+        lengths = parse_lengths(a.lengths, train_length)
         if m.config.arch != "drt":
             ap.error(f"{path} is a {m.config.arch!r} model: it has no GCA to switch off")
         try:

@@ -234,7 +234,7 @@ def test_ppl_command(tmp_path, capsys):
     argv = sys.argv
     try:
         sys.argv = ["gca_off_ppl", "--ckpt", str(run), "--name", "m", "--data", str(tmp_path / "data"),
-                    "--lengths", "128,256", "--windows", "2", "--out", str(tmp_path / "off.json")]  # fmt: skip
+                    "--lengths", "1x,256", "--windows", "2", "--out", str(tmp_path / "off.json")]  # fmt: skip
         _script("gca_off_ppl").main()
         off = json.loads((tmp_path / "off.json").read_text())
         assert [r["context_length"] for r in off] == [128, 256]
