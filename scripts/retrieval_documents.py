@@ -108,18 +108,23 @@ def plot(files: list[str], out: str, data: str | None = None, labels: list[str] 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for i, f in enumerate(files):
         rows = json.load(open(f))["rows"]
+        if not rows:
+            raise ValueError(f"{f} holds no rows")
         name = labels[i] if labels else rows[0]["model"]
         color = f"C{i}"
-        base = next(r["ppl"] for r in rows if r["mode"] == "all")
+        # the model as it is (mode all), or, in a file made with --modes doc alone, the own-document rows
+        ref = "all" if any(r["mode"] == "all" for r in rows) else rows[0]["mode"]
+        base = next(r["ppl"] for r in rows if r["mode"] == ref)
         for mode, style in (("all", "-o"), ("doc", "--s")):
             rs = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["context_length"])
             if rs:
                 a1.plot([r["context_length"] for r in rs], [100 * (r["ppl"] / base - 1) for r in rs], style, color=color,
                         label=f"{name}" + (" (own document only)" if mode == "doc" else ""))
-        rs = sorted((r for r in rows if r["mode"] == "all"), key=lambda r: r["context_length"])
+        rs = sorted((r for r in rows if r["mode"] == ref), key=lambda r: r["context_length"])
         a2.plot([r["context_length"] for r in rs], [100 * r["same_doc_weight"] for r in rs], "-o", color=color, label=name)
     first = json.load(open(files[0]))
-    rs = sorted((r for r in first["rows"] if r["mode"] == "all"), key=lambda r: r["context_length"])
+    ref = "all" if any(r["mode"] == "all" for r in first["rows"]) else first["rows"][0]["mode"]
+    rs = sorted((r for r in first["rows"] if r["mode"] == ref), key=lambda r: r["context_length"])
     if "same_doc_uniform" not in rs[0] and data is not None:
         from gca.data import PackedDataset
 

@@ -931,6 +931,11 @@ def test_retrieval_documents_script(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "docs2.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="1 labels for 2 files"):
         rd.plot([str(out), str(out)], str(tmp_path / "docs3.png"), labels=["one"])
+    # a file made with --modes doc alone (its rows are the own-document ones): drawn, not a StopIteration
+    doc_only = tmp_path / "doc_only.json"
+    doc_only.write_text(json.dumps({**res, "rows": [r for r in res["rows"] if r["mode"] == "doc"]}))
+    rd.plot([str(doc_only)], str(tmp_path / "docs4.png"))
+    assert (tmp_path / "docs4.png").stat().st_size > 1000
     monkeypatch.setattr(sys, "argv", ["retrieval_documents", "--plot", str(out), "--labels", "a,b", "--out", "x.png"])
     with pytest.raises(SystemExit):
         rd.main()
