@@ -48,6 +48,9 @@ def main() -> None:
             raise SystemExit(f"expected NAME=PATH, got {spec!r}")
         runs.append((name, json.load(open(path))))
     tasks = a.tasks.split(",")
+    empty = [t for t in tasks if not any(pooled(rows, t) for _, rows in runs)]
+    if empty:  # (drawn as an empty panel, without a word)
+        raise SystemExit(f"no rows of task {', '.join(empty)} in any file; --tasks picks from those the files hold")
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for i, (name, rows) in enumerate(runs):
@@ -62,7 +65,12 @@ def main() -> None:
         ax.set_title(task)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("% of trials")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = [], []  # every panel's lines, once: a run with no rows of the first task is still named
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(runs)), fontsize=8)
     if a.title:
         fig.suptitle(a.title, fontsize=10)

@@ -1796,3 +1796,28 @@ def test_scripts_say_what_is_missing_in_one_line(tmp_path):
     fc = _script("far_context")
     with pytest.raises(ValueError, match="has only .* tokens; give a smaller --n"):
         fc.main(["--data", str(_prepared(tmp_path, "emb")), "--n", "100000"])
+
+
+def test_plot_retrieval_hits_names_every_run_and_refuses_a_task_no_file_holds(tmp_path, monkeypatch):
+    """The legend came from the first panel alone (a run without rows of the first task went unnamed),
+    and a task no file held was drawn as an empty panel without a word."""
+    import matplotlib.figure
+
+    ph = _script("plot_retrieval_hits")
+    row = lambda task, n, hit, acc: {"task": task, "context_length": n, "trials": 4, "retrieval_hit": hit, "accuracy": acc}  # noqa: E731
+    (tmp_path / "a.json").write_text(json.dumps([row("passkey", 500, 1.0, 0.5), row("passkey", 1000, 0.5, 0.25),
+                                                 row("multikey", 500, 0.75, 0.5)]))
+    (tmp_path / "b.json").write_text(json.dumps([row("multikey", 500, 0.25, 0.0)]))
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    monkeypatch.setattr(sys, "argv", ["plot_retrieval_hits", f"a={tmp_path / 'a.json'}", f"b={tmp_path / 'b.json'}",
+                                      "--out", str(tmp_path / "h.png")])
+    ph.main()
+    labels = [t.get_text() for t in figs[0].legends[0].texts]
+    assert labels == ["a: retrieval hit", "a: accuracy", "b: retrieval hit", "b: accuracy"]
+    pk = figs[0].axes[0].get_lines()[0]
+    assert list(pk.get_xdata()) == [500, 1000] and list(pk.get_ydata()) == [100.0, 50.0]
+    monkeypatch.setattr(sys, "argv", ["plot_retrieval_hits", f"a={tmp_path / 'a.json'}", "--tasks", "passkey,2hop",
+                                      "--out", str(tmp_path / "h2.png")])
+    with pytest.raises(SystemExit, match="no rows of task 2hop"):
+        ph.main()
