@@ -477,6 +477,20 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = shown
 
 
+def run_script(main, name: str) -> None:
+    """Run a script's ``main()`` (``scripts/*.py``) as ``gca`` runs a command: a missing or corrupt
+    checkpoint, a missing file or bad input (CheckpointError, OSError, ValueError) ends it with one line,
+    ``NAME: error: MESSAGE``, and exit status 1; ``GCA_TRACEBACK=1`` shows the traceback instead."""
+    from gca.train.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, OSError, ValueError) as e:
+        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
+            raise
+        sys.exit(f"{name}: error: {e}")
+
+
 def _close_progress_bars() -> None:
     """End any progress bar still open, so that the error line starts on a line of its own."""
     try:

@@ -166,12 +166,6 @@ def plot(results: list[dict], path: str) -> None:
 
 
 if __name__ == "__main__":
-    import os
-    import sys
+    from gca.cli import run_script  # missing files, bad input: one line
 
-    try:
-        main()
-    except (OSError, ValueError) as e:  # missing files, bad input: one line
-        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
-            raise
-        sys.exit(f"far_context.py: error: {e}")
+    run_script(main, "far_context.py")

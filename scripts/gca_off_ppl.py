@@ -63,14 +63,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    import os
-    import sys
+    from gca.cli import run_script  # missing files, bad input: one line
 
-    from gca.train.checkpoint import CheckpointError
-
-    try:
-        main()
-    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
-        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
-            raise
-        sys.exit(f"gca_off_ppl.py: error: {e}")
+    run_script(main, "gca_off_ppl.py")

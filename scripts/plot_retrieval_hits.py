@@ -80,12 +80,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import os
-    import sys
+    from gca.cli import run_script  # missing files, bad input: one line
 
-    try:
-        main()
-    except (OSError, ValueError) as e:  # missing files, bad input: one line
-        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
-            raise
-        sys.exit(f"plot_retrieval_hits.py: error: {e}")
+    run_script(main, "plot_retrieval_hits.py")

@@ -349,14 +349,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import os
-    import sys
+    from gca.cli import run_script  # missing files, bad input: one line
 
-    from gca.train.checkpoint import CheckpointError
-
-    try:
-        main()
-    except (CheckpointError, OSError, ValueError) as e:  # missing files, bad input: one line
-        if os.environ.get("GCA_TRACEBACK", "") not in ("", "0"):
-            raise
-        sys.exit(f"retrieval_copy_hits.py: error: {e}")
+    run_script(main, "retrieval_copy_hits.py")
