@@ -414,6 +414,31 @@ def test_grad_accum_weights_micro_batches_by_their_labelled_tokens(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-4)
 
 
+def test_tensorboard_events_past_the_resume_point_are_purged_on_a_fresh_start_too(tmp_path, monkeypatch):
+    """A run killed before its first checkpoint starts afresh at step 0: its TensorBoard events of steps 1..k
+    must go as those past a checkpoint do (purge_step was None on a fresh start, so they stayed, doubled).
+    (tensorboard is not a test dependency: a stand-in SummaryWriter records how it was opened.)"""
+    import types
+
+    opened = []
+
+    class Writer:
+        def __init__(self, logdir, purge_step=None):
+            opened.append(purge_step)
+
+        def add_scalar(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    kw = dict(max_steps=4, save_every=2, eval_every=0, tensorboard=True)
+    train(tiny_cfg(tmp_path / "r", stop_at=2, **kw), **sources())
+    train(tiny_cfg(tmp_path / "r", **kw), **sources())
+    assert opened == [1, 3]  # the fresh start purges from step 1, the resume from step 3
+
+
 def test_a_signal_during_a_checkpoint_save_stops_at_that_checkpoint(tmp_path, monkeypatch):
     """SIGTERM arriving while the step-4 checkpoint is written: the run returns at step 4 with that
     checkpoint (it used to train step 5 and save again before it looked at the signal)."""

@@ -511,8 +511,9 @@ class _Run:
         except ImportError:
             self.say("tensorboard is not installed: no TensorBoard events (pip install tensorboard); log.jsonl has every row")
             return None
-        # purge_step drops events a killed run wrote past the checkpoint
-        return SummaryWriter(str(self.out / "tb"), purge_step=start + 1 if start else None)
+        # purge_step drops events a killed run wrote past the checkpoint, or, on a fresh start after a run
+        # killed before its first checkpoint, every event it wrote (nothing to drop in a new folder)
+        return SummaryWriter(str(self.out / "tb"), purge_step=start + 1)
 
     # ---- the loop ----
     def run(self) -> TrainResult:
