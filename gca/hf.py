@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 from typing import Any
 
 try:
@@ -268,6 +269,19 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = DRT(config.to_drt_config())
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``transformers``' ``from_pretrained``; a ``gca train`` run folder (its weights in ``ckpt/``, no
+        ``config.json`` at the top) is named as one, with how to load it, instead of "no model.safetensors"."""
+        path = Path(str(pretrained_model_name_or_path)).expanduser()
+        if path.is_dir() and not (path / "config.json").exists() and (path / "ckpt" / "config.json").exists():
+            raise ValueError(
+                f"{path} is a gca training run, not a transformers checkpoint: load its model with "
+                f"gca.train.load_model({str(path)!r}) and wrap it with gca.hf.from_drt(model) (then save_pretrained "
+                f"makes a transformers folder)"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # ---- weights ----
     def _init_weights(self, module: torch.nn.Module) -> None:

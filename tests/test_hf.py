@@ -132,6 +132,9 @@ def test_each_format_loaded_as_the_other_says_which_it_is(tmp_path):
     save_model(m.to_drt(), tmp_path / "native")
     with pytest.raises(ValueError, match=r"a gca checkpoint's .*gca.train.load_model\(DIR\).*gca.hf.from_drt"):
         DRTForCausalLM.from_pretrained(tmp_path / "native")
+    save_model(m.to_drt(), tmp_path / "run" / "ckpt")  # a run folder: its model in ckpt/ ("no model.safetensors")
+    with pytest.raises(ValueError, match=r"run is a gca training run, not a transformers checkpoint: .*load_model"):
+        DRTForCausalLM.from_pretrained(tmp_path / "run")
     # and the conversion the message gives works
     back = load_model(save_model(DRTForCausalLM.from_pretrained(tmp_path / "hf").to_drt(), tmp_path / "conv"))
     x = torch.randint(0, V, (1, 150))
