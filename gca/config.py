@@ -24,6 +24,11 @@ def check_counts(where: str, **counts: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
 
+def integer_dtype(dtype) -> bool:
+    """Whether token ids of this torch dtype are integers (bool, float and complex are not)."""
+    return not (dtype.is_floating_point or dtype.is_complex or str(dtype) == "torch.bool")
+
+
 def _is_int(v: Any) -> bool:
     """An integer, numpy's included, but not a bool (True is an int to Python)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"

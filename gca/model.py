@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gca.config import DRTConfig, _is_int, check_counts
+from gca.config import DRTConfig, _is_int, check_counts, integer_dtype
 from gca.inference.cache import ChunkMemory, DRTCache, RingKV
 from gca.nn.layers import ChunkEncoder, DecoderLayer, RMSNorm, UpperLayer, rope_cos_sin
 from gca.retrieval import Retrieval, causal_topk, copy_retrieval_loss, copy_targets, retrieval_scores, shift_to_queries
@@ -48,6 +48,11 @@ class DRTOutput:
 
 # the residual branches' output projections (module names), initialised with std init_std / sqrt(2 x layers)
 RESIDUAL_PROJECTIONS = ("attn.o", "mlp.down", "gca.o")
+
+
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """How many labels ``DRT.forward``'s loss averages over: each position's next label that is not -100."""
+    return int((labels[:, 1:] != -100).sum())
 
 
 class DRT(nn.Module):
@@ -114,7 +119,7 @@ class DRT(nn.Module):
         """``input_ids`` as torch.long (any integer dtype is taken), after checking type, shape and range."""
         if not isinstance(input_ids, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        if not integer_dtype(input_ids.dtype):
             raise ValueError(f"{name} must be an integer tensor (torch.long), got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"{name} must have shape (batch, length), got {tuple(input_ids.shape)}")
@@ -533,9 +538,7 @@ class DRT(nn.Module):
                 raise ValueError("eos_token_id is an empty list; pass None for no end-of-sequence id")
             # an id the model cannot produce never ends a sequence, and a float one was truncated to an int
             V = self.config.vocab_size
-            if eos.dtype.is_floating_point or eos.dtype.is_complex or eos.dtype == torch.bool or not (
-                (eos >= 0) & (eos < V)
-            ).all():
+            if not integer_dtype(eos.dtype) or not ((eos >= 0) & (eos < V)).all():
                 raise ValueError(f"eos_token_id must be integer token ids in [0, {V}), got {eos_token_id!r}")
             eos = eos.long()
         was_training = self.training

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from gca.config import integer_dtype
 from gca.inference.cache import DRTCache
 from gca.nn.layers import apply_rope, rope_cos_sin
 from gca.ops.sliding_window import sdpa
@@ -215,7 +216,7 @@ class GraphDecoder:
         """Feed one token per sequence, ``ids`` ``(B,)`` (or ``(B, 1)``); returns the logits ``(B, V)``."""
         cache, cfg = self.cache, self.cfg
         # float or bool ids were truncated into the long token buffer, a (1, B) row read as B sequences
-        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        if not isinstance(ids, torch.Tensor) or not integer_dtype(ids.dtype):
             what = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"ids must be an integer tensor of token ids, got {what}")
         if not (ids.dim() == 1 or (ids.dim() == 2 and ids.shape[1] == 1)):

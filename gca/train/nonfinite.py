@@ -10,7 +10,7 @@ to reproduce the step in ``DIR/nonfinite/``:
 
 :func:`replay_nonfinite` (``gca replay-nonfinite DIR``) runs that batch through those weights again,
 forward and backward as training does (train mode, bf16 autocast on CUDA, one micro-batch after the
-other, each loss divided by their number), under PyTorch's anomaly
+other, each loss weighted by its share of the labelled tokens), under PyTorch's anomaly
 detection: it names the backward function that first returned a non-finite value, the model code
 that made it in the forward, and the parameters whose gradients end non-finite. Training-time noise
 (Gumbel noise on retrieval scores) is drawn afresh, so a failure that depends on one draw may not
@@ -117,7 +117,7 @@ def replay_nonfinite(
         anomaly detector's error (which backward function returned NaN / inf; None if none did), and
         ``forward_frames`` the frames (outside PyTorch) of the forward call that created that function.
     """
-    from gca.model import DRT
+    from gca.model import DRT, labelled_tokens
     from gca.train.checkpoint import load_weights, read_config
 
     if not Path(run).is_dir():
@@ -141,11 +141,17 @@ def replay_nonfinite(
         model.zero_grad(set_to_none=True)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and bf16 else contextlib.nullcontext()
         total = torch.zeros((), device=dev)
-        for i, lab in zip(ids.chunk(micro), labels.chunk(micro)):
+        parts = list(zip(ids.chunk(micro), labels.chunk(micro)))
+        counts = [labelled_tokens(lab) for _, lab in parts]
+        for (i, lab), n in zip(parts, counts):
+            # weighted by its share of the labelled tokens, as training weighs it (this rank's tokens: the
+            # dump holds no other); a micro-batch without labels adds nothing (its mean loss is NaN)
+            share = n / sum(counts) if sum(counts) else 1.0 / micro
             with ctx:
-                loss = model(i, lab).loss / micro
+                loss = model(i, lab).loss * share
             loss.backward()
-            total += loss.detach().float()
+            if n:
+                total += loss.detach().float()
         return total
 
     # first without anomaly mode: every gradient is computed, so the bad parameters can be listed

@@ -56,7 +56,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gca.config import ARCHS, DRTConfig
-from gca.model import DRT
+from gca.model import DRT, labelled_tokens
 from gca.retrieval import COLLAPSED_SPREAD, retrieval_health
 from gca.train import distributed as D
 from gca.train.checkpoint import (
@@ -634,7 +634,7 @@ class _Run:
                 micro = prefetch.get(s)  # the step's micro-batches as the source gave them: a skipped step keeps them all
                 # each micro-batch's mean loss weighted by its share of the step's labelled tokens (all ranks;
                 # DDP's gradient average divides by the world size again): the mean over every labelled token
-                counts = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
+                counts = [labelled_tokens(b["labels"]) for b in micro]
                 total = D.sum_across_ranks(sum(counts), info) if cfg.grad_accum > 1 or info.enabled else sum(counts)
                 for m, batch in enumerate(micro):
                     share = counts[m] * info.world_size / total if total > 0 else 1.0 / cfg.grad_accum
