@@ -144,6 +144,20 @@ def _aot(shapes, nbuf, dump, fast_math=False):
             setattr(gca_gluon, n, f)
 
 
+def inputs(B, C, H, Hk, D, K, seed, dev="cuda"):
+    """Random bf16 inputs of chunk length 64 (S = Sm), softmax weights, every third query chunk's last slot
+    empty (when K > 1)."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q = torch.randn(B, C, 64, H, D, device=dev, dtype=torch.bfloat16, generator=g)
+    mk = torch.randn(B, C, 64, Hk, D, device=dev, dtype=torch.bfloat16, generator=g)
+    mv = torch.randn(B, C, 64, Hk, D, device=dev, dtype=torch.bfloat16, generator=g)
+    idx = torch.randint(0, C, (B, C, K), device=dev, generator=g)
+    if K > 1:
+        idx[:, ::3, -1] = -1  # empty slots
+    w = torch.softmax(torch.randn(B, C, K, device=dev, generator=g), -1)
+    return q, mk, mv, idx, w
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--aot", action="store_true", help="compile for sm_90a only (no GPU needed)")
@@ -175,17 +189,6 @@ def main():
 
     dev = "cuda"
     print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__, "| nbuf", args.nbuf, "| fast_math", args.fast_math)
-
-    def inputs(B, C, H, Hk, D, K, seed):
-        g = torch.Generator(device=dev).manual_seed(seed)
-        q = torch.randn(B, C, 64, H, D, device=dev, dtype=torch.bfloat16, generator=g)
-        mk = torch.randn(B, C, 64, Hk, D, device=dev, dtype=torch.bfloat16, generator=g)
-        mv = torch.randn(B, C, 64, Hk, D, device=dev, dtype=torch.bfloat16, generator=g)
-        idx = torch.randint(0, C, (B, C, K), device=dev, generator=g)
-        if K > 1:
-            idx[:, ::3, -1] = -1  # empty slots
-        w = torch.softmax(torch.randn(B, C, K, device=dev, generator=g), -1)
-        return q, mk, mv, idx, w
 
     bad = 0
     # small shapes against the float64 reference (K not a multiple of the ring, K = 1, grouped heads, D = 128)

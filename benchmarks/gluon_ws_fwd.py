@@ -19,8 +19,9 @@ Gluon forward overlaps inside a warpgroup but issues its own copies, paying barr
 
 Measured on an H200 on 2026-12-03 (`benchmarks/results/gluon_ws_fwd_nvidia-h200_2026-12-03.txt`; the
 section "A warp-specialised, persistent Gluon forward" of `KERNEL_NOTES.md`): right everywhere checked,
-and slower than the Triton forward at D = 64 in every configuration (SPEC shape: 0.374 ms at best against
-0.334-0.352); at D = 128, 4% faster than the package's Gluon forward in one run (0.312 against 0.326 ms).
+and slower than the Triton forward at D = 64 in every configuration (SPEC shape: 0.373 ms at best against
+0.334-0.352); at D = 128, 4% faster than the package's Gluon forward in two runs (0.312-0.314 against
+0.326-0.327 ms).
 Kept as the record of the attempt; the package does not use it.
 """
 
@@ -45,204 +46,75 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gca.ops.gca_gluon import _lg2_approx, _mma_layout, _tile_offsets  # noqa: E402
+from gca.ops.gca_gluon import _barriers, _lg2_approx, _mma_layout, _tile_offsets  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gluon_kernels import inputs  # noqa: E402  (the same random inputs as the Gluon kernels' checks)
 
 
 @gluon.jit
-def _bars(N: gl.constexpr):
-    bars = gl.allocate_shared_memory(gl.int64, [N, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(N):
-        mbarrier.init(bars.index(j), count=1)
-    return bars
+def _item(t, n_items, H: gl.constexpr):
+    """Item t's (query chunk pc = b * Cq + c, query head h), numbered head-major: the query chunk fastest,
+    so the CTAs running together share a head (its slice of the memory stays in L2)."""
+    n_pc = n_items // H
+    return t % n_pc, t // n_pc
 
 
 @gluon.jit
-def _loader_one(j: gl.constexpr, q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items,
-            q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-            H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-            NC: gl.constexpr, NBUF: gl.constexpr, PAIR: gl.constexpr):
-    """One warp: the TMA copies of math warpgroup j, whose item number n of this CTA is t = task * NC + j,
-    (h, pc) = divmod(t, B * Cq). Its rings are buffers j * NBUF .. (j + 1) * NBUF - 1 (keys, values) and
-    j * 2, j * 2 + 1 (queries); a buffer's fill f waits for its "empty" barrier's phase f - 1. Each
-    slot's key is issued before the previous slot's value, which is released last (after its P V)."""
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    n_tasks = gl.cdiv(n_items, NC)
+def _fill(desc, IDX, pc, K: gl.constexpr, slot, base, hk, D: gl.constexpr, S: gl.constexpr, bar, dst):
+    """Start the TMA copy of the tile (key or value) of retrieved chunk IDX[pc, slot] into dst; an empty
+    slot (-1), or one past K, copies the wholly out-of-bounds box at row -S, which TMA fills with zeros."""
+    idx = gl.load(IDX + pc * K + slot, mask=slot < K, other=-1)
+    row = gl.where(idx >= 0, (base + idx) * S, -S).to(gl.int32)
+    tma.async_copy_global_to_shared(desc, [row, hk * D], bar, dst)
+
+
+@gluon.jit
+def _loader(j: gl.constexpr, descs, bufs, H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr,
+            D: gl.constexpr, NC: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, TILES: gl.constexpr):
+    """One warp: the TMA copies of math warpgroup j, whose n-th item in this CTA is t = task * NC + j. Its
+    rings: queries in buffers j * QBUF + (n % QBUF), keys and values in ring buffers j * NBUF + (g % NBUF)
+    (g: the step's number in the warpgroup's stream; a step is TILES slots, buffer b holding tiles
+    b * TILES ..); a buffer's fill f waits for its "empty" barrier's phase f - 1. Each step's keys are
+    issued before the previous step's values, which are released last (after their P V)."""
+    q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items = descs
+    q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bufs
+    KP: gl.constexpr = (K + TILES - 1) // TILES
     n = 0
-    for task in range(pid, n_tasks, nprog):
+    for task in range(gl.program_id(0), gl.cdiv(n_items, NC), gl.num_programs(0)):
         t = task * NC + j
         if t < n_items:
-            pc = t % (n_items // H)  # head-major: the CTAs running together share a head (its memory stays in L2)
-            hk = (t // (n_items // H)) // G
-            qb = j * 2 + n % 2
-            mbarrier.wait(q_empty.index(qb), ((n // 2) & 1) ^ 1)
-            mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [pc * S, (t // (n_items // H)) * D], q_ready.index(qb), q_smem.index(qb))
+            pc, h = _item(t, n_items, H)
+            hk = h // G
             base = (pc // Cq) * Cm
-            prev_row = 0
-            for i in range(K):
-                g = n * K + i  # this slot's number in the warpgroup's stream
-                idx = gl.load(IDX + pc * K + i)
-                row = gl.where(idx >= 0, (base + idx) * S, -S).to(gl.int32)  # an empty slot: zeros
-                kb = j * NBUF + g % NBUF
-                mbarrier.wait(k_empty.index(kb), ((g // NBUF) & 1) ^ 1)
-                mbarrier.expect(k_ready.index(kb), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [row, hk * D], k_ready.index(kb), k_smem.index(kb))
-                if i > 0:
-                    vb = j * NBUF + (g - 1) % NBUF
-                    mbarrier.wait(v_empty.index(vb), (((g - 1) // NBUF) & 1) ^ 1)
-                    mbarrier.expect(v_ready.index(vb), v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(v_desc, [prev_row, hk * D], v_ready.index(vb), v_smem.index(vb))
-                prev_row = row
-            g = n * K + K - 1
-            vb = j * NBUF + g % NBUF
-            mbarrier.wait(v_empty.index(vb), ((g // NBUF) & 1) ^ 1)
-            mbarrier.expect(v_ready.index(vb), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [prev_row, hk * D], v_ready.index(vb), v_smem.index(vb))
-            n += 1
-
-
-@gluon.jit
-def _softmax(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, SOFTMAX_ONE: gl.constexpr, dtype: gl.constexpr):
-    """Slot i's softmax of the raw scores (fp32): stores its log-sum-exp, returns P * w_i / l_i."""
-    m = gl.max(s, axis=1) * qk_scale
-    if SOFTMAX_ONE:
-        m = gl.maximum(m, 0.0)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m, 1))
-    l = gl.sum(p, axis=1)
-    if SOFTMAX_ONE:
-        l += gl.exp2(-m)
-    w = gl.where(gl.load(IDX + i) >= 0, gl.load(W + i).to(gl.float32), 0.0)
-    gl.store(LSE + i * S + rows, (m + _lg2_approx(l)) * 0.6931471805599453)
-    return (p * gl.expand_dims(gl.fdiv(w, l), 1)).to(dtype)
-
-
-@gluon.jit
-def _consumer_one(j: gl.constexpr, IDX, W, O, LSE, n_items, qk_scale,
-              q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-              H: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-              NC: gl.constexpr, NBUF: gl.constexpr, SOFTMAX_ONE: gl.constexpr, PAIR: gl.constexpr):
-    """Math warpgroup j: its items' forwards, each slot's buffers released as soon as the wgmma reading
-    them is known complete."""
-    dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = _mma_layout(4, S)
-    o_layout: gl.constexpr = _mma_layout(4, D)
-    rows = gl.arange(0, S, layout=gl.SliceLayout(1, s_layout))
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    n_tasks = gl.cdiv(n_items, NC)
-    p_buf = p_smem.index(j)
-    n = 0
-    for task in range(pid, n_tasks, nprog):
-        t = task * NC + j
-        if t < n_items:
-            pc = t % (n_items // H)
-            h = t // (n_items // H)
-            idx_i = IDX + pc * K
-            w_i = W + pc * K
-            lse_i = LSE + (pc * H + h) * (K * S)  # (B, Cq, H, K, S) contiguous
-            qb = j * 2 + n % 2
-            q_buf = q_smem.index(qb)
-            g0 = n * K
-            mbarrier.wait(q_ready.index(qb), (n // 2) & 1)
-            kb = j * NBUF + g0 % NBUF
-            mbarrier.wait(k_ready.index(kb), (g0 // NBUF) & 1)
-            s_tok = warpgroup_mma(q_buf, k_smem.index(kb).permute((1, 0)), gl.zeros([S, S], gl.float32, s_layout),
-                                  use_acc=False, is_async=True)
-            acc = warpgroup_mma_init(gl.zeros([S, D], gl.float32, o_layout))
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-            mbarrier.arrive(k_empty.index(kb))
-            for i in range(K - 1):
-                g = g0 + i
-                nb = j * NBUF + (g + 1) % NBUF
-                mbarrier.wait(k_ready.index(nb), ((g + 1) // NBUF) & 1)
-                s_tok = warpgroup_mma(q_buf, k_smem.index(nb).permute((1, 0)), gl.zeros([S, S], gl.float32, s_layout),
-                                      use_acc=False, is_async=True)
-                p = _softmax(s, idx_i, w_i, lse_i, i, rows, qk_scale, S, SOFTMAX_ONE, dtype)
-                # in flight: [P V of slot i - 1], Q K^T of slot i + 1: one left means P V i - 1 is done
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                mbarrier.arrive(v_empty.index(j * NBUF + (g - 1) % NBUF), pred=i > 0)
-                p_buf.store(p)
-                fence_async_shared()
-                cb = j * NBUF + g % NBUF
-                mbarrier.wait(v_ready.index(cb), (g // NBUF) & 1)
-                acc = warpgroup_mma(p_buf, v_smem.index(cb), acc, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-                mbarrier.arrive(k_empty.index(nb))
-            mbarrier.arrive(q_empty.index(qb))  # every Q K^T of the item is done
-            g = g0 + K - 1
-            p = _softmax(s, idx_i, w_i, lse_i, K - 1, rows, qk_scale, S, SOFTMAX_ONE, dtype)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(v_empty.index(j * NBUF + (g - 1) % NBUF), pred=K > 1)
-            p_buf.store(p)
-            fence_async_shared()
-            cb = j * NBUF + g % NBUF
-            mbarrier.wait(v_ready.index(cb), (g // NBUF) & 1)
-            acc = warpgroup_mma(p_buf, v_smem.index(cb), acc, is_async=True)
-            out = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(v_empty.index(cb))
-            offs = _tile_offsets(pc * S, H, h, S, D, o_layout)
-            gl.store(O + offs, out.to(dtype))
-            n += 1
-
-
-@gluon.jit
-def _loader_pair(j: gl.constexpr, q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items,
-                 q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                 H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-                 NC: gl.constexpr, NBUF: gl.constexpr):
-    """`_loader_one` two slots a step: ring buffer b holds tiles 2b and 2b + 1 (slots 2s and 2s + 1) under
-    one barrier. A slot past K (odd K) loads the wholly out-of-bounds box: zeros."""
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    n_tasks = gl.cdiv(n_items, NC)
-    KP: gl.constexpr = (K + 1) // 2
-    n = 0
-    for task in range(pid, n_tasks, nprog):
-        t = task * NC + j
-        if t < n_items:
-            pc = t % (n_items // H)  # head-major: the CTAs running together share a head (its memory stays in L2)
-            hk = (t // (n_items // H)) // G
-            qb = j * 2 + n % 2
-            mbarrier.wait(q_empty.index(qb), ((n // 2) & 1) ^ 1)
+            qb = j * QBUF + n % QBUF
+            mbarrier.wait(q_empty.index(qb), ((n // QBUF) & 1) ^ 1)
             mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [pc * S, (t // (n_items // H)) * D], q_ready.index(qb), q_smem.index(qb))
-            base = (pc // Cq) * Cm
-            prev0 = 0
-            prev1 = 0
-            for st in range(KP):
-                g = n * KP + st
-                i0 = 2 * st
-                idx0 = gl.load(IDX + pc * K + i0)
-                idx1 = gl.load(IDX + pc * K + i0 + 1, mask=i0 + 1 < K, other=-1)
-                row0 = gl.where(idx0 >= 0, (base + idx0) * S, -S).to(gl.int32)
-                row1 = gl.where(idx1 >= 0, (base + idx1) * S, -S).to(gl.int32)
-                kb = j * NBUF + g % NBUF
-                mbarrier.wait(k_empty.index(kb), ((g // NBUF) & 1) ^ 1)
-                mbarrier.expect(k_ready.index(kb), 2 * k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [row0, hk * D], k_ready.index(kb), k_smem.index(2 * kb))
-                tma.async_copy_global_to_shared(k_desc, [row1, hk * D], k_ready.index(kb), k_smem.index(2 * kb + 1))
-                if st > 0:
-                    vb = j * NBUF + (g - 1) % NBUF
-                    mbarrier.wait(v_empty.index(vb), (((g - 1) // NBUF) & 1) ^ 1)
-                    mbarrier.expect(v_ready.index(vb), 2 * v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(v_desc, [prev0, hk * D], v_ready.index(vb), v_smem.index(2 * vb))
-                    tma.async_copy_global_to_shared(v_desc, [prev1, hk * D], v_ready.index(vb), v_smem.index(2 * vb + 1))
-                prev0 = row0
-                prev1 = row1
-            g = n * KP + KP - 1
-            vb = j * NBUF + g % NBUF
-            mbarrier.wait(v_empty.index(vb), ((g // NBUF) & 1) ^ 1)
-            mbarrier.expect(v_ready.index(vb), 2 * v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [prev0, hk * D], v_ready.index(vb), v_smem.index(2 * vb))
-            tma.async_copy_global_to_shared(v_desc, [prev1, hk * D], v_ready.index(vb), v_smem.index(2 * vb + 1))
+            tma.async_copy_global_to_shared(q_desc, [pc * S, h * D], q_ready.index(qb), q_smem.index(qb))
+            for st in range(KP + 1):
+                if st < KP:  # this step's keys
+                    g = n * KP + st
+                    kb = j * NBUF + g % NBUF
+                    mbarrier.wait(k_empty.index(kb), ((g // NBUF) & 1) ^ 1)
+                    mbarrier.expect(k_ready.index(kb), TILES * k_desc.block_type.nbytes)
+                    for u in gl.static_range(TILES):
+                        _fill(k_desc, IDX, pc, K, st * TILES + u, base, hk, D, S, k_ready.index(kb),
+                              k_smem.index(kb * TILES + u))
+                if st > 0:  # the step before's values
+                    g = n * KP + st - 1
+                    vb = j * NBUF + g % NBUF
+                    mbarrier.wait(v_empty.index(vb), ((g // NBUF) & 1) ^ 1)
+                    mbarrier.expect(v_ready.index(vb), TILES * v_desc.block_type.nbytes)
+                    for u in gl.static_range(TILES):
+                        _fill(v_desc, IDX, pc, K, (st - 1) * TILES + u, base, hk, D, S, v_ready.index(vb),
+                              v_smem.index(vb * TILES + u))
             n += 1
 
 
 @gluon.jit
-def _softmax_masked(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, K: gl.constexpr, SOFTMAX_ONE: gl.constexpr,
-                    dtype: gl.constexpr):
-    """`_softmax` for a slot i that may lie past K (odd K's last step): then weight 0 and no LSE stored."""
+def _softmax(s, IDX, W, i, qk_scale, K: gl.constexpr, SOFTMAX_ONE: gl.constexpr, dtype: gl.constexpr):
+    """Slot i's softmax of the raw scores (fp32): ``(P * w_i / l_i, its log-sum-exp)``; a slot past K (odd
+    K's last pair) weighs 0."""
     m = gl.max(s, axis=1) * qk_scale
     if SOFTMAX_ONE:
         m = gl.maximum(m, 0.0)
@@ -251,230 +123,197 @@ def _softmax_masked(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, K: gl.co
     if SOFTMAX_ONE:
         l += gl.exp2(-m)
     inside = i < K
-    idx = gl.load(IDX + i, mask=inside, other=-1)
-    w = gl.where(idx >= 0, gl.load(W + i, mask=inside, other=0.0).to(gl.float32), 0.0)
-    gl.store(LSE + i * S + rows, (m + _lg2_approx(l)) * 0.6931471805599453, mask=(rows >= 0) & inside)
-    return (p * gl.expand_dims(gl.fdiv(w, l), 1)).to(dtype)
+    w = gl.where(gl.load(IDX + i, mask=inside, other=-1) >= 0, gl.load(W + i, mask=inside, other=0.0).to(gl.float32), 0.0)
+    return (p * gl.expand_dims(gl.fdiv(w, l), 1)).to(dtype), (m + _lg2_approx(l)) * 0.6931471805599453
 
 
 @gluon.jit
-def _consumer_pair(j: gl.constexpr, IDX, W, O, LSE, n_items, qk_scale,
-                   q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                   H: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-                   NC: gl.constexpr, NBUF: gl.constexpr, SOFTMAX_ONE: gl.constexpr):
-    """`_consumer_one` two slots a step: both slots' Q K^T issued together (two accumulators), two
-    independent softmaxes for the scheduler to interleave, both P V into the output, and one wait and
-    one release of each ring buffer per two slots."""
+def _store_lse(LSE, i, rows, lse, S: gl.constexpr, K: gl.constexpr):
+    gl.store(LSE + i * S + rows, lse, mask=(rows >= 0) & (i < K))
+
+
+@gluon.jit
+def _pv(acc, p_bufs, ps, v_smem, v_ready, v_empty, j: gl.constexpr, g, has_prev, NBUF: gl.constexpr, TILES: gl.constexpr):
+    """Step g's P V (its TILES slots), once the step before's P V is known done (acc waited for): release
+    that step's value buffer (has_prev: there is one), store P, fence, wait for this step's values, issue.
+    Returns the accumulator."""
+    mbarrier.arrive(v_empty.index(j * NBUF + (g - 1) % NBUF), pred=has_prev)
+    for u in gl.static_range(TILES):
+        p_bufs.index(j * TILES + u).store(ps[u])
+    fence_async_shared()
+    cb = j * NBUF + g % NBUF
+    mbarrier.wait(v_ready.index(cb), (g // NBUF) & 1)
+    for u in gl.static_range(TILES):
+        acc = warpgroup_mma(p_bufs.index(j * TILES + u), v_smem.index(cb * TILES + u), acc, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _scores(q_buf, k_smem, kb, TILES: gl.constexpr, S: gl.constexpr, s_layout: gl.constexpr):
+    """Issue the Q K^T of ring buffer kb's TILES tiles (asynchronously): their tokens."""
+    toks = ()
+    for u in gl.static_range(TILES):
+        toks = toks + (warpgroup_mma(q_buf, k_smem.index(kb * TILES + u).permute((1, 0)),
+                                     gl.zeros([S, S], gl.float32, s_layout), use_acc=False, is_async=True),)
+    return toks
+
+
+@gluon.jit
+def _consumer(j: gl.constexpr, ptrs, bufs, H: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
+              NC: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, SOFTMAX_ONE: gl.constexpr,
+              TILES: gl.constexpr, OVERLAP: gl.constexpr):
+    """Math warpgroup j: its items, TILES slots a step. OVERLAP: step st + 1's Q K^T is issued before step
+    st's softmaxes (one more set of score tiles live); else each step waits for its own scores, as the
+    Triton kernel does. Each buffer is released as soon as the wgmma reading it is known complete; the
+    LSEs are stored after the step's P V is issued, so the P store's fence does not wait for them."""
+    IDX, W, O, LSE, n_items, qk_scale = ptrs
+    q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bufs
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = _mma_layout(4, S)
     o_layout: gl.constexpr = _mma_layout(4, D)
     rows = gl.arange(0, S, layout=gl.SliceLayout(1, s_layout))
-    KP: gl.constexpr = (K + 1) // 2
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    n_tasks = gl.cdiv(n_items, NC)
-    p0_buf = p_smem.index(2 * j)
-    p1_buf = p_smem.index(2 * j + 1)
+    KP: gl.constexpr = (K + TILES - 1) // TILES
     n = 0
-    for task in range(pid, n_tasks, nprog):
+    for task in range(gl.program_id(0), gl.cdiv(n_items, NC), gl.num_programs(0)):
         t = task * NC + j
         if t < n_items:
-            pc = t % (n_items // H)
-            h = t // (n_items // H)
+            pc, h = _item(t, n_items, H)
             idx_i = IDX + pc * K
             w_i = W + pc * K
-            lse_i = LSE + (pc * H + h) * (K * S)
-            qb = j * 2 + n % 2
+            lse_i = LSE + (pc * H + h) * (K * S)  # (B, Cq, H, K, S) contiguous
+            qb = j * QBUF + n % QBUF
             q_buf = q_smem.index(qb)
             g0 = n * KP
-            mbarrier.wait(q_ready.index(qb), (n // 2) & 1)
-            kb = j * NBUF + g0 % NBUF
-            mbarrier.wait(k_ready.index(kb), (g0 // NBUF) & 1)
-            t0 = warpgroup_mma(q_buf, k_smem.index(2 * kb).permute((1, 0)), gl.zeros([S, S], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
-            t1 = warpgroup_mma(q_buf, k_smem.index(2 * kb + 1).permute((1, 0)), gl.zeros([S, S], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
+            mbarrier.wait(q_ready.index(qb), (n // QBUF) & 1)
             acc = warpgroup_mma_init(gl.zeros([S, D], gl.float32, o_layout))
-            s0, s1 = warpgroup_mma_wait(num_outstanding=0, deps=(t0, t1))
-            mbarrier.arrive(k_empty.index(kb))
-            for st in range(KP - 1):
-                g = g0 + st
-                nb = j * NBUF + (g + 1) % NBUF
-                mbarrier.wait(k_ready.index(nb), ((g + 1) // NBUF) & 1)
-                t0 = warpgroup_mma(q_buf, k_smem.index(2 * nb).permute((1, 0)),
-                                   gl.zeros([S, S], gl.float32, s_layout), use_acc=False, is_async=True)
-                t1 = warpgroup_mma(q_buf, k_smem.index(2 * nb + 1).permute((1, 0)),
-                                   gl.zeros([S, S], gl.float32, s_layout), use_acc=False, is_async=True)
-                p0 = _softmax_masked(s0, idx_i, w_i, lse_i, 2 * st, rows, qk_scale, S, K, SOFTMAX_ONE, dtype)
-                p1 = _softmax_masked(s1, idx_i, w_i, lse_i, 2 * st + 1, rows, qk_scale, S, K, SOFTMAX_ONE, dtype)
-                # in flight: [the two P V of step st - 1], the two Q K^T of step st + 1
-                acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
-                mbarrier.arrive(v_empty.index(j * NBUF + (g - 1) % NBUF), pred=st > 0)
-                p0_buf.store(p0)
-                p1_buf.store(p1)
-                fence_async_shared()
-                cb = j * NBUF + g % NBUF
-                mbarrier.wait(v_ready.index(cb), (g // NBUF) & 1)
-                acc = warpgroup_mma(p0_buf, v_smem.index(2 * cb), acc, is_async=True)
-                acc = warpgroup_mma(p1_buf, v_smem.index(2 * cb + 1), acc, is_async=True)
-                s0, s1 = warpgroup_mma_wait(num_outstanding=2, deps=(t0, t1))
-                mbarrier.arrive(k_empty.index(nb))
-            mbarrier.arrive(q_empty.index(qb))
-            g = g0 + KP - 1
-            p0 = _softmax_masked(s0, idx_i, w_i, lse_i, 2 * (KP - 1), rows, qk_scale, S, K, SOFTMAX_ONE, dtype)
-            p1 = _softmax_masked(s1, idx_i, w_i, lse_i, 2 * (KP - 1) + 1, rows, qk_scale, S, K, SOFTMAX_ONE, dtype)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(v_empty.index(j * NBUF + (g - 1) % NBUF), pred=KP > 1)
-            p0_buf.store(p0)
-            p1_buf.store(p1)
-            fence_async_shared()
-            cb = j * NBUF + g % NBUF
-            mbarrier.wait(v_ready.index(cb), (g // NBUF) & 1)
-            acc = warpgroup_mma(p0_buf, v_smem.index(2 * cb), acc, is_async=True)
-            acc = warpgroup_mma(p1_buf, v_smem.index(2 * cb + 1), acc, is_async=True)
+            if OVERLAP:
+                kb = j * NBUF + g0 % NBUF
+                mbarrier.wait(k_ready.index(kb), (g0 // NBUF) & 1)
+                ss = warpgroup_mma_wait(num_outstanding=0, deps=_scores(q_buf, k_smem, kb, TILES, S, s_layout))
+                if TILES == 1:
+                    ss = (ss,)
+                mbarrier.arrive(k_empty.index(kb))
+                for st in range(KP - 1):
+                    g = g0 + st
+                    nb = j * NBUF + (g + 1) % NBUF
+                    mbarrier.wait(k_ready.index(nb), ((g + 1) // NBUF) & 1)
+                    toks = _scores(q_buf, k_smem, nb, TILES, S, s_layout)  # step st + 1's, during these softmaxes
+                    ps = ()
+                    lses = ()
+                    for u in gl.static_range(TILES):
+                        p, lse = _softmax(ss[u], idx_i, w_i, st * TILES + u, qk_scale, K, SOFTMAX_ONE, dtype)
+                        ps = ps + (p,)
+                        lses = lses + (lse,)
+                    # in flight: [step st - 1's P V], step st + 1's Q K^T: leave the newer TILES
+                    acc = warpgroup_mma_wait(num_outstanding=TILES, deps=(acc,))
+                    acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, st > 0, NBUF, TILES)
+                    for u in gl.static_range(TILES):
+                        _store_lse(lse_i, st * TILES + u, rows, lses[u], S, K)
+                    ss = warpgroup_mma_wait(num_outstanding=TILES, deps=toks)
+                    if TILES == 1:
+                        ss = (ss,)
+                    mbarrier.arrive(k_empty.index(nb))
+                mbarrier.arrive(q_empty.index(qb))  # every Q K^T of the item is done
+                g = g0 + KP - 1
+                ps = ()
+                lses = ()
+                for u in gl.static_range(TILES):
+                    p, lse = _softmax(ss[u], idx_i, w_i, (KP - 1) * TILES + u, qk_scale, K, SOFTMAX_ONE, dtype)
+                    ps = ps + (p,)
+                    lses = lses + (lse,)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, KP > 1, NBUF, TILES)
+                for u in gl.static_range(TILES):
+                    _store_lse(lse_i, (KP - 1) * TILES + u, rows, lses[u], S, K)
+            else:
+                for st in range(KP):
+                    g = g0 + st
+                    kb = j * NBUF + g % NBUF
+                    mbarrier.wait(k_ready.index(kb), (g // NBUF) & 1)
+                    toks = _scores(q_buf, k_smem, kb, TILES, S, s_layout)
+                    ss = warpgroup_mma_wait(num_outstanding=0, deps=toks)  # and step st - 1's P V
+                    if TILES == 1:
+                        ss = (ss,)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    mbarrier.arrive(k_empty.index(kb))
+                    mbarrier.arrive(q_empty.index(qb), pred=st == KP - 1)
+                    ps = ()
+                    lses = ()
+                    for u in gl.static_range(TILES):
+                        p, lse = _softmax(ss[u], idx_i, w_i, st * TILES + u, qk_scale, K, SOFTMAX_ONE, dtype)
+                        ps = ps + (p,)
+                        lses = lses + (lse,)
+                    acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, st > 0, NBUF, TILES)
+                    for u in gl.static_range(TILES):
+                        _store_lse(lse_i, st * TILES + u, rows, lses[u], S, K)
             out = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(v_empty.index(cb))
-            offs = _tile_offsets(pc * S, H, h, S, D, o_layout)
-            gl.store(O + offs, out.to(dtype))
+            mbarrier.arrive(v_empty.index(j * NBUF + (g0 + KP - 1) % NBUF))
+            gl.store(O + _tile_offsets(pc * S, H, h, S, D, o_layout), out.to(dtype))
             n += 1
-
-
-@gluon.jit
-def _loader(j: gl.constexpr, q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items,
-            q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-            H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-            NC: gl.constexpr, NBUF: gl.constexpr, PAIR: gl.constexpr):
-    if PAIR:
-        _loader_pair(j, q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty,
-                     k_ready, k_empty, v_ready, v_empty, H, G, K, S, D, NC, NBUF)
-    else:
-        _loader_one(j, q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty,
-                    k_ready, k_empty, v_ready, v_empty, H, G, K, S, D, NC, NBUF, PAIR)
-
-
-@gluon.jit
-def _consumer(j: gl.constexpr, IDX, W, O, LSE, n_items, qk_scale,
-              q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-              H: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-              NC: gl.constexpr, NBUF: gl.constexpr, SOFTMAX_ONE: gl.constexpr, PAIR: gl.constexpr):
-    if PAIR:
-        _consumer_pair(j, IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty,
-                       k_ready, k_empty, v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE)
-    else:
-        _consumer_one(j, IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty,
-                      k_ready, k_empty, v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE, PAIR)
-
-
-@gluon.jit
-def _consumer0(IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-               v_ready, v_empty, H: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr, NC: gl.constexpr,
-               NBUF: gl.constexpr, SOFTMAX_ONE: gl.constexpr, PAIR: gl.constexpr):
-    _consumer(0, IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-              v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE, PAIR)
-
-
-@gluon.jit
-def _consumer1(IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-               v_ready, v_empty, H: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr, NC: gl.constexpr,
-               NBUF: gl.constexpr, SOFTMAX_ONE: gl.constexpr, PAIR: gl.constexpr):
-    _consumer(1, IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-              v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE, PAIR)
-
-
-@gluon.jit
-def _consumer2(IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-               v_ready, v_empty, H: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr, NC: gl.constexpr,
-               NBUF: gl.constexpr, SOFTMAX_ONE: gl.constexpr, PAIR: gl.constexpr):
-    _consumer(2, IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-              v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE, PAIR)
-
-
-@gluon.jit
-def _loader0(q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-             v_ready, v_empty, H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-             NC: gl.constexpr, NBUF: gl.constexpr, PAIR: gl.constexpr):
-    _loader(0, q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-            v_ready, v_empty, H, G, K, S, D, NC, NBUF, PAIR)
-
-
-@gluon.jit
-def _loader1(q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-             v_ready, v_empty, H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-             NC: gl.constexpr, NBUF: gl.constexpr, PAIR: gl.constexpr):
-    _loader(1, q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-            v_ready, v_empty, H, G, K, S, D, NC, NBUF, PAIR)
-
-
-@gluon.jit
-def _loader2(q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-             v_ready, v_empty, H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-             NC: gl.constexpr, NBUF: gl.constexpr, PAIR: gl.constexpr):
-    _loader(2, q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-            v_ready, v_empty, H, G, K, S, D, NC, NBUF, PAIR)
 
 
 @gluon.jit
 def _gca_fwd_ws(q_desc, k_desc, v_desc, IDX, W, O, LSE, Cq, Cm, n_items, qk_scale,
                 H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
-                NC: gl.constexpr, NBUF: gl.constexpr, SOFTMAX_ONE: gl.constexpr, PAIR: gl.constexpr,
+                NC: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, TILES: gl.constexpr,
+                OVERLAP: gl.constexpr, SOFTMAX_ONE: gl.constexpr,
                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [NC * 2, S, D], q_desc.layout)
-    TILES: gl.constexpr = 2 if PAIR else 1  # tiles a ring buffer
+    q_smem = gl.allocate_shared_memory(dtype, [NC * QBUF, S, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [NC * NBUF * TILES, S, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NC * NBUF * TILES, S, D], v_desc.layout)
     p_smem = gl.allocate_shared_memory(dtype, [NC * TILES, S, S], gl.NVMMASharedLayout.get_default_for([S, S], dtype))
-    q_ready = _bars(NC * 2)
-    q_empty = _bars(NC * 2)
-    k_ready = _bars(NC * NBUF)
-    k_empty = _bars(NC * NBUF)
-    v_ready = _bars(NC * NBUF)
-    v_empty = _bars(NC * NBUF)
-    # (the argument tuples are written out in each call: a tuple assigned to a name first turns its
-    # constexprs into int32 scalars)
+    bufs = (q_smem, k_smem, v_smem, p_smem, _barriers(NC * QBUF), _barriers(NC * QBUF), _barriers(NC * NBUF),
+            _barriers(NC * NBUF), _barriers(NC * NBUF), _barriers(NC * NBUF))
+    ptrs = (IDX, W, O, LSE, n_items, qk_scale)
+    descs = (q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items)
+    # The constexprs go in each partition's argument tuple as written here: a tuple assigned to a name
+    # first turns its constexprs into int32 scalars (which is why ptrs, bufs and descs hold none).
     if NC == 1:
         gl.warp_specialize([
-            (_consumer0, (IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-                       v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE, PAIR)),
-            (_loader0, (q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-                    v_ready, v_empty, H, G, K, S, D, NC, NBUF, PAIR)),
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
         ], [1], [LOADER_REGS])
     elif NC == 2:
         gl.warp_specialize([
-            (_consumer0, (IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-                       v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE, PAIR)),
-            (_consumer1, (IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-                       v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE, PAIR)),
-            (_loader0, (q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-                    v_ready, v_empty, H, G, K, S, D, NC, NBUF, PAIR)),
-            (_loader1, (q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-                    v_ready, v_empty, H, G, K, S, D, NC, NBUF, PAIR)),
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (1, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
         ], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     elif NC == 3:
         gl.warp_specialize([
-            (_consumer0, (IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-                       v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE, PAIR)),
-            (_consumer1, (IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-                       v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE, PAIR)),
-            (_consumer2, (IDX, W, O, LSE, n_items, qk_scale, q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty,
-                       v_ready, v_empty, H, K, S, D, NC, NBUF, SOFTMAX_ONE, PAIR)),
-            (_loader0, (q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-                    v_ready, v_empty, H, G, K, S, D, NC, NBUF, PAIR)),
-            (_loader1, (q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-                    v_ready, v_empty, H, G, K, S, D, NC, NBUF, PAIR)),
-            (_loader2, (q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
-                    v_ready, v_empty, H, G, K, S, D, NC, NBUF, PAIR)),
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_consumer, (2, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (1, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (2, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
         ], [4, 4, 1, 1, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS, LOADER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_consumer, (2, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_consumer, (3, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (1, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (2, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (3, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+        ], [4, 4, 4, 1, 1, 1, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS, LOADER_REGS,
+                                   LOADER_REGS, LOADER_REGS])
 
 
-
-def gca_fwd_ws(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nc=3, nbuf=2, consumer_regs=None,
-               loader_regs=24, maxnreg=None, grid=None, ctas=1, pair=False):
-    """`gca_triton.gca_fwd` for S = Sm = 64, D in {64, 128}, contiguous bf16 / fp16 inputs: ``(out, lse)``."""
+def gca_fwd_ws(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nc=3, nbuf=3, qbuf=2, pair=False,
+               overlap=True, ctas=1, consumer_regs=None, loader_regs=24, maxnreg=None, grid=None):
+    """`gca_triton.gca_fwd` for S = Sm = 64, D in {64, 128}, contiguous bf16 / fp16 inputs: ``(out, lse)``.
+    nc math warpgroups a CTA (1-4), each with its loader warp; nbuf key / value buffers a warpgroup (of two
+    tiles each with ``pair``), qbuf query buffers; ``overlap``: the next slot's Q K^T before this slot's
+    softmax (``pair`` always overlaps); ctas CTAs an SM, the grid looping over the items."""
     B, Cq, S, H, D = q.shape
     _, Cm, Sm, Hk, _ = mem_k.shape
     K = indices.shape[-1]
-    assert S == Sm == 64 and D in (64, 128) and K >= 1 and nc in (1, 2, 3)
+    assert S == Sm == 64 and D in (64, 128) and K >= 1 and nc in (1, 2, 3, 4) and qbuf in (1, 2)
     scale = D**-0.5 if scale is None else float(scale)
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     lay = gl.NVMMASharedLayout.get_default_for([S, D], gdt)
@@ -483,18 +322,19 @@ def gca_fwd_ws(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None,
     out = torch.empty_like(q)
     lse = torch.empty((B, Cq, H, K, S), dtype=torch.float32, device=q.device)
     n_items = B * Cq * H
-    warps = 4 * nc + 4  # the nc one-warp loaders are padded to a warpgroup
+    groups = nc + 1  # warpgroups: nc math, and the nc one-warp loaders padded to one
     if maxnreg is None:
-        maxnreg = min(256, (65536 // (warps * 32 * ctas)) // 8 * 8)  # ctas: CTAs an SM
-    if consumer_regs is None:  # what is left after the loader, shared evenly
-        consumer_regs = min(240, ((maxnreg * warps // 4 - loader_regs) // nc) // 8 * 8)  # per warpgroup
+        maxnreg = min(256, (65536 // (groups * 128 * ctas)) // 8 * 8)
+    if consumer_regs is None:  # what the loaders leave, shared evenly (registers a thread, by warpgroup)
+        consumer_regs = min(240, ((maxnreg * groups - loader_regs) // nc) // 8 * 8)
     if grid is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
         grid = min(sms * ctas, triton.cdiv(n_items, nc))
     _gca_fwd_ws[(grid,)](
         q_desc, k_desc, v_desc, indices, weights, out, lse, Cq, Cm, n_items, scale * 1.4426950408889634,
-        H=H, G=H // Hk, K=K, S=S, D=D, NC=nc, NBUF=nbuf, SOFTMAX_ONE=bool(softmax_one), PAIR=bool(pair),
-        CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg,
+        H=H, G=H // Hk, K=K, S=S, D=D, NC=nc, NBUF=nbuf, QBUF=qbuf, TILES=2 if pair else 1, OVERLAP=bool(overlap),
+        SOFTMAX_ONE=bool(softmax_one), CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, num_warps=4,
+        maxnreg=maxnreg,
     )
     return out, lse
 
@@ -528,8 +368,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one small check per config, then stop")
     ap.add_argument("--ncu", action="store_true", help="only run the nc=3 forward 3 times at the SPEC shape (for ncu)")
     args = ap.parse_args()
-    configs = [dict(nc=3, nbuf=3), dict(nc=3, nbuf=2), dict(nc=2, nbuf=2, pair=True), dict(nc=1, nbuf=2, pair=True, ctas=2),
-               dict(nc=2, nbuf=2, D=128)]
+    configs = [dict(nc=3, nbuf=3), dict(nc=3, nbuf=3, overlap=False), dict(nc=4, nbuf=2, qbuf=1, overlap=False),
+               dict(nc=4, nbuf=2, qbuf=1), dict(nc=2, nbuf=2, pair=True), dict(nc=2, nbuf=2, D=128)]
     if args.aot:
         _aot(configs, args.dump)
         return
@@ -542,17 +382,6 @@ def main():
     dev = "cuda"
     print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
           "|", time.strftime("%Y-%m-%d"), flush=True)
-
-    def inputs(B, C, H, Hk, D, K, seed):
-        g = torch.Generator(device=dev).manual_seed(seed)
-        q = torch.randn(B, C, 64, H, D, device=dev, dtype=torch.bfloat16, generator=g)
-        mk = torch.randn(B, C, 64, Hk, D, device=dev, dtype=torch.bfloat16, generator=g)
-        mv = torch.randn(B, C, 64, Hk, D, device=dev, dtype=torch.bfloat16, generator=g)
-        idx = torch.randint(0, C, (B, C, K), device=dev, generator=g)
-        if K > 1:
-            idx[:, ::3, -1] = -1
-        w = torch.softmax(torch.randn(B, C, K, device=dev, generator=g), -1)
-        return q, mk, mv, idx, w
 
     bad = 0
     if args.ncu:
