@@ -393,7 +393,12 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, *args: Any, cache: DRTHFCache | None = None, **kwargs: Any):
         """``transformers``' ``generate()``, taking a streaming cache made by :meth:`new_cache` as
         ``cache=`` or ``past_key_values=`` on any ``transformers`` release: it is passed on under the
-        name the installed one expects (``cache`` from 5.24, which deprecates ``past_key_values``)."""
+        name the installed one expects (``cache`` from 5.24, which deprecates ``past_key_values``).
+
+        Runs in eval mode and puts a training model back afterwards, as ``gca.DRT.generate`` does: in
+        training mode retrieval adds Gumbel noise (and distractor chunks, where configured) to every
+        forward, so a model left in ``train()`` generated noise-dependent text, different with and without
+        the cache."""
         ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
         if isinstance(ids, torch.Tensor) and ids.dim() != 2:  # transformers failed with an IndexError
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(ids.shape)}")
@@ -403,7 +408,12 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
         given = cache if cache is not None else old
         if given is not None:
             kwargs[_GENERATE_CACHE_NAME] = given
-        return super().generate(*args, **kwargs)
+        was_training = self.training
+        self.eval()
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.train(was_training)
 
     # ---- forward ----
     def forward(

@@ -247,6 +247,25 @@ def test_greedy_generate_equals_drt_generate_and_forward_chain():
         hf.generate(prompt, max_new_tokens=2, cache=hf.new_cache(2), past_key_values=hf.new_cache(2))
 
 
+def test_generate_in_training_mode_runs_in_eval_and_restores_the_mode():
+    """A model left in train() generated Gumbel-noised, cache-dependent text; generate() now runs in eval
+    mode, as gca.DRT.generate does, and gives the mode back."""
+    torch.manual_seed(1)
+    hf = hf_model(torch.float64, retrieval_distractors=1)
+    prompt = torch.randint(0, V, (1, 2 * P + 50))
+    hf.eval()
+    want = hf.generate(prompt, max_new_tokens=12, do_sample=False)
+    hf.train()
+    for use_cache in (True, False):
+        torch.manual_seed(2 + use_cache)  # another noise draw each time, were it used
+        got = hf.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=use_cache)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert hf.training and hf.model.training
+    hf.eval()
+    hf.generate(prompt, max_new_tokens=2, do_sample=False)
+    assert not hf.training
+
+
 def test_generate_prefill_computes_the_last_logit_only(monkeypatch):
     # generate() asks for logits_to_keep=1, which forward() did not take: the prefill made every prompt
     # token's logits (1M tokens x a 50K vocabulary: 200 GB) and ran the upper layers everywhere
