@@ -5,7 +5,9 @@ by its own loader warp that issues the TMA copies (queries, and each retrieved c
 into the warpgroup's rings guarded by "ready" / "empty" mbarriers. One CTA an SM (two with ``ctas=2``),
 looping over the items head-major (the query chunk fastest, so the CTAs running together share a head's
 memory in L2), so a loader fetches the next item's tiles while its warpgroup finishes this one. ``pair``:
-two slots a step (one wait and one release of each buffer per two slots).
+two slots a step (one wait and one release of each buffer per two slots); ``p_regs``: P handed to P V
+from registers instead of through shared memory (compiles without serialised wgmma only with one math
+warpgroup a CTA at up to three CTAs an SM; not yet run on a GPU).
 
 Why: the Triton forward runs 4 single-warpgroup programs an SM, each waiting on its own chain (load,
 Q K^T, softmax, P V), latency-bound ("Where the kernels wait" in `KERNEL_NOTES.md`); the single-warpgroup
@@ -133,18 +135,25 @@ def _store_lse(LSE, i, rows, lse, S: gl.constexpr, K: gl.constexpr):
 
 
 @gluon.jit
-def _pv(acc, p_bufs, ps, v_smem, v_ready, v_empty, j: gl.constexpr, g, has_prev, NBUF: gl.constexpr, TILES: gl.constexpr):
+def _pv(acc, p_bufs, ps, v_smem, v_ready, v_empty, j: gl.constexpr, g, has_prev, NBUF: gl.constexpr, TILES: gl.constexpr,
+        P_REGS: gl.constexpr, o_layout: gl.constexpr):
     """Step g's P V (its TILES slots), once the step before's P V is known done (acc waited for): release
     that step's value buffer (has_prev: there is one), store P, fence, wait for this step's values, issue.
+    P_REGS: P goes to the wgmma from registers (its A operand), with no store, fence or barrier.
     Returns the accumulator."""
     mbarrier.arrive(v_empty.index(j * NBUF + (g - 1) % NBUF), pred=has_prev)
-    for u in gl.static_range(TILES):
-        p_bufs.index(j * TILES + u).store(ps[u])
-    fence_async_shared()
+    if not P_REGS:
+        for u in gl.static_range(TILES):
+            p_bufs.index(j * TILES + u).store(ps[u])
+        fence_async_shared()
     cb = j * NBUF + g % NBUF
     mbarrier.wait(v_ready.index(cb), (g // NBUF) & 1)
     for u in gl.static_range(TILES):
-        acc = warpgroup_mma(p_bufs.index(j * TILES + u), v_smem.index(cb * TILES + u), acc, is_async=True)
+        if P_REGS:
+            a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+            acc = warpgroup_mma(gl.convert_layout(ps[u], a_layout), v_smem.index(cb * TILES + u), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(p_bufs.index(j * TILES + u), v_smem.index(cb * TILES + u), acc, is_async=True)
     return acc
 
 
@@ -161,7 +170,7 @@ def _scores(q_buf, k_smem, kb, TILES: gl.constexpr, S: gl.constexpr, s_layout: g
 @gluon.jit
 def _consumer(j: gl.constexpr, ptrs, bufs, H: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
               NC: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, SOFTMAX_ONE: gl.constexpr,
-              TILES: gl.constexpr, OVERLAP: gl.constexpr):
+              TILES: gl.constexpr, OVERLAP: gl.constexpr, P_REGS: gl.constexpr):
     """Math warpgroup j: its items, TILES slots a step. OVERLAP: step st + 1's Q K^T is issued before step
     st's softmaxes (one more set of score tiles live); else each step waits for its own scores, as the
     Triton kernel does. Each buffer is released as soon as the wgmma reading it is known complete; the
@@ -206,7 +215,7 @@ def _consumer(j: gl.constexpr, ptrs, bufs, H: gl.constexpr, K: gl.constexpr, S: 
                         lses = lses + (lse,)
                     # in flight: [step st - 1's P V], step st + 1's Q K^T: leave the newer TILES
                     acc = warpgroup_mma_wait(num_outstanding=TILES, deps=(acc,))
-                    acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, st > 0, NBUF, TILES)
+                    acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, st > 0, NBUF, TILES, P_REGS, o_layout)
                     for u in gl.static_range(TILES):
                         _store_lse(lse_i, st * TILES + u, rows, lses[u], S, K)
                     ss = warpgroup_mma_wait(num_outstanding=TILES, deps=toks)
@@ -222,7 +231,7 @@ def _consumer(j: gl.constexpr, ptrs, bufs, H: gl.constexpr, K: gl.constexpr, S: 
                     ps = ps + (p,)
                     lses = lses + (lse,)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, KP > 1, NBUF, TILES)
+                acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, KP > 1, NBUF, TILES, P_REGS, o_layout)
                 for u in gl.static_range(TILES):
                     _store_lse(lse_i, (KP - 1) * TILES + u, rows, lses[u], S, K)
             else:
@@ -243,7 +252,7 @@ def _consumer(j: gl.constexpr, ptrs, bufs, H: gl.constexpr, K: gl.constexpr, S: 
                         p, lse = _softmax(ss[u], idx_i, w_i, st * TILES + u, qk_scale, K, SOFTMAX_ONE, dtype)
                         ps = ps + (p,)
                         lses = lses + (lse,)
-                    acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, st > 0, NBUF, TILES)
+                    acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, st > 0, NBUF, TILES, P_REGS, o_layout)
                     for u in gl.static_range(TILES):
                         _store_lse(lse_i, st * TILES + u, rows, lses[u], S, K)
             out = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -256,7 +265,7 @@ def _consumer(j: gl.constexpr, ptrs, bufs, H: gl.constexpr, K: gl.constexpr, S: 
 def _gca_fwd_ws(q_desc, k_desc, v_desc, IDX, W, O, LSE, Cq, Cm, n_items, qk_scale,
                 H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
                 NC: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, TILES: gl.constexpr,
-                OVERLAP: gl.constexpr, SOFTMAX_ONE: gl.constexpr,
+                OVERLAP: gl.constexpr, P_REGS: gl.constexpr, SOFTMAX_ONE: gl.constexpr,
                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [NC * QBUF, S, D], q_desc.layout)
@@ -271,31 +280,31 @@ def _gca_fwd_ws(q_desc, k_desc, v_desc, IDX, W, O, LSE, Cq, Cm, n_items, qk_scal
     # first turns its constexprs into int32 scalars (which is why ptrs, bufs and descs hold none).
     if NC == 1:
         gl.warp_specialize([
-            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
             (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
         ], [1], [LOADER_REGS])
     elif NC == 2:
         gl.warp_specialize([
-            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
-            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
             (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
             (_loader, (1, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
         ], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
     elif NC == 3:
         gl.warp_specialize([
-            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
-            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
-            (_consumer, (2, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (2, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
             (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
             (_loader, (1, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
             (_loader, (2, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
         ], [4, 4, 1, 1, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS, LOADER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
-            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
-            (_consumer, (2, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
-            (_consumer, (3, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP)),
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (2, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (3, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
             (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
             (_loader, (1, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
             (_loader, (2, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
@@ -305,7 +314,7 @@ def _gca_fwd_ws(q_desc, k_desc, v_desc, IDX, W, O, LSE, Cq, Cm, n_items, qk_scal
 
 
 def gca_fwd_ws(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nc=3, nbuf=3, qbuf=2, pair=False,
-               overlap=True, ctas=1, consumer_regs=None, loader_regs=24, maxnreg=None, grid=None):
+               overlap=True, p_regs=False, ctas=1, consumer_regs=None, loader_regs=24, maxnreg=None, grid=None):
     """`gca_triton.gca_fwd` for S = Sm = 64, D in {64, 128}, contiguous bf16 / fp16 inputs: ``(out, lse)``.
     nc math warpgroups a CTA (1-4), each with its loader warp; nbuf key / value buffers a warpgroup (of two
     tiles each with ``pair``), qbuf query buffers; ``overlap``: the next slot's Q K^T before this slot's
@@ -332,7 +341,7 @@ def gca_fwd_ws(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None,
         grid = min(sms * ctas, triton.cdiv(n_items, nc))
     _gca_fwd_ws[(grid,)](
         q_desc, k_desc, v_desc, indices, weights, out, lse, Cq, Cm, n_items, scale * 1.4426950408889634,
-        H=H, G=H // Hk, K=K, S=S, D=D, NC=nc, NBUF=nbuf, QBUF=qbuf, TILES=2 if pair else 1, OVERLAP=bool(overlap),
+        H=H, G=H // Hk, K=K, S=S, D=D, NC=nc, NBUF=nbuf, QBUF=qbuf, TILES=2 if pair else 1, OVERLAP=bool(overlap), P_REGS=bool(p_regs),
         SOFTMAX_ONE=bool(softmax_one), CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, num_warps=4,
         maxnreg=maxnreg,
     )
@@ -367,9 +376,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="one small check per config, then stop")
     ap.add_argument("--ncu", action="store_true", help="only run the nc=3 forward 3 times at the SPEC shape (for ncu)")
+    ap.add_argument("--configs", default=None, help="a JSON list of gca_fwd_ws keyword dicts, instead of the built-in list")
+    ap.add_argument("--spec-only", action="store_true", help="time the SPEC shape only, with no small-shape checks (--quick checks one)")
     args = ap.parse_args()
-    configs = [dict(nc=3, nbuf=3), dict(nc=3, nbuf=3, overlap=False), dict(nc=4, nbuf=2, qbuf=1, overlap=False),
-               dict(nc=4, nbuf=2, qbuf=1), dict(nc=2, nbuf=2, pair=True), dict(nc=2, nbuf=2, D=128)]
+    configs = [dict(nc=3, nbuf=3), dict(nc=4, nbuf=2, qbuf=1, overlap=False),
+               dict(nc=4, nbuf=2, qbuf=1, overlap=False, p_regs=True), dict(nc=3, nbuf=3, p_regs=True),
+               dict(nc=3, nbuf=3, overlap=False, p_regs=True), dict(nc=2, nbuf=2, D=128)]
+    if args.configs:
+        import json
+
+        configs = json.loads(args.configs)
     if args.aot:
         _aot(configs, args.dump)
         return
@@ -393,14 +409,16 @@ def main():
     if args.quick:
         q, mk, mv, idx, w = inputs(1, 8, 3, 3, 64, 3, seed=1)
         ref = gca_reference(q.double(), mk.double(), mv.double(), idx, w.double())
-        for cfg in configs[:-1]:
+        for cfg in configs:
+            if cfg.get("D", 64) != 64:
+                continue
             o, _ = gca_fwd_ws(q, mk, mv, idx, w, grid=2, **cfg)
             torch.cuda.synchronize()
             print(cfg, ((o.double() - ref).abs().max() / ref.abs().max()).item(), flush=True)
         return
     # small shapes against the float64 reference: K 1 / 3 / 5 / 16, grouped heads, items not a multiple of
     # NC or of the grid, D = 128, and a grid of 2 CTAs so each loops over many items
-    for B, C, H, Hk, D, K in [(1, 16, 4, 2, 64, 5), (2, 8, 2, 2, 128, 3), (1, 16, 4, 4, 64, 1), (1, 32, 2, 1, 64, 16),
+    for B, C, H, Hk, D, K in [] if args.spec_only else [(1, 16, 4, 2, 64, 5), (2, 8, 2, 2, 128, 3), (1, 16, 4, 4, 64, 1), (1, 32, 2, 1, 64, 16),
                               (1, 7, 5, 5, 64, 3)]:
         q, mk, mv, idx, w = inputs(B, C, H, Hk, D, K, seed=B * 1000 + C + K)
         for cfg in configs:
@@ -427,6 +445,8 @@ def main():
 
     shapes = [(4, 256, 12, 12, 64, 8), (4, 256, 12, 12, 64, 4), (4, 256, 12, 12, 64, 16), (4, 256, 6, 6, 128, 8),
               (4, 256, 12, 4, 64, 8)]
+    if args.spec_only:
+        shapes = shapes[:1]
     for B, C, H, Hk, D, K in shapes:
         q, mk, mv, idx, w = inputs(B, C, H, Hk, D, K, seed=7)
         o_t, _ = gt.gca_fwd(q, mk, mv, idx, w)
