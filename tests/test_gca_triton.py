@@ -581,11 +581,32 @@ GLUON_SHAPES = {
 @pytest.mark.parametrize("shape", list(GLUON_SHAPES))
 def test_gluon_path_cuda(shape, softmax_one, pattern, dtype, monkeypatch):
     calls = []
-    for name in ("gca_fwd_gluon", "gca_bwd_gluon"):
+    for name in ("gca_fwd_ws", "gca_bwd_gluon"):  # the warp-specialised forward is the one launched
         real = getattr(gca_gluon, name)
         monkeypatch.setattr(gca_gluon, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     _check_against_reference(GLUON_SHAPES[shape], dtype, softmax_one, pattern, contiguous=True)
-    assert calls == ["gca_fwd_gluon", "gca_bwd_gluon"], calls
+    assert calls == ["gca_fwd_ws", "gca_bwd_gluon"], calls
+
+
+@hopper_only
+@pytest.mark.parametrize("form", [dict(), dict(grid=2), dict(nc=1), dict(nc=3, nbuf=3), dict(overlap=False), dict(pair=True), dict(qbuf=1)],
+                         ids=["default", "grid2", "nc1", "nc3", "no-overlap", "pair", "qbuf1"])
+@pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
+def test_gluon_ws_forward_forms_cuda(form, softmax_one, monkeypatch):
+    """The warp-specialised forward's other forms (the benchmark's options), against the float64
+    reference: a grid of 2 CTAs looping over many items, item counts not a multiple of NC, odd K with
+    two slots a step, one query buffer. Values and LSEs (the backward reads them)."""
+    shape = dict(GLUON_SHAPES["H4-Hk2-K5"], Cq=7, Cm=7)  # 2 x 7 x 4 = 56 items: not a multiple of 3
+    q, k, v, idx, w = _inputs(**shape, dtype=torch.bfloat16, pattern="random", contiguous=True)
+    idx[0, 3, 1] = -1  # an empty slot
+    out, lse = gca_gluon.gca_fwd_ws(q, k, v, idx, w, softmax_one=softmax_one, **form)
+    ref = gca_reference(q.double(), k.double(), v.double(), idx, w.double(), softmax_one=softmax_one)
+    err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
+    assert torch.isfinite(out).all() and err < 1e-2, f"out rel err {err:.2e}"
+    monkeypatch.setenv("GCA_GLUON", "0")  # the Triton forward's LSEs on the same bf16 inputs
+    _, lse_t = gt.gca_fwd(q, k, v, idx, w, softmax_one=softmax_one)
+    full = (idx >= 0)[:, :, None, :, None]
+    assert ((lse - lse_t).abs() * full).max().item() < 1e-3
 
 
 
@@ -594,11 +615,11 @@ def test_gluon_path_cuda(shape, softmax_one, pattern, dtype, monkeypatch):
 def test_gluon_empty_slots_add_nothing_whatever_chunk_0_holds(bad, monkeypatch):
     """The Gluon kernels' empty slots copy a box wholly out of bounds, which TMA fills with zeros."""
     calls = []
-    for name in ("gca_fwd_gluon", "gca_bwd_gluon"):
+    for name in ("gca_fwd_ws", "gca_bwd_gluon"):
         real = getattr(gca_gluon, name)
         monkeypatch.setattr(gca_gluon, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     _nonfinite_chunk0_check(GLUON_SHAPES["H4-Hk2-K5"], torch.bfloat16, True, bad)
-    assert calls[:2] == ["gca_fwd_gluon", "gca_bwd_gluon"], calls
+    assert calls[:2] == ["gca_fwd_ws", "gca_bwd_gluon"], calls
 
 @hopper_only
 def test_gluon_matches_triton_cuda(monkeypatch):

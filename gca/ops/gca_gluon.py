@@ -13,6 +13,10 @@ per (query chunk, query head):
   accumulates into the output asynchronously (P scaled by w_i / l_i first, so every slot adds into one
   accumulator), FlashAttention-3's intra-warpgroup overlap; per-slot log-sum-exps stored as `gca_fwd`
   stores them, so either backward can follow either forward;
+- the forward the package launches (`gca_fwd_ws`) runs that loop in two math warpgroups a CTA, each fed
+  by a loader warp of its own that issues the TMA copies into "ready" / "empty" mbarrier rings, one
+  persistent CTA an SM looping over the (query chunk, head) items (`gl.warp_specialize`; FlashAttention-3's
+  layout); `gca_fwd_gluon` is the single-warpgroup form, which issues its own copies;
 - dq: slot i + 1's S = Q K^T and dP = dO V^T are issued before slot i's dS = P (dP - DELTA) w, and
   dq += dS K runs asynchronously; DELTA is stored and dweights summed from it, as the Triton dq kernel
   does;
@@ -26,7 +30,7 @@ per (query chunk, query head):
 
 Measured on an H200 (`benchmarks/gluon_kernels.py`, results in
 `benchmarks/results/gluon_kernels_nvidia-h200_2026-12-01.txt`): at D = 128 the forward takes 0.33 ms
-where the Triton kernel takes 0.45, and the backward (dK/dV at 8 warps) 1.56 ms where Triton takes
+where the Triton kernel takes 0.45 (the warp-specialised form 0.31-0.32, `benchmarks/gluon_ws_fwd.py`), and the backward (dK/dV at 8 warps) 1.56 ms where Triton takes
 1.74; at D = 64 the Triton kernels are faster (forward 0.34 vs 0.38 ms, backward 1.10 vs 1.46), so
 `supports` sends only D = 128 here. Gluon cannot run in Triton's interpreter: the CPU tests check the
 dispatch rule, the CUDA tests the kernels.
@@ -34,6 +38,7 @@ dispatch rule, the CUDA tests the kernels.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -52,7 +57,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from gca.ops.gca_triton import _alloc  # NaN-filled while the tests set gca_triton.POISON_OUTPUTS
 
-__all__ = ["supports", "gca_fwd_gluon", "gca_bwd_gluon", "gca_bwd_dq_gluon", "gca_bwd_dkdv_gluon"]
+__all__ = ["supports", "gca_fwd_ws", "gca_fwd_gluon", "gca_bwd_gluon", "gca_bwd_dq_gluon", "gca_bwd_dkdv_gluon"]
 
 # head sizes this path takes (the Triton kernels are faster at D = 64, see above)
 HEAD_DIMS = (128,)
@@ -162,17 +167,26 @@ def _lg2_approx(x):
 
 
 @gluon.jit
-def _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, SOFTMAX_ONE: gl.constexpr, dtype: gl.constexpr,
-                  FAST_MATH: gl.constexpr):
-    """Slot i's softmax of the raw scores s (fp32, S x S): stores its log-sum-exp and returns
-    P * w_i / l_i in the inputs' dtype."""
-    m = gl.max(s, axis=1) * qk_scale  # base-2 units (qk_scale = scale * log2 e)
+def _exp_scores(s, qk_scale, SOFTMAX_ONE: gl.constexpr):
+    """Raw scores s (fp32, S x S) to ``(p, l, m)``: the rows' maxima m in base-2 units (qk_scale = scale *
+    log2 e; at least 0 with SOFTMAX_ONE), p = exp2(s * qk_scale - m) and the rows' sums l (with the
+    off-by-one's exp2(-m))."""
+    m = gl.max(s, axis=1) * qk_scale
     if SOFTMAX_ONE:
         m = gl.maximum(m, 0.0)
     p = gl.exp2(s * qk_scale - gl.expand_dims(m, 1))
     l = gl.sum(p, axis=1)
     if SOFTMAX_ONE:
         l += gl.exp2(-m)
+    return p, l, m
+
+
+@gluon.jit
+def _softmax_slot(s, IDX, W, LSE, i, rows, qk_scale, S: gl.constexpr, SOFTMAX_ONE: gl.constexpr, dtype: gl.constexpr,
+                  FAST_MATH: gl.constexpr):
+    """Slot i's softmax of the raw scores s (fp32, S x S): stores its log-sum-exp and returns
+    P * w_i / l_i in the inputs' dtype."""
+    p, l, m = _exp_scores(s, qk_scale, SOFTMAX_ONE)
     w = _slot_weight(IDX, W, i)
     if FAST_MATH:  # MUFU log2 and approximate division (l lies in [1, S + 1]), as the Triton forward does
         gl.store(LSE + i * S + rows, (m + _lg2_approx(l)) * 0.6931471805599453)
@@ -559,6 +573,311 @@ def gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=No
         H=H, G=H // Hk, K=K, S=S, D=D, SOFTMAX_ONE=bool(softmax_one), NBUF=nbuf, FAST_MATH=bool(fast_math), num_warps=num_warps,
     )
     return out, lse
+
+
+# The warp-specialised, persistent forward (FlashAttention-3's layout): the package's forward at D = 128.
+# Written and timed in `benchmarks/gluon_ws_fwd.py` (which drives every option below); at D = 128 two math
+# warpgroups a CTA with two buffers each run 0.312-0.319 ms against 0.326-0.332 for `gca_fwd_gluon` in three
+# runs on an H200 (`benchmarks/results/gluon_ws_fwd_nvidia-h200_2026-12-03.txt`); at D = 64 every form is
+# slower than the Triton forward.
+
+
+@functools.cache
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@gluon.jit
+def _item(t, n_items, H: gl.constexpr):
+    """Item t's (query chunk pc = b * Cq + c, query head h), numbered head-major: the query chunk fastest,
+    so the CTAs running together share a head (its slice of the memory stays in L2)."""
+    n_pc = n_items // H
+    return t % n_pc, t // n_pc
+
+
+@gluon.jit
+def _fill(desc, IDX, pc, K: gl.constexpr, slot, base, hk, D: gl.constexpr, S: gl.constexpr, bar, dst):
+    """Start the TMA copy of the tile (key or value) of retrieved chunk IDX[pc, slot] into dst; an empty
+    slot (-1), or one past K, copies the wholly out-of-bounds box at row -S, which TMA fills with zeros."""
+    idx = gl.load(IDX + pc * K + slot, mask=slot < K, other=-1)
+    row = gl.where(idx >= 0, (base + idx) * S, -S).to(gl.int32)
+    tma.async_copy_global_to_shared(desc, [row, hk * D], bar, dst)
+
+
+@gluon.jit
+def _loader(j: gl.constexpr, descs, bufs, H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr,
+            D: gl.constexpr, NC: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, TILES: gl.constexpr):
+    """One warp: the TMA copies of math warpgroup j, whose n-th item in this CTA is t = task * NC + j. Its
+    rings: queries in buffers j * QBUF + (n % QBUF), keys and values in ring buffers j * NBUF + (g % NBUF)
+    (g: the step's number in the warpgroup's stream; a step is TILES slots, buffer b holding tiles
+    b * TILES ..); a buffer's fill f waits for its "empty" barrier's phase f - 1. Each step's keys are
+    issued before the previous step's values, which are released last (after their P V)."""
+    q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items = descs
+    q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bufs
+    KP: gl.constexpr = (K + TILES - 1) // TILES
+    n = 0
+    for task in range(gl.program_id(0), gl.cdiv(n_items, NC), gl.num_programs(0)):
+        t = task * NC + j
+        if t < n_items:
+            pc, h = _item(t, n_items, H)
+            hk = h // G
+            base = (pc // Cq) * Cm
+            qb = j * QBUF + n % QBUF
+            mbarrier.wait(q_empty.index(qb), ((n // QBUF) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [pc * S, h * D], q_ready.index(qb), q_smem.index(qb))
+            for st in range(KP + 1):
+                if st < KP:  # this step's keys
+                    g = n * KP + st
+                    kb = j * NBUF + g % NBUF
+                    mbarrier.wait(k_empty.index(kb), ((g // NBUF) & 1) ^ 1)
+                    mbarrier.expect(k_ready.index(kb), TILES * k_desc.block_type.nbytes)
+                    for u in gl.static_range(TILES):
+                        _fill(k_desc, IDX, pc, K, st * TILES + u, base, hk, D, S, k_ready.index(kb),
+                              k_smem.index(kb * TILES + u))
+                if st > 0:  # the step before's values
+                    g = n * KP + st - 1
+                    vb = j * NBUF + g % NBUF
+                    mbarrier.wait(v_empty.index(vb), ((g // NBUF) & 1) ^ 1)
+                    mbarrier.expect(v_ready.index(vb), TILES * v_desc.block_type.nbytes)
+                    for u in gl.static_range(TILES):
+                        _fill(v_desc, IDX, pc, K, (st - 1) * TILES + u, base, hk, D, S, v_ready.index(vb),
+                              v_smem.index(vb * TILES + u))
+            n += 1
+
+
+@gluon.jit
+def _softmax(s, IDX, W, i, qk_scale, K: gl.constexpr, SOFTMAX_ONE: gl.constexpr, dtype: gl.constexpr):
+    """Slot i's softmax of the raw scores (fp32): ``(P * w_i / l_i, its log-sum-exp)``; a slot past K (odd
+    K's last pair) weighs 0."""
+    p, l, m = _exp_scores(s, qk_scale, SOFTMAX_ONE)
+    inside = i < K
+    w = gl.where(gl.load(IDX + i, mask=inside, other=-1) >= 0, gl.load(W + i, mask=inside, other=0.0).to(gl.float32), 0.0)
+    return (p * gl.expand_dims(gl.fdiv(w, l), 1)).to(dtype), (m + _lg2_approx(l)) * 0.6931471805599453
+
+
+@gluon.jit
+def _store_lse(LSE, i, rows, lse, S: gl.constexpr, K: gl.constexpr):
+    gl.store(LSE + i * S + rows, lse, mask=(rows >= 0) & (i < K))
+
+
+@gluon.jit
+def _pv(acc, p_bufs, ps, v_smem, v_ready, v_empty, j: gl.constexpr, g, has_prev, NBUF: gl.constexpr, TILES: gl.constexpr,
+        P_REGS: gl.constexpr, o_layout: gl.constexpr):
+    """Step g's P V (its TILES slots), once the step before's P V is known done (acc waited for): release
+    that step's value buffer (has_prev: there is one), store P, fence, wait for this step's values, issue.
+    P_REGS: P goes to the wgmma from registers (its A operand), with no store, fence or barrier.
+    Returns the accumulator."""
+    mbarrier.arrive(v_empty.index(j * NBUF + (g - 1) % NBUF), pred=has_prev)
+    if not P_REGS:
+        for u in gl.static_range(TILES):
+            p_bufs.index(j * TILES + u).store(ps[u])
+        fence_async_shared()
+    cb = j * NBUF + g % NBUF
+    mbarrier.wait(v_ready.index(cb), (g // NBUF) & 1)
+    for u in gl.static_range(TILES):
+        if P_REGS:
+            a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+            acc = warpgroup_mma(gl.convert_layout(ps[u], a_layout), v_smem.index(cb * TILES + u), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(p_bufs.index(j * TILES + u), v_smem.index(cb * TILES + u), acc, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _scores(q_buf, k_smem, kb, TILES: gl.constexpr, S: gl.constexpr, s_layout: gl.constexpr):
+    """Issue the Q K^T of ring buffer kb's TILES tiles (asynchronously): their tokens."""
+    toks = ()
+    for u in gl.static_range(TILES):
+        toks = toks + (warpgroup_mma(q_buf, k_smem.index(kb * TILES + u).permute((1, 0)),
+                                     gl.zeros([S, S], gl.float32, s_layout), use_acc=False, is_async=True),)
+    return toks
+
+
+@gluon.jit
+def _consumer(j: gl.constexpr, ptrs, bufs, H: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
+              NC: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, SOFTMAX_ONE: gl.constexpr,
+              TILES: gl.constexpr, OVERLAP: gl.constexpr, P_REGS: gl.constexpr):
+    """Math warpgroup j: its items, TILES slots a step. OVERLAP: step st + 1's Q K^T is issued before step
+    st's softmaxes (one more set of score tiles live); else each step waits for its own scores, as the
+    Triton kernel does. Each buffer is released as soon as the wgmma reading it is known complete; the
+    LSEs are stored after the step's P V is issued, so the P store's fence does not wait for them."""
+    IDX, W, O, LSE, n_items, qk_scale = ptrs
+    q_smem, k_smem, v_smem, p_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bufs
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = _mma_layout(4, S)
+    o_layout: gl.constexpr = _mma_layout(4, D)
+    rows = gl.arange(0, S, layout=gl.SliceLayout(1, s_layout))
+    KP: gl.constexpr = (K + TILES - 1) // TILES
+    n = 0
+    for task in range(gl.program_id(0), gl.cdiv(n_items, NC), gl.num_programs(0)):
+        t = task * NC + j
+        if t < n_items:
+            pc, h = _item(t, n_items, H)
+            idx_i = IDX + pc * K
+            w_i = W + pc * K
+            lse_i = LSE + (pc * H + h) * (K * S)  # (B, Cq, H, K, S) contiguous
+            qb = j * QBUF + n % QBUF
+            q_buf = q_smem.index(qb)
+            g0 = n * KP
+            mbarrier.wait(q_ready.index(qb), (n // QBUF) & 1)
+            acc = warpgroup_mma_init(gl.zeros([S, D], gl.float32, o_layout))
+            if OVERLAP:
+                kb = j * NBUF + g0 % NBUF
+                mbarrier.wait(k_ready.index(kb), (g0 // NBUF) & 1)
+                ss = warpgroup_mma_wait(num_outstanding=0, deps=_scores(q_buf, k_smem, kb, TILES, S, s_layout))
+                if TILES == 1:
+                    ss = (ss,)
+                mbarrier.arrive(k_empty.index(kb))
+                for st in range(KP - 1):
+                    g = g0 + st
+                    nb = j * NBUF + (g + 1) % NBUF
+                    mbarrier.wait(k_ready.index(nb), ((g + 1) // NBUF) & 1)
+                    toks = _scores(q_buf, k_smem, nb, TILES, S, s_layout)  # step st + 1's, during these softmaxes
+                    ps = ()
+                    lses = ()
+                    for u in gl.static_range(TILES):
+                        p, lse = _softmax(ss[u], idx_i, w_i, st * TILES + u, qk_scale, K, SOFTMAX_ONE, dtype)
+                        ps = ps + (p,)
+                        lses = lses + (lse,)
+                    # in flight: [step st - 1's P V], step st + 1's Q K^T: leave the newer TILES
+                    acc = warpgroup_mma_wait(num_outstanding=TILES, deps=(acc,))
+                    acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, st > 0, NBUF, TILES, P_REGS, o_layout)
+                    for u in gl.static_range(TILES):
+                        _store_lse(lse_i, st * TILES + u, rows, lses[u], S, K)
+                    ss = warpgroup_mma_wait(num_outstanding=TILES, deps=toks)
+                    if TILES == 1:
+                        ss = (ss,)
+                    mbarrier.arrive(k_empty.index(nb))
+                mbarrier.arrive(q_empty.index(qb))  # every Q K^T of the item is done
+                g = g0 + KP - 1
+                ps = ()
+                lses = ()
+                for u in gl.static_range(TILES):
+                    p, lse = _softmax(ss[u], idx_i, w_i, (KP - 1) * TILES + u, qk_scale, K, SOFTMAX_ONE, dtype)
+                    ps = ps + (p,)
+                    lses = lses + (lse,)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, KP > 1, NBUF, TILES, P_REGS, o_layout)
+                for u in gl.static_range(TILES):
+                    _store_lse(lse_i, (KP - 1) * TILES + u, rows, lses[u], S, K)
+            else:
+                for st in range(KP):
+                    g = g0 + st
+                    kb = j * NBUF + g % NBUF
+                    mbarrier.wait(k_ready.index(kb), (g // NBUF) & 1)
+                    toks = _scores(q_buf, k_smem, kb, TILES, S, s_layout)
+                    ss = warpgroup_mma_wait(num_outstanding=0, deps=toks)  # and step st - 1's P V
+                    if TILES == 1:
+                        ss = (ss,)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    mbarrier.arrive(k_empty.index(kb))
+                    mbarrier.arrive(q_empty.index(qb), pred=st == KP - 1)
+                    ps = ()
+                    lses = ()
+                    for u in gl.static_range(TILES):
+                        p, lse = _softmax(ss[u], idx_i, w_i, st * TILES + u, qk_scale, K, SOFTMAX_ONE, dtype)
+                        ps = ps + (p,)
+                        lses = lses + (lse,)
+                    acc = _pv(acc, p_smem, ps, v_smem, v_ready, v_empty, j, g, st > 0, NBUF, TILES, P_REGS, o_layout)
+                    for u in gl.static_range(TILES):
+                        _store_lse(lse_i, st * TILES + u, rows, lses[u], S, K)
+            out = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(v_empty.index(j * NBUF + (g0 + KP - 1) % NBUF))
+            gl.store(O + _tile_offsets(pc * S, H, h, S, D, o_layout), out.to(dtype))
+            n += 1
+
+
+@gluon.jit
+def _gca_fwd_ws(q_desc, k_desc, v_desc, IDX, W, O, LSE, Cq, Cm, n_items, qk_scale,
+                H: gl.constexpr, G: gl.constexpr, K: gl.constexpr, S: gl.constexpr, D: gl.constexpr,
+                NC: gl.constexpr, NBUF: gl.constexpr, QBUF: gl.constexpr, TILES: gl.constexpr,
+                OVERLAP: gl.constexpr, P_REGS: gl.constexpr, SOFTMAX_ONE: gl.constexpr,
+                CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [NC * QBUF, S, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [NC * NBUF * TILES, S, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NC * NBUF * TILES, S, D], v_desc.layout)
+    p_smem = gl.allocate_shared_memory(dtype, [NC * TILES, S, S], gl.NVMMASharedLayout.get_default_for([S, S], dtype))
+    bufs = (q_smem, k_smem, v_smem, p_smem, _barriers(NC * QBUF), _barriers(NC * QBUF), _barriers(NC * NBUF),
+            _barriers(NC * NBUF), _barriers(NC * NBUF), _barriers(NC * NBUF))
+    ptrs = (IDX, W, O, LSE, n_items, qk_scale)
+    descs = (q_desc, k_desc, v_desc, IDX, Cq, Cm, n_items)
+    # The constexprs go in each partition's argument tuple as written here: a tuple assigned to a name
+    # first turns its constexprs into int32 scalars (which is why ptrs, bufs and descs hold none).
+    if NC == 1:
+        gl.warp_specialize([
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+        ], [1], [LOADER_REGS])
+    elif NC == 2:
+        gl.warp_specialize([
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (1, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+        ], [4, 1, 1], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
+    elif NC == 3:
+        gl.warp_specialize([
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (2, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (1, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (2, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+        ], [4, 4, 1, 1, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS, LOADER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (0, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (1, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (2, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_consumer, (3, ptrs, bufs, H, K, S, D, NC, NBUF, QBUF, SOFTMAX_ONE, TILES, OVERLAP, P_REGS)),
+            (_loader, (0, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (1, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (2, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+            (_loader, (3, descs, bufs, H, G, K, S, D, NC, NBUF, QBUF, TILES)),
+        ], [4, 4, 4, 1, 1, 1, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS, LOADER_REGS,
+                                   LOADER_REGS, LOADER_REGS])
+
+
+def gca_fwd_ws(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nc=2, nbuf=2, qbuf=2, pair=False,
+               overlap=True, p_regs=False, ctas=1, consumer_regs=None, loader_regs=24, maxnreg=None, grid=None):
+    """`gca_triton.gca_fwd` for S = Sm = 64, D in {64, 128}, contiguous bf16 / fp16 inputs: ``(out, lse)``.
+    nc math warpgroups a CTA (1-4), each with its loader warp; nbuf key / value buffers a warpgroup (of two
+    tiles each with ``pair``), qbuf query buffers; ``overlap``: the next slot's Q K^T before this slot's
+    softmax (``pair`` always overlaps); ``p_regs``: P to P V from registers; ctas CTAs an SM, the grid
+    (``grid`` CTAs, default all the SMs' worth) looping over the items. The defaults are the form the
+    package launches at D = 128; `benchmarks/gluon_ws_fwd.py` times the others. The per-slot LSEs use the
+    MUFU's log2 and w / l an approximate division, as the Triton forward's do."""
+    B, Cq, S, H, D = q.shape
+    _, Cm, Sm, Hk, _ = mem_k.shape
+    K = indices.shape[-1]
+    assert S == Sm == 64 and D in (64, 128) and K >= 1 and nc in (1, 2, 3, 4) and qbuf in (1, 2)
+    assert q.dtype in (torch.bfloat16, torch.float16) and all(t.is_contiguous() for t in (q, mem_k, mem_v, indices, weights))
+    scale = D**-0.5 if scale is None else float(scale)
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    lay = gl.NVMMASharedLayout.get_default_for([S, D], gdt)
+    mats = (q.view(B * Cq * S, H * D), mem_k.view(B * Cm * Sm, Hk * D), mem_v.view(B * Cm * Sm, Hk * D))
+    q_desc, k_desc, v_desc = [TensorDescriptor(m, list(m.shape), list(m.stride()), [S, D], lay) for m in mats]
+    out = _alloc(q.shape, q.dtype, q.device)
+    lse = _alloc((B, Cq, H, K, S), torch.float32, q.device)
+    n_items = B * Cq * H
+    groups = nc + 1  # warpgroups: nc math, and the nc one-warp loaders padded to one
+    if maxnreg is None:
+        maxnreg = min(256, (65536 // (groups * 128 * ctas)) // 8 * 8)
+    if consumer_regs is None:  # what the loaders leave, shared evenly (registers a thread, by warpgroup)
+        consumer_regs = min(240, ((maxnreg * groups - loader_regs) // nc) // 8 * 8)
+    if grid is None:
+        sms = _sm_count(q.device) if q.is_cuda else 132
+        grid = min(sms * ctas, triton.cdiv(n_items, nc))
+    _gca_fwd_ws[(grid,)](
+        q_desc, k_desc, v_desc, indices, weights, out, lse, Cq, Cm, n_items, scale * 1.4426950408889634,
+        H=H, G=H // Hk, K=K, S=S, D=D, NC=nc, NBUF=nbuf, QBUF=qbuf, TILES=2 if pair else 1, OVERLAP=bool(overlap), P_REGS=bool(p_regs),
+        SOFTMAX_ONE=bool(softmax_one), CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, num_warps=4,
+        maxnreg=maxnreg,
+    )
+    return out, lse
+
 
 
 def gca_bwd_gluon(do, q, mem_k, mem_v, indices, weights, lse, scale=None):

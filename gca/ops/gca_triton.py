@@ -517,7 +517,8 @@ def _gluon(q, mem_k, mem_v, indices, weights):
 
 def gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nsplit=1, store_lse=True):
     """Launch the forward. Returns ``(out (B, Cq, S, H, D) in q's dtype, lse (B, Cq, H, K, S) fp32)``.
-    On Hopper at S = Sm = 64, D = 128 the Gluon kernel runs instead (`gca.ops.gca_gluon`).
+    On Hopper at S = Sm = 64, D = 128 the warp-specialised Gluon kernel runs instead
+    (`gca.ops.gca_gluon.gca_fwd_ws`).
 
     With ``nsplit = K`` each program does one slot (decode): the slots' ``w_i O_i`` land in an fp32
     buffer (K, B, Cq, S, H, D) that is summed here; ``lse`` is then not stored (empty tensor)."""
@@ -540,7 +541,7 @@ def gca_fwd(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, ns
             lse.zero_()
         return out, lse
     if nsplit == 1 and (gg := _gluon(q, mem_k, mem_v, indices, weights)) is not None:
-        out, lse = gg.gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=softmax_one, scale=scale)
+        out, lse = gg.gca_fwd_ws(q, mem_k, mem_v, indices, weights, softmax_one=softmax_one, scale=scale)
         return out, (lse if store_lse else lse.new_empty(0))
     cfg = _config("fwd", G * S, Sm, D, q.is_cuda)
     bm = cfg.pop("BLOCK_M")
