@@ -588,18 +588,26 @@ def test_gluon_path_cuda(shape, softmax_one, pattern, dtype, monkeypatch):
     assert calls == ["gca_fwd_ws", "gca_bwd_gluon"], calls
 
 
+WS_FORMS = {  # (head size, gca_fwd_ws options): the package's forms at D = 128, and the benchmark's others
+    "d128-default": (128, dict()), "d128-nc2": (128, dict(nc=2)), "d128-grid2": (128, dict(grid=2)),
+    "nc3": (64, dict(nc=3, nbuf=3, ctas=1)), "nc4-no-overlap": (64, dict(nc=4, qbuf=1, overlap=False, ctas=1)),
+    "pair": (64, dict(nc=2, pair=True, ctas=1)), "p-regs": (64, dict(nbuf=3, p_regs=True, ctas=3)),
+    "p-regs-no-overlap-grid2": (64, dict(nbuf=3, p_regs=True, overlap=False, ctas=3, grid=2)),
+}
+
+
 @hopper_only
-@pytest.mark.parametrize("form", [dict(), dict(grid=2), dict(nc=1), dict(nc=3, nbuf=3), dict(overlap=False), dict(pair=True), dict(qbuf=1)],
-                         ids=["default", "grid2", "nc1", "nc3", "no-overlap", "pair", "qbuf1"])
+@pytest.mark.parametrize("form", list(WS_FORMS))
 @pytest.mark.parametrize("softmax_one", [False, True], ids=["softmax", "softmax1"])
 def test_gluon_ws_forward_forms_cuda(form, softmax_one, monkeypatch):
-    """The warp-specialised forward's other forms (the benchmark's options), against the float64
-    reference: a grid of 2 CTAs looping over many items, item counts not a multiple of NC, odd K with
-    two slots a step, one query buffer. Values and LSEs (the backward reads them)."""
-    shape = dict(GLUON_SHAPES["H4-Hk2-K5"], Cq=7, Cm=7)  # 2 x 7 x 4 = 56 items: not a multiple of 3
+    """The warp-specialised forward's forms against the float64 reference: a grid of 2 CTAs looping over
+    many items, item counts not a multiple of NC, odd K with two slots a step, an empty slot. Values and
+    LSEs (the backward reads them)."""
+    D, kw = WS_FORMS[form]
+    shape = dict(GLUON_SHAPES["H4-Hk2-K5"], Cq=7, Cm=7, D=D)  # 2 x 7 x 4 = 56 items: not a multiple of 3
     q, k, v, idx, w = _inputs(**shape, dtype=torch.bfloat16, pattern="random", contiguous=True)
     idx[0, 3, 1] = -1  # an empty slot
-    out, lse = gca_gluon.gca_fwd_ws(q, k, v, idx, w, softmax_one=softmax_one, **form)
+    out, lse = gca_gluon.gca_fwd_ws(q, k, v, idx, w, softmax_one=softmax_one, **kw)
     ref = gca_reference(q.double(), k.double(), v.double(), idx, w.double(), softmax_one=softmax_one)
     err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
     assert torch.isfinite(out).all() and err < 1e-2, f"out rel err {err:.2e}"
