@@ -589,10 +589,12 @@ def test_gluon_path_cuda(shape, softmax_one, pattern, dtype, monkeypatch):
 
 
 WS_FORMS = {  # (head size, gca_fwd_ws options): the package's forms at D = 128, and the benchmark's others
-    "d128-default": (128, dict()), "d128-nc2": (128, dict(nc=2)), "d128-grid2": (128, dict(grid=2)),
-    "nc3": (64, dict(nc=3, nbuf=3, ctas=1)), "nc4-no-overlap": (64, dict(nc=4, qbuf=1, overlap=False, ctas=1)),
-    "pair": (64, dict(nc=2, pair=True, ctas=1)), "p-regs": (64, dict(nbuf=3, p_regs=True, ctas=3)),
-    "p-regs-no-overlap-grid2": (64, dict(nbuf=3, p_regs=True, overlap=False, ctas=3, grid=2)),
+    "d128-default": (128, dict()), "d128-grid2": (128, dict(grid=2)), "d128-smem-p": (128, dict(p_regs=False)),
+    "d128-nc2": (128, dict(nc=2, ctas=1, p_regs=False)),
+    "nc3": (64, dict(nc=3, nbuf=3, ctas=1, p_regs=False)),
+    "nc4-no-overlap": (64, dict(nc=4, qbuf=1, overlap=False, ctas=1, p_regs=False)),
+    "pair": (64, dict(nc=2, pair=True, ctas=1, p_regs=False)), "p-regs": (64, dict(nbuf=3, ctas=3)), "smem-p": (64, dict(p_regs=False)),
+    "p-regs-no-overlap-grid2": (64, dict(nbuf=3, overlap=False, ctas=3, grid=2)),
 }
 
 

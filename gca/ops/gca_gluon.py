@@ -841,7 +841,7 @@ def _gca_fwd_ws(q_desc, k_desc, v_desc, IDX, W, O, LSE, Cq, Cm, n_items, qk_scal
 
 
 def gca_fwd_ws(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=None, nc=1, nbuf=2, qbuf=2, pair=False,
-               overlap=True, p_regs=False, ctas=2, consumer_regs=None, loader_regs=24, maxnreg=None, grid=None):
+               overlap=True, p_regs=True, ctas=2, consumer_regs=None, loader_regs=24, maxnreg=None, grid=None):
     """`gca_triton.gca_fwd` for S = Sm = 64, D in {64, 128}, contiguous bf16 / fp16 inputs: ``(out, lse)``.
     nc math warpgroups a CTA (1-4), each with its loader warp; nbuf key / value buffers a warpgroup (of two
     tiles each with ``pair``), qbuf query buffers; ``overlap``: the next slot's Q K^T before this slot's
