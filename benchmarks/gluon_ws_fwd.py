@@ -24,9 +24,10 @@ Gluon forward overlaps inside a warpgroup but issues its own copies, paying barr
 Measured on an H200 on 2026-12-03 (`benchmarks/results/gluon_ws_fwd_nvidia-h200_2026-12-03.txt`; the
 section "A warp-specialised, persistent Gluon forward" of `KERNEL_NOTES.md`): right everywhere checked,
 and slower than the Triton forward at D = 64 in every configuration (SPEC shape: 0.373 ms at best against
-0.334-0.352; P passed from registers, 0.359 against 0.350 in its run); at D = 128, two math warpgroups
-with two buffers each are 4% faster than the single-warpgroup Gluon forward in three runs (0.312-0.319
-against 0.326-0.332 ms), so `gca_triton.gca_fwd` launches that form there; at D = 64 it keeps Triton's.
+0.334-0.352; P passed from registers, 0.359 against 0.350 in its run). At D = 128 one math warpgroup a
+CTA at two CTAs an SM with P from registers takes 0.282-0.289 ms against 0.324-0.335 for the
+single-warpgroup Gluon forward (runs 8-9), so `gca_triton.gca_fwd` launches that form there (the
+launcher's defaults); at D = 64 it keeps Triton's.
 """
 
 import argparse

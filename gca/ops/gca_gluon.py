@@ -13,10 +13,11 @@ per (query chunk, query head):
   accumulates into the output asynchronously (P scaled by w_i / l_i first, so every slot adds into one
   accumulator), FlashAttention-3's intra-warpgroup overlap; per-slot log-sum-exps stored as `gca_fwd`
   stores them, so either backward can follow either forward;
-- the forward the package launches (`gca_fwd_ws`) runs that loop in two math warpgroups a CTA, each fed
-  by a loader warp of its own that issues the TMA copies into "ready" / "empty" mbarrier rings, one
-  persistent CTA an SM looping over the (query chunk, head) items (`gl.warp_specialize`; FlashAttention-3's
-  layout); `gca_fwd_gluon` is the single-warpgroup form, which issues its own copies;
+- the forward the package launches (`gca_fwd_ws`) runs that loop in a math warpgroup fed by a loader
+  warp that issues its TMA copies into "ready" / "empty" mbarrier rings (`gl.warp_specialize`,
+  FlashAttention-3's layout), P handed to P V from registers, two persistent CTAs an SM looping over
+  the (query chunk, head) items; `gca_fwd_gluon` is the single-warpgroup form, which issues its own
+  copies and passes P through shared memory;
 - dq: slot i + 1's S = Q K^T and dP = dO V^T are issued before slot i's dS = P (dP - DELTA) w, and
   dq += dS K runs asynchronously; DELTA is stored and dweights summed from it, as the Triton dq kernel
   does;
@@ -25,12 +26,13 @@ per (query chunk, query head):
   and dP^T = V dO^T issued before this step's P^T w and dS^T, then dV += (P^T w) dO and dK += dS^T Q
   asynchronously; 4 warps (one warpgroup, 255 registers) or 8 (two warpgroups splitting the columns,
   140 registers);
-- P and dS reach their wgmma through shared memory: from registers ptxas serialises every wgmma of
-  the kernel (C7513).
+- in the single-warpgroup kernels P and dS reach their wgmma through shared memory: from registers
+  ptxas serialises every wgmma of the kernel (C7513); the warp-specialised forward, with one math
+  warpgroup at 128 registers, takes P from registers without it.
 
 Measured on an H200 (`benchmarks/gluon_kernels.py`, results in
 `benchmarks/results/gluon_kernels_nvidia-h200_2026-12-01.txt`): at D = 128 the forward takes 0.33 ms
-where the Triton kernel takes 0.45 (the warp-specialised form 0.31-0.32, `benchmarks/gluon_ws_fwd.py`), and the backward (dK/dV at 8 warps) 1.56 ms where Triton takes
+where the Triton kernel takes 0.45 (the warp-specialised form the package launches: 0.28, `benchmarks/gluon_ws_fwd.py`), and the backward (dK/dV at 8 warps) 1.56 ms where Triton takes
 1.74; at D = 64 the Triton kernels are faster (forward 0.34 vs 0.38 ms, backward 1.10 vs 1.46), so
 `supports` sends only D = 128 here. Gluon cannot run in Triton's interpreter: the CPU tests check the
 dispatch rule, the CUDA tests the kernels.
@@ -576,10 +578,11 @@ def gca_fwd_gluon(q, mem_k, mem_v, indices, weights, softmax_one=False, scale=No
 
 
 # The warp-specialised, persistent forward (FlashAttention-3's layout): the package's forward at D = 128.
-# Written and timed in `benchmarks/gluon_ws_fwd.py` (which drives every option below); at D = 128 two math
-# warpgroups a CTA with two buffers each run 0.312-0.319 ms against 0.326-0.332 for `gca_fwd_gluon` in three
-# runs on an H200 (`benchmarks/results/gluon_ws_fwd_nvidia-h200_2026-12-03.txt`); at D = 64 every form is
-# slower than the Triton forward.
+# Written and timed in `benchmarks/gluon_ws_fwd.py` (which drives every option below). At D = 128 on an H200
+# (`benchmarks/results/gluon_ws_fwd_nvidia-h200_2026-12-03.txt`, runs 7-9), SPEC-sized, ms: the default (one
+# math warpgroup a CTA, two CTAs an SM, P from registers) 0.282; P through shared memory 0.297-0.304; two
+# math warpgroups a CTA 0.317-0.321; `gca_fwd_gluon` 0.324-0.335; the Triton forward 0.446-0.451. At D = 64
+# every form is slower than the Triton forward (0.359 at best against 0.350).
 
 
 @functools.cache
