@@ -202,6 +202,11 @@ class DRTConfig:
             bad("attn_impl", f"must be one of {ATTN_IMPLS}")
         if self.gca_impl not in GCA_IMPLS:
             bad("gca_impl", f"must be one of {GCA_IMPLS}")
+        d = self.hidden_size // self.num_heads
+        if self.gca_impl == "triton" and self.arch == "drt" and (d < 16 or d > 128 or d & (d - 1)):
+            # the kernels' rule (gca.ops.gca_triton.supports); caught here rather than at the first retrieval
+            bad("gca_impl", f"'triton' needs a head size (hidden_size / num_heads) that is a power of two in "
+                            f"[16, 128], and it is {d}; use 'auto' or 'torch'")
         if self.retrieval_copy_targets not in COPY_TARGETS:
             bad("retrieval_copy_targets", f"must be one of {COPY_TARGETS}")
         c = self.retrieval_copy_loss

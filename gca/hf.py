@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +275,11 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """``transformers``' ``from_pretrained``; a ``gca train`` run folder (its weights in ``ckpt/``, no
         ``config.json`` at the top) is named as one, with how to load it, instead of "no model.safetensors"."""
+        if "top_k" in kwargs:  # else transformers hands it to __init__: "unexpected keyword argument 'top_k'"
+            raise ValueError(
+                "from_pretrained(..., top_k=...): DRTHFConfig stores DRTConfig.top_k as `retrieval_top_k` (`top_k` "
+                "is a transformers generation parameter); pass retrieval_top_k=..."
+            )
         path = Path(str(pretrained_model_name_or_path)).expanduser()
         if path.is_dir() and not (path / "config.json").exists() and (path / "ckpt" / "config.json").exists():
             raise ValueError(
@@ -282,6 +288,28 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
                 f"makes a transformers folder)"
             )
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``transformers``' ``save_pretrained``, with the config taken from the wrapped model first: the
+        DRT reads its own ``gca.DRTConfig`` (``hf.model.config``), so a field changed there (e.g. ``top_k``
+        for evaluation) is what the model does and what is saved; a field changed only on ``hf.config``
+        is not seen by the model and is overwritten, with a warning naming it."""
+        fresh = DRTHFConfig.from_drt_config(self.model.config)
+        stale = [
+            f"{_attr(name)}={getattr(self.config, _attr(name), None)!r} (the model has {getattr(fresh, _attr(name))!r})"
+            for name in _FIELDS
+            if getattr(self.config, _attr(name), None) != getattr(fresh, _attr(name))
+        ]
+        if stale:
+            warnings.warn(
+                "DRTForCausalLM.save_pretrained: the transformers config differs from the wrapped DRT's config in "
+                + ", ".join(stale) + "; the DRT reads only its own (hf.model.config), so its values are saved",
+                stacklevel=2,
+            )
+        for name in _FIELDS:
+            value = getattr(fresh, _attr(name))
+            setattr(self.config, _attr(name), list(value) if isinstance(value, tuple) else value)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ---- weights ----
     def _init_weights(self, module: torch.nn.Module) -> None:

@@ -358,6 +358,11 @@ class DRT(nn.Module):
         if ring is not None and ring.k.device != dev:  # else a cryptic error deep inside a layer
             raise ValueError(f"the cache is on {ring.k.device}, the model on {dev}: make the cache after moving the "
                              "model (new_cache() with no device), or move the model back")
+        dev_type = self.embed.weight.device.type
+        now = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else self.embed.weight.dtype
+        if cache.compute_dtype is not None and cache.compute_dtype != now:  # else a dtype error deep in a layer
+            raise ValueError(f"the cache was filled in {cache.compute_dtype}, the model now computes in {now} (autocast "
+                             f"switched, or the model cast, since): start a new cache (new_cache()), or go back")
         if cache.made_for is None:
             return
         mine = self._cache_shape()
@@ -376,6 +381,10 @@ class DRT(nn.Module):
         self.check_cache(cache)
         if input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"input_ids has batch {input_ids.shape[0]}, the cache was made for {cache.batch_size}")
+        if cache.compute_dtype is None:
+            dev_type = self.embed.weight.device.type
+            on = torch.is_autocast_enabled(dev_type)
+            cache.compute_dtype = torch.get_autocast_dtype(dev_type) if on else self.embed.weight.dtype
         if keep is not None and keep < 1:
             raise ValueError(f"logits_to_keep must be >= 1, got {keep}")
         cfg = self.config

@@ -445,8 +445,17 @@ def test_second_order_gradients_raise_instead_of_vanishing():
     q = q.detach().requires_grad_(True)
     out = gt.gca_triton(q, k, v, idx, w)
     (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="no second-order gradient"):
         gq.square().sum().backward()
+    # a constant output gradient (out.sum()): torch's once_differentiable let this dq come back without a
+    # graph, so a penalty on it silently counted as a constant; it must raise the same way
+    out = gt.gca_triton(q, k, v, idx, w)
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    assert gq.requires_grad
+    torch.testing.assert_close(gq, torch.autograd.grad(gca_reference(q, k, v, idx, w).sum(), q)[0])  # first order intact
+    with pytest.raises(RuntimeError, match="no second-order gradient"):
+        (out.sum() + gq.square().sum()).backward()
+
 
 def test_unsupported_falls_back_with_warning():
     q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=2, S=4, Sm=4, H=2, Hk=1, D=12, K=2, dtype=torch.float32)

@@ -87,6 +87,31 @@ def test_save_load_round_trip(tmp_path, tie):
             torch.testing.assert_close(loaded.to_drt()(x).logits, hf.to_drt()(x).logits, rtol=0, atol=0)
 
 
+def test_save_pretrained_saves_the_config_the_model_runs(tmp_path):
+    """The DRT reads its own config: a field changed there (top_k for an evaluation) used to be lost by
+    save_pretrained, which wrote the transformers config of the model's creation, so the reloaded model
+    computed other logits; a field changed only on hf.config was saved though the model never saw it."""
+    hf = hf_model()
+    x = torch.randint(0, V, (1, 200))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unchanged model saves without a warning
+        hf.save_pretrained(tmp_path / "plain")
+    hf.model.config.top_k = 1
+    hf.config.window = 40  # not read by the model
+    with torch.no_grad():
+        ref = hf(x).logits
+    with pytest.warns(UserWarning, match=r"window=40 \(the model has 80\), retrieval_top_k=3 \(the model has 1\)"):
+        hf.save_pretrained(tmp_path / "changed")
+    for cls in (DRTForCausalLM, AutoModelForCausalLM):
+        back = cls.from_pretrained(tmp_path / "changed").eval()
+        assert back.config.retrieval_top_k == 1 and back.model.config.top_k == 1 and back.model.config.window == 80
+        with torch.no_grad():
+            torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="retrieval_top_k"):  # was a TypeError from inside transformers
+        AutoModelForCausalLM.from_pretrained(tmp_path / "plain", top_k=2)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "plain", retrieval_top_k=2).model.config.top_k == 2
+
+
 def test_weights_missing_from_a_checkpoint_get_the_drt_init(tmp_path):
     # was: _init_weights was a no-op, so a weight the checkpoint lacked (a config with more layers than
     # the file, a dropped tensor) kept uninitialised memory: NaN or 1e38 entries, NaN logits

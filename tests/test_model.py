@@ -185,6 +185,12 @@ def test_presets_replace_and_round_trip():
             cfg.replace(num_kv_heads=5)
         with pytest.raises(ValueError, match="unknown DRTConfig fields"):
             cfg.replace(topk=2)
+    # gca_impl="triton" with a head size the kernels do not take failed only at the first retrieval, with an
+    # error naming the op's impl= argument rather than this field
+    with pytest.raises(ValueError, match=r"DRTConfig.gca_impl: 'triton' needs a head size .* it is 8"):
+        DRTConfig.from_preset("tiny", hidden_size=32, num_heads=4, gca_impl="triton")
+    assert DRTConfig.from_preset("tiny", hidden_size=32, num_heads=4, gca_impl="triton", arch="swa").gca_impl == "triton"
+    assert DRTConfig.from_preset("tiny", gca_impl="triton").head_dim == 32
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.uint16])

@@ -135,9 +135,12 @@ def test_scale_and_half_precision():
         (lambda a: a.update(scale=float("nan")), "scale must be a finite number"),
         (lambda a: a.update(scale=float("inf")), "scale must be a finite number"),
         (lambda a: a.update(scale="0.5"), "scale must be a finite number"),
+        # a tensor scale that needs grad was cut from the graph by float() (a learned temperature never trained)
+        (lambda a: a.update(scale=torch.tensor(0.3, requires_grad=True)), "multiply q by it"),
+        (lambda a: a.update(softmax_one="no"), "softmax_one must be True or False"),  # was truthy: on
     ],
     ids=["rank", "kv-mismatch", "idx-high", "idx-low", "idx-dtype", "weights-shape", "dtype", "hk-divides", "head-size",
-         "not-a-tensor", "scale-nan", "scale-inf", "scale-str"],
+         "not-a-tensor", "scale-nan", "scale-inf", "scale-str", "scale-grad", "softmax-one-str"],
 )
 def test_argument_errors(change, match):
     # a NaN scale used to give NaN outputs from the reference (the kernels refuse it), a string scale or a

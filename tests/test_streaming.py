@@ -247,6 +247,28 @@ def test_cache_on_another_device_is_named():
         m(torch.zeros(1, 5, dtype=torch.long), cache=m.new_cache(1, device="meta"))
 
 
+@pytest.mark.parametrize("switch", ["cast", "autocast"])
+def test_cache_refuses_a_switch_of_compute_dtype(switch):
+    """Casting the model (or switching autocast) half way through a cache failed deep in the chunk encoder
+    ("expected m1 and m2 to have the same dtype"), or later in the GCA op, or not at all before a chunk had
+    closed; now it is a ValueError naming both dtypes as soon as the cache is used again."""
+    m = DRT(tiny()).double().eval()
+    x = torch.randint(0, 97, (1, 30))  # less than a chunk: nothing in the chunk memory yet
+    cache = m.new_cache(1)
+    m(x, cache=cache)
+    if switch == "cast":
+        m.float()
+        ctx = torch.autocast("cpu", enabled=False)
+    else:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    with ctx, pytest.raises(ValueError, match="the cache was filled in torch.float64, the model now computes in"):
+        m(x, cache=cache)
+    with ctx:  # a new cache in the new dtype goes on as usual
+        fresh = m.new_cache(1)
+        m(x, cache=fresh)
+        m(x, cache=fresh)
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, "64", True], ids=["negative", "2.5", "str", "True"])
 def test_new_cache_refuses_a_max_tokens_that_is_not_a_count(bad):
     # 2.5 was taken as 2 and "64" as 64; "a" failed inside int() without naming the argument

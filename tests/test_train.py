@@ -474,9 +474,9 @@ def test_save_model_and_export_model_round_trip(reference, tmp_path):
     torch.manual_seed(0)
     m = DRT(DRTConfig.from_preset("tiny", **TINY, vocab_size=64)).eval()
     x = torch.randint(0, 64, (1, 150))
-    save_model(m, tmp_path / "f32", tokenizer=load_tokenizer("embedded"))
+    save_model(m, tmp_path / "f32")
     back = load_model(tmp_path / "f32")
-    assert back.config == m.config and (tmp_path / "f32" / "tokenizer.json").exists()
+    assert back.config == m.config
     assert torch.equal(back(x).logits, m(x).logits)
     save_model(m, tmp_path / "bf16", dtype=torch.bfloat16)
     assert next(m.parameters()).dtype == torch.float32  # the model itself is left as it was
@@ -488,6 +488,39 @@ def test_save_model_and_export_model_round_trip(reference, tmp_path):
     assert sorted(p.name for p in exp.iterdir()) == ["config.json", "model.safetensors", "train_config.json"]
     trained = load_model(ref_out)
     torch.testing.assert_close(load_model(exp)(x).logits, trained(x).logits, atol=0.1, rtol=0.05)
+
+
+def test_save_model_checks_dtype_and_tokenizer_and_drops_a_stale_one(tmp_path):
+    """save_model(dtype=torch.int64) wrote zeros that load_model accepted (a model predicting nothing); a
+    tokenizer with more ids than the model's vocabulary, or a path string for one (an AttributeError after the
+    weights were written), was taken; a folder saved again without a tokenizer kept the previous model's."""
+    from safetensors.torch import load_file, save_file
+
+    from gca.data.tokenizer import load_tokenizer
+    from gca.train import save_model
+
+    torch.manual_seed(0)
+    small = DRT(DRTConfig.from_preset("tiny", **TINY, vocab_size=64)).eval()
+    for bad in (torch.int64, torch.bool, "bfloat16"):
+        with pytest.raises(ValueError, match="floating-point torch.dtype"):
+            save_model(small, tmp_path / "bad", dtype=bad)
+    tok = load_tokenizer("embedded")  # 2048 ids
+    with pytest.raises(ValueError, match="2048 ids but the model's vocabulary is 64"):
+        save_model(small, tmp_path / "bad", tokenizer=tok)
+    with pytest.raises(TypeError, match="load it first"):
+        save_model(small, tmp_path / "bad", tokenizer="tokenizer.json")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    m = DRT(DRTConfig.from_preset("tiny", **TINY, vocab_size=2048)).eval()
+    save_model(m, tmp_path / "m", tokenizer=tok)
+    assert load_tokenizer(tmp_path / "m" / "tokenizer.json").vocab_size == 2048
+    with pytest.warns(UserWarning, match="removed .*tokenizer.json"):
+        save_model(small, tmp_path / "m")  # another model in the same folder, without a tokenizer
+    assert not (tmp_path / "m" / "tokenizer.json").exists()
+    # a weights file whose floating weights were cast to integers: refused on load, not zeros
+    w = load_file(tmp_path / "m" / "model.safetensors")
+    save_file({k: v.to(torch.int64) for k, v in w.items()}, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="non-floating dtype"):
+        load_model(tmp_path / "m")
 
 
 def test_save_model_looks_through_wrappers_and_refuses_a_run_folder(reference, tmp_path):

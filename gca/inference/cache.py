@@ -229,3 +229,4 @@ class DRTCache:
     skip_upper: bool = True  # with logits_to_keep, pieces beyond the upper layers' reach skip them (exact)
     skipped_tokens: int = 0  # user tokens that went through the lower layers only (skip_upper)
     made_for: dict | None = None  # the shape of the model that made it (DRT.new_cache); checked on use
+    compute_dtype: torch.dtype | None = None  # the dtype it was filled in (the first use's); checked on use

@@ -176,6 +176,8 @@ def grouped_cross_attention(
     """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if isinstance(softmax_one, (str, bytes)) or softmax_one not in (0, 1):  # "no" would have been truthy
+        raise ValueError(f"softmax_one must be True or False, got {softmax_one!r}")
     compiling = torch.compiler.is_compiling()
     _check(q, mem_k, mem_v, indices, weights, check_indices=validate and not compiling)
     scale = check_scale(scale)

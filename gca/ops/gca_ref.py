@@ -25,6 +25,12 @@ def check_scale(scale) -> float | None:
     and the kernels' entry points check it alike (a NaN scale gave the reference's NaN output)."""
     if scale is None:
         return None
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        raise ValueError(
+            "scale is taken as a number, so a tensor that requires grad would be cut from the graph (a learned "
+            "temperature would never train): multiply q by it instead and pass scale=1.0 (the default scale is "
+            "1/sqrt(D))"
+        )
     try:
         value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
     except (TypeError, ValueError, RuntimeError):  # a list, a tensor of several elements, ...

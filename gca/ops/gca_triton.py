@@ -59,6 +59,7 @@ is imported), which is how CI tests them; two interpreter gaps are worked around
 loaded bounds become ``while`` loops; bf16 dot operands are upcast after rounding).
 """
 
+import functools
 import warnings
 
 import torch
@@ -713,6 +714,36 @@ def _backward(ctx, do, _dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _once_differentiable(backward):
+    """``torch.autograd.function.once_differentiable`` that also catches a second-order gradient taken with a
+    constant output gradient. Torch's marks the gradients non-differentiable only when an incoming gradient
+    requires grad, so ``torch.autograd.grad(out.sum(), q, create_graph=True)`` returned a dq that silently
+    did not depend on q (a gradient penalty through it was treated as a constant). Here, whenever the
+    backward runs with grad mode on (``create_graph=True``), the gradients come back differentiable in name
+    only: differentiating them raises, as for any other once-differentiable function."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outs
+        err = torch._C._functions.DelayedError(
+            b"grouped_cross_attention(impl='triton'): the fused kernels have no second-order gradient "
+            b"(their backward is not differentiable); use impl='torch' for a double backward", len(outs))
+
+        def alias(t):  # a leaf that requires grad, so DelayedError's outputs get its erroring grad_fn
+            if t is None:
+                return None
+            t = t.detach()
+            t.requires_grad_(True)
+            return t
+
+        return err(*[alias(t) for t in outs])
+
+    return wrapper
+
+
 class _GCAFunction(torch.autograd.Function):
     """The same forward and backward as the custom op, for eager calls: the custom op's Python
     dispatch cost ~0.6 ms of host time per forward + backward (H200 host, torch 2.11), more than the
@@ -727,7 +758,7 @@ class _GCAFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the backward's kernels have no backward themselves
+    @_once_differentiable  # the backward's kernels have no backward themselves
     def backward(ctx, do):
         q, mem_k, mem_v, indices, weights, lse = ctx.saved_tensors
         dq, dk, dv, dw = gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, ctx.softmax_one, ctx.scale)

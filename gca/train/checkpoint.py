@@ -30,6 +30,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,6 +347,12 @@ def _check_shapes(model: DRT, path: Path, ckpt: Path) -> None:
         raise _corrupt(path, f"does not fit the model of config.json: {len(bad)} tensor(s) differ in shape, e.g. {k} "
                              f"is {got} in the file and {exp} in the model (was config.json edited or copied from "
                              f"another run?)", ckpt)
+    floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    with safe_open(str(path), framework="pt") as f:  # dtypes from the header (e.g. "I64"), no data read
+        ints = [k for k in f.keys() if k in floating and not f.get_slice(k).get_dtype().startswith(("F", "BF"))]
+    if ints:  # weights cast to an integer dtype are zeros: a model that loads and predicts nothing
+        raise _corrupt(path, f"holds {len(ints)} weight(s) of a non-floating dtype, e.g. {ints[0]}: the model's "
+                             f"weights were cast to integers when saved", ckpt)
 
 
 def _regroup_name(name: str, old_groups: list[int], new_groups: list[int]) -> str:
@@ -420,6 +427,20 @@ def save_model(model: DRT, out: str | os.PathLike, dtype: torch.dtype | None = N
     model = getattr(model, "module", model)  # DistributedDataParallel's
     if not isinstance(model, DRT):
         raise ValueError(f"save_model saves a gca.DRT, got {type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...) or None "
+                         f"for the model's own, got {dtype!r}")
+    if tokenizer is not None:
+        if not callable(getattr(tokenizer, "save", None)):
+            raise TypeError(f"tokenizer must be a gca.data.Tokenizer (or a tokenizers.Tokenizer), got "
+                            f"{type(tokenizer).__name__}; to copy a tokenizer.json file, load it first with "
+                            f"gca.data.load_tokenizer(PATH)")
+        n = getattr(tokenizer, "vocab_size", None)
+        if n is None and callable(getattr(tokenizer, "get_vocab_size", None)):
+            n = tokenizer.get_vocab_size(with_added_tokens=True)
+        if isinstance(n, int) and n > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {n} ids but the model's vocabulary is {model.config.vocab_size}: "
+                             f"the ids from {model.config.vocab_size} on would be out of its range")
     out = Path(out)
     if (out / CKPT).is_dir() or (out / MANIFEST).exists():
         raise ValueError(f"{out} holds a training run's checkpoint: save the model to a folder of its own "
@@ -433,4 +454,8 @@ def save_model(model: DRT, out: str | os.PathLike, dtype: torch.dtype | None = N
     _write_json(out / CONFIG, model.config.to_dict())
     if tokenizer is not None:
         save_tokenizer(tokenizer, out)
+    elif (out / "tokenizer.json").exists():  # a model saved there before left its tokenizer: it is not this one's
+        (out / "tokenizer.json").unlink()
+        warnings.warn(f"save_model: removed {out / 'tokenizer.json'}, left by the model saved there before; pass "
+                      f"tokenizer= to save this model's", stacklevel=2)
     return out
