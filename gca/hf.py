@@ -508,6 +508,9 @@ class DRTForCausalLM(PreTrainedModel, GenerationMixin):
             use = m.embed.weight.device.type == "cuda"
         if not (use and input_ids.shape[1] == 1 and not m.training):
             return m(input_ids, cache=stream.drt_cache, logits_to_keep=keep).logits
+        # the GraphDecoder leaves CUDA ids unchecked (its own loop avoids the sync); generate() syncs every step
+        # anyway, so check them here as every other path does: an id past the vocabulary read a padding row
+        m._check_ids(input_ids)
         if stream.decoder is None or stream.decoder.model is not m:
             from gca.inference.graph import GraphDecoder
 

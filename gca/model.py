@@ -5,7 +5,7 @@
     out = model(input_ids, labels=input_ids, output_retrieval=True)
     out.logits   # (B, L, vocab), row t predicts token t + 1
     out.loss     # mean cross-entropy of logits[:, :-1] against labels[:, 1:]
-    out.retrieval[g].indices  # (B, C, K): chunks retrieved at chunk c's landmark, all < c or -1
+    out.retrieval[g].indices  # (B, C, K), K = min(top_k, C): chunks retrieved at chunk c's landmark, all < c or -1
 
 Layout inside the model. The user's L tokens are cut into C = ceil(L / P) chunks of
 P = chunk_size - 1 tokens and a landmark is appended to each, so chunk c occupies positions

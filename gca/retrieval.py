@@ -21,7 +21,8 @@ _NEG = -1e30  # finite "minus infinity": keeps softmax gradients NaN-free
 
 @dataclass
 class Retrieval:
-    """One group's retrieval. ``indices`` ``(B, C, K)`` (-1 = empty), ``weights`` ``(B, C, K)``,
+    """One group's retrieval. ``indices`` ``(B, C, K)`` (-1 = empty; K = min(top_k, C): a short input has
+    fewer chunks to pick than top_k), ``weights`` ``(B, C, K)``,
     ``scores`` ``(B, C, K)`` noise-free scores of the picked chunks."""
 
     indices: torch.Tensor

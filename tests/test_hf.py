@@ -331,6 +331,9 @@ def test_one_token_steps_through_the_graph_decoder_give_the_same_tokens():
     dec = out.past_key_values.decoder
     assert dec is not None and dec.replays > 0 and dec.eager_steps == 1  # one new token closed a chunk
     assert plain.past_key_values.decoder is None
+    # an id past the vocabulary is refused before the decoder (which checks only CPU ids, to spare CUDA a sync)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 97\)"):
+        hf(input_ids=torch.tensor([[V], [0]]), past_key_values=out.past_key_values)
 
 
 def test_sampling_with_seed():

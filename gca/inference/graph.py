@@ -112,7 +112,8 @@ class GraphDecoder:
             self._pend_view = None  # the cache's pending_lower when it is a view of self.pend
             G = len(model.groups)
             self.idx = [torch.full((B, 1, K), -1, dtype=torch.long, device=dev) for _ in range(G)]
-            self.w = [torch.zeros(B, 1, K, dtype=torch.float32, device=dev) for _ in range(G)]
+            wdt = torch.float64 if dt == torch.float64 else torch.float32  # as the eager path's weights (fp32 for half)
+            self.w = [torch.zeros(B, 1, K, dtype=wdt, device=dev) for _ in range(G)]
             self._rows_seen: list = [None] * G  # the cache's last_rows entries copied into idx / w
             mem = cache.memory
             if mem.k is None:  # nothing stored yet: allocate at the cache's capacity hint
