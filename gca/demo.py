@@ -52,6 +52,8 @@ def run_demo(out: str = "runs/demo", minutes: float = 2.5, device: str = "auto",
 
     t_start = time.time()
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():  # else "[Errno 17] File exists"
+        raise ValueError(f"--out {out} is a file: give a folder (the demo writes its run, plots and JSON there)")
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     summary: dict = {}

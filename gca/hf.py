@@ -105,12 +105,15 @@ class DRTHFConfig(_ConfigBase):
 
     def __init__(self, **kwargs: Any):
         if "top_k" in kwargs:
-            native = "arch" in kwargs and "retrieval_top_k" not in kwargs  # a gca checkpoint's config.json
+            if "arch" in kwargs and "retrieval_top_k" not in kwargs:  # a gca checkpoint's config.json
+                raise ValueError(
+                    "this is a gca checkpoint's config.json (gca train, gca.train.save_model: `arch` and `top_k`), not a "
+                    "transformers one: load the model with gca.train.load_model(DIR) and wrap it with "
+                    "gca.hf.from_drt(model) (its save_pretrained then writes a transformers folder)"
+                )
             raise ValueError(
                 "DRTHFConfig stores DRTConfig.top_k as `retrieval_top_k` (`top_k` is a transformers "
                 "generation parameter); pass retrieval_top_k=..., or use DRTHFConfig.from_drt_config(cfg)"
-                + ("; a config.json with `arch` and `top_k` is a gca checkpoint's (gca train, gca.train.save_model): "
-                   "load it with gca.train.load_model(DIR) and wrap the model with gca.hf.from_drt(model)" if native else "")
             )
         defaults = DRTConfig().to_dict()
         values = {name: kwargs.pop(_attr(name), defaults[name]) for name in _FIELDS}

@@ -194,10 +194,14 @@ class DRT(nn.Module):
             # logits[:, :-1] against labels[:, 1:], without slicing the (B, L, vocab) logits, whose
             # backward would write a zero-padded copy of them (5 ms of a 64K-token step on an H200)
             target = F.pad(labels[:, 1:], (0, 1), value=-100)
+            # the sum over the counted labels by their count, at least 1: the mean where any label counts, and
+            # 0 (no gradient) where none does, where the mean was NaN (a batch of answer-only rows with no
+            # answer in it); no device sync, so nothing breaks a compiled graph
+            counted = (target != -100).sum().clamp(min=1)
             loss = F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
-                target.reshape(-1), ignore_index=-100
-            )
+                target.reshape(-1), ignore_index=-100, reduction="sum"
+            ) / counted
             if copy is not None:
                 loss = loss + self.config.retrieval_copy_loss * copy[0]
         return DRTOutput(logits=logits, loss=loss, retrieval=retrieval if output_retrieval else None,
@@ -348,7 +352,8 @@ class DRT(nn.Module):
         groups = [len(g) for g in getattr(self, "groups", [])]
         return dict(arch=cfg.arch, lower_layers=len(self.lower), upper_groups=groups, num_heads=cfg.num_heads,
                     head_dim=cfg.head_dim, kv_heads=cfg.kv_heads, hidden_size=cfg.hidden_size,
-                    chunk_size=cfg.chunk_size, window=None if cfg.arch == "full" else cfg.window)
+                    chunk_size=cfg.chunk_size, window=None if cfg.arch == "full" else cfg.window,
+                    top_k=cfg.top_k if cfg.arch == "drt" else None)  # the cache keeps each group's last picks
 
     def check_cache(self, cache: DRTCache) -> None:
         """Raise ValueError when ``cache`` was made by a model of another shape (:meth:`new_cache`) or

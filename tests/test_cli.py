@@ -215,6 +215,25 @@ def test_demo_without_the_shipped_checkpoint_names_its_recipe(tmp_path, monkeypa
     assert script == "scripts/rebuild_passkey_tiny.sh" and (pathlib.Path(__file__).parents[1] / script).exists()
 
 
+def test_demo_out_a_file_is_refused_in_words(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(["demo", "--out", str(f), "--no-train", "--device", "cpu"]) == 2  # was "[Errno 17] File exists"
+    assert capsys.readouterr().err.startswith(f"gca demo: error: --out {f} is a file: give a folder")
+
+
+def test_replay_nonfinite_on_a_healthy_run_or_no_run_says_so(tmp_path, capsys):
+    """It said "no saved weights in RUN/nonfinite ... runs from before that have the batches only" of a
+    folder that does not exist, for a run that never had a non-finite step."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("")
+    assert main(["replay-nonfinite", str(tmp_path / "run")]) == 2
+    assert "none of its steps had a non-finite gradient, so there is nothing to replay" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    assert main(["replay-nonfinite", str(tmp_path / "other")]) == 2
+    assert "is not a gca training run (no log.jsonl, no ckpt/)" in capsys.readouterr().err
+
+
 def test_parse_set():
     got = parse_set(["hidden_size=128", "upper_groups=[2, 2]", "arch=swa", "gumbel=false", "gca_softmax_one=True", "num_kv_heads=None"])
     assert got == dict(hidden_size=128, upper_groups=[2, 2], arch="swa", gumbel=False, gca_softmax_one=True, num_kv_heads=None)

@@ -155,8 +155,9 @@ def test_each_format_loaded_as_the_other_says_which_it_is(tmp_path):
         load_model(tmp_path / "hf")
     assert "corrupt" not in str(e.value) and "delete" not in str(e.value)
     save_model(m.to_drt(), tmp_path / "native")
-    with pytest.raises(ValueError, match=r"a gca checkpoint's .*gca.train.load_model\(DIR\).*gca.hf.from_drt"):
+    with pytest.raises(ValueError, match=r"a gca checkpoint's .*gca.train.load_model\(DIR\).*gca.hf.from_drt") as e:
         DRTForCausalLM.from_pretrained(tmp_path / "native")
+    assert "retrieval_top_k" not in str(e.value)  # the top_k naming advice led, though the user passed no top_k
     save_model(m.to_drt(), tmp_path / "run" / "ckpt")  # a run folder: its model in ckpt/ ("no model.safetensors")
     with pytest.raises(ValueError, match=r"run is a gca training run, not a transformers checkpoint: .*load_model"):
         DRTForCausalLM.from_pretrained(tmp_path / "run")

@@ -102,6 +102,12 @@ def test_loss_is_shifted_cross_entropy(arch):
     out = m(x, labels=labels)
     ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, ref)
+    # no label counted (answer-only rows without an answer): 0 and a zero gradient, where the mean was NaN
+    m.train()
+    out = m(x, labels=torch.full_like(x, -100))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in m.parameters())
 
 
 def test_bad_inputs():

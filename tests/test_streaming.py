@@ -135,6 +135,10 @@ def test_generate_sampling_and_errors():
         swa = DRT(m.config.replace(arch="swa")).eval()
         with pytest.raises(ValueError, match="arch 'swa'"):
             m(prompt, cache=swa.new_cache(1))
+        # another top_k: the cache holds each group's last picks (was a RuntimeError on their sizes)
+        other_k = DRT(m.config.replace(top_k=m.config.top_k + 1)).eval()
+        with pytest.raises(ValueError, match=f"top_k {m.config.top_k} \\(this model: {m.config.top_k + 1}\\)"):
+            other_k(prompt, cache=m.new_cache(1))
 
 
 def test_offload_keeps_memory_off_device_and_fetches_only_picked_chunks():

@@ -66,6 +66,14 @@ def save_nonfinite_weights(model: torch.nn.Module, out: str | os.PathLike, step:
 
 def _pick_step(d: Path, step: int | None) -> int:
     saved = sorted(int(p.name[4:]) for p in d.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)) if d.exists() else []
+    if not d.exists() and not any((d.parent / n).exists() for n in ("log.jsonl", "ckpt", "checkpoint.json")):
+        raise FileNotFoundError(f"{d.parent} is not a gca training run (no log.jsonl, no ckpt/): give the --out of a "
+                                f"gca train run")
+    if not d.exists():  # the usual case: a healthy run
+        raise FileNotFoundError(
+            f"{d.parent} has no {d.name}/ folder: none of its steps had a non-finite gradient, so there is nothing to "
+            "replay (the trainer saves the weights and batch of such a step in DIR/nonfinite/step<N>/)"
+        )
     if not saved:
         raise FileNotFoundError(
             f"no saved weights in {d}: the trainer keeps them (DIR/nonfinite/step<N>/) from the first step whose "
