@@ -1821,3 +1821,212 @@ def test_plot_retrieval_hits_names_every_run_and_refuses_a_task_no_file_holds(tm
                                       "--out", str(tmp_path / "h2.png")])
     with pytest.raises(SystemExit, match="no rows of task 2hop"):
         ph.main()
+
+
+# ---- eval / bench / plot fixes of an audit: each test failed before its fix ----
+def test_eval_keeps_other_models_rows_in_a_shared_out(tmp_path, capsys, monkeypatch):
+    """`gca eval` into an --out another model's evaluation wrote to (the default ./eval is every model's)
+    replaced its tasks.json / ppl.json with this model's rows alone, without a word. Now the other models'
+    rows are kept (a note names them), only this model's are replaced (a rerun of it leaves one set), a
+    stopped evaluation keeps both, and a results file that is not a list of rows is refused before the
+    model loads."""
+    from gca.eval import tasks as eval_tasks
+
+    a, b, data = _saved_run(tmp_path, "a"), _saved_run(tmp_path, "b"), _prepared(tmp_path, "emb")
+    out = tmp_path / "eval"
+    ev = ["--lengths", "0.5x", "--out", str(out), "--device", "cpu"]
+    tasks = ["eval", "tasks", "--depths", "1", "--trials", "1", *ev]
+    ppl = ["eval", "ppl", "--data", str(data), "--windows", "1", *ev]
+    for argv in (tasks, ppl):
+        name = "tasks.json" if argv is tasks else "ppl.json"
+        assert main(argv + ["--ckpt", str(a)]) == 0
+        capsys.readouterr()
+        assert main(argv + ["--ckpt", str(b), "--lengths", "0.5x,1x"]) == 0
+        assert f"note: {out / name} holds rows of other models (a): they are kept beside b's" in capsys.readouterr().out
+        rows = json.loads((out / name).read_text())
+        assert [(r["model"], r["context_length"]) for r in rows] == [("a", 200), ("b", 200), ("b", 400)]
+        assert main(argv + ["--ckpt", str(b)]) == 0  # b again: its rows replaced, a's kept
+        rows = json.loads((out / name).read_text())
+        assert [(r["model"], r["context_length"]) for r in rows] == [("a", 200), ("b", 200)]
+    assert (out / "heatmap_passkey.png").exists() and (out / "ppl_vs_length.png").exists()
+
+    # a stopped evaluation of a third model keeps what it measured, beside the others' rows
+    row = dict(task="passkey", context_length=400, depth=0.5, accuracy=0.0, retrieval_hit=0.0)
+
+    def stopped(*args, on_row, **kw):
+        on_row([row])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_tasks, "evaluate_tasks", stopped)
+    assert main(tasks + ["--ckpt", str(a), "--name", "c"]) == 130
+    rows = json.loads((out / "tasks.json").read_text())
+    assert [r["model"] for r in rows] == ["a", "b", "c"]
+
+    import gca.eval.cli as ecli
+
+    monkeypatch.setattr(ecli, "load_for_eval", lambda *a, **k: pytest.fail("the model loaded"))
+    (out / "tasks.json").write_text('{"not": "rows"}')
+    capsys.readouterr()
+    assert main(tasks + ["--ckpt", str(a)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"gca eval: error: {out / 'tasks.json'} is not a list of gca eval rows, so its rows cannot be kept beside this "
+        f"model's: move it away or give another --out"]
+
+
+def _corrupt_copy(folder: Path, dest: Path, split: str, at: int) -> Path:
+    import shutil
+
+    shutil.copytree(folder, dest)
+    ids = np.memmap(dest / f"{split}.bin", dtype=np.uint16, mode="r+")
+    ids[at : at + 3] = 60000
+    ids.flush()
+    return dest
+
+
+def test_eval_names_a_corrupt_val_bin_as_gca_train_does(tmp_path, capsys):
+    """A val.bin holding an id outside its vocabulary ended `gca eval ppl` in the model's "input_ids must lie
+    in [0, 2048); got values in [2, 60000]" (after streaming), naming neither the file nor the fix; now it
+    stops before any window with the line `gca train` says for the same file (PackedSource), and so does
+    `gca eval tasks` with it as --filler."""
+    from gca.data.batches import PackedSource
+    from gca.data.prepare import PackedDataset
+
+    bad = _corrupt_copy(_prepared(tmp_path, "emb"), tmp_path / "bad", "val", 500)
+    n = len(PackedDataset(bad, "val"))
+    with pytest.raises(ValueError) as e:  # what gca train says (its windows here: the whole split)
+        PackedSource(bad, seq_len=n, split="val").sample(0)
+    train_says = str(e.value)
+    assert "at position 500," in train_says
+    run = _saved_run(tmp_path, "t1")
+    for argv in (["eval", "ppl", "--data", str(bad), "--windows", "1"],
+                 ["eval", "tasks", "--filler", str(bad), "--depths", "1", "--trials", "1"]):
+        assert main(argv + ["--ckpt", str(run), "--lengths", "200", "--out", str(tmp_path / "e"), "--device", "cpu"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"gca eval: error: {train_says}"
+
+
+def test_eval_of_an_empty_val_split_says_what_applies_to_eval(tmp_path, capsys):
+    """An empty val split advised "or train without validation (gca train --eval-every 0)", no help to
+    `gca eval`; the line says what eval reads it for and how to get one (--filler: or leave it out)."""
+    import warnings
+
+    from gca.data.prepare import prepare
+
+    src = tmp_path / "txt"
+    src.mkdir()
+    (src / "one.txt").write_text("one document of plain words " * 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (prepare warns of the empty split)
+        prepare([str(src)], tmp_path / "d", tokenizer="embedded", val_fraction=0, progress=False)
+    run, d = _saved_run(tmp_path, "t1"), tmp_path / "d"
+    base = ["--ckpt", str(run), "--lengths", "200", "--out", str(tmp_path / "e"), "--device", "cpu"]
+    assert main(["eval", "ppl", "--data", str(d), *base]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"gca eval: error: {d}: split 'val' is empty (0 tokens; all 1 document(s) went to 'train', documents "
+                   f"are not cut), and gca eval ppl scores that split: prepare it again with more documents or a larger "
+                   f"--val-fraction (gca prepare ... --val-fraction F --out {d} --overwrite)"]
+    assert main(["eval", "tasks", "--filler", str(d), "--trials", "1", *base]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--eval-every" not in err[0]
+    assert err[0].endswith("--overwrite), or leave out --filler (random words)") and "filler text" in err[0]
+
+
+def test_eval_tasks_warns_of_2hop_flags_without_2hop(tmp_path, capsys, monkeypatch):
+    """--hop-answer and --hop-lead with --tasks passkey were ignored without a word."""
+    from gca.eval import tasks as eval_tasks
+
+    seen = []
+    monkeypatch.setattr(eval_tasks, "evaluate_tasks", lambda *a, **kw: seen.append(kw) or [])
+    monkeypatch.setattr("gca.eval.cli._print_table", lambda *a: None)
+    monkeypatch.setattr("gca.eval.plots.plot_accuracy_vs_length", lambda *a, **k: None)
+    monkeypatch.setattr("gca.eval.plots.plot_heatmap", lambda *a, **k: None)
+    run = _saved_run(tmp_path, "t1")
+    ev = ["eval", "tasks", "--ckpt", str(run), "--out", str(tmp_path / "e"), "--device", "cpu"]
+    assert main(ev + ["--tasks", "passkey", "--hop-answer", "end", "--hop-lead", "2"]) == 0
+    assert ("gca eval: warning: --hop-answer, --hop-lead only apply to the 2hop task, and --tasks passkey does not "
+            "hold it: ignored") in capsys.readouterr().err.splitlines()
+    assert main(ev + ["--tasks", "passkey,2hop", "--hop-answer", "end"]) == 0
+    assert main(ev + ["--tasks", "multikey"]) == 0  # the defaults: nothing to warn of
+    assert "only apply to the 2hop task" not in capsys.readouterr().err
+    assert [kw["hop_answer"] for kw in seen] == ["end", "end", "chain"]
+
+
+def test_bench_warns_of_ignored_options_and_checks_the_passkey_trial_first(tmp_path, capsys, monkeypatch):
+    """`gca bench --ckpt RUN --preset small` ignored --preset silently (gca train warns of it beside
+    --init-from); --passkey-trial with a --vocab-size below the embedded tokenizer's failed only after the
+    whole benchmark had run."""
+    import gca.inference.bench as ib
+
+    run = _saved_run(tmp_path, "t1")
+    monkeypatch.setattr(ib, "bench_streaming", lambda *a, **k: pytest.fail("the benchmark ran"))
+    assert main(["bench", "--lengths", "4096", "--vocab-size", "100", "--passkey-trial", "4096", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "gca bench: error: --passkey-trial needs a model vocabulary of at least 2048 ids (the embedded tokenizer's, "
+        "which writes its prompt); the model has 100: drop --vocab-size or --passkey-trial"]
+    assert main(["bench", "--lengths", "300", "--passkey-trial", "100.7", "--device", "cpu"]) == 2  # bad lengths: first too
+    assert "bad length '100.7'" in capsys.readouterr().err
+    monkeypatch.setattr(ib, "bench_streaming", lambda model, lengths, **k: [])
+    assert main(["bench", "--ckpt", str(run), "--preset", "small", "--vocab-size", "100", "--lengths", "300",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    assert ("gca bench: warning: --preset small, --vocab-size 100 are ignored: with --ckpt the model is "
+            f"{run}'s") in capsys.readouterr().err.splitlines()
+
+
+def test_bench_cpu_peak_memory_is_each_rows_or_says_it_is_the_process_peak(tmp_path, capsys, monkeypatch):
+    """On CPU `peak GB` was the process's lifetime peak resident set (ru_maxrss), the same on every row,
+    labelled as the row's. It is reset for each row now where Linux allows it, and the table and
+    bench.json say which it is; where it cannot be reset, both say it is the process's peak so far."""
+    import gca.inference.bench as ib
+
+    import mmap
+
+    def spike():  # 64 MiB of fresh pages resident at once (a mapping of its own: no allocator reuses them)
+        m = mmap.mmap(-1, 64 * 2**20)
+        for i in range(0, len(m), mmap.PAGESIZE):
+            m[i] = 1
+        return m
+
+    dev = torch.device("cpu")
+    m = spike()
+    peak_then = ib._peak_gb(dev, ib._reset_peak(dev))
+    m.close()  # gone before the next row's reset: not that row's peak
+    measure = ib._reset_peak(dev)
+    if measure == ib.PEAK_RSS_ROW:  # (Linux)
+        before = ib._peak_gb(dev, measure)
+        assert before < peak_then - 0.05
+        m = spike()
+        assert ib._peak_gb(dev, measure) > before + 0.05
+        m.close()
+    out = tmp_path / "b.json"
+    bench = ["bench", "--preset", "tiny", "--lengths", "200,300", "--decode-tokens", "2", "--offload", "off",
+             "--device", "cpu", "--out", str(out)]
+    assert main(bench) == 0
+    printed = capsys.readouterr().out.splitlines()
+    rows = json.loads(out.read_text())
+    assert {r["peak_mem_measure"] for r in rows} == {measure}
+    footnote = {ib.PEAK_RSS_ROW: "peak GB: the process's peak resident memory during each row",
+                ib.PEAK_RSS_SO_FAR: "peak GB: the process's peak resident memory so far"}[measure]
+    assert printed[-2].startswith(footnote)  # under the table, before "wrote ..."
+    monkeypatch.setattr(ib, "_reset_peak", lambda dev: ib.PEAK_RSS_SO_FAR)  # a system that cannot reset it
+    assert main(bench) == 0
+    assert capsys.readouterr().out.splitlines()[-2] == (
+        "peak GB: the process's peak resident memory so far (this system cannot reset it for each row), not each row's own")
+    assert {r["peak_mem_measure"] for r in json.loads(out.read_text())} == {ib.PEAK_RSS_SO_FAR}
+
+
+def test_plot_of_one_run_given_twice_names_it_and_says_to_drop_it(tmp_path, capsys, monkeypatch):
+    """`gca plot /abs/RUN ./RUN/` said "the run abs/RUN is given more than once: give each run its own label":
+    the path without its leading /, and the wrong fix. A log file copied beside its run folder
+    (RUNS/NAME.jsonl, as reproduce.sh keeps them) is another run, labelled with its suffix."""
+    run = tmp_path / "t1"
+    run.mkdir()
+    (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 5.0 - s / 10}) for s in range(1, 5)) + "\n")
+    monkeypatch.chdir(tmp_path)
+    for twice in ([str(run), "./t1/"], ["t1", "t1/log.jsonl"]):
+        assert main(["plot", *twice, "--out", str(tmp_path / "c.png")]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"gca plot: error: the run {run} is given more than once (as {', '.join(twice)}): drop the duplicate"]
+    (tmp_path / "t1.jsonl").write_text((run / "log.jsonl").read_text())
+    from gca.eval.cli import run_labels
+
+    assert run_labels(["t1", "t1.jsonl"]) == ["t1", "t1.jsonl"]
+    assert main(["plot", "t1", "t1.jsonl", "--out", str(tmp_path / "c.png")]) == 0

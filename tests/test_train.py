@@ -485,7 +485,7 @@ def test_save_model_and_export_model_round_trip(reference, tmp_path):
         assert torch.equal(a, b.to(torch.bfloat16).to(a.dtype)), k
     ref_out, _ = reference
     exp = export_model(ref_out, tmp_path / "export")
-    assert sorted(p.name for p in exp.iterdir()) == ["config.json", "model.safetensors", "train_config.json"]
+    assert sorted(p.name for p in exp.iterdir()) == ["config.json", "manifest.json", "model.safetensors", "train_config.json"]
     trained = load_model(ref_out)
     torch.testing.assert_close(load_model(exp)(x).logits, trained(x).logits, atol=0.1, rtol=0.05)
 
@@ -519,6 +519,9 @@ def test_save_model_checks_dtype_and_tokenizer_and_drops_a_stale_one(tmp_path):
     # a weights file whose floating weights were cast to integers: refused on load, not zeros
     w = load_file(tmp_path / "m" / "model.safetensors")
     save_file({k: v.to(torch.int64) for k, v in w.items()}, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors is (truncated or altered|damaged)"):
+        load_model(tmp_path / "m")  # the folder's manifest catches the rewrite first
+    (tmp_path / "m" / "manifest.json").unlink()  # as a file written by another tool
     with pytest.raises(CheckpointError, match="non-floating dtype"):
         load_model(tmp_path / "m")
 
@@ -545,6 +548,7 @@ def test_save_model_looks_through_wrappers_and_refuses_a_run_folder(reference, t
     # a weights file without one of the model's tensors: the CheckpointError naming it
     w = load_file(tmp_path / "compiled" / "model.safetensors")
     save_file({k: v for k, v in w.items() if k != "norm.weight"}, tmp_path / "compiled" / "model.safetensors")
+    (tmp_path / "compiled" / "manifest.json").unlink()  # (which would name the rewritten file first)
     with pytest.raises(CheckpointError, match="missing norm.weight"):
         load_model(tmp_path / "compiled")
 
@@ -1220,3 +1224,157 @@ def test_load_model_does_not_read_the_trainer_state(reference, tmp_path):
     assert load_model(out) is not None
     with pytest.raises(CheckpointError, match="trainer.pt is damaged"):
         read_checkpoint(out / "ckpt")
+
+
+# ---- model loads: --init-from checked as every load, the trainer state left to resumes, saved folders' manifest ----
+def _damage(path: Path, n: int = 64) -> None:
+    """Overwrite ``n`` bytes in the middle of ``path`` with 0xff (the same size: only the sha256 tells)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + n] = b"\xff" * n
+    path.write_bytes(bytes(data))
+
+
+def test_init_from_checks_the_checkpoint_as_every_model_load_does(reference, tmp_path):
+    """`--init-from` a run whose weights were damaged in place trained on NaN weights and exited 0 (the
+    manifest's sha256 went unchecked); a saved model cut short ended in safetensors' traceback from the
+    shape check. Both are now the one-line CheckpointError of other loads, before anything is written."""
+    from gca.train import save_model
+
+    ref_out, _ = reference
+    base = tmp_path / "base"
+    shutil.copytree(ref_out, base)
+    _damage(base / "ckpt" / "model.safetensors")
+    kw = dict(max_steps=1, eval_every=0, grad_accum=1)
+    with pytest.raises(CheckpointError, match="model.safetensors is damaged: its bytes do not match the manifest's sha256"):
+        train(tiny_cfg(tmp_path / "ft", init_from=str(base), **kw), **sources())
+    assert not (tmp_path / "ft").exists()
+    torch.manual_seed(0)
+    saved = save_model(DRT(DRTConfig.from_preset("tiny", **TINY, vocab_size=64)), tmp_path / "saved")
+    (saved / "manifest.json").unlink()  # (a folder saved before the manifest existed)
+    with open(saved / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_cfg(tmp_path / "ft2", init_from=str(saved), **kw), **sources())
+    msg = str(e.value)
+    assert "model.safetensors cannot be read" in msg and "\n" not in msg, msg
+    assert not (tmp_path / "ft2").exists()
+
+
+def test_a_model_load_needs_no_trainer_state_and_only_a_resume_is_told_to_start_over(reference, tmp_path):
+    """A run whose trainer.pt (optimizer state) was missing or truncated could not be generated from,
+    evaluated or exported, though no model load reads it; and every damaged model folder, an exported one
+    included, was told to delete itself "to start this run from scratch". That advice is for a resume."""
+    from gca.train import export_model
+
+    ref_out, _ = reference
+    gone, cut = tmp_path / "gone", tmp_path / "cut"
+    shutil.copytree(ref_out, gone)
+    shutil.copytree(ref_out, cut)
+    (gone / "ckpt" / "trainer.pt").unlink()
+    with open(cut / "ckpt" / "trainer.pt", "r+b") as f:
+        f.truncate(100)
+    x = torch.randint(0, 64, (1, 100))
+    want = load_model(ref_out)(x).logits
+    for run in (gone, cut):
+        assert torch.equal(load_model(run)(x).logits, want)
+        assert (export_model(run, tmp_path / f"export-{run.name}") / "model.safetensors").is_file()
+    # resuming still refuses it, with the advice to start over
+    for run, says in ((gone, "trainer.pt is missing"), (cut, "trainer.pt is truncated or altered")):
+        with pytest.raises(CheckpointError) as e:
+            train(tiny_cfg(run, max_steps=10), **sources())
+        msg = str(e.value)
+        assert says in msg and f"delete {run / 'ckpt'} to start this run from scratch" in msg, msg
+    # a model load of a damaged run, or of an exported folder: restore the file, nothing to delete
+    _damage(gone / "ckpt" / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_model(gone)
+    msg = str(e.value)
+    assert "model.safetensors is damaged" in msg and "restore" in msg, msg
+    assert "delete" not in msg and "from scratch" not in msg, msg
+    exported = tmp_path / "export-cut"
+    with open(exported / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CheckpointError) as e:
+        load_model(exported)
+    msg = str(e.value)
+    assert "model.safetensors is truncated or altered" in msg and "export" in msg and "download" in msg, msg
+    assert "delete" not in msg and "from scratch" not in msg and "\n" not in msg, msg
+    (exported / "manifest.json").unlink()  # read unchecked: safetensors' error, with the same advice
+    with pytest.raises(CheckpointError) as e:
+        load_model(exported)
+    msg = str(e.value)
+    assert "cannot be read" in msg and "download" in msg and "delete" not in msg, msg
+
+
+def _prepared_folder(tmp_path: Path, name: str, tokenizer) -> Path:
+    from gca.data.prepare import prepare
+
+    src = tmp_path / f"{name}-txt"
+    src.mkdir()
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega the of and to in is".split()
+    for i in range(4):
+        (src / f"d{i}.txt").write_text(f"document {i}. " + " ".join(words[(j * j + i) % len(words)] for j in range(400)))
+    if tokenizer == "bpe":
+        from gca.data import train_bpe
+
+        tokenizer = train_bpe([str(src)], vocab_size=300, show_progress=False)
+    prepare([str(src)], tmp_path / name, tokenizer=tokenizer, val_fraction=0.5, progress=False)
+    return tmp_path / name
+
+
+def test_init_from_refuses_data_of_another_tokenizer(tmp_path):
+    """`--init-from RUN --data DIR` with DIR prepared with another tokenizer than RUN's trained the
+    2048-id model on a 300-id BPE's ids (other words) and wrote that tokenizer.json beside it; refused now,
+    before anything is written, with the command that prepares the data right (as `gca eval ppl` does)."""
+    from gca.data.tokenizer import load_tokenizer
+    from gca.train import save_model
+
+    torch.manual_seed(0)
+    base = save_model(DRT(DRTConfig.from_preset("tiny", **TINY, vocab_size=2048)), tmp_path / "base",
+                      tokenizer=load_tokenizer("embedded"))
+    kw = dict(init_from=str(base), max_steps=1, eval_every=0, grad_accum=1, seq_len=128, save_every=1)
+    bpe = _prepared_folder(tmp_path, "bpe", "bpe")
+    with pytest.raises(ValueError) as e:
+        train(tiny_cfg(tmp_path / "ft", data=str(bpe), **kw))
+    msg = str(e.value)
+    assert "is tokenized with another tokenizer" in msg and "300 ids" in msg and "2048 ids" in msg, msg
+    assert f"gca prepare ... --tokenizer {base / 'tokenizer.json'}" in msg and "\n" not in msg, msg
+    assert not (tmp_path / "ft").exists()
+    same = _prepared_folder(tmp_path, "same", str(base / "tokenizer.json"))  # as the message says
+    assert train(tiny_cfg(tmp_path / "ft", data=str(same), **kw)).step == 1
+    assert load_tokenizer(tmp_path / "ft" / "ckpt" / "tokenizer.json").vocab_size == 2048
+    # a source without a tokenizer (one's own): nothing to compare
+    assert train(tiny_cfg(tmp_path / "ft-fake", **{**kw, "seq_len": 200}), **sources()).step == 1
+
+
+def test_a_saved_model_has_a_manifest_that_every_load_checks(reference, tmp_path):
+    """save_model / export_model wrote no manifest: a byte flipped in a saved or exported folder gave
+    another model without a word. Their manifest.json (sizes and sha256) is checked by every load; the
+    folder is still a saved model (saved into again, refused as a run's --out), and one without it loads."""
+    from gca.train import export_model, save_model
+
+    ref_out, _ = reference
+    torch.manual_seed(0)
+    m = DRT(DRTConfig.from_preset("tiny", **TINY, vocab_size=64)).eval()
+    saved = save_model(m, tmp_path / "saved")
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(manifest["sha256"]) == ["config.json", "model.safetensors"]
+    _damage(saved / "model.safetensors", n=1)
+    with pytest.raises(CheckpointError, match="model.safetensors is damaged: its bytes do not match the manifest's sha256"):
+        load_model(saved)
+    with pytest.raises(CheckpointError, match="model.safetensors is damaged"):
+        train(tiny_cfg(tmp_path / "ft", init_from=str(saved), max_steps=1, eval_every=0), **sources())
+    save_model(m, saved)  # saved again into the same folder: a new manifest
+    x = torch.randint(0, 64, (1, 100))
+    assert torch.equal(load_model(saved)(x).logits, m(x).logits)
+    with pytest.raises(ValueError, match="holds a saved model"):
+        train(tiny_cfg(saved, max_steps=1), **sources())
+    exp = export_model(ref_out, tmp_path / "export")
+    assert sorted(json.loads((exp / "manifest.json").read_text())["files"]) == [
+        "config.json", "model.safetensors", "train_config.json"]
+    tc = exp / "train_config.json"
+    tc.write_text(tc.read_text().replace('"seed": 0', '"seed": 1'))  # the same size, other bytes
+    with pytest.raises(CheckpointError, match="train_config.json is damaged"):
+        load_model(exp)
+    (exp / "manifest.json").unlink()  # a folder saved before the manifest existed: read as it is
+    assert load_model(exp) is not None

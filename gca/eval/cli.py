@@ -172,9 +172,43 @@ def _print_table(rows: list[dict], train_length: int | None) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")  # (two evaluations into one folder: one temp file each)
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def _read_results(path: Path) -> list[dict]:
+    """The rows of an earlier ``gca eval``'s ``tasks.json`` / ``ppl.json`` (none when there is no file). A file
+    that is not a JSON list of rows is refused, not overwritten."""
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError:
+        rows = None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path} is not a list of gca eval rows, so its rows cannot be kept beside this model's: "
+                         f"move it away or give another --out")
+    return rows
+
+
+def _other_models(path: Path, name: str, snapshot: list[dict] | None = None) -> list[dict]:
+    """The rows of ``path`` that belong to models other than ``name``: an evaluation writes its own rows
+    beside them (the default ``--out`` is shared by every model), replacing only its model's. Read afresh
+    at each write, so that evaluations of other models into the same folder keep each other's rows; a
+    file that has become unreadable meanwhile gives ``snapshot`` (the rows read when the evaluation began)."""
+    try:
+        rows = _read_results(path)
+    except (ValueError, OSError):
+        if snapshot is None:
+            raise
+        rows = snapshot
+    return [r for r in rows if r.get("model") != name]
+
+
+def _model_names(rows: list[dict]) -> str:
+    names = sorted({str(r["model"]) if r.get("model") is not None else "(unnamed)" for r in rows})
+    return ", ".join(names)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -183,24 +217,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.what == "ppl" and not args.data:  # before the model loads
         raise ValueError("ppl needs --data DIR (a folder written by `gca prepare`; its val split is scored)")
     out = Path(args.out)
+    results = out / ("tasks.json" if args.what == "tasks" else "ppl.json")
     if out.exists() and not out.is_dir():  # before the model loads
         raise ValueError(f"--out {args.out} is a file: give a folder (eval {args.what} writes "
-                         f"{'tasks.json' if args.what == 'tasks' else 'ppl.json'} and its plots into it)")
+                         f"{results.name} and its plots into it)")
+    name = args.name or model_name(args.ckpt)
+    # other models' rows in --out (its default, ./eval, is every model's) are kept: only this model's are replaced
+    earlier = _read_results(results)  # (a file that is not a list of rows is refused now, before the work)
+    others = _other_models(results, name, earlier)
+    if others:
+        drawn = (f"the plots show {name}'s alone" if args.what == "tasks"
+                 else "ppl_vs_length.png draws every model's")
+        print(f"note: {results} holds rows of other models ({_model_names(others)}): they are kept beside {name}'s, "
+              f"and {drawn}")
     model, train_length, tok = load_for_eval(args.ckpt, args.device, args.dtype)
     train_length = args.train_length or train_length
     lengths = parse_lengths(args.lengths, train_length)
     folder, option = (args.filler, "--filler") if args.what == "tasks" else (args.data, "--data")
     if folder is not None:
         check_data_tokenizer(tok, folder, option)
+    if args.what == "tasks" and args.filler is not None and (Path(args.filler) / "meta.json").is_file():
+        from gca.eval.perplexity import open_val_split
+
+        # an empty or corrupt val split, said in eval's terms before any trial
+        open_val_split(args.filler, use="gca eval tasks draws its filler text from that split",
+                       alternative="leave out --filler (random words)")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    name = args.name or model_name(args.ckpt)
     saved = []  # the rows written so far (what an interrupted evaluation keeps)
     if args.what == "tasks":
         from gca.data.tasks import canonical_kind
         from gca.eval.tasks import evaluate_tasks
 
         tasks = [canonical_kind(t.strip()) for t in args.tasks.split(",")]  # a bad name fails here, before any trial
+        hop_flags = [f for f, given in (("--hop-answer", args.hop_answer is not None), ("--hop-lead", args.hop_lead))
+                     if given]
+        if hop_flags and "2hop" not in tasks:  # (they were ignored without a word)
+            warnings.warn(f"{', '.join(hop_flags)} only apply to the 2hop task, and --tasks {args.tasks} does not "
+                          f"hold it: ignored")
         if tok is None and args.filler is None:  # (with --filler, the filler folder's tokenizer writes the needles)
             from gca.data.tokenizer import load_tokenizer
 
@@ -214,18 +268,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         def save(rows):  # after each (task, length, depth): a stopped run keeps what it measured
             saved[:] = rows
-            _atomic_write(out / "tasks.json", json.dumps([dict(r, model=name, train_length=train_length) for r in rows], indent=1))
+            mine = [dict(r, model=name, train_length=train_length) for r in rows]
+            _atomic_write(results, json.dumps(_other_models(results, name, earlier) + mine, indent=1))
 
         try:
             rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
                                   tokenizer=tok, filler=args.filler, batch_size=args.batch_size,
                                   offload=args.offload, prefill_chunk=args.prefill_chunk, on_row=save,
-                                  hop_answer=args.hop_answer, **({"hop_lead": args.hop_lead} if args.hop_lead else {}))
+                                  hop_answer=args.hop_answer or "chain",
+                                  **({"hop_lead": args.hop_lead} if args.hop_lead else {}))
         except KeyboardInterrupt:
-            return _interrupted(out / "tasks.json", len(saved), "(task, length, depth) cell(s)")
+            return _interrupted(results, len(saved), "(task, length, depth) cell(s)")
         for r in rows:
             r.update(model=name, train_length=train_length)
         _print_table(rows, train_length)
+        # (the plots draw one model: this one's rows, whatever else tasks.json holds)
         plot_accuracy_vs_length(rows, str(out / "accuracy_vs_length.png"), train_length=train_length)
         if any(r["retrieval_hit"] is not None for r in rows):  # None: a baseline without retrieval
             plot_accuracy_vs_length(rows, str(out / "retrieval_vs_length.png"), key="retrieval_hit", train_length=train_length)
@@ -244,13 +301,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         def save_rows(rows):  # after each length, so a stopped evaluation keeps its shorter lengths
             saved[:] = rows
-            _atomic_write(out / "ppl.json", json.dumps(tag(rows), indent=1))
+            _atomic_write(results, json.dumps(_other_models(results, name, earlier) + tag(rows), indent=1))
 
         try:
             rows = tag(perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload,
                                             targets=targets, on_row=save_rows))
         except KeyboardInterrupt:
-            return _interrupted(out / "ppl.json", len(saved), "length(s)")
+            return _interrupted(results, len(saved), "length(s)")
         for r in rows:
             x = f" ({_times(r['context_length'], train_length)})" if train_length else ""
             what = f"the same {r['tokens']} tokens (the last {r['targets']} of each window)" if targets else f"{r['tokens']} tokens"
@@ -260,7 +317,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"warning: the perplexity is not finite at context {', '.join(map(str, bad))} (NaN: a NaN in the model's "
                   f"outputs; inf: a mean loss past ~710 nats): check the checkpoint (a diverged run?) and --dtype",
                   file=sys.stderr)
-        plot_ppl_vs_length(rows, str(out / "ppl_vs_length.png"), train_length=train_length)
+        # every model's line (ppl.json keeps the others'): models scored on other text are named with their corpus,
+        # and the training length is marked only when all share it
+        drawn = _other_models(results, name, earlier) + rows
+        corpora = {r.get("corpus") for r in drawn}
+        if len(corpora) > 1:
+            drawn = [dict(r, model=f"{r.get('model')} on {r.get('corpus')}") for r in drawn]
+        shared = {r.get("train_length") for r in drawn} <= {train_length, None}
+        plot_ppl_vs_length(drawn, str(out / "ppl_vs_length.png"), train_length=train_length if shared else None)
         longest = longest_document(args.data)
         if longest and max(lengths) > longest:
             print(f"note: the longest held-out document has {longest} tokens, so contexts longer than that hold other "
@@ -340,7 +404,7 @@ a trial counts when the greedy continuation is exactly the answer.""",
     t.add_argument("--hop-lead", type=int_at_least(0), default=0,
                    help="2hop: ask the question so that its X ends at least this many chunks before the answer "
                         "(default 0: the plain question, inside the last chunk; see make_task_sample's hop_lead)")
-    t.add_argument("--hop-answer", choices=["chain", "end"], default="chain",
+    t.add_argument("--hop-answer", choices=["chain", "end"], default=None,  # (None: not given, "chain")
                    help="2hop: ask for the chain 'Y , Z' (default; the published task's form) "
                         "or for the end point Z alone ('after two steps'; the form of results before 2026-12-01)")
     t.add_argument("--trials", type=int_at_least(1), default=20, help="trials per length and depth (default 20)")
@@ -393,14 +457,23 @@ def read_log(path: str) -> list[dict]:
     return rows
 
 
+def _run_log(run: str) -> str:
+    """The log file a ``gca plot`` run names (a run folder's ``log.jsonl``, or the file given), as a real
+    path: two arguments that give the same one name the same run."""
+    return os.path.realpath(os.path.join(run, "log.jsonl") if os.path.isdir(run) else run)
+
+
 def run_labels(runs: list[str]) -> list[str]:
     """``gca plot``'s default legend labels: a run folder's name (a ``log.jsonl``'s: its folder's; another
     ``.jsonl`` file's: its name without the suffix); runs that would share a label get as many of their
-    path's folders as tell them apart (``a/drt``, ``b/drt``)."""
-    paths = []
-    for r in runs:
-        p = Path(os.path.abspath(r))
-        paths.append(p.parent if p.name == "log.jsonl" else p if p.is_dir() else p.with_suffix(""))
+    path's folders as tell them apart (``a/drt``, ``b/drt``), and a file beside a run folder of its name
+    keeps its suffix (``runs/drt`` and ``runs/drt.jsonl``: ``drt``, ``drt.jsonl``)."""
+    given = [Path(os.path.abspath(r)) for r in runs]
+    paths = [p.parent if p.name == "log.jsonl" else p if p.is_dir() else p.with_suffix("") for p in given]
+    logs = [_run_log(r) for r in runs]
+    # a file named as another run's folder (or as another file but for its suffix) keeps its suffix
+    paths = [g if any(q == p and f != logs[i] for q, f in zip(paths, logs)) else p
+             for i, (g, p) in enumerate(zip(given, paths))]
     depth = [1] * len(paths)
     while True:
         labels = ["/".join(p.parts[-d:]) for p, d in zip(paths, depth)]
@@ -414,15 +487,23 @@ def run_labels(runs: list[str]) -> list[str]:
 def cmd_plot(args: argparse.Namespace) -> int:
     from gca.eval.plots import plot_training_logs
 
+    logs_of = [_run_log(r) for r in args.runs]
+    same = [f for i, f in enumerate(logs_of) if f in logs_of[:i]]
+    if same:  # one run twice (runs/t1 and ./runs/t1/, or its log.jsonl): two copies of one line
+        f = same[0]
+        given = [r for r, g in zip(args.runs, logs_of) if g == f]
+        run = os.path.dirname(f) if os.path.basename(f) == "log.jsonl" else f
+        print(f"gca plot: error: the run {run} is given more than once (as {', '.join(given)}): drop the duplicate",
+              file=sys.stderr)
+        return 2
     labels = args.labels.split(",") if args.labels else run_labels(args.runs)
     if len(labels) != len(args.runs):
         print(f"gca plot: error: {len(labels)} labels for {len(args.runs)} runs", file=sys.stderr)
         return 2
     twice = sorted({x for x in labels if labels.count(x) > 1})
     if twice:  # (the runs of one label were drawn as one line, the last run read)
-        what = (f"--labels names {', '.join(twice)} more than once" if args.labels
-                else f"the run {', '.join(twice)} is given more than once")
-        print(f"gca plot: error: {what}: give each run its own label", file=sys.stderr)
+        print(f"gca plot: error: --labels names {', '.join(twice)} more than once: give each run its own label",
+              file=sys.stderr)
         return 2
     try:
         logs = {label: read_log(run) for label, run in zip(labels, args.runs)}
@@ -548,6 +629,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     preset, length_text = BENCH_DEFAULTS["cuda" if dev.type == "cuda" else "cpu"]
     preset, length_text = args.preset or preset, args.lengths or length_text
     if args.ckpt:
+        ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("preset", "vocab_size")
+                   if getattr(args, k) is not None]
+        if ignored:  # (as gca train warns of --preset beside --init-from)
+            warnings.warn(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: with --ckpt the model "
+                          f"is {args.ckpt}'s")
         model, train_length, _ = load_for_eval(args.ckpt, args.device, args.dtype)
         what = args.ckpt
     else:
@@ -560,6 +646,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         train_length = None
         what = f"a random {preset} model"
     lengths = parse_lengths(length_text, args.train_length or train_length)
+    trial_lengths = parse_lengths(args.passkey_trial, args.train_length or train_length) if args.passkey_trial else []
+    if trial_lengths:  # before the benchmark, not after it
+        from gca.data.tokenizer import load_tokenizer
+
+        need, V = load_tokenizer("embedded").vocab_size, model.config.vocab_size
+        if V < need:
+            fix = "drop --vocab-size or --passkey-trial" if args.vocab_size is not None and not args.ckpt else \
+                "drop --passkey-trial"
+            raise ValueError(f"--passkey-trial needs a model vocabulary of at least {need} ids (the embedded tokenizer's, "
+                             f"which writes its prompt); the model has {V}: {fix}")
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.offload]
     arch = model.config.arch
     if arch != "drt" and args.offload != "off":  # (an offloaded run of a baseline measured nothing, silently)
@@ -579,12 +675,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{r['context_length']:>10} {str(r['offload']):>8} {str(r['overlap'] if r['offload'] else '-'):>8} "
               f"{r['prefill_s']:>10} {r['prefill_tokens_per_s']:>14} {r['decode_tokens_per_s']:>13} "
               f"{r.get('decode_graph_tokens_per_s', '-'):>12} {r['peak_mem_gb']:>8}")
+    from gca.inference.bench import PEAK_RSS_ROW, PEAK_RSS_SO_FAR
+
+    measures = {r.get("peak_mem_measure") for r in rows}
+    if PEAK_RSS_SO_FAR in measures:  # (the process's lifetime peak: the same or rising on every row)
+        print("peak GB: the process's peak resident memory so far (this system cannot reset it for each row), "
+              "not each row's own")
+    elif PEAK_RSS_ROW in measures:
+        print("peak GB: the process's peak resident memory during each row (weights, Python and memory kept from "
+              "earlier rows included)")
     result: dict | list = rows
-    if args.passkey_trial:
+    if trial_lengths:
         from gca.inference.bench import passkey_trial
 
         trials = []
-        for L in parse_lengths(args.passkey_trial, args.train_length or train_length):
+        for L in trial_lengths:
             for off in modes:
                 t = passkey_trial(model, L, offload=off, prefill_chunk=args.prefill_chunk)
                 trials.append(t)

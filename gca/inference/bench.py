@@ -6,12 +6,16 @@ with and without offloading the chunk memory.
 
 Random token ids (speed does not depend on them); one untimed warm-up prefill of two windows
 first. On CUDA times are taken after a synchronize and peak memory is
-``torch.cuda.max_memory_allocated``; on CPU peak memory is the process's peak resident set.
+``torch.cuda.max_memory_allocated``, reset for each row; on CPU it is the process's peak resident set
+(weights and Python included), reset for each row where Linux allows it (``/proc/self/clear_refs``),
+else the process's peak so far. Each row's ``peak_mem_measure`` says which.
 """
 
 from __future__ import annotations
 
+import re
 import resource
+import sys
 import time
 
 import torch
@@ -23,6 +27,46 @@ from gca.model import DRT
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+PEAK_CUDA = "cuda max_memory_allocated, this row"
+PEAK_RSS_ROW = "process peak resident set, this row"
+PEAK_RSS_SO_FAR = "process peak resident set so far (not reset per row)"
+
+
+def _reset_peak(dev: torch.device) -> str:
+    """Start a fresh peak-memory measurement on ``dev``; returns what :func:`_peak_gb` will then measure
+    (a row's ``peak_mem_measure``). On CPU the process's peak resident set is reset through
+    ``/proc/self/clear_refs`` (Linux); where that cannot be done, the peak is the process's lifetime one."""
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        return PEAK_CUDA
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set, to the present one
+        _vm_hwm_kib()
+        return PEAK_RSS_ROW
+    except (OSError, ValueError):
+        return PEAK_RSS_SO_FAR
+
+
+def _vm_hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
+    if not m:
+        raise ValueError("no VmHWM in /proc/self/status")
+    return int(m.group(1))
+
+
+def _peak_gb(dev: torch.device, measure: str) -> float:
+    """The peak memory in GiB since :func:`_reset_peak` returned ``measure``."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**30
+    if measure == PEAK_RSS_ROW:
+        return _vm_hwm_kib() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB (bytes on macOS)
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 @torch.no_grad()
@@ -75,9 +119,7 @@ def bench_streaming(
             if not (off and model.config.arch != "drt")]
     for L, off, ov in tqdm(runs, desc="bench", disable=not progress):
         ids = torch.randint(0, V, (batch_size, L), generator=g)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
+        measure = _reset_peak(dev)
         # every token the run feeds: the untimed and timed plain steps, then as many through the graph (a
         # memory sized for fewer grew inside the timed graph loop: a re-capture, two copies at the peak)
         steps = (decode_tokens + 1) * (2 if cuda_graph and dev.type == "cuda" else 1)
@@ -119,10 +161,7 @@ def bench_streaming(
                          decode_graph_first_step_ms=round(1000 * t_first, 1),
                          decode_graph_eager_steps=dec.eager_steps)
             del dec
-        if dev.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(dev) / 2**30
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        peak = _peak_gb(dev, measure)
         rows.append(dict(
             context_length=L, batch_size=batch_size, offload=bool(off), overlap=bool(ov) if off else None,
             device=str(dev), arch=model.config.arch, skip_upper=bool(skip_upper) if model.config.arch == "drt" else None,
@@ -130,7 +169,7 @@ def bench_streaming(
             decode_tokens_per_s=round(batch_size * decode_tokens / t_decode, 1),
             decode_ms_per_token=round(1000 * t_decode / decode_tokens, 3),
             **graph,
-            peak_mem_gb=round(peak, 3),
+            peak_mem_gb=round(peak, 3), peak_mem_measure=measure,
             memory_device_gb=round(mem.nbytes_device() / 2**30, 3) if mem is not None else None,
             prefill_fetched_gb=round(prefill_fetch[0] / 2**30, 6) if mem is not None else None,
             prefill_fetch_host_s=round(prefill_fetch[1], 3) if mem is not None else None,
@@ -156,20 +195,18 @@ def passkey_trial(model: DRT, context_len: int, *, offload: bool = True, seed: i
     build_s = time.perf_counter() - t0
     if max(s.input_ids) >= model.config.vocab_size:
         raise ValueError("the model's vocabulary is smaller than the embedded tokenizer's (2048 ids)")
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
+    measure = _reset_peak(dev)
     _sync(dev)
     t0 = time.perf_counter()
     cache = model.new_cache(1, offload=offload, prefill_chunk=prefill_chunk, max_tokens=len(s.input_ids))
     (correct,), (hit,), _ = score_samples(model, [s], cache=cache)
     _sync(dev)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = _peak_gb(dev, measure)
     mem = cache.memory
     return dict(task="passkey", context_length=context_len, prompt_length=s.prompt_len, offload=offload, depth=depth,
                 seconds=round(seconds, 2), tokens_per_s=round(s.prompt_len / seconds), peak_mem_gb=round(peak, 3),
+                peak_mem_measure=measure,
                 correct=correct, retrieval_hit=hit if model.config.arch == "drt" else None,  # baselines: nothing to hit
                 build_sample_s=round(build_s, 2),
                 fetched_gb=round(mem.bytes_fetched / 2**30, 6) if mem is not None else None,

@@ -18,6 +18,12 @@ back. The manifest's file sizes catch files truncated by other means (a full dis
 its sha256 sums bytes damaged in place (checked on every load; manifests written before the sums
 existed are checked by size alone).
 
+A model folder of :func:`save_model` / :func:`export_model` (``model.safetensors``, ``config.json``, and
+``tokenizer.json`` / ``train_config.json`` when present) has a manifest of its own, ``manifest.json``
+(each file's size and sha256, written last), checked by every model load the same way. It is not
+``checkpoint.json``: such a folder is no training run to resume (and gca versions before it read the
+folder as they did). A folder without it (saved before, or assembled by hand) is read unchecked.
+
     model = load_model("runs/tiny")              # a run directory or its ckpt/ folder
     model = load_model("runs/tiny", device="cuda")
 """
@@ -48,6 +54,7 @@ from gca.model import DRT
 
 CKPT, TMP, OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 MANIFEST = "checkpoint.json"
+MODEL_MANIFEST = "manifest.json"  # of a save_model / export_model folder
 WEIGHTS, CONFIG, TRAIN_CONFIG, TRAINER = "model.safetensors", "config.json", "train_config.json", "trainer.pt"
 FORMAT = 1
 
@@ -162,12 +169,23 @@ def find_checkpoint(out: str | os.PathLike, repair: bool = True) -> Path | None:
     return None
 
 
-def _corrupt(path: Path, what: str, ckpt: Path) -> CheckpointError:
-    return CheckpointError(
-        f"corrupt checkpoint: {path} {what}. The checkpoint in {ckpt} cannot be used; restore it from a "
-        f"backup, or delete {ckpt} to start this run from scratch (rows of log.jsonl past the new run's "
-        f"steps are rewritten)."
-    )
+def _corrupt(path: Path, what: str, ckpt: Path, resume: bool = False) -> CheckpointError:
+    """The one-line error for a damaged file ``path`` of the checkpoint (or saved model) ``ckpt``. What to
+    do depends on the load: deleting the checkpoint to start over is advice for a training run being
+    resumed (``resume``) only; a model load (generate, eval, export, ``--init-from``) is told to restore
+    the file, or for a saved or exported model folder, to export or download it again."""
+    if resume:
+        return CheckpointError(
+            f"corrupt checkpoint: {path} {what}. The checkpoint in {ckpt} cannot be used; restore it from a "
+            f"backup, or delete {ckpt} to start this run from scratch (rows of log.jsonl past the new run's "
+            f"steps are rewritten)."
+        )
+    if (ckpt / MANIFEST).exists() or ckpt.name in (CKPT, OLD):  # a training run's checkpoint
+        fix = "restore it from a backup or from another copy of the run"
+    else:  # a folder of save_model / export_model
+        fix = (f"restore {path.name} from a backup or from the copy it came from, or export (gca.train.export_model) "
+               f"or download the model again")
+    return CheckpointError(f"corrupt checkpoint: {path} {what}. The model in {ckpt} cannot be loaded; {fix}.")
 
 
 def _first_line(e: BaseException) -> str:
@@ -194,11 +212,13 @@ def _sha256s(folder: Path, names) -> dict[str, str]:
 
 
 def verify_checkpoint(ckpt: Path, with_trainer: bool = True) -> dict[str, Any]:
-    """Check the manifest and that every file it lists exists with its recorded size and sha256 (the
-    trainer state's sum only ``with_trainer``: a model load does not read it); return the manifest."""
+    """Check the manifest and that every file it lists exists with its recorded size and sha256; return
+    the manifest. The trainer state (``trainer.pt``) only ``with_trainer`` (resuming a run): a model load
+    does not read it, so a missing or damaged one is no reason to refuse the weights."""
     mpath = ckpt / MANIFEST
+    resume = with_trainer  # (only a resumed run reads the trainer state: the errors' advice is for one)
     if not mpath.exists():
-        raise _corrupt(mpath, "is missing (the checkpoint was not written by `gca train`, or was cut short)", ckpt)
+        raise _corrupt(mpath, "is missing (the checkpoint was not written by `gca train`, or was cut short)", ckpt, resume)
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
@@ -206,37 +226,69 @@ def verify_checkpoint(ckpt: Path, with_trainer: bool = True) -> dict[str, Any]:
         if not isinstance(files, dict):
             raise TypeError(f"'files' is a {type(files).__name__}, not a mapping of names to sizes")
     except (ValueError, KeyError, TypeError) as e:
-        raise _corrupt(mpath, f"is not a valid manifest ({e})", ckpt) from None
-    for name in (WEIGHTS, CONFIG, TRAIN_CONFIG, TRAINER):
-        if name not in files:
-            raise _corrupt(ckpt / name, "is not listed in the manifest", ckpt)
-    for name, size in files.items():
-        p = ckpt / name
-        if not p.is_file():
-            raise _corrupt(p, "is missing", ckpt)
-        actual = p.stat().st_size
-        if actual != size:
-            raise _corrupt(p, f"is truncated or altered ({actual} bytes, the manifest says {size})", ckpt)
+        raise _corrupt(mpath, f"is not a valid manifest ({e})", ckpt, resume) from None
+    required = (WEIGHTS, CONFIG, TRAIN_CONFIG) + ((TRAINER,) if with_trainer else ())
     sums = manifest.get("sha256") or {}  # (absent from manifests written before the sums existed)
-    sums = {k: v for k, v in sums.items() if (with_trainer or k != TRAINER) and (ckpt / k).is_file()}
-    for name, digest in _sha256s(ckpt, sums).items():
-        if digest != sums[name]:
-            raise _corrupt(ckpt / name, "is damaged: its bytes do not match the manifest's sha256", ckpt)
+    skip = () if with_trainer else (TRAINER,)
+    _check_files(ckpt, files, sums, required, skip, resume)
     manifest["step"] = step
     return manifest
 
 
-def _read_json(path: Path, ckpt: Path) -> dict[str, Any]:
+def _check_files(ckpt: Path, files: dict, sums: dict, required, skip=(), resume: bool = False) -> None:
+    """Every file a manifest lists (``files``: name -> size, ``sums``: name -> sha256) but those in
+    ``skip`` exists with its size and sum; the names in ``required`` are listed."""
+    for name in required:
+        if name not in files:
+            raise _corrupt(ckpt / name, "is not listed in the manifest", ckpt, resume)
+    for name, size in files.items():
+        if name in skip:
+            continue
+        p = ckpt / name
+        if not p.is_file():
+            raise _corrupt(p, "is missing", ckpt, resume)
+        actual = p.stat().st_size
+        if actual != size:
+            raise _corrupt(p, f"is truncated or altered ({actual} bytes, the manifest says {size})", ckpt, resume)
+    sums = {k: v for k, v in sums.items() if k not in skip and (ckpt / k).is_file()}
+    for name, digest in _sha256s(ckpt, sums).items():
+        if digest != sums[name]:
+            raise _corrupt(ckpt / name, "is damaged: its bytes do not match the manifest's sha256", ckpt, resume)
+
+
+def _write_model_manifest(out: Path, names) -> None:
+    """Write ``out/manifest.json``: the size and sha256 of each of the files ``names`` of a saved model."""
+    files = {n: (out / n).stat().st_size for n in names}
+    tmp = out / (MODEL_MANIFEST + ".tmp")
+    _write_json(tmp, {"format": FORMAT, "files": files, "sha256": _sha256s(out, files)})
+    os.replace(tmp, out / MODEL_MANIFEST)
+
+
+def _verify_model_manifest(ckpt: Path) -> None:
+    """Check the files of a saved model folder against its ``manifest.json``."""
+    mpath = ckpt / MODEL_MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+        files, sums = manifest["files"], manifest.get("sha256") or {}
+        if not isinstance(files, dict) or not isinstance(sums, dict):
+            raise TypeError("'files' and 'sha256' must be mappings of file names")
+    except (ValueError, KeyError, TypeError) as e:
+        raise _corrupt(mpath, f"is not a valid manifest ({e})", ckpt) from None
+    _check_files(ckpt, files, sums, (WEIGHTS, CONFIG))
+
+
+def _read_json(path: Path, ckpt: Path, resume: bool = False) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise _corrupt(path, "is missing", ckpt) from None
+        raise _corrupt(path, "is missing", ckpt, resume) from None
     except ValueError as e:
-        raise _corrupt(path, f"is not valid JSON ({e})", ckpt) from None
+        raise _corrupt(path, f"is not valid JSON ({e})", ckpt, resume) from None
 
 
-def read_config(ckpt: Path) -> DRTConfig:
-    d = _read_json(ckpt / CONFIG, ckpt)
+def read_config(ckpt: Path, resume: bool = False) -> DRTConfig:
+    """The DRTConfig of ``ckpt/config.json`` (``resume``: of a run being resumed, for the errors' advice)."""
+    d = _read_json(ckpt / CONFIG, ckpt, resume)
     if isinstance(d, dict) and (d.get("model_type") == "drt" or "retrieval_top_k" in d):
         # not corrupt: the other format (it was called corrupt, to be deleted)
         raise CheckpointError(
@@ -247,17 +299,19 @@ def read_config(ckpt: Path) -> DRTConfig:
     try:
         return DRTConfig.from_dict(d)
     except (TypeError, ValueError) as e:
-        raise _corrupt(ckpt / CONFIG, f"does not hold a valid DRTConfig ({e})", ckpt) from None
+        raise _corrupt(ckpt / CONFIG, f"does not hold a valid DRTConfig ({e})", ckpt, resume) from None
 
 
 def read_checkpoint(ckpt: str | os.PathLike, with_trainer: bool = True) -> Checkpoint:
-    """Verify and read a checkpoint directory (everything but the weights)."""
+    """Verify and read a checkpoint directory (everything but the weights); ``with_trainer`` (resuming the
+    run) also its trainer state."""
     ckpt = Path(ckpt)
+    resume = with_trainer
     manifest = verify_checkpoint(ckpt, with_trainer)
-    config = read_config(ckpt)
-    train_config = _read_json(ckpt / TRAIN_CONFIG, ckpt)
+    config = read_config(ckpt, resume)
+    train_config = _read_json(ckpt / TRAIN_CONFIG, ckpt, resume)
     if not isinstance(train_config, dict):  # (valid JSON, but no TrainConfig: a resume failed with a TypeError)
-        raise _corrupt(ckpt / TRAIN_CONFIG, f"does not hold a TrainConfig (a JSON {type(train_config).__name__}, not an object)", ckpt)
+        raise _corrupt(ckpt / TRAIN_CONFIG, f"does not hold a TrainConfig (a JSON {type(train_config).__name__}, not an object)", ckpt, resume)
     trainer = None
     if with_trainer:
         try:
@@ -266,25 +320,26 @@ def read_checkpoint(ckpt: str | os.PathLike, with_trainer: bool = True) -> Check
             # (torch's paragraph on bad bytes advises weights_only=False: no help, and unsafe)
             unsafe = isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e)
             why = "its bytes are not a trainer state that torch.load reads safely" if unsafe else _first_line(e)
-            raise _corrupt(ckpt / TRAINER, f"cannot be read ({why})", ckpt) from None
+            raise _corrupt(ckpt / TRAINER, f"cannot be read ({why})", ckpt, resume) from None
         if not isinstance(trainer, dict) or trainer.get("step") != manifest["step"]:
-            raise _corrupt(ckpt / TRAINER, "does not match the manifest's step", ckpt)
+            raise _corrupt(ckpt / TRAINER, "does not match the manifest's step", ckpt, resume)
     return Checkpoint(path=ckpt, step=manifest["step"], config=config, train_config=train_config, trainer=trainer)
 
 
 def load_weights(
-    model: DRT, ckpt: str | os.PathLike, device: str | torch.device = "cpu", saved_config: DRTConfig | None = None
+    model: DRT, ckpt: str | os.PathLike, device: str | torch.device = "cpu", saved_config: DRTConfig | None = None,
+    resume: bool = False,
 ) -> tuple[list[str], list[str]]:
     """Load ``ckpt/model.safetensors`` into ``model`` (strict: every parameter must be there).
 
     With ``saved_config`` (the checkpoint's own config, when ``model`` was built from it with
     overrides, as fine-tuning does) the parameters that only the overridden model has keep their fresh
     initialisation and those it no longer has are dropped; returns those two lists of names. Any
-    other mismatch is an error."""
+    other mismatch is an error. ``resume``: the weights of a run being resumed (the errors' advice)."""
     ckpt = Path(ckpt)
     path = ckpt / WEIGHTS
     if not path.is_file():
-        raise _corrupt(path, "is missing", ckpt)
+        raise _corrupt(path, "is missing", ckpt, resume)
     dev = torch.device(device)  # (not the file's fault when the device cannot be used)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available on this machine; load on the CPU")
@@ -300,12 +355,12 @@ def load_weights(
         if regroup:  # the same upper layers in other retrieval groups: each layer keeps its weights by position
             missing, unexpected = _load_regrouped(model, path, saved_config.upper_groups, device)
         else:
-            _check_shapes(model, path, ckpt)
+            _check_shapes(model, path, ckpt, resume)
             missing, unexpected = _st_load_model(model, str(path), strict=False, device=str(device))
     except CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _corrupt(path, f"cannot be read ({_first_line(e)})", ckpt) from None
+        raise _corrupt(path, f"cannot be read ({_first_line(e)})", ckpt, resume) from None
     # (safetensors already leaves out the duplicate names of tied tensors from ``missing``)
     new, gone = [], []
     if saved_config is not None and (missing or unexpected):
@@ -317,7 +372,8 @@ def load_weights(
         missing = [k for k in missing if k not in new]
         unexpected = [k for k in unexpected if k not in gone]
     if missing or unexpected:
-        raise _corrupt(path, f"does not fit the model of config.json (missing {_few(missing)}; unexpected {_few(unexpected)})", ckpt)
+        raise _corrupt(path, f"does not fit the model of config.json (missing {_few(missing)}; unexpected {_few(unexpected)})",
+                       ckpt, resume)
     return new, gone
 
 
@@ -331,28 +387,38 @@ def _few(names: list[str], n: int = 3) -> str:
 
 def shape_mismatches(model: DRT, path: str | os.PathLike) -> list[tuple[str, tuple, tuple]]:
     """``(name, shape in the file, shape in the model)`` of every tensor the weights file ``path`` and
-    ``model`` share by name but not by shape."""
+    ``model`` share by name but not by shape. A file safetensors cannot read (truncated, not safetensors)
+    raises the one-line :class:`CheckpointError` naming it."""
+    path = Path(path)
+    try:
+        return _shape_mismatches(model, path)
+    except (SafetensorError, OSError) as e:
+        raise _corrupt(path, f"cannot be read ({_first_line(e)})", path.parent) from None
+
+
+def _shape_mismatches(model: DRT, path: Path) -> list[tuple[str, tuple, tuple]]:
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with safe_open(str(path), framework="pt") as f:
         got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k in want}
     return [(k, shape, want[k]) for k, shape in got.items() if shape != want[k]]
 
 
-def _check_shapes(model: DRT, path: Path, ckpt: Path) -> None:
+def _check_shapes(model: DRT, path: Path, ckpt: Path, resume: bool = False) -> None:
     """Raise a one-line :class:`CheckpointError` when tensors of the file and the model share a name but
-    not a shape (a config.json that does not belong to the weights), instead of torch's line per tensor."""
-    bad = shape_mismatches(model, path)
+    not a shape (a config.json that does not belong to the weights), instead of torch's line per tensor.
+    (A file that cannot be read raises safetensors' error, which :func:`load_weights` names.)"""
+    bad = _shape_mismatches(model, path)
     if bad:
         k, got, exp = bad[0]
         raise _corrupt(path, f"does not fit the model of config.json: {len(bad)} tensor(s) differ in shape, e.g. {k} "
                              f"is {got} in the file and {exp} in the model (was config.json edited or copied from "
-                             f"another run?)", ckpt)
+                             f"another run?)", ckpt, resume)
     floating = {k for k, v in model.state_dict().items() if v.is_floating_point()}
     with safe_open(str(path), framework="pt") as f:  # dtypes from the header (e.g. "I64"), no data read
         ints = [k for k in f.keys() if k in floating and not f.get_slice(k).get_dtype().startswith(("F", "BF"))]
     if ints:  # weights cast to an integer dtype are zeros: a model that loads and predicts nothing
         raise _corrupt(path, f"holds {len(ints)} weight(s) of a non-floating dtype, e.g. {ints[0]}: the model's "
-                             f"weights were cast to integers when saved", ckpt)
+                             f"weights were cast to integers when saved", ckpt, resume)
 
 
 def _regroup_name(name: str, old_groups: list[int], new_groups: list[int]) -> str:
@@ -381,6 +447,16 @@ def _load_regrouped(model: DRT, path: Path, old_groups: list[int], device) -> tu
     return missing, list(unexpected)
 
 
+def verify_model_files(ckpt: Path) -> None:
+    """What a model load checks before reading: the sizes and sha256 of the files of a training checkpoint
+    (its manifest; the trainer state left out) or of a saved model folder (its ``manifest.json``). A
+    folder with neither (saved before the manifest existed, or assembled by hand) is read as it is."""
+    if (ckpt / MANIFEST).exists():
+        verify_checkpoint(ckpt, with_trainer=False)
+    elif (ckpt / MODEL_MANIFEST).exists():
+        _verify_model_manifest(ckpt)
+
+
 def load_model(dir_or_ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> DRT:
     """Rebuild the model of a run directory (or checkpoint directory) with its trained weights, in eval mode.
 
@@ -395,8 +471,7 @@ def load_model(dir_or_ckpt: str | os.PathLike, device: str | torch.device = "cpu
     ckpt = find_checkpoint(path, repair=False)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {path}: expected {path / CKPT}/ or {path}/{WEIGHTS} with {CONFIG}")
-    if (ckpt / MANIFEST).exists():
-        verify_checkpoint(ckpt, with_trainer=False)
+    verify_model_files(ckpt)
     model = DRT(read_config(ckpt))
     load_weights(model, ckpt, device)
     return model.to(device).eval()
@@ -412,17 +487,21 @@ def export_model(dir_or_ckpt: str | os.PathLike, out: str | os.PathLike, dtype: 
     if Path(out).resolve() in (src.resolve(), Path(dir_or_ckpt).resolve()):
         raise ValueError(f"export_model: write the copy to another folder than {dir_or_ckpt}")
     out = save_model(load_model(src), out, dtype=dtype)
-    for name in (TRAIN_CONFIG, "tokenizer.json"):
-        if (src / name).exists():
+    copied = [name for name in (TRAIN_CONFIG, "tokenizer.json") if (src / name).exists()]
+    if copied:
+        (out / MODEL_MANIFEST).unlink(missing_ok=True)  # (until the copies are listed in it)
+        for name in copied:
             shutil.copyfile(src / name, out / name)
+        _write_model_manifest(out, [WEIGHTS, CONFIG, *copied])
     return out
 
 
 def save_model(model: DRT, out: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer: Any = None) -> Path:
     """Save any :class:`gca.DRT` (trained by ``gca train`` or not) as a folder :func:`load_model` reads:
-    ``model.safetensors`` (in ``dtype``, default the model's), ``config.json`` and, given a tokenizer,
-    ``tokenizer.json``. The model itself is left as it is; a ``torch.compile`` or DDP wrapper is looked
-    through (its names would carry the wrapper's prefix, which no DRT loads)."""
+    ``model.safetensors`` (in ``dtype``, default the model's), ``config.json``, given a tokenizer,
+    ``tokenizer.json``, and last ``manifest.json`` (their sizes and sha256, which every load checks). The
+    model itself is left as it is; a ``torch.compile`` or DDP wrapper is looked through (its names would
+    carry the wrapper's prefix, which no DRT loads)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     model = getattr(model, "module", model)  # DistributedDataParallel's
     if not isinstance(model, DRT):
@@ -446,6 +525,8 @@ def save_model(model: DRT, out: str | os.PathLike, dtype: torch.dtype | None = N
         raise ValueError(f"{out} holds a training run's checkpoint: save the model to a folder of its own "
                          f"(load_model would read this file instead of the run's)")
     out.mkdir(parents=True, exist_ok=True)
+    # a previous save's manifest goes first: a save cut short leaves a folder read unchecked, not one refused
+    (out / MODEL_MANIFEST).unlink(missing_ok=True)
     state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS + ".tmp")
@@ -458,4 +539,5 @@ def save_model(model: DRT, out: str | os.PathLike, dtype: torch.dtype | None = N
         (out / "tokenizer.json").unlink()
         warnings.warn(f"save_model: removed {out / 'tokenizer.json'}, left by the model saved there before; pass "
                       f"tokenizer= to save this model's", stacklevel=2)
+    _write_model_manifest(out, [WEIGHTS, CONFIG] + (["tokenizer.json"] if tokenizer is not None else []))
     return out

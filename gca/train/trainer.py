@@ -68,6 +68,7 @@ from gca.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
     shape_mismatches,
+    verify_model_files,
 )
 from gca.train.schedule import lr_at, warmup_steps
 
@@ -228,7 +229,7 @@ class TrainConfig:
 
             own = find_checkpoint(Path(self.out), repair=False) if Path(self.out).is_dir() else None
             resumed = own is not None and (own / MANIFEST).exists()
-            base = read_config(own) if resumed else _init_checkpoint(self.init_from)[1]
+            base = read_config(own, resume=True) if resumed else _init_checkpoint(self.init_from)[1]
             if vocab_size is not None and base.vocab_size < vocab_size:
                 raise ValueError(f"--init-from {self.init_from}: its vocabulary ({base.vocab_size}) is smaller than the data's ({vocab_size})")
             return DRTConfig.from_dict({**base.to_dict(), **overrides})
@@ -239,13 +240,16 @@ class TrainConfig:
         return DRTConfig.from_preset(self.preset, **overrides)
 
 
-def _init_checkpoint(path: str) -> tuple[Path, DRTConfig]:
-    """The checkpoint folder and model config that ``init_from`` names."""
+def _init_checkpoint(path: str, verify: bool = False) -> tuple[Path, DRTConfig]:
+    """The checkpoint folder and model config that ``init_from`` names; ``verify``: first check its files
+    against the manifest, as every model load does (before its weights are read)."""
     from gca.train.checkpoint import read_config
 
     ckpt = find_checkpoint(Path(path), repair=False) if Path(path).exists() else None
     if ckpt is None:
         raise CheckpointError(f"--init-from {path}: no checkpoint there (expected a run folder or its ckpt/ folder)")
+    if verify:
+        verify_model_files(ckpt)
     return ckpt, read_config(ckpt)
 
 
@@ -459,6 +463,31 @@ class _Run:
             )
         return read_checkpoint(path)
 
+    def _check_init_tokenizer(self, init_path: Path) -> None:
+        """Refuse to fine-tune a checkpoint on data tokenized with another tokenizer than its own: the
+        data's ids would be read as other words (and the new run's tokenizer.json would not be the one
+        its model knows). Nothing to compare when the checkpoint has no tokenizer.json or the source
+        no tokenizer (a source of one's own)."""
+        tok = getattr(self.source, "tokenizer", None)
+        own = init_path / "tokenizer.json"
+        if tok is None or not own.is_file() or not callable(getattr(tok, "to_json", None)):
+            return
+        from gca.data.tokenizer import load_tokenizer
+
+        ckpt_tok = load_tokenizer(str(own))
+        try:
+            same = ckpt_tok.to_json() == tok.to_json()
+        except ValueError:  # (a tokenizer without a tokenizers backend: nothing to compare)
+            return
+        if not same:
+            name, n = getattr(tok, "name", type(tok).__name__), getattr(tok, "vocab_size", "?")
+            raise ValueError(
+                f"--init-from {self.cfg.init_from}: --data {self.cfg.data} is tokenized with another tokenizer ({name}, "
+                f"{n} ids) than the checkpoint's {own} ({ckpt_tok.vocab_size} ids): its ids would be read as other "
+                f"words; prepare the text with the checkpoint's tokenizer (gca prepare ... --tokenizer {own}) and "
+                f"train on that folder (a synthetic task: as its filler=DIR)"
+            )
+
     def _check_resume(self, ck, mcfg: DRTConfig):
         cfg = self.cfg
         where = f"cannot resume the run in {self.out} from its checkpoint at step {ck.step}"
@@ -532,12 +561,17 @@ class _Run:
                          f"(content hash {', '.join(h[:12] for h in was) or 'none'} then, {', '.join(h[:12] for h in now) or 'none'} "
                          f"now: prepared again?); the run goes on with the data as it is now")
 
+        init = None
+        if ck is None and cfg.init_from:  # (checked before anything is built: a damaged file, other data)
+            init = _init_checkpoint(cfg.init_from, verify=True)
+            self._check_init_tokenizer(init[0])
+
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         model = DRT(mcfg)
         if ck is not None:
-            load_weights(model, ck.path)
-        elif cfg.init_from:
-            init_path, saved_cfg = _init_checkpoint(cfg.init_from)
+            load_weights(model, ck.path, resume=True)
+        elif init is not None:
+            init_path, saved_cfg = init
             if saved_cfg.upper_groups == mcfg.upper_groups and (init_path / WEIGHTS).is_file():
                 bad = shape_mismatches(model, init_path / WEIGHTS)  # (a regrouping is checked layer by layer)
                 if bad:  # not a corrupt checkpoint: the options ask for another model
