@@ -1494,9 +1494,22 @@ def test_generate_prompt_options_and_sampling_options_without_sampling(tmp_path,
     gen = ["generate", "--ckpt", SHIPPED, "--prompt-file", str(prompt), "--max-new-tokens", "2", "--device", "cpu"]
     assert main(gen + ["--temperature", "0.7", "--top-p", "0.9"]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "gca generate: warning: --temperature, --top-p only apply with --do-sample; decoding is greedy"
+    assert err[0] == "gca generate: warning: --temperature, --top-p apply only with --do-sample; decoding is greedy"
+    assert main(gen + ["--temperature", "0.7"]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "gca generate: warning: --temperature applies only with --do-sample; decoding is greedy")
     assert main(gen + ["--temperature", "0.7", "--do-sample"]) == 0
     assert "warning" not in capsys.readouterr().err
+    # a folder, or a file that is not UTF-8, as --prompt-file: said in words ("no such file" / a codec error)
+    assert main(["generate", "--ckpt", SHIPPED, "--prompt-file", str(tmp_path), "--device", "cpu"]) == 2
+    assert f"--prompt-file {tmp_path} is a folder: give a text file" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 \x98".encode("latin-1"))
+    assert main(["generate", "--ckpt", SHIPPED, "--prompt-file", str(tmp_path / "latin1.txt"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is not UTF-8 text" in err and "iconv -f latin1 -t utf-8" in err
+    # --tokenizer beside a checkpoint that has its own: ignored, and said so
+    assert main(gen + ["--tokenizer", "gpt2"]) == 0
+    assert "--tokenizer gpt2 is ignored: the checkpoint has its own tokenizer.json" in capsys.readouterr().err
 
 
 def test_generate_names_a_tokenizer_the_model_cannot_read(tmp_path, capsys):

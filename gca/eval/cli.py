@@ -547,17 +547,30 @@ has collapsed (README: "Watch retrieval while training").""",
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.prompt_file and not Path(args.prompt_file).is_file():  # before the model loads
-        raise FileNotFoundError(f"--prompt-file {args.prompt_file}: no such file")
-    text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    if args.prompt_file:  # before the model loads
+        pf = Path(args.prompt_file)
+        if pf.is_dir():
+            raise ValueError(f"--prompt-file {pf} is a folder: give a text file")
+        if not pf.is_file():
+            raise FileNotFoundError(f"--prompt-file {pf}: no such file")
+        try:
+            text = pf.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {pf} is not UTF-8 text ({e.reason} at byte {e.start}): convert it first, "
+                             f"e.g. iconv -f latin1 -t utf-8 {pf} > prompt.txt") from None
+    else:
+        text = args.prompt
     if not text:
         raise ValueError("give a non-empty --prompt or --prompt-file")
     ignored = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None]
     if ignored and not args.do_sample:
-        print(f"gca generate: warning: {', '.join(ignored)} only apply with --do-sample; decoding is greedy",
-              file=sys.stderr)
+        print(f"gca generate: warning: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} only with "
+              f"--do-sample; decoding is greedy", file=sys.stderr)
     model, _, tok = load_for_eval(args.ckpt, args.device, args.dtype)
     own = tok is not None
+    if own and args.tokenizer != "embedded":  # (the default cannot be told from an explicit "embedded")
+        print(f"gca generate: warning: --tokenizer {args.tokenizer} is ignored: the checkpoint has its own "
+              f"tokenizer.json", file=sys.stderr)
     if not own:
         from gca.data.tokenizer import load_tokenizer
 
