@@ -60,7 +60,8 @@ def _attn_static(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ri
         kk, vv = ring.k.to(q.dtype), ring.v.to(q.dtype)
         G = q.shape[1] // kk.shape[1]
         qg = q.reshape(B, kk.shape[1], G, q.shape[-1])  # (B, Hk, G, D): the query heads of one kv head
-        s = torch.matmul(qg, kk.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, Hk, G, T)
+        cdt = torch.promote_types(q.dtype, torch.float32)  # fp32 at least (float64 stays float64)
+        s = torch.matmul(qg, kk.transpose(-1, -2)).to(cdt) * q.shape[-1] ** -0.5  # (B, Hk, G, T)
         s = s.masked_fill(~mask, float("-inf"))
         y = torch.matmul(torch.softmax(s, -1).to(vv.dtype), vv).reshape(B, -1, 1, q.shape[-1])
         return attn.o(y.transpose(1, 2).reshape(B, 1, -1))
