@@ -328,7 +328,8 @@ def test_train_says_what_is_wrong_where_nothing_is_corrupt(fake_data, tmp_path, 
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"gca train: error: {says}") and "corrupt" not in err, (argv, err)
-    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "train_config.json"]
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "manifest.json", "model.safetensors", "tokenizer.json",
+                                                      "train_config.json"]
     # --preset beside --init-from: the model is the run's; said once, as a warning (scripts pass both)
     assert main(_train_args(tmp_path / "p", *init)) == 0
     cap = capsys.readouterr()
