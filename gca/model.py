@@ -356,8 +356,8 @@ class DRT(nn.Module):
                     top_k=cfg.top_k if cfg.arch == "drt" else None)  # the cache keeps each group's last picks
 
     def check_cache(self, cache: DRTCache) -> None:
-        """Raise ValueError when ``cache`` was made by a model of another shape (:meth:`new_cache`) or
-        lies on another device."""
+        """Raise ValueError when ``cache`` was made by a model of another shape (:meth:`new_cache`), lies on
+        another device, or was filled in another compute dtype (the first use records it)."""
         ring = (cache.lower + cache.upper)[0] if cache.lower or cache.upper else None
         dev = self.embed.weight.device
         if ring is not None and ring.k.device != dev:  # else a cryptic error deep inside a layer
@@ -365,7 +365,9 @@ class DRT(nn.Module):
                              "model (new_cache() with no device), or move the model back")
         dev_type = self.embed.weight.device.type
         now = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else self.embed.weight.dtype
-        if cache.compute_dtype is not None and cache.compute_dtype != now:  # else a dtype error deep in a layer
+        if cache.compute_dtype is None:  # its first use fixes it
+            cache.compute_dtype = now
+        elif cache.compute_dtype != now:  # else a dtype error deep in a layer
             raise ValueError(f"the cache was filled in {cache.compute_dtype}, the model now computes in {now} (autocast "
                              f"switched, or the model cast, since): start a new cache (new_cache()), or go back")
         if cache.made_for is None:
@@ -386,10 +388,6 @@ class DRT(nn.Module):
         self.check_cache(cache)
         if input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"input_ids has batch {input_ids.shape[0]}, the cache was made for {cache.batch_size}")
-        if cache.compute_dtype is None:
-            dev_type = self.embed.weight.device.type
-            on = torch.is_autocast_enabled(dev_type)
-            cache.compute_dtype = torch.get_autocast_dtype(dev_type) if on else self.embed.weight.dtype
         if keep is not None and keep < 1:
             raise ValueError(f"logits_to_keep must be >= 1, got {keep}")
         cfg = self.config

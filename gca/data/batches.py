@@ -132,12 +132,7 @@ class PackedSource(BatchSource):
         perm, shift = self._epoch(gid // self.num_windows)
         start = shift + int(perm[gid % self.num_windows]) * self.seq_len
         ids = self.dataset.window(start, self.seq_len)
-        if ids.max() >= self.vocab_size:  # a corrupt .bin: said here, not as the embedding's (CUDA: an assert)
-            bad = int(np.argmax(ids >= self.vocab_size))
-            raise ValueError(f"{self.dataset.path}/{self.split}.bin holds token id {int(ids[bad])} at position "
-                             f"{(start + bad) % len(self.dataset)}, outside its vocabulary [0, {self.vocab_size}): "
-                             f"the file is corrupt; prepare it again (gca prepare ... --out {self.dataset.path} "
-                             f"--overwrite)")
+        self.dataset.check_ids(ids, start)  # a corrupt .bin: said here, not as the embedding's (CUDA: an assert)
         return ids, ids.copy()
 
     def describe(self) -> dict:

@@ -370,6 +370,20 @@ class PackedDataset:
         end = int(self.doc_offsets[i + 1]) if i + 1 < len(self.doc_offsets) else len(self.tokens)
         return np.asarray(self.tokens[start:end - 1], dtype=np.int64)
 
+    def check_ids(self, ids: np.ndarray, start: int) -> None:
+        """Refuse tokens ``ids`` read from position ``start`` of the split when one lies outside the vocabulary:
+        a corrupt ``.bin``, said here rather than by the model's embedding (on CUDA: a device assert)."""
+        if len(ids) and int(ids.max()) >= self.vocab_size:
+            bad = int(np.argmax(ids >= self.vocab_size))
+            raise ValueError(f"{self.path}/{self.split}.bin holds token id {int(ids[bad])} at position "
+                             f"{(start + bad) % len(self.tokens)}, outside its vocabulary [0, {self.vocab_size}): "
+                             f"the file is corrupt; prepare it again (gca prepare ... --out {self.path} --overwrite)")
+
+    def check_all_ids(self, block: int = 1 << 24) -> None:
+        """:meth:`check_ids` over the whole split, ``block`` tokens at a time."""
+        for i in range(0, len(self.tokens), block):
+            self.check_ids(np.asarray(self.tokens[i : i + block]), i)
+
     def window(self, start: int, length: int) -> np.ndarray:
         """``(length,)`` int64 tokens from ``start``, wrapping around the end of the split."""
         n = len(self.tokens)

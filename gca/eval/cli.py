@@ -224,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     name = args.name or model_name(args.ckpt)
     # other models' rows in --out (its default, ./eval, is every model's) are kept: only this model's are replaced
     earlier = _read_results(results)  # (a file that is not a list of rows is refused now, before the work)
-    others = _other_models(results, name, earlier)
+    others = [r for r in earlier if r.get("model") != name]
     if others:
         drawn = (f"the plots show {name}'s alone" if args.what == "tasks"
                  else "ppl_vs_length.png draws every model's")

@@ -82,7 +82,7 @@ def stream_token_nll(model: DRT, ids: torch.Tensor, piece: int = 4096, offload: 
 
 def open_val_split(data, *, use: str = "gca eval ppl scores that split", alternative: str | None = None):
     """A prepared folder's ``val`` split (:class:`gca.data.PackedDataset`), what evaluation reads, with its ids
-    checked (:func:`check_token_ids`). An empty split is said in evaluation's terms (``use``: what reads
+    checked (:meth:`~gca.data.PackedDataset.check_all_ids`). An empty split is said in evaluation's terms (``use``: what reads
     it; ``alternative``: another way out than preparing the folder again), not training's."""
     import json
     from pathlib import Path
@@ -103,23 +103,8 @@ def open_val_split(data, *, use: str = "gca eval ppl scores that split", alterna
                          f"are not cut), and {use}: prepare it again with more documents or a larger --val-fraction "
                          f"(gca prepare ... --val-fraction F --out {data} --overwrite)"
                          + (f", or {alternative}" if alternative else "")) from None
-    check_token_ids(ds)
+    ds.check_all_ids()
     return ds
-
-
-def check_token_ids(ds, block: int = 1 << 24) -> None:
-    """Refuse a split whose ``.bin`` holds an id outside its vocabulary (a corrupt file: the model would
-    end in its own "input_ids must lie in [0, V)", naming neither the file nor the fix), with the line
-    ``gca train`` says for the same file (:class:`gca.data.batches.PackedSource`). The whole split is
-    read once, ``block`` tokens at a time, before any window is scored."""
-    tokens, V = ds.tokens, ds.vocab_size
-    for i in range(0, len(tokens), block):
-        part = np.asarray(tokens[i : i + block])
-        if len(part) and int(part.max()) >= V:
-            bad = int(np.argmax(part >= V))
-            raise ValueError(f"{ds.path}/{ds.split}.bin holds token id {int(part[bad])} at position {i + bad}, outside "
-                             f"its vocabulary [0, {V}): the file is corrupt; prepare it again (gca prepare ... --out "
-                             f"{ds.path} --overwrite)")
 
 
 def document_lengths(data) -> np.ndarray:
@@ -177,7 +162,7 @@ def perplexity_vs_length(
 
     if isinstance(data, PackedDataset):
         ds = data
-        check_token_ids(ds)
+        ds.check_all_ids()
     else:
         ds = open_val_split(data)
     if ds.vocab_size > model.config.vocab_size:
