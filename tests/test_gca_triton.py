@@ -455,6 +455,27 @@ def test_second_order_gradients_raise_instead_of_vanishing():
     torch.testing.assert_close(gq, torch.autograd.grad(gca_reference(q, k, v, idx, w).sum(), q)[0])  # first order intact
     with pytest.raises(RuntimeError, match="no second-order gradient"):
         (out.sum() + gq.square().sum()).backward()
+    # a gradient penalty taken by the other autograd APIs: the error node hung on detached copies of the
+    # gradients was off the path to the inputs, so grad(total, params) dropped the penalty's second-order
+    # term silently (dL/dW 42 against the reference's 4056 in the audit's case), backward(inputs=) too, and
+    # allow_unused=True gave None; each must raise
+    lin = torch.nn.Linear(16, 16)
+    x = torch.randn(1, 2, 16, 2, 16)
+    for take in (lambda total: torch.autograd.grad(total, lin.weight),
+                 lambda total: total.backward(inputs=[lin.weight]),
+                 lambda total: torch.autograd.grad(total, [lin.weight, lin.bias], allow_unused=True)):
+        qq = lin(x)
+        out = gt.gca_triton(qq, k, v, idx, w)
+        (gq,) = torch.autograd.grad(out.square().sum(), qq, create_graph=True)
+        with pytest.raises(RuntimeError, match="no second-order gradient"):
+            take(out.square().sum() + 10 * gq.square().sum())
+    # first order through a Linear, with and without create_graph, as the reference gives it
+    for create_graph in (False, True):
+        lin.zero_grad()
+        gt.gca_triton(lin(x), k, v, idx, w).square().sum().backward(create_graph=create_graph)
+        got = lin.weight.grad.detach().clone()
+        ref = torch.autograd.grad(gca_reference(lin(x), k, v, idx, w).square().sum(), lin.weight)[0]
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_unsupported_falls_back_with_warning():
@@ -669,6 +690,23 @@ def test_torch_compile_aot_eager():
     torch.testing.assert_close(loss, ref_loss)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_fullgraph_with_a_dynamic_head_size():
+    """The default scale 1/sqrt(D) of a dynamic head size is a SymFloat under torch.compile, and check_scale's
+    math.isfinite on it broke the graph: an error with fullgraph=True (dynamic=True, or the default compile
+    once a second head size arrived), a silent graph break without it."""
+    for dynamic in (None, True):
+        f = torch.compile(lambda q, k, v, i, w: grouped_cross_attention(q, k, v, i, w, impl="triton"),
+                          backend="aot_eager", fullgraph=True, dynamic=dynamic)
+        for D in (16, 32):
+            q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=2, S=16, Sm=16, H=2, Hk=1, D=D, K=2, dtype=torch.float32)
+            q = q.contiguous().requires_grad_(True)
+            out = f(q, k, v, idx, w)
+            ref = gca_reference(q.double(), k.double(), v.double(), idx, w.double())
+            torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+            dq, dq_ref = (torch.autograd.grad(o.square().sum(), q)[0] for o in (out, ref))
+            torch.testing.assert_close(dq.double(), dq_ref.double(), rtol=1e-4, atol=1e-5)
 
 
 @cuda_only

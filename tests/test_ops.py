@@ -242,3 +242,34 @@ def test_kernel_for_refuses_what_the_call_refuses():
             grouped_cross_attention(*bad)
         with pytest.raises(ValueError):  # it used to answer "torch" for a call that raises
             kernel_for(*bad)
+
+
+def test_autocast_keeps_the_reference_in_float32_and_reconciles_dtypes():
+    """Inside torch.autocast the reference's einsums ran in the autocast dtype, so float32 inputs came back
+    float32 but bf16-accurate (1e-2 off, the kernels 1e-6), and a q from a Linear (bf16 there) beside a
+    float32 memory was refused for its dtype; now the reference keeps float32 and autocast's dtype is used
+    for mixed inputs, as matmul and scaled_dot_product_attention do."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    q, k, v = (torch.randn(2, 3, 16, 4, 32, generator=g), torch.randn(2, 3, 16, 2, 32, generator=g),
+               torch.randn(2, 3, 16, 2, 32, generator=g))
+    idx = torch.randint(-1, 3, (2, 3, 2), generator=g)
+    w = torch.softmax(torch.randn(2, 3, 2, generator=g), -1)
+    q.requires_grad_(True)
+    ref = gca_reference(q.double(), k.double(), v.double(), idx, w.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = grouped_cross_attention(q, k, v, idx, w, impl="torch")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    (dq,) = torch.autograd.grad(out.square().sum(), q)
+    (dq_ref,) = torch.autograd.grad(ref.square().sum(), q)
+    torch.testing.assert_close(dq.double(), dq_ref.double(), rtol=1e-5, atol=1e-5)
+    lin = torch.nn.Linear(32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lq = lin(q)
+        assert lq.dtype == torch.bfloat16
+        mixed = grouped_cross_attention(lq, k, v, idx, w, impl="torch")
+    assert mixed.dtype == torch.bfloat16
+    expect = grouped_cross_attention(lq, k.bfloat16(), v.bfloat16(), idx, w, impl="torch")
+    torch.testing.assert_close(mixed, expect, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="share a dtype"):  # outside autocast mixed dtypes are still refused
+        grouped_cross_attention(lin(q).bfloat16(), k, v, idx, w)

@@ -48,6 +48,20 @@ def test_block_mask_matches_create_block_mask(T, window):
     assert got.seq_lengths == (T, T)
 
 
+def test_cached_block_mask_made_under_inference_mode_is_not_inference_tensors():
+    """The eager flex path caches one mask per length; made first under torch.inference_mode (generation,
+    evaluation) its tensors were inference tensors, which a training step at the same length cannot save
+    for backward."""
+    from gca.ops.sliding_window import _flex_block_mask
+
+    _flex_block_mask.cache_clear()
+    with torch.inference_mode():
+        mask = _flex_block_mask(300, 130, "cpu")
+    tensors = [t for t in vars(mask).values() if isinstance(t, torch.Tensor)]
+    assert tensors and not any(t.is_inference() for t in tensors)
+    _flex_block_mask.cache_clear()
+
+
 @pytest.mark.parametrize("arch, impl", [("drt", "blocked"), ("swa", "blocked"), ("full", "auto")])
 def test_training_attention_keeps_cudnn_out(arch, impl, monkeypatch):
     """Every SDPA call of a training step (the chunk encoder, the blocked sliding window, full attention)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gca.ops.gca_ref import check_scale, gca_reference
+from gca.ops.gca_ref import autocasting, check_scale, gca_reference
 from gca.ops.sliding_window import sliding_window_attention
 
 __all__ = ["grouped_cross_attention", "gca_reference", "kernel_for", "sliding_window_attention", "triton_available"]
@@ -70,7 +70,8 @@ def _check_triton_usable(q, mem_k, scale) -> None:
     try:
         from gca.ops import gca_triton
     except ImportError as e:
-        raise ValueError(f"impl='triton' needs Triton ({e}); pip install 'gca[triton]' or use impl='torch'") from None
+        raise ValueError(f"impl='triton' needs Triton ({e}); pip install -e '.[triton]' in the gca checkout, "
+                         f"or use impl='torch'") from None
     if not q.is_cuda and not gca_triton.INTERPRET:
         if os.environ.get("TRITON_INTERPRET") == "1":  # set, but after the kernels were compiled for a GPU
             raise ValueError("impl='triton' on CPU tensors: TRITON_INTERPRET=1 was set after gca.ops.gca_triton "
@@ -179,6 +180,10 @@ def grouped_cross_attention(
     if isinstance(softmax_one, (str, bytes)) or softmax_one not in (0, 1):  # "no" would have been truthy
         raise ValueError(f"softmax_one must be True or False, got {softmax_one!r}")
     compiling = torch.compiler.is_compiling()
+    if autocasting(q.device) and not q.dtype == mem_k.dtype == mem_v.dtype:
+        # an autocast region reconciles mixed dtypes (a q from a Linear in bf16 with a float32 memory) as it
+        # does for matmul and scaled_dot_product_attention: all three in its dtype
+        q, mem_k, mem_v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, mem_k, mem_v))
     _check(q, mem_k, mem_v, indices, weights, check_indices=validate and not compiling)
     scale = check_scale(scale)
     if scale is None:

@@ -25,6 +25,13 @@ def check_scale(scale) -> float | None:
     and the kernels' entry points check it alike (a NaN scale gave the reference's NaN output)."""
     if scale is None:
         return None
+    symbolic = isinstance(scale, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(scale, bool)
+    if symbolic and torch.compiler.is_compiling():
+        # (1/sqrt(D) of a dynamic head size is symbolic there: compared, not passed to math.isfinite or float(),
+        # which would break the graph)
+        if not (scale == scale and -math.inf < scale < math.inf):
+            raise ValueError(f"scale must be a finite number (or None for 1/sqrt(D)), got {scale!r}")
+        return scale
     if isinstance(scale, torch.Tensor) and scale.requires_grad:
         raise ValueError(
             "scale is taken as a number, so a tensor that requires grad would be cut from the graph (a learned "
@@ -49,7 +56,21 @@ def gca_reference(
     softmax_one: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:  # (B, Cq, S, H, D)
-    """Plain PyTorch GCA; arguments as in :func:`gca.ops.grouped_cross_attention` (unchecked)."""
+    """Plain PyTorch GCA; arguments as in :func:`gca.ops.grouped_cross_attention` (unchecked). Half-precision
+    inputs are computed in float32 (as the kernels accumulate), also inside an autocast region, which would
+    otherwise run the einsums in its lower precision (1e-2 off in bf16 where the kernels are 1e-6)."""
+    if autocasting(q.device):
+        with torch.autocast(q.device.type, enabled=False):
+            return _reference(q, mem_k, mem_v, indices, weights, softmax_one, scale)
+    return _reference(q, mem_k, mem_v, indices, weights, softmax_one, scale)
+
+
+def autocasting(device: torch.device) -> bool:
+    """Whether an autocast region is active for ``device``'s type (False for types autocast does not know)."""
+    return device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device.type)
+
+
+def _reference(q, mem_k, mem_v, indices, weights, softmax_one, scale):
     B, Cq, S, H, D = q.shape
     Hk = mem_k.shape[3]
     G = H // Hk

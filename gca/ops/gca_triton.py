@@ -59,7 +59,6 @@ is imported), which is how CI tests them; two interpreter gaps are worked around
 loaded bounds become ``while`` loops; bf16 dot operands are upcast after rounding).
 """
 
-import functools
 import warnings
 
 import torch
@@ -714,34 +713,26 @@ def _backward(ctx, do, _dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _once_differentiable(backward):
-    """``torch.autograd.function.once_differentiable`` that also catches a second-order gradient taken with a
-    constant output gradient. Torch's marks the gradients non-differentiable only when an incoming gradient
-    requires grad, so ``torch.autograd.grad(out.sum(), q, create_graph=True)`` returned a dq that silently
-    did not depend on q (a gradient penalty through it was treated as a constant). Here, whenever the
-    backward runs with grad mode on (``create_graph=True``), the gradients come back differentiable in name
-    only: differentiating them raises, as for any other once-differentiable function."""
+_NO_SECOND_ORDER = ("grouped_cross_attention(impl='triton'): the fused kernels have no second-order gradient "
+                    "(their backward is not differentiable); use impl='torch' for a double backward")
 
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        with torch.no_grad():
-            outs = backward(ctx, *grads)
-        if not torch.is_grad_enabled():
-            return outs
-        err = torch._C._functions.DelayedError(
-            b"grouped_cross_attention(impl='triton'): the fused kernels have no second-order gradient "
-            b"(their backward is not differentiable); use impl='torch' for a double backward", len(outs))
 
-        def alias(t):  # a leaf that requires grad, so DelayedError's outputs get its erroring grad_fn
-            if t is None:
-                return None
-            t = t.detach()
-            t.requires_grad_(True)
-            return t
+class _GCABackward(torch.autograd.Function):
+    """The kernels' backward as an autograd node of its own, used when a gradient is taken with
+    ``create_graph=True``. Its inputs are the real tensors (the output gradient, q, the memory, the weights),
+    so the node lies on every path from the gradients it returns to whatever they depend on, and reaching
+    it raises, by any autograd API: ``torch.autograd.grad(penalty, params)``, ``backward(inputs=...)``,
+    ``allow_unused=True``. (Torch's ``once_differentiable`` misses a constant output gradient, and an error
+    node hung on detached copies was off the path to the inputs: ``grad(total, params)`` silently dropped
+    a gradient penalty's second-order term.)"""
 
-        return err(*[alias(t) for t in outs])
+    @staticmethod
+    def forward(ctx, do, q, mem_k, mem_v, indices, weights, lse, softmax_one, scale):
+        return gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, softmax_one, scale)
 
-    return wrapper
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_SECOND_ORDER)
 
 
 class _GCAFunction(torch.autograd.Function):
@@ -758,10 +749,12 @@ class _GCAFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @_once_differentiable  # the backward's kernels have no backward themselves
     def backward(ctx, do):
         q, mem_k, mem_v, indices, weights, lse = ctx.saved_tensors
-        dq, dk, dv, dw = gca_bwd(do, q, mem_k, mem_v, indices, weights, lse, ctx.softmax_one, ctx.scale)
+        args = (do, q, mem_k, mem_v, indices, weights, lse, ctx.softmax_one, ctx.scale)
+        # create_graph=True runs this with grad mode on: the kernels' backward then becomes a node whose own
+        # backward raises (_GCABackward); otherwise the plain call, without an autograd node's host cost
+        dq, dk, dv, dw = _GCABackward.apply(*args) if torch.is_grad_enabled() else gca_bwd(*args)
         return dq, dk, dv, None, dw, None, None
 
 

@@ -98,7 +98,10 @@ def sliding_window_block_mask(T: int, window: int, device: str | torch.device, b
 
 @functools.lru_cache(maxsize=32)
 def _flex_block_mask(T: int, window: int, device: str):
-    return sliding_window_block_mask(T, window, device)
+    # (built as normal tensors even when the first call comes under torch.inference_mode: a cached mask of
+    # inference tensors would fail a later training step at the same length)
+    with torch.inference_mode(False):
+        return sliding_window_block_mask(T, window, device)
 
 
 @functools.lru_cache(maxsize=1)
