@@ -222,7 +222,10 @@ class DRTConfig:
         return self
 
     def __post_init__(self):
-        self.upper_groups = list(self.upper_groups) if isinstance(self.upper_groups, (list, tuple)) else self.upper_groups
+        g = self.upper_groups
+        if type(g).__module__ == "numpy" and getattr(g, "ndim", None) == 1:  # a row of a sweep's array
+            g = g.tolist()
+        self.upper_groups = list(g) if isinstance(g, (list, tuple)) else g
         # numpy integers (np.int64 from a sweep's array) are taken and stored as int, so the config stays JSON
         for name in _POSITIVE_INTS + _NONNEGATIVE_INTS + ("num_kv_heads",):
             if _is_int(getattr(self, name)):

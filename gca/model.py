@@ -80,11 +80,29 @@ class DRT(nn.Module):
             self.lower = nn.ModuleList(DecoderLayer(cfg, window) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as a new model is: linear and embedding weights ``normal(0, init_std)``,
+        the residual branches' output projections with the std divided by ``sqrt(2 x layers)`` (GPT-2 style),
+        norm weights 1, the memory-key shift 0.5. For a model built on the meta device:
+
+            with torch.device("meta"):
+                model = DRT(cfg)
+            model.to_empty(device="cuda")
+            model.reset_parameters()  # on the model itself: nn.Linear's own reset_parameters is another init
+        """
+        cfg = self.config
         self.apply(self._init)
-        # GPT-2 style: shrink the residual branches' output projections with depth
         for name, p in self.named_parameters():
             if name.removesuffix(".weight").endswith(RESIDUAL_PROJECTIONS):
                 nn.init.normal_(p, std=cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+        with torch.no_grad():  # (set at construction too; after to_empty they hold whatever memory was there)
+            for m in self.modules():
+                if isinstance(m, RMSNorm):
+                    m.weight.fill_(1.0)
+                elif getattr(m, "key_shift", None) is not None and isinstance(m.key_shift, nn.Parameter):
+                    m.key_shift.fill_(0.5)
 
     @contextlib.contextmanager
     def gca_disabled(self):

@@ -163,6 +163,10 @@ def test_numpy_integers_in_a_config_are_stored_as_int():
     cfg = tiny(vocab_size=np.int64(97), upper_groups=[np.int32(1), 1])
     assert type(cfg.vocab_size) is int and all(type(g) is int for g in cfg.upper_groups)
     assert DRTConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    # a row of a sweep's array as the groups (was refused as "not a list"); a 2-d array still is
+    assert tiny(upper_groups=np.array([2, 1])).upper_groups == [2, 1]
+    with pytest.raises(ValueError, match="upper_groups"):
+        tiny(upper_groups=np.array([[2, 1]]))
 
 
 def test_numpy_floats_and_bools_in_a_config_are_stored_as_python_ones():
@@ -583,3 +587,34 @@ def test_retrieval_copy_force_puts_the_targets_among_the_picks_in_training_only(
     for bad in (-0.1, 1.5, True):
         with pytest.raises(ValueError, match="retrieval_copy_force"):
             tiny(retrieval_copy_force=bad)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(memory_key_shift=True, retrieval_key="centered"), dict(arch="swa"),
+                                dict(arch="full", tie_embeddings=False)], ids=["drt", "drt-shift", "swa", "full-untied"])
+def test_meta_device_build_then_reset_parameters_equals_a_fresh_model(kw):
+    """A model built on the meta device (the FSDP / large-model recipe) had no way to be initialised after
+    to_empty: DRT and RMSNorm had no reset_parameters, so norm weights and the key shift stayed whatever
+    memory held and the embeddings could only get nn.Embedding's std 1. reset_parameters() now gives what
+    constructor gives (bit for bit from the same random state: the constructor's modules draw their own
+    defaults first)."""
+    cfg = tiny(**kw)
+    seed = int(torch.randint(0, 2**31, ()))
+    fresh = DRT(cfg)
+    built = {k: v.clone() for k, v in fresh.state_dict().items()}
+    torch.manual_seed(seed)
+    fresh.reset_parameters()
+    for name, t in fresh.state_dict().items():  # the constructor's initialisation, in distribution
+        assert float(t.std()) == pytest.approx(float(built[name].std()), rel=0.25, abs=1e-6), name
+        assert float(t.mean()) == pytest.approx(float(built[name].mean()), abs=0.02), name
+    with torch.device("meta"):
+        meta = DRT(cfg)
+    meta.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in meta.parameters():
+            p.fill_(float("nan"))  # what to_empty leaves is arbitrary: none of it may survive
+    torch.manual_seed(seed)
+    meta.reset_parameters()
+    got, want = meta.state_dict(), fresh.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)

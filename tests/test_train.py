@@ -1378,3 +1378,13 @@ def test_a_saved_model_has_a_manifest_that_every_load_checks(reference, tmp_path
         load_model(exp)
     (exp / "manifest.json").unlink()  # a folder saved before the manifest existed: read as it is
     assert load_model(exp) is not None
+
+
+def test_trainconfig_min_lr_follows_lr_when_not_given():
+    """In Python min_lr was a fixed 4e-4 (the CLI's 0.2 x --lr), so TrainConfig(lr=1e-4) was refused for
+    min_lr > lr; unset, it is now 0.2 x lr as on the command line, and a given one is kept and checked."""
+    assert TrainConfig(lr=1e-4).min_lr == pytest.approx(2e-5)
+    assert TrainConfig().min_lr == pytest.approx(4e-4)  # the paper's 2e-3 -> 4e-4
+    assert TrainConfig(lr=1e-3, min_lr=0.0).min_lr == 0.0
+    with pytest.raises(ValueError, match="min_lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)

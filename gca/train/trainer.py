@@ -110,7 +110,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     # optimisation (the paper: AdamW, lr 2e-3 decaying to 4e-4, 2% warm-up)
     lr: float = 2e-3  # peak learning rate
-    min_lr: float = 4e-4  # final learning rate of the cosine (0.2 * lr)
+    min_lr: float | None = None  # final learning rate of the cosine; None: 0.2 * lr (the paper's 4e-4 at 2e-3)
     warmup: float = 0.02  # warm-up length as a fraction of max_steps
     weight_decay: float = 0.1  # on linear weight matrices only
     betas: tuple[float, float] = (0.9, 0.95)
@@ -136,6 +136,8 @@ class TrainConfig:
     stop_at: int = 0  # stop (with a checkpoint) after this step, the schedule unchanged; 0 = run to max_steps
 
     def __post_init__(self):
+        if self.min_lr is None and isinstance(self.lr, numbers.Real) and not isinstance(self.lr, bool):
+            self.min_lr = 0.2 * self.lr  # (a fixed 4e-4 refused TrainConfig(lr=1e-4) for min_lr > lr)
         self.betas = tuple(self.betas)
         self.model = dict(self.model)
         self.lr_scale = dict(self.lr_scale)
