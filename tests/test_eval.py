@@ -225,8 +225,21 @@ def test_ppl_command(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "ppl", "--ckpt", str(tmp_path / "div"), "--data", str(tmp_path / "data"), "--lengths", "128",
                  "--windows", "2", "--out", str(tmp_path / "eval_div"), "--device", "cpu"]) == 0  # fmt: skip
-    assert json.loads((tmp_path / "eval_div" / "ppl.json").read_text())[0]["ppl"] == math.inf
+    # strict JSON (most readers refuse `Infinity`): null, and the value named in "nonfinite"
+    text = (tmp_path / "eval_div" / "ppl.json").read_text()
+    (row,) = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in ppl.json: not strict JSON"))
+    assert row["ppl"] is None and row["nonfinite"] == {"ppl": "inf"}
     assert "warning: the perplexity is not finite at context 128" in capsys.readouterr().err
+    # collect_results reads it back as inf and writes it strictly again
+    cr = _script("collect_results")
+    assert cr.read_rows(str(tmp_path / "eval_div" / "ppl.json"), cr.PPL_KEYS)[0]["ppl"] == math.inf
+    cr.write_rows(str(tmp_path / "merged.json"), cr.read_rows(str(tmp_path / "eval_div" / "ppl.json")))
+    assert (tmp_path / "merged.json").read_text() == text
+    # and a rerun into the same folder keeps the row, unreadable as it was to strict readers before
+    assert main(["eval", "ppl", "--ckpt", str(tmp_path / "div"), "--data", str(tmp_path / "data"), "--lengths", "64",
+                 "--windows", "2", "--out", str(tmp_path / "eval_div"), "--name", "div2", "--device", "cpu"]) == 0  # fmt: skip
+    both = json.loads((tmp_path / "eval_div" / "ppl.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert [(r["model"], r["ppl"]) for r in both] == [("div", None), ("div2", None)]
 
     # scripts/gca_off_ppl.py: its "on" numbers are the ppl command's (same windows), GCA off differs
     import sys
@@ -1840,9 +1853,9 @@ def test_plot_retrieval_hits_names_every_run_and_refuses_a_task_no_file_holds(tm
 def test_eval_keeps_other_models_rows_in_a_shared_out(tmp_path, capsys, monkeypatch):
     """`gca eval` into an --out another model's evaluation wrote to (the default ./eval is every model's)
     replaced its tasks.json / ppl.json with this model's rows alone, without a word. Now the other models'
-    rows are kept (a note names them), only this model's are replaced (a rerun of it leaves one set), a
-    stopped evaluation keeps both, and a results file that is not a list of rows is refused before the
-    model loads."""
+    rows are kept (a note names them), and of this model's only those measured again (same task or corpus
+    and length) are replaced; a stopped evaluation keeps both, and a results file that is not a list of rows
+    is refused before the model loads."""
     from gca.eval import tasks as eval_tasks
 
     a, b, data = _saved_run(tmp_path, "a"), _saved_run(tmp_path, "b"), _prepared(tmp_path, "emb")
@@ -1855,12 +1868,15 @@ def test_eval_keeps_other_models_rows_in_a_shared_out(tmp_path, capsys, monkeypa
         assert main(argv + ["--ckpt", str(a)]) == 0
         capsys.readouterr()
         assert main(argv + ["--ckpt", str(b), "--lengths", "0.5x,1x"]) == 0
-        assert f"note: {out / name} holds rows of other models (a): they are kept beside b's" in capsys.readouterr().out
+        assert f"note: {out / name} holds rows of other models (a): they are kept beside" in capsys.readouterr().out
         rows = json.loads((out / name).read_text())
         assert [(r["model"], r["context_length"]) for r in rows] == [("a", 200), ("b", 200), ("b", 400)]
-        assert main(argv + ["--ckpt", str(b)]) == 0  # b again: its rows replaced, a's kept
+        # b again at one length: that row replaced, its other length and a's kept (a longer length measured
+        # in a later call, as 16M often is, no longer deletes the shorter ones)
+        assert main(argv + ["--ckpt", str(b)]) == 0
+        assert "and 1 row(s) of b at other" in capsys.readouterr().out
         rows = json.loads((out / name).read_text())
-        assert [(r["model"], r["context_length"]) for r in rows] == [("a", 200), ("b", 200)]
+        assert [(r["model"], r["context_length"]) for r in rows] == [("a", 200), ("b", 400), ("b", 200)]
     assert (out / "heatmap_passkey.png").exists() and (out / "ppl_vs_length.png").exists()
 
     # a stopped evaluation of a third model keeps what it measured, beside the others' rows
@@ -1873,7 +1889,7 @@ def test_eval_keeps_other_models_rows_in_a_shared_out(tmp_path, capsys, monkeypa
     monkeypatch.setattr(eval_tasks, "evaluate_tasks", stopped)
     assert main(tasks + ["--ckpt", str(a), "--name", "c"]) == 130
     rows = json.loads((out / "tasks.json").read_text())
-    assert [r["model"] for r in rows] == ["a", "b", "c"]
+    assert [r["model"] for r in rows] == ["a", "b", "b", "c"]
 
     import gca.eval.cli as ecli
 

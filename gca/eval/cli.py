@@ -192,18 +192,36 @@ def _read_results(path: Path) -> list[dict]:
     return rows
 
 
-def _other_models(path: Path, name: str, snapshot: list[dict] | None = None) -> list[dict]:
-    """The rows of ``path`` that belong to models other than ``name``: an evaluation writes its own rows
-    beside them (the default ``--out`` is shared by every model), replacing only its model's. Read afresh
-    at each write, so that evaluations of other models into the same folder keep each other's rows; a
-    file that has become unreadable meanwhile gives ``snapshot`` (the rows read when the evaluation began)."""
+def _row_key(row: dict) -> tuple:
+    """What one measurement is of: the model, the task (``tasks.json``) or the corpus (``ppl.json``), the
+    context length, and for 2hop the form of its question. A new evaluation replaces an earlier file's rows
+    of the same keys and keeps every other row."""
+    return (row.get("model"), row.get("task"), row.get("hop_answer"), row.get("hop_lead") or None, row.get("corpus"),
+            row.get("context_length"))
+
+
+def _kept_rows(path: Path, keys: set[tuple], snapshot: list[dict] | None = None) -> list[dict]:
+    """The rows of ``path`` that this evaluation does not measure again (``keys``, by :func:`_row_key`): other
+    models' rows (the default ``--out`` is shared by every model) and this model's rows of other tasks, corpora
+    or lengths. Read afresh at each write, so that evaluations of other models into the same folder keep each
+    other's rows; a file that has become unreadable meanwhile gives ``snapshot`` (the rows read when the
+    evaluation began)."""
     try:
         rows = _read_results(path)
     except (ValueError, OSError):
         if snapshot is None:
             raise
         rows = snapshot
-    return [r for r in rows if r.get("model") != name]
+    return [r for r in rows if _row_key(r) not in keys]
+
+
+def _json_rows(rows: list[dict]) -> str:
+    """Strict JSON (no ``Infinity`` / ``NaN``, which most JSON readers refuse): a non-finite number is written
+    as null and named in the row's ``nonfinite`` (field -> "inf", "-inf" or "nan")."""
+    def strict(row):
+        bad = {k: str(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
+        return dict(row, **{k: None for k in bad}, nonfinite=bad) if bad else row
+    return json.dumps([strict(r) for r in rows], indent=1, allow_nan=False)
 
 
 def _model_names(rows: list[dict]) -> str:
@@ -222,17 +240,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out} is a file: give a folder (eval {args.what} writes "
                          f"{results.name} and its plots into it)")
     name = args.name or model_name(args.ckpt)
-    # other models' rows in --out (its default, ./eval, is every model's) are kept: only this model's are replaced
+    # rows already in --out (its default, ./eval, is every model's) are kept, but for those this evaluation measures
+    # again: the same model, task or corpus, and length (known once the training length is)
     earlier = _read_results(results)  # (a file that is not a list of rows is refused now, before the work)
-    others = [r for r in earlier if r.get("model") != name]
-    if others:
-        drawn = (f"the plots show {name}'s alone" if args.what == "tasks"
-                 else "ppl_vs_length.png draws every model's")
-        print(f"note: {results} holds rows of other models ({_model_names(others)}): they are kept beside {name}'s, "
-              f"and {drawn}")
     model, train_length, tok = load_for_eval(args.ckpt, args.device, args.dtype)
     train_length = args.train_length or train_length
     lengths = parse_lengths(args.lengths, train_length)
+    if args.what == "tasks":
+        from gca.data.tasks import canonical_kind
+
+        tasks = [canonical_kind(t.strip()) for t in args.tasks.split(",")]  # a bad name fails here, before any trial
+        hop = dict(hop_answer=args.hop_answer or "chain", hop_lead=args.hop_lead or None)
+        keys = {_row_key(dict(model=name, task=t, context_length=L, **(hop if t == "2hop" else {})))
+                for t in tasks for L in lengths}
+    else:
+        keys = {_row_key(dict(model=name, corpus=str(args.data), context_length=L)) for L in lengths}
+    kept = [r for r in earlier if _row_key(r) not in keys]
+    if kept:
+        own = [r for r in kept if r.get("model") == name]
+        others = [r for r in kept if r.get("model") != name]
+        said = ([f"rows of other models ({_model_names(others)})"] if others else []) + (
+            [f"{len(own)} row(s) of {name} at other {'tasks' if args.what == 'tasks' else 'corpora'} or lengths"]
+            if own else [])
+        drawn = ("the plots show this evaluation's alone" if args.what == "tasks"
+                 else "ppl_vs_length.png draws every row")
+        print(f"note: {results} holds {' and '.join(said)}: they are kept beside what this evaluation measures "
+              f"(rows of the same model, {'task' if args.what == 'tasks' else 'corpus'} and length are replaced), "
+              f"and {drawn}")
     folder, option = (args.filler, "--filler") if args.what == "tasks" else (args.data, "--data")
     if folder is not None:
         check_data_tokenizer(tok, folder, option)
@@ -246,10 +280,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.time()
     saved = []  # the rows written so far (what an interrupted evaluation keeps)
     if args.what == "tasks":
-        from gca.data.tasks import canonical_kind
         from gca.eval.tasks import evaluate_tasks
 
-        tasks = [canonical_kind(t.strip()) for t in args.tasks.split(",")]  # a bad name fails here, before any trial
         hop_flags = [f for f, given in (("--hop-answer", args.hop_answer is not None), ("--hop-lead", args.hop_lead))
                      if given]
         if hop_flags and "2hop" not in tasks:  # (they were ignored without a word)
@@ -269,7 +301,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         def save(rows):  # after each (task, length, depth): a stopped run keeps what it measured
             saved[:] = rows
             mine = [dict(r, model=name, train_length=train_length) for r in rows]
-            _atomic_write(results, json.dumps(_other_models(results, name, earlier) + mine, indent=1))
+            _atomic_write(results, _json_rows(_kept_rows(results, keys, earlier) + mine))
 
         try:
             rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
@@ -301,7 +333,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         def save_rows(rows):  # after each length, so a stopped evaluation keeps its shorter lengths
             saved[:] = rows
-            _atomic_write(results, json.dumps(_other_models(results, name, earlier) + tag(rows), indent=1))
+            _atomic_write(results, _json_rows(_kept_rows(results, keys, earlier) + tag(rows)))
 
         try:
             rows = tag(perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload,
@@ -319,7 +351,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         # every model's line (ppl.json keeps the others'): models scored on other text are named with their corpus,
         # and the training length is marked only when all share it
-        drawn = _other_models(results, name, earlier) + rows
+        drawn = _kept_rows(results, keys, earlier) + rows
         corpora = {r.get("corpus") for r in drawn}
         if len(corpora) > 1:
             drawn = [dict(r, model=f"{r.get('model')} on {r.get('corpus')}") for r in drawn]

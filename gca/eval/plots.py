@@ -4,6 +4,8 @@ curves with the retrieval's health."""
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -71,7 +73,7 @@ def plot_ppl_vs_length(rows: list[dict], path: str, train_length: int | None = N
     fig, ax = plt.subplots(figsize=(6, 4))
     for model in sorted({r.get("model") for r in rows}, key=str):
         rs = sorted((r for r in rows if r.get("model") == model), key=lambda r: r["context_length"])
-        ax.plot([r["context_length"] for r in rs], [r["ppl"] for r in rs], marker="o",
+        ax.plot([r["context_length"] for r in rs], [math.nan if r["ppl"] is None else r["ppl"] for r in rs], marker="o",
                 label=model if model is not None else "_nolegend_")
     ax.set_ylabel("perplexity")
     return _finish_length_plot(fig, ax, path, train_length)
