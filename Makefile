@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	# CPU build of torch (a GPU machine keeps the torch it has if it is new enough)
+	# torch from pip's index (the CPU build where the index serves it; a venv that has torch keeps it)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
 	# Triton runs its kernels in the interpreter on CPU for the tests (TRITON_INTERPRET=1)
 	$(VPY) -c "import triton" 2>/dev/null || $(VPY) -m pip install -q "triton==3.6.0" || echo "triton not installed: kernel tests will be skipped"

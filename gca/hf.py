@@ -7,7 +7,7 @@
     out = hf.generate(input_ids, max_new_tokens=20)        # greedy; do_sample=True samples
     drt = hf.to_drt()                                      # back to the plain gca.DRT
 
-Install with ``pip install 'gca[hf]'``; the core ``gca`` package never imports ``transformers``.
+Install with ``pip install -e '.[hf]'`` in the gca checkout; the core ``gca`` package never imports ``transformers``.
 The config (:class:`DRTHFConfig`) holds every ``DRTConfig`` field under its own name, except
 ``top_k`` (chunks retrieved), stored as ``retrieval_top_k``: ``top_k`` is a generation parameter
 in ``transformers``.
@@ -52,7 +52,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         "gca.hf needs Hugging Face transformers (>= 4.50), which is not installed: "
-        "pip install 'gca[hf]'  (or: pip install 'transformers>=4.50')"
+        "pip install -e '.[hf]' in the gca checkout  (or: pip install 'transformers>=4.50')"
     ) from e
 
 import torch

@@ -442,7 +442,7 @@ def test_import_guard_and_core_does_not_import_transformers():
         try:
             import gca.hf
         except ImportError as e:
-            assert "pip install 'gca[hf]'" in str(e), str(e)
+            assert "pip install -e '.[hf]'" in str(e), str(e)
         else:
             raise AssertionError("no ImportError without transformers")
         print("ok")

@@ -287,6 +287,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's first non-empty line: transformers' errors run to several lines, and gca's errors are one."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+
+
 def _load_hf(name: str) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
@@ -298,16 +303,17 @@ def _load_hf(name: str) -> Tokenizer:
         try:  # offline: the local cache only
             return Tokenizer(AutoTokenizer.from_pretrained(name, local_files_only=not online), name=name)
         except Exception as e:  # noqa: BLE001
-            errors.append(f"transformers: {type(e).__name__}: {e}")
+            errors.append(f"transformers: {type(e).__name__}: {_first_line(e)}")
     else:
-        errors.append("transformers is not installed (pip install 'gca[hf]')")
+        errors.append("transformers is not installed (pip install -e '.[hf]' in the gca checkout, "
+                      "or pip install 'transformers>=4.50')")
     if online:
         try:
             from tokenizers import Tokenizer as HFTokenizer
 
             return Tokenizer(HFTokenizer.from_pretrained(name), name=name)
         except Exception as e:  # noqa: BLE001
-            errors.append(f"tokenizers.from_pretrained: {type(e).__name__}: {str(e)[:200]}")
+            errors.append(f"tokenizers.from_pretrained: {type(e).__name__}: {_first_line(e)[:200]}")
     raise FileNotFoundError(
         f"cannot load tokenizer {name!r}: it is not a local file or folder, and the Hugging Face hub "
         f"could not provide it{'' if online else ' (it cannot be reached: offline?)'}. Use 'embedded', a "
