@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gca.config import DRTConfig, _is_int, check_counts, integer_dtype
+from gca.config import DRTConfig, _is_int, check_counts, integer_dtype, values_readable
 from gca.inference.cache import ChunkMemory, DRTCache, RingKV
 from gca.nn.layers import ChunkEncoder, DecoderLayer, RMSNorm, UpperLayer, rope_cos_sin
 from gca.retrieval import Retrieval, causal_topk, copy_retrieval_loss, copy_targets, retrieval_scores, shift_to_queries
@@ -45,6 +45,10 @@ class DRTOutput:
     retrieval_loss: torch.Tensor | None = None
     retrieval_rows: torch.Tensor | None = None
 
+
+# pytree nodes, so that torch.export (and anything else walking outputs) sees the tensors inside
+torch.export.register_dataclass(DRTOutput, serialized_type_name="gca.model.DRTOutput")
+torch.export.register_dataclass(Retrieval, serialized_type_name="gca.retrieval.Retrieval")
 
 # the residual branches' output projections (module names), initialised with std init_std / sqrt(2 x layers)
 RESIDUAL_PROJECTIONS = ("attn.o", "mlp.down", "gca.o")
@@ -145,8 +149,8 @@ class DRT(nn.Module):
             raise ValueError(f"{name} is empty (shape {tuple(input_ids.shape)}); pass at least one token")
         if input_ids.dtype != torch.long:  # int32 from a tokenizer, uint16 from a prepared dataset's memmap
             input_ids = input_ids.long()
-        if torch.compiler.is_compiling():
-            return input_ids  # value checks would break the graph; shapes were checked above
+        if torch.compiler.is_compiling() or not values_readable(input_ids):
+            return input_ids  # value checks would break the graph, or there are no values; shapes were checked
         lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one device sync for both
         V = self.config.vocab_size
         if hi >= V or (lo < 0 and not (allow_ignore and lo == -100 and (input_ids[input_ids < 0] == -100).all())):

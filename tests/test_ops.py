@@ -273,3 +273,21 @@ def test_autocast_keeps_the_reference_in_float32_and_reconciles_dtypes():
     torch.testing.assert_close(mixed, expect, rtol=0, atol=0)
     with pytest.raises(ValueError, match="share a dtype"):  # outside autocast mixed dtypes are still refused
         grouped_cross_attention(lin(q).bfloat16(), k, v, idx, w)
+
+
+def test_torch_func_transforms_use_the_reference_and_refuse_triton_by_name():
+    """vmap / grad over the op: the reference runs (with batched indices its range check, which reads values
+    back, is skipped); impl='triton' said only PyTorch's generic 'must override setup_context', and now names
+    impl='torch'."""
+    q, k, v, idx, w = make_inputs(requires_grad=False)
+    qs = torch.stack([q, 2 * q, -q])
+    out = torch.func.vmap(lambda x: grouped_cross_attention(x, k, v, idx, w))(qs)
+    torch.testing.assert_close(out, torch.stack([gca_reference(x, k, v, idx, w) for x in qs]), rtol=0, atol=0)
+    idxs = torch.stack([idx, idx.flip(-1)])
+    out = torch.func.vmap(lambda i: grouped_cross_attention(q, k, v, i, w))(idxs)
+    torch.testing.assert_close(out[1], gca_reference(q, k, v, idxs[1], w), rtol=0, atol=0)
+    dq = torch.func.grad(lambda x: grouped_cross_attention(x, k, v, idx, w).square().sum())(q)
+    qq = q.clone().requires_grad_(True)
+    torch.testing.assert_close(dq, torch.autograd.grad(gca_reference(qq, k, v, idx, w).square().sum(), qq)[0])
+    with pytest.raises(ValueError, match="torch.func transform.*impl='torch'"):
+        torch.func.vmap(lambda x: grouped_cross_attention(x, k, v, idx, w, impl="triton"))(qs)

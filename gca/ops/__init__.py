@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from gca.config import values_readable
 from gca.ops.gca_ref import autocasting, check_scale, gca_reference
 from gca.ops.sliding_window import sliding_window_attention
 
@@ -30,6 +31,20 @@ def triton_available(device: torch.device | None = None) -> bool:
     return True
 
 
+def _in_torch_func(impl: str) -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp, ...) is running: the fused kernels have no batching
+    or forward-mode rule, so ``impl="auto"`` uses the reference there and ``impl="triton"`` is refused."""
+    try:
+        inside = torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # (a private API: a torch without it)
+        return False
+    if inside and impl == "triton":
+        raise ValueError("impl='triton' cannot run inside a torch.func transform (vmap, grad, jvp, functional_call "
+                         "with grad): the fused kernels have no batching or forward-mode rule; use impl='torch' "
+                         "(impl='auto' does so there)")
+    return inside
+
+
 def kernel_for(q, mem_k, mem_v, indices, weights, *, scale: float | None = None, impl: str = "auto") -> tuple[str, str]:
     """Which implementation :func:`grouped_cross_attention` runs on these inputs, and why:
     ``("gluon" | "triton" | "torch", reason)``. Launches nothing and reads no index back from the
@@ -47,6 +62,8 @@ def kernel_for(q, mem_k, mem_v, indices, weights, *, scale: float | None = None,
     scale = check_scale(scale)
     if impl == "torch":
         return "torch", "impl='torch'"
+    if not torch.compiler.is_compiling() and _in_torch_func(impl):
+        return "torch", "inside a torch.func transform (vmap, grad, jvp), which the fused kernels do not support"
     if impl == "auto" and not triton_available(q.device):
         return "torch", "the fused kernels need a CUDA device and Triton (impl='auto' uses the reference here)"
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -124,7 +141,7 @@ def _check(q, mem_k, mem_v, indices, weights, check_indices: bool) -> None:
     devs = {t.device for t in (q, mem_k, mem_v, indices, weights)}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
-    if check_indices and indices.numel() > 0:
+    if check_indices and indices.numel() > 0 and values_readable(indices):
         lo, hi = (int(v) for v in torch.aminmax(indices))  # one device sync for both
         if lo < -1 or hi >= Cm:
             raise ValueError(
@@ -188,7 +205,8 @@ def grouped_cross_attention(
     scale = check_scale(scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    use_triton = impl == "triton" or (impl == "auto" and triton_available(q.device))
+    in_func = not compiling and _in_torch_func(impl)  # (raises for impl="triton" inside a transform)
+    use_triton = impl == "triton" or (impl == "auto" and not in_func and triton_available(q.device))
     if use_triton:
         if impl == "triton":
             _check_triton_usable(q, mem_k, scale)
