@@ -12,6 +12,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run in the interpreter, and TRITON_INTERPRET must be set before anything
+# imports triton: its own @jit helpers (tl.zeros, ...) are decided then. Set here, first, because test
+# modules that import transformers or torch._inductor (test_hf) import triton at collection; collected before
+# test_gca_triton (`pytest tests/test_hf.py tests/test_gca_triton.py`), they made every kernel test fail with
+# "Cannot call @triton.jit'd outside of the scope of a kernel".
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SEED = int(os.environ.get("GCA_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 

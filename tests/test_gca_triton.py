@@ -7,9 +7,10 @@ Without CUDA the kernels run in the Triton interpreter on CPU tensors. ``@triton
 whether a kernel is interpreted when it is *decorated*, i.e. when ``gca.ops.gca_triton`` is first
 imported (setting the variable after ``import triton`` but before that import is enough; setting it
 after is not). So this file sets ``TRITON_INTERPRET=1`` (only when there is no CUDA) before it
-imports the kernels, and ``test_interpreter_is_active`` checks that it took effect. Run alone
-(``python -m pytest -q tests/test_gca_triton.py``) or with the whole suite: no other module
-imports the kernels first on a CPU machine.
+imports the kernels, and ``test_interpreter_is_active`` checks that it took effect. ``conftest.py``
+sets it too, before any test module is collected: triton's own ``@jit`` helpers are decided when
+triton is first imported, and modules that import ``transformers`` (``test_hf``) import it at
+collection.
 
 Tolerances follow flash-attention practice: with ``ref64`` the reference in float64,
 ``err(kernel) <= 2 * err(torch in the same dtype) + floor`` for the output and ``3 *`` for
