@@ -29,20 +29,6 @@ def integer_dtype(dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or str(dtype) == "torch.bool")
 
 
-def values_readable(t) -> bool:
-    """Whether a tensor's values can be read back for a range check: not a meta or fake tensor (shape
-    inference, FLOP counting) nor one batched by ``torch.func.vmap``, which have shapes but no values."""
-    if t.device.type == "meta":
-        return False
-    try:
-        import torch
-        from torch._subclasses.fake_tensor import is_fake
-
-        return not (is_fake(t) or torch._C._functorch.is_batchedtensor(t))
-    except (ImportError, AttributeError):  # (private APIs: an older or newer torch without them)
-        return True
-
-
 def _is_int(v: Any) -> bool:
     """An integer, numpy's included, but not a bool (True is an int to Python)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"

@@ -29,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gca.config import DRTConfig, _is_int, check_counts, integer_dtype, values_readable
+from gca.config import DRTConfig, _is_int, check_counts, integer_dtype
 from gca.inference.cache import ChunkMemory, DRTCache, RingKV
 from gca.nn.layers import ChunkEncoder, DecoderLayer, RMSNorm, UpperLayer, rope_cos_sin
+from gca.ops.gca_ref import values_readable
 from gca.retrieval import Retrieval, causal_topk, copy_retrieval_loss, copy_targets, retrieval_scores, shift_to_queries
 
 

@@ -28,6 +28,8 @@ import statistics
 import sys
 from collections import defaultdict
 
+from gca.eval import from_strict, strict_rows
+
 TASK_NAMES = {"passkey": "single", "multikey": "multikey", "2hop": "2hop"}
 
 
@@ -56,18 +58,11 @@ def read_rows(path: str, keys: tuple[str, ...] = ("model",)) -> list[dict]:
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ResultsError(f"{path} does not hold a JSON list of result rows (objects)")
     for i, r in enumerate(rows):
-        for k, v in (r.get("nonfinite") or {}).items():  # strict JSON's null for a non-finite value (gca eval ppl)
-            if r.get(k) is None:
-                r[k] = float(v)
+        from_strict(r)  # strict JSON's null for a non-finite value (gca eval ppl) back as the float
         missing = [k for k in keys if k not in r] + (["windows"] if "targets" in r and "windows" not in r else [])
         if missing:
             raise ResultsError(f"{path}: row {i} ({r.get('model', 'no model')}) has no {', '.join(missing)}")
     return rows
-
-
-def _strict(row: dict) -> dict:
-    bad = {k: str(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
-    return dict(row, **{k: None for k in bad}, nonfinite=bad) if bad else row
 
 
 def write_rows(path: str, rows: list[dict]) -> None:
@@ -76,7 +71,7 @@ def write_rows(path: str, rows: list[dict]) -> None:
     tmp = path + ".tmp"
     try:
         with open(tmp, "w") as f:  # strict JSON: a non-finite value as null, named in the row's "nonfinite"
-            json.dump([_strict(r) for r in rows], f, indent=1, allow_nan=False)
+            json.dump(strict_rows(rows), f, indent=1, allow_nan=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from gca.cli import device_arg, int_at_least
+from gca.eval import strict_rows
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -215,13 +216,8 @@ def _kept_rows(path: Path, keys: set[tuple], snapshot: list[dict] | None = None)
     return [r for r in rows if _row_key(r) not in keys]
 
 
-def _json_rows(rows: list[dict]) -> str:
-    """Strict JSON (no ``Infinity`` / ``NaN``, which most JSON readers refuse): a non-finite number is written
-    as null and named in the row's ``nonfinite`` (field -> "inf", "-inf" or "nan")."""
-    def strict(row):
-        bad = {k: str(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
-        return dict(row, **{k: None for k in bad}, nonfinite=bad) if bad else row
-    return json.dumps([strict(r) for r in rows], indent=1, allow_nan=False)
+def _strict_text(rows: list[dict]) -> str:
+    return json.dumps(strict_rows(rows), indent=1, allow_nan=False)  # (no Infinity / NaN: gca.eval.strict_rows)
 
 
 def _model_names(rows: list[dict]) -> str:
@@ -301,7 +297,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         def save(rows):  # after each (task, length, depth): a stopped run keeps what it measured
             saved[:] = rows
             mine = [dict(r, model=name, train_length=train_length) for r in rows]
-            _atomic_write(results, _json_rows(_kept_rows(results, keys, earlier) + mine))
+            _atomic_write(results, _strict_text(_kept_rows(results, keys, earlier) + mine))
 
         try:
             rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
@@ -333,7 +329,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         def save_rows(rows):  # after each length, so a stopped evaluation keeps its shorter lengths
             saved[:] = rows
-            _atomic_write(results, _json_rows(_kept_rows(results, keys, earlier) + tag(rows)))
+            _atomic_write(results, _strict_text(_kept_rows(results, keys, earlier) + tag(rows)))
 
         try:
             rows = tag(perplexity_vs_length(model, args.data, lengths, args.windows, seed=args.seed, offload=args.offload,

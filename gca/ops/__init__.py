@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gca.config import values_readable
-from gca.ops.gca_ref import autocasting, check_scale, gca_reference
+from gca.ops.gca_ref import autocasting, check_scale, gca_reference, values_readable
 from gca.ops.sliding_window import sliding_window_attention
 
 __all__ = ["grouped_cross_attention", "gca_reference", "kernel_for", "sliding_window_attention", "triton_available"]

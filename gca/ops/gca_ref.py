@@ -18,6 +18,17 @@ import math
 
 import torch
 
+try:  # (private APIs: a torch without them reads every tensor's values)
+    from torch._C._functorch import is_batchedtensor as _is_batched
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # pragma: no cover
+    _is_batched = _is_fake = lambda t: False
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether a tensor's values can be read back for a range check: not a meta or fake tensor (shape
+    inference, FLOP counting) nor one batched by ``torch.func.vmap``, which have shapes but no values."""
+    return not (t.device.type == "meta" or _is_fake(t) or _is_batched(t))
 
 
 def check_scale(scale) -> float | None:
@@ -25,24 +36,22 @@ def check_scale(scale) -> float | None:
     and the kernels' entry points check it alike (a NaN scale gave the reference's NaN output)."""
     if scale is None:
         return None
-    symbolic = isinstance(scale, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(scale, bool)
-    if symbolic and torch.compiler.is_compiling():
-        # (1/sqrt(D) of a dynamic head size is symbolic there: compared, not passed to math.isfinite or float(),
-        # which would break the graph)
-        if not (scale == scale and -math.inf < scale < math.inf):
-            raise ValueError(f"scale must be a finite number (or None for 1/sqrt(D)), got {scale!r}")
-        return scale
-    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+    if (torch.compiler.is_compiling() and isinstance(scale, (int, float, torch.SymInt, torch.SymFloat))
+            and not isinstance(scale, bool)):
+        value = scale  # (1/sqrt(D) of a dynamic head size is symbolic there: float() would break the graph)
+    elif isinstance(scale, torch.Tensor) and scale.requires_grad:
         raise ValueError(
             "scale is taken as a number, so a tensor that requires grad would be cut from the graph (a learned "
             "temperature would never train): multiply q by it instead and pass scale=1.0 (the default scale is "
             "1/sqrt(D))"
         )
-    try:
-        value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
-    except (TypeError, ValueError, RuntimeError):  # a list, a tensor of several elements, ...
-        value = None
-    if value is None or not math.isfinite(value):
+    else:
+        try:
+            value = None if isinstance(scale, (bool, str, bytes)) else float(scale)
+        except (TypeError, ValueError, RuntimeError):  # a list, a tensor of several elements, ...
+            value = None
+    # (comparisons, not math.isfinite, which a symbolic value cannot take; NaN fails value == value)
+    if value is None or not (value == value and -math.inf < value < math.inf):
         raise ValueError(f"scale must be a finite number (or None for 1/sqrt(D)), got {scale!r}")
     return value
 
