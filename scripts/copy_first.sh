@@ -23,6 +23,9 @@
 #   STAGE=chain COPY_MIN=3 MIN=2.7 EVAL_END=550 bash scripts/copy_first.sh   # c4ka and ch4ka side by side
 #   STAGE=chain CHAIN_RUNS=ch4ka COPY_MIN=2.4 MIN=4.6 EVAL_END=555 bash scripts/copy_first.sh   # ch4ka alone, longer
 #
+# Its baselines at equal tokens (sliding window and full attention through the same two stages, fixed steps):
+#   STAGE=chain-base END=$(( $(date +%s) + 560 )) bash scripts/copy_first.sh   # swa and full side by side; rerun to resume
+#
 # Single passkey to 16M from a needle stage at 16128 tokens (one device call; it flattened retrieval):
 #   STAGE=long16k COPY_MIN=3 MIN=4.5 EVAL_END=560 bash scripts/copy_first.sh   # pk16ka and ch16ka side by side
 #
@@ -58,7 +61,7 @@
 # tokens in ~5.6 minutes); evaluation of 4K-1M at 20 trials ~1 minute, 20 trials at 4M ~4 minutes,
 # ~75 s per 16M-token trial (the chunk memory of 16M tokens, ~100 GB, on the GPU).
 set -euo pipefail
-STAGE=${STAGE:?set STAGE=copy, copy-swa, copy-eval, lm, lm-eval or needles}
+STAGE=${STAGE:?set STAGE=copy, copy-swa, copy-eval, lm, lm-eval, needles, chain, chain-base or long16k}
 RUNS=${RUNS:-runs/copy-first}
 DATA=${DATA:-data/debian-docs}
 MIN=${MIN:-0}
@@ -230,6 +233,35 @@ case "$STAGE" in
       tasks_until "$3" "$2" "drt-copy-$1-small" "$RUNS/eval/copy-$1-pm" 9302 4K,1M --tasks passkey,multikey --trials 4
     }
     from_plain1k "${CHAIN_RUNS:-c4ka ch4ka}" "c4ka ch4ka" chain_run chain_eval ;;
+  chain-base)  # the baselines of the thirtieth run's drt-copy-ch4kb-small at equal tokens: each arch of BASE_ARCHS
+    # (swa full) through the same two stages, side by side: the passkey copy stage (1008 tokens, 32 rows) for
+    # PLAIN_STEPS (1483, plain1k's steps in that run), then from its export the 2hop-weighted chain mixture (4032
+    # tokens, 8 rows, loss on the answers only, lr 5e-4) for CHAIN_STEPS (3724, ch4ka's); fixed step counts, not
+    # minutes, so the tokens equal the DRT's. MIN bounds each training process, END (seconds since the epoch,
+    # optional) the whole call; a rerun resumes, and the second stage waits until the first has reached its steps
+    PLAIN_STEPS=${PLAIN_STEPS:-1483}
+    CHAIN_STEPS=${CHAIN_STEPS:-3724}
+    limit() {  # --time-limit for a process started now: MIN, cut to what is left before END
+      if [ -n "${END:-}" ]; then python -c "import time; print(max(0.5, round(min(${MIN} or 1e9, ($END - time.time()) / 60), 2)))"
+      else echo "$MIN"; fi
+    }
+    reached() {  # log steps: the run's last "done: step N" line says N >= steps
+      local n; n=$(grep -o 'done: step [0-9]*' "$1" 2>/dev/null | tail -n 1 | grep -o '[0-9]*$' || true)
+      [ -n "$n" ] && [ "$n" -ge "$2" ]
+    }
+    base_run() {  # arch
+      local a=$1
+      reached "$RUNS/copy-${a}1kc.log" "$PLAIN_STEPS" || COPY_STEPS=$PLAIN_STEPS copy_run "${a}1kc" 1008 32 plain "$a" "$COPY_DATA" \
+        --time-limit "$(limit)"
+      reached "$RUNS/copy-${a}1kc.log" "$PLAIN_STEPS" || { echo "${a}1kc stopped before step $PLAIN_STEPS: rerun to resume"; return 0; }
+      reached "$RUNS/copy-${a}-ch4ka.log" "$CHAIN_STEPS" || COPY_STEPS=$CHAIN_STEPS copy_run "${a}-ch4ka" 4032 8 plain "$a" \
+        "$CHAIN_HOP_DATA" --init-from "$(export_once "copy-${a}1kc")" --lr 5e-4 --time-limit "$(limit)"
+      reached "$RUNS/copy-${a}-ch4ka.log" "$CHAIN_STEPS" && export_once "copy-${a}-ch4ka" >/dev/null
+    }
+    for a in ${BASE_ARCHS:-swa full}; do
+      case $a in swa|full) base_run "$a" & ;; *) echo "unknown BASE_ARCHS entry $a (swa, full)" >&2; exit 2 ;; esac
+    done
+    wait ;;
   long16k)  # one device call: the passkey copy stage (plain1k, COPY_MIN minutes), then from its export two
     # needle stages at 16128 tokens (252 chunks a sample to rank the needle among, 4x the 4032 of every
     # earlier needle stage; 2 rows a step), loss on the answers only, lr 5e-4, side by side for MIN minutes:
