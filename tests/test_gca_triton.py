@@ -460,8 +460,8 @@ def test_second_order_gradients_raise_instead_of_vanishing():
     # gradients was off the path to the inputs, so grad(total, params) dropped the penalty's second-order
     # term silently (dL/dW 42 against the reference's 4056 in the audit's case), backward(inputs=) too, and
     # allow_unused=True gave None; each must raise
-    lin = torch.nn.Linear(16, 16)
-    x = torch.randn(1, 2, 16, 2, 16)
+    lin = torch.nn.Linear(16, 16, device=q.device)  # (on the inputs' device: CUDA when the suite has it)
+    x = torch.randn(1, 2, 16, 2, 16, device=q.device)
     for take in (lambda total: torch.autograd.grad(total, lin.weight),
                  lambda total: total.backward(inputs=[lin.weight]),
                  lambda total: torch.autograd.grad(total, [lin.weight, lin.bias], allow_unused=True)):
