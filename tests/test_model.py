@@ -222,7 +222,8 @@ def test_any_integer_dtype_of_ids_is_taken(dtype):
 def test_logits_to_keep_without_a_cache():
     m = DRT(tiny()).eval()
     x = torch.randint(0, 97, (2, 150))
-    torch.testing.assert_close(m(x, logits_to_keep=5).logits, m(x).logits[:, -5:], rtol=0, atol=0)
+    # the same rows; the head's matmul over 5 rows or 150 may take different BLAS kernels (1-ulp differences)
+    torch.testing.assert_close(m(x, logits_to_keep=5).logits, m(x).logits[:, -5:], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="logits_to_keep and labels"):
         m(x, labels=x, logits_to_keep=5)
     with pytest.raises(ValueError, match="logits_to_keep must be a positive integer"):
