@@ -693,6 +693,21 @@ def test_torch_compile_aot_eager():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="on CUDA the check is a device-side assert, which ends the process's CUDA context")
+@pytest.mark.parametrize("entry", ["grouped_cross_attention", "gca_triton"])
+def test_torch_compile_checks_the_index_range_on_the_device(entry):
+    """Both entry points skip the host-side range check under torch.compile (it would break the graph); the graph
+    asserts on the device instead, so an index past the memory raises rather than reading beyond it."""
+    q, k, v, idx, w = _inputs(B=1, Cq=2, Cm=3, S=16, Sm=16, H=2, Hk=1, D=16, K=2, dtype=torch.float32)
+    op = (lambda *a: grouped_cross_attention(*a, impl="triton")) if entry == "grouped_cross_attention" else gt.gca_triton
+    f = torch.compile(op, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(q, k, v, idx, w), gca_reference(q, k, v, idx, w), rtol=1e-4, atol=1e-5)
+    wrong = idx.clone()
+    wrong[0, 1, 1] = 3  # Cm
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[-1, 3\)"):
+        f(q, k, v, wrong, w)
+
+
 def test_torch_compile_fullgraph_with_a_dynamic_head_size():
     """The default scale 1/sqrt(D) of a dynamic head size is a SymFloat under torch.compile, and check_scale's
     math.isfinite on it broke the graph: an error with fullgraph=True (dynamic=True, or the default compile

@@ -160,6 +160,23 @@ def test_validate_false_skips_only_the_index_range_check():
         grouped_cross_attention(q, k, v[:, :, :-1], idx, w, validate=False)
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_index_range_is_checked_under_torch_compile(dynamic):
+    """Under torch.compile the host-side range check cannot read the indices; an out-of-range index read past
+    the memory (Inductor's CPU code aborted the whole process). The compiled op now checks on the device:
+    a RuntimeError here, in-range indices unchanged."""
+    q, k, v, idx, w = make_inputs(requires_grad=False)
+    f = torch.compile(lambda q, k, v, i, w: grouped_cross_attention(q, k, v, i, w, impl="torch"),
+                      backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    torch.testing.assert_close(f(q, k, v, idx, w), grouped_cross_attention(q, k, v, idx, w, impl="torch"))
+    Cm = k.shape[1]
+    for bad in (Cm, -2):
+        wrong = idx.clone()
+        wrong[0, -1, 0] = bad
+        with pytest.raises(RuntimeError, match=r"indices must lie in \[-1, "):
+            f(q, k, v, wrong, w)
+
+
 def test_bad_impl():
     q, k, v, idx, w = make_inputs(requires_grad=False)
     with pytest.raises(ValueError, match="impl"):

@@ -140,7 +140,14 @@ def _check(q, mem_k, mem_v, indices, weights, check_indices: bool) -> None:
     devs = {t.device for t in (q, mem_k, mem_v, indices, weights)}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
-    if check_indices and indices.numel() > 0 and values_readable(indices):
+    if check_indices and indices.numel() > 0 and torch.compiler.is_compiling():
+        # torch.compile: the host cannot read the values (a graph break), and an index out of range would read
+        # past the memory (garbage on a GPU, an abort of the whole process in Inductor's CPU code), so the graph
+        # checks on the device: a RuntimeError on a CPU, a device-side assert on CUDA
+        bound = f"[-1, {Cm})" if isinstance(Cm, int) else "[-1, Cm), Cm = mem_k.shape[1]"  # (a SymInt has no value)
+        torch._assert_async(((indices >= -1) & (indices < Cm)).all(),
+                            f"indices must lie in {bound} (-1 = empty slot)")
+    elif check_indices and indices.numel() > 0 and values_readable(indices):
         lo, hi = (int(v) for v in torch.aminmax(indices))  # one device sync for both
         if lo < -1 or hi >= Cm:
             raise ValueError(
@@ -177,8 +184,10 @@ def grouped_cross_attention(
         softmax_one: add 1 to each softmax denominator. Default False.
         scale: logit scale, default ``1 / sqrt(D)``.
         impl: ``"auto"`` (Triton kernel on CUDA when available, else the reference), ``"torch"`` or ``"triton"``.
-        validate: check that every index lies in ``[-1, Cm)`` (one device synchronisation). Callers whose
-            indices are correct by construction (the DRT model's own retrieval) pass False.
+        validate: check that every index lies in ``[-1, Cm)`` (one device synchronisation; under
+            ``torch.compile`` an on-device assert instead, which raises on a CPU and is a device-side
+            assert on CUDA). Callers whose indices are correct by construction (the DRT model's own
+            retrieval) pass False.
 
     Returns:
         ``(B, Cq, S, H, D)`` in q's dtype. Differentiable in q, mem_k, mem_v and weights.
@@ -200,7 +209,7 @@ def grouped_cross_attention(
         # an autocast region reconciles mixed dtypes (a q from a Linear in bf16 with a float32 memory) as it
         # does for matmul and scaled_dot_product_attention: all three in its dtype
         q, mem_k, mem_v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, mem_k, mem_v))
-    _check(q, mem_k, mem_v, indices, weights, check_indices=validate and not compiling)
+    _check(q, mem_k, mem_v, indices, weights, check_indices=validate)
     scale = check_scale(scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5

@@ -759,10 +759,11 @@ class _GCAFunction(torch.autograd.Function):
 
 
 def _validate(q, mem_k, mem_v, indices, weights):
-    """``grouped_cross_attention``'s checks (shapes, dtypes, devices; index range unless compiling)."""
+    """``grouped_cross_attention``'s checks (shapes, dtypes, devices; the index range, on the device under
+    ``torch.compile``)."""
     from gca.ops import _check  # (gca.ops imports this module lazily: no cycle at import time)
 
-    _check(q, mem_k, mem_v, indices, weights, check_indices=not torch.compiler.is_compiling())
+    _check(q, mem_k, mem_v, indices, weights, check_indices=True)
 
 
 def _decode(q, mem_k, mem_v, indices, weights, softmax_one, scale):
