@@ -5,6 +5,7 @@
     python scripts/collect_results.py --runs NONE --tasks-files a_tasks.json b_tasks.json  # add these models' rows
     python scripts/collect_results.py --plots-only --seed-plot ppl_seeds.png=seeds-small,dis-small  # one figure per set of tags
     python scripts/collect_results.py --plots-only --seed-table drt-seeds-small,swa-seeds-small  # seed by seed, markdown
+    python scripts/collect_results.py --plots-only --tasks-plot a.png=drt-x-small,swa-x-small  # these models' accuracy alone
 
 Reads ``RUNS/eval/<arch>-ppl/ppl.json`` and ``RUNS/eval/<arch>-tasks-<L>/tasks.json`` and writes
 ``OUT/ppl.json`` (``[{model, train_length, context_length, ppl, tokens, corpus}]``, plus ``targets`` and
@@ -129,6 +130,10 @@ def main() -> None:
     ap.add_argument("--seed-plot", action="append", default=[], metavar="FILE=TAG[,TAG...]",
                     help="draw the seed groups of these tags (every arch) in OUT/FILE; repeat for several figures "
                          "(default: every tag in ppl_seeds.png)")
+    ap.add_argument("--tasks-plot", action="append", default=[], metavar="FILE=MODEL[,MODEL...]",
+                    help="draw these models' passkey.json rows alone (one panel a task) in OUT/FILE, e.g. "
+                         "passkey_equal_tokens.png=drt-copy-ch4kb-small,full-copy-ch4kb-small,swa-copy-ch4kb-small; "
+                         "repeat for several figures (passkey_vs_length.png draws every model)")
     ap.add_argument("--seed-table", action="append", default=[], metavar="ARCH-TAG,ARCH-TAG[,...]",
                     help="print a markdown table, one row per seed these groups share: each group's perplexity at "
                          "the shortest and longest context, its change over the last step, and the first group "
@@ -158,11 +163,18 @@ def main() -> None:
         if not name.endswith(".png") or not tags or "/" in name:
             ap.error(f"--seed-plot takes FILE.png=TAG[,TAG...] (a file name in OUT), got {v!r}")
         seed_plots[name] = tags.split(",")
+    tasks_plots = {}
+    for v in a.tasks_plot:
+        name, _, models = v.partition("=")
+        if not name.endswith(".png") or not models or "/" in name or name == "passkey_vs_length.png":
+            ap.error(f"--tasks-plot takes FILE.png=MODEL[,MODEL...] (a file name in OUT other than passkey_vs_length.png), "
+                     f"got {v!r}")
+        tasks_plots[name] = models.split(",")
     if a.plots_only:
         if not any(os.path.exists(os.path.join(a.out, n)) for n in OUT_KEYS):
             ap.error(f"--plots-only: {a.out} holds neither ppl.json nor passkey.json")
         load = lambda name: read_rows(os.path.join(a.out, name), OUT_KEYS[name]) if os.path.exists(os.path.join(a.out, name)) else []
-        _plots(load("ppl.json"), load("passkey.json"), a.out, versus, seed_plots)
+        _plots(load("ppl.json"), load("passkey.json"), a.out, versus, seed_plots, tasks_plots)
         _print_seed_comparison(load("ppl.json"), versus, paired, tables)
         return
     if a.runs != "NONE" and not os.path.isdir(a.runs):
@@ -184,7 +196,7 @@ def main() -> None:
             write_rows(os.path.join(a.out, name), merged[name])
             print(f"{name}: {len(rows)} rows from {a.runs}, {len(merged[name])} in all")
     if ppl or tasks:
-        _plots(merged["ppl.json"], merged["passkey.json"], a.out, versus, seed_plots)  # every model in the files
+        _plots(merged["ppl.json"], merged["passkey.json"], a.out, versus, seed_plots, tasks_plots)  # every model in the files
     _print_seed_comparison(merged.get("ppl.json") or [], versus, paired, tables)
 
 
@@ -382,7 +394,7 @@ def _seed_plot(ppl: list[dict], out: str, plt, versus: dict | None = None, name:
 
 
 def _plots(ppl: list[dict], tasks: list[dict], out: str, versus: dict | None = None,
-           seed_plots: dict[str, list[str]] | None = None) -> None:
+           seed_plots: dict[str, list[str]] | None = None, tasks_plots: dict[str, list[str]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -426,30 +438,43 @@ def _plots(ppl: list[dict], tasks: list[dict], out: str, versus: dict | None = N
     for name, tags in (seed_plots or {"ppl_seeds.png": None}).items():
         _seed_plot(ppl, out, plt, versus, name, tags)
     if tasks:
-        kinds = sorted({r["task"] for r in tasks})
-        fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
-        for ax, t in zip(axes[0], kinds):
-            for m in sorted({r["model"] for r in tasks if r["task"] == t}):
-                rs = sorted((r for r in tasks if r["model"] == m and r["task"] == t), key=lambda r: r["context_length"])
-                ax.plot([r["context_length"] for r in rs], [100 * r["accuracy"] for r in rs], marker="o", label=m,
-                        color=color[m], linestyle=style(m))
-            if t == "2hop":  # the two question forms are different tasks: the chain's lines solid, the end point's dotted
-                for line in ax.get_lines():
-                    rs = [r for r in tasks if r["model"] == line.get_label() and r["task"] == t]
-                    if rs and rs[0].get("hop_answer", "end") == "end":
-                        line.set_linestyle(":")
-                t = "2hop (solid: asks for the chain Y, Z; dotted: the end point Z)"
-            ax.set(xscale="log", ylim=(-2, 102), xlabel="context length (tokens)", ylabel="accuracy (%)", title=t)
-        # one legend for all panels, beside them: inside, it covers the lines near 100%
-        shown = {}
-        for ax in reversed(axes[0]):  # handles from the single / multikey panels first (their line styles)
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                shown.setdefault(lab, h)
-        labels = sorted(shown)
-        fig.legend([shown[lab] for lab in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "passkey_vs_length.png"), dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        _tasks_figure(tasks, os.path.join(out, "passkey_vs_length.png"), plt, color, style)
+    for name, wanted in (tasks_plots or {}).items():
+        missing = [m for m in wanted if not any(r["model"] == m for r in tasks)]
+        if missing:
+            print(f"{name}: no passkey.json rows of {', '.join(missing)}" + ("" if len(missing) < len(wanted) else "; not drawn"))
+        rows = [r for r in tasks if r["model"] in wanted]
+        if rows:  # a few models: colours of their own, in the order given
+            own = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(wanted)}
+            _tasks_figure(rows, os.path.join(out, name), plt, own, style)
+
+
+def _tasks_figure(tasks: list[dict], path: str, plt, color: dict, style) -> None:
+    """Accuracy against context length, one panel a task, one line a model (colours shared with the other figures)."""
+    kinds = sorted({r["task"] for r in tasks})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, t in zip(axes[0], kinds):
+        for m in sorted({r["model"] for r in tasks if r["task"] == t}):
+            rs = sorted((r for r in tasks if r["model"] == m and r["task"] == t), key=lambda r: r["context_length"])
+            ax.plot([r["context_length"] for r in rs], [100 * r["accuracy"] for r in rs], marker="o", label=m,
+                    color=color[m], linestyle=style(m))
+        if t == "2hop":  # the two question forms are different tasks: the chain's lines solid, the end point's dotted
+            for line in ax.get_lines():
+                rs = [r for r in tasks if r["model"] == line.get_label() and r["task"] == t]
+                if rs and rs[0].get("hop_answer", "end") == "end":
+                    line.set_linestyle(":")
+            t = "2hop (solid: asks for the chain Y, Z; dotted: the end point Z)"
+        ax.set(xscale="log", ylim=(-2, 102), xlabel="context length (tokens)", ylabel="accuracy (%)", title=t)
+    # one legend for all panels, beside them: inside, it covers the lines near 100%
+    shown = {}
+    for ax in reversed(axes[0]):  # handles from the single / multikey panels first (their line styles)
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            shown.setdefault(lab, h)
+    labels = sorted(shown)
+    fig.legend([shown[lab] for lab in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -412,6 +412,37 @@ def test_collect_results_draws_a_model_that_rises_more_than_3x_and_nan_rows(tmp_
         assert (out / "ppl_vs_length.png").stat().st_size > 1000
 
 
+def test_collect_results_tasks_plot_draws_the_named_models_alone(tmp_path, monkeypatch, capsys):
+    """--tasks-plot FILE=MODEL,...: a figure of these models' passkey.json rows; a model without rows is named,
+    a figure with none is not drawn, and a malformed value is refused with the form it takes."""
+    cr = _script("collect_results")
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "passkey.json").write_text(json.dumps(
+        [{"model": m, "task": t, "train_length": 100, "context_length": n, "accuracy": a, "trials": 20}
+         for m, a in (("drt-a", 1.0), ("swa-a", 0.0), ("full-b", 0.5)) for t in ("single", "multikey")
+         for n in (100, 400)]))
+    drawn = []
+    real = cr._tasks_figure
+    monkeypatch.setattr(cr, "_tasks_figure", lambda rows, path, *a: drawn.append((Path(path).name, rows)) or real(rows, path, *a))
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out), *args])
+        cr.main()
+        return capsys.readouterr()
+
+    printed = run("--tasks-plot", "two.png=drt-a,swa-a,nope-x", "--tasks-plot", "none.png=nope-x").out
+    assert [name for name, _ in drawn] == ["passkey_vs_length.png", "two.png"]
+    assert {r["model"] for r in drawn[1][1]} == {"drt-a", "swa-a"} and len(drawn[1][1]) == 8
+    assert (out / "two.png").stat().st_size > 1000 and not (out / "none.png").exists()
+    assert "two.png: no passkey.json rows of nope-x\n" in printed and "none.png: no passkey.json rows of nope-x; not drawn" in printed
+    for bad in ("two.png", "two.png=", "../a.png=drt-a", "a.txt=drt-a", "passkey_vs_length.png=drt-a"):
+        monkeypatch.setattr(sys, "argv", ["collect_results", "--plots-only", "--out", str(out), "--tasks-plot", bad])
+        with pytest.raises(SystemExit):
+            cr.main()
+        assert "--tasks-plot takes FILE.png=MODEL" in capsys.readouterr().err
+
+
 def test_collect_results_names_a_bad_results_file_and_refuses_a_missing_runs_folder(tmp_path, monkeypatch, capsys):
     cr = _script("collect_results")
     runs, out = tmp_path / "runs", tmp_path / "out"
