@@ -219,6 +219,27 @@ def test_any_integer_dtype_of_ids_is_taken(dtype):
     assert torch.equal(m.generate(x.to(dtype), 3), m.generate(x, 3))
 
 
+def test_ids_out_of_range_are_caught_under_torch_compile():
+    """Under torch.compile the host-side range check is skipped (it would break the graph); an id of
+    vocab_size then read the DRT's landmark embedding silently. The graph checks on the device instead: a
+    RuntimeError here, -100 in labels still allowed, and in-range ids give eager's logits and loss."""
+    torch.manual_seed(0)
+    m = DRT(tiny()).eval()
+    f = torch.compile(lambda x, y: m(x, labels=y), backend="aot_eager", fullgraph=True)
+    x = torch.randint(0, 97, (2, 150))
+    y = x.clone()
+    y[:, :7] = -100
+    out, ref = f(x, y), m(x, labels=y)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.loss, ref.loss)
+    for bad, where in ((97, "input_ids"), (-1, "input_ids"), (97, "labels"), (-5, "labels")):
+        xb, yb = x.clone(), y.clone()
+        (xb if where == "input_ids" else yb)[1, 100] = bad
+        allowed = r"\[0, 97\)" + (r" or -100 \(ignored\)" if where == "labels" else "")
+        with pytest.raises(RuntimeError, match=f"{where} must lie in {allowed}"):
+            f(xb, yb)
+
+
 def test_logits_to_keep_without_a_cache():
     m = DRT(tiny()).eval()
     x = torch.randint(0, 97, (2, 150))
