@@ -22,6 +22,7 @@ own position, or for the last token of a chunk, the landmark that follows it.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,47 @@ class DRT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def export_lengths(self) -> tuple[int, int]:
+        """``(step, shortest)``: the input lengths :meth:`export`'s program takes are the multiples of ``step``
+        from ``shortest`` on. A DRT's internal length (chunks of ``chunk_size``, landmarks included) must fill
+        whole sliding-window blocks, so its step is the text of ``lcm(window, chunk_size) / chunk_size``
+        chunks; the baselines take whole chunks of ``text_per_chunk`` tokens. The shortest is longer than
+        the window (shorter inputs take another path, which the traced graph does not hold)."""
+        cfg = self.config
+        P = cfg.text_per_chunk
+        if cfg.arch == "full" or cfg.window is None:
+            return P, P
+        if cfg.arch == "drt":
+            step = P * (math.lcm(cfg.window, cfg.chunk_size) // cfg.chunk_size)
+            return step, 2 * step
+        return P, P * (cfg.window // P + 1)
+
+    def export(self, input_ids: torch.Tensor, *, max_length: int | None = None, dynamic_batch: bool = True):
+        """``torch.export.export`` of the plain forward (``model(ids).logits``) with the length dynamic: the
+        program takes ``(B, L)`` ids for every L that :meth:`export_lengths` allows, up to ``max_length``
+        (and any batch size with ``dynamic_batch``); other lengths are not promised (a DRT's program refuses
+        them: its guards fail). Pad shorter or unaligned
+        inputs to such a length and read the logits of your own positions (the model is causal: padding
+        after them changes nothing before).
+
+        ``input_ids``: the example traced, of an allowed length. Returns the ``ExportedProgram``
+        (``.module()(ids).logits`` gives the logits)."""
+        ids = self._check_ids(input_ids)
+        step, shortest = self.export_lengths()
+        L = ids.shape[1]
+        if L % step or L < shortest:
+            raise ValueError(f"export traces lengths that are multiples of {step} tokens from {shortest} on (this "
+                             f"model's export_lengths()); got an example of {L} tokens: pad it to, e.g., "
+                             f"{max(shortest, -(-L // step) * step)}")
+        if max_length is not None and (not _is_int(max_length) or max_length < L):
+            raise ValueError(f"max_length must be an integer >= the example's length {L}, got {max_length!r}")
+        n = torch.export.Dim("steps", min=shortest // step,
+                             **({"max": max_length // step} if max_length is not None else {}))
+        dims = {1: step * n}
+        if dynamic_batch:
+            dims[0] = torch.export.Dim("batch", min=1)
+        return torch.export.export(self, (ids,), dynamic_shapes=(dims,))
 
     # ---- input handling ----
     def _check_ids(self, input_ids: torch.Tensor, name: str = "input_ids", allow_ignore: bool = False) -> torch.Tensor:

@@ -642,6 +642,35 @@ def test_meta_device_build_then_reset_parameters_equals_a_fresh_model(kw):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("arch, kw", [("drt", {}), ("drt", {"window": 160}), ("swa", {}), ("full", {})],
+                         ids=["drt", "drt-window160", "swa", "full"])
+def test_export_with_a_dynamic_length_and_batch(arch, kw):
+    """model.export: one program for every length export_lengths() allows and any batch, the eager logits
+    bit for bit (a window that is not a multiple of the chunk size needs a longer step); an example of
+    another length is refused with one that works."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    m = DRT(tiny(arch=arch, **kw)).eval()
+    step, shortest = m.export_lengths()
+    assert shortest % step == 0
+    if arch != "full":  # longer than the window (for a DRT, its internal length with the landmarks)
+        assert shortest * (64 / 63 if arch == "drt" else 1) > m.config.window
+    program = m.export(torch.randint(0, 97, (2, shortest + step)), max_length=shortest + 20 * step).module()
+    for B, L in ((1, shortest), (3, shortest + step), (2, shortest + 9 * step)):
+        x = torch.randint(0, 97, (B, L))
+        torch.testing.assert_close(program(x).logits, m(x).logits, rtol=0, atol=0)
+    x = torch.randint(0, 97, (1, shortest + step + 1))  # between the steps: refused, or else right
+    try:
+        got = program(x).logits
+    except Exception:
+        got = None
+    if arch == "drt":
+        assert got is None, "a DRT's program ran a length that is not a multiple of its step"
+    elif got is not None:  # the baselines' programs may take it: then with the eager logits
+        torch.testing.assert_close(got, m(x).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"multiples of {step} tokens from {shortest} on"):
+        m.export(torch.randint(0, 97, (1, shortest + 1)))
+
+
 def test_meta_and_fake_tensors_run_the_forward_and_torch_export_works():
     """Shape inference on the meta device (and FLOP counting under FakeTensorMode) stopped at the id and
     index range checks (.item() on a tensor without values); torch.export failed on DRTOutput, not a
