@@ -157,9 +157,8 @@ class DRT(nn.Module):
         """``torch.export.export`` of the plain forward (``model(ids).logits``) with the length dynamic: the
         program takes ``(B, L)`` ids for every L that :meth:`export_lengths` allows, up to ``max_length``
         (and any batch size with ``dynamic_batch``); other lengths are not promised (a DRT's program refuses
-        them: its guards fail). Pad shorter or unaligned
-        inputs to such a length and read the logits of your own positions (the model is causal: padding
-        after them changes nothing before).
+        them: its guards fail). Pad shorter or unaligned inputs to such a length and read the logits of
+        your own positions (the model is causal: padding after them changes nothing before).
 
         ``input_ids``: the example traced, of an allowed length. Returns the ``ExportedProgram``
         (``.module()(ids).logits`` gives the logits)."""
