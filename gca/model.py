@@ -192,19 +192,19 @@ class DRT(nn.Module):
         if input_ids.dtype != torch.long:  # int32 from a tokenizer, uint16 from a prepared dataset's memmap
             input_ids = input_ids.long()
         V = self.config.vocab_size
-        allowed = f"[0, {V})" + (" or -100 (ignored)" if allow_ignore else "")
+        allowed = lambda: f"[0, {V})" + (" or -100 (ignored)" if allow_ignore else "")  # (built for a message only)
         if torch.compiler.is_compiling():
             # reading the values back would break the graph; an id past the vocabulary would read past the
             # embedding (or, for a DRT, the landmark's row at id vocab_size), so the graph checks on the device:
             # a RuntimeError on a CPU, a device-side assert on CUDA
             ok = (input_ids >= 0) | (input_ids == -100) if allow_ignore else input_ids >= 0
-            torch._assert_async((ok & (input_ids < V)).all(), f"{name} must lie in {allowed}")
+            torch._assert_async((ok & (input_ids < V)).all(), f"{name} must lie in {allowed()}")
             return input_ids
         if not values_readable(input_ids):
             return input_ids  # no values (meta or fake tensors); shapes were checked
         lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one device sync for both
         if hi >= V or (lo < 0 and not (allow_ignore and lo == -100 and (input_ids[input_ids < 0] == -100).all())):
-            raise ValueError(f"{name} must lie in {allowed}; got values in [{lo}, {hi}]")
+            raise ValueError(f"{name} must lie in {allowed()}; got values in [{lo}, {hi}]")
         return input_ids
 
     def _layer(self, layer, *args):
