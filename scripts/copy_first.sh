@@ -234,7 +234,7 @@ case "$STAGE" in
     }
     from_plain1k "${CHAIN_RUNS:-c4ka ch4ka}" "c4ka ch4ka" chain_run chain_eval ;;
   chain-base)  # the baselines of the thirtieth run's drt-copy-ch4kb-small at equal tokens: each arch of BASE_ARCHS
-    # (swa full) through the same two stages, side by side: the passkey copy stage (1008 tokens, 32 rows) for
+    # (swa full; drt trains that DRT's recipe again at its step counts) through the same two stages, side by side: the passkey copy stage (1008 tokens, 32 rows) for
     # PLAIN_STEPS (1483, plain1k's steps in that run), then from its export the 2hop-weighted chain mixture (4032
     # tokens, 8 rows, loss on the answers only, lr 5e-4) for CHAIN_STEPS (3724, ch4ka's); fixed step counts, not
     # minutes, so the tokens equal the DRT's. MIN bounds each training process, END (seconds since the epoch,
@@ -254,12 +254,13 @@ case "$STAGE" in
       reached "$RUNS/copy-${a}1kc.log" "$PLAIN_STEPS" || COPY_STEPS=$PLAIN_STEPS copy_run "${a}1kc" 1008 32 plain "$a" "$COPY_DATA" \
         --time-limit "$(limit)"
       reached "$RUNS/copy-${a}1kc.log" "$PLAIN_STEPS" || { echo "${a}1kc stopped before step $PLAIN_STEPS: rerun to resume"; return 0; }
+      local groups=(); [ "$a" = drt ] && groups=(--set "upper_groups=[2,2]")  # as ch4ka's DRT (chain_run)
       reached "$RUNS/copy-${a}-ch4ka.log" "$CHAIN_STEPS" || COPY_STEPS=$CHAIN_STEPS copy_run "${a}-ch4ka" 4032 8 plain "$a" \
-        "$CHAIN_HOP_DATA" --init-from "$(export_once "copy-${a}1kc")" --lr 5e-4 --time-limit "$(limit)"
+        "$CHAIN_HOP_DATA" --init-from "$(export_once "copy-${a}1kc")" --lr 5e-4 "${groups[@]}" --time-limit "$(limit)"
       reached "$RUNS/copy-${a}-ch4ka.log" "$CHAIN_STEPS" && export_once "copy-${a}-ch4ka" >/dev/null
     }
     for a in ${BASE_ARCHS:-swa full}; do
-      case $a in swa|full) base_run "$a" & ;; *) echo "unknown BASE_ARCHS entry $a (swa, full)" >&2; exit 2 ;; esac
+      case $a in swa|full|drt) base_run "$a" & ;; *) echo "unknown BASE_ARCHS entry $a (swa, full, drt)" >&2; exit 2 ;; esac
     done
     wait ;;
   long16k)  # one device call: the passkey copy stage (plain1k, COPY_MIN minutes), then from its export two

@@ -708,6 +708,42 @@ def test_torch_compile_checks_the_index_range_on_the_device(entry):
         f(q, k, v, wrong, w)
 
 
+_BAD_INDEX_ON_CUDA = """
+import torch
+from gca.ops import grouped_cross_attention
+from gca.ops import gca_triton as gt
+from gca.ops.gca_ref import gca_reference
+op = {op}
+q = torch.randn(1, 3, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
+k, v = torch.randn_like(q), torch.randn_like(q)
+i = torch.tensor([[[-1], [0], [1]]], device="cuda")
+w = torch.ones(1, 3, 1, device="cuda")
+f = torch.compile(op)
+torch.testing.assert_close(f(q, k, v, i, w).float(), gca_reference(q, k, v, i, w).float(), rtol=2e-2, atol=2e-2)
+print("IN RANGE OK", flush=True)
+i[0, 2, 0] = 3  # Cm
+print(float(f(q, k, v, i, w).float().sum()))  # the assert may surface here, at the sync
+print("NO ERROR", flush=True)
+"""
+
+
+@cuda_only
+@pytest.mark.parametrize("entry", ["grouped_cross_attention", "gca_triton"])
+def test_torch_compile_checks_the_index_range_on_cuda(entry):
+    """The CUDA form of the test above, with Inductor: the check is a device-side assert, which ends the
+    process's CUDA context, so it runs in a child process. An index of Cm stops it with the message."""
+    import subprocess
+    import sys
+
+    op = "lambda *a: grouped_cross_attention(*a, impl='triton')" if entry == "grouped_cross_attention" else "gt.gca_triton"
+    r = subprocess.run([sys.executable, "-c", _BAD_INDEX_ON_CUDA.replace("{op}", op)],
+                       capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert "IN RANGE OK" in r.stdout, out[-3000:]
+    assert "NO ERROR" not in r.stdout, out[-3000:]
+    assert "indices must lie in [-1, 3)" in out, out[-3000:]
+
+
 def test_torch_compile_fullgraph_with_a_dynamic_head_size():
     """The default scale 1/sqrt(D) of a dynamic head size is a SymFloat under torch.compile, and check_scale's
     math.isfinite on it broke the graph: an error with fullgraph=True (dynamic=True, or the default compile
