@@ -143,15 +143,20 @@ class DRT(nn.Module):
         from ``shortest`` on. A DRT's internal length (chunks of ``chunk_size``, landmarks included) must fill
         whole sliding-window blocks, so its step is the text of ``lcm(window, chunk_size) / chunk_size``
         chunks; the baselines take whole chunks of ``text_per_chunk`` tokens. The shortest is longer than
-        the window (shorter inputs take another path, which the traced graph does not hold)."""
+        the window (shorter inputs take another path, which the traced graph does not hold) and than one
+        FlexAttention block (on CUDA the window runs on FlexAttention, and a traced graph of two or more
+        blocks does not hold one)."""
+        from gca.ops.sliding_window import FLEX_BLOCK
+
         cfg = self.config
         P = cfg.text_per_chunk
         if cfg.arch == "full" or cfg.window is None:
             return P, P
         if cfg.arch == "drt":
-            step = P * (math.lcm(cfg.window, cfg.chunk_size) // cfg.chunk_size)
-            return step, 2 * step
-        return P, P * (cfg.window // P + 1)
+            inner = math.lcm(cfg.window, cfg.chunk_size)  # internal positions (landmarks included) a step
+            step = P * (inner // cfg.chunk_size)
+            return step, step * max(2, FLEX_BLOCK // inner + 1)
+        return P, P * (max(cfg.window, FLEX_BLOCK) // P + 1)
 
     def export(self, input_ids: torch.Tensor, *, max_length: int | None = None, dynamic_batch: bool = True):
         """``torch.export.export`` of the plain forward (``model(ids).logits``) with the length dynamic: the

@@ -63,7 +63,10 @@ def sliding_window_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
     return out.reshape(B, H, nb * W, D)[:, :, :T]
 
 
-def sliding_window_block_mask(T: int, window: int, device: str | torch.device, block: int = 128):
+FLEX_BLOCK = 128  # FlexAttention's block size here (query and key blocks alike)
+
+
+def sliding_window_block_mask(T: int, window: int, device: str | torch.device, block: int = FLEX_BLOCK):
     """FlexAttention ``BlockMask`` of causal attention over the last ``window`` positions, built from
     the block geometry: query block i and key block j hold some allowed pair when
     ``max(q - kv) >= 0`` and ``min(q - kv) < window``, and only allowed pairs ("full", no mask
@@ -80,10 +83,11 @@ def sliding_window_block_mask(T: int, window: int, device: str | torch.device, b
     blocks = torch.arange(n, device=device)
     diff = (blocks[:, None] - blocks[None, :]) * block  # (query block, key block)
     lo, hi = diff - (block - 1), diff + (block - 1)  # min and max of q - kv over the two blocks
-    full = (lo >= 0) & (hi < window)
-    if T % block:  # blocks that reach past T stay partial (masked), as create_block_mask leaves them
-        full[-1, :] = False
-        full[:, -1] = False
+    # blocks that reach past T stay partial (masked), as create_block_mask leaves them; a tensor test, not
+    # `if T % block`, so a traced graph (torch.export with a dynamic length) holds every length, not only
+    # those that fill (or do not fill) the last block as the example did
+    inside = (blocks + 1) * block <= T
+    full = (lo >= 0) & (hi < window) & inside[:, None] & inside[None, :]
     partial = (hi >= 0) & (lo < window) & ~full
 
     def ordered(sel):  # selected key blocks first, ascending; int32 as FlexAttention expects
