@@ -25,6 +25,8 @@
 #
 # Its baselines at equal tokens (sliding window and full attention through the same two stages, fixed steps):
 #   STAGE=chain-base END=$(( $(date +%s) + 560 )) bash scripts/copy_first.sh   # swa and full side by side; rerun to resume
+#   BASE_ARCHS=drt STAGE=chain-base ... # the DRT through the same command (thirty-third run)
+#   CHAIN_SCHEDULE=cut STAGE=chain-base ...   # the baselines with the DRT's schedule (cosine over 6000, stopped)
 #
 # Single passkey to 16M from a needle stage at 16128 tokens (one device call; it flattened retrieval):
 #   STAGE=long16k COPY_MIN=3 MIN=4.5 EVAL_END=560 bash scripts/copy_first.sh   # pk16ka and ch16ka side by side
@@ -249,14 +251,21 @@ case "$STAGE" in
       local n; n=$(grep -o 'done: step [0-9]*' "$1" 2>/dev/null | tail -n 1 | grep -o '[0-9]*$' || true)
       [ -n "$n" ] && [ "$n" -ge "$2" ]
     }
+    # CHAIN_SCHEDULE=cut: each stage's cosine laid out over 6000 steps and stopped at its step count (--stop-at), the
+    # schedule the thirtieth run's DRT had (its stages were stopped there by their time limits); the default (end)
+    # runs each stage's cosine to its end at its step count
+    plain_steps=$PLAIN_STEPS chain_steps=$CHAIN_STEPS cut1=() cut2=()
+    if [ "${CHAIN_SCHEDULE:-end}" = cut ]; then
+      plain_steps=6000 chain_steps=6000 cut1=(--stop-at "$PLAIN_STEPS") cut2=(--stop-at "$CHAIN_STEPS")
+    fi
     base_run() {  # arch
       local a=$1
-      reached "$RUNS/copy-${a}1kc.log" "$PLAIN_STEPS" || COPY_STEPS=$PLAIN_STEPS copy_run "${a}1kc" 1008 32 plain "$a" "$COPY_DATA" \
-        --time-limit "$(limit)"
+      reached "$RUNS/copy-${a}1kc.log" "$PLAIN_STEPS" || COPY_STEPS=$plain_steps copy_run "${a}1kc" 1008 32 plain "$a" "$COPY_DATA" \
+        "${cut1[@]}" --time-limit "$(limit)"
       reached "$RUNS/copy-${a}1kc.log" "$PLAIN_STEPS" || { echo "${a}1kc stopped before step $PLAIN_STEPS: rerun to resume"; return 0; }
       local groups=(); [ "$a" = drt ] && groups=(--set "upper_groups=[2,2]")  # as ch4ka's DRT (chain_run)
-      reached "$RUNS/copy-${a}-ch4ka.log" "$CHAIN_STEPS" || COPY_STEPS=$CHAIN_STEPS copy_run "${a}-ch4ka" 4032 8 plain "$a" \
-        "$CHAIN_HOP_DATA" --init-from "$(export_once "copy-${a}1kc")" --lr 5e-4 "${groups[@]}" --time-limit "$(limit)"
+      reached "$RUNS/copy-${a}-ch4ka.log" "$CHAIN_STEPS" || COPY_STEPS=$chain_steps copy_run "${a}-ch4ka" 4032 8 plain "$a" \
+        "$CHAIN_HOP_DATA" --init-from "$(export_once "copy-${a}1kc")" --lr 5e-4 "${groups[@]}" "${cut2[@]}" --time-limit "$(limit)"
       reached "$RUNS/copy-${a}-ch4ka.log" "$CHAIN_STEPS" && export_once "copy-${a}-ch4ka" >/dev/null
     }
     for a in ${BASE_ARCHS:-swa full}; do
