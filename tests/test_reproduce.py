@@ -96,3 +96,43 @@ def test_reproduce_seeds_stage_chains_and_stops_short(tmp_path):
     assert "nothing to do" in (runs / "swa-s3.log").read_text().splitlines()[-1]
     p = run("seeds-stage", check=False, **toy)
     assert p.returncode == 0 and "has not reached" not in p.stderr, p.stdout + p.stderr
+
+
+def test_copy_first_chain_base_commands(tmp_path):
+    """scripts/copy_first.sh STAGE=chain-base (the equal-token runs of the chain recipe), with `python` replaced by
+    a stub that records its arguments: each arch trains the two stages at the fixed step counts, the DRT's needle
+    stage with two retrieval groups, the second stage from the first one's export; the default schedule runs each
+    stage's cosine to its end (--max-steps = the step count), CHAIN_SCHEDULE=cut lays it out over 6000 steps and
+    stops at the step count (--stop-at), as the thirtieth run's time limits stopped its DRT."""
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/bash\necho "$@" >> "$CALLS"\necho "done: step 99999"\n')
+    stub.chmod(0o755)
+
+    def commands(**kw):
+        runs, calls = tmp_path / f"runs-{len(kw)}", tmp_path / f"calls-{len(kw)}.txt"
+        for run in ("copy-swa1kc", "copy-drt1kc", "copy-swa-ch4ka", "copy-drt-ch4ka"):  # what the stub's exports would write
+            (runs / "export" / run).mkdir(parents=True)
+            (runs / "export" / run / "model.safetensors").touch()
+        env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
+               "RUNS": str(runs), "STAGE": "chain-base", "BASE_ARCHS": "swa drt", "MIN": "9", **kw}
+        p = subprocess.run(["bash", str(ROOT / "scripts" / "copy_first.sh")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        train = [line.split() for line in calls.read_text().splitlines() if line.startswith("-m gca.cli train")]
+        return {a[a.index("--out") + 1].rsplit("/", 1)[1]: a for a in train}
+
+    def arg(a, name):  # the last one given, as argparse takes it
+        return a[len(a) - 1 - a[::-1].index(name) + 1] if name in a else None
+
+    for kw, steps in (({}, ("1483", "3724")), ({"CHAIN_SCHEDULE": "cut"}, ("6000", "6000"))):
+        runs = commands(**kw)
+        assert sorted(runs) == ["copy-drt-ch4ka", "copy-drt1kc", "copy-swa-ch4ka", "copy-swa1kc"]
+        for a in ("swa", "drt"):
+            first, second = runs[f"copy-{a}1kc"], runs[f"copy-{a}-ch4ka"]
+            assert (arg(first, "--max-steps"), arg(second, "--max-steps")) == steps
+            assert (arg(first, "--stop-at"), arg(second, "--stop-at")) == (("1483", "3724") if kw else (None, None))
+            assert (arg(first, "--seq-len"), arg(second, "--seq-len")) == ("1008", "4032")
+            assert arg(second, "--init-from").endswith(f"export/copy-{a}1kc") and arg(second, "--lr") == "5e-4"
+            assert arg(first, "--arch") == arg(second, "--arch") == (None if a == "drt" else a)
+            assert ("upper_groups=[2,2]" in second) == (a == "drt") and "upper_groups=[2,2]" not in first
