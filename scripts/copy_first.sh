@@ -236,11 +236,12 @@ case "$STAGE" in
     }
     from_plain1k "${CHAIN_RUNS:-c4ka ch4ka}" "c4ka ch4ka" chain_run chain_eval ;;
   chain-base)  # the baselines of the thirtieth run's drt-copy-ch4kb-small at equal tokens: each arch of BASE_ARCHS
-    # (swa full; drt trains that DRT's recipe again at its step counts) through the same two stages, side by side: the passkey copy stage (1008 tokens, 32 rows) for
-    # PLAIN_STEPS (1483, plain1k's steps in that run), then from its export the 2hop-weighted chain mixture (4032
-    # tokens, 8 rows, loss on the answers only, lr 5e-4) for CHAIN_STEPS (3724, ch4ka's); fixed step counts, not
-    # minutes, so the tokens equal the DRT's. MIN bounds each training process, END (seconds since the epoch,
-    # optional) the whole call; a rerun resumes, and the second stage waits until the first has reached its steps
+    # (swa full; drt: that DRT's recipe again, by this command) through the same two stages, side by side: the
+    # passkey copy stage (1008 tokens, 32 rows) for PLAIN_STEPS (1483, plain1k's steps in that run), then from its
+    # export the 2hop-weighted chain mixture (4032 tokens, 8 rows, loss on the answers only, lr 5e-4) for
+    # CHAIN_STEPS (3724, ch4ka's); fixed step counts, not minutes, so the tokens equal the DRT's. MIN bounds each
+    # training process, END (seconds since the epoch, optional) the whole call; a rerun resumes, and the second
+    # stage waits until the first has reached its steps
     PLAIN_STEPS=${PLAIN_STEPS:-1483}
     CHAIN_STEPS=${CHAIN_STEPS:-3724}
     limit() {  # --time-limit for a process started now: MIN, cut to what is left before END

@@ -122,8 +122,8 @@ def test_copy_first_chain_base_commands(tmp_path):
         train = [line.split() for line in calls.read_text().splitlines() if line.startswith("-m gca.cli train")]
         return {a[a.index("--out") + 1].rsplit("/", 1)[1]: a for a in train}
 
-    def arg(a, name):  # the last one given, as argparse takes it
-        return a[len(a) - 1 - a[::-1].index(name) + 1] if name in a else None
+    def arg(a, name):  # the value of the last one given, as argparse takes it
+        return a[max(i for i, x in enumerate(a) if x == name) + 1] if name in a else None
 
     for kw, steps in (({}, ("1483", "3724")), ({"CHAIN_SCHEDULE": "cut"}, ("6000", "6000"))):
         runs = commands(**kw)
