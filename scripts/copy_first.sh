@@ -27,6 +27,7 @@
 #   STAGE=chain-base END=$(( $(date +%s) + 560 )) bash scripts/copy_first.sh   # swa and full side by side; rerun to resume
 #   BASE_ARCHS=drt STAGE=chain-base ... # the DRT through the same command (thirty-third run)
 #   CHAIN_SCHEDULE=cut STAGE=chain-base ...   # the baselines with the DRT's schedule (cosine over 6000, stopped)
+#   BASE_ARCHS=drt CHAIN_SCHEDULE=cut STAGE=chain-base ...   # drt-copy-ch4kb-small's schedule by steps (thirty-fourth run)
 #
 # Single passkey to 16M from a needle stage at 16128 tokens (one device call; it flattened retrieval):
 #   STAGE=long16k COPY_MIN=3 MIN=4.5 EVAL_END=560 bash scripts/copy_first.sh   # pk16ka and ch16ka side by side
