@@ -1,6 +1,7 @@
 """Evaluation: streamed perplexity equals the full-forward loss, needle scoring matches greedy
 generation, and the ppl command works on a prepared dataset."""
 
+import functools
 import json
 import math
 import re
@@ -1595,7 +1596,7 @@ def test_eval_tasks_and_ppl_each_have_their_own_options(capsys):
     opts = {w: {s for a in parsers[f"eval {w}"]._actions for s in a.option_strings} for w in ("tasks", "ppl")}
     shared = {"--ckpt", "--lengths", "--train-length", "--seed", "--offload", "--device", "--dtype", "--name", "--out"}
     assert opts["tasks"] - opts["ppl"] == {"--tasks", "--depths", "--hop-lead", "--hop-answer", "--trials", "--batch-size",
-                                           "--filler", "--prefill-chunk"}
+                                           "--filler", "--prefill-chunk", "--resume"}
     assert opts["ppl"] - opts["tasks"] == {"--data", "--windows", "--targets"}
     assert shared <= opts["tasks"] & opts["ppl"]
     for what, mine, other in (("tasks", "--trials", "--windows"), ("ppl", "--windows", "--trials")):
@@ -1700,11 +1701,66 @@ def test_ctrl_c_during_eval_says_what_was_kept(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tasks, "evaluate_tasks", stopped([row]))
     assert main(["eval", "tasks", "--ckpt", str(run), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 130
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == f"gca eval: interrupted: {tmp_path / 'e' / 'tasks.json'} keeps the 1 (task, length, depth) cell(s) finished"
+    assert err.strip().splitlines()[-1] == (f"gca eval: interrupted: {tmp_path / 'e' / 'tasks.json'} keeps the 1 (task, "
+                                            f"length, depth) cell(s) finished: rerun the same command with --resume to "
+                                            f"measure the rest")
     assert len(json.loads((tmp_path / "e" / "tasks.json").read_text())) == 1
     monkeypatch.setattr(perplexity, "perplexity_vs_length", stopped([]))
     assert main(["eval", "ppl", "--ckpt", str(run), "--data", "d", "--out", str(tmp_path / "p"), "--device", "cpu"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "gca eval: interrupted: nothing was finished"
+
+
+def test_eval_tasks_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
+    """A long evaluation stopped part-way (Ctrl-C, a time limit) kept its finished cells in tasks.json, but the
+    next run measured every cell again. `--resume` keeps the cells of the same seed, trials, filler, dtype and
+    training length and measures only the rest; the rows equal an uninterrupted run's."""
+    from gca.eval import tasks
+
+    real = tasks.evaluate_tasks
+    measured = []
+
+    def counting(*a, on_row, stop_after=None, **kw):  # counts the cells measured now (on_row follows each)
+        def row_done(rows):
+            measured.append(rows[-1]["depth"])
+            on_row(rows)
+            if stop_after is not None and len(measured) == stop_after:
+                raise KeyboardInterrupt
+        return real(*a, on_row=row_done, **kw)
+
+    run = _saved_run(tmp_path, "t1", seq_len=200)
+    seed = int(np.random.default_rng().integers(1 << 20))  # fresh draws each run
+    argv = ["eval", "tasks", "--ckpt", str(run), "--lengths", "1x,2x", "--depths", "2", "--trials", "2", "--tasks",
+            "passkey,multikey", "--seed", str(seed), "--device", "cpu", "--prefill-chunk", "128"]
+    monkeypatch.setattr(tasks, "evaluate_tasks", counting)
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "tasks.json").read_text())
+    assert len(measured) == len(whole) == 8 and all(r["seed"] == seed and r["dtype"] == "float32" for r in whole)
+
+    part = tmp_path / "part"
+    measured.clear()
+    monkeypatch.setattr(tasks, "evaluate_tasks", functools.partial(counting, stop_after=3))
+    assert main(argv + ["--out", str(part)]) == 130
+    assert len(json.loads((part / "tasks.json").read_text())) == 3 and "--resume" in capsys.readouterr().err
+    measured.clear()
+    monkeypatch.setattr(tasks, "evaluate_tasks", counting)
+    assert main(argv + ["--out", str(part), "--resume"]) == 0
+    assert len(measured) == 5 and "resume: 3 of the 8 (task, length, depth) cells" in capsys.readouterr().out
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(json.loads((part / "tasks.json").read_text())) == drop(whole)
+
+    # the lengths in another order give each cell another seed: nothing is kept
+    measured.clear()
+    swapped = [a if a != "1x,2x" else "2x,1x" for a in argv]
+    assert main(swapped + ["--out", str(part), "--resume"]) == 0
+    assert len(measured) == 8 and "resume: 0 of the 8" in capsys.readouterr().out
+    # another seed keeps nothing and says why; done rows of another seed are refused by the function itself
+    measured.clear()
+    assert main(argv[:-6] + ["--seed", str(seed + 1), "--device", "cpu", "--prefill-chunk", "128", "--out", str(part),
+                             "--resume"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert len(measured) == 8 and "resume: 0 of the 8" in out and "8 other row(s) of t1" in out
+    with pytest.raises(ValueError, match="seed"):
+        real(DRT(tiny()), ["passkey"], [200], 1, 2, seed=seed, done=[dict(whole[0], seed=seed + 1)], progress=False)
 
 
 def test_ppl_targets_takes_one_length(tmp_path, capsys, monkeypatch):

@@ -294,21 +294,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
             warnings.warn(f"{args.ckpt} has no tokenizer.json: the task prompts use the embedded tokenizer (right for a "
                           f"model trained on synthetic data or on a folder prepared with the default tokenizer)")
 
+        # what a row must share with this evaluation for --resume to keep it (each row records them)
+        stamp = dict(model=name, train_length=train_length, filler=None if args.filler is None else str(args.filler),
+                     dtype=args.dtype)
+        done = _resumable(earlier, keys, stamp, args, results, tasks, lengths) if args.resume else []
+
         def save(rows):  # after each (task, length, depth): a stopped run keeps what it measured
             saved[:] = rows
-            mine = [dict(r, model=name, train_length=train_length) for r in rows]
+            mine = [dict(r, **stamp) for r in rows]
             _atomic_write(results, _strict_text(_kept_rows(results, keys, earlier) + mine))
 
         try:
             rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
                                   tokenizer=tok, filler=args.filler, batch_size=args.batch_size,
-                                  offload=args.offload, prefill_chunk=args.prefill_chunk, on_row=save,
+                                  offload=args.offload, prefill_chunk=args.prefill_chunk, on_row=save, done=done,
                                   hop_answer=args.hop_answer or "chain",
                                   **({"hop_lead": args.hop_lead} if args.hop_lead else {}))
         except KeyboardInterrupt:
-            return _interrupted(results, len(saved), "(task, length, depth) cell(s)")
+            return _interrupted(results, len(saved), "(task, length, depth) cell(s)",
+                                "rerun the same command with --resume to measure the rest")
         for r in rows:
-            r.update(model=name, train_length=train_length)
+            r.update(stamp)
         _print_table(rows, train_length)
         # (the plots draw one model: this one's rows, whatever else tasks.json holds)
         plot_accuracy_vs_length(rows, str(out / "accuracy_vs_length.png"), train_length=train_length)
@@ -362,14 +368,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupted(path: Path, n: int, what: str) -> int:
+def _resumable(earlier: list[dict], keys: set[tuple], stamp: dict, args, results: Path, tasks: list[str],
+               lengths: list[int]) -> list[dict]:
+    """``gca eval tasks --resume``: the rows of ``results`` (read as ``earlier``) that this evaluation would measure
+    again with the same outcome: this model's task and length (``keys``), the same cell of this run's grid (task,
+    length and depth at the same places of ``--tasks``, ``--lengths`` and the depths: the cell's seed), and the same
+    seed, trials, filler, dtype and training length (``stamp``). Says how many it keeps and why others are not."""
+    from gca.eval.tasks import _depth_list
+
+    depths = [round(d, 4) for d in _depth_list(args.depths)]
+    cell = lambda r: [tasks.index(r["task"]), lengths.index(r["context_length"]),  # noqa: E731
+                      depths.index(r["depth"]) if r.get("depth") in depths else None]
+    same = [r for r in earlier if _row_key(r) in keys]
+    want = dict(stamp, seed=args.seed, trials=args.trials)
+    done = [r for r in same if all(r.get(k) == v for k, v in want.items()) and r.get("cell") == cell(r)]
+    print(f"resume: {len(done)} of the {len(tasks) * len(lengths) * len(depths)} (task, length, depth) cells are in "
+          f"{results}: kept; measuring the rest")
+    if len(same) > len(done):
+        print(f"resume: {len(same) - len(done)} other row(s) of {stamp['model']} at these tasks and lengths are not "
+              f"kept (another seed, --trials, --filler, --dtype, training length, depth or order of --tasks / "
+              f"--lengths / depths, or written before rows recorded them): measured again")
+    return done
+
+
+def _interrupted(path: Path, n: int, what: str, hint: str = "") -> int:
     """Ctrl-C during an evaluation: one line saying what the results file kept (no plots are drawn);
     the shell's status for SIGINT."""
     from gca.cli import _close_progress_bars
 
     _close_progress_bars()
     if n:
-        kept = f"{path} keeps the {n} {what} finished"
+        kept = f"{path} keeps the {n} {what} finished" + (f": {hint}" if hint else "")
     else:
         kept = f"nothing was finished ({path} is an earlier evaluation's)" if path.exists() else "nothing was finished"
     print(f"gca eval: interrupted: {kept}", file=sys.stderr)
@@ -441,6 +470,11 @@ a trial counts when the greedy continuation is exactly the answer.""",
     t.add_argument("--prefill-chunk", type=int_at_least(1), default=None,
                    help="prompt positions processed at once (default 16384 on a GPU, 4096 on a CPU; "
                         "answers do not depend on it)")
+    t.add_argument("--resume", action="store_true",
+                   help="finish an interrupted evaluation (the same command): keep the (task, length, depth) rows "
+                        "that --out's tasks.json holds for this --name, --seed, --trials, --filler, --dtype, training "
+                        "length and grid, and measure only the rest, which come out as an uninterrupted run's "
+                        "(default: measure every cell again)")
     t.set_defaults(func=cmd_eval)
     q = what.add_parser(
         "ppl", parents=[common], formatter_class=_FMT,

@@ -146,6 +146,7 @@ def evaluate_tasks(
     prefill_chunk: int | None = None,
     progress: bool = True,
     on_row=None,
+    done: Iterable[dict] = (),
     **task_kwargs,
 ) -> list[dict]:
     """Accuracy and retrieval hit rate for every (task, length, depth).
@@ -163,8 +164,12 @@ def evaluate_tasks(
             on a CPU, where they take the same time and a quarter of the memory.
         on_row: called with the list of rows so far after each (task, length, depth), e.g. to save
             partial results of a long evaluation.
+        done: rows an interrupted run of this same evaluation returned or saved (the same model, seed,
+            trials, tasks, lengths, depths and task options): a (task, length, depth) with a row there is
+            kept, not measured again. Every cell's trials rebuild from its own seed, so the rows measured now
+            are those an uninterrupted run gives. A row of another seed, trial count or cell is refused.
     Returns:
-        a list of dicts ``{task, context_length, prompt_length, depth, trials, accuracy,
+        a list of dicts ``{task, context_length, prompt_length, depth, trials, seed, cell, accuracy,
         retrieval_hit (None without retrieval: ``arch`` swa or full), distractor_answer (None for passkey),
         [hop_answer, first_hop (2hop)], trials_beyond_window,
         accuracy_beyond_window, misses, seconds}``; the two ``*beyond_window`` keys count
@@ -173,7 +178,7 @@ def evaluate_tasks(
         ``{trial, answer, output, needle_retrieved}`` per wrong trial (text decoded; ``needle_retrieved``
         None without retrieval; ``trial`` its index
         among the (task, length, depth)'s trials, which rebuild from ``[seed, task index, length index,
-        depth index]``).
+        depth index]``; ``cell`` is that ``[task index, length index, depth index]``).
     """
     from gca.data.tasks import is_filler, make_filler, make_task_sample
     from gca.data.tokenizer import load_tokenizer
@@ -191,12 +196,27 @@ def evaluate_tasks(
         for d in dl:
             make_task_sample(task, context_len=min(lengths), seed=np.random.default_rng(seed), tokenizer=tokenizer,
                              filler=filler, depth=d, text_per_chunk=model.config.text_per_chunk, **task_kwargs)
+    cells = {(task, L, round(d, 4)): [ti, li, di] for li, L in enumerate(lengths) for ti, task in enumerate(tasks)
+             for di, d in enumerate(dl)}
+    earlier = {}  # (task, length, depth) -> a row of `done`
+    for r in done:
+        at = (r.get("task"), r.get("context_length"), r.get("depth"))
+        if r.get("seed") != seed or r.get("trials") != trials or r.get("cell") != cells.get(at):
+            raise ValueError(f"evaluate_tasks: a done row of seed {r.get('seed')}, {r.get('trials')} trials and cell "
+                             f"{r.get('cell')} cannot stand for this evaluation's {at} (seed {seed}, {trials} trials, "
+                             f"cell {cells.get(at)}): pass the rows of an interrupted run of the same evaluation")
+        earlier[at] = r
     rows = []
     total = len(tasks) * len(lengths) * len(dl)
     bar = tqdm(total=total * trials, desc="eval", unit="trial", disable=not progress)
     for li, L in enumerate(lengths):  # length-major, so that a stopped evaluation has its short lengths
         for ti, task in enumerate(tasks):
             for di, d in enumerate(dl):
+                kept = earlier.get((task, L, round(d, 4)))
+                if kept is not None:  # measured before the interruption: its seed is this cell's own
+                    rows.append(kept)
+                    bar.update(trials)
+                    continue
                 t0 = time.time()
                 rng = np.random.default_rng([seed, ti, li, di])
                 samples = [
@@ -217,7 +237,7 @@ def evaluate_tasks(
                 far = [c for c, smp in zip(correct, samples) if beyond_window(smp, model.config)]
                 rows.append(dict(
                     task=task, context_length=L, prompt_length=samples[0].prompt_len, depth=round(d, 4),
-                    trials=trials, accuracy=float(np.mean(correct)),
+                    trials=trials, seed=seed, cell=[ti, li, di], accuracy=float(np.mean(correct)),
                     retrieval_hit=float(np.mean(hits)) if retrieves else None,
                     distractor_answer=float(np.mean(distracted)) if task != "passkey" else None,
                     **({"hop_lead": task_kwargs["hop_lead"]} if task == "2hop" and task_kwargs.get("hop_lead") else {}),
