@@ -1745,8 +1745,8 @@ def test_eval_tasks_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(t
     monkeypatch.setattr(tasks, "evaluate_tasks", counting)
     assert main(argv + ["--out", str(part), "--resume"]) == 0
     assert len(measured) == 5 and "resume: 3 of the 8 (task, length, depth) cells" in capsys.readouterr().out
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert drop(json.loads((part / "tasks.json").read_text())) == drop(whole)
+    untimed = [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((part / "tasks.json").read_text())]
+    assert untimed == [{k: v for k, v in r.items() if k != "seconds"} for r in whole]
 
     # the lengths in another order give each cell another seed: nothing is kept
     measured.clear()

@@ -377,8 +377,11 @@ def _resumable(earlier: list[dict], keys: set[tuple], stamp: dict, args, results
     from gca.eval.tasks import _depth_list
 
     depths = [round(d, 4) for d in _depth_list(args.depths)]
-    cell = lambda r: [tasks.index(r["task"]), lengths.index(r["context_length"]),  # noqa: E731
-                      depths.index(r["depth"]) if r.get("depth") in depths else None]
+
+    def cell(r):  # the row's [task, length, depth] place in this run's grid (part of its trials' seed)
+        return [tasks.index(r["task"]), lengths.index(r["context_length"]),
+                depths.index(r["depth"]) if r.get("depth") in depths else None]
+
     same = [r for r in earlier if _row_key(r) in keys]
     want = dict(stamp, seed=args.seed, trials=args.trials)
     done = [r for r in same if all(r.get(k) == v for k, v in want.items()) and r.get("cell") == cell(r)]
