@@ -9,6 +9,12 @@ prompt's first token, in chunk 0. This script places it at given token positions
 filler text, fresh seeds), and reports for each (length, position) the accuracy and how often the
 needle's chunk was retrieved at the question. Each row records where the needles actually began
 (a needle is shifted back to fit inside its chunk). Writes a JSON list of rows to ``--out``.
+
+``--memory N`` measures instead what the first token does to the chunk memory: for N passkey prompts
+of the model's training length with the needle at token t (0 and 1), the needle's memory keys and values
+and its chunk's landmark are compared with the same needle one chunk later (one chunk of other text
+before it, the same place in its chunk), as relative differences ``|a - b| / |b|``; the reference is
+that later placement with another chunk of text before it. Writes ``{"memory": rows, "mean": ...}``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import time
 
 import numpy as np
+import torch
 
 from gca.data.tasks import make_filler, make_task_sample
 from gca.eval.cli import load_for_eval, parse_lengths
@@ -36,6 +43,39 @@ def depth_for(task: str, L: int, t: int, P: int, filler, tok) -> float:
     return t / max(1, A - n)
 
 
+def memory_states(model, prompt: list[int]):
+    """(landmarks ``(C, d)``, memory keys, memory values ``(C, S, Hk, D)``) the encoder makes of ``prompt``."""
+    S = model.config.chunk_size
+    with torch.no_grad():
+        ids, _ = model.insert_landmarks(torch.tensor([prompt], device=model.embed.weight.device))
+        h = model.embed(ids)
+        cos, sin = model._rope(h.shape[1], h.device)
+        for layer in model.lower:
+            h = model._layer(layer, h, cos, sin)
+        lmk, mk, mv = model.encoder(h.view(1, ids.shape[1] // S, S, -1))
+    return lmk[0].float(), mk[0].float(), mv[0].float()
+
+
+def memory_shift(model, filler, tok, L: int, t: int, rng) -> dict:
+    """How far the needle's memory at token ``t`` (chunk 0) lies from the same needle one chunk later."""
+    P = model.config.text_per_chunk
+    s = make_task_sample("passkey", context_len=L, seed=rng, tokenizer=tok, filler=filler,
+                         depth=depth_for("passkey", L, t, P, filler, tok), text_per_chunk=P)
+    a0, a1 = s.needle_spans[0]
+    assert a0 == t, (a0, t)
+    first = s.prompt
+    later = [list(filler.tokens(P, rng)) + first[:-P] for _ in range(2)]  # the needle at token P + t, chunk 1
+    (la, ka, va), (lb, kb, vb), (lc, kc, vc) = (memory_states(model, p) for p in [first] + later)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    span = slice(a0, a1)
+    return dict(position=t, values_first=rel(va[0, span], vb[1, span]), values_ref=rel(vc[1, span], vb[1, span]),
+                keys_first=rel(ka[0, span], kb[1, span]), keys_ref=rel(kc[1, span], kb[1, span]),
+                landmark_first=rel(la[0], lb[1]), landmark_ref=rel(lc[1], lb[1]))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True)
@@ -47,6 +87,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=9420)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--memory", type=int, default=0, metavar="N",
+                    help="measure the first token's effect on the chunk memory over N prompts instead (see above)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -55,6 +97,18 @@ def main(argv=None) -> None:
     filler = make_filler(args.filler, None, split="val")
     tok = getattr(filler, "tokenizer", None)
     P = model.config.text_per_chunk
+    if args.memory:
+        rng = np.random.default_rng(args.seed)
+        L = train_length or 1008
+        rows = [memory_shift(model, filler, tok, L, t, rng) for _ in range(args.memory) for t in (0, 1)]
+        mean = {t: {k: round(float(np.mean([r[k] for r in rows if r["position"] == t])), 4) for k in rows[0] if k != "position"}
+                for t in (0, 1)}
+        for t, v in mean.items():
+            print(f"needle at token {t} against one chunk later (mean of {args.memory}; reference: other text before): "
+                  + ", ".join(f"{k} {x:.3f}" for k, x in v.items()))
+        with open(args.out, "w") as f:
+            json.dump(dict(length=L, memory=rows, mean=mean), f, indent=1)
+        return
     lengths = parse_lengths(args.lengths, train_length)
     positions = [int(x) for x in args.positions.split(",")]
     if min(positions) < 0:

@@ -2176,3 +2176,38 @@ def test_needle_position_places_the_needle_at_the_asked_token(tmp_path):
         (1008, 0, [0], [0], 4), (1008, 63, [63], [1], 4)]
     # the shipped model (100% passkey at 1x-64x, every depth) retrieves and reads the needle at both places
     assert all(r["retrieval_hit"] == 1.0 and r["accuracy"] == 1.0 for r in rows)
+
+
+def test_needle_position_memory_compares_the_first_chunk_with_a_later_one(tmp_path):
+    """--memory: chunk 0's memory is made from chunk 0 alone (later text leaves it unchanged); the rows
+    compare a needle at tokens 0 and 1 with the same needle one chunk later, and the same needle after
+    the same text compares equal."""
+    from gca.data.tasks import make_filler
+    from gca.train import load_model
+
+    npos = _script("needle_position")
+    ckpt = Path(__file__).parents[1] / "checkpoints" / "passkey-tiny"
+    m = load_model(ckpt).float().eval()
+    filler = make_filler(None, None, split="val")
+    rng = np.random.default_rng()
+    a = [int(x) for x in filler.tokens(4 * 63, rng)]
+    b = a[:63] + [int(x) for x in filler.tokens(3 * 63, rng)]
+    (la, ka, va), (lb, kb, vb) = npos.memory_states(m, a), npos.memory_states(m, b)
+    torch.testing.assert_close((la[0], ka[0], va[0]), (lb[0], kb[0], vb[0]), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(va[2], vb[2])
+
+    class Same:  # every "other text" the same: the reference differences are exactly 0
+        tokenizer = None
+
+        def tokens(self, n, rng):
+            return filler.tokens(n, np.random.default_rng(0))
+
+    r = npos.memory_shift(m, Same(), None, 1008, 0, rng)
+    assert r["values_ref"] == r["keys_ref"] == r["landmark_ref"] == 0.0
+    assert r["values_first"] > 0 and r["keys_first"] > 0
+
+    out = tmp_path / "mem.json"
+    npos.main(["--ckpt", str(ckpt), "--memory", "1", "--device", "cpu", "--dtype", "float32", "--out", str(out)])
+    got = json.loads(out.read_text())
+    assert [r["position"] for r in got["memory"]] == [0, 1] and set(got["mean"]) == {"0", "1"}
+    assert all(math.isfinite(v) and v >= 0 for r in got["memory"] for v in r.values())
