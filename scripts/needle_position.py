@@ -64,7 +64,9 @@ def memory_shift(model, filler, tok, L: int, t: int, rng) -> dict:
     a0, a1 = s.needle_spans[0]
     assert a0 == t, (a0, t)
     first = s.prompt
-    later = [list(filler.tokens(P, rng)) + first[:-P] for _ in range(2)]  # the needle at token P + t, chunk 1
+    # the needle at token P + t, in chunk 1, after P tokens of other text; the prompt's end (the question) is cut to
+    # keep its length, which the first two chunks' memory (causal) does not see
+    later = [list(filler.tokens(P, rng)) + first[:-P] for _ in range(2)]
     (la, ka, va), (lb, kb, vb), (lc, kc, vc) = (memory_states(model, p) for p in [first] + later)
 
     def rel(a, b):
