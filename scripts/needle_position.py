@@ -44,15 +44,16 @@ def depth_for(task: str, L: int, t: int, P: int, filler, tok) -> float:
 
 
 def memory_states(model, prompt: list[int]):
-    """(landmarks ``(C, d)``, memory keys, memory values ``(C, S, Hk, D)``) the encoder makes of ``prompt``."""
-    S = model.config.chunk_size
-    with torch.no_grad():
-        ids, _ = model.insert_landmarks(torch.tensor([prompt], device=model.embed.weight.device))
-        h = model.embed(ids)
-        cos, sin = model._rope(h.shape[1], h.device)
-        for layer in model.lower:
-            h = model._layer(layer, h, cos, sin)
-        lmk, mk, mv = model.encoder(h.view(1, ids.shape[1] // S, S, -1))
+    """(landmarks ``(C, d)``, memory keys, memory values ``(C, S, Hk, D)``) the encoder makes of ``prompt``
+    in the model's own forward pass (a hook keeps its output)."""
+    seen = []
+    hook = model.encoder.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([prompt], device=model.embed.weight.device))
+    finally:
+        hook.remove()
+    lmk, mk, mv = seen[0]
     return lmk[0].float(), mk[0].float(), mv[0].float()
 
 
