@@ -28,6 +28,7 @@
 #   BASE_ARCHS=drt STAGE=chain-base ... # the DRT through the same command (thirty-third run)
 #   CHAIN_SCHEDULE=cut STAGE=chain-base ...   # the baselines with the DRT's schedule (cosine over 6000, stopped)
 #   BASE_ARCHS=drt CHAIN_SCHEDULE=cut STAGE=chain-base ...   # drt-copy-ch4kb-small's schedule by steps (thirty-fourth run)
+#   STAGE=edge-ft FT_FROM=runs/cb/export/copy-drt-ch4ka ...    # 1200 more steps, 10% of needles at token 0, and a control
 #
 # Single passkey to 16M from a needle stage at 16128 tokens (one device call; it flattened retrieval):
 #   STAGE=long16k COPY_MIN=3 MIN=4.5 EVAL_END=560 bash scripts/copy_first.sh   # pk16ka and ch16ka side by side
@@ -64,7 +65,7 @@
 # tokens in ~5.6 minutes); evaluation of 4K-1M at 20 trials ~1 minute, 20 trials at 4M ~4 minutes,
 # ~75 s per 16M-token trial (the chunk memory of 16M tokens, ~100 GB, on the GPU).
 set -euo pipefail
-STAGE=${STAGE:?set STAGE=copy, copy-swa, copy-eval, lm, lm-eval, needles, chain, chain-base or long16k}
+STAGE=${STAGE:?set STAGE=copy, copy-swa, copy-eval, lm, lm-eval, needles, chain, chain-base, edge-ft or long16k}
 RUNS=${RUNS:-runs/copy-first}
 DATA=${DATA:-data/debian-docs}
 MIN=${MIN:-0}
@@ -273,6 +274,24 @@ case "$STAGE" in
     for a in ${BASE_ARCHS:-swa full}; do
       case $a in swa|full|drt) base_run "$a" & ;; *) echo "unknown BASE_ARCHS entry $a (swa, full, drt)" >&2; exit 2 ;; esac
     done
+    wait ;;
+  edge-ft)  # the thirty-sixth run: a trained chain-recipe DRT (FT_FROM, an export; the thirty-fifth run's
+    # drt-copy-ch4ke-small) fine-tuned FT_STEPS (1200) more steps on its own 2hop-weighted chain mixture at lr 2e-4
+    # (its stage ended near 2.3e-4), side by side: `edge` with a share EDGE (0.1) of the samples starting with
+    # their first target needle (at token 0, which the uniform depths give once in ~4000 samples) and `ctl`
+    # without, the same seed (FT_SEED, 12) and so the same batches otherwise: runs edge-sSEED and ctl-sSEED, each
+    # exported to RUNS/export/
+    FT_FROM=${FT_FROM:?set FT_FROM to the export to fine-tune, e.g. runs/cb/export/copy-drt-ch4ka}
+    ft_run() {  # name data
+      [ -f "$RUNS/export/$1/model.safetensors" ] && return 0
+      gca train --init-from "$FT_FROM" --data "$2" --seq-len 4032 --batch-size 8 --lr 2e-4 --max-steps "${FT_STEPS:-1200}" \
+        --seed "${FT_SEED:-12}" --save-every 300 --log-every 25 --eval-every 300 --eval-batches 4 --no-progress --compile \
+        --device "$DEVICE" --time-limit "$MIN" --out "$RUNS/$1" >> "$RUNS/$1.log" 2>&1
+      tail -n 1 "$RUNS/$1.log"
+      grep -q "done: step ${FT_STEPS:-1200}," "$RUNS/$1.log" && export_once "$1" >/dev/null
+    }
+    ft_run "edge-s${FT_SEED:-12}" "$CHAIN_HOP_DATA;edge=${EDGE:-0.1}" &
+    ft_run "ctl-s${FT_SEED:-12}" "$CHAIN_HOP_DATA" &
     wait ;;
   long16k)  # one device call: the passkey copy stage (plain1k, COPY_MIN minutes), then from its export two
     # needle stages at 16128 tokens (252 chunks a sample to rank the needle among, 4x the 4032 of every

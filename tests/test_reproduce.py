@@ -136,3 +136,36 @@ def test_copy_first_chain_base_commands(tmp_path):
             assert arg(second, "--init-from").endswith(f"export/copy-{a}1kc") and arg(second, "--lr") == "5e-4"
             assert arg(first, "--arch") == arg(second, "--arch") == (None if a == "drt" else a)
             assert ("upper_groups=[2,2]" in second) == (a == "drt") and "upper_groups=[2,2]" not in first
+
+
+def test_copy_first_edge_ft_commands(tmp_path):
+    """scripts/copy_first.sh STAGE=edge-ft (the thirty-sixth run), `python` stubbed: two fine-tunes of FT_FROM side by
+    side whose commands differ only in their --out and in the edge share of their data, then each exported; without
+    FT_FROM it stops with a message that names it."""
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/bash\necho "$@" >> "$CALLS"\necho "done: step 1200, checkpoint in x"\n')
+    stub.chmod(0o755)
+    runs, calls = tmp_path / "runs", tmp_path / "calls.txt"
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
+           "RUNS": str(runs), "STAGE": "edge-ft", "FT_SEED": "13"}
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "copy_first.sh")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "FT_FROM" in p.stderr
+    env["FT_FROM"] = "runs/cb/export/copy-drt-ch4ka"
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "copy_first.sh")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = calls.read_text().splitlines()
+    train = {a[a.index("--out") + 1].rsplit("/", 1)[1]: a for a in (x.split() for x in lines)
+             if a[:3] == ["-m", "gca.cli", "train"]}
+    assert sorted(train) == ["ctl-s13", "edge-s13"]
+    edge, ctl = train["edge-s13"], train["ctl-s13"]
+    data = [a.index("--data") + 1 for a in (edge, ctl)]
+    assert edge[data[0]] == ctl[data[1]] + ";edge=0.1" and "edge=" not in ctl[data[1]]
+    for a in (edge, ctl):
+        assert a[a.index("--init-from") + 1] == "runs/cb/export/copy-drt-ch4ka" and a[a.index("--seed") + 1] == "13"
+    rest = [[x for i, x in enumerate(a) if i != d and x != a[a.index("--out") + 1]] for a, d in zip((edge, ctl), data)]
+    assert rest[0] == rest[1]
+    exports = [x for x in lines if "export_model" in x]
+    assert len(exports) == 2 and any("export/edge-s13" in x for x in exports) and any("export/ctl-s13" in x for x in exports)

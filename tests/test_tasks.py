@@ -448,3 +448,34 @@ def test_task_source_fits_the_longer_chain_answer(hop):
         # labels only on the answer (loss=answer is the default), all of it
         assert (labels != -100).sum() == n
         assert labels[s.prompt_len:s.prompt_len + n].tolist() == s.answer
+
+
+def test_edge_prob_starts_that_share_of_needles_at_the_first_token():
+    """edge=p puts the first target needle at token 0 in about a share p of samples (with uniform depths
+    about 1 in (L - needle) samples do), every sample still a valid task, the samples it leaves alone equal
+    to those of edge=0 (its draw has a stream of its own), and bad values are refused."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    spec = "synthetic:passkey=0.4,multikey=0.3,2hop=0.3;min_len=189"
+    plain = build_source(spec, seq_len=504, seed=seed)
+    edge = build_source(spec + ";edge=0.3", seq_len=504, seed=seed)
+    n, at0, same = 300, 0, 0
+    for gid in range(n):
+        a, ta = plain.sample_task(gid)
+        b, tb = edge.sample_task(gid)
+        check_sample(b)
+        assert ta == tb and a.kind == b.kind
+        if b.needle_spans[0][0] == 0:
+            at0 += 1
+            assert b.target_chunks[0] == 0
+        else:
+            same += a.input_ids == b.input_ids
+            assert a.needle_spans == b.needle_spans
+    assert 0.2 < at0 / n < 0.4  # binomial(300, 0.3): 0.2-0.4 is beyond 3.7 standard deviations
+    assert same == n - at0
+    assert sum(plain.sample_task(g)[0].needle_spans[0][0] == 0 for g in range(n)) <= 3
+    assert edge.describe()["edge_prob"] == 0.3 and "edge_prob" not in plain.describe()
+    for bad in ("edge=1.5", "edge=-0.1"):
+        with pytest.raises(ValueError, match="edge_prob"):
+            build_source(f"{spec};{bad}", seq_len=504, seed=0)
+    with pytest.raises(ValueError, match="depth"):
+        TaskSource("passkey", seq_len=504, edge_prob=0.1, depth=0.5)

@@ -19,7 +19,8 @@ Spec grammar (one string)::
 Options of ``synthetic:`` (all optional): ``filler=PATH`` (filler cut from a prepared folder's same
 split; default embedded random words), ``loss=answer|all|answer_repeats``, ``min_len=N`` (variable
 length samples, see :class:`gca.data.tasks.TaskSource`), ``repeat=p`` (probability of filler that
-repeats pieces of itself), ``repeat_frac=f``, ``repeat_gap=N`` (tokens between a repeat and its source), ``digits=f`` (runs of digits in the filler, training only), ``keys=N`` (multikey needles), ``chains=N`` (2hop
+repeats pieces of itself), ``repeat_frac=f``, ``repeat_gap=N`` (tokens between a repeat and its source), ``digits=f`` (runs of digits in the filler, training only), ``edge=p`` (the
+probability that a sample's first target needle starts at its first token), ``keys=N`` (multikey needles), ``chains=N`` (2hop
 chains), ``lead=N`` (2hop: the question's X at least N chunks before the answer, see
 :func:`gca.data.tasks.make_task_sample`'s ``hop_lead``), ``hop=chain|end`` (2hop: ask
 for the chain ``Y , Z``, the default, or the end point ``Z``), ``key_len=N``, ``value_len=N``, ``align=0|1``, ``P=N`` (text tokens per chunk, default 63).
@@ -172,7 +173,7 @@ class MixtureSource(BatchSource):
 # ---------------------------------------------------------------- spec parsing
 _OPT_NAMES = {"filler": ("filler", str), "loss": ("loss_on", str), "min_len": ("min_len", int),
               "repeat": ("repeat_prob", float), "repeat_frac": ("repeat_frac", float), "repeat_gap": ("repeat_gap", int), "digits": ("digit_frac", float),
-              "digit_repeat": ("digit_repeat", float), "keys": ("n_keys", int),
+              "edge": ("edge_prob", float), "digit_repeat": ("digit_repeat", float), "keys": ("n_keys", int),
               "chains": ("n_chains", int), "lead": ("hop_lead", int), "hop": ("hop_answer", str), "key_len": ("key_len", int), "value_len": ("value_len", int),
               "align": ("align_question", lambda v: v.lower() not in ("0", "false", "no")),
               "P": ("text_per_chunk", int)}

@@ -620,6 +620,12 @@ class TaskSource(BatchSource):
             training only: they give the copy circuit digit strings to practise on.
         digit_repeat: each digit of such a run repeats the one before it with this probability
             (runs of equal digits to practise copying; 0: independent digits).
+        edge_prob: the probability that a sample's first target needle starts at the sample's first
+            token (depth 0; otherwise its depth is uniform, and token 0 is drawn about once in 4000
+            samples of 4032 tokens). The first token of a sequence has no context before it; a
+            model that never saw a needle there may retrieve it there and still misread it. Drawn
+            from a stream of its own, so the samples with the needle elsewhere are those of
+            ``edge_prob=0``.
         tokenizer: default the filler's tokenizer, else ``"embedded"``.
         **task_kwargs: passed to :func:`make_task_sample` (n_keys, n_chains, key_len, value_len,
             align_question, text_per_chunk, depth, hop_lead, hop_answer).
@@ -630,7 +636,7 @@ class TaskSource(BatchSource):
     def __init__(self, kind="passkey", seq_len: int = 504, *, min_len: int | None = None, filler=None,
                  seed: int = 0, split: str = "train", loss_on: str = "answer", repeat_prob: float = 0.0,
                  repeat_frac: float = 0.3, tokenizer=None, digit_frac: float = 0.0, digit_repeat: float = 0.0,
-                 **task_kwargs):
+                 edge_prob: float = 0.0, **task_kwargs):
         if isinstance(kind, str):
             weights = dict(DEFAULT_MIX) if kind == "mix" else {canonical_kind(kind): 1.0}
         elif isinstance(kind, Mapping):
@@ -655,6 +661,12 @@ class TaskSource(BatchSource):
             raise ValueError(f"min_len must be in [1, seq_len={seq_len}], got {min_len}")
         self.loss_on = loss_on
         self.repeat_prob, self.repeat_frac = float(repeat_prob), float(repeat_frac)
+        self.edge_prob = float(edge_prob)
+        if not 0.0 <= self.edge_prob <= 1.0:
+            raise ValueError(f"edge_prob is a probability in [0, 1], got {edge_prob}")
+        if self.edge_prob > 0 and task_kwargs.get("depth") is not None:
+            raise ValueError(f"edge_prob={edge_prob} moves some needles to depth 0 and depth={task_kwargs['depth']} "
+                             f"fixes every needle's depth: give one of the two")
         self.task_kwargs = task_kwargs
         self.pad_id = tok.eos_id if tok.eos_id is not None else 0
         shortest = self.min_len or seq_len
@@ -690,9 +702,11 @@ class TaskSource(BatchSource):
         a = self._answer_len[kind]
         align = self.task_kwargs.get("align_question", True)
         ctx = T - a
+        kwargs = dict(self.task_kwargs)
+        if self.edge_prob > 0 and rng_for(self.seed, self.split, "edge", gid).random() < self.edge_prob:
+            kwargs["depth"] = 0.0
         s = make_task_sample(kind, context_len=ctx, seed=rng, tokenizer=self.tokenizer, filler=self.filler,
-                             repeat_prob=self.repeat_prob, repeat_frac=self.repeat_frac,
-                             **{k: v for k, v in self.task_kwargs.items()})
+                             repeat_prob=self.repeat_prob, repeat_frac=self.repeat_frac, **kwargs)
         if not align:
             assert s.prompt_len == ctx
         return s, T
@@ -720,4 +734,5 @@ class TaskSource(BatchSource):
 
     def describe(self) -> dict:
         return {**super().describe(), "kind": self.weights, "min_len": self.min_len, "loss_on": self.loss_on,
-                "repeat_prob": self.repeat_prob, "filler": self.filler.describe(), **self.task_kwargs}
+                "repeat_prob": self.repeat_prob, "filler": self.filler.describe(), **self.task_kwargs,
+                **({"edge_prob": self.edge_prob} if self.edge_prob else {})}
