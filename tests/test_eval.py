@@ -2211,3 +2211,23 @@ def test_needle_position_memory_compares_the_first_chunk_with_a_later_one(tmp_pa
     got = json.loads(out.read_text())
     assert [r["position"] for r in got["memory"]] == [0, 1] and set(got["mean"]) == {"0", "1"}
     assert all(math.isfinite(v) and v >= 0 for r in got["memory"] for v in r.values())
+
+
+def test_eval_tasks_depths_takes_a_list(tmp_path, capsys):
+    """`--depths` took only a count; `--depths 0,1` (or `0.25`) measures exactly those relative depths, rows and
+    --resume cells alike, and bad lists are refused by argparse with what to fix."""
+    run = _saved_run(tmp_path, "t1", seq_len=200)
+    seed = int(np.random.default_rng().integers(1 << 20))
+    argv = ["eval", "tasks", "--ckpt", str(run), "--lengths", "1x", "--trials", "1", "--seed", str(seed), "--device",
+            "cpu", "--prefill-chunk", "128", "--out", str(tmp_path / "e")]  # fmt: skip
+    assert main(argv + ["--depths", "0,1"]) == 0
+    rows = json.loads((tmp_path / "e" / "tasks.json").read_text())
+    assert [r["depth"] for r in rows] == [0.0, 1.0]
+    assert main(argv + ["--depths", "0,1", "--resume"]) == 0
+    assert "resume: 2 of the 2 (task, length, depth) cells" in capsys.readouterr().out
+    assert main(argv + ["--depths", "0.25"]) == 0
+    assert [r["depth"] for r in json.loads((tmp_path / "e" / "tasks.json").read_text())] == [0.25]
+    for bad, msg in (("0,1.5", "in [0, 1]"), ("0,x", "comma-separated"), ("0,0.5,0.5", "twice"), ("0", ">= 1")):
+        with pytest.raises(SystemExit):
+            main(argv + ["--depths", bad])
+        assert msg in capsys.readouterr().err, bad

@@ -368,6 +368,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def depths_arg(text: str) -> int | list[float]:
+    """An argparse ``type`` for ``--depths``: a count (``5``: evenly spaced in [0, 1]) or a comma-separated list of
+    relative depths (``0,0.5,1``), each in [0, 1] and none twice."""
+    if "," not in text and "." not in text:
+        return int_at_least(1)(text)
+    try:
+        out = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a comma-separated list of depths in [0, 1], "
+                                         f"got {text!r}") from None
+    bad = [d for d in out if not 0.0 <= d <= 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"depths are relative positions in [0, 1], got {bad[0]:g} in {text!r}")
+    if len({round(d, 4) for d in out}) < len(out):
+        raise argparse.ArgumentTypeError(f"a depth is given twice in {text!r}")
+    return out
+
+
 def _resumable(earlier: list[dict], keys: set[tuple], stamp: dict, args, results: Path, tasks: list[str],
                lengths: list[int]) -> list[dict]:
     """``gca eval tasks --resume``: the rows of ``results`` (read as ``earlier``) that this evaluation would measure
@@ -460,7 +478,9 @@ Needle prompts end one token into a fresh chunk (see the README: where the quest
 a trial counts when the greedy continuation is exactly the answer.""",
     )
     t.add_argument("--tasks", default="passkey", help="comma-separated: passkey, multikey, 2hop (default passkey)")
-    t.add_argument("--depths", type=int_at_least(1), default=5, help="needle depths, evenly spaced in [0, 1] (default 5)")
+    t.add_argument("--depths", type=depths_arg, default=5,
+                   help="needle depths: a count, evenly spaced in [0, 1] (default 5), or relative depths written "
+                        "with a comma or a decimal point: 0,0.5,1 (1.0 alone is the one depth 1; 1 is one depth, 0.5)")
     t.add_argument("--hop-lead", type=int_at_least(0), default=0,
                    help="2hop: ask the question so that its X ends at least this many chunks before the answer "
                         "(default 0: the plain question, inside the last chunk; see make_task_sample's hop_lead)")
