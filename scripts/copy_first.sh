@@ -63,7 +63,8 @@
 # Timing on one H200 (torch 2.11, Triton 3.6, --compile): the three copy runs side by side ~395K
 # tokens/s each (6000 steps in 10 minutes); the text stage ~8 steps/s alone (2600 steps of 16 x 4032
 # tokens in ~5.6 minutes); evaluation of 4K-1M at 20 trials ~1 minute, 20 trials at 4M ~4 minutes,
-# ~75 s per 16M-token trial (the chunk memory of 16M tokens, ~100 GB, on the GPU).
+# ~75 s per 16M-token trial (the chunk memory of 16M tokens, ~100 GB, on the GPU; 17.8-20.8 s a trial, one process
+# alone, in the thirty-sixth run: results/repro-copy-first/chain-base/eval/drt-ch4ke-r36-edge-*-16m*_tasks.json).
 set -euo pipefail
 STAGE=${STAGE:?set STAGE=copy, copy-swa, copy-eval, lm, lm-eval, needles, chain, chain-base, edge-ft or long16k}
 RUNS=${RUNS:-runs/copy-first}
