@@ -1763,6 +1763,123 @@ def test_eval_tasks_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(t
         real(DRT(tiny()), ["passkey"], [200], 1, 2, seed=seed, done=[dict(whole[0], seed=seed + 1)], progress=False)
 
 
+def test_evaluate_tasks_resumes_inside_a_cell_from_its_saved_trials():
+    """A cell's trials were saved only when the whole cell ended, so a 16M-token read stopped after 3 of a
+    cell's 4 trials (a minute each) lost all 3. `on_batch` hands out the cell's trials after each batch, and
+    `partial=` goes on after them: only the rest are scored, and the rows equal an uninterrupted run's."""
+    from gca.eval import tasks
+
+    model = DRT(tiny()).eval()
+    seed = int(np.random.default_rng().integers(1 << 20))  # fresh draws each run
+    args = (model, ["passkey", "2hop"], [200], 2, 3)
+    kw = dict(seed=seed, batch_size=1, progress=False)
+    whole = tasks.evaluate_tasks(*args, **kw)
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+
+    class Stop(Exception):
+        pass
+
+    rows, states = [], []
+
+    def on_batch(state):
+        states.append(state)
+        if len(states) == 6:  # after the third cell's second trial (two states a cell): two trials of it saved
+            raise Stop
+
+    with pytest.raises(Stop):
+        tasks.evaluate_tasks(*args, **kw, on_row=lambda r: rows.__setitem__(slice(None), list(r)), on_batch=on_batch)
+    assert len(rows) == 2 and [s["done"] for s in states] == [1, 2, 1, 2, 1, 2]
+    last = json.loads(json.dumps(states[-1]))  # as a file gives it back
+    assert last["task"] == "2hop" and last["done"] == 2 and last["cell"] == [1, 0, 0]
+    assert all(len(last[k]) == 2 for k in ("correct", "retrieval_hit", "distractor_answer", "first_hop", "predictions"))
+
+    scored = []
+    real_score = tasks.score_samples
+
+    def counting(model, samples, **k):
+        scored.append(len(samples))
+        return real_score(model, samples, **k)
+
+    tasks.score_samples, saved_fn = counting, tasks.score_samples
+    try:
+        resumed = tasks.evaluate_tasks(*args, **kw, done=rows, partial=[last])
+    finally:
+        tasks.score_samples = saved_fn
+    assert sum(scored) == 4 * 3 - 2 * 3 - 2  # the last cell, and the third's one trial left
+    assert untimed(resumed) == untimed(whole)
+
+    # states that cannot stand for this evaluation are refused with what is wrong
+    with pytest.raises(ValueError, match="seed"):
+        tasks.evaluate_tasks(*args, **kw, partial=[dict(last, seed=seed + 1)])
+    with pytest.raises(ValueError, match="trials done"):
+        tasks.evaluate_tasks(*args, **kw, partial=[dict(last, correct=last["correct"][:1])])
+    with pytest.raises(ValueError, match="trials done"):
+        tasks.evaluate_tasks(*args, **kw, partial=[dict(last, done=3)])
+    with pytest.raises(ValueError, match="done row"):
+        tasks.evaluate_tasks(*args, **kw, done=whole, partial=[last])
+
+
+def test_eval_tasks_resume_keeps_the_trials_of_a_stopped_cell(tmp_path, capsys, monkeypatch):
+    """`gca eval tasks` saves an unfinished cell's trials in OUT/tasks.partial.json after each batch, says so when
+    stopped, and `--resume` goes on after them; the file is gone once the cell ends, and the rows equal an
+    uninterrupted run's. Another seed's entry is not kept, and says why."""
+    from gca.eval import tasks
+
+    real_score = tasks.score_samples
+    calls = []
+
+    def scoring(stop_at=None):
+        def fake(model, samples, **k):
+            calls.append(len(samples))
+            if stop_at is not None and len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return real_score(model, samples, **k)
+        return fake
+
+    run = _saved_run(tmp_path, "t1", seq_len=200)
+    seed = int(np.random.default_rng().integers(1 << 20))
+    argv = ["eval", "tasks", "--ckpt", str(run), "--lengths", "1x", "--depths", "2", "--trials", "3", "--tasks",
+            "multikey", "--batch-size", "1", "--seed", str(seed), "--device", "cpu", "--prefill-chunk", "128"]
+    monkeypatch.setattr(tasks, "score_samples", scoring())
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "tasks.json").read_text())
+    assert not (tmp_path / "whole" / "tasks.partial.json").exists()
+
+    part = tmp_path / "part"
+    calls.clear()
+    monkeypatch.setattr(tasks, "score_samples", scoring(stop_at=6))  # the second cell's third trial: 2 of it saved
+    assert main(argv + ["--out", str(part)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"gca eval: interrupted: {part / 'tasks.json'} keeps the 1 (task, length, depth) cell(s) finished and "
+                   f"2 trial(s) of the cell in progress in {part / 'tasks.partial.json'}: rerun the same command with "
+                   f"--resume to measure the rest")
+    entry, = json.loads((part / "tasks.partial.json").read_text())
+    assert entry["model"] == "t1" and entry["depth"] == 1.0 and entry["done"] == 2 and entry["seed"] == seed
+    calls.clear()
+    monkeypatch.setattr(tasks, "score_samples", scoring(stop_at=2))  # no cell finished, one trial saved
+    assert main(argv + ["--out", str(tmp_path / "early")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"gca eval: interrupted: no (task, length, depth) cell(s) finished; kept: 1 trial(s) of the cell in progress "
+        f"in {tmp_path / 'early' / 'tasks.partial.json'}; rerun the same command with --resume to measure the rest")
+
+    # another seed keeps neither the finished cell nor the saved trials, and says so
+    calls.clear()
+    other = [a if a != str(seed) else str(seed + 1) for a in argv]
+    monkeypatch.setattr(tasks, "score_samples", scoring(stop_at=1))
+    assert main(other + ["--out", str(part), "--resume"]) == 130
+    assert "1 unfinished cell(s) of t1" in capsys.readouterr().out
+    assert json.loads((part / "tasks.partial.json").read_text())[0]["seed"] == seed  # (stopped before a batch ended)
+
+    calls.clear()
+    monkeypatch.setattr(tasks, "score_samples", scoring())
+    assert main(argv + ["--out", str(part), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: 2 trial(s) of 1 unfinished cell(s)" in out and len(calls) == 1
+    assert not (part / "tasks.partial.json").exists()
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert untimed(json.loads((part / "tasks.json").read_text())) == untimed(whole)
+
+
 def test_ppl_targets_takes_one_length(tmp_path, capsys, monkeypatch):
     """`--targets 1x,2x` used 1x and dropped 2x without a word."""
     from gca.eval import perplexity

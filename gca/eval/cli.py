@@ -298,21 +298,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
         stamp = dict(model=name, train_length=train_length, filler=None if args.filler is None else str(args.filler),
                      dtype=args.dtype)
         done = _resumable(earlier, keys, stamp, args, results, tasks, lengths) if args.resume else []
+        # the trials of an unfinished cell, saved after each batch (one entry a cell in progress; evaluations of
+        # other models or tasks into the same folder keep theirs)
+        partial_path = out / "tasks.partial.json"
+        options = dict(hop_answer=args.hop_answer or "chain", hop_lead=args.hop_lead or None)
+        partial = _resumable_partial(partial_path, stamp, options, args, tasks, lengths, done) if args.resume else []
+        in_cell = []  # the trials saved of the cell in progress
 
         def save(rows):  # after each (task, length, depth): a stopped run keeps what it measured
             saved[:] = rows
             mine = [dict(r, **stamp) for r in rows]
             _atomic_write(results, _strict_text(_kept_rows(results, keys, earlier) + mine))
+            _write_partial(partial_path, dict(rows[-1], **stamp, options=options), None)
+            in_cell.clear()
+
+        def save_batch(state):  # after each batch of a cell with trials left
+            _write_partial(partial_path, dict(state, **stamp, options=options), dict(state, **stamp, options=options))
+            in_cell[:] = [state["done"]]
 
         try:
             rows = evaluate_tasks(model, tasks, lengths, args.depths, args.trials, seed=args.seed,
                                   tokenizer=tok, filler=args.filler, batch_size=args.batch_size,
                                   offload=args.offload, prefill_chunk=args.prefill_chunk, on_row=save, done=done,
-                                  hop_answer=args.hop_answer or "chain",
+                                  on_batch=save_batch, partial=partial, hop_answer=args.hop_answer or "chain",
                                   **({"hop_lead": args.hop_lead} if args.hop_lead else {}))
         except KeyboardInterrupt:
+            more = f"{in_cell[0]} trial(s) of the cell in progress in {partial_path}" if in_cell else ""
             return _interrupted(results, len(saved), "(task, length, depth) cell(s)",
-                                "rerun the same command with --resume to measure the rest")
+                                "rerun the same command with --resume to measure the rest", more=more)
         for r in rows:
             r.update(stamp)
         _print_table(rows, train_length)
@@ -412,14 +425,74 @@ def _resumable(earlier: list[dict], keys: set[tuple], stamp: dict, args, results
     return done
 
 
-def _interrupted(path: Path, n: int, what: str, hint: str = "") -> int:
-    """Ctrl-C during an evaluation: one line saying what the results file kept (no plots are drawn);
-    the shell's status for SIGINT."""
+def _partial_key(state: dict) -> tuple:
+    """The cell an entry of ``tasks.partial.json`` is of: model, task, length, depth and the task's options."""
+    opts = state.get("options") or {}
+    return (state.get("model"), state.get("task"), state.get("context_length"), state.get("depth"),
+            opts.get("hop_answer"), opts.get("hop_lead"))
+
+
+def _read_partial(path: Path) -> list[dict]:
+    """The entries of ``tasks.partial.json`` (none when it is missing or unreadable: it only saves time)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+
+def _write_partial(path: Path, cell: dict, state: dict | None) -> None:
+    """Replace ``cell``'s entry of ``tasks.partial.json`` by ``state`` (None: drop it; the file goes with its
+    last entry). Read afresh at each write, like ``tasks.json``, so that other evaluations' entries stay."""
+    others = [e for e in _read_partial(path) if _partial_key(e) != _partial_key(cell)]
+    if state is not None or others:
+        _atomic_write(path, json.dumps(others + ([state] if state is not None else []), indent=1))
+    elif path.exists():
+        path.unlink(missing_ok=True)
+
+
+def _resumable_partial(path: Path, stamp: dict, options: dict, args, tasks: list[str], lengths: list[int],
+                       done: list[dict]) -> list[dict]:
+    """``gca eval tasks --resume``: the unfinished cells of ``tasks.partial.json`` that this evaluation can go on
+    from: this model and task options, the same seed, trials, filler, dtype and training length, a cell of this
+    run's grid at the same place, no finished row for it, and its per-trial lists whole."""
+    from gca.eval.tasks import _depth_list, partial_state_whole
+
+    entries = _read_partial(path)
+    if not entries:
+        return []
+    depths = [round(d, 4) for d in _depth_list(args.depths)]
+    finished = {(r["task"], r["context_length"], r["depth"]) for r in done}
+    want = dict(stamp, seed=args.seed, trials=args.trials)
+
+    def fits(e):
+        if e.get("task") not in tasks or e.get("context_length") not in lengths or e.get("depth") not in depths:
+            return False
+        cell = [tasks.index(e["task"]), lengths.index(e["context_length"]), depths.index(e["depth"])]
+        return (all(e.get(k) == v for k, v in want.items()) and (e.get("options") or {}) == options
+                and e.get("cell") == cell and (e["task"], e["context_length"], e["depth"]) not in finished
+                and partial_state_whole(e, args.trials))
+
+    keep = [{k: v for k, v in e.items() if k not in stamp and k != "options"} for e in entries if fits(e)]
+    mine = [e for e in entries if e.get("model") == stamp["model"]]
+    if keep:
+        print(f"resume: {sum(e['done'] for e in keep)} trial(s) of {len(keep)} unfinished cell(s) are in {path}: kept")
+    if len(mine) > len(keep):
+        print(f"resume: {len(mine) - len(keep)} unfinished cell(s) of {stamp['model']} in {path} are not kept (another "
+              f"evaluation's grid, seed, --trials, --filler, --dtype or task options, or finished since)")
+    return keep
+
+
+def _interrupted(path: Path, n: int, what: str, hint: str = "", more: str = "") -> int:
+    """Ctrl-C during an evaluation: one line saying what the results file kept (no plots are drawn), and
+    ``more`` (the trials saved of an unfinished cell); the shell's status for SIGINT."""
     from gca.cli import _close_progress_bars
 
     _close_progress_bars()
     if n:
-        kept = f"{path} keeps the {n} {what} finished" + (f": {hint}" if hint else "")
+        kept = f"{path} keeps the {n} {what} finished" + (f" and {more}" if more else "") + (f": {hint}" if hint else "")
+    elif more:
+        kept = f"no {what} finished; kept: {more}" + (f"; {hint}" if hint else "")
     else:
         kept = f"nothing was finished ({path} is an earlier evaluation's)" if path.exists() else "nothing was finished"
     print(f"gca eval: interrupted: {kept}", file=sys.stderr)
@@ -496,7 +569,8 @@ a trial counts when the greedy continuation is exactly the answer.""",
     t.add_argument("--resume", action="store_true",
                    help="finish an interrupted evaluation (the same command): keep the (task, length, depth) rows "
                         "that --out's tasks.json holds for this --name, --seed, --trials, --filler, --dtype, training "
-                        "length and grid, and measure only the rest, which come out as an uninterrupted run's "
+                        "length and grid, and the finished trials of a cell in progress (--out's tasks.partial.json, "
+                        "saved after each batch), and measure only the rest, which come out as an uninterrupted run's "
                         "(default: measure every cell again)")
     t.set_defaults(func=cmd_eval)
     q = what.add_parser(

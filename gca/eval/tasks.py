@@ -130,6 +130,17 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
     return correct, hits, distracted
 
 
+_STATE_LISTS = ("correct", "retrieval_hit", "distractor_answer", "first_hop", "predictions")  # per trial, in order
+
+
+def partial_state_whole(state: dict, trials: int) -> bool:
+    """Whether ``state`` (an :func:`evaluate_tasks` ``on_batch`` dict) has between 1 and ``trials - 1`` trials
+    done and each per-trial list that long."""
+    n = state.get("done")
+    return (isinstance(n, int) and 0 < n < trials
+            and all(isinstance(state.get(k), list) and len(state[k]) == n for k in _STATE_LISTS))
+
+
 @keeps_mode
 def evaluate_tasks(
     model: DRT,
@@ -147,6 +158,8 @@ def evaluate_tasks(
     progress: bool = True,
     on_row=None,
     done: Iterable[dict] = (),
+    on_batch=None,
+    partial: Iterable[dict] = (),
     **task_kwargs,
 ) -> list[dict]:
     """Accuracy and retrieval hit rate for every (task, length, depth).
@@ -168,6 +181,14 @@ def evaluate_tasks(
             trials, tasks, lengths, depths and task options): a (task, length, depth) with a row there is
             kept, not measured again. Every cell's trials rebuild from its own seed, so the rows measured now
             are those an uninterrupted run gives. A row of another seed, trial count or cell is refused.
+        on_batch: called after each batch of a (task, length, depth) that has trials left, with the cell's
+            state so far: ``{task, context_length, depth, seed, trials, cell, done, correct, retrieval_hit,
+            distractor_answer, first_hop, predictions, seconds}`` (per-trial lists, ``done`` trials long;
+            JSON-ready), e.g. to save the trials of a long cell as they finish.
+        partial: such states of an interrupted run of this same evaluation: a cell with one resumes after its
+            ``done`` trials (the others rebuild from the cell's seed, so with the same ``batch_size`` the row
+            equals an uninterrupted run's). A state of another seed, trial count or cell, or one for a cell
+            ``done`` holds, is refused.
     Returns:
         a list of dicts ``{task, context_length, prompt_length, depth, trials, seed, cell, accuracy,
         retrieval_hit (None without retrieval: ``arch`` swa or full), distractor_answer (None for passkey),
@@ -206,6 +227,22 @@ def evaluate_tasks(
                              f"{r.get('cell')} cannot stand for this evaluation's {at} (seed {seed}, {trials} trials, "
                              f"cell {cells.get(at)}): pass the rows of an interrupted run of the same evaluation")
         earlier[at] = r
+    resumed = {}  # (task, length, depth) -> an unfinished cell's state (on_batch's dict)
+    for st in partial:
+        at = (st.get("task"), st.get("context_length"), st.get("depth"))
+        n = st.get("done")
+        if st.get("seed") != seed or st.get("trials") != trials or st.get("cell") != cells.get(at):
+            raise ValueError(f"evaluate_tasks: a partial cell of seed {st.get('seed')}, {st.get('trials')} trials and "
+                             f"cell {st.get('cell')} cannot stand for this evaluation's {at} (seed {seed}, {trials} "
+                             f"trials, cell {cells.get(at)}): pass the on_batch state of an interrupted run of the same "
+                             f"evaluation")
+        if at in earlier or at in resumed:
+            raise ValueError(f"evaluate_tasks: {at} has a done row or another partial state already: pass one of them")
+        if not partial_state_whole(st, trials):
+            raise ValueError(f"evaluate_tasks: the partial state of {at} says {n!r} trials done of {trials}, and its lists "
+                             f"hold {[len(v) if isinstance(v := st.get(k), list) else None for k in _STATE_LISTS]}: not a state "
+                             f"on_batch wrote")
+        resumed[at] = st
     rows = []
     total = len(tasks) * len(lengths) * len(dl)
     bar = tqdm(total=total * trials, desc="eval", unit="trial", disable=not progress)
@@ -224,8 +261,12 @@ def evaluate_tasks(
                                      text_per_chunk=model.config.text_per_chunk, **task_kwargs)
                     for _ in range(trials)
                 ]
-                correct, hits, distracted, hop1, preds = [], [], [], [], []
-                for i in range(0, trials, batch_size):
+                st = resumed.get((task, L, round(d, 4)))
+                correct, hits, distracted, hop1, preds = ([list(st[k]) for k in _STATE_LISTS] if st is not None
+                                                          else ([], [], [], [], []))
+                spent = st.get("seconds", 0.0) if st is not None else 0.0
+                bar.update(len(correct))
+                for i in range(len(correct), trials, batch_size):
                     c, h, o, f = score_samples(model, samples[i : i + batch_size], offload=offload,
                                                prefill_chunk=prefill_chunk, first_hop=True, predictions=preds)
                     correct += c
@@ -233,6 +274,12 @@ def evaluate_tasks(
                     distracted += o
                     hop1 += f
                     bar.update(len(c))
+                    if on_batch is not None and len(correct) < trials:
+                        on_batch(dict(task=task, context_length=L, depth=round(d, 4), seed=seed, trials=trials,
+                                      cell=[ti, li, di], done=len(correct), correct=list(correct), retrieval_hit=list(hits),
+                                      distractor_answer=list(distracted), first_hop=list(hop1),
+                                      predictions=[list(p) for p in preds],
+                                      seconds=round(spent + time.time() - t0, 2)))
                 chain = samples[0].first_hop_len > 0
                 far = [c for c, smp in zip(correct, samples) if beyond_window(smp, model.config)]
                 rows.append(dict(
@@ -248,7 +295,7 @@ def evaluate_tasks(
                     misses=[dict(trial=j, answer=tok.decode(smp.answer), output=tok.decode(p),
                                  needle_retrieved=hit if retrieves else None)
                             for j, (smp, p, ok, hit) in enumerate(zip(samples, preds, correct, hits)) if not ok],
-                    seconds=round(time.time() - t0, 2),
+                    seconds=round(spent + time.time() - t0, 2),
                 ))
                 if on_row is not None:
                     on_row(rows)
