@@ -1862,6 +1862,17 @@ def test_eval_tasks_resume_keeps_the_trials_of_a_stopped_cell(tmp_path, capsys, 
         f"gca eval: interrupted: no (task, length, depth) cell(s) finished; kept: 1 trial(s) of the cell in progress "
         f"in {tmp_path / 'early' / 'tasks.partial.json'}; rerun the same command with --resume to measure the rest")
 
+    # an unreadable file is said and measured again, not trusted (here a copy of the folder with it cut short)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "tasks.json").write_text((part / "tasks.json").read_text())
+    (cut / "tasks.partial.json").write_text((part / "tasks.partial.json").read_text()[:50])
+    calls.clear()
+    monkeypatch.setattr(tasks, "score_samples", scoring())
+    assert main(argv + ["--out", str(cut), "--resume"]) == 0
+    assert "tasks.partial.json is not a list of saved cells" in capsys.readouterr().out and len(calls) == 3
+    assert not (cut / "tasks.partial.json").exists()  # (the cell ended: its entry, and so the file, is gone)
+
     # another seed keeps neither the finished cell nor the saved trials, and says so
     calls.clear()
     other = [a if a != str(seed) else str(seed + 1) for a in argv]

@@ -460,6 +460,8 @@ def _resumable_partial(path: Path, stamp: dict, options: dict, args, tasks: list
 
     entries = _read_partial(path)
     if not entries:
+        if path.exists():
+            print(f"resume: {path} is not a list of saved cells (cut short or edited?): its trials are measured again")
         return []
     depths = [round(d, 4) for d in _depth_list(args.depths)]
     finished = {(r["task"], r["context_length"], r["depth"]) for r in done}
