@@ -380,7 +380,7 @@ class DRT(nn.Module):
     @torch.inference_mode(False)  # normal tensors even under inference_mode (see _forward_cached)
     def new_cache(
         self, batch_size: int = 1, offload: bool = False, device=None, dtype=None, prefill_chunk: int = 4096,
-        max_tokens: int | None = None, skip_upper: bool = True,
+        max_tokens: int | None = None, skip_upper: bool = True, keep_scores: bool = False,
     ) -> DRTCache:
         """A cache to stream ``batch_size`` sequences through the model.
 
@@ -398,6 +398,10 @@ class DRT(nn.Module):
             skip_upper: with ``logits_to_keep``, run only the lower layers and the encoder over the
                 positions no kept logit can reach through the upper layers (the logits are the same;
                 ``False`` computes every layer everywhere, e.g. to time that).
+            keep_scores: keep, per retrieval group, the noise-free scores of the last landmark read (chunk c) over
+                every chunk it may pick (0 to c - 1) in ``cache.last_scores`` (float32 ``(B, c)``): where the
+                chunks retrieval passed over ranked, e.g. how far a needle's chunk was from the top-k
+                (``scripts/needle_rank.py``). Off by default (a copy of one row a piece).
         """
         cfg = self.config
         check_counts("new_cache", batch_size=batch_size, prefill_chunk=prefill_chunk)
@@ -420,6 +424,7 @@ class DRT(nn.Module):
         cache = DRTCache(batch_size=batch_size, lower=lower, upper=upper, memory=mem, made_for=self._cache_shape())
         cache.prefill_chunk = max(cfg.chunk_size, prefill_chunk)
         cache.skip_upper = skip_upper
+        cache.keep_scores = keep_scores
         return cache
 
     def _cache_shape(self) -> dict:
@@ -534,6 +539,7 @@ class DRT(nn.Module):
         if not upper:
             assert keep == 0, "a piece without its upper layers has no logits to give"
             cache.last_rows = []  # the next computed piece starts without a carried retrieval row
+            cache.last_scores = []
             cache.positions = p1
             cache.tokens += n
             cache.skipped_tokens += n
@@ -551,7 +557,11 @@ class DRT(nn.Module):
             prev_idx, prev_w = cache.last_rows[g]
             if n_done:
                 query = norm(h[:, lmk_rel])  # (B, n_done, d)
-                r = causal_topk(retrieval_scores(query, mem.landmarks()), cfg.top_k, row_offset=c_a)
+                scores = retrieval_scores(query, mem.landmarks())
+                if cache.keep_scores:  # the last landmark (chunk c_a + n_done - 1) may pick the chunks before it
+                    cache.last_scores = (cache.last_scores or [None] * len(self.groups))
+                    cache.last_scores[g] = scores[:, -1, : c_a + n_done - 1].float().clone()
+                r = causal_topk(scores, cfg.top_k, row_offset=c_a)
                 ridx, rw = _pad_slots(r.indices, r.weights, cfg.top_k)
                 idx = torch.cat([prev_idx[:, None], ridx], 1)[:, : c_b - c_a + 1]
                 w = torch.cat([prev_w[:, None].to(rw.dtype), rw], 1)[:, : c_b - c_a + 1]

@@ -2306,6 +2306,42 @@ def test_needle_position_places_the_needle_at_the_asked_token(tmp_path):
     assert all(r["retrieval_hit"] == 1.0 and r["accuracy"] == 1.0 for r in rows)
 
 
+def test_needle_rank_ranks_the_needle_where_eval_tasks_retrieved_it(tmp_path):
+    """scripts/needle_rank.py rebuilds `gca eval tasks`'s prompts and reads the question's retrieval scores: on a
+    random model (retrieval hits and misses mixed), its `retrieved` share equals evaluate_tasks' retrieval_hit in
+    every cell, and rank, gap and the top others agree with each other."""
+    from gca.eval.tasks import evaluate_tasks
+    from gca.train import load_model
+
+    nr = _script("needle_rank")
+    run = _saved_run(tmp_path, "r", seq_len=200)
+    seed = int(np.random.default_rng().integers(1 << 20))
+    out = tmp_path / "rank.json"
+    nr.main(["--ckpt", str(run), "--tasks", "passkey,2hop", "--lengths", "2x,4x", "--depths", "3", "--trials", "3",
+             "--seed", str(seed), "--batch-size", "2", "--device", "cpu", "--out", str(out)])
+    got = json.loads(out.read_text())
+    rows = got["rows"]
+    model = load_model(run / "ckpt").eval()
+    K = model.config.top_k
+    assert len(rows) == 2 * 2 * 3 * 3 * len(model.groups) and got["top_k"] == K
+    for r in rows:
+        assert 1 <= r["rank"] <= r["chunks"] and r["retrieved"] == (r["rank"] <= K) == (r["gap"] > 0)
+        assert len(r["top_others"]) == min(K, r["chunks"] - 1) and r["needle_chunk"] not in r["top_others"]
+        assert r["picks_agree"]  # the scores kept are those the model's retrieval used
+    ref = evaluate_tasks(model, ["passkey", "2hop"], [400, 800], 3, 3, seed=seed, batch_size=2, progress=False,
+                         hop_answer="chain")
+    shares = {(r["task"], r["context_length"], r["depth"]): r["retrieval_hit"] for r in ref}
+    mine = {}
+    for key in shares:  # (evaluate_tasks counts a hit in any retrieval group)
+        trials = [[r["retrieved"] for r in rows if (r["task"], r["context_length"], r["depth"]) == key
+                   and r["trial"] == t] for t in range(3)]
+        mine[key] = float(np.mean([any(t) for t in trials]))
+    assert mine == shares
+    assert 0 < np.mean(list(shares.values())) < 1  # hits and misses both: the comparison can fail
+    with pytest.raises(SystemExit):
+        nr.main(["--ckpt", str(run), "--tasks", "passkey,3hop", "--out", str(out)])
+
+
 def test_needle_position_memory_compares_the_first_chunk_with_a_later_one(tmp_path):
     """--memory: chunk 0's memory is made from chunk 0 alone (later text leaves it unchanged); the rows
     compare a needle at tokens 0 and 1 with the same needle one chunk later, and the same needle after

@@ -96,6 +96,36 @@ def test_long_prefill_with_few_logits_skips_the_upper_layers_exactly(groups, res
     torch.testing.assert_close(got, ref[:, x.shape[1] - 1 : x.shape[1]], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["gpu-mem", "offload"])
+def test_keep_scores_gives_the_last_retrievals_scores_whatever_the_pieces(offload):
+    """new_cache(keep_scores=True) keeps each group's scores of the last landmark over the chunks before it: the
+    same however the prompt is cut into pieces (skipped pieces included), and their top-k is the retrieval made."""
+    torch.manual_seed(3)
+    m = DRT(tiny(num_kv_heads=2)).double().eval()
+    P = m.config.text_per_chunk
+    x = torch.randint(0, 97, (2, P * 20 + 5))
+    assert m.new_cache(2).last_scores == [] and not m.new_cache(2).keep_scores
+    got = []
+    for chunk, keep in ((128, 1), (4096, 1), (128, None)):
+        cache = m.new_cache(2, offload=offload, prefill_chunk=chunk, keep_scores=True)
+        m(x, cache=cache, logits_to_keep=keep)
+        assert len(cache.last_scores) == len(m.groups) == 2
+        for g, sc in enumerate(cache.last_scores):
+            assert sc.shape == (2, 19) and sc.dtype == torch.float32  # chunk 19's landmark, over chunks 0-18
+            top = sc.topk(m.config.top_k, dim=1).indices.sort(1).values
+            torch.testing.assert_close(top, cache.last_rows[g][0].sort(1).values)
+        got.append(torch.stack(cache.last_scores))
+    splits = random_splits(x.shape[1], random.Random(5))
+    cache = m.new_cache(2, keep_scores=True)
+    i = 0
+    for n in splits:
+        m(x[:, i : i + n], cache=cache)
+        i += n
+    got.append(torch.stack(cache.last_scores))
+    for other in got[1:]:
+        torch.testing.assert_close(other, got[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["drt", "full"])
 def test_greedy_generate_equals_forward_chain(arch):
     torch.manual_seed(1)

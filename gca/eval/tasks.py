@@ -130,6 +130,18 @@ def score_samples(model: DRT, samples: list, *, offload: bool = False, device=No
     return correct, hits, distracted
 
 
+def cell_samples(task: str, length: int, depth: float, trials: int, seed: int, cell: list[int], *, text_per_chunk: int,
+                 tokenizer=None, filler=None, **task_kwargs) -> list:
+    """The ``trials`` samples of one (task, length, depth) of :func:`evaluate_tasks`, rebuilt from ``[seed, *cell]``
+    (``cell``: the task's, length's and depth's places in the evaluation's lists), so that a tool given the same
+    tasks, lengths, depths and seed sees the prompts ``gca eval tasks`` scored."""
+    from gca.data.tasks import make_task_sample
+
+    rng = np.random.default_rng([seed, *cell])
+    return [make_task_sample(task, context_len=length, seed=rng, tokenizer=tokenizer, filler=filler, depth=depth,
+                             text_per_chunk=text_per_chunk, **task_kwargs) for _ in range(trials)]
+
+
 _STATE_LISTS = ("correct", "retrieval_hit", "distractor_answer", "first_hop", "predictions")  # per trial, in order
 
 
@@ -255,12 +267,8 @@ def evaluate_tasks(
                     bar.update(trials)
                     continue
                 t0 = time.time()
-                rng = np.random.default_rng([seed, ti, li, di])
-                samples = [
-                    make_task_sample(task, context_len=L, seed=rng, tokenizer=tokenizer, filler=filler, depth=d,
-                                     text_per_chunk=model.config.text_per_chunk, **task_kwargs)
-                    for _ in range(trials)
-                ]
+                samples = cell_samples(task, L, d, trials, seed, [ti, li, di], tokenizer=tokenizer, filler=filler,
+                                       text_per_chunk=model.config.text_per_chunk, **task_kwargs)
                 st = resumed.get((task, L, round(d, 4)))
                 correct, hits, distracted, hop1, preds = ([list(st[k]) for k in _STATE_LISTS] if st is not None
                                                           else ([], [], [], [], []))
