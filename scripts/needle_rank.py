@@ -37,7 +37,7 @@ import torch
 
 from gca.data.tasks import make_filler
 from gca.eval.cli import check_data_tokenizer, depths_arg, load_for_eval, parse_lengths
-from gca.eval.tasks import _depth_list, cell_samples
+from gca.eval.tasks import _depth_list, cell_samples, default_prefill_chunk
 
 
 def question_scores(model, samples: list) -> list[torch.Tensor]:
@@ -48,8 +48,7 @@ def question_scores(model, samples: list) -> list[torch.Tensor]:
     prompts = torch.tensor([s.prompt for s in samples], dtype=torch.long, device=dev)
     L = prompts.shape[1]
     head = L - 1 if L % cfg.text_per_chunk == 0 else L  # as gca.eval.tasks.score_samples streams it
-    cache = model.new_cache(len(samples), max_tokens=L, prefill_chunk=4096 if dev.type == "cpu" else 16384,
-                            keep_scores=True)
+    cache = model.new_cache(len(samples), max_tokens=L, prefill_chunk=default_prefill_chunk(dev), keep_scores=True)
     with torch.no_grad():
         model(prompts[:, :head], cache=cache, logits_to_keep=1)
     q = samples[0].query_chunk

@@ -313,7 +313,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             in_cell.clear()
 
         def save_batch(state):  # after each batch of a cell with trials left
-            _write_partial(partial_path, dict(state, **stamp, options=options), dict(state, **stamp, options=options))
+            entry = dict(state, **stamp, options=options)
+            _write_partial(partial_path, entry, entry)
             in_cell[:] = [state["done"]]
 
         try:
@@ -399,24 +400,34 @@ def depths_arg(text: str) -> int | list[float]:
     return out
 
 
+def _grid_depths(args) -> list[float]:
+    from gca.eval.tasks import _depth_list
+
+    return [round(d, 4) for d in _depth_list(args.depths)]
+
+
+def _same_cell(r: dict, stamp: dict, args, tasks: list[str], lengths: list[int]) -> bool:
+    """Whether a saved row (or unfinished cell) of ``gca eval tasks`` is this evaluation's: the same ``stamp`` (model,
+    training length, filler, dtype), seed and trials, and the same [task, length, depth] place in this run's grid
+    (part of its trials' seed)."""
+    depths = _grid_depths(args)
+    if r.get("task") not in tasks or r.get("context_length") not in lengths or r.get("depth") not in depths:
+        return False
+    want = dict(stamp, seed=args.seed, trials=args.trials)
+    cell = [tasks.index(r["task"]), lengths.index(r["context_length"]), depths.index(r["depth"])]
+    return all(r.get(k) == v for k, v in want.items()) and r.get("cell") == cell
+
+
 def _resumable(earlier: list[dict], keys: set[tuple], stamp: dict, args, results: Path, tasks: list[str],
                lengths: list[int]) -> list[dict]:
     """``gca eval tasks --resume``: the rows of ``results`` (read as ``earlier``) that this evaluation would measure
     again with the same outcome: this model's task and length (``keys``), the same cell of this run's grid (task,
     length and depth at the same places of ``--tasks``, ``--lengths`` and the depths: the cell's seed), and the same
     seed, trials, filler, dtype and training length (``stamp``). Says how many it keeps and why others are not."""
-    from gca.eval.tasks import _depth_list
-
-    depths = [round(d, 4) for d in _depth_list(args.depths)]
-
-    def cell(r):  # the row's [task, length, depth] place in this run's grid (part of its trials' seed)
-        return [tasks.index(r["task"]), lengths.index(r["context_length"]),
-                depths.index(r["depth"]) if r.get("depth") in depths else None]
-
     same = [r for r in earlier if _row_key(r) in keys]
-    want = dict(stamp, seed=args.seed, trials=args.trials)
-    done = [r for r in same if all(r.get(k) == v for k, v in want.items()) and r.get("cell") == cell(r)]
-    print(f"resume: {len(done)} of the {len(tasks) * len(lengths) * len(depths)} (task, length, depth) cells are in "
+    done = [r for r in same if _same_cell(r, stamp, args, tasks, lengths)]
+    n_cells = len(tasks) * len(lengths) * len(_grid_depths(args))
+    print(f"resume: {len(done)} of the {n_cells} (task, length, depth) cells are in "
           f"{results}: kept; measuring the rest")
     if len(same) > len(done):
         print(f"resume: {len(same) - len(done)} other row(s) of {stamp['model']} at these tasks and lengths are not "
@@ -456,24 +467,18 @@ def _resumable_partial(path: Path, stamp: dict, options: dict, args, tasks: list
     """``gca eval tasks --resume``: the unfinished cells of ``tasks.partial.json`` that this evaluation can go on
     from: this model and task options, the same seed, trials, filler, dtype and training length, a cell of this
     run's grid at the same place, no finished row for it, and its per-trial lists whole."""
-    from gca.eval.tasks import _depth_list, partial_state_whole
+    from gca.eval.tasks import partial_state_whole
 
     entries = _read_partial(path)
     if not entries:
         if path.exists():
             print(f"resume: {path} is not a list of saved cells (cut short or edited?): its trials are measured again")
         return []
-    depths = [round(d, 4) for d in _depth_list(args.depths)]
     finished = {(r["task"], r["context_length"], r["depth"]) for r in done}
-    want = dict(stamp, seed=args.seed, trials=args.trials)
 
     def fits(e):
-        if e.get("task") not in tasks or e.get("context_length") not in lengths or e.get("depth") not in depths:
-            return False
-        cell = [tasks.index(e["task"]), lengths.index(e["context_length"]), depths.index(e["depth"])]
-        return (all(e.get(k) == v for k, v in want.items()) and (e.get("options") or {}) == options
-                and e.get("cell") == cell and (e["task"], e["context_length"], e["depth"]) not in finished
-                and partial_state_whole(e, args.trials))
+        return (_same_cell(e, stamp, args, tasks, lengths) and (e.get("options") or {}) == options
+                and (e["task"], e["context_length"], e["depth"]) not in finished and partial_state_whole(e, args.trials))
 
     keep = [{k: v for k, v in e.items() if k not in stamp and k != "options"} for e in entries if fits(e)]
     mine = [e for e in entries if e.get("model") == stamp["model"]]
