@@ -397,7 +397,9 @@ class DRT(nn.Module):
                 16M tokens of the small preset that is 26 GB more, on the GPU or in pinned memory).
             skip_upper: with ``logits_to_keep``, run only the lower layers and the encoder over the
                 positions no kept logit can reach through the upper layers (the logits are the same;
-                ``False`` computes every layer everywhere, e.g. to time that).
+                ``False`` computes every layer everywhere, e.g. to time that). The sliding-window baseline
+                (``arch="swa"``) skips every layer there: positions more than ``layers x window`` before the
+                first kept token cannot reach it, so a 16M-token prompt costs what its last few thousand do.
             keep_scores: keep, per retrieval group, the noise-free scores of the last landmark read (chunk c) over
                 every chunk it may pick (0 to c - 1) in ``cache.last_scores`` (float32 ``(B, c)``): where the
                 chunks retrieval passed over ranked, e.g. how far a needle's chunk was from the top-k
@@ -482,9 +484,16 @@ class DRT(nn.Module):
         # than that (plus two chunks: the retrieval carried into the first computed chunk) before the
         # first kept token skip the upper layers and retrieval: the kept logits are exactly those of
         # the full computation, and a long prefill costs the lower layers, not the whole model.
+        # The sliding-window baseline has no memory: each layer's output at a position depends on at most
+        # window - 1 positions before it in the layer below, so pieces that end more than layers x window
+        # positions before the first kept token reach no kept logit at all and are not computed (their
+        # positions still advance: the rotary angles of the computed ones are those of the full read).
         skip_before = 0
-        if cfg.arch == "drt" and keep is not None and cache.skip_upper:
-            skip_before = first_kept - (sum(cfg.upper_groups) * cfg.window + 2 * S)
+        if keep is not None and cache.skip_upper:
+            if cfg.arch == "drt":
+                skip_before = first_kept - (sum(cfg.upper_groups) * cfg.window + 2 * S)
+            elif cfg.arch == "swa":
+                skip_before = first_kept - len(self.lower) * cfg.window
         outs = []
         for i in range(0, L, step):
             n = min(step, L - i)
@@ -495,10 +504,18 @@ class DRT(nn.Module):
     def _step(self, ids: torch.Tensor, cache: DRTCache, keep: int, upper: bool = True) -> torch.Tensor:
         """Process one piece; return the logits of its last ``keep`` tokens. ``upper=False`` (DRT, a
         piece whose upper-layer states no kept logit can reach) runs the lower layers and the encoder
-        only: the chunk memory and the lower rings advance, the upper rings and retrieval do not."""
+        only: the chunk memory and the lower rings advance, the upper rings and retrieval do not. For the
+        sliding-window baseline ``upper=False`` (a piece no kept logit can reach through any layer)
+        computes nothing: only the positions advance."""
         cfg = self.config
         B, n = ids.shape
         dev = self.embed.weight.device
+        if cfg.arch == "swa" and not upper:
+            assert keep == 0, "a skipped piece has no logits to give"
+            cache.positions += n
+            cache.tokens += n
+            cache.skipped_tokens += n
+            return torch.zeros(B, 0, cfg.vocab_size, device=dev, dtype=cache.compute_dtype)
         ids = ids.to(dev)
         if cfg.arch != "drt":
             pos = torch.arange(cache.positions, cache.positions + n, device=dev)

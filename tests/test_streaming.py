@@ -96,6 +96,45 @@ def test_long_prefill_with_few_logits_skips_the_upper_layers_exactly(groups, res
     torch.testing.assert_close(got, ref[:, x.shape[1] - 1 : x.shape[1]], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("prefill_chunk", [128, 512], ids=["short-pieces", "blocked-pieces"])
+def test_sliding_window_prefill_skips_what_no_kept_logit_can_reach_exactly(prefill_chunk):
+    # the baseline without memory: pieces ending more than layers x window positions before the first kept
+    # token are not computed at all; the kept logits and every decoded step after them equal one full forward
+    torch.manual_seed(3)
+    m = DRT(tiny(arch="swa", num_kv_heads=2)).double().eval()
+    layers = len(m.lower)
+    piece = prefill_chunk * m.config.text_per_chunk // m.config.chunk_size  # user tokens a piece
+    x = torch.randint(0, 97, (2, 2500))
+    tail = torch.randint(0, 97, (2, 7))
+    ref = m(torch.cat([x, tail], 1)).logits
+    flags = []
+    real_step = m._step
+    m._step = lambda *a, **k: flags.append(k.get("upper", True)) or real_step(*a, **k)
+    for keep in (1, 3):
+        flags.clear()
+        cache = m.new_cache(2, prefill_chunk=prefill_chunk)
+        got = m(x, cache=cache, logits_to_keep=keep).logits
+        assert got.shape == (2, keep, 97) and got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref[:, x.shape[1] - keep : x.shape[1]], rtol=1e-9, atol=1e-9)
+        skipped = flags.count(False)
+        assert skipped == (x.shape[1] - keep - layers * 80) // piece and skipped >= 2 and all(flags[skipped:])
+        assert cache.skipped_tokens == piece * skipped and cache.tokens == x.shape[1]
+        steps = [m(tail[:, j : j + 1], cache=cache).logits for j in range(tail.shape[1])]  # decoding on
+        torch.testing.assert_close(torch.cat(steps, 1), ref[:, x.shape[1] :], rtol=1e-9, atol=1e-9)
+    flags.clear()
+    got = m(x, cache=m.new_cache(2, prefill_chunk=prefill_chunk, skip_upper=False), logits_to_keep=1).logits
+    assert flags and all(flags)  # asked not to skip
+    torch.testing.assert_close(got, ref[:, x.shape[1] - 1 : x.shape[1]], rtol=1e-9, atol=1e-9)
+    # a cache already holding positions: the skipped stretch sits between two computed ones
+    cache = m.new_cache(2, prefill_chunk=prefill_chunk)
+    m(x[:, :300], cache=cache)
+    got = m(x[:, 300:], cache=cache, logits_to_keep=1).logits
+    assert cache.skipped_tokens > 0
+    torch.testing.assert_close(got, ref[:, x.shape[1] - 1 : x.shape[1]], rtol=1e-9, atol=1e-9)
+    step = m(tail[:, :1], cache=cache).logits
+    torch.testing.assert_close(step, ref[:, x.shape[1] : x.shape[1] + 1], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("offload", [False, True], ids=["gpu-mem", "offload"])
 def test_keep_scores_gives_the_last_retrievals_scores_whatever_the_pieces(offload):
     """new_cache(keep_scores=True) keeps each group's scores of the last landmark over the chunks before it: the

@@ -912,7 +912,8 @@ def add_bench(sub) -> None:
     p.add_argument("--no-overlap-too", action="store_true",
                    help="with offload, also time each prefill with the fetches copied on the compute stream (the overlap's worth)")
     p.add_argument("--full-prefill", action="store_true",
-                   help="run every layer over the whole prompt (default: the upper layers only where the kept logit can see them)")
+                   help="run every layer over the whole prompt (default: the upper layers only where the kept logit can see them; "
+                        "a sliding-window model computes only the positions that reach it)")
     p.add_argument("--passkey-trial", default=None, metavar="LENGTHS",
                    help="also time one passkey trial (prompt streamed + 5-digit answer scored) at these lengths; "
                         "needs a model vocabulary >= 2048, the embedded tokenizer's (default: none)")

@@ -92,7 +92,8 @@ def bench_streaming(
     ``overlap_modes``: with offload, also time the prefill with the fetches copied on the compute
     stream (``False``), which shows what overlapping them with self-attention saves. ``skip_upper=False``
     runs every layer over the whole prompt (by default the prefill, which keeps one logit, runs the
-    upper layers only where that logit can see them: ``DRT.new_cache``)."""
+    upper layers only where that logit can see them: ``DRT.new_cache``; a sliding-window baseline then
+    computes only its last layers x window positions, so time its prefill with ``skip_upper=False``)."""
     from tqdm.auto import tqdm
 
     check_counts("bench_streaming", decode_tokens=decode_tokens, batch_size=batch_size, prefill_chunk=prefill_chunk)
@@ -164,7 +165,7 @@ def bench_streaming(
         peak = _peak_gb(dev, measure)
         rows.append(dict(
             context_length=L, batch_size=batch_size, offload=bool(off), overlap=bool(ov) if off else None,
-            device=str(dev), arch=model.config.arch, skip_upper=bool(skip_upper) if model.config.arch == "drt" else None,
+            device=str(dev), arch=model.config.arch, skip_upper=bool(skip_upper) if model.config.arch != "full" else None,
             prefill_s=round(t_prefill, 3), prefill_tokens_per_s=round(batch_size * L / t_prefill),
             decode_tokens_per_s=round(batch_size * decode_tokens / t_decode, 1),
             decode_ms_per_token=round(1000 * t_decode / decode_tokens, 3),

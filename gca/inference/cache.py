@@ -229,6 +229,6 @@ class DRTCache:
     keep_scores: bool = False  # keep last_scores (DRT.new_cache(keep_scores=True))
     last_scores: list = field(default_factory=list)  # per group: (B, c) scores of the last landmark (chunk c) over chunks 0..c-1
     skip_upper: bool = True  # with logits_to_keep, pieces beyond the upper layers' reach skip them (exact)
-    skipped_tokens: int = 0  # user tokens that went through the lower layers only (skip_upper)
+    skipped_tokens: int = 0  # user tokens that went through the lower layers only (skip_upper; swa: through none)
     made_for: dict | None = None  # the shape of the model that made it (DRT.new_cache); checked on use
     compute_dtype: torch.dtype | None = None  # the dtype it was filled in (the first use's); checked on use
