@@ -27,6 +27,7 @@
 #   STAGE=chain-base END=$(( $(date +%s) + 560 )) bash scripts/copy_first.sh   # swa and full side by side; rerun to resume
 #   BASE_ARCHS=drt STAGE=chain-base ... # the DRT through the same command (thirty-third run)
 #   CHAIN_SCHEDULE=cut STAGE=chain-base ...   # the baselines with the DRT's schedule (cosine over 6000, stopped)
+#   BASE_ARCHS=swa CHAIN_SCHEDULE=cut STAGE=chain-base ...   # that sliding window alone (thirty-eighth run, read to 16M)
 #   BASE_ARCHS=drt CHAIN_SCHEDULE=cut STAGE=chain-base ...   # drt-copy-ch4kb-small's schedule by steps (thirty-fourth run)
 #   STAGE=edge-ft FT_FROM=runs/cb/export/copy-drt-ch4ka ...    # 1200 more steps, 10% of needles at token 0, and a control
 #
