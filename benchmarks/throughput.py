@@ -7,7 +7,9 @@ throughput and peak GPU memory at several context lengths (results/throughput.js
   the context length; tokens/s = length / median step time (CUDA events, after warm-up). With
   ``--compile`` both models run under ``torch.compile`` (rows marked ``compiled``).
 - prefill: a streaming prefill of the whole context through the model's cache (bf16 weights), one
-  logit row kept; tokens/s = length / time.
+  logit row kept, every layer over every position (``skip_upper=False``: the committed rows predate
+  the skip, and a sliding-window model would otherwise compute only its last layers x window
+  positions); tokens/s = length / time.
   The full-attention baseline prefills in one piece (causal SDPA, flash kernels), DRT in pieces of
   16K positions.
 - decode: ``--decode-tokens`` greedy decode steps after that prefill (and one untimed step), batch 1;
@@ -69,7 +71,8 @@ def main() -> None:
         rows_b = []
         for L in [int(x) for x in a.lengths.split(",")]:
             rows_b += bench_streaming(model, [L], offload_modes=(False,), decode_tokens=a.decode_tokens, progress=False,
-                                      prefill_chunk=L + L // 63 + 64 if arch == "full" else 16384, cuda_graph=True)
+                                      prefill_chunk=L + L // 63 + 64 if arch == "full" else 16384, cuda_graph=True,
+                                      skip_upper=False)
         for r in rows_b:
             L = r["context_length"]
             for mode in ("prefill", "decode"):

@@ -127,7 +127,7 @@ def test_retrieval_hit_reads_the_row_that_serves_the_answer(length, aligned):
     token's landmark (one chunk later)."""
     from gca.data.tasks import make_task_sample
 
-    seed = int(np.random.default_rng().integers(1 << 30))
+    seed = int(np.random.default_rng(torch.initial_seed()).integers(1 << 30))
     torch.manual_seed(seed)
     m = DRT(tiny(vocab_size=2048, window=128, top_k=1, upper_groups=[1, 1])).double().eval()
     rng = np.random.default_rng(seed)
@@ -1728,7 +1728,7 @@ def test_eval_tasks_resume_finishes_an_interrupted_run_as_an_uninterrupted_one(t
         return real(*a, on_row=row_done, **kw)
 
     run = _saved_run(tmp_path, "t1", seq_len=200)
-    seed = int(np.random.default_rng().integers(1 << 20))  # fresh draws each run
+    seed = int(np.random.default_rng(torch.initial_seed()).integers(1 << 20))  # fresh draws each run
     argv = ["eval", "tasks", "--ckpt", str(run), "--lengths", "1x,2x", "--depths", "2", "--trials", "2", "--tasks",
             "passkey,multikey", "--seed", str(seed), "--device", "cpu", "--prefill-chunk", "128"]
     monkeypatch.setattr(tasks, "evaluate_tasks", counting)
@@ -1770,7 +1770,7 @@ def test_evaluate_tasks_resumes_inside_a_cell_from_its_saved_trials():
     from gca.eval import tasks
 
     model = DRT(tiny()).eval()
-    seed = int(np.random.default_rng().integers(1 << 20))  # fresh draws each run
+    seed = int(np.random.default_rng(torch.initial_seed()).integers(1 << 20))  # fresh draws each run
     args = (model, ["passkey", "2hop"], [200], 2, 3)
     kw = dict(seed=seed, batch_size=1, progress=False)
     whole = tasks.evaluate_tasks(*args, **kw)
@@ -1837,7 +1837,7 @@ def test_eval_tasks_resume_keeps_the_trials_of_a_stopped_cell(tmp_path, capsys, 
         return fake
 
     run = _saved_run(tmp_path, "t1", seq_len=200)
-    seed = int(np.random.default_rng().integers(1 << 20))
+    seed = int(np.random.default_rng(torch.initial_seed()).integers(1 << 20))
     argv = ["eval", "tasks", "--ckpt", str(run), "--lengths", "1x", "--depths", "2", "--trials", "3", "--tasks",
             "multikey", "--batch-size", "1", "--seed", str(seed), "--device", "cpu", "--prefill-chunk", "128"]
     monkeypatch.setattr(tasks, "score_samples", scoring())
@@ -2284,7 +2284,7 @@ def test_needle_position_places_the_needle_at_the_asked_token(tmp_path):
 
     npos = _script("needle_position")
     filler = make_filler(None, None, split="val")
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(torch.initial_seed())
     for task in ("passkey", "multikey", "2hop"):
         for L in (1008, 4032):
             for t in (0, 1, 8, 63, 630):
@@ -2315,7 +2315,7 @@ def test_needle_rank_ranks_the_needle_where_eval_tasks_retrieved_it(tmp_path):
 
     nr = _script("needle_rank")
     run = _saved_run(tmp_path, "r", seq_len=200)
-    seed = int(np.random.default_rng().integers(1 << 20))
+    seed = int(np.random.default_rng(torch.initial_seed()).integers(1 << 20))
     out = tmp_path / "rank.json"
     nr.main(["--ckpt", str(run), "--tasks", "passkey,2hop", "--lengths", "2x,4x", "--depths", "3", "--trials", "3",
              "--seed", str(seed), "--batch-size", "2", "--device", "cpu", "--out", str(out)])
@@ -2353,7 +2353,7 @@ def test_needle_position_memory_compares_the_first_chunk_with_a_later_one(tmp_pa
     ckpt = Path(__file__).parents[1] / "checkpoints" / "passkey-tiny"
     m = load_model(ckpt).float().eval()
     filler = make_filler(None, None, split="val")
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(torch.initial_seed())
     a = [int(x) for x in filler.tokens(4 * 63, rng)]
     b = a[:63] + [int(x) for x in filler.tokens(3 * 63, rng)]
     (la, ka, va), (lb, kb, vb) = npos.memory_states(m, a), npos.memory_states(m, b)
@@ -2381,7 +2381,7 @@ def test_eval_tasks_depths_takes_a_list(tmp_path, capsys):
     """`--depths` took only a count; `--depths 0,1` (or `0.25`) measures exactly those relative depths, rows and
     --resume cells alike, and bad lists are refused by argparse with what to fix."""
     run = _saved_run(tmp_path, "t1", seq_len=200)
-    seed = int(np.random.default_rng().integers(1 << 20))
+    seed = int(np.random.default_rng(torch.initial_seed()).integers(1 << 20))
     argv = ["eval", "tasks", "--ckpt", str(run), "--lengths", "1x", "--trials", "1", "--seed", str(seed), "--device",
             "cpu", "--prefill-chunk", "128", "--out", str(tmp_path / "e")]  # fmt: skip
     assert main(argv + ["--depths", "0,1"]) == 0

@@ -350,3 +350,33 @@ def test_new_cache_refuses_a_max_tokens_that_is_not_a_count(bad):
         m.new_cache(1, max_tokens=bad)
     x = torch.randint(0, 97, (1, 70))
     assert torch.equal(m(x, cache=m.new_cache(1, max_tokens=0)).logits, m(x, cache=m.new_cache(1)).logits)
+
+
+def test_offloaded_memory_falls_back_to_pageable_cpu_memory_when_pinning_fails(monkeypatch):
+    # page-locking a large offloaded chunk memory can fail at the system's locked-memory limit (on one H200
+    # machine a 64M-token memory of 35 GB a tensor did, raised as a CUDA "out of memory"): the memory is then
+    # kept in ordinary CPU memory with one warning, and every chunk written stays readable
+    from gca.inference.cache import ChunkMemory
+
+    mem = ChunkMemory(2, 8, 4, 2, 3, "cpu", offload=True, capacity=2)
+    mem.pin = mem.store_pinned = True  # as on CUDA (this CPU cannot pin)
+    real_empty = torch.empty
+    tries = []
+
+    def empty(*a, pin_memory=False, **k):
+        if pin_memory:
+            tries.append(a)
+            raise RuntimeError("CUDA error: out of memory\nmore lines")
+        return real_empty(*a, **k)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    chunks = [torch.randn(2, 1, 4, 2, 3) for _ in range(5)]
+    with pytest.warns(UserWarning, match=r"could not page-lock .* GB .*CUDA error: out of memory\); keeping it in ordinary"):
+        for c in chunks[:2]:
+            mem.append(torch.randn(2, 1, 8), c, -c)
+    assert len(tries) == 1 and not mem.store_pinned  # tried once, then not again
+    for c in chunks[2:]:  # growing past the first capacity (2) does not try again, nor warn
+        mem.append(torch.randn(2, 1, 8), c, -c)
+    assert len(tries) == 1 and mem.n == 5 and mem.k.shape[1] > 2
+    torch.testing.assert_close(mem.k[:, :5], torch.cat(chunks, 1))
+    torch.testing.assert_close(mem.v[:, :5], -torch.cat(chunks, 1))

@@ -148,7 +148,7 @@ def test_keys_and_values_that_cannot_be_distinct_are_refused(kind, kw, says):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-    s = make_task_sample("multikey", context_len=4000, seed=int(np.random.default_rng().integers(1 << 30)), n_keys=10,
+    s = make_task_sample("multikey", context_len=4000, seed=int(np.random.default_rng(torch.initial_seed()).integers(1 << 30)), n_keys=10,
                          value_len=1)  # all ten one-digit values: still drawn
     assert len({a[0] for a in s.distractor_answers + [s.answer]}) == 10
 
@@ -178,7 +178,7 @@ def test_stream_filler(tmp_path):
 
     digits = list(digit_ids("embedded"))
     plain, dig = make_filler(str(tmp_path / "ds")), make_filler(str(tmp_path / "ds"), digit_frac=0.1)
-    seed = int(np.random.default_rng().integers(1 << 30))
+    seed = int(np.random.default_rng(torch.initial_seed()).integers(1 << 30))
     x0, x1 = plain.tokens(4000, np.random.default_rng(seed)), dig.tokens(4000, np.random.default_rng(seed))
     base_digits = np.isin(x0, digits).mean()  # the text's own "3" and "7"
     changed = x0 != x1
@@ -199,7 +199,7 @@ def test_a_packed_dataset_is_a_filler(tmp_path):
     from gca.data.tasks import StreamFiller
     from gca.eval.tasks import evaluate_tasks
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(torch.initial_seed())
     words = [f"w{i}" for i in range(40)]
     for d in range(4):
         (tmp_path / f"d{d}.txt").write_text(" ".join(rng.choice(words, 600)))
@@ -310,7 +310,7 @@ def test_repeats_come_from_beyond_the_gap():
     from gca.data.tasks import _with_repeats
 
     base = np.arange(600)  # every token distinct: a copy reveals its source
-    x, mask = _with_repeats(base, np.random.default_rng(), frac=0.4, min_dist=130)
+    x, mask = _with_repeats(base, np.random.default_rng(torch.initial_seed()), frac=0.4, min_dist=130)
     copied = np.nonzero(x != base)[0]
     assert len(copied) > 50
     assert ((copied - x[copied]) >= 130).all()
@@ -324,7 +324,7 @@ def test_digit_repeat_makes_runs_of_equal_digits():
     from gca.data.tasks import WordFiller, _digit_runs, digit_ids
 
     digits = np.asarray(digit_ids("embedded"))
-    seed = int(np.random.default_rng().integers(1 << 30))
+    seed = int(np.random.default_rng(torch.initial_seed()).integers(1 << 30))
     base = WordFiller().tokens(20000, np.random.default_rng(seed))
 
     def equal_next(q, frac=0.2):
@@ -357,9 +357,9 @@ def test_digit_runs_in_filler_only_when_asked():
 
     tok = load_tokenizer("embedded")
     digits = set(digit_ids(tok))
-    plain = WordFiller().tokens(5000, np.random.default_rng())
+    plain = WordFiller().tokens(5000, np.random.default_rng(torch.initial_seed()))
     assert not digits & set(plain.tolist())  # evaluation filler: never a digit
-    x = WordFiller(digit_frac=0.1).tokens(5000, np.random.default_rng())
+    x = WordFiller(digit_frac=0.1).tokens(5000, np.random.default_rng(torch.initial_seed()))
     is_digit = np.isin(x, list(digits))
     assert 0.05 < is_digit.mean() < 0.15
     runs = np.diff(np.flatnonzero(np.diff(np.concatenate([[0], is_digit.astype(int), [0]]))))[::2]
@@ -368,7 +368,7 @@ def test_digit_runs_in_filler_only_when_asked():
         WordFiller(digit_frac=1.5)
     # through the spec grammar; the answer still occurs exactly once in each prompt
     src = build_source("synthetic:passkey;min_len=189;loss=answer_repeats;repeat=1.0;digits=0.1", seq_len=504,
-                       seed=int(np.random.default_rng().integers(1 << 30)))
+                       seed=int(np.random.default_rng(torch.initial_seed()).integers(1 << 30)))
     assert src.filler.digit_frac == 0.1
     for gid in range(6):
         s, _ = src.sample_task(gid)
@@ -454,7 +454,7 @@ def test_edge_prob_starts_that_share_of_needles_at_the_first_token():
     """edge=p puts the first target needle at token 0 in about a share p of samples (with uniform depths
     about 1 in (L - needle) samples do), every sample still a valid task, the samples it leaves alone equal
     to those of edge=0 (its draw has a stream of its own), and bad values are refused."""
-    seed = int(np.random.default_rng().integers(1 << 30))
+    seed = int(np.random.default_rng(torch.initial_seed()).integers(1 << 30))
     spec = "synthetic:passkey=0.4,multikey=0.3,2hop=0.3;min_len=189"
     plain = build_source(spec, seq_len=504, seed=seed)
     edge = build_source(spec + ";edge=0.3", seq_len=504, seed=seed)
@@ -472,7 +472,9 @@ def test_edge_prob_starts_that_share_of_needles_at_the_first_token():
             assert a.needle_spans == b.needle_spans
     assert 0.2 < at0 / n < 0.4  # binomial(300, 0.3): 0.2-0.4 is beyond 3.7 standard deviations
     assert same == n - at0
-    assert sum(plain.sample_task(g)[0].needle_spans[0][0] == 0 for g in range(n)) <= 3
+    # without edge about 1 sample in 250 starts with its needle (measured over 6000: 24), 1.2 expected in 300;
+    # Poisson(1.2) reaches 10 with probability ~1e-6 (the bound was 3, passed at 3.4% odds of failing)
+    assert sum(plain.sample_task(g)[0].needle_spans[0][0] == 0 for g in range(n)) <= 10
     assert edge.describe()["edge_prob"] == 0.3 and "edge_prob" not in plain.describe()
     for bad in ("edge=1.5", "edge=-0.1"):
         with pytest.raises(ValueError, match="edge_prob"):

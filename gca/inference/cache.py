@@ -12,7 +12,9 @@ d model width, N chunks in memory.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -106,6 +108,7 @@ class ChunkMemory:
         self.offload = offload
         self.store_device = torch.device("cpu") if offload else self.device
         self.pin = offload and self.device.type == "cuda"
+        self.store_pinned = self.pin  # False once page-locking the store failed (it then stays pageable)
         self.n = 0
         self.lmk = None
         self.k = self.v = None
@@ -119,7 +122,20 @@ class ChunkMemory:
 
     def _alloc(self, cap: int, like: torch.Tensor, lmk: torch.Tensor):
         def grow(old, shape, dev, dtype, pin):
-            new = torch.empty(shape, device=dev, dtype=dtype, pin_memory=pin)
+            new = None
+            if pin and self.store_pinned:
+                try:
+                    new = torch.empty(shape, device=dev, dtype=dtype, pin_memory=True)
+                except RuntimeError as e:  # the system's page-locked limit, reported as a CUDA "out of memory"
+                    self.store_pinned = False
+                    gb = math.prod(shape) * dtype.itemsize / 1e9
+                    warnings.warn(
+                        f"offload: could not page-lock {gb:.1f} GB of CPU memory for the chunk memory "
+                        f"({str(e).splitlines()[0]}); keeping it in ordinary CPU memory instead, which works but "
+                        "copies new chunks out synchronously. A smaller batch or context needs less, or raise the "
+                        "system's locked-memory limit", stacklevel=2)
+            if new is None:
+                new = torch.empty(shape, device=dev, dtype=dtype)
             if old is not None and self.n:
                 new[:, : self.n].copy_(old[:, : self.n])
             return new
@@ -141,8 +157,8 @@ class ChunkMemory:
                 cap *= 2
             self._alloc(cap, k, lmk)
         self.lmk[:, self.n : self.n + c] = lmk
-        self.k[:, self.n : self.n + c].copy_(k, non_blocking=self.pin)
-        self.v[:, self.n : self.n + c].copy_(v, non_blocking=self.pin)
+        self.k[:, self.n : self.n + c].copy_(k, non_blocking=self.store_pinned and self.k.is_pinned())
+        self.v[:, self.n : self.n + c].copy_(v, non_blocking=self.store_pinned and self.v.is_pinned())
         self.n += c
 
     def landmarks(self) -> torch.Tensor:
