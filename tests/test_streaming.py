@@ -24,6 +24,15 @@ def random_splits(L, rng):
     return out
 
 
+def record_step_flags(m):
+    """A list that gets, per piece the model's streaming ``_step`` processes, whether it was computed in full
+    (``upper``: False for a piece no kept logit can reach)."""
+    flags = []
+    real_step = m._step
+    m._step = lambda *a, **k: flags.append(k.get("upper", True)) or real_step(*a, **k)
+    return flags
+
+
 @pytest.mark.parametrize("prefill_chunk", [128, 4096], ids=["short-pieces", "long-pieces"])
 @pytest.mark.parametrize("offload", [False, True], ids=["gpu-mem", "offload"])
 @pytest.mark.parametrize("arch", ["drt", "swa", "full"])
@@ -72,9 +81,7 @@ def test_long_prefill_with_few_logits_skips_the_upper_layers_exactly(groups, res
     x = torch.randint(0, 97, (2, 63 * 24 + 11))
     tail = torch.randint(0, 97, (2, 9))
     ref = m(torch.cat([x, tail], 1)).logits
-    flags = []
-    real_step = m._step
-    m._step = lambda *a, **k: flags.append(k.get("upper", True)) or real_step(*a, **k)
+    flags = record_step_flags(m)
     for keep in (1, 4):
         flags.clear()
         cache = m.new_cache(2, offload=offload, prefill_chunk=128)
@@ -100,16 +107,13 @@ def test_long_prefill_with_few_logits_skips_the_upper_layers_exactly(groups, res
 def test_sliding_window_prefill_skips_what_no_kept_logit_can_reach_exactly(prefill_chunk):
     # the baseline without memory: pieces ending more than layers x window positions before the first kept
     # token are not computed at all; the kept logits and every decoded step after them equal one full forward
-    torch.manual_seed(3)
     m = DRT(tiny(arch="swa", num_kv_heads=2)).double().eval()
     layers = len(m.lower)
     piece = prefill_chunk * m.config.text_per_chunk // m.config.chunk_size  # user tokens a piece
     x = torch.randint(0, 97, (2, 2500))
     tail = torch.randint(0, 97, (2, 7))
     ref = m(torch.cat([x, tail], 1)).logits
-    flags = []
-    real_step = m._step
-    m._step = lambda *a, **k: flags.append(k.get("upper", True)) or real_step(*a, **k)
+    flags = record_step_flags(m)
     for keep in (1, 3):
         flags.clear()
         cache = m.new_cache(2, prefill_chunk=prefill_chunk)
