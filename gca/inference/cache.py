@@ -157,8 +157,8 @@ class ChunkMemory:
                 cap *= 2
             self._alloc(cap, k, lmk)
         self.lmk[:, self.n : self.n + c] = lmk
-        self.k[:, self.n : self.n + c].copy_(k, non_blocking=self.store_pinned and self.k.is_pinned())
-        self.v[:, self.n : self.n + c].copy_(v, non_blocking=self.store_pinned and self.v.is_pinned())
+        self.k[:, self.n : self.n + c].copy_(k, non_blocking=self.store_pinned)  # both stores pinned while it holds
+        self.v[:, self.n : self.n + c].copy_(v, non_blocking=self.store_pinned)
         self.n += c
 
     def landmarks(self) -> torch.Tensor:
