@@ -12,14 +12,21 @@ OUT=${OUT:-/tmp/pytest_shards}
 LIMIT=${LIMIT:-540}  # seconds each shard may run (the device's commands are limited to 10 minutes)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# one session seed for every shard (each test's seed is drawn from it and the test's id, so any failure
+# replays with it whichever shard ran the test); printed here since pytest -q hides its header
+export GCA_TEST_SEED=${GCA_TEST_SEED:-$(( (RANDOM << 16 | RANDOM) % 2147483648 ))}
 [ $# -gt 0 ] || set -- tests
-python -m pytest --collect-only -q -p no:cacheprovider "$@" | grep '::' > "$OUT/ids.txt" || { echo "collection failed"; exit 2; }
-echo "$(wc -l < "$OUT/ids.txt") tests in $N shards"
+# the id lists go to a scratch folder, so that $OUT holds only the N logs (a remote machine may return
+# few files)
+ID=$(mktemp -d)
+trap 'rm -rf "$ID"' EXIT
+python -m pytest --collect-only -q -p no:cacheprovider "$@" | grep '::' > "$ID/ids.txt" || { echo "collection failed"; exit 2; }
+echo "$(wc -l < "$ID/ids.txt") tests in $N shards, GCA_TEST_SEED=$GCA_TEST_SEED"
 pids=()
 for i in $(seq 0 $((N - 1))); do
-  awk -v n="$N" -v i="$i" 'NR % n == i' "$OUT/ids.txt" > "$OUT/shard$i.txt"
+  awk -v n="$N" -v i="$i" 'NR % n == i' "$ID/ids.txt" > "$ID/shard$i.txt"
   # one id per argument (ids may hold spaces inside their [parameters])
-  mapfile -t ids < "$OUT/shard$i.txt"
+  mapfile -t ids < "$ID/shard$i.txt"
   timeout "$LIMIT" python -m pytest -q -rfEs -p no:cacheprovider "${ids[@]}" > "$OUT/shard$i.log" 2>&1 &
   pids+=($!)
 done
@@ -29,4 +36,11 @@ for i in "${!pids[@]}"; do
   echo "shard $i: $(tail -n 1 "$OUT/shard$i.log")"
 done
 grep -h "^FAILED\|^ERROR" "$OUT"/shard*.log
+# each failure's assertion lines and place, so that this summary alone (the logs may not come back from a
+# remote machine) says what failed and with which seed to replay it
+for i in "${!pids[@]}"; do
+  grep -q "^FAILED\|^ERROR" "$OUT/shard$i.log" || continue
+  echo "--- shard $i failures (replay: GCA_TEST_SEED=$GCA_TEST_SEED python -m pytest <test id>)"
+  grep -E "^(E  |_{3,} |[^ ]+\.py:[0-9]+: )" "$OUT/shard$i.log" | head -n 60
+done
 exit $rc
